@@ -1,0 +1,5 @@
+"""`python -m moe_energy` (what torchrun launches)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,61 @@
+"""Entry point: parse, run a command, and turn every user mistake into one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import ConfigError
+
+# Each module registers its commands in commands.COMMANDS; add a module here to add its commands.
+COMMAND_MODULES = ["run"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line instead of a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .commands import COMMANDS
+
+    for mod in COMMAND_MODULES:
+        importlib.import_module(f"moe_energy.commands.{mod}")
+    parser = _Parser(
+        prog="moe-energy",
+        description="Measure when a Mixture-of-Experts model really uses less energy per inference "
+        "than a dense model of the same size.",
+    )
+    parser.add_argument("--version", action="version", version=f"moe-energy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for c in COMMANDS.values():
+        p = sub.add_parser(c.name, help=c.help, description=c.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        c.add_arguments(p)
+        p.set_defaults(_handler=c.handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; exits with the status (returns it when ``argv`` is given, for tests)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "_handler", None) is None:
+            parser.print_help()
+            code = 2
+        else:
+            code = int(args._handler(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code

@@ -1,0 +1,69 @@
+"""Argument groups shared by commands (shape, run options) and their merge: preset < --config < flags."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import PRESETS, SPEC_KEYS, ModelSpec, RunOptions, load_toml, resolve_spec
+from ..models.strategies import STRATEGIES
+from . import split_list
+
+
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model shape (a preset, then any field overridden)")
+    g.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default small)")
+    g.add_argument("--experts", type=int, help="number of experts E")
+    g.add_argument("--hidden", type=int, help="expert hidden width H")
+    g.add_argument("--layers", type=int, help="hidden layers per expert L")
+    g.add_argument("--top-k", type=int, dest="top_k", help="experts per token k")
+    g.add_argument("--input-dim", type=int, dest="input_dim", help="input features (default 784)")
+    g.add_argument("--classes", type=int, help="output classes (default 10)")
+    g.add_argument("--config", help="TOML file with any of these options (flags override it)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training and measurement")
+    g.add_argument("--data", help=".npz with arrays x float [N, d] and y int [N] (default: synthetic task)")
+    g.add_argument("--epochs", type=int, help="training epochs (default 15)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--batch-size", type=int, dest="batch_size", help="batch, training and inference (128)")
+    g.add_argument("--samples", type=int, help="synthetic samples (default 10000)")
+    g.add_argument("--duration", type=float, help="seconds per measurement window (default 30)")
+    g.add_argument("--warmup", type=float, help="untimed warm-up seconds before each window (default 2)")
+    g.add_argument("--seed", type=int, help="seed for data and weights (default 0)")
+    g.add_argument("--device", help="auto|cpu|cuda|mps (default auto: cuda > mps > cpu)")
+    g.add_argument("--dtype", help="float32|bfloat16|float16 for the benchmark (default float32)")
+    g.add_argument("--moe-strategy", dest="strategies",
+                   help=f"comma list of {', '.join(STRATEGIES)}, or 'all' (default grouped)")
+    g.add_argument("--models", help="comma list of moe, dense_total, dense_active (default all three)")
+    g.add_argument("--out", help="directory for the JSON results (default results/)")
+
+
+def resolve(args: argparse.Namespace) -> tuple[ModelSpec, RunOptions]:
+    """Spec and options from a preset, then the --config file, then explicit flags."""
+    cfg: dict[str, Any] = load_toml(args.config) if getattr(args, "config", None) else {}
+    for k, v in vars(args).items():
+        if v is not None and not k.startswith("_") and k not in ("command", "config"):
+            cfg[k] = v
+    shape = {k: cfg.get(k) for k in SPEC_KEYS}
+    spec = resolve_spec(cfg.get("preset"), **shape)
+    custom = any(cfg.get(k) is not None for k in ("experts", "hidden", "layers", "top_k"))
+    opt_fields = set(RunOptions.__dataclass_fields__) - {"extra"}
+    given = {k: v for k, v in cfg.items() if k in opt_fields and v is not None}
+    for k in ("strategies", "models"):
+        if isinstance(given.get(k), str):
+            given[k] = split_list(given[k])
+    if given.get("strategies") == ("all",):
+        given["strategies"] = tuple(STRATEGIES)
+    for k in ("data", "out"):
+        if k in given:
+            given[k] = str(given[k])
+    extra = {"preset": None if custom else (cfg.get("preset") or "small")}
+    try:
+        opts = RunOptions(**given, extra=extra)
+    except TypeError as e:  # a TOML value of the wrong kind for a field
+        from ..config import ConfigError
+
+        raise ConfigError(f"--config: {e}") from None
+    return spec, opts.validate()

@@ -1,0 +1,165 @@
+"""Validated specs: model shapes, presets, run options.
+
+Everything a user types passes through here first, so every later module can trust its inputs.
+A mistake the user can fix raises ``ConfigError`` with one line; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# Largest parameter count we accept: far past any single-host model, well inside float64's exact range.
+MAX_PARAMS = 10**13
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's input; its message is one line saying what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the MoE (and, through matching, of its dense baselines)."""
+
+    experts: int
+    hidden: int
+    layers: int
+    top_k: int
+    input_dim: int = 784
+    classes: int = 10
+
+    def validate(self) -> ModelSpec:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{f.name}={v!r} is not a whole number; give a positive integer")
+            if v <= 0:
+                raise ConfigError(f"{f.name}={v} must be a positive integer")
+        if self.top_k > self.experts:
+            raise ConfigError(
+                f"top_k={self.top_k} exceeds experts={self.experts}; choose top_k between 1 and {self.experts}"
+            )
+        if self.classes < 2:
+            raise ConfigError(f"classes={self.classes} must be at least 2")
+        from .models.counting import moe_params  # arithmetic only; no tensors
+
+        total = moe_params(self)
+        if total > MAX_PARAMS:
+            raise ConfigError(
+                f"the shape has {total:.3g} parameters, more than the {MAX_PARAMS:.0e} this tool accepts; "
+                "use smaller --experts/--hidden/--layers"
+            )
+        return self
+
+
+PRESETS: dict[str, ModelSpec] = {
+    "small": ModelSpec(experts=8, hidden=256, layers=3, top_k=2),
+    "large": ModelSpec(experts=16, hidden=1024, layers=4, top_k=4),
+    "xl": ModelSpec(experts=20, hidden=2048, layers=5, top_k=5),
+    "xxl": ModelSpec(experts=32, hidden=4096, layers=6, top_k=8),
+}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run trains and measures; defaults are the seed's recipe."""
+
+    epochs: int = 15
+    lr: float = 1e-3
+    batch_size: int = 128
+    samples: int = 10_000
+    test_fraction: float = 0.2
+    duration: float = 30.0
+    warmup: float = 2.0
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+    strategies: tuple[str, ...] = ("grouped",)
+    data: str | None = None
+    out: str = "results"
+    models: tuple[str, ...] = ("moe", "dense_total", "dense_active")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> RunOptions:
+        def positive(name: str, v: float, integer: bool) -> None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{name}={v!r} is not a number")
+            if integer and not isinstance(v, int):
+                raise ConfigError(f"{name}={v!r} must be a whole number")
+            if not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name}={v} must be a finite number > 0")
+
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ConfigError(f"epochs={self.epochs!r} must be a whole number >= 0")
+        positive("lr", self.lr, False)
+        positive("batch_size", self.batch_size, True)
+        positive("samples", self.samples, True)
+        positive("duration", self.duration, False)
+        if not isinstance(self.warmup, (int, float)) or not math.isfinite(self.warmup) or self.warmup < 0:
+            raise ConfigError(f"warmup={self.warmup} must be a finite number >= 0")
+        if not (0 < self.test_fraction < 1):
+            raise ConfigError(f"test_fraction={self.test_fraction} must be between 0 and 1")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        from .models.strategies import STRATEGIES
+
+        for s in self.strategies:
+            if s not in STRATEGIES:
+                raise ConfigError(
+                    f"moe-strategy={s!r} is unknown; choose from {', '.join(STRATEGIES)} (or 'all')"
+                )
+        for m in self.models:
+            if m not in ("moe", "dense_total", "dense_active"):
+                raise ConfigError(f"model={m!r} is unknown; choose from moe, dense_total, dense_active")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["strategies"] = list(self.strategies)
+        d["models"] = list(self.models)
+        return d
+
+
+SPEC_KEYS = {f.name for f in fields(ModelSpec)}
+OPTION_KEYS = {f.name for f in fields(RunOptions)} - {"extra"}
+CONFIG_KEYS = SPEC_KEYS | OPTION_KEYS | {"preset"}
+
+
+def resolve_spec(preset: str | None, **overrides: int | None) -> ModelSpec:
+    """A preset (default small) with any of its fields overridden; validated."""
+    name = preset or "small"
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - SPEC_KEYS
+    if unknown:
+        raise ConfigError(f"unknown model field(s) {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
+    return replace(PRESETS[name], **given).validate()
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a --config file; unknown keys are an error, not silently ignored."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"--config {p}: cannot read ({e.strerror}); give a readable TOML file") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"--config {p}: not valid TOML ({msg})") from None
+    unknown = sorted(set(doc) - CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(f"--config {p}: unknown key(s) {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+    for k in ("strategies", "models"):
+        if k in doc and isinstance(doc[k], list):
+            doc[k] = tuple(doc[k])
+    return doc
