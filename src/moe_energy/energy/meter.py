@@ -2,6 +2,40 @@
 
 Shaped after Zeus's ``begin_window``/``end_window``: the caller syncs the device at the window's edges,
 the meter only reads counters. A figure nobody measured is ``None`` with a reason, never 0 and never inf.
+
+Methods, strongest first:
+  counter   a hardware energy counter read at the window's edges (NVML total energy, RAPL energy_uj)
+  sampled   power samples integrated over the window (GPUs older than Volta)
+  estimate  a model, not a reading (CPU TDP x process CPU utilisation); always labelled, never compared
+            silently with a measured figure
+  none      nothing was measured
+
+Per-model record fields the runner writes (``doc["models"][i]``; the results store reads these).
+Flat figures are the MEDIANS over the model's repeated windows:
+  inferences_per_second, inferences_per_joule, energy_j, average_power_w, dynamic_energy_j,
+  dynamic_average_power_w, dynamic_inferences_per_joule, latency_p50_ms, latency_p95_ms, latency_mean_ms,
+  achieved_gflops, window_s, batches, inferences
+  -> each ``None`` when not measured; ``inferences_per_joule_reason`` says why when it is None.
+Spread over the repeats (min and max of the windows' values, None when not measured):
+  inferences_per_second_min/_max, inferences_per_joule_min/_max, dynamic_inferences_per_joule_min/_max,
+  energy_j_min/_max
+  repeats                int, number of windows measured for this model
+  idle_power_w           float|None, the run's idle power of the metered devices (sum), W
+  idle_power_by_device_w dict[str, float]|None
+  energy_method          "counter" | "sampled" | "estimate" | "none" (weakest method among the devices)
+  energy_meter           meter name, e.g. "nvidia+rapl", "rapl", "estimate", "none"
+  energy_devices         devices covered, e.g. ["gpu:0", "cpu:package-0", "dram:package-0"]
+  energy_is_estimate     bool: True when any joule figure of this record comes from the estimate model
+  flags                  list[str]: every warning of any window (short window, zero joules, trace mismatch)
+  windows                list of one dict per repeat, in the order they ran, each with:
+      repeat, order (global position in the shuffled schedule), started_utc, window_s, batches, inferences,
+      inferences_per_second, energy_j, energy_by_device_j, dynamic_energy_j, dynamic_energy_by_device_j,
+      average_power_w, inferences_per_joule, dynamic_inferences_per_joule, latency_p50_ms,
+      latency_p95_ms, latency_mean_ms, achieved_gflops, energy_method, method_by_device,
+      trace {device: [[t_s, power_w], ...]}, trace_energy_j {device: J}, trace_period_s,
+      state_begin / state_end {device: {temperature_c, sm_clock_mhz, power_limit_w}}, flags
+The run document also carries ``energy_meter`` = meter info (name, method, devices, versions, notice)
+and ``idle`` = {seconds, power_by_device_w, power_w, method, flags} or None when skipped.
 """
 
 from __future__ import annotations
@@ -10,10 +44,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # Methods, strongest first. "estimate" is a model, not a reading; "none" means nothing was measured.
 METHODS = ("counter", "sampled", "estimate", "none")
+
+# A trace integral further than this from the counter's joules is flagged.
+TRACE_TOLERANCE = 0.05
+
+
+def weakest(methods: list[str]) -> str:
+    """The least trustworthy of several methods (a sum is only as good as its weakest part)."""
+    return max(methods, key=METHODS.index) if methods else "none"
 
 
 @dataclass
@@ -26,6 +68,14 @@ class Measurement:
     joules_by_device: dict[str, float] | None = None
     devices_covered: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
+    # device -> [[t_s since window start, power_w], ...]; None when the meter does not sample power
+    trace: dict[str, list[list[float]]] | None = None
+    trace_period_s: float | None = None
+    # device -> method, for composite meters whose parts differ (GPU counter + RAPL counter, say)
+    method_by_device: dict[str, str] = field(default_factory=dict)
+    # device -> {temperature_c, sm_clock_mhz, power_limit_w} at the window's edges, where available
+    state_begin: dict[str, dict[str, Any]] = field(default_factory=dict)
+    state_end: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def joules(self) -> float | None:
@@ -45,11 +95,46 @@ class Measurement:
     def is_estimate(self) -> bool:
         return self.method == "estimate"
 
+    def trace_energy_j(self) -> dict[str, float] | None:
+        """Each device's trace integrated over the window (ends held flat to the window's edges)."""
+        if not self.trace:
+            return None
+        return {dev: integrate(pts, self.seconds) for dev, pts in self.trace.items() if pts}
+
+    def cross_check(self) -> None:
+        """Flag each device whose trace integral is more than 5 % from its counter's joules."""
+        te = self.trace_energy_j()
+        if not te or self.joules_by_device is None:
+            return
+        for dev, tj in te.items():
+            cj = self.joules_by_device.get(dev)
+            if cj is None or self.method_by_device.get(dev, self.method) != "counter":
+                continue
+            if cj <= 0:
+                continue  # the zero-joule flag already says it
+            if abs(tj - cj) / cj > TRACE_TOLERANCE:
+                self.flags.append(
+                    f"{dev}: power trace integrates to {tj:.2f} J but the counter says {cj:.2f} J "
+                    f"({(tj - cj) / cj:+.0%}, over {TRACE_TOLERANCE:.0%})"
+                )
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["energy_j"] = self.joules
         d["average_power_w"] = self.average_power_w
+        d["trace_energy_j"] = self.trace_energy_j()
         return d
+
+
+def integrate(points: list[list[float]], seconds: float) -> float:
+    """Trapezoid integral (J) of [[t_s, W], ...] over [0, seconds], holding the first/last sample flat."""
+    pts = sorted((max(0.0, min(seconds, t)), w) for t, w in points)
+    if not pts:
+        return 0.0
+    total = pts[0][0] * pts[0][1] + (seconds - pts[-1][0]) * pts[-1][1]
+    for (t0, w0), (t1, w1) in zip(pts, pts[1:]):
+        total += (t1 - t0) * (w0 + w1) / 2
+    return total
 
 
 @runtime_checkable
@@ -69,6 +154,7 @@ class NullMeter:
 
     name = "none"
     method = "none"
+    devices: list[str] = []
 
     def __init__(self, reason: str = "no meter selected") -> None:
         self.reason = reason
@@ -83,6 +169,75 @@ class NullMeter:
         secs = time.perf_counter() - self._t0
         self._t0 = None
         return Measurement(seconds=secs, method="none", meter=self.name, flags=[f"not measured: {self.reason}"])
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "devices": [], "versions": {}, "reason": self.reason}
+
+
+class CompositeMeter:
+    """Several meters read over the same window; each device reported separately, the total summed.
+
+    Used by ``--meter auto`` on a GPU host: the GPU's counter and RAPL's CPU package/DRAM counters.
+    """
+
+    def __init__(self, meters: list[Meter]) -> None:
+        if not meters:
+            raise ValueError("CompositeMeter needs at least one meter")
+        self.meters = meters
+        self.name = "+".join(m.name for m in meters)
+        self.method = weakest([m.method for m in meters])
+        self.devices = [d for m in meters for d in getattr(m, "devices", [])]
+        self._t0: float | None = None
+
+    def begin(self) -> None:
+        for m in self.meters:
+            m.begin()
+        self._t0 = time.perf_counter()
+
+    def end(self) -> Measurement:
+        if self._t0 is None:
+            raise RuntimeError("end() called before begin()")
+        secs = time.perf_counter() - self._t0
+        self._t0 = None
+        parts = [m.end() for m in self.meters]
+        out = Measurement(seconds=secs, method=weakest([p.method for p in parts]), meter=self.name)
+        joules: dict[str, float] = {}
+        trace: dict[str, list[list[float]]] = {}
+        measured = False
+        for p in parts:
+            out.devices_covered += p.devices_covered
+            out.flags += p.flags
+            out.state_begin.update(p.state_begin)
+            out.state_end.update(p.state_end)
+            if p.joules_by_device is not None:
+                measured = True
+                joules.update(p.joules_by_device)
+                for dev in p.joules_by_device:
+                    out.method_by_device[dev] = p.method_by_device.get(dev, p.method)
+            if p.trace:
+                trace.update(p.trace)
+            if p.trace_period_s is not None:
+                out.trace_period_s = min(out.trace_period_s or p.trace_period_s, p.trace_period_s)
+        out.joules_by_device = joules if measured else None
+        out.trace = trace or None
+        return out
+
+    def info(self) -> dict[str, Any]:
+        parts = [meter_info(m) for m in self.meters]
+        versions: dict[str, Any] = {}
+        for p in parts:
+            versions.update(p.get("versions", {}))
+        return {"name": self.name, "method": self.method, "devices": self.devices, "versions": versions,
+                "parts": parts}
+
+
+def meter_info(meter: Meter) -> dict[str, Any]:
+    """Metadata for the results document: name, method, devices covered, driver and library versions."""
+    info = getattr(meter, "info", None)
+    if callable(info):
+        return info()
+    return {"name": meter.name, "method": meter.method, "devices": list(getattr(meter, "devices", [])),
+            "versions": {}}
 
 
 @dataclass
