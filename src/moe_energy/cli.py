@@ -9,7 +9,7 @@ import sys
 from .config import ConfigError
 
 # Each module registers its commands in commands.COMMANDS; add a module here to add its commands.
-COMMAND_MODULES = ["run"]
+COMMAND_MODULES = ["run", "plan"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -7,10 +7,11 @@ A mistake the user can fix raises ``ConfigError`` with one line; the CLI prints 
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -83,6 +84,10 @@ class RunOptions:
     data: str | None = None
     out: str = "results"
     models: tuple[str, ...] = ("moe", "dense_total", "dense_active")
+    # energy windows (issue 3): repeats per model, seconds between windows, idle-power seconds (0 skips)
+    repeats: int = 3
+    cooldown: float = 5.0
+    idle_seconds: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> RunOptions:
@@ -94,16 +99,37 @@ class RunOptions:
             if not math.isfinite(v) or v <= 0:
                 raise ConfigError(f"{name}={v} must be a finite number > 0")
 
+        def whole(name: str, v: Any, lo: int, hi: int) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"{name}={v!r} must be a whole number between {lo} and {hi}")
+
+        whole("seed", self.seed, 0, 2**32 - 1)
+        for name in ("strategies", "models"):
+            v = getattr(self, name)
+            if not isinstance(v, tuple) or not v or not all(isinstance(x, str) for x in v):
+                raise ConfigError(f"{name}={v!r} must be a non-empty list of names")
+        for name in ("data", "out"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise ConfigError(f"{name}={v!r} must be a path")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs!r} must be a whole number >= 0")
         positive("lr", self.lr, False)
         positive("batch_size", self.batch_size, True)
         positive("samples", self.samples, True)
+        if self.samples > 10**8 or self.batch_size > 10**7 or self.epochs > 10**6:
+            raise ConfigError("samples <= 1e8, batch_size <= 1e7 and epochs <= 1e6 are the supported ranges")
         positive("duration", self.duration, False)
         if not isinstance(self.warmup, (int, float)) or not math.isfinite(self.warmup) or self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup} must be a finite number >= 0")
-        if not (0 < self.test_fraction < 1):
+        if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) \
+                or not (0 < self.test_fraction < 1):
             raise ConfigError(f"test_fraction={self.test_fraction} must be between 0 and 1")
+        whole("repeats", self.repeats, 1, 1000)
+        for name in ("cooldown", "idle_seconds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name.replace('_', '-')}={v!r} must be a finite number of seconds >= 0")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:

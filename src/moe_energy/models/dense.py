@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from .counting import Shape, matched_width, moe_active_params, moe_params, mlp_params
+from .counting import Shape, matched_width, mlp_params, moe_active_params, moe_params
 
 Match = Literal["total", "active"]
 
