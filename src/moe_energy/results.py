@@ -50,7 +50,8 @@ def check_writable(out_dir: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise ConfigError(f"--out {d}: cannot write results there ({e.strerror}); choose a writable directory") from None
+        msg = f"--out {d}: cannot write results there ({e.strerror}); choose a writable directory"
+        raise ConfigError(msg) from None
     return d
 
 
