@@ -11,7 +11,7 @@ from moe_energy.cli import main
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",
         "--classes", "4", "--samples", "400", "--epochs", "1", "--duration", "0.3", "--warmup", "0",
-        "--device", "cpu"]
+        "--device", "cpu", "--repeats", "1", "--idle-seconds", "0", "--cooldown", "0"]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -95,7 +95,8 @@ def test_bad_files_exit_2(tmp_path, capsys):
 def test_config_file_drives_the_run(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('experts = 4\nhidden = 8\nlayers = 1\ntop_k = 1\ninput_dim = 12\nclasses = 3\nsamples = 200\n'
-                   'epochs = 1\nduration = 0.2\nwarmup = 0.0\ndevice = "cpu"\nmodels = ["moe"]\n')
+                   'epochs = 1\nduration = 0.2\nwarmup = 0.0\ndevice = "cpu"\nmodels = ["moe"]\n'
+                   'repeats = 2\ncooldown = 0.0\nidle_seconds = 0.0\n')
     assert main(["run", "--config", str(cfg), "--out", str(tmp_path)]) == 0
     doc = json.loads(next(tmp_path.glob("run-*.json")).read_text())
     assert doc["spec"]["hidden"] == 8 and [m["kind"] for m in doc["models"]] == ["moe"]

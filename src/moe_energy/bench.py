@@ -1,4 +1,5 @@
-"""The measurement window: warm-up, one time-bound loop over one batch, energy at the edges, latency apart.
+"""The measurement window and its statistics: warm-up, one time-bound loop over one batch with energy read
+at the edges, a latency pass apart; then the median and spread over a model's repeated windows.
 
 The counted window has no per-batch device sync (the seed synced every batch, which throttles a GPU);
 batch latency comes from a separate, shorter pass so that measuring it cannot slow the counted window.
@@ -9,16 +10,26 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .energy.meter import Measurement, Meter, window
+from .energy.idle import IdlePower, dynamic_joules
+from .energy.meter import Measurement, Meter, weakest, window
 
 # Windows shorter than this are flagged: energy counters update too coarsely to trust them.
 MIN_TRUSTED_SECONDS = 1.0
+
+# Flat per-window figures whose median becomes the model's figure, and those whose min/max are kept too.
+MEDIAN_KEYS = (
+    "inferences_per_second", "inferences_per_joule", "energy_j", "average_power_w", "dynamic_energy_j",
+    "dynamic_average_power_w", "dynamic_inferences_per_joule", "latency_p50_ms", "latency_p95_ms",
+    "latency_mean_ms", "achieved_gflops", "window_s", "batches", "inferences",
+)
+SPREAD_KEYS = ("inferences_per_second", "inferences_per_joule", "dynamic_inferences_per_joule", "energy_j")
 
 
 def device_sync(device: torch.device) -> Callable[[], None]:
@@ -30,6 +41,15 @@ def device_sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def _per_joule(inferences: int, joules: float | None, what: str) -> tuple[float | None, str | None]:
+    """inferences / J, or None and the reason (never inf, never from a zero or negative)."""
+    if joules is None:
+        return None, f"{what} not measured"
+    if not math.isfinite(joules) or joules <= 0:
+        return None, f"{what} reads {joules:.3g} J (zero or below): no inferences/J from it"
+    return inferences / joules, None
+
+
 @dataclass
 class BenchResult:
     batch_size: int
@@ -39,6 +59,7 @@ class BenchResult:
     latency_ms: list[float]
     energy: Measurement
     flags: list[str] = field(default_factory=list)
+    idle: IdlePower | None = None
 
     @property
     def inferences(self) -> int:
@@ -55,10 +76,7 @@ class BenchResult:
     @property
     def inferences_per_joule(self) -> float | None:
         """None (never inf) when energy was not measured or reads as zero."""
-        j = self.energy.joules
-        if j is None or not math.isfinite(j) or j <= 0:
-            return None
-        return self.inferences / j
+        return _per_joule(self.inferences, self.energy.joules, "energy")[0]
 
     def latency_pct(self, q: float) -> float | None:
         if not self.latency_ms:
@@ -66,9 +84,19 @@ class BenchResult:
         xs = sorted(self.latency_ms)
         return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
 
-    def metrics(self) -> dict:
-        """Flat figures, each named with its unit."""
-        j = self.energy.joules
+    def metrics(self) -> dict[str, Any]:
+        """Flat figures of this window, each named with its unit."""
+        e = self.energy
+        j = e.joules
+        dyn_by_dev = dynamic_joules(e, self.idle)
+        dyn = float(sum(dyn_by_dev.values())) if dyn_by_dev is not None else None
+        ipj, ipj_reason = _per_joule(self.inferences, j, "energy")
+        dipj, dipj_reason = _per_joule(self.inferences, dyn, "dynamic energy (raw minus idle)")
+        if dyn_by_dev is None and e.joules_by_device is not None:
+            dipj_reason = "idle power not measured (--idle-seconds 0)"
+        flags = self.flags + e.flags
+        if dyn is not None and dyn <= 0:
+            flags = flags + ["dynamic energy <= 0: the window drew no more than idle power"]
         return {
             "batch_size": self.batch_size,
             "batches": self.batches,
@@ -81,12 +109,26 @@ class BenchResult:
             "flops_per_inference": self.flops_per_inference,
             "achieved_gflops": self.achieved_gflops,
             "energy_j": j,
-            "average_power_w": self.energy.average_power_w,
-            "inferences_per_joule": self.inferences_per_joule,
-            "energy_method": self.energy.method,
-            "energy_meter": self.energy.meter,
-            "energy_devices": list(self.energy.devices_covered),
-            "flags": self.flags + self.energy.flags,
+            "energy_by_device_j": e.joules_by_device,
+            "average_power_w": e.average_power_w,
+            "inferences_per_joule": ipj,
+            "inferences_per_joule_reason": ipj_reason,
+            "dynamic_energy_j": dyn,
+            "dynamic_energy_by_device_j": dyn_by_dev,
+            "dynamic_average_power_w": dyn / self.seconds if dyn is not None else None,
+            "dynamic_inferences_per_joule": dipj,
+            "dynamic_inferences_per_joule_reason": dipj_reason,
+            "energy_method": e.method,
+            "method_by_device": e.method_by_device,
+            "energy_meter": e.meter,
+            "energy_devices": list(e.devices_covered),
+            "energy_is_estimate": e.is_estimate or "estimate" in e.method_by_device.values(),
+            "trace": e.trace,
+            "trace_energy_j": e.trace_energy_j(),
+            "trace_period_s": e.trace_period_s,
+            "state_begin": e.state_begin,
+            "state_end": e.state_end,
+            "flags": flags,
         }
 
 
@@ -100,10 +142,15 @@ def measure(
     warmup: float = 2.0,
     latency_seconds: float | None = None,
     on_tick: Callable[[float], None] | None = None,
+    idle: IdlePower | None = None,
+    sync: Callable[[], None] | None = None,
 ) -> BenchResult:
-    """Run ``model(batch)`` for ``duration`` seconds inside one energy window."""
+    """Run ``model(batch)`` for ``duration`` seconds inside one energy window.
+
+    ``sync`` defaults to the batch's device sync; it runs at the window's edges only, never inside.
+    """
     model.eval()
-    sync = device_sync(batch.device)
+    sync = sync or device_sync(batch.device)
     # Untimed warm-up: allocator, kernels' first launch, caches, clocks ramping up.
     t0 = time.perf_counter()
     n = 0
@@ -130,7 +177,7 @@ def measure(
     assert w.result is not None
     flags: list[str] = []
     if seconds < MIN_TRUSTED_SECONDS:
-        flags.append(f"window of {seconds:.2f} s is shorter than {MIN_TRUSTED_SECONDS} s: energy unreliable")
+        flags.append(f"window of {seconds:.2f} s is shorter than {MIN_TRUSTED_SECONDS:g} s: energy unreliable")
     if w.result.joules is not None and w.result.joules <= 0:
         flags.append("zero-joule reading: inferences_per_joule withheld")
 
@@ -144,4 +191,46 @@ def measure(
         model(batch)
         sync()
         lat.append((time.perf_counter() - a) * 1e3)
-    return BenchResult(batch.shape[0], batches, seconds, flops_per_inference, lat, w.result, flags)
+    return BenchResult(batch.shape[0], batches, seconds, flops_per_inference, lat, w.result, flags, idle)
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(windows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A model's figures over its repeated windows: medians (the flat fields), min/max, every window kept.
+
+    ``windows`` are ``BenchResult.metrics()`` dicts (plus any bookkeeping such as ``repeat``), in run order.
+    A figure missing from some windows is the median of the others and says so in ``flags``.
+    """
+    if not windows:
+        raise ValueError("summarize needs at least one window")
+    out: dict[str, Any] = {}
+    flags: list[str] = []
+    for k in MEDIAN_KEYS:
+        vals = [w[k] for w in windows if w.get(k) is not None]
+        out[k] = _median(vals)
+        if vals and len(vals) < len(windows) and k in SPREAD_KEYS:
+            flags.append(f"{k}: median of {len(vals)} of {len(windows)} windows (the others not measured)")
+    for k in SPREAD_KEYS:
+        vals = [w[k] for w in windows if w.get(k) is not None]
+        out[f"{k}_min"] = min(vals) if vals else None
+        out[f"{k}_max"] = max(vals) if vals else None
+    for k in ("inferences_per_joule", "dynamic_inferences_per_joule"):
+        out[f"{k}_reason"] = None if out[k] is not None else windows[0].get(f"{k}_reason")
+    first = windows[0]
+    out["batch_size"] = first["batch_size"]
+    out["flops_per_inference"] = first["flops_per_inference"]
+    out["energy_method"] = weakest([w["energy_method"] for w in windows])
+    out["energy_meter"] = first["energy_meter"]
+    out["energy_devices"] = first["energy_devices"]
+    out["energy_is_estimate"] = any(w["energy_is_estimate"] for w in windows)
+    out["repeats"] = len(windows)
+    for w in windows:
+        for f in w["flags"]:
+            if f not in flags:
+                flags.append(f)
+    out["flags"] = flags
+    out["windows"] = list(windows)
+    return out

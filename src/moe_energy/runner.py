@@ -1,21 +1,25 @@
-"""One run: for each model build -> train -> measure -> free, so the largest preset fits one GPU."""
+"""One run: train each model alone, park it in host memory, then measure all in shuffled repeated windows."""
 
 from __future__ import annotations
 
 import gc
+import random
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from .bench import measure
+from .bench import device_sync, measure, summarize
 from .config import ConfigError, ModelSpec, RunOptions
 from .data import Dataset, make_dataset
-from .energy.meter import Meter
+from .energy.idle import measure_idle
+from .energy.meter import Meter, meter_info
 from .environment import describe
 from .models.counting import dense_flops, mlp_params, moe_active_params, moe_flops, moe_params
 from .models.dense import DenseMLP, dense_width
@@ -98,15 +102,53 @@ def model_plan(spec: ModelSpec, opts: RunOptions) -> Iterator[tuple[str, dict]]:
             }
 
 
-def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, save: bool = True) -> tuple[dict, Path | None]:
-    """Train and measure every model of ``opts.models``; returns the results document and its path."""
+@dataclass
+class Trained:
+    """A trained model parked (in host memory when the run uses an accelerator) until its windows."""
+
+    name: str
+    desc: dict
+    model: nn.Module
+    train: TrainResult
+    accuracy_bench_dtype: float | None
+
+
+def prepare_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """THE point where a trained model becomes the thing the windows measure (dtype now; compile later)."""
+    for p in model.parameters():
+        p.grad = None  # the optimizer's gradients would otherwise travel with the parked model
+        p.requires_grad_(False)
+    if dtype != torch.float32:
+        model.to(dtype)
+    return model
+
+
+def window_schedule(labels: list[str], repeats: int, seed: int) -> list[tuple[int, str]]:
+    """(repeat, label) for every window: each round holds every model once, rounds shuffled apart, so drift
+    (heat, clocks, other load) spreads over all models instead of landing on whichever ran last."""
+    rng = random.Random(seed)
+    out: list[tuple[int, str]] = []
+    for r in range(repeats):
+        order = list(labels)
+        rng.shuffle(order)
+        out += [(r, lab) for lab in order]
+    return out
+
+
+def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, save: bool = True,
+        sleep: Callable[[float], None] = time.sleep) -> tuple[dict, Path | None]:
+    """Train every model of ``opts.models`` one at a time, then measure them in shuffled, repeated windows.
+
+    Memory: each model is built, trained and converted alone on the device, then parked in host memory
+    (accelerator runs only), and each window moves exactly one model onto the device, outside the window,
+    so the largest preset needs one model's worth of device memory at a time.
+    """
     ui = ui or SilentUI()
     device = resolve_device(opts.device)
     dtype = DTYPE[opts.dtype]
+    park = torch.device("cpu")
     data = make_dataset(opts.samples, spec.input_dim, spec.classes, opts.seed, opts.test_fraction, opts.data)
     if opts.data:  # the file decides the task's shape
-        from dataclasses import replace
-
         spec = replace(spec, input_dim=data.input_dim, classes=data.classes).validate()
     doc = new_document(
         spec=asdict(spec),
@@ -115,10 +157,15 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
         dataset={"source": data.source, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
                  "input_dim": data.input_dim, "classes": data.classes, "chance_accuracy": data.chance_accuracy},
     )
-    doc["energy_meter"] = {"name": meter.name, "method": meter.method}
+    info = meter_info(meter)
+    info["notice"] = getattr(meter, "notice", None)
+    doc["energy_meter"] = info
     batch = bench_batch(data, opts.batch_size, device, dtype)
     steps = opts.epochs * -(-len(data.x_train) // opts.batch_size)
+    sync = device_sync(device)
 
+    # 1. Train, one model at a time.
+    trained: list[Trained] = []
     for name, desc in model_plan(spec, opts):
         torch.manual_seed(opts.seed)
         model: nn.Module
@@ -129,24 +176,64 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
         model.to(device)
         with ui.training(name, steps) as step:
             tr: TrainResult = train(model, data, opts.epochs, opts.lr, opts.batch_size, device, opts.seed, step)
+        model = prepare_for_inference(model, dtype)
         acc_bench = tr.test_accuracy
         if dtype != torch.float32:
-            model.to(dtype)
             acc_bench = evaluate(model, data.x_test, data.y_test, opts.batch_size, device, dtype)
-        variants = [(f"moe[{s}]", s) for s in opts.strategies] if desc["kind"] == "moe" else [(name, None)]
-        for label, strategy in variants:
-            if strategy is not None:
-                model.strategy = strategy  # type: ignore[union-attr]
-            with ui.measuring(label, opts.duration) as tick:
-                res = measure(model, batch, opts.duration, meter, desc["flops_per_inference"], opts.warmup,
-                              on_tick=tick)
-            rec = {"name": label, **desc, "strategy": strategy, "dtype": opts.dtype,
-                   "accuracy": tr.test_accuracy, "accuracy_bench_dtype": acc_bench,
-                   "diverged": tr.diverged, "train": tr.as_dict(), **res.metrics()}
-            doc["models"].append(rec)
-            ui.info(label)
-        del model
+        if device != park:
+            model.to(park)
+            _free(device)
+        trained.append(Trained(name, desc, model, tr, acc_bench))
+
+    # 2. Idle power of the metered devices, rested first so training's heat does not count as idle.
+    idle = None
+    if opts.idle_seconds > 0:
+        sleep(opts.cooldown)
+        idle = measure_idle(meter, opts.idle_seconds, sync)
+    doc["idle"] = idle.as_dict() if idle is not None else None
+
+    # 3. Windows: every model (and MoE strategy) once per round, rounds shuffled, a rest between windows.
+    variants: dict[str, tuple[Trained, str | None]] = {}
+    for t in trained:
+        if t.desc["kind"] == "moe":
+            for s in opts.strategies:
+                variants[f"moe[{s}]"] = (t, s)
+        else:
+            variants[t.name] = (t, None)
+    windows: dict[str, list[dict]] = {label: [] for label in variants}
+    on_device: Trained | None = None
+    schedule = window_schedule(list(variants), opts.repeats, opts.seed)
+    for order, (rep, label) in enumerate(schedule):
+        t, strategy = variants[label]
+        if device != park and on_device is not t:
+            if on_device is not None:
+                on_device.model.to(park)
+                _free(device)
+            t.model.to(device)
+            on_device = t
+        if strategy is not None:
+            t.model.strategy = strategy  # type: ignore[union-attr]
+        if order > 0:
+            sleep(opts.cooldown)
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with ui.measuring(f"{label} ({rep + 1}/{opts.repeats})", opts.duration) as tick:
+            res = measure(t.model, batch, opts.duration, meter, t.desc["flops_per_inference"], opts.warmup,
+                          on_tick=tick, idle=idle, sync=sync)
+        windows[label].append({"repeat": rep, "order": order, "started_utc": started, **res.metrics()})
+    if on_device is not None:
+        on_device.model.to(park)
         _free(device)
+
+    for label, (t, strategy) in variants.items():
+        rec = {"name": label, **t.desc, "strategy": strategy, "dtype": opts.dtype,
+               "accuracy": t.train.test_accuracy, "accuracy_bench_dtype": t.accuracy_bench_dtype,
+               "diverged": t.train.diverged, "train": t.train.as_dict(),
+               "idle_power_w": idle.power_w if idle is not None else None,
+               "idle_power_by_device_w": idle.power_by_device_w if idle is not None else None,
+               **summarize(windows[label])}
+        doc["models"].append(rec)
+        ui.info(label)
+    del trained, variants
 
     path = None
     if save:

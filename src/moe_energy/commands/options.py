@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..config import PRESETS, SPEC_KEYS, ModelSpec, RunOptions, load_toml, resolve_spec
 from ..models.strategies import STRATEGIES
 from . import split_list
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..energy.meter import Meter
 
 
 def add_shape_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,3 +73,38 @@ def resolve(args: argparse.Namespace) -> tuple[ModelSpec, RunOptions]:
 
         raise ConfigError(f"--config: {e}") from None
     return spec, opts.validate()
+
+
+def add_energy_arguments(p: argparse.ArgumentParser) -> None:
+    """--meter, --idle-seconds, --repeats, --cooldown, --cpu-tdp-watts (issue 3)."""
+    from ..energy.select import METER_NAMES
+
+    g = p.add_argument_group("energy measurement")
+    g.add_argument("--meter", choices=METER_NAMES, default="auto",
+                   help="energy source: auto = every real counter covering the devices in use "
+                        "(GPU counter + RAPL), else a labelled estimate; see 'moe-energy meters'")
+    g.add_argument("--idle-seconds", type=float, dest="idle_seconds",
+                   help="seconds of idle power measured before the windows; 0 skips it (default 5)")
+    g.add_argument("--repeats", type=int, help="measurement windows per model, models interleaved (default 3)")
+    g.add_argument("--cooldown", type=float, help="seconds of rest between windows (default 5)")
+    g.add_argument("--cpu-tdp-watts", type=float, dest="cpu_tdp_watts",
+                   help="CPU TDP for --meter estimate (default 5 W per logical CPU)")
+
+
+def meter_from_args(args: argparse.Namespace, device: torch.device,
+                    notice: Callable[[str], None] | None = None) -> Meter:
+    """The Meter that ``--meter`` and ``--cpu-tdp-watts`` ask for, on ``device`` (a torch.device).
+
+    ``notice(msg)`` receives auto's one-line notice (estimate fallback, partial coverage).
+    """
+    from ..energy.select import auto_meter, make_meter
+
+    name = getattr(args, "meter", None) or "auto"
+    tdp = getattr(args, "cpu_tdp_watts", None)
+    if name == "auto":
+        if tdp is not None and not tdp > 0:
+            from ..config import ConfigError
+
+            raise ConfigError(f"--cpu-tdp-watts={tdp} must be a number of watts > 0")
+        return auto_meter(device, cpu_tdp_watts=tdp, notice=notice)
+    return make_meter(name, device, cpu_tdp_watts=tdp)

@@ -8,50 +8,104 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import PRESETS
-from ..energy.meter import NullMeter
 from ..models.counting import moe_active_params, moe_params
 from ..models.dense import dense_width
 from ..results import check_writable
+from ..runner import resolve_device
 from ..runner import run as run_models
-from . import command, console, fmt
-from .options import add_run_arguments, add_shape_arguments, resolve
+from . import command, console, err_console, fmt
+from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args, resolve
+from .parallel import add_parallel_arguments, run_parallel
 from .ui import RichUI
+
+
+def _spread(m: dict, key: str, spec: str) -> str:
+    """'median [min-max]' when the repeats differ, else the median alone; 'not measured' for None."""
+    med, lo, hi = m.get(key), m.get(f"{key}_min"), m.get(f"{key}_max")
+    if med is None:
+        return "not measured"
+    if lo is None or hi is None or m.get("repeats", 1) < 2:
+        return fmt(med, spec)
+    return f"{fmt(med, spec)} [{_si(lo)}-{_si(hi)}]"
+
+
+def _si(v: float) -> str:
+    """3 significant digits with a k/M/G suffix: keeps a min-max range narrow enough for the table."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.3g}"
 
 
 def results_table(doc: dict) -> Table:
     env = doc["environment"]
-    t = Table(title=f"moe-energy results ({env['device_name']}, {doc['options']['dtype']})")
+    reps = max((m.get("repeats", 1) for m in doc["models"]), default=1)
+    t = Table(title=escape(f"moe-energy results ({env['device_name']}, {doc['options']['dtype']}; "
+                           f"median [min-max] of {reps} window(s) per model)"))
     for col in ("model", "params", "active params", "train acc", "held-out acc", "inferences/s", "inferences/J",
-                "avg W", "energy method", "p50 ms/batch"):
-        t.add_column(col, justify="left" if col in ("model", "energy method") else "right")
+                "dynamic inferences/J", "avg W", "energy method", "p50 ms/batch"):
+        # fold, never '…': a truncated range would hide the very figure the table is for
+        t.add_column(col, justify="left" if col in ("model", "energy method") else "right", overflow="fold")
     for m in doc["models"]:
-        est = " (estimate)" if m["energy_method"] == "estimate" else ""
+        est = " (estimate)" if m.get("energy_is_estimate") or m["energy_method"] == "estimate" else ""
         acc = fmt(m["accuracy"], ".1%") + (" (diverged)" if m["diverged"] else "")
-        ipj, watts = m["inferences_per_joule"], m["average_power_w"]
+        ipj = _spread(m, "inferences_per_joule", ",.1f")
+        dipj = _spread(m, "dynamic_inferences_per_joule", ",.1f")
+        watts = m["average_power_w"]
         t.add_row(
             escape(m["name"]), f"{m['params']:,}", f"{m['active_params']:,}",
             fmt((m["train"]["epoch_train_accuracy"] or [None])[-1], ".1%"), acc,
-            fmt(m["inferences_per_second"]),
-            fmt(ipj, ",.1f") + (est if ipj is not None else ""),
+            escape(_spread(m, "inferences_per_second", ",.0f")),
+            escape(ipj) + (est if m["inferences_per_joule"] is not None else ""),
+            escape(dipj) + (est if m.get("dynamic_inferences_per_joule") is not None else ""),
             fmt(watts, ".1f") + (est if watts is not None else ""),
-            m["energy_method"], fmt(m["latency_p50_ms"], ".3f"),
+            m["energy_method"],
+            fmt(m["latency_p50_ms"], ".3f"),
         )
     return t
+
+
+def energy_summary(doc: dict) -> list[str]:
+    """Lines under the table: which meter, the idle power, and how many windows carry warnings."""
+    meter = doc.get("energy_meter") or {}
+    lines = [f"energy: meter {meter.get('name')} ({meter.get('method')}), devices "
+             f"{', '.join(meter.get('devices') or []) or 'none'}"]
+    if meter.get("method") == "estimate":
+        lines[0] += " -- ESTIMATE, not a measurement; do not compare with measured figures"
+    idle = doc.get("idle")
+    if idle and idle.get("power_w") is not None:
+        lines.append(f"idle power: {idle['power_w']:.2f} W over {idle['seconds']:.1f} s "
+                     "(dynamic = raw minus idle power x window seconds)")
+    else:
+        lines.append("idle power: not measured (dynamic inferences/J needs --idle-seconds > 0)")
+    flagged = sum(1 for m in doc["models"] for w in m.get("windows", []) if w.get("flags"))
+    total = sum(len(m.get("windows", [])) for m in doc["models"])
+    if flagged:
+        lines.append(f"{flagged} of {total} windows carry warnings (see 'flags' in the JSON)")
+    return lines
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     add_shape_arguments(p)
     add_run_arguments(p)
+    add_energy_arguments(p)
+    add_parallel_arguments(p)
 
 
 @command("run", "Train the MoE and its matched dense models, measure each, print the table, save JSON.",
          _run_args)
 def run(args: argparse.Namespace) -> int:
+    if args.parallel == "expert":
+        return run_parallel(args)
     spec, opts = resolve(args)
     check_writable(opts.out)
-    meter = NullMeter("no energy meter wired into run yet")
+    meter = meter_from_args(args, resolve_device(opts.device),
+                            notice=lambda msg: err_console.print(f"notice: {escape(msg)}", highlight=False,
+                                                                 soft_wrap=True))
     doc, path = run_models(spec, opts, meter, RichUI(console))
     console.print(results_table(doc))
+    for line in energy_summary(doc):
+        console.print(escape(line), highlight=False)
     console.print(f"results written to {path}")
     return 0
 

@@ -1,0 +1,170 @@
+"""NVIDIA and AMD GPU energy through Zeus's device layer (``zeus.device.gpu``; NVML / amdsmi beneath).
+
+Volta and newer NVIDIA GPUs (and AMD GPUs whose amdsmi exposes it) keep a cumulative energy counter
+(mJ): the window's energy is the counter's difference, read right after the caller's device sync.
+Older GPUs have no counter: their energy integrates the sampled power trace (method ``sampled``).
+
+We poll power ourselves at an explicit period (``trace_period_s``) instead of using Zeus's
+``ZeusMonitor``/``PowerMonitor``: ZeusMonitor builds its PowerMonitor with ``update_period=None``, whose
+inferred polling period misbehaves in Zeus 0.16. Zeus is imported lazily, so the core runs without it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .meter import Measurement, integrate
+from .trace import DEFAULT_PERIOD_S, PowerTrace
+
+VENDORS = ("nvidia", "amd")
+
+
+class GpuUnavailable(RuntimeError):
+    """This GPU meter cannot work here; one line saying why (no driver, no permission, absent, no zeus)."""
+
+    def __init__(self, message: str, kind: str = "absent") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def zeus_version() -> str | None:
+    try:
+        import zeus
+    except ImportError:
+        return None
+    return getattr(zeus, "__version__", "unknown")
+
+
+def open_gpus(vendor: str) -> Any:
+    """A fresh Zeus ``GPUs`` object for ``vendor`` (not Zeus's process-wide singleton, so tests can fake
+    NVML); raises GpuUnavailable with the reason."""
+    if vendor not in VENDORS:
+        raise ValueError(f"unknown GPU vendor {vendor!r}")
+    try:
+        import zeus  # noqa: F401
+    except ImportError:
+        raise GpuUnavailable("zeus is not installed; pip install 'moe-energy[gpu]'", kind="zeus missing") from None
+    try:
+        from zeus.device.gpu import common
+        if vendor == "nvidia":
+            from zeus.device.gpu.nvidia import NVIDIAGPUs as GPUs
+        else:
+            from zeus.device.gpu.amd import AMDGPUs as GPUs
+            from zeus.device.gpu.amd import amdsmi_is_available
+
+            if not amdsmi_is_available():
+                raise GpuUnavailable("amd: amdsmi could not initialise (no ROCm driver or no AMD GPU)",
+                                     kind="no driver")
+    except ImportError as e:
+        raise GpuUnavailable(f"{vendor}: zeus cannot load its {vendor} backend ({e})", kind="no driver") from None
+    try:
+        gpus = GPUs()
+    except (common.ZeusGPULibraryNotFoundError, common.ZeusGPUDriverNotLoadedError) as e:
+        raise GpuUnavailable(f"{vendor}: no driver ({e})", kind="no driver") from None
+    except common.ZeusGPUNoPermissionError as e:
+        raise GpuUnavailable(f"{vendor}: no permission to query the GPU ({e})", kind="no permission") from None
+    except Exception as e:  # any other init failure, reported rather than crashing a survey
+        raise GpuUnavailable(f"{vendor}: cannot initialise ({type(e).__name__}: {e})", kind="no driver") from None
+    if len(gpus) == 0:
+        raise GpuUnavailable(f"{vendor}: the driver sees no GPU", kind="absent")
+    return gpus
+
+
+class GpuMeter:
+    """One GPU's energy counter (or sampled power) through Zeus; a ~10 Hz power trace alongside."""
+
+    def __init__(self, vendor: str = "nvidia", index: int = 0, trace_period_s: float = DEFAULT_PERIOD_S,
+                 gpus: Any | None = None) -> None:
+        self.vendor, self.index, self.name = vendor, index, vendor
+        self.gpus = gpus if gpus is not None else open_gpus(vendor)
+        if not 0 <= index < len(self.gpus):
+            raise GpuUnavailable(f"{vendor}: GPU index {index} not visible ({len(self.gpus)} GPU(s))",
+                                 kind="absent")
+        self.has_counter = bool(self.gpus.supports_get_total_energy_consumption(index))
+        self.method = "counter" if self.has_counter else "sampled"
+        self.device = f"gpu:{index}"
+        self.devices = [self.device]
+        self.trace_period_s = trace_period_s
+        self._trace: PowerTrace | None = None
+        self._t0: float | None = None
+        self._mj0 = 0
+        self._state0: dict[str, Any] = {}
+        self._instant = True
+
+    def _power(self) -> dict[str, float]:
+        if self._instant:
+            try:
+                return {self.device: self.gpus.get_instant_power_usage(self.index) / 1000.0}
+            except Exception:  # some AMD GPUs expose only the averaged power
+                self._instant = False
+        return {self.device: self.gpus.get_average_power_usage(self.index) / 1000.0}
+
+    def state(self) -> dict[str, Any]:
+        """Temperature, SM clock and power limit now; a reading the GPU refuses is None."""
+        out: dict[str, Any] = {"temperature_c": None, "sm_clock_mhz": None, "power_limit_w": None}
+        try:
+            out["temperature_c"] = self.gpus.get_gpu_temperature(self.index)
+        except Exception:
+            pass
+        try:
+            out["power_limit_w"] = self.gpus.get_power_management_limit(self.index) / 1000.0
+        except Exception:
+            pass
+        if self.vendor == "nvidia":  # Zeus has no clock getter; NVML's is one call on Zeus's handle
+            try:
+                import pynvml
+
+                handle = self.gpus.gpus[self.index].handle
+                out["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
+            except Exception:
+                pass
+        return out
+
+    def begin(self) -> None:
+        self._state0 = self.state()
+        self._trace = PowerTrace(power=self._power, period_s=self.trace_period_s)
+        self._trace.start()
+        self._t0 = time.perf_counter()
+        if self.has_counter:
+            self._mj0 = self.gpus.get_total_energy_consumption(self.index)  # right after the caller's sync
+
+    def end(self) -> Measurement:
+        if self._t0 is None or self._trace is None:
+            raise RuntimeError("end() called before begin()")
+        mj1 = self.gpus.get_total_energy_consumption(self.index) if self.has_counter else 0
+        secs = time.perf_counter() - self._t0
+        trace = self._trace.stop()
+        flags = list(self._trace.errors)
+        if self.has_counter:
+            joules = (mj1 - self._mj0) / 1000.0
+        else:
+            joules = integrate(trace.get(self.device, []), secs)
+        if joules <= 0:
+            flags.append(f"{self.device}: energy {'counter did not advance' if self.has_counter else 'trace is empty'}"
+                         " (zero-joule reading)")
+        m = Measurement(seconds=secs, method=self.method, meter=self.name, joules_by_device={self.device: joules},
+                        devices_covered=[self.device], flags=flags, trace=trace, trace_period_s=self.trace_period_s,
+                        method_by_device={self.device: self.method}, state_begin={self.device: self._state0},
+                        state_end={self.device: self.state()})
+        m.cross_check()
+        self._t0, self._trace = None, None
+        return m
+
+    def info(self) -> dict[str, Any]:
+        versions: dict[str, Any] = {"zeus": zeus_version()}
+        try:
+            versions["gpu_name"] = self.gpus.get_name(self.index)
+        except Exception:
+            pass
+        if self.vendor == "nvidia":
+            try:
+                import pynvml
+
+                drv = pynvml.nvmlSystemGetDriverVersion()
+                versions["nvidia_driver"] = drv.decode() if isinstance(drv, bytes) else drv
+                nv = pynvml.nvmlSystemGetNVMLVersion()
+                versions["nvml"] = nv.decode() if isinstance(nv, bytes) else nv
+            except Exception:
+                pass
+        return {"name": self.name, "method": self.method, "devices": list(self.devices), "versions": versions}

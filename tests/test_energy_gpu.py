@@ -1,0 +1,179 @@
+"""The NVIDIA path through Zeus's real device layer, over a fake NVML: only pynvml's functions are faked."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+pynvml = pytest.importorskip("pynvml")
+pytest.importorskip("zeus")
+
+from moe_energy.bench import measure  # noqa: E402
+from moe_energy.energy import auto_meter, make_meter  # noqa: E402
+from moe_energy.energy.gpu import GpuMeter  # noqa: E402
+from moe_energy.energy.meter import CompositeMeter  # noqa: E402
+from moe_energy.energy.rapl import ENV_ROOT  # noqa: E402
+
+
+class FakeNVML:
+    """One GPU whose energy counter (mJ) and power (mW) the test controls; every call logged."""
+
+    def __init__(self, arch: int = pynvml.NVML_DEVICE_ARCH_HOPPER) -> None:
+        self.arch = arch
+        self.counter_mj: list[int] = []  # values returned by successive energy reads; the last one repeats
+        self.power_mw = 300_000
+        self.log: list[str] = []
+        self.handle = object()
+
+    def energy(self, handle) -> int:
+        assert handle is self.handle
+        self.log.append("energy")
+        return self.counter_mj.pop(0) if len(self.counter_mj) > 1 else self.counter_mj[0]
+
+    def field_values(self, handle, fields):
+        self.log.append("power")
+        return [SimpleNamespace(nvmlReturn=pynvml.NVML_SUCCESS, value=SimpleNamespace(uiVal=self.power_mw))
+                for _ in fields]
+
+    def install(self, monkeypatch) -> None:
+        def not_supported(*a):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        monkeypatch.delenv("ZEUSD_SOCK_PATH", raising=False)
+        for name, fn in {
+            "nvmlInit": lambda: None,
+            "nvmlShutdown": lambda: None,
+            "nvmlDeviceGetCount": lambda: 1,
+            "nvmlDeviceGetHandleByIndex": lambda i: self.handle,
+            "nvmlDeviceGetC2cModeInfoV": not_supported,
+            "nvmlDeviceGetArchitecture": lambda h: self.arch,
+            "nvmlDeviceGetTotalEnergyConsumption": self.energy,
+            "nvmlDeviceGetFieldValues": self.field_values,
+            "nvmlDeviceGetTemperatureV": lambda h, sensor: 55,
+            "nvmlDeviceGetPowerManagementLimit": lambda h: 700_000,
+            "nvmlDeviceGetClockInfo": lambda h, clock: 1980,
+            "nvmlDeviceGetName": lambda h: "Fake H100",
+            "nvmlSystemGetDriverVersion": lambda: "550.00",
+            "nvmlSystemGetNVMLVersion": lambda: "12.550.00",
+        }.items():
+            monkeypatch.setattr(pynvml, name, fn)
+
+
+@pytest.fixture
+def nvml(monkeypatch):
+    fake = FakeNVML()
+    fake.install(monkeypatch)
+    return fake
+
+
+def test_energy_is_the_counter_difference(nvml):
+    nvml.counter_mj = [5_000_000, 5_012_345]
+    meter = GpuMeter("nvidia", 0)
+    assert meter.method == "counter" and meter.devices == ["gpu:0"]
+    meter.begin()
+    time.sleep(0.25)
+    m = meter.end()
+    assert m.joules_by_device == {"gpu:0": pytest.approx(12.345)}
+    assert m.method_by_device == {"gpu:0": "counter"}
+    assert nvml.log.count("energy") == 2  # once per edge; the trace samples power, never the counter
+    assert m.state_begin["gpu:0"] == {"temperature_c": 55, "sm_clock_mhz": 1980, "power_limit_w": 700.0}
+    assert m.state_end["gpu:0"]["temperature_c"] == 55
+    assert len(m.trace["gpu:0"]) >= 2 and all(w == 300.0 for _, w in m.trace["gpu:0"])
+    info = meter.info()
+    assert info["versions"]["nvidia_driver"] == "550.00" and info["versions"]["zeus"]
+
+
+def test_trace_disagreeing_with_counter_is_flagged(nvml):
+    nvml.power_mw = 300_000
+    nvml.counter_mj = [0, 1]  # 1 mJ over ~0.3 s while the power sensor says 300 W
+    meter = GpuMeter("nvidia", 0)
+    meter.begin()
+    time.sleep(0.3)
+    m = meter.end()
+    assert any("power trace integrates" in f for f in m.flags)
+
+
+def test_zero_delta_is_flagged_and_withholds_inferences_per_joule(nvml):
+    nvml.counter_mj = [7_000_000]  # never advances
+    model = nn.Linear(4, 2)
+    res = measure(model, torch.zeros(8, 4), 0.05, GpuMeter("nvidia", 0), 16, warmup=0)
+    assert res.energy.joules == 0
+    assert any("did not advance" in f for f in res.energy.flags)
+    met = res.metrics()
+    assert met["inferences_per_joule"] is None
+    assert "zero" in met["inferences_per_joule_reason"]
+
+
+class LoggingModel(nn.Module):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.log.append("model")
+        return self.lin(x)
+
+
+def test_syncs_happen_at_the_window_edges_only(nvml):
+    nvml.counter_mj = [1_000_000, 1_050_000]
+    model = LoggingModel(nvml.log)
+    res = measure(model, torch.zeros(8, 4), 0.2, GpuMeter("nvidia", 0), 16, warmup=0,
+                  sync=lambda: nvml.log.append("sync"))
+    seq = [e for e in nvml.log if e != "power"]
+    first, second = [i for i, e in enumerate(seq) if e == "energy"]
+    assert seq[first - 1] == "sync"  # begin: sync, then read the counter
+    assert seq[second - 1] == "sync"  # end: sync, then read the counter
+    inside = seq[first + 1 : second - 1]
+    assert inside and set(inside) == {"model"}, "no sync may happen inside the window"
+    assert len(inside) == res.batches
+    assert res.energy.joules == pytest.approx(50.0)
+    assert res.inferences_per_joule == pytest.approx(res.inferences / 50.0)
+
+
+def test_pre_volta_gpu_integrates_sampled_power(monkeypatch):
+    fake = FakeNVML(arch=pynvml.NVML_DEVICE_ARCH_PASCAL)
+    fake.install(monkeypatch)
+    fake.counter_mj = [0]
+    fake.power_mw = 100_000
+    meter = GpuMeter("nvidia", 0, trace_period_s=0.05)
+    assert meter.method == "sampled"
+    meter.begin()
+    time.sleep(0.5)
+    m = meter.end()
+    assert "energy" not in fake.log  # no counter on this GPU: never read
+    assert m.method == "sampled"
+    assert m.joules == pytest.approx(100.0 * m.seconds, rel=0.02)
+
+
+def test_make_meter_and_auto_on_a_gpu_run(nvml, monkeypatch, tmp_path):
+    nvml.counter_mj = [0, 1000]
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path / "no-rapl"))
+    assert make_meter("nvidia", torch.device("cuda", 0)).name == "nvidia"
+    notes: list[str] = []
+    m = auto_meter(torch.device("cuda", 0), notice=notes.append)
+    assert m.name == "nvidia" and m.method == "counter"
+    assert len(notes) == 1 and "RAPL" in notes[0] and "gpu:0" in notes[0]  # partial coverage says so
+
+    # with a readable RAPL tree, auto sums the GPU and the CPU package, each reported separately
+    zone = tmp_path / "rapl" / "intel-rapl:0"
+    zone.mkdir(parents=True)
+    (zone / "name").write_text("package-0\n")
+    (zone / "energy_uj").write_text("0\n")
+    (zone / "max_energy_range_uj").write_text("1000000000\n")
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path / "rapl"))
+    nvml.counter_mj = [0, 2000]
+    m = auto_meter(torch.device("cuda", 0))
+    assert isinstance(m, CompositeMeter) and m.name == "nvidia+rapl"
+    m.begin()
+    (zone / "energy_uj").write_text("3000000\n")  # 3 J on the CPU package
+    r = m.end()
+    assert r.joules_by_device == {"gpu:0": pytest.approx(2.0), "cpu:package-0": pytest.approx(3.0)}
+    assert r.joules == pytest.approx(5.0)
+    assert r.devices_covered == ["gpu:0", "cpu:package-0"]
+    assert r.method == "counter"

@@ -1,0 +1,150 @@
+"""Measurement arithmetic, the composite meter, power traces, idle power and the labelled estimate."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from moe_energy.config import ConfigError
+from moe_energy.energy import (
+    CompositeMeter,
+    EstimateMeter,
+    Measurement,
+    NullMeter,
+    dynamic_joules,
+    make_meter,
+    measure_idle,
+)
+from moe_energy.energy.estimate import DEFAULT_WATTS_PER_CPU
+from moe_energy.energy.meter import integrate, weakest
+from moe_energy.energy.trace import PowerTrace
+
+
+class ScriptedMeter:
+    """A meter whose joules per window are given; devices named by the test."""
+
+    def __init__(self, name: str, joules: dict[str, float], method: str = "counter") -> None:
+        self.name, self.method, self.joules = name, method, joules
+        self.devices = list(joules)
+        self.calls: list[str] = []
+
+    def begin(self) -> None:
+        self.calls.append("begin")
+        self._t0 = time.perf_counter()
+
+    def end(self) -> Measurement:
+        self.calls.append("end")
+        return Measurement(seconds=time.perf_counter() - self._t0, method=self.method, meter=self.name,
+                           joules_by_device=dict(self.joules), devices_covered=list(self.devices))
+
+
+def test_integrate_holds_the_ends_flat():
+    assert integrate([[0.5, 10.0]], 2.0) == pytest.approx(20.0)
+    assert integrate([[0.0, 0.0], [1.0, 10.0]], 1.0) == pytest.approx(5.0)
+    assert integrate([[0.25, 4.0], [0.75, 8.0]], 1.0) == pytest.approx(0.25 * 4 + 0.5 * 6 + 0.25 * 8)
+
+
+def test_cross_check_flags_a_trace_over_five_percent_off():
+    m = Measurement(seconds=1.0, method="counter", meter="x", joules_by_device={"gpu:0": 100.0},
+                    trace={"gpu:0": [[0.0, 104.0], [1.0, 104.0]]})
+    m.cross_check()
+    assert m.flags == []
+    m.trace = {"gpu:0": [[0.0, 110.0], [1.0, 110.0]]}
+    m.cross_check()
+    assert len(m.flags) == 1 and "+10%" in m.flags[0]
+
+
+def test_composite_reports_each_device_and_sums():
+    a = ScriptedMeter("nvidia", {"gpu:0": 30.0})
+    b = ScriptedMeter("rapl", {"cpu:package-0": 12.0, "dram:package-0": 3.0})
+    c = CompositeMeter([a, b])
+    assert c.name == "nvidia+rapl" and c.devices == ["gpu:0", "cpu:package-0", "dram:package-0"]
+    c.begin()
+    m = c.end()
+    assert a.calls == b.calls == ["begin", "end"]
+    assert m.joules_by_device == {"gpu:0": 30.0, "cpu:package-0": 12.0, "dram:package-0": 3.0}
+    assert m.joules == 45.0 and m.method == "counter"
+    assert m.method_by_device == {"gpu:0": "counter", "cpu:package-0": "counter", "dram:package-0": "counter"}
+
+
+def test_weakest_method_wins():
+    assert weakest(["counter", "sampled"]) == "sampled"
+    assert weakest(["counter", "estimate"]) == "estimate"
+    assert weakest([]) == "none"
+
+
+def test_power_trace_from_an_energy_counter():
+    t0 = time.perf_counter()
+    tr = PowerTrace(energy=lambda: {"cpu": 25.0 * (time.perf_counter() - t0)}, period_s=0.02)
+    tr.start()
+    time.sleep(0.3)
+    pts = tr.stop()["cpu"]
+    assert len(pts) >= 5
+    assert all(w == pytest.approx(25.0, rel=0.05) for _, w in pts)
+    assert [t for t, _ in pts] == sorted(t for t, _ in pts)
+
+
+def test_power_trace_survives_a_failing_sensor():
+    def broken() -> dict[str, float]:
+        raise OSError("sensor gone")
+
+    tr = PowerTrace(power=broken, period_s=0.01)
+    tr.start()
+    time.sleep(0.05)
+    assert tr.stop() == {}
+    assert tr.errors and "sensor gone" in tr.errors[0]
+
+
+def test_estimate_is_tdp_times_process_cpu_share_and_labelled():
+    meter = EstimateMeter(tdp_watts=20.0, cpus=2)
+    c0 = time.process_time()
+    meter.begin()
+    x = 0
+    while time.process_time() - c0 < 0.3:  # busy: burn CPU time
+        x += 1
+    m = meter.end()
+    cpu_s = time.process_time() - c0
+    assert m.method == "estimate" and m.meter == "estimate" and m.is_estimate
+    assert m.joules == pytest.approx(20.0 / 2 * cpu_s, rel=0.05)
+    assert any(f.startswith("estimate:") for f in m.flags)
+    assert m.as_dict()["method"] == "estimate"
+
+
+def test_estimate_default_tdp_is_documented_per_cpu():
+    m = EstimateMeter(cpus=4)
+    assert m.tdp_watts == DEFAULT_WATTS_PER_CPU * 4
+    assert "default" in m.info()["tdp_source"]
+
+
+def test_idle_power_and_dynamic_energy():
+    idle_meter = ScriptedMeter("x", {"gpu:0": 1.0})  # 1 J over ~0.05 s of idle
+
+    idle = measure_idle(idle_meter, 0.05)
+    assert idle is not None and idle.power_by_device_w["gpu:0"] == pytest.approx(1.0 / idle.seconds)
+    m = Measurement(seconds=2.0, method="counter", meter="x", joules_by_device={"gpu:0": 100.0})
+    dyn = dynamic_joules(m, idle)
+    assert dyn == {"gpu:0": pytest.approx(100.0 - idle.power_by_device_w["gpu:0"] * 2.0)}
+    assert measure_idle(idle_meter, 0) is None
+    assert dynamic_joules(m, None) is None
+
+
+def test_null_meter_measures_nothing():
+    meter = NullMeter("because")
+    meter.begin()
+    m = meter.end()
+    assert m.joules is None and m.average_power_w is None
+    assert m.flags == ["not measured: because"]
+
+
+def test_make_meter_errors_are_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_ENERGY_POWERCAP_ROOT", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError) as e:
+        make_meter("rapl", torch.device("cpu"))
+    assert "\n" not in str(e.value) and "moe-energy meters" in str(e.value)
+    with pytest.raises(ConfigError):
+        make_meter("bogus", torch.device("cpu"))
+    with pytest.raises(ConfigError):
+        make_meter("estimate", torch.device("cpu"), cpu_tdp_watts=-5)
+    assert make_meter("estimate", torch.device("cpu"), cpu_tdp_watts=35).tdp_watts == 35

@@ -1,0 +1,213 @@
+"""RAPL through a fake powercap tree of real files, advanced by scripts/fake_rapl.py at a known power."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_energy.energy.rapl import ENV_ROOT, RaplMeter, RaplUnavailable, Unwrapper, discover
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"
+
+
+class FakeRapl:
+    """scripts/fake_rapl.py as a live process; stopped when the test ends."""
+
+    def __init__(self, root: Path, *args: str) -> None:
+        self.root = root
+        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), *args], stdout=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("ready"), line
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def fake_rapl(tmp_path):
+    started: list[FakeRapl] = []
+
+    def start(*args: str, root: Path | None = None) -> FakeRapl:
+        f = FakeRapl(root or tmp_path / "powercap", *args)
+        started.append(f)
+        return f
+
+    yield start
+    for f in started:
+        f.stop()
+
+
+def write_zone(root: Path, zid: str, name: str, uj: int, max_uj: int = 10**12) -> Path:
+    d = root / zid
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "name").write_text(name + "\n")
+    (d / "energy_uj").write_text(f"{uj}\n")
+    (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
+    return d
+
+
+def test_two_second_window_at_40_w_reads_80_j(fake_rapl):
+    f = fake_rapl("--watts", "40")
+    meter = RaplMeter(f.root)
+    assert meter.devices == ["cpu:package-0"]  # the core sub-zone is inside the package: not summed
+    meter.begin()
+    time.sleep(2.0)
+    m = meter.end()
+    assert m.method == "counter" and m.meter == "rapl"
+    assert m.joules_by_device is not None
+    assert m.joules_by_device["cpu:package-0"] == pytest.approx(40.0 * m.seconds, rel=0.10)
+    assert m.joules == pytest.approx(80.0, rel=0.10)
+    # the power trace (RAPL deltas at ~10 Hz) sits near 40 W and integrates to the counter's joules
+    pts = m.trace["cpu:package-0"]
+    assert len(pts) >= 10
+    assert sorted(w for _, w in pts)[len(pts) // 2] == pytest.approx(40.0, rel=0.15)
+    assert m.trace_energy_j()["cpu:package-0"] == pytest.approx(m.joules, rel=0.05)
+    assert not any("trace integrates" in x for x in m.flags)
+
+
+def test_wraparound_inside_the_window(fake_rapl):
+    max_uj = 100_000_000  # 100 J range; starting 20 J below it, 40 W wraps after 0.5 s
+    f = fake_rapl("--watts", "40", "--max-range-uj", str(max_uj), "--start-uj", str(max_uj - 20_000_000))
+    meter = RaplMeter(f.root)
+    counter = f.root / "intel-rapl:0" / "energy_uj"
+    before = int(counter.read_text())
+    meter.begin()
+    time.sleep(1.5)
+    m = meter.end()
+    after = int(counter.read_text())
+    assert after < before, "the fake counter should have wrapped inside the window"
+    assert m.joules == pytest.approx(40.0 * m.seconds, rel=0.10)
+    assert m.joules > 0
+
+
+def test_unwrapper_adds_one_range_per_wrap(tmp_path):
+    d = write_zone(tmp_path, "intel-rapl:0", "package-0", 999_000, max_uj=1_000_000)
+    [zone] = discover(tmp_path)
+    u = Unwrapper([zone], tmp_path)
+    a = u()["cpu:package-0"]
+    (d / "energy_uj").write_text("500\n")  # wrapped: 999,000 -> 1,000,000 -> 0 -> 500 uJ
+    b = u()["cpu:package-0"]
+    assert b - a == pytest.approx(1_500 / 1e6)
+    assert u.wraps == 1
+
+
+def test_dram_counted_core_and_psys_not(tmp_path):
+    write_zone(tmp_path, "intel-rapl:0", "package-0", 0)
+    write_zone(tmp_path, "intel-rapl:0:0", "core", 0)
+    write_zone(tmp_path, "intel-rapl:0:1", "uncore", 0)
+    write_zone(tmp_path, "intel-rapl:0:2", "dram", 0)
+    write_zone(tmp_path, "intel-rapl:1", "psys", 0)
+    write_zone(tmp_path / "intel-rapl:0", "intel-rapl:0:2", "dram", 0)  # real trees nest sub-zones too
+    assert [z.device for z in discover(tmp_path)] == ["cpu:package-0", "dram:package-0"]
+
+
+def test_live_dram_zone_reported_separately(fake_rapl):
+    f = fake_rapl("--watts", "30", "--dram-watts", "6")
+    meter = RaplMeter(f.root)
+    meter.begin()
+    time.sleep(1.0)
+    m = meter.end()
+    assert m.joules_by_device["cpu:package-0"] == pytest.approx(30 * m.seconds, rel=0.10)
+    assert m.joules_by_device["dram:package-0"] == pytest.approx(6 * m.seconds, rel=0.10)
+    assert m.joules == pytest.approx(36 * m.seconds, rel=0.10)
+
+
+def test_zero_delta_flagged(tmp_path):
+    write_zone(tmp_path, "intel-rapl:0", "package-0", 12345)
+    meter = RaplMeter(tmp_path)
+    meter.begin()
+    m = meter.end()
+    assert m.joules == 0
+    assert any("did not advance" in x for x in m.flags)
+
+
+def _one_line(msg: str) -> None:
+    assert msg and "\n" not in msg and len(msg) < 400
+
+
+def test_absent_tree_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path / "nowhere"))
+    with pytest.raises(RaplUnavailable) as e:
+        RaplMeter()
+    _one_line(str(e.value))
+    assert "no powercap tree" in str(e.value) and e.value.kind == "absent"
+
+
+def test_energy_file_that_cannot_be_read_gives_one_line(tmp_path):
+    d = write_zone(tmp_path, "intel-rapl:0", "package-0", 0)
+    (d / "energy_uj").unlink()
+    (d / "energy_uj").mkdir()  # open() fails with EISDIR even for root
+    with pytest.raises(RaplUnavailable) as e:
+        RaplMeter(tmp_path)
+    _one_line(str(e.value))
+    assert "energy_uj" in str(e.value) and "cannot read" in str(e.value)
+    shutil.rmtree(d / "energy_uj")
+    with pytest.raises(RaplUnavailable) as e:  # missing file
+        RaplMeter(tmp_path)
+    _one_line(str(e.value))
+
+
+def _discover_as_nobody(root: Path) -> str:
+    """discover() in a forked child that dropped root: a real EACCES from the kernel."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                discover(root)
+                msg = "readable"
+            except RaplUnavailable as e:
+                msg = f"{e.kind}|{e}"
+        except BaseException as e:  # noqa: BLE001 - report anything to the parent
+            msg = f"error|{e}"
+        os.write(w, msg.encode())
+        os._exit(0)
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return out.decode()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_permission_denied_says_how_to_grant_access():
+    # Like Linux >= 5.10: energy_uj readable by root only (0400). Root reads anything, so as root we drop
+    # to 'nobody' in a child; as a normal user the 0400 file already refuses us.
+    root = Path(tempfile.mkdtemp(prefix="moe-energy-rapl-"))
+    try:
+        root.chmod(0o755)
+        d = write_zone(root, "intel-rapl:0", "package-0", 0)
+        d.chmod(0o755)
+        for f in d.iterdir():
+            f.chmod(0o444)
+        (d / "energy_uj").chmod(0o400)
+        if os.geteuid() == 0:
+            out = _discover_as_nobody(root)
+        else:
+            os.chown(d / "energy_uj", os.getuid(), os.getgid())
+            (d / "energy_uj").chmod(0o000)
+            try:
+                discover(root)
+                out = "readable"
+            except RaplUnavailable as e:
+                out = f"{e.kind}|{e}"
+        kind, _, msg = out.partition("|")
+        assert kind == "no permission", out
+        _one_line(msg)
+        assert "energy_uj" in msg and "chmod a+r" in msg and "root" in msg
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
