@@ -1,0 +1,348 @@
+"""From stored measurements to answers: per (batch size, dtype, strategy), where MoE overtakes dense.
+
+Points are compared along total parameters at one sparsity (E/k: the built-in grids hold it at the seed's
+4), so a custom grid that also varies k gets one curve per E/k rather than a zigzag.
+
+The crossover is the smallest total parameter count at which the MoE's figure exceeds that of the dense
+model matched to its total: found between neighbouring sweep points by interpolating log(MoE / dense)
+linearly in log10(params). That is a straight line between the points on the report's log-log plots, so
+the marked crossover sits exactly where the drawn curves cross, and the answer does not depend on which
+model is the numerator. The interval comes from the repeats' spread (best case: MoE's max vs dense's min;
+worst case: MoE's min vs dense's max).
+Energy figures of different kinds are never silently compared: an estimate against a measured figure is
+left out and said so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .store import Store
+
+MEASURED = ("counter", "sampled")
+METRICS = {
+    "inferences_per_joule": "inferences/J",
+    "inferences_per_second": "inferences/s",
+    "correct_per_joule": "correct inferences/J",
+}
+ENERGY_METRICS = ("inferences_per_joule", "correct_per_joule")
+TDP_KEYS = ("tdp_w", "tdp_watts", "power_limit_w")
+
+Group = tuple[int, str, str, str]  # (batch_size, dtype, strategy, E/k): one curve along total params
+
+
+def finite(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def value(rec: dict, metric: str, bound: str | None = None) -> float | None:
+    """A model's figure; ``bound`` 'min'/'max' reads the repeats' spread (the median when there is none)."""
+    if metric == "correct_per_joule":
+        ipj, acc = value(rec, "inferences_per_joule", bound), finite(rec.get("accuracy"))
+        return None if ipj is None or acc is None else acc * ipj
+    v = finite(rec.get(f"{metric}_{bound}")) if bound else None
+    return v if v is not None else finite(rec.get(metric))
+
+
+def energy_kind(rec: dict) -> str:
+    """'measured', 'estimate' or 'none': the only distinction that decides whether two figures compare."""
+    m = rec.get("energy_method")
+    if rec.get("energy_is_estimate") and m != "none":
+        return "estimate"
+    if m in MEASURED:
+        return "measured"
+    return "estimate" if m == "estimate" else "none"
+
+
+# -- the data the report draws ---------------------------------------------------------------------------
+@dataclass
+class Frame:
+    """The latest measurement of each point, flattened: what every plot and table reads."""
+
+    runs: list[dict] = field(default_factory=list)
+    points: list[dict] = field(default_factory=list)  # done points, ascending total params
+    models: list[dict] = field(default_factory=list)  # one per measured model; with point fields
+    windows: list[dict] = field(default_factory=list)  # one per window; 'trace': [(device, t_s, power_w)]
+    skipped: list[dict] = field(default_factory=list)  # points that were skipped or failed (latest attempt)
+    tdp_w: float | None = None
+    tdp_source: str | None = None
+
+    def methods(self) -> set[str]:
+        return {str(m.get("energy_method")) for m in self.models}
+
+
+def load(store: Store) -> Frame:
+    """Read the store; when a point was measured more than once, the latest completed measurement wins."""
+    points = store.points()
+    latest: dict[str, dict] = {}
+    for p in points:  # ascending id: later rows replace earlier ones, a done row is never replaced by a failure
+        prev = latest.get(p["point_key"])
+        if prev is None or p["status"] == "done" or prev["status"] != "done":
+            latest[p["point_key"]] = p
+    done = {p["id"]: p for p in latest.values() if p["status"] == "done"}
+    f = Frame(runs=store.runs())
+    f.points = sorted(done.values(), key=lambda p: (p["total_params"] or 0, p["batch_size"] or 0, p["id"]))
+    f.skipped = sorted((p for p in latest.values() if p["status"] != "done"), key=lambda p: p["total_params"] or 0)
+    model_ids: set[int] = set()
+    for row in store.model_rows():
+        if row["point_id"] not in done:
+            continue
+        rec = json.loads(row["record_json"])
+        m = {**rec, **{k: v for k, v in row.items() if k != "record_json" and v is not None}}
+        m["record"] = rec
+        m["point_id"] = row["point_id"]
+        m["model_id"] = row["id"]
+        m["label"] = row["point_label"]
+        m["total_params"] = row["point_total_params"]
+        m["ek"] = sparsity(row["point_experts"], row["point_top_k"])
+        m["batch_size"] = m.get("batch_size") or row["point_batch_size"]
+        m["dtype"] = m.get("dtype") or row["point_dtype"]
+        m["kind"] = m.get("kind") or ("moe" if str(m.get("name", "")).startswith("moe") else "dense")
+        f.models.append(m)
+        model_ids.add(row["id"])
+    traces = store.traces()
+    for w in store.window_rows():
+        if w["model_id"] in model_ids:
+            f.windows.append({**w, "trace": traces.get(w["id"], [])})
+    for source in (*(json.loads(r["meter_json"]) for r in f.runs if r.get("meter_json")),
+                   *(json.loads(p["document_json"]) for p in f.points if p.get("document_json"))):
+        tdp = find_tdp(source)
+        if tdp is not None:
+            f.tdp_w, f.tdp_source = tdp
+            break
+    return f
+
+
+def sparsity(experts: int | None, top_k: int | None) -> str:
+    """E/k as text ('4', '2.67'): the label of one curve along total params."""
+    if not experts or not top_k:
+        return "?"
+    return f"{round(experts / top_k, 2):g}"
+
+
+def find_tdp(obj: Any) -> tuple[float, str] | None:
+    """A power limit / TDP figure anywhere in a meter's or document's metadata (W), with its key."""
+    if isinstance(obj, dict):
+        for k in TDP_KEYS:
+            v = finite(obj.get(k))
+            if v is not None and v > 0:
+                return v, k
+        for v in obj.values():
+            found = find_tdp(v)
+            if found is not None:
+                return found
+    elif isinstance(obj, list):
+        for v in obj:
+            found = find_tdp(v)
+            if found is not None:
+                return found
+    return None
+
+
+# -- crossover -------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """The MoE and its total-matched dense model at one sweep point."""
+
+    params: int  # the MoE's total parameter count (the dense one has at most one layer's width more)
+    moe: dict
+    dense: dict
+    label: str = ""
+
+
+def pairs(frame: Frame) -> dict[Group, list[Pair]]:
+    """Per (batch size, dtype, strategy): (MoE, dense-total) pairs of each point, ascending params."""
+    dense_by_point = {m["point_id"]: m for m in frame.models if m["kind"] == "dense" and m.get("match") == "total"}
+    out: dict[Group, list[Pair]] = {}
+    for m in frame.models:
+        if m["kind"] != "moe" or m["point_id"] not in dense_by_point:
+            continue
+        g = (m["batch_size"], m["dtype"], m["strategy"], m["ek"])
+        out.setdefault(g, []).append(Pair(int(m["params"]), m, dense_by_point[m["point_id"]], m.get("label") or ""))
+    for g in out:
+        out[g].sort(key=lambda p: p.params)
+    return out
+
+
+def crossing(xs: list[float], d: list[float]) -> tuple[str, float | None]:
+    """First place where ``d`` (log of MoE / dense) turns positive along ascending ``xs``.
+
+    Returns ('crossed', x*) with x* interpolated linearly in log10(x) between the two neighbouring points,
+    ('below_grid', xs[0]) when MoE already leads at the smallest point, ('not_reached', None) otherwise.
+    """
+    if len(xs) != len(d) or not xs:
+        raise ValueError("xs and d must be non-empty and of equal length")
+    if d[0] > 0:
+        return "below_grid", xs[0]
+    for i in range(len(xs) - 1):
+        if d[i] <= 0 < d[i + 1]:
+            l0, l1 = math.log10(xs[i]), math.log10(xs[i + 1])
+            t = -d[i] / (d[i + 1] - d[i])
+            return "crossed", 10 ** (l0 + t * (l1 - l0))
+    return "not_reached", None
+
+
+@dataclass
+class Crossover:
+    batch_size: int | None
+    dtype: str | None
+    strategy: str | None
+    ek: str | None
+    metric: str
+    status: str  # crossed | below_grid | not_reached | not_measured
+    params: float | None = None
+    low: float | None = None  # best case (spread): MoE max vs dense min
+    high: float | None = None  # worst case: MoE min vs dense max; None = beyond the largest point
+    low_status: str | None = None  # 'below_grid': the best case leads already at the smallest point
+    high_status: str | None = None
+    n_points: int = 0
+    min_params: float | None = None
+    max_params: float | None = None
+    energy: str | None = None  # 'measured' | 'estimate' for energy metrics
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def unit(self) -> str:
+        return METRICS[self.metric]
+
+    def answer(self) -> str:
+        """The crossover in words, with its interval and range."""
+        if self.status == "not_measured":
+            return "not measured"
+        if self.status == "below_grid":
+            return f"at or below {self.min_params:,.0f} params (MoE already ahead at the smallest point)"
+        if self.status == "not_reached":
+            return f"not reached up to {self.max_params:,.0f} params"
+        assert self.params is not None
+        lo = f"{self.low:,.0f}" if self.low is not None else "?"
+        if self.low_status == "below_grid":
+            lo = f"at or below {lo}"
+        hi = f"{self.high:,.0f}" if self.high is not None else f"beyond {self.max_params:,.0f}"
+        return f"~{self.params:,.0f} params (interval {lo} to {hi})"
+
+
+def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, None)) -> Crossover:  # type: ignore[assignment]
+    """The crossover of ``metric`` along one group's pairs; see the module docstring for the method."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
+    b, dt, s, ek = group
+    notes: list[str] = []
+    usable: list[Pair] = []
+    kinds: set[str] = set()
+    mixed = unmeasured = 0
+    for p in ps:
+        if metric in ENERGY_METRICS:
+            km, kd = energy_kind(p.moe), energy_kind(p.dense)
+            if "none" in (km, kd):
+                unmeasured += 1
+                continue
+            if km != kd:
+                mixed += 1
+                continue
+            kinds.add(km)
+        vm, vd = value(p.moe, metric), value(p.dense, metric)
+        if vm is None or vd is None or vm <= 0 or vd <= 0:  # a ratio needs two positive figures
+            unmeasured += 1
+            continue
+        usable.append(p)
+    if mixed:
+        notes.append(f"{mixed} point(s) left out: an estimated energy figure is not compared with a measured one")
+    if unmeasured and usable:
+        notes.append(f"{unmeasured} point(s) without this figure left out")
+    c = Crossover(b, dt, s, ek, metric, "not_measured", n_points=len(usable))
+    if metric in ENERGY_METRICS and kinds:
+        c.energy = "estimate" if kinds == {"estimate"} else "measured"
+        if c.energy == "estimate":
+            notes.append("energy is an estimate (not measured): read the crossover as a rough guide")
+    if metric == "correct_per_joule":
+        if any(p.moe.get("diverged") or p.dense.get("diverged") for p in usable):
+            notes.append("a model diverged at some point: its accuracy says little")
+    c.notes = notes
+    if not usable:
+        return c
+    xs, d, best, worst = _curves(usable, metric)
+    if len(xs) < len(usable):
+        c.notes.append(f"{len(usable) - len(xs)} point(s) share a total size with another: their differences averaged")
+    c.min_params, c.max_params = xs[0], xs[-1]
+    c.status, c.params = crossing(xs, d)
+    c.low_status, c.low = crossing(xs, best)
+    c.high_status, c.high = crossing(xs, worst)
+    if c.low is not None and c.params is not None:
+        c.low = min(c.low, c.params)
+    if c.high is not None and c.params is not None:
+        c.high = max(c.high, c.params)
+    if c.status == "not_reached" and c.low is not None:
+        c.notes.append(f"within the repeats' spread MoE could lead from ~{c.low:,.0f} params")
+    if c.status == "crossed":
+        after = [i for i in range(len(xs)) if xs[i] > (c.params or 0)]
+        back = [xs[i] for i in after if d[i] <= 0]
+        if back:
+            c.notes.append(f"MoE falls behind again at {back[0]:,.0f} params")
+    return c
+
+
+def _curves(ps: list[Pair], metric: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Ascending params and log(MoE / dense): median, best case, worst case (equal sizes averaged)."""
+    acc: dict[float, list[tuple[float, float, float]]] = {}
+    for p in ps:
+        vm, vd = value(p.moe, metric), value(p.dense, metric)
+        assert vm is not None and vd is not None
+        best = math.log(_pos(value(p.moe, metric, "max"), vm) / _pos(value(p.dense, metric, "min"), vd))
+        worst = math.log(_pos(value(p.moe, metric, "min"), vm) / _pos(value(p.dense, metric, "max"), vd))
+        acc.setdefault(float(p.params), []).append((math.log(vm / vd), best, worst))
+    xs = sorted(acc)
+    mean = [tuple(sum(col) / len(col) for col in zip(*acc[x])) for x in xs]
+    return xs, [m[0] for m in mean], [m[1] for m in mean], [m[2] for m in mean]
+
+
+def _pos(v: float | None, fallback: float) -> float:
+    return v if v is not None and v > 0 else fallback
+
+
+def crossovers(frame: Frame, metrics: Iterable[str] = tuple(METRICS)) -> list[Crossover]:
+    out = []
+    for g, ps in sorted(pairs(frame).items(), key=lambda kv: (kv[0][0] or 0, *map(str, kv[0][1:]))):
+        for metric in metrics:
+            out.append(crossover(ps, metric, g))
+    return out
+
+
+# -- other derived figures -------------------------------------------------------------------------------
+def correct_per_joule(rec: dict) -> float | None:
+    """Accuracy x inferences/J: correct answers per joule, so a fast but worse model does not win by default."""
+    return value(rec, "correct_per_joule")
+
+
+def ratios(frame: Frame, metric: str = "inferences_per_joule") -> list[dict]:
+    """MoE / dense-total for every pair with comparable figures: {label, params, batch_size, dtype,
+    strategy, ratio, energy}."""
+    out = []
+    for (b, dt, s, ek), ps in pairs(frame).items():
+        for p in ps:
+            if metric in ENERGY_METRICS and (energy_kind(p.moe) != energy_kind(p.dense)
+                                             or energy_kind(p.moe) == "none"):
+                continue
+            vm, vd = value(p.moe, metric), value(p.dense, metric)
+            if vm is None or vd is None or vd <= 0:
+                continue
+            out.append({"label": p.label, "params": p.params, "batch_size": b, "dtype": dt, "strategy": s, "ek": ek,
+                        "ratio": vm / vd, "energy": energy_kind(p.moe) if metric in ENERGY_METRICS else None})
+    return sorted(out, key=lambda r: (r["params"], r["batch_size"] or 0))
+
+
+def pareto_front(xy: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both x and y (both lower-is-better), by ascending x."""
+    order = sorted(range(len(xy)), key=lambda i: (xy[i][0], xy[i][1]))
+    front: list[int] = []
+    best_y = math.inf
+    for i in order:
+        if xy[i][1] < best_y:
+            front.append(i)
+            best_y = xy[i][1]
+    return front

@@ -1,0 +1,284 @@
+"""`moe-energy sweep`, `report`, `export` and `merge`: the grid, its store, and the answer drawn from it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..config import ConfigError
+from ..store import DEFAULT_DB, Store
+from . import command, console, err_console
+from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args, resolve
+
+# Flags of the sweep itself, not run options: kept out of the grid's config.
+SWEEP_FLAGS = {"command", "config", "db", "resume", "shard", "dry_run", "meter", "cpu_tdp_watts"}
+
+
+def _db_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "db", None):
+        return Path(args.db)
+    out = getattr(args, "out", None)
+    return Path(out) / "moe-energy.db" if out else Path(DEFAULT_DB)
+
+
+# -- sweep -----------------------------------------------------------------------------------------------
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.conflict_handler = "resolve"  # the grid flags below replace run's single-valued ones
+    add_shape_arguments(p)
+    add_run_arguments(p)
+    add_energy_arguments(p)
+    g = p.add_argument_group("sweep grid (comma lists: every combination is one point)")
+    g.add_argument("--grid", help="built-in grid: seed (the blog's small, large, xl, xxl) or scale (a geometric "
+                   "ladder of total sizes through them at E/k = 4)")
+    g.add_argument("--max-params", dest="max_params", help="leave out shapes above this many total parameters, "
+                   "e.g. 5e7")
+    g.add_argument("--per-decade", dest="per_decade", type=int, help="scale grid: sizes per decade (default 4)")
+    g.add_argument("--preset", help="comma list of presets the shape axes start from (default small)")
+    g.add_argument("--experts", help="comma list of expert counts E, e.g. 8,16")
+    g.add_argument("--hidden", help="comma list of expert hidden widths H, e.g. 256,512,1024")
+    g.add_argument("--layers", help="comma list of hidden layers per expert L")
+    g.add_argument("--top-k", dest="top_k", help="comma list of experts per token k, e.g. 1,2")
+    g.add_argument("--batch-size", dest="batch_size", help="comma list of batch sizes (training and inference)")
+    g.add_argument("--dtype", help="comma list of float32, bfloat16, float16 (benchmark dtype)")
+    g.add_argument("--repeats", help="comma list of measurement windows per model (default 3)")
+    g.add_argument("--config", help="TOML with run options and any axis as a list (flags override it)")
+    s = p.add_argument_group("store")
+    s.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB}, or OUT/moe-energy.db)")
+    s.add_argument("--out", help="results directory holding the default database (default results/)")
+    s.add_argument("--resume", action="store_true", help="skip points already complete in --db")
+    s.add_argument("--shard", help="run only shard I of N (e.g. 1/4): a deterministic 1/N of the points")
+    s.add_argument("--dry-run", dest="dry_run", action="store_true", help="list the points and exit")
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA after the first point"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"ETA ~{h}h{m:02d}m" if h else f"ETA ~{m}m{s:02d}s"
+
+
+class SweepProgress:
+    """One rich display for the whole sweep: a points bar (done/total, current point, ETA) and, under it,
+    the runner's training and measuring bars (one live display: rich cannot nest them)."""
+
+    def __init__(self, total: int) -> None:
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self.total = total
+        self.task = self.progress.add_task("points", total=max(total, 1), info="")
+
+    def __enter__(self) -> SweepProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def on_point(self, i: int, point, eta_s: float | None) -> None:  # noqa: ANN001 - sweep.Point
+        o = point.opts
+        self.progress.update(self.task, completed=i, info=escape(
+            f"now {point.label} ({point.total_params:,} params, batch {o.batch_size}, {o.dtype}) | {_eta(eta_s)}"))
+
+    def finish(self) -> None:
+        self.progress.update(self.task, completed=self.total, info="done")
+
+    @contextmanager
+    def _sub(self, description: str, total: float, **fields) -> Iterator[int]:
+        t = self.progress.add_task(escape(description), total=max(total, 1e-9), info="", **fields)
+        try:
+            yield t
+        finally:
+            self.progress.remove_task(t)
+
+    @contextmanager
+    def training(self, name: str, total_steps: int) -> Iterator[Callable[[int, int], None]]:
+        with self._sub(f"  train {name}", max(total_steps, 1)) as t:
+            yield lambda epoch, b: self.progress.update(t, advance=1, info=f"epoch {epoch + 1}")
+
+    @contextmanager
+    def measuring(self, name: str, seconds: float) -> Iterator[Callable[[float], None]]:
+        with self._sub(f"  measure {name}", seconds) as t:
+            yield lambda s: self.progress.update(t, completed=s, info=f"{s:.0f}/{seconds:.0f} s")
+
+    def info(self, msg: str) -> None:
+        pass
+
+
+def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
+    from ..sweep import fit_problem
+
+    t = Table(title=f"sweep points ({len(points)})")
+    for col in ("#", "point", "E", "H", "L", "k", "total params", "batch", "dtype", "repeats", "status"):
+        t.add_column(col, justify="left" if col in ("point", "dtype", "status") else "right")
+    for i, p in enumerate(points, 1):
+        s = p.spec
+        status = "invalid: " + p.error if p.error else ("complete" if p.key(meter_name) in done else
+                                                         fit_problem(p, device) or "to do")
+        t.add_row(str(i), escape(p.label), str(s.experts), str(s.hidden), str(s.layers), str(s.top_k),
+                  f"{p.total_params:,}", str(p.opts.batch_size), p.opts.dtype, str(p.opts.repeats), escape(status))
+    return t
+
+
+@command("sweep", "Measure a grid of shapes x batch sizes x dtypes into the SQLite store; resumable, shardable.",
+         _sweep_args)
+def sweep(args: argparse.Namespace) -> int:
+    from .. import sweep as sw
+    from ..environment import describe
+    from ..runner import resolve_device
+    from ..runner import run as run_models
+
+    cfg = sw.load_grid_toml(args.config) if args.config else {}
+    cfg.update({k: v for k, v in vars(args).items()
+                if v is not None and not k.startswith("_") and k not in SWEEP_FLAGS})
+    grid = sw.build_grid(cfg, resolve)
+    which = sw.parse_shard(args.shard)
+    points = sw.shard(grid.points, which)
+    db = _db_path(args)
+    device = resolve_device(grid.points[0].opts.device)
+    notices: list[str] = []
+    meter = meter_from_args(args, device, notice=notices.append)
+    for n in notices:
+        err_console.print(f"[yellow]{escape(n)}[/yellow]")
+    if args.dry_run:
+        done: set[str] = set()
+        if db.exists():
+            with Store(db, create=False) as st:
+                done = st.completed_keys()
+        console.print(_points_table(points, meter.name, done, device))
+        return 0
+    if not points:
+        raise ConfigError(f"--shard {args.shard} holds no points of this {len(grid.points)}-point grid; use fewer "
+                          "shards")
+    shard_text = f"{which[0]}/{which[1]}" if which else None
+    grid_hash = grid.hash(meter.name) + (f"-{shard_text}" if shard_text else "")
+    with Store(db) as store:
+        complete = store.completed_keys()
+        keys = {p.key(meter.name) for p in points}
+        already = keys & complete
+        run_id = store.latest_run(grid_hash) if args.resume else None
+        if already and not args.resume:
+            err_console.print(f"[yellow]{len(already)} of these points are already complete in {escape(str(db))}; "
+                              "measuring them again (pass --resume to skip them)[/yellow]")
+        if run_id is None:
+            from ..energy.meter import meter_info
+
+            info = meter_info(meter)
+            info["notice"] = getattr(meter, "notice", None)
+            run_id = store.new_run(uuid.uuid4().hex, grid.source, describe(device), info,
+                                   command=" ".join(["moe-energy", *sys.argv[1:]]), grid_name=grid.name,
+                                   grid_hash=grid_hash, shard=shard_text)
+        skip = already if args.resume else set()
+        todo = len(points) - len(skip)
+        console.print(f"sweep {grid.name}: {len(points)} point(s)"
+                      + (f" (shard {shard_text} of a {len(grid.points)}-point grid)" if shard_text else "")
+                      + (f", {len(skip)} already complete" if skip else "")
+                      + f"; meter {meter.name} ({meter.method}); database {db}")
+        try:
+            with SweepProgress(todo) as ui:
+                outcome = sw.run_points(points, store, run_id, meter, device, run_models, ui, ui.on_point, skip)
+                ui.finish()
+        except KeyboardInterrupt:
+            err_console.print(f"interrupted: finished points are saved in {db}; rerun with --resume to continue")
+            raise
+        integrity = store.integrity()
+    console.print(f"measured {outcome.done}, skipped {outcome.skipped}, failed {outcome.failed}, "
+                  f"already complete {outcome.already}; database {db} (integrity {integrity})")
+    for f in outcome.failures:
+        err_console.print(f"[red]failed[/red] {escape(f)}")
+    console.print(f"next: moe-energy report --db {db}")
+    return 1 if outcome.failed else 0
+
+
+# -- report ------------------------------------------------------------------------------------------------
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB})")
+    p.add_argument("--out", default="results/report", help="directory for report.html, report.md and plots/")
+
+
+@command("report", "Write the crossover answer with plots: one self-contained HTML file and a Markdown summary.",
+         _report_args)
+def report(args: argparse.Namespace) -> int:
+    from ..analysis import load
+    from ..report import write_report
+    from ..report.html import crossover_table
+
+    db = Path(args.db or DEFAULT_DB)
+    with Store(db, create=False) as store:
+        frame = load(store)
+    if not frame.points and not frame.skipped:
+        raise ConfigError(f"--db {db} holds no sweep points yet; run `moe-energy sweep --db {db}` first")
+    try:
+        files = write_report(frame, args.out, db)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot write the report there ({e.strerror}); choose another "
+                          "directory") from None
+    from ..analysis import crossovers
+
+    title, head, rows = crossover_table(crossovers(frame))
+    t = Table(title=title)
+    for h in head:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*(escape(c) for c in r))
+    console.print(t)
+    console.print(f"report: {files.html} (self-contained) and {files.markdown} with {len(files.images)} plot(s)")
+    return 0
+
+
+# -- export ------------------------------------------------------------------------------------------------
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB})")
+    p.add_argument("--format", choices=("csv", "json"), default="csv",
+                   help="csv: one table, flat (pandas.read_csv); json: everything nested, traces included")
+    p.add_argument("--table", choices=("models", "windows", "points"), default="models", help="csv: which table")
+    p.add_argument("--out", help="file to write (default: standard output); an existing file is not replaced")
+
+
+@command("export", "Export the store as CSV (one row per model measurement) or nested JSON.", _export_args)
+def export(args: argparse.Namespace) -> int:
+    import json
+
+    db = Path(args.db or DEFAULT_DB)
+    with Store(db, create=False) as store:
+        text = store.export_csv(args.table) if args.format == "csv" else \
+            json.dumps(store.export_document(), indent=1, allow_nan=False)
+    if not args.out or args.out == "-":
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return 0
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "x", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        raise ConfigError(f"--out {out} already exists; choose a new file name") from None
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write ({e.strerror}); choose a writable path") from None
+    err_console.print(f"exported {args.format} to {out}")
+    return 0
+
+
+# -- merge -------------------------------------------------------------------------------------------------
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="DB", help="databases to combine (e.g. one per shard)")
+    p.add_argument("--out", required=True, help="new database to write (must not exist)")
+
+
+@command("merge", "Combine sweep databases (e.g. the shards of one sweep) into a new one.", _merge_args)
+def merge(args: argparse.Namespace) -> int:
+    from ..store import merge as merge_dbs
+
+    counts = merge_dbs(args.inputs, args.out)
+    console.print(f"merged {len(args.inputs)} database(s) into {args.out}: {counts['points']} point(s), "
+                  f"{counts['models']} model(s), {counts['windows']} window(s), {counts['runs']} run(s); "
+                  f"{counts['duplicate_points']} duplicate point(s) kept once")
+    return 0

@@ -1,0 +1,19 @@
+"""The report: reads the store (never runs a model), draws the plots and writes HTML and Markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..analysis import load
+from ..store import Store
+from .html import ReportFiles, write_report
+from .plots import PLOTS
+
+__all__ = ["PLOTS", "ReportFiles", "build", "write_report"]
+
+
+def build(db: str | Path, out_dir: str | Path) -> ReportFiles:
+    """Report on everything in ``db``; files go to ``out_dir`` (report.html, report.md, plots/)."""
+    with Store(db, create=False) as store:
+        frame = load(store)
+    return write_report(frame, out_dir, db)

@@ -1,0 +1,356 @@
+"""The report's plots: each one function ``(frame) -> Figure``, listed in PLOTS in the order they appear.
+
+Every plot has a title and units on its axes; estimated energy is drawn with hollow markers (and dashed
+lines) and '(estimate)' in its legend, measured energy with filled ones. A plot with nothing to show
+still renders, with a line saying why, so a report from a partial sweep is never broken.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display, ever: reports are built on servers and in CI
+
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from ..analysis import (  # noqa: E402
+    ENERGY_METRICS,
+    METRICS,
+    Crossover,
+    Frame,
+    crossovers,
+    energy_kind,
+    pareto_front,
+    ratios,
+    value,
+)
+
+DENSE_STYLE = {"dense_total": ("#222222", "s"), "dense_active": ("#8c8c8c", "D")}
+MOE_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#bcbd22"]
+MAX_PANELS = 12
+
+
+def _style(name: str, strategy_order: list[str]) -> tuple[str, str]:
+    if name in DENSE_STYLE:
+        return DENSE_STYLE[name]
+    s = name[4:-1] if name.startswith("moe[") else name
+    i = strategy_order.index(s) if s in strategy_order else len(strategy_order)
+    return MOE_COLOURS[i % len(MOE_COLOURS)], "o"
+
+
+def _pretty(name: str) -> str:
+    return {"dense_total": "dense (total-matched)", "dense_active": "dense (active-matched)"}.get(name, name)
+
+
+def _strategies(frame: Frame) -> list[str]:
+    return sorted({str(m.get("strategy")) for m in frame.models if m.get("kind") == "moe"})
+
+
+def _facets(frame: Frame) -> list[tuple[int, str]]:
+    return sorted({(m["batch_size"], m["dtype"]) for m in frame.models}, key=lambda f: (f[0] or 0, str(f[1])))
+
+
+def _grid(n: int, title: str, width: float = 6.0, height: float = 4.2) -> tuple[Figure, list[Axes]]:
+    n = max(1, n)
+    cols = 1 if n == 1 else 2
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(width * cols, height * rows + 0.6), layout="constrained")
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n)]
+    fig.suptitle(title, fontsize=13, fontweight="bold")
+    return fig, axes
+
+
+def _empty(ax: Axes, why: str) -> None:
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="#555555",
+            wrap=True)
+
+
+def _fmt_params(p: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if p >= div:
+            return f"{p / div:.3g}{unit}"
+    return f"{p:.0f}"
+
+
+def _series_plot(frame: Frame, metric: str, ylabel: str, title: str,
+                 xo_metric: str | None = None) -> Figure:
+    """``metric`` vs each model's total params (log-log), one panel per (batch, dtype), crossovers marked."""
+    facets = _facets(frame)
+    fig, axes = _grid(len(facets), title)
+    if not facets:
+        axes[0].set_title("no measured points")
+        axes[0].set_xlabel("total parameters (count, log scale)")
+        axes[0].set_ylabel(ylabel)
+        _empty(axes[0], "no completed sweep points in the database")
+        return fig
+    order = _strategies(frame)
+    xos = [c for c in crossovers(frame, [xo_metric])] if xo_metric else []
+    for ax, (b, dt) in zip(axes, facets):
+        ax.set_title(f"batch {b}, {dt}", fontsize=10)
+        ax.set_xlabel("total parameters (count, log scale)")
+        ax.set_ylabel(ylabel)
+        rows = [m for m in frame.models if m["batch_size"] == b and m["dtype"] == dt]
+        drawn = 0
+        eks = sorted({m["ek"] for m in rows})
+        for name, ek in sorted({(m["name"], m["ek"]) for m in rows}, key=lambda n: (not n[0].startswith("moe"), n)):
+            ms = sorted((m for m in rows if m["name"] == name and m["ek"] == ek), key=lambda m: m["params"])
+            series = _pretty(name) + (f" E/k={ek}" if len(eks) > 1 else "")
+            pts = [(m, value(m, metric)) for m in ms]
+            pts = [(m, v) for m, v in pts if v is not None and v > 0 and
+                   (metric not in ENERGY_METRICS or energy_kind(m) != "none")]
+            if not pts:
+                continue
+            colour, marker = _style(name, order)
+            xs = [m["params"] for m, _ in pts]
+            ys = [v for _, v in pts]
+            ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2)
+            lo = [max(v - (value(m, metric, "min") or v), 0) for m, v in pts]
+            hi = [max((value(m, metric, "max") or v) - v, 0) for m, v in pts]
+            if any(lo) or any(hi):
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor=colour, alpha=0.7, capsize=2)
+            for kind, face, suffix in (("measured", colour, ""), ("estimate", "none", " (estimate)"),
+                                       ("none", colour, "")):
+                sel = [(x, y) for (m, y), x in zip(pts, xs) if (energy_kind(m) if metric in ENERGY_METRICS
+                                                                 else "measured") == kind]
+                if sel:
+                    ax.scatter([x for x, _ in sel], [y for _, y in sel], marker=marker, s=42, zorder=3,
+                               facecolors=face, edgecolors=colour, linewidths=1.5, label=series + suffix)
+                    drawn += 1
+        if not drawn:
+            why = "energy not measured for these points (meter: none)" if metric in ENERGY_METRICS else "no data"
+            _empty(ax, why)
+            continue
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _mark_crossovers(ax, [c for c in xos if c.batch_size == b and c.dtype == dt], order, len(eks) > 1)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def _mark_crossovers(ax: Axes, xos: list[Crossover], order: list[str], show_ek: bool = False) -> None:
+    lines = []
+    for c in xos:
+        colour, _ = _style(f"moe[{c.strategy}]", order)
+        who = f"moe[{c.strategy}]" + (f" E/k={c.ek}" if show_ek else "")
+        if c.status == "crossed" and c.params:
+            lo = c.low or c.params
+            hi = c.high or ax.get_xlim()[1]
+            ax.axvspan(lo, hi, color=colour, alpha=0.10, lw=0)
+            ax.axvline(c.params, color=colour, ls="--", lw=1.4,
+                       label=f"crossover {who} ~{_fmt_params(c.params)}"
+                       + (" (estimate)" if c.energy == "estimate" else ""))
+        elif c.status == "below_grid":
+            lines.append(f"{who}: ahead from the smallest point")
+        elif c.status == "not_reached":
+            lines.append(f"{who}: no crossover up to {_fmt_params(c.max_params or 0)}")
+    if lines:
+        ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom", color="#333333",
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
+
+
+def inferences_per_joule_vs_params(frame: Frame) -> Figure:
+    return _series_plot(frame, "inferences_per_joule", "inferences per joule (inferences/J, log scale)",
+                        "Energy efficiency vs model size (crossover marked)", "inferences_per_joule")
+
+
+def inferences_per_second_vs_params(frame: Frame) -> Figure:
+    return _series_plot(frame, "inferences_per_second", "inferences per second (inferences/s, log scale)",
+                        "Throughput vs model size (crossover marked)", "inferences_per_second")
+
+
+def correct_per_joule_vs_params(frame: Frame) -> Figure:
+    return _series_plot(frame, "correct_per_joule", "correct inferences per joule (accuracy x inferences/J)",
+                        "Accuracy per joule vs model size (crossover marked)", "correct_per_joule")
+
+
+def average_power_per_model(frame: Frame) -> Figure:
+    """Bars: each model's average power during its windows, per point; TDP line when the meter knows it."""
+    fig, (ax,) = _grid(1, "Average power per model during the measurement windows", width=9.0, height=4.8)
+    ax.set_xlabel("sweep point (total MoE parameters)")
+    ax.set_ylabel("average power (W)")
+    rows = [m for m in frame.models if value(m, "average_power_w") is not None and energy_kind(m) != "none"]
+    if not rows:
+        _empty(ax, "power not measured (meter: none)")
+        return fig
+    order = _strategies(frame)
+    multi = len(_facets(frame)) > 1
+    cats = []
+    for m in sorted(rows, key=lambda m: (m["total_params"] or 0, m["batch_size"] or 0, str(m["dtype"]))):
+        c = (m["point_id"], f"{m['label']}\n{_fmt_params(m['total_params'] or 0)}"
+             + (f"\nb{m['batch_size']} {m['dtype']}" if multi else ""))
+        if c not in cats:
+            cats.append(c)
+    names = sorted({m["name"] for m in rows}, key=lambda n: (not n.startswith("moe"), n))
+    width = 0.8 / len(names)
+    seen: set[str] = set()
+    for j, name in enumerate(names):
+        for i, (pid, _) in enumerate(cats):
+            m = next((r for r in rows if r["point_id"] == pid and r["name"] == name), None)
+            if m is None:
+                continue
+            v = value(m, "average_power_w")
+            est = energy_kind(m) == "estimate"
+            colour, _ = _style(name, order)
+            lab = _pretty(name) + (" (estimate)" if est else "")
+            lo, hi = value(m, "average_power_w", "min"), value(m, "average_power_w", "max")
+            yerr = [[max(v - (lo or v), 0)], [max((hi or v) - v, 0)]]
+            ax.bar(i + (j - (len(names) - 1) / 2) * width, v, width * 0.95, yerr=yerr, capsize=2,
+                   color="none" if est else colour, edgecolor=colour, hatch="//" if est else None, lw=1.2,
+                   label=lab if lab not in seen else None)
+            seen.add(lab)
+            idle = value(m, "idle_power_w")
+            if idle is not None:
+                ax.plot([i + (j - (len(names) - 1) / 2) * width], [idle], "_", color="#555555", ms=10, mew=2,
+                        label="idle power" if "idle" not in seen else None)
+                seen.add("idle")
+    ax.set_xticks(range(len(cats)), [c[1] for c in cats], fontsize=8)
+    if frame.tdp_w:
+        ax.axhline(frame.tdp_w, color="#b00000", ls=":", lw=1.5, label=f"TDP / power limit {frame.tdp_w:.0f} W "
+                   f"({frame.tdp_source})")
+    ax.grid(True, axis="y", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
+    return fig
+
+
+def power_traces(frame: Frame) -> Figure:
+    """Power over time inside every window, one panel per sweep point, one line per window."""
+    with_trace = [w for w in frame.windows if w.get("trace")]
+    point_ids = []
+    for m in frame.models:
+        if any(w["model_id"] == m["model_id"] for w in with_trace) and m["point_id"] not in point_ids:
+            point_ids.append(m["point_id"])
+    shown = point_ids
+    if len(point_ids) > MAX_PANELS:  # evenly spaced points across the sweep, smallest and largest included
+        step = (len(point_ids) - 1) / (MAX_PANELS - 1)
+        shown = [point_ids[round(i * step)] for i in range(MAX_PANELS)]
+    title = "Power trace over time in each measurement window"
+    if len(shown) < len(point_ids):
+        title += f" ({len(shown)} of {len(point_ids)} points)"
+    fig, axes = _grid(len(shown), title, height=3.6)
+    if not shown:
+        axes[0].set_xlabel("time in window (s)")
+        axes[0].set_ylabel("power (W)")
+        _empty(axes[0], "no power trace recorded (the meter in use samples no power)")
+        return fig
+    order = _strategies(frame)
+    by_model = {m["model_id"]: m for m in frame.models}
+    for ax, pid in zip(axes, shown):
+        ms = [m for m in frame.models if m["point_id"] == pid]
+        ax.set_title(f"{ms[0]['label']} ({_fmt_params(ms[0]['total_params'] or 0)} params, "
+                     f"batch {ms[0]['batch_size']}, {ms[0]['dtype']})", fontsize=9)
+        ax.set_xlabel("time in window (s)")
+        ax.set_ylabel("power (W)")
+        seen: set[str] = set()
+        for w in (w for w in with_trace if by_model.get(w["model_id"], {}).get("point_id") == pid):
+            m = by_model[w["model_id"]]
+            colour, _ = _style(m["name"], order)
+            est = (w.get("energy_method") or m.get("energy_method")) == "estimate"
+            series = w["trace"]
+            if len(series) > 1 and len({len(s[1]) for s in series}) == 1:  # same sampling: sum the devices
+                t, p = series[0][1], [sum(vals) for vals in zip(*(s[2] for s in series))]
+            else:
+                t, p = series[0][1], series[0][2]
+            lab = _pretty(m["name"]) + (" (estimate)" if est else "")
+            ax.plot(t, p, "--" if est else "-", color=colour, lw=1.0, alpha=0.8, label=lab if lab not in seen else None)
+            seen.add(lab)
+        if frame.tdp_w:
+            ax.axhline(frame.tdp_w, color="#b00000", ls=":", lw=1.2, label="TDP / power limit")
+        ax.grid(True, alpha=0.25)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def energy_latency_scatter(frame: Frame) -> Figure:
+    """Energy per inference vs batch latency for every model measured; the Pareto front joins the best."""
+    fig, (ax,) = _grid(1, "Energy per inference vs batch latency, with the Pareto front", width=7.5, height=5.0)
+    ax.set_xlabel("batch latency p50 (ms, log scale)")
+    ax.set_ylabel("energy per inference (mJ, log scale)")
+    rows = []
+    for m in frame.models:
+        ipj, lat = value(m, "inferences_per_joule"), value(m, "latency_p50_ms")
+        if ipj and lat and energy_kind(m) != "none":
+            rows.append((m, lat, 1e3 / ipj))
+    if not rows:
+        _empty(ax, "energy not measured (meter: none)")
+        return fig
+    order = _strategies(frame)
+    seen: set[str] = set()
+    for m, lat, mj in rows:
+        colour, marker = _style(m["name"], order)
+        est = energy_kind(m) == "estimate"
+        lab = _pretty(m["name"]) + (" (estimate)" if est else "")
+        ax.scatter([lat], [mj], marker=marker, s=40, facecolors="none" if est else colour, edgecolors=colour,
+                   linewidths=1.4, label=lab if lab not in seen else None, zorder=3)
+        seen.add(lab)
+    for kind, ls in (("measured", "-"), ("estimate", "--")):
+        sub = [(lat, mj) for m, lat, mj in rows if energy_kind(m) == kind]
+        if len(sub) >= 1:
+            front = [sub[i] for i in pareto_front(sub)]
+            ax.plot([x for x, _ in front], [y for _, y in front], ls, color="#444444", lw=1.2, zorder=2,
+                    label="Pareto front" + (" (estimate)" if kind == "estimate" else ""))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="best")
+    ax.text(0.99, 0.01, "front: no other model is both faster and cheaper per inference", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=7, color="#555555")
+    return fig
+
+
+def ratio_vs_batch_size(frame: Frame) -> Figure:
+    """MoE / dense (total-matched) inferences per joule against batch size, one line per size and strategy."""
+    fig, (ax,) = _grid(1, "MoE / dense energy efficiency ratio vs batch size (above 1: MoE wins)",
+                       width=7.5, height=5.0)
+    ax.set_xlabel("batch size (inferences per batch, log scale)")
+    ax.set_ylabel("inferences/J ratio, MoE / dense (total-matched)")
+    rs = ratios(frame, "inferences_per_joule")
+    if not rs:
+        _empty(ax, "no comparable MoE and dense energy figures (energy not measured?)")
+        return fig
+    order = _strategies(frame)
+    lines: dict[tuple, list[dict]] = {}
+    for r in rs:
+        lines.setdefault((r["params"], r["label"], r["strategy"], r["dtype"]), []).append(r)
+    cmap = matplotlib.colormaps["viridis"]
+    sizes = sorted({k[0] for k in lines})
+    for (params, label, strategy, dtype), pts in sorted(lines.items()):
+        pts.sort(key=lambda r: r["batch_size"])
+        colour = cmap(sizes.index(params) / max(1, len(sizes) - 1))
+        est = all(r["energy"] == "estimate" for r in pts)
+        ls = {0: "-", 1: "--", 2: ":", 3: "-."}[order.index(strategy) % 4 if strategy in order else 0]
+        ax.plot([r["batch_size"] for r in pts], [r["ratio"] for r in pts], ls, marker="o", color=colour,
+                mfc="none" if est else colour, label=f"{label} ({_fmt_params(params)}) moe[{strategy}] {dtype}"
+                + (" (estimate)" if est else ""))
+    ax.axhline(1.0, color="#b00000", lw=1.2, ls=":", label="parity")
+    batches = sorted({r["batch_size"] for r in rs})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    if len(batches) == 1:
+        ax.set_xlim(batches[0] / 2, batches[0] * 2)
+        ax.text(0.02, 0.98, "only one batch size measured: sweep --batch-size 32,128,512 for a curve",
+                transform=ax.transAxes, va="top", fontsize=8, color="#555555")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="best", handles=None if len(lines) <= 16 else [
+        Line2D([], [], color="#b00000", ls=":", label="parity")])
+    return fig
+
+
+# slug, title, function: the report draws them in this order, one image each
+PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
+    ("inferences_per_joule", "Energy efficiency vs model size", inferences_per_joule_vs_params),
+    ("inferences_per_second", "Throughput vs model size", inferences_per_second_vs_params),
+    ("correct_per_joule", "Accuracy per joule vs model size", correct_per_joule_vs_params),
+    ("average_power", "Average power per model", average_power_per_model),
+    ("power_traces", "Power traces", power_traces),
+    ("energy_latency", "Energy vs latency", energy_latency_scatter),
+    ("ratio_vs_batch", "MoE/dense ratio vs batch size", ratio_vs_batch_size),
+]
+
+__all__ = ["METRICS", "PLOTS"]

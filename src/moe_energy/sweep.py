@@ -1,0 +1,425 @@
+"""Sweeps: a grid of points (shape x batch x dtype x repeats), sharded, resumable, each point one runner call.
+
+A point is identified by a key hashed from everything that decides its figures (shape, run options,
+meter), never by its position: so ``--resume`` skips exactly what is already in the store, and shards of
+one grid run on different hosts can be merged without clashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import math
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .config import PRESETS, ConfigError, ModelSpec, RunOptions
+from .models.counting import matched_width, moe_params
+from .store import Store, dumps, now_utc
+
+SEED_PRESETS = ("small", "large", "xl", "xxl")
+SHAPE_AXES = ("experts", "hidden", "layers", "top_k")
+OPTION_AXES = ("batch_size", "dtype", "repeats")
+AXES = SHAPE_AXES + OPTION_AXES
+BUILTIN_GRIDS = ("seed", "scale")
+# Keys a grid TOML may hold besides run options and shape fields.
+GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets"}
+DEFAULT_PER_DECADE = 4
+ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and in bf16/fp16
+# Options that do not change a point's figures, so they are left out of its key.
+NOT_IN_KEY = ("out", "extra")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One cell of the grid: a shape and run options; ``error`` says why it cannot run (kept as skipped)."""
+
+    label: str
+    spec: ModelSpec
+    opts: RunOptions
+    error: str | None = None
+
+    @property
+    def total_params(self) -> int:
+        return moe_params(self.spec)
+
+    def config(self, meter: str) -> dict:
+        opts = {k: v for k, v in self.opts.as_dict().items() if k not in NOT_IN_KEY}
+        return {"label": self.label, "spec": asdict(self.spec), "options": opts, "meter": meter,
+                "total_params": self.total_params}
+
+    def key(self, meter: str) -> str:
+        c = self.config(meter)
+        c.pop("label")  # the same shape reached from two grids is the same point
+        return hashlib.sha256(dumps(c).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Grid:
+    name: str
+    points: list[Point]
+    source: dict = field(default_factory=dict)  # what the user asked for, for the runs table
+
+    def hash(self, meter: str) -> str:
+        return hashlib.sha256("\n".join(p.key(meter) for p in self.points).encode()).hexdigest()[:20]
+
+
+# -- shapes ----------------------------------------------------------------------------------------------
+def label_for(spec: ModelSpec) -> str:
+    for name, p in PRESETS.items():
+        if p == spec:
+            return name
+    return f"E{spec.experts}-H{spec.hidden}-L{spec.layers}-k{spec.top_k}"
+
+
+def seed_shapes() -> list[ModelSpec]:
+    """The blog's four points."""
+    return [PRESETS[n] for n in SEED_PRESETS]
+
+
+def scale_shapes(per_decade: int = DEFAULT_PER_DECADE) -> list[ModelSpec]:
+    """A geometric ladder of total sizes through the seed's four points, every shape with E/k = 4 (theirs).
+
+    Between two neighbouring seed points the target totals are evenly spaced in log(params); E follows a
+    geometric path rounded to a multiple of the ratio (so k = E/ratio stays whole), L a linear one, and H
+    is the smallest multiple of 8 that reaches the target total (a multiple of 8 keeps every weight row
+    16-byte aligned in fp32 and bf16, which grouped GEMM kernels require; the seed's widths all are).
+    Each seed point is on the ladder.
+    """
+    if per_decade < 1:
+        raise ConfigError(f"per-decade={per_decade} must be a whole number >= 1")
+    anchors = seed_shapes()
+    ratios = {a.experts / a.top_k for a in anchors}
+    if len(ratios) != 1:
+        raise ConfigError("the seed presets no longer share one E/k ratio; the scale grid needs one")
+    ratio = int(anchors[0].experts // anchors[0].top_k)
+    out: list[ModelSpec] = []
+    for a, b in zip(anchors, anchors[1:]):
+        pa, pb = moe_params(a), moe_params(b)
+        n = max(1, math.ceil(math.log10(pb / pa) * per_decade))
+        out.append(a)
+        for i in range(1, n):
+            f = i / n
+            target = pa * (pb / pa) ** f
+            e_geo = math.exp(math.log(a.experts) + f * (math.log(b.experts) - math.log(a.experts)))
+            experts = max(ratio, ratio * round(e_geo / ratio))
+            layers = round(a.layers + f * (b.layers - a.layers))
+            shape = replace(a, experts=experts, top_k=experts // ratio, layers=layers, hidden=1)
+            per_expert = (target - (shape.input_dim + 1) * experts) / experts
+            hidden = matched_width(max(1, math.ceil(per_expert)), shape.input_dim, layers, shape.classes)
+            hidden = ALIGN * math.ceil(hidden / ALIGN)
+            out.append(replace(shape, hidden=hidden).validate())
+    out.append(anchors[-1])
+    unique: list[ModelSpec] = []
+    for s in sorted(out, key=moe_params):
+        if s not in unique:
+            unique.append(s)
+    return unique
+
+
+# -- grid from flags / TOML --------------------------------------------------------------------------------
+def as_list(key: str, v: Any, kind: type) -> list:
+    """A comma string, a TOML list or a scalar -> a list of ``kind``; ConfigError names the bad item."""
+    items = v if isinstance(v, (list, tuple)) else (str(v).split(",") if isinstance(v, str) else [v])
+    out = []
+    for x in items:
+        if isinstance(x, str):
+            x = x.strip()
+            if not x:
+                continue
+        try:
+            if kind is int:
+                if isinstance(x, bool) or (isinstance(x, float) and not x.is_integer()):
+                    raise ValueError
+                out.append(int(x))
+            else:
+                out.append(str(x))
+        except (TypeError, ValueError):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag}: {x!r} is not a whole number; give a comma list such as 8,16") from None
+    if not out:
+        raise ConfigError(f"--{key.replace('_', '-')}: empty list; give at least one value")
+    return out
+
+
+def load_grid_toml(path: str | Path) -> dict[str, Any]:
+    """A sweep's --config: run options as in `run`, plus any axis as a list and grid/max_params/per_decade."""
+    from .config import CONFIG_KEYS
+
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--config {p}: cannot read ({e.strerror}); give a readable TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {p}: not valid TOML ({str(e).splitlines()[0]})") from None
+    if isinstance(doc.get("sweep"), dict):  # a [sweep] table is accepted as well as top-level keys
+        doc = {**{k: v for k, v in doc.items() if k != "sweep"}, **doc["sweep"]}
+    allowed = CONFIG_KEYS | GRID_KEYS | set(AXES)
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        raise ConfigError(f"--config {p}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    return doc
+
+
+def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tuple[ModelSpec, RunOptions]]) -> Grid:
+    """Points from a merged config (TOML, then flags): built-in grid or the product of the axes.
+
+    ``resolve`` is commands.options.resolve: each point's spec and options pass the same validation as `run`.
+    """
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    name = cfg.pop("grid", None)
+    max_params = cfg.pop("max_params", None)
+    per_decade = cfg.pop("per_decade", DEFAULT_PER_DECADE)
+    presets = cfg.pop("presets", None) or cfg.pop("preset", None)
+    cfg.pop("preset", None)
+    if max_params is not None:
+        try:
+            max_params = float(max_params)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--max-params {max_params!r} is not a number; give e.g. 5e7") from None
+        if not math.isfinite(max_params) or max_params <= 0:
+            raise ConfigError(f"--max-params {max_params} must be a positive number such as 5e7")
+    if isinstance(per_decade, bool) or not isinstance(per_decade, int):
+        raise ConfigError(f"--per-decade {per_decade!r} must be a whole number >= 1")
+
+    shape_axes = {k: as_list(k, cfg.pop(k), int) for k in SHAPE_AXES if k in cfg}
+    option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in OPTION_AXES if k in cfg}
+
+    shapes: list[ModelSpec]
+    errors: dict[int, str] = {}
+    if name is not None:
+        if name not in BUILTIN_GRIDS:
+            raise ConfigError(f"--grid {name!r} is unknown; choose seed or scale (or give axes as flags/TOML)")
+        if shape_axes or presets:
+            raise ConfigError(f"--grid {name} fixes the shapes; drop --experts/--hidden/--layers/--top-k/--preset "
+                              "or drop --grid")
+        base = _resolve(resolve, cfg, {})[0]
+        shapes = [replace(s, input_dim=base.input_dim, classes=base.classes)
+                  for s in (seed_shapes() if name == "seed" else scale_shapes(per_decade))]
+    else:
+        name = "custom"
+        preset_names = as_list("preset", presets, str) if presets else ["small"]
+        for pn in preset_names:
+            if pn not in PRESETS:
+                raise ConfigError(f"--preset {pn!r} is unknown; choose from {', '.join(PRESETS)}")
+        shapes = []
+        keys = list(shape_axes)
+        for pn in preset_names:
+            for combo in itertools.product(*(shape_axes[k] for k in keys)):
+                fields = dict(zip(keys, combo))
+                s = replace(PRESETS[pn], **fields)
+                try:
+                    s = _resolve(resolve, cfg, {**asdict(s), **{k: cfg[k] for k in ("input_dim", "classes")
+                                                                 if k in cfg}})[0]
+                except ConfigError as e:
+                    errors[len(shapes)] = str(e)
+                shapes.append(s)
+
+    # options are validated once up front: a typo there is the user's to fix, not a skipped point
+    first_ok = next((i for i in range(len(shapes)) if i not in errors), None)
+    okeys = list(option_axes)
+    combos = list(itertools.product(*(option_axes[k] for k in okeys)))
+    if first_ok is not None:
+        for combo in combos:
+            _resolve(resolve, cfg, {**asdict(shapes[first_ok]), **dict(zip(okeys, combo))})
+
+    points: list[Point] = []
+    for i, s in enumerate(shapes):
+        if max_params is not None and moe_params(s) > max_params:
+            continue
+        for combo in combos:
+            extra = dict(zip(okeys, combo))
+            if i in errors:
+                _spec, opts = _resolve(resolve, cfg, {**asdict(PRESETS["small"]), **extra})
+                points.append(Point(label_for(s), s, opts, error=f"invalid shape: {errors[i]}"))
+                continue
+            spec, opts = _resolve(resolve, cfg, {**asdict(s), **extra})
+            points.append(Point(label_for(spec), spec, opts))
+    if not points:
+        raise ConfigError("the grid has no points"
+                          + (f" at or below --max-params {max_params:.3g}; raise it" if max_params else ""))
+    source = {"grid": name, "max_params": max_params, "per_decade": per_decade if name == "scale" else None,
+              "axes": {**shape_axes, **option_axes}, "presets": presets, "options": cfg}
+    return Grid(name, points, source)
+
+
+def _resolve(resolve: Callable[[argparse.Namespace], tuple[ModelSpec, RunOptions]], cfg: dict,
+             fields: dict) -> tuple[ModelSpec, RunOptions]:
+    ns = argparse.Namespace(**{**cfg, **fields, "config": None, "preset": None})
+    return resolve(ns)
+
+
+# -- shard and resume --------------------------------------------------------------------------------------
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'2/4' -> (2, 4): shard 2 of 4 (1-based)."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r} is not I/N; give e.g. --shard 1/2") from None
+    if n < 1 or not 1 <= i <= n:
+        raise ConfigError(f"--shard {text}: I must be between 1 and N (N >= 1), e.g. --shard 1/{max(n, 2)}")
+    return i, n
+
+
+def shard(points: list[Point], which: tuple[int, int] | None) -> list[Point]:
+    """Every n-th point from the i-th: deterministic, and small and large points spread over all shards."""
+    if which is None:
+        return list(points)
+    i, n = which
+    return points[i - 1 :: n]
+
+
+# -- cost, memory and ETA ----------------------------------------------------------------------------------
+def measured_models(p: Point) -> int:
+    n = 0
+    for m in p.opts.models:
+        n += len(p.opts.strategies) if m == "moe" else 1
+    return n
+
+
+def fixed_seconds(p: Point) -> float:
+    """Seconds the point spends measuring whatever the hardware's speed: windows, warm-ups, rests, idle."""
+    o = p.opts
+    per_model = o.warmup + o.repeats * o.duration + min(2.0, 0.1 * o.duration)
+    return measured_models(p) * per_model + max(0, o.repeats - 1) * o.cooldown * measured_models(p) + o.idle_seconds
+
+
+def training_flops(p: Point) -> float:
+    """FLOPs of training every model of the point (forward + backward ~ 3 x forward, 2 FLOPs per MAC)."""
+    from .runner import model_plan
+
+    train_rows = p.opts.samples * (1 - p.opts.test_fraction)
+    total = 0.0
+    for _name, d in model_plan(p.spec, p.opts):
+        total += 3 * d["flops_per_inference"] * train_rows * p.opts.epochs
+    return total
+
+
+def fit_problem(p: Point, device: Any) -> str | None:
+    """Why the point cannot fit in ``device``'s free memory, or None; checked before anything is built.
+
+    The runner trains one model at a time and keeps the trained ones (parked in host memory, or on the CPU
+    itself), so the need is every model's weights plus the largest one's training state.
+    """
+    from . import memory
+    from .runner import model_plan
+
+    weights = 0
+    extra = 0
+    for _name, d in model_plan(p.spec, p.opts):
+        widest = max(d["width"] * (p.spec.top_k if d["kind"] == "moe" else 1), p.spec.input_dim)
+        need = (memory.training_bytes(d["params"], widest, p.opts.batch_size, p.spec.layers) if p.opts.epochs
+                else memory.inference_bytes(d["params"], widest, p.opts.batch_size, p.opts.dtype))
+        weights += 4 * d["params"]
+        extra = max(extra, need - 4 * d["params"])
+    return memory.fit_problem(weights + extra, device, "training and keeping this point's models" if p.opts.epochs
+                              else "this point's models")
+
+
+class Eta:
+    """Remaining time: fixed measuring seconds, plus training FLOPs at the rate the finished points ran."""
+
+    def __init__(self) -> None:
+        self.flops_done = 0.0
+        self.train_seconds = 0.0
+
+    def record(self, p: Point, elapsed_s: float) -> None:
+        self.flops_done += training_flops(p)
+        self.train_seconds += max(elapsed_s - fixed_seconds(p), 1e-3)
+
+    def remaining(self, todo: Iterable[Point]) -> float | None:
+        if self.flops_done <= 0:
+            return None
+        rate = self.flops_done / self.train_seconds
+        return sum(fixed_seconds(p) + training_flops(p) / rate for p in todo)
+
+
+# -- the loop --------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    already: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def run_points(points: list[Point], store: Store, run_id: str, meter: Any, device: Any,
+               run: Callable[..., tuple[dict, Any]], ui: Any,
+               on_point: Callable[[int, Point, float | None], None] | None = None,
+               skip_keys: set[str] | None = None) -> Outcome:
+    """Measure each point with ``run`` and commit it on its own; a point already complete is skipped.
+
+    ``run`` is runner.run. Out-of-memory points are recorded as skipped and the sweep goes on; any other
+    failure is recorded as failed (retried by --resume). A ConfigError or KeyboardInterrupt stops the sweep:
+    the committed points stay.
+    """
+    out = Outcome()
+    skip_keys = skip_keys or set()
+    eta = Eta()
+    todo = [p for p in points if p.key(meter.name) not in skip_keys]
+    out.already = len(points) - len(todo)
+    for i, p in enumerate(todo):
+        key, cfg = p.key(meter.name), p.config(meter.name)
+        if on_point is not None:
+            on_point(i, p, eta.remaining(todo[i:]))
+        reason = p.error or fit_problem(p, device)
+        if reason is not None:
+            store.add_point(run_id, key, cfg, "skipped", reason=reason, started_utc=now_utc())
+            out.skipped += 1
+            continue
+        started, t0 = now_utc(), time.perf_counter()
+        try:
+            doc, _ = run(p.spec, p.opts, meter, ui, save=False)
+        except (ConfigError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - one point's failure must not end an hours-long sweep
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            status = "skipped" if _is_oom(e) else "failed"
+            reason = (f"out of memory: {msg}" if status == "skipped" else
+                      f"{type(e).__name__}: {msg} ({traceback.extract_tb(e.__traceback__)[-1].name})")
+            store.add_point(run_id, key, cfg, status, reason=reason, started_utc=started,
+                            seconds=time.perf_counter() - t0)
+            if status == "skipped":
+                out.skipped += 1
+            else:
+                out.failed += 1
+                out.failures.append(f"{p.label}: {reason}")
+            _free()
+            continue
+        elapsed = time.perf_counter() - t0
+        store.add_point(run_id, key, cfg, "done", document=doc, started_utc=started, seconds=elapsed)
+        eta.record(p, elapsed)
+        out.done += 1
+    return out
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    name = type(e).__name__
+    return name == "OutOfMemoryError" or ("out of memory" in str(e).lower() and isinstance(e, RuntimeError)) or \
+        ("can't allocate memory" in str(e).lower())
+
+
+def _free() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - freeing is best effort
+        pass

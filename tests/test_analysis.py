@@ -1,0 +1,120 @@
+"""Crossover math on constructed data with known answers; estimate vs measured never compared silently."""
+
+import math
+
+import pytest
+
+from moe_energy.analysis import Pair, crossing, crossover, pareto_front, sparsity, value
+
+
+def rec(v, lo=None, hi=None, method="counter", acc=0.9, ips=None, diverged=False):
+    """A model record as the runner writes it (only the fields the analysis reads)."""
+    return {"inferences_per_joule": v, "inferences_per_joule_min": lo, "inferences_per_joule_max": hi,
+            "inferences_per_second": ips if ips is not None else v, "energy_method": method, "accuracy": acc,
+            "diverged": diverged}
+
+
+def pairs(moe, dense, params=(1e6, 1e8), **kw):
+    return [Pair(int(p), rec(m, **kw), rec(d, **kw)) for p, m, d in zip(params, moe, dense)]
+
+
+def test_crossing_is_log_linear_between_neighbours():
+    # d = -1 at 1e6 and +1 at 1e8: half way in log10(params) is exactly 1e7
+    assert crossing([1e6, 1e8], [-1.0, 1.0]) == ("crossed", pytest.approx(1e7, rel=1e-12))
+    # d = -1, +3: a quarter of the way: 10 ** (6 + 0.5)
+    status, x = crossing([1e6, 1e8], [-1.0, 3.0])
+    assert status == "crossed" and math.isclose(x, 10**6.5, rel_tol=1e-12)
+    assert crossing([1e6, 1e8], [2.0, 3.0]) == ("below_grid", 1e6)
+    assert crossing([1e6, 1e8], [-2.0, -0.1]) == ("not_reached", None)
+    # the first upward crossing counts, not a later one
+    status, x = crossing([1e6, 1e7, 1e8, 1e9], [-1.0, 1.0, -1.0, 1.0])
+    assert status == "crossed" and math.isclose(x, 10**6.5, rel_tol=1e-12)
+
+
+R2 = math.sqrt(2)
+
+
+def test_crossover_exact_value_and_interval_from_spread():
+    # MoE 1 -> 4 inferences/J, dense flat at 2: log(MoE/dense) = -log 2, +log 2 -> exactly half way, 1e7.
+    # Spread x/÷ sqrt(2) on MoE only: best case log ratios -0.5 log 2, 1.5 log 2 -> a quarter of the way,
+    # 10**6.5; worst case -1.5 log 2, 0.5 log 2 -> three quarters, 10**7.5
+    ps = [Pair(10**6, rec(1.0, 1 / R2, R2), rec(2.0, 2.0, 2.0)), Pair(10**8, rec(4.0, 4 / R2, 4 * R2), rec(2.0))]
+    c = crossover(ps, "inferences_per_joule", (128, "float32", "grouped", "4"))
+    assert c.status == "crossed"
+    assert math.isclose(c.params, 1e7, rel_tol=1e-12)
+    assert math.isclose(c.low, 10**6.5, rel_tol=1e-12)
+    assert math.isclose(c.high, 10**7.5, rel_tol=1e-12)
+    assert c.energy == "measured" and c.n_points == 2
+    assert (c.batch_size, c.dtype, c.strategy, c.ek) == (128, "float32", "grouped", "4")
+    assert "10,000,000" in c.answer() and "3,162,278" in c.answer() and "31,622,777" in c.answer()
+
+
+def test_crossover_worst_case_beyond_grid_and_no_spread():
+    ps = [Pair(10**6, rec(1.0, 0.5, 1.5), rec(2.0)), Pair(10**8, rec(4.0, 1.0, 5.0), rec(2.0))]
+    c = crossover(ps, "inferences_per_joule")
+    assert math.isclose(c.params, 1e7, rel_tol=1e-12)
+    assert c.high is None and c.high_status == "not_reached"
+    assert "beyond 100,000,000" in c.answer()
+    # no spread fields: the interval collapses to the point
+    c2 = crossover(pairs([1.0, 4.0], [2.0, 2.0]), "inferences_per_joule")
+    assert c2.low == pytest.approx(1e7) and c2.high == pytest.approx(1e7)
+    # a best case already ahead at the smallest point is an open lower end, and says so
+    c3 = crossover([Pair(10**6, rec(1.0, 0.5, 3.0), rec(2.0)), Pair(10**8, rec(4.0), rec(2.0))], "inferences_per_joule")
+    assert c3.low_status == "below_grid" and "interval at or below 1,000,000 to" in c3.answer()
+
+
+def test_estimate_is_never_compared_with_measured():
+    ps = [Pair(10**6, rec(1.0, method="estimate"), rec(2.0, method="counter")),
+          Pair(10**7, rec(1.0, method="counter"), rec(2.0, method="counter")),
+          Pair(10**8, rec(4.0, method="counter"), rec(2.0, method="counter"))]
+    c = crossover(ps, "inferences_per_joule")
+    assert c.n_points == 2  # the mixed pair is left out ...
+    assert any("estimated energy figure is not compared with a measured one" in n for n in c.notes)  # ... and said
+    assert math.isclose(c.params, 10**7.5, rel_tol=1e-12)  # half way between 1e7 and 1e8
+    # speed is not an energy figure: the mixed pair counts there
+    assert crossover(ps, "inferences_per_second").n_points == 3
+
+
+def test_all_estimates_are_labelled_and_unmeasured_energy_is_not_measured():
+    c = crossover(pairs([1.0, 4.0], [2.0, 2.0], method="estimate"), "inferences_per_joule")
+    assert c.energy == "estimate" and any("estimate" in n for n in c.notes)
+    none = crossover(pairs([None, None], [None, None], method="none", ips=5.0), "inferences_per_joule")
+    assert none.status == "not_measured" and none.answer() == "not measured"
+    # inferences/s still answers when energy was not measured
+    speed = crossover([Pair(10**6, rec(None, method="none", ips=1.0), rec(None, method="none", ips=2.0)),
+                       Pair(10**8, rec(None, method="none", ips=4.0), rec(None, method="none", ips=2.0))],
+                      "inferences_per_second")
+    assert speed.status == "crossed" and math.isclose(speed.params, 1e7, rel_tol=1e-12)
+
+
+def test_correct_per_joule_weighs_accuracy():
+    # MoE is more efficient per joule but far less accurate: per correct answer it never wins
+    ps = [Pair(10**6, rec(3.0, acc=0.2), rec(2.0, acc=0.9)), Pair(10**8, rec(4.0, acc=0.3), rec(2.0, acc=0.9))]
+    assert crossover(ps, "inferences_per_joule").status == "below_grid"
+    c = crossover(ps, "correct_per_joule")
+    assert c.status == "not_reached" and c.max_params == 1e8
+    assert value(ps[0].moe, "correct_per_joule") == pytest.approx(0.6)
+
+
+def test_notes_when_moe_falls_behind_again_and_equal_sizes_are_averaged():
+    c = crossover(pairs([1.0, 4.0, 1.0], [2.0, 2.0, 2.0], params=(1e6, 1e7, 1e8)), "inferences_per_joule")
+    assert c.status == "crossed" and any("falls behind again at 100,000,000" in n for n in c.notes)
+    # two shapes of equal total size: log ratios (log 1/2 + log 1/8) / 2 = -2 log 2 at 1e6, +2 log 2 at 1e8
+    ps = [Pair(10**6, rec(1.0), rec(2.0)), Pair(10**6, rec(1.0), rec(8.0)), Pair(10**8, rec(8.0), rec(2.0))]
+    c2 = crossover(ps, "inferences_per_joule")
+    assert math.isclose(c2.params, 1e7, rel_tol=1e-12)
+    assert any("averaged" in n for n in c2.notes)
+
+
+def test_crossover_sits_where_the_log_log_curves_cross():
+    # straight lines in (log10 params, log inferences/J): MoE 1 -> 5, dense 2 -> 3 over 1e6 -> 1e8.
+    # They meet where log 1 + s (log 5 - log 1) = log 2 + s (log 3 - log 2), s = log 2 / log(10/3)
+    c = crossover(pairs([1.0, 5.0], [2.0, 3.0]), "inferences_per_joule")
+    s = math.log(2) / math.log(10 / 3)
+    assert c.status == "crossed" and math.isclose(c.params, 10 ** (6 + 2 * s), rel_tol=1e-12)
+
+
+def test_pareto_front_and_sparsity():
+    pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (4.0, 1.0), (0.5, 9.0)]
+    assert pareto_front(pts) == [4, 0, 1, 3]
+    assert sparsity(8, 2) == "4" and sparsity(8, 3) == "2.67" and sparsity(None, 2) == "?"

@@ -1,0 +1,177 @@
+"""The SQLite store: schema and migrations, one transaction per point, traces, export and merge."""
+
+import csv
+import io
+import json
+import sqlite3
+
+import pytest
+
+from moe_energy import store as store_mod
+from moe_energy.config import ConfigError
+from moe_energy.store import Store, merge, normalize_trace
+
+
+def model_record(name="moe[grouped]", kind="moe", ipj=10.0, windows=2, trace=True):
+    wins = []
+    for r in range(windows):
+        w = {"window_s": 1.0, "inferences": 100 + r, "energy_j": 10.0, "average_power_w": 10.0 + r,
+             "inferences_per_second": 100.0, "inferences_per_joule": ipj, "energy_method": "counter", "repeat": r}
+        if trace:
+            w["trace"] = {"cpu:0": [[0.0, 10.0], [0.5, 11.0], [1.0, 12.0 + r]], "dram": [[0.0, 1.0], [0.5, 1.0],
+                                                                                         [1.0, 1.0]]}
+        wins.append(w)
+    return {"name": name, "kind": kind, "match": None if kind == "moe" else "total", "strategy": "grouped",
+            "params": 1000, "active_params": 500, "width": 16, "flops_per_inference": 2000, "dtype": "float32",
+            "batch_size": 64, "accuracy": 0.5, "diverged": False, "inferences_per_second": 100.0,
+            "inferences_per_joule": ipj, "inferences_per_joule_min": ipj * 0.9, "inferences_per_joule_max": ipj * 1.1,
+            "energy_j": 10.0, "average_power_w": float("nan"), "energy_method": "counter", "windows": wins,
+            "new_field_from_the_future": {"kept": True}}
+
+
+def doc(*models):
+    return {"schema": "moe-energy/run", "environment": {"device": "cpu"}, "models": list(models)}
+
+
+CONFIG = {"label": "tiny", "spec": {"experts": 4, "hidden": 16, "layers": 2, "top_k": 2, "input_dim": 40,
+                                    "classes": 4}, "options": {"batch_size": 64, "dtype": "float32"},
+          "total_params": 1000}
+
+
+@pytest.fixture
+def db(tmp_path):
+    s = Store(tmp_path / "sub" / "r.db")
+    s.new_run("run1", {"grid": "custom"}, {"device": "cpu"}, {"name": "rapl"}, grid_hash="h")
+    yield s
+    s.close()
+
+
+def test_new_database_has_schema_wal_and_tables(db):
+    assert db.version() == store_mod.schema_version() == len(store_mod.MIGRATIONS)
+    assert db.con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.con.execute("PRAGMA busy_timeout").fetchone()[0] == store_mod.BUSY_TIMEOUT_MS
+    tables = {r[0] for r in db.con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"schema_version", "runs", "points", "models", "windows", "traces"} <= tables
+
+
+def test_point_with_models_windows_traces_and_full_json(db):
+    pid = db.add_point("run1", "k1", CONFIG, "done", document=doc(model_record(), model_record("dense_total", "dense")))
+    assert db.con.execute("SELECT COUNT(*) FROM models WHERE point_id=?", (pid,)).fetchone()[0] == 2
+    assert db.con.execute("SELECT COUNT(*) FROM windows").fetchone()[0] == 4
+    assert db.con.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 8  # 4 windows x 2 devices
+    row = db.model_rows()[0]
+    assert row["inferences_per_joule_min"] == pytest.approx(9.0) and row["average_power_w"] is None  # NaN -> NULL
+    assert row["point_label"] == "tiny" and row["point_experts"] == 4
+    full = json.loads(row["record_json"])
+    assert full["new_field_from_the_future"] == {"kept": True}  # nothing is lost
+    assert "trace" not in full["windows"][0]  # traces live in their table
+    traces = db.traces()
+    first = traces[min(traces)]
+    assert first[0] == ("cpu:0", [0.0, 0.5, 1.0], [10.0, 11.0, 12.0])
+    assert db.completed_keys() == {"k1"}
+    point = db.points()[0]
+    assert json.loads(point["document_json"])["environment"] == {"device": "cpu"}
+    assert json.loads(point["config_json"]) == CONFIG
+
+
+def test_failed_point_is_not_complete_and_a_failed_write_leaves_nothing(db):
+    db.add_point("run1", "k2", CONFIG, "failed", reason="RuntimeError: boom")
+    assert db.completed_keys() == set()
+    bad = model_record()
+    bad["windows"][1]["inferences"] = object()  # sqlite cannot bind this: the whole point must roll back
+    with pytest.raises(sqlite3.Error):
+        db.add_point("run1", "k3", CONFIG, "done", document=doc(model_record(), bad))
+    assert [p["point_key"] for p in db.points()] == ["k2"]
+    assert db.con.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
+    assert db.integrity() == "ok"
+
+
+def test_newer_schema_is_refused_in_one_line(tmp_path):
+    p = tmp_path / "new.db"
+    Store(p).close()
+    con = sqlite3.connect(p)
+    con.execute("UPDATE schema_version SET version = 99")
+    con.commit()
+    con.close()
+    with pytest.raises(ConfigError) as e:
+        Store(p)
+    msg = str(e.value)
+    assert "schema version 99 is newer" in msg and "\n" not in msg
+
+
+def test_migrations_apply_in_order_and_atomically(tmp_path, monkeypatch):
+    p = tmp_path / "old.db"
+    Store(p).close()  # version 1
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, "ALTER TABLE runs ADD COLUMN note TEXT"])
+    s = Store(p)
+    assert s.version() == 2
+    assert "note" in [r[1] for r in s.con.execute("PRAGMA table_info(runs)")]
+    s.close()
+    # a migration that fails half way leaves the version and the schema untouched
+    monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, "CREATE TABLE extra (x INT); SELECT nope"])
+    with pytest.raises(ConfigError, match="from version 2 to 3 failed"):
+        Store(p)
+    con = sqlite3.connect(p)
+    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    assert con.execute("SELECT COUNT(*) FROM sqlite_master WHERE name='extra'").fetchone()[0] == 0
+
+
+def test_missing_or_garbage_database_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such database"):
+        Store(tmp_path / "absent.db", create=False)
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ConfigError, match="not a usable SQLite database"):
+        Store(junk)
+    with pytest.raises(ConfigError, match="is a directory"):
+        Store(tmp_path)
+
+
+def test_export_csv_and_json(db):
+    db.add_point("run1", "k1", CONFIG, "done", document=doc(model_record(), model_record("dense_total", "dense")))
+    rows = list(csv.DictReader(io.StringIO(db.export_csv("models"))))
+    assert len(rows) == 2 and rows[0]["name"] == "moe[grouped]" and float(rows[0]["inferences_per_joule"]) == 10.0
+    assert "record_json" not in rows[0]
+    assert len(list(csv.DictReader(io.StringIO(db.export_csv("windows"))))) == 4
+    d = db.export_document()
+    assert d["schema"] == "moe-energy/export" and d["runs"][0]["meter"] == {"name": "rapl"}
+    w = d["points"][0]["models"][0]["windows"][1]
+    assert w["trace"]["cpu:0"] == [[0.0, 10.0], [0.5, 11.0], [1.0, 13.0]]
+    json.dumps(d, allow_nan=False)
+
+
+@pytest.mark.parametrize("trace, expected", [
+    ({"gpu0": [[0, 1], [1, 2]]}, [("gpu0", [0.0, 1.0], [1.0, 2.0])]),
+    ([[0, 5], [1, 6]], [("all", [0.0, 1.0], [5.0, 6.0])]),
+    ({"t_s": [0, 1], "power_w": [3, 4]}, [("all", [0.0, 1.0], [3.0, 4.0])]),
+    ([{"t_s": 0, "power_w": 7}], [("all", [0.0], [7.0])]),
+    (None, []), ([], []), ({"gpu0": "garbage"}, []),
+])
+def test_normalize_trace(trace, expected):
+    assert normalize_trace(trace) == expected
+
+
+def test_merge_keeps_each_point_once_and_never_overwrites(tmp_path):
+    a, b = Store(tmp_path / "a.db"), Store(tmp_path / "b.db")
+    for s, keys in ((a, ["k1", "k2"]), (b, ["k2", "k3"])):
+        s.new_run("run1", {}, {}, None)
+        for k in keys:
+            s.add_point("run1", k, CONFIG, "done", document=doc(model_record()))
+        s.close()
+    counts = merge([tmp_path / "a.db", tmp_path / "b.db"], tmp_path / "c.db")
+    assert counts["points"] == 3 and counts["duplicate_points"] == 1 and counts["windows"] == 6
+    with Store(tmp_path / "c.db", create=False) as c:
+        assert sorted(p["point_key"] for p in c.points()) == ["k1", "k2", "k3"]
+        assert c.con.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 12
+        assert c.integrity() == "ok"
+    with pytest.raises(ConfigError, match="already exists"):
+        merge([tmp_path / "a.db"], tmp_path / "c.db")
+    assert not list(tmp_path.glob(".c.db-*"))  # no temporary left behind
+
+
+def test_a_failed_point_retried_in_the_same_run_is_replaced(db):
+    db.add_point("run1", "k1", CONFIG, "failed", reason="RuntimeError: flaky")
+    db.add_point("run1", "k1", CONFIG, "done", document=doc(model_record()))
+    assert [(p["point_key"], p["status"]) for p in db.points()] == [("k1", "done")]
+    with pytest.raises(sqlite3.IntegrityError):  # a completed point is never silently replaced
+        db.add_point("run1", "k1", CONFIG, "done", document=doc(model_record()))
