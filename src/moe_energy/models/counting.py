@@ -78,3 +78,15 @@ def matched_width(target: int, input_dim: int, layers: int, classes: int) -> int
 
 def weight_bytes(params: int, bytes_per_param: int) -> int:
     return params * bytes_per_param
+
+
+def moe_weight_params_read(s: Shape, experts_touched: int | None = None) -> int:
+    """Parameters a batch must read at least: the gate and every expert that got a token.
+
+    ``experts_touched`` defaults to all E (what a batch of >= E/k well-spread tokens reaches); pass the
+    count seen in a real routing for small batches.
+    """
+    n = s.experts if experts_touched is None else experts_touched
+    if not 0 <= n <= s.experts:
+        raise ValueError(f"experts_touched={n} must be between 0 and experts={s.experts}")
+    return gate_params(s) + n * expert_params(s)

@@ -1,15 +1,27 @@
 """Execution strategies: different ways to run the same stacked expert weights.
 
 A strategy is one function ``(x [T, d], expert_idx [T, k], gate_w [T, k], experts) -> y [T, out]``
-registered by name. All return the same outputs (tests hold them to 1e-4 in fp32).
+registered by name. All exact strategies return the same outputs (tests hold them to 1e-4 in fp32);
+``padded_capacity`` matches them whenever no pair overflows its capacity, and counts the pairs it drops.
 
 ``masked_loop`` and ``active_loop`` replicate the seed's two implementations, host syncs and all: they
 are the baseline the fast strategies are measured against, so they keep their Python loops on purpose.
+
+The fast ones (after torchtitan's grouped experts, MegaBlocks' padded form and gpt-fast's dense form):
+  grouped          pairs sorted by expert, one grouped GEMM per layer; no host sync, no padding.
+  padded           pairs packed into [E, C, d], one batched GEMM per layer; C = largest count (one sync).
+  padded_capacity  the same with a fixed C = ceil(factor * T*k / E): static shapes, graph-capturable.
+  dense_experts    every expert on every token (one batched GEMM per layer over a stride-0 [E, T, d]
+                   view), unchosen experts weighted 0: E/k times the FLOPs, but no routing work at all.
+  auto             measures the exact ones on the first batch of each shape and keeps the fastest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -18,10 +30,16 @@ from torch import Tensor
 
 
 class ExpertStack(NamedTuple):
-    """Stacked expert weights: ``weights[l]`` is [E, out_l, in_l] (nn.Linear layout), ``biases[l]`` [E, out_l]."""
+    """Stacked expert weights: ``weights[l]`` is [E, out_l, in_l] (nn.Linear layout), ``biases[l]`` [E, out_l].
+
+    ``counters`` ([2] int64: routed pairs, dropped pairs) is where capacity strategies add their counts,
+    on the device and without a sync; whoever owns it reads it outside any timed window.
+    """
 
     weights: tuple[Tensor, ...]
     biases: tuple[Tensor, ...]
+    capacity_factor: float = 1.25
+    counters: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -40,6 +58,18 @@ class ExpertStack(NamedTuple):
                 h = F.relu(h)
         return h
 
+    def run_batched(self, h: Tensor) -> Tensor:
+        """Every expert on its own rows: h [E, C, d] -> [E, C, out], one batched GEMM per layer."""
+        last = len(self.weights) - 1
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b[:, None, :], h, w.transpose(-2, -1))  # [E, C, out_l]
+            if layer < last:
+                h = h.relu_()  # in place: baddbmm's backward needs its inputs, not its output
+        return h
+
+
+# public as F.grouped_mm in recent torch; torch._grouped_mm (same arguments) before that
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 Strategy = Callable[[Tensor, Tensor, Tensor, ExpertStack], Tensor]
 STRATEGIES: dict[str, Strategy] = {}
@@ -51,6 +81,9 @@ def register(name: str) -> Callable[[Strategy], Strategy]:
         return fn
 
     return deco
+
+
+# --- the seed's two (slow on purpose) -------------------------------------------------------------
 
 
 @register("masked_loop")
@@ -77,6 +110,9 @@ def active_loop(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) 
     return y
 
 
+# --- routing helpers (all on the device) ----------------------------------------------------------
+
+
 class Routing(NamedTuple):
     """(token, expert) pairs sorted by expert, all on the device."""
 
@@ -92,11 +128,11 @@ def sort_by_expert(expert_idx: Tensor, gate_w: Tensor, num_experts: int) -> Rout
     k = expert_idx.shape[1]
     flat = expert_idx.reshape(-1)  # [T*k]
     order = flat.argsort(stable=True)  # [T*k]
-    expert = flat[order]  # [T*k]
+    expert = flat.index_select(0, order)  # [T*k]
     ids = torch.arange(num_experts, device=flat.device, dtype=flat.dtype)  # [E]
     starts = torch.searchsorted(expert, ids, right=False)  # [E]
     ends = torch.searchsorted(expert, ids, right=True, out_int32=True)  # [E]
-    return Routing(order // k, expert, gate_w.reshape(-1)[order], starts, ends)
+    return Routing(order // k, expert, gate_w.reshape(-1).index_select(0, order), starts, ends)
 
 
 def combine(rows: Tensor, r: Routing, num_tokens: int) -> Tensor:
@@ -105,49 +141,183 @@ def combine(rows: Tensor, r: Routing, num_tokens: int) -> Tensor:
     return out.index_add_(0, r.token, rows * r.weight[:, None])
 
 
+def rank_in_expert(flat: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
+    """flat [N] expert of each pair -> (rank [N] of the pair among its expert's pairs, counts [E]).
+
+    A running count over a one-hot [N, E] table: no sort and no sync, and pairs keep token order inside
+    an expert (so capacity drops the latest tokens, as Switch/GShard do).
+    """
+    hits = flat[:, None] == torch.arange(num_experts, device=flat.device)  # [N, E] bool
+    seen = hits.cumsum(0)  # [N, E] int64: pairs of each expert so far
+    rank = seen.gather(1, flat[:, None]).squeeze(1) - 1  # [N]
+    return rank, seen[-1]
+
+
+def capacity_for(num_pairs: int, num_experts: int, num_tokens: int, factor: float) -> int:
+    """Static per-expert capacity C = ceil(factor * pairs / E), at least 1, at most T (an expert's maximum)."""
+    return max(1, min(num_tokens, math.ceil(factor * num_pairs / num_experts)))
+
+
+# --- fast strategies -------------------------------------------------------------------------------
+
+
 @register("grouped")
 def grouped(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
     """Sorted pairs, one grouped GEMM per layer, one scatter-add: no Python loop over experts, no sync."""
     r = sort_by_expert(expert_idx, gate_w, ex.num_experts)
-    h = x[r.token]  # [T*k, d]
+    h = x.index_select(0, r.token)  # [T*k, d]
     last = len(ex.weights) - 1
     for layer, (w, b) in enumerate(zip(ex.weights, ex.biases)):
-        # w [E, out, in] -> transposed view [E, in, out]: its strides stay 16-byte aligned
-        h = F.grouped_mm(h, w.transpose(-2, -1), offs=r.ends) + b[r.expert]  # [T*k, out]
+        # w [E, out, in] -> view [E, in, out]; grouped_mm needs its strides 16-byte aligned (moe.py keeps them so)
+        h = grouped_mm(h, w.transpose(-2, -1), offs=r.ends)  # [T*k, out]
+        h = h.add_(b.index_select(0, r.expert))  # gathered bias; in place: grouped_mm keeps no output
         if layer < last:
-            h = F.relu(h)
+            h = h.relu_()
     return combine(h, r, x.shape[0])
 
 
 def padded_forward(
     x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack, capacity: int | None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """Pairs packed into a padded [E, C, d] buffer and run with one baddbmm per layer.
 
-    ``capacity=None`` is exact mode (C = the largest count: one host sync); a fixed C keeps shapes
-    static (graph-capturable) and drops the pairs past C. Returns (y [T, out], dropped pairs []).
+    ``capacity=None`` is exact mode (C = the largest count: one host sync); a fixed C keeps every shape
+    static (graph-capturable) and drops the pairs past C, which then add nothing to their token.
+    Returns (y [T, out], dropped pairs [] on the device, or None in exact mode).
     """
+    T, k = expert_idx.shape
     E = ex.num_experts
-    r = sort_by_expert(expert_idx, gate_w, E)
-    pair = torch.arange(r.expert.shape[0], device=x.device)  # [T*k]
-    rank = pair - r.starts[r.expert]  # [T*k] position of each pair inside its expert's group
-    if capacity is None:
-        capacity = int((r.ends - r.starts).max())  # exact mode: the one host sync
-    slot = rank.clamp(max=capacity)  # [T*k] dropped pairs all land in the spare slot C
-    dropped = (rank >= capacity).sum()  # [] stays on the device
-    h = x.new_zeros(E, capacity + 1, x.shape[1])  # [E, C+1, d]
-    h[r.expert, slot] = x[r.token]
-    h = h[:, :capacity]  # [E, C, d]
-    last = len(ex.weights) - 1
-    for layer, (w, b) in enumerate(zip(ex.weights, ex.biases)):
-        h = torch.baddbmm(b[:, None, :], h, w.transpose(-2, -1))  # [E, C, out]
-        if layer < last:
-            h = F.relu(h)
-    h = torch.cat([h, h.new_zeros(E, 1, h.shape[2])], dim=1)  # [E, C+1, out]: spare slot reads 0
-    return combine(h[r.expert, slot], r, x.shape[0]), dropped
+    flat = expert_idx.reshape(-1)  # [N = T*k]
+    rank, counts = rank_in_expert(flat, E)  # [N], [E]
+    token = torch.arange(T * k, device=x.device) // k  # [N] token of each pair
+    if capacity is None:  # exact: every pair has a row
+        C = int(counts.max())  # the one host sync
+        slot = flat * C + rank  # [N] row of each pair in [E*C]
+        keep = dropped = None
+    else:
+        C = capacity
+        keep = rank < C  # [N]
+        slot = torch.where(keep, flat * C + rank, E * C)  # dropped pairs -> one spare row past the end
+        dropped = (~keep).sum()
+    src = torch.zeros(E * C + 1, dtype=torch.long, device=x.device)  # [E*C+1] token feeding each row
+    src = src.index_put_((slot,), token)  # empty rows read token 0: computed, never read back
+    h = ex.run_batched(x.index_select(0, src[: E * C]).view(E, C, -1))  # [E, C, out]
+    rows = h.view(E * C, -1).index_select(0, slot if keep is None else slot.clamp(max=E * C - 1))
+    w = gate_w if keep is None else gate_w * keep.view(T, k)  # [T, k] a dropped pair weighs 0
+    y = torch.bmm(w.to(rows.dtype)[:, None, :], rows.view(T, k, -1)).squeeze(1)  # [T, out]
+    return y, dropped
 
 
 @register("padded")
 def padded(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
     """Padded batched GEMM, exact capacity (no pair dropped)."""
     return padded_forward(x, expert_idx, gate_w, ex, capacity=None)[0]
+
+
+@register("padded_capacity")
+def padded_capacity(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+    """Padded batched GEMM with C fixed by ``ex.capacity_factor``: no sync at all; overflow is dropped and
+    counted into ``ex.counters``."""
+    T, k = expert_idx.shape
+    C = capacity_for(T * k, ex.num_experts, T, ex.capacity_factor)
+    y, dropped = padded_forward(x, expert_idx, gate_w, ex, capacity=C)
+    if ex.counters is not None:
+        ex.counters[0].add_(T * k)
+        ex.counters[1].add_(dropped)
+    return y
+
+
+@register("dense_experts")
+def dense_experts(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+    """Every expert on every token, weighted by a dense [T, E] gate (0 for unchosen experts)."""
+    T, E = x.shape[0], ex.num_experts
+    h = ex.run_batched(x.expand(E, T, x.shape[1]))  # [E, T, out]: stride-0 batch, no copy of x
+    g = x.new_zeros(T, E).scatter_(1, expert_idx, gate_w.to(x.dtype))  # [T, E]
+    return torch.bmm(g[:, None, :], h.transpose(0, 1)).squeeze(1)  # [T, 1, E] @ [T, E, out] -> [T, out]
+
+
+# --- auto: measure, then keep the fastest ---------------------------------------------------------
+
+# Only exact strategies: auto may change the speed, never the answer.
+AUTO_CANDIDATES: tuple[str, ...] = ("grouped", "padded", "dense_experts")
+
+
+class AutoChoice(NamedTuple):
+    name: str  # the strategy auto runs for this key: the least best_ms
+    probe_ms: dict[str, float]  # median ms per forward of each candidate that ran
+    best_ms: dict[str, float]  # fastest round of each (load on the host only ever adds time)
+    errors: dict[str, str]  # candidates that cannot run here, with the reason
+    key: tuple
+
+
+_AUTO_CACHE: dict[tuple, AutoChoice] = {}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def auto_key(x: Tensor, expert_idx: Tensor, ex: ExpertStack, candidates: Sequence[str]) -> tuple:
+    """What the choice depends on: device, dtype, batch, k, every weight's shape and memory layout."""
+    weights = tuple((tuple(w.shape), tuple(w.stride())) for w in ex.weights)
+    return (str(x.device), str(x.dtype), x.shape[0], expert_idx.shape[1], weights, tuple(candidates))
+
+
+def probe(
+    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack, candidates: Sequence[str],
+    budget_s: float = 0.5, min_rounds: int = 5, max_rounds: int = 40,
+) -> AutoChoice:
+    """Time each candidate on this very batch, interleaved round by round so that background load hits all
+    of them alike; the fastest round of each decides (noise from other work only ever adds time)."""
+    errors: dict[str, str] = {}
+    times: dict[str, list[float]] = {}
+    for name in candidates:
+        try:
+            STRATEGIES[name](x, expert_idx, gate_w, ex)  # first call: allocator, kernel selection
+            _sync(x.device)
+        except Exception as e:  # e.g. grouped_mm without a kernel for this device/dtype
+            lines = str(e).strip().splitlines()
+            errors[name] = f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+            continue
+        times[name] = []
+    if not times:
+        raise RuntimeError(f"no MoE strategy runs here: {errors}")
+    t_start = time.perf_counter()
+    for rnd in range(max_rounds):
+        for name, ts in times.items():
+            t0 = time.perf_counter()
+            STRATEGIES[name](x, expert_idx, gate_w, ex)
+            _sync(x.device)
+            ts.append(time.perf_counter() - t0)
+        if rnd + 1 >= min_rounds and time.perf_counter() - t_start > budget_s:
+            break
+    probe_ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    best_ms = {n: min(v) * 1e3 for n, v in times.items()}
+    name = min(best_ms, key=best_ms.__getitem__)
+    return AutoChoice(name, probe_ms, best_ms, errors, auto_key(x, expert_idx, ex, candidates))
+
+
+@torch.compiler.disable  # timing is host-side Python: never traced into a graph
+def choose(
+    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack, candidates: Sequence[str] = AUTO_CANDIDATES
+) -> AutoChoice:
+    """The fastest candidate for this (device, dtype, shape, batch), probed once and then cached."""
+    key = auto_key(x, expert_idx, ex, candidates)
+    hit = _AUTO_CACHE.get(key)
+    if hit is None:
+        hit = _AUTO_CACHE[key] = probe(x, expert_idx, gate_w, ex, candidates)
+    return hit
+
+
+def forget_choices() -> None:
+    """Drop every cached auto choice (e.g. after the host's load changed)."""
+    _AUTO_CACHE.clear()
+
+
+@register("auto")
+def auto(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+    """The fastest exact strategy for this device, dtype and shape, measured on first use."""
+    return STRATEGIES[choose(x, expert_idx, gate_w, ex).name](x, expert_idx, gate_w, ex)

@@ -1,0 +1,136 @@
+"""`moe-energy bench-strategies` and `moe-energy calibrate`."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.markup import escape
+from rich.table import Table
+
+from .. import roofline
+from ..config import DTYPES, ConfigError
+from ..models.strategies import STRATEGIES
+from ..results import check_writable, write_atomic
+from . import command, console, fmt, split_list
+from .options import add_shape_arguments, resolve
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    add_shape_arguments(p)
+    g = p.add_argument_group("measurement")
+    g.add_argument("--batch-size", type=int, dest="batch_size", help="tokens per batch (default 128)")
+    g.add_argument("--dtype", help="float32|bfloat16|float16 (default float32)")
+    g.add_argument("--device", help="auto|cpu|cuda|mps (default auto: cuda > mps > cpu)")
+    g.add_argument("--moe-strategy", dest="strategies",
+                   help=f"comma list of {', '.join(STRATEGIES)} (default all)")
+    g.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd models (CUDA graphs on a GPU); compile time reported apart")
+    g.add_argument("--seconds", type=float, default=3.0, help="timed seconds per group of interleaved models")
+    g.add_argument("--seed", type=int, help="seed for the random weights and batch (default 0)")
+    g.add_argument("--out", help="directory for the JSON results (default results/)")
+
+
+def strategies_table(doc: dict) -> Table:
+    o, env = doc["options"], doc["environment"]
+    t = Table(title=f"MoE strategies vs dense ({env['device_name']}, {o['dtype']}, batch {o['batch_size']}"
+                    f"{', compiled' if o['compile'] else ''}): median of interleaved rounds")
+    # speed-up: over the seed's optimized MoE (active_loop); eff. vs ideal: active-matched dense ms / this ms
+    for col in ("model", "layout", "ms/batch", "inferences/s", "vs active_loop", "eff. vs ideal", "GFLOP/s",
+                "bound ms", "of roofline", "note"):
+        t.add_column(col, justify="left" if col in ("model", "layout", "note") else "right")
+    for r in doc["rows"]:
+        note = ""
+        if r["kind"] == "moe" and r.get("resolved_strategy") not in (None, r.get("strategy")):
+            note = f"auto chose {r['resolved_strategy']}"
+        if r.get("dropped_pairs_per_batch") is not None:
+            note = f"drops {r['dropped_pairs_per_batch']}/{r['routed_pairs_per_batch']} pairs"
+        if r.get("compile_s") is not None:
+            note += f"{'; ' if note else ''}compile {r['compile_s']:.1f} s"
+        if (r["fraction_of_roofline"] or 0) > 1.05:  # the calibration ran slower than this model: redo it
+            note += f"{'; ' if note else ''}above roofline: run calibrate --force when the host is idle"
+        t.add_row(escape(r["name"]), r.get("weight_layout") or "", fmt(r["ms_per_batch"], ".3f"),
+                  fmt(r["inferences_per_second"]), fmt(r["speedup_vs_active_loop"], ".2f", "x"),
+                  fmt(r["efficiency_vs_ideal"], ".2f") if r["kind"] == "moe" else "(dense)",
+                  fmt(r["achieved_gflops"], ".1f"), fmt(r["roofline_bound_ms"], ".3g"),
+                  fmt(r["fraction_of_roofline"], ".0%"), escape(note))
+    return t
+
+
+def _roofline_for(device, dtype: str) -> roofline.Roofline:
+    roof = roofline.load(device)
+    if roof is None or dtype not in roof.gemm_flops_per_s:
+        console.print(f"no roofline cached for {roofline.device_name(device)}: calibrating (once) ...")
+        roof = roofline.calibrate(device)
+    return roof
+
+
+@command("bench-strategies", "Time every MoE strategy and both dense baselines on one batch; print and save JSON.",
+         _bench_args)
+def bench_strategies(args: argparse.Namespace) -> int:
+    from ..strategy_bench import bench_strategies as run_bench
+
+    given = args.strategies
+    args.strategies = None  # validated below: the default here is every strategy, not run's default
+    spec, opts = resolve(args)
+    strategies = split_list(given) if given else tuple(STRATEGIES)
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ConfigError(f"--moe-strategy {','.join(unknown)} is unknown; choose from {', '.join(STRATEGIES)}")
+    if not (args.seconds > 0 and args.seconds < 1e6):
+        raise ConfigError(f"--seconds {args.seconds} must be a positive number of seconds")
+    check_writable(opts.out)
+    from ..runner import resolve_device
+
+    device = resolve_device(opts.device)
+    roof = _roofline_for(device, opts.dtype)
+    with console.status("benchmarking strategies") as status:
+        doc = run_bench(spec, batch_size=opts.batch_size, dtype=opts.dtype, device=device, strategies=strategies,
+                        compile=args.compile, seconds=args.seconds, seed=opts.seed, roof=roof,
+                        on_phase=lambda msg: status.update(msg))
+    doc["options"]["preset"] = opts.extra.get("preset")
+    console.print(strategies_table(doc))
+    tag = opts.extra.get("preset") or "custom"
+    stamp = doc["created_utc"].replace(":", "").replace("-", "")[:15]
+    stem = f"strategies-{tag}-{opts.dtype}-b{opts.batch_size}-{stamp}"
+    path = write_atomic(doc, opts.out, stem)
+    console.print(f"results written to {path}")
+    return 0
+
+
+def _calibrate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|mps (default auto: cuda > mps > cpu)")
+    p.add_argument("--dtype", help=f"comma list of {', '.join(DTYPES)} (default all)")
+    p.add_argument("--seconds", type=float, default=0.6, help="measuring seconds per figure")
+    p.add_argument("--force", action="store_true", help="measure again even if this device is cached")
+
+
+@command("calibrate", "Measure this device's attainable GEMM FLOP/s and memory bandwidth once, and cache them.",
+         _calibrate_args)
+def calibrate(args: argparse.Namespace) -> int:
+    dtypes = split_list(args.dtype) or DTYPES
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise ConfigError(f"--dtype {','.join(bad)} is unknown; choose from {', '.join(DTYPES)}")
+    if not (args.seconds > 0 and args.seconds < 1e4):
+        raise ConfigError(f"--seconds {args.seconds} must be a positive number of seconds")
+    from ..runner import resolve_device
+
+    device = resolve_device(args.device)
+    roof = roofline.load(device)
+    if roof is None or args.force or any(d not in roof.gemm_flops_per_s for d in dtypes):
+        with console.status(f"calibrating {roofline.device_name(device)}"):
+            roof = roofline.calibrate(device, tuple(dtypes), args.seconds)
+        how = "measured now"
+    else:
+        how = f"cached, measured {roof.measured_utc} (--force to measure again)"
+    t = Table(title=f"roofline of {escape(roof.device_name)} ({how})")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_column("method")
+    for d, f in roof.gemm_flops_per_s.items():
+        t.add_row(f"GEMM {d}", f"{f / 1e9:,.1f} GFLOP/s", f"best {roof.gemm_size}^3 matmul")
+    t.add_row("memory bandwidth", f"{roof.bandwidth_bytes_per_s / 1e9:,.1f} GB/s",
+              f"best copy of {roof.copy_bytes / 2**20:,.0f} MiB (read + write)")
+    console.print(t)
+    console.print(f"cache: {roofline.cache_path()}")
+    return 0

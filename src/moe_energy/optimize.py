@@ -1,0 +1,147 @@
+"""Whole-forward preparation for a benchmark window, applied alike to dense and MoE models.
+
+``prepare`` casts (bf16/fp16), picks the MoE's weight layout and strategy by measuring them, and
+optionally compiles (``torch.compile``; CUDA graphs via mode="reduce-overhead" on a GPU). Everything
+slow (probes, compilation, graph capture) happens here, so it is timed and reported apart from the
+measured window and never inside it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError
+from .models.moe import LAYOUTS, MoE
+from .models.strategies import AUTO_CANDIDATES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def compile_candidates(dtype: torch.dtype) -> tuple[str, ...]:
+    """Strategies torch.compile can trace: grouped_mm's meta kernel accepts bf16 only (torch 2.13)."""
+    return tuple(s for s in AUTO_CANDIDATES if s != "grouped" or dtype == torch.bfloat16)
+
+
+@torch.inference_mode()
+def best_ms(model: nn.Module, x: Tensor, reps: int = 7) -> float:
+    """Fastest of ``reps`` synced forwards, in ms, after one untimed call (other work only adds time)."""
+    model(x)
+    sync(x.device)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model(x)
+        sync(x.device)
+        ts.append(time.perf_counter() - t0)
+    return min(ts) * 1e3
+
+
+@torch.inference_mode()
+def choose_layout(moe: MoE, example: Tensor) -> tuple[str, dict[str, float]]:
+    """Try each weight layout with the MoE's strategy (auto: its best candidate); keep the fastest.
+
+    Returns (layout, fastest ms per layout). The MoE is left in the winning layout.
+    """
+    ms: dict[str, float] = {}
+    for layout in LAYOUTS:
+        moe.set_layout(layout)
+        if moe.strategy == "auto":
+            moe(example)  # probes (or finds cached) the candidates for this layout
+            assert moe.auto_choice is not None
+            ms[layout] = min(moe.auto_choice.best_ms.values())
+        else:
+            ms[layout] = best_ms(moe, example)
+    best = min(ms, key=ms.__getitem__)
+    moe.set_layout(best)
+    if moe.strategy == "auto":
+        moe(example)  # auto_choice now describes the kept layout (a cache hit)
+    return best, ms
+
+
+def prepare(
+    model: nn.Module,
+    *,
+    dtype: str | torch.dtype,
+    compile: bool,
+    device: str | torch.device,
+    example: Tensor | None = None,
+    layout: str = "auto",
+) -> tuple[nn.Module, dict]:
+    """Make ``model`` ready for a benchmark window; returns (module to call, facts for the results).
+
+    ``example`` is a batch like the window's (default: 128 random rows); probes and compilation run on it.
+    ``layout`` (MoE only): "auto" measures both weight layouts, "keep" leaves them, or one of LAYOUTS.
+    The facts: dtype, compile (bool, mode, seconds), and for an MoE the strategy asked for, the one
+    that runs, auto's probe timings, the weight layout and its probe timings, the seconds all of it took.
+    """
+    t_start = time.perf_counter()
+    device = torch.device(device)
+    dt = dtype_of(dtype)
+    model.to(device=device, dtype=dt).eval()
+    if example is None:
+        in_dim = getattr(model, "input_dim", None)
+        if in_dim is None:
+            raise ValueError("prepare needs an example batch for a model without .input_dim")
+        example = torch.randn(128, in_dim)
+    example = example.to(device=device, dtype=dt)
+    info: dict = {"dtype": dtype_name(dt), "device": str(device), "compile": bool(compile), "compile_mode": None,
+                  "compile_s": None}
+    if isinstance(model, MoE):
+        if compile and model.strategy == "auto":
+            model.auto_candidates = compile_candidates(dt)
+        if layout == "auto":
+            info["weight_layout"], info["layout_probe_ms"] = choose_layout(model, example)
+        else:
+            if layout != "keep":
+                model.set_layout(layout)
+            info["weight_layout"], info["layout_probe_ms"] = model.layout, None
+            if model.strategy == "auto":
+                with torch.inference_mode():
+                    model(example)
+        requested = model.strategy
+        facts = model.strategy_info()
+        info.update(strategy=requested, resolved_strategy=facts["resolved_strategy"],
+                    auto_probe_ms=facts["auto_probe_ms"], auto_probe_best_ms=facts["auto_probe_best_ms"],
+                    auto_unavailable=facts["auto_unavailable"])
+        if compile and requested == "auto":
+            model.strategy = facts["resolved_strategy"]  # a graph needs one fixed strategy, not a probe
+    info["prepare_s"] = time.perf_counter() - t_start
+    if not compile:
+        return model, info
+    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: no per-kernel launch cost
+    info["compile_mode"] = mode or "default"
+    t0 = time.perf_counter()
+    try:
+        fast = torch.compile(model, mode=mode, dynamic=False)
+        with torch.inference_mode():
+            for _ in range(3):  # compile, then (reduce-overhead) record the graph, then replay it once
+                fast(example)
+        sync(device)
+    except Exception as e:  # no C++ compiler, no Triton, an op inductor cannot lower...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"--compile: torch.compile failed here ({type(e).__name__}: {first}); "
+                          "run without --compile") from None
+    info["compile_s"] = time.perf_counter() - t0
+    return fast, info

@@ -1,0 +1,179 @@
+"""Roofline: this host's attainable GEMM FLOP/s (per dtype) and memory bandwidth, measured once and cached.
+
+A batch cannot finish faster than max(FLOPs / attainable FLOP/s, bytes / attainable bandwidth); the
+fraction of that bound a model reaches says how much of the hardware its implementation leaves unused.
+"Attainable" means measured here (the best of a few large matmuls, the best of a few large copies), not
+a datasheet peak. The cache lives in $MOE_ENERGY_CACHE_DIR (default ~/.cache/moe-energy)/roofline.json,
+one entry per device name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .environment import cpu_model
+
+CACHE_ENV = "MOE_ENERGY_CACHE_DIR"
+CACHE_FILE = "roofline.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Roofline:
+    device_name: str
+    gemm_flops_per_s: dict[str, float]  # dtype name -> best measured FLOP/s of a large square matmul
+    bandwidth_bytes_per_s: float  # best measured (read + write) bytes/s of a large tensor copy
+    gemm_size: int
+    copy_bytes: int
+    measured_utc: str
+    method: str = "measured: best of repeated large matmuls (2n^3 FLOPs) and large copies (2 x size bytes)"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def bound_s(self, flops: float, bytes_moved: float, dtype: str) -> float | None:
+        """Least seconds for ``flops`` and ``bytes_moved``; None when this dtype was not calibrated."""
+        peak = self.gemm_flops_per_s.get(dtype)
+        if peak is None or peak <= 0 or self.bandwidth_bytes_per_s <= 0:
+            return None
+        return max(flops / peak, bytes_moved / self.bandwidth_bytes_per_s)
+
+    def fraction_of_bound(self, seconds: float, flops: float, bytes_moved: float, dtype: str) -> float | None:
+        """bound / measured, in (0, 1] for a sane measurement; None when not computable."""
+        bound = self.bound_s(flops, bytes_moved, dtype)
+        if bound is None or seconds <= 0:
+            return None
+        return bound / seconds
+
+
+def figures(roof: Roofline | None, seconds_per_batch: float, flops_per_batch: float, weight_bytes_per_batch: float,
+            dtype: str) -> dict:
+    """The roofline columns of a result row: the bound in ms and the fraction of it reached (None when the
+    device or dtype was never calibrated: never 0 or inf)."""
+    bound = roof.bound_s(flops_per_batch, weight_bytes_per_batch, dtype) if roof else None
+    return {
+        "flops_per_batch": flops_per_batch,
+        "weight_bytes_per_batch": weight_bytes_per_batch,
+        "roofline_bound_ms": bound * 1e3 if bound is not None else None,
+        "fraction_of_roofline": bound / seconds_per_batch if bound is not None and seconds_per_batch > 0 else None,
+    }
+
+
+def cache_path() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moe-energy"
+    return Path(root) / CACHE_FILE
+
+
+def device_name(device: torch.device) -> str:
+    """The cache key: what the figures belong to (CPU model and thread count, or the GPU's name)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_properties(device).name}"
+    if device.type == "mps":
+        return "mps:Apple MPS"
+    return f"cpu:{cpu_model()} x{torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _best_rate(fn, work: float, device: torch.device, seconds: float, min_reps: int = 3) -> float:
+    """Best work/s over repeated calls for about ``seconds`` (after one untimed call)."""
+    fn()
+    _sync(device)
+    best = 0.0
+    t_end = time.perf_counter() + seconds
+    reps = 0
+    while reps < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        dt = time.perf_counter() - t0
+        if dt > 0:
+            best = max(best, work / dt)
+        reps += 1
+    return best
+
+
+def measure_gemm(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return _best_rate(lambda: torch.mm(a, b), 2.0 * n**3, device, seconds)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int, seconds: float) -> float:
+    src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    return _best_rate(lambda: dst.copy_(src), 2.0 * src.numel() * 4, device, seconds)
+
+
+def default_sizes(device: torch.device) -> tuple[int, int]:
+    """(matmul n, copy bytes): big enough to leave caches and launch overhead behind, short on a CPU."""
+    if device.type == "cpu":
+        return 1536, 256 * 2**20
+    return 8192, 2 * 2**30
+
+
+def calibrate(
+    device: torch.device,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16"),
+    seconds: float = 0.6,
+    gemm_size: int | None = None,
+    copy_bytes: int | None = None,
+    save: bool = True,
+) -> Roofline:
+    """Measure and (``save``) cache this device's roofline; about ``seconds`` per figure."""
+    n, nbytes = default_sizes(device)
+    n, nbytes = gemm_size or n, copy_bytes or nbytes
+    flops = {name: measure_gemm(device, DTYPES[name], n, seconds) for name in dtypes}
+    bw = measure_bandwidth(device, nbytes, seconds)
+    roof = Roofline(device_name(device), flops, bw, n, nbytes,
+                    datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    if save:
+        _store(roof)
+    return roof
+
+
+def _read_cache() -> dict:
+    try:
+        doc = json.loads(cache_path().read_text())
+    except (OSError, ValueError):  # absent or unreadable: as if never calibrated
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _store(roof: Roofline) -> None:
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = _read_cache()
+    doc[roof.device_name] = roof.as_dict()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".roofline-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, path)  # a cache: replacing the previous calibration is the point
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(device: torch.device) -> Roofline | None:
+    """The cached roofline of this device, or None if it was never calibrated (run `moe-energy calibrate`)."""
+    entry = _read_cache().get(device_name(device))
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return Roofline(**entry)
+    except TypeError:  # an entry from another version of this tool: recalibrate
+        return None

@@ -1,0 +1,93 @@
+"""bench-strategies and calibrate: every strategy and both dense baselines timed, derived figures consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moe_energy import roofline
+from moe_energy.cli import main
+from moe_energy.config import ModelSpec
+from moe_energy.models.strategies import STRATEGIES
+from moe_energy.roofline import Roofline
+from moe_energy.strategy_bench import bench_strategies
+
+SPEC = ModelSpec(experts=4, hidden=16, layers=2, top_k=2, input_dim=12, classes=4)
+TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "12",
+        "--classes", "4", "--device", "cpu", "--batch-size", "16", "--seconds", "0.05"]
+
+
+def fake_roof(name: str = "cpu:test") -> Roofline:
+    return Roofline(name, {"float32": 1e11, "bfloat16": 4e11, "float16": 1e11}, 1e10, 64, 2**20,
+                    "2026-01-01T00:00:00+00:00")
+
+
+@pytest.fixture
+def cached_roof(tmp_path, monkeypatch):
+    """A roofline already in the cache for this CPU, so the CLI does not spend seconds calibrating."""
+    import torch
+
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "cache"))
+    r = fake_roof(roofline.device_name(torch.device("cpu")))
+    roofline._store(r)
+    return r
+
+
+def test_every_strategy_and_both_dense_models_get_a_row():
+    doc = bench_strategies(SPEC, batch_size=16, seconds=0.05, warmup_s=0, roof=fake_roof())
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(rows) == {"dense_total", "dense_active"} | {f"moe[{s}]" for s in STRATEGIES}
+    base, ideal = rows["moe[active_loop]"], rows["dense_active"]
+    assert base["speedup_vs_active_loop"] == pytest.approx(1.0)
+    for r in rows.values():
+        assert r["ms_per_batch"] > 0 and r["rounds"] >= 5
+        assert r["inferences_per_second"] == pytest.approx(16 / (r["ms_per_batch"] / 1e3))
+        assert r["speedup_vs_active_loop"] == pytest.approx(base["ms_per_batch"] / r["ms_per_batch"])
+        bound_s = max(r["flops_per_batch"] / 1e11, r["weight_bytes_per_batch"] / 1e10)
+        assert r["roofline_bound_ms"] == pytest.approx(bound_s * 1e3)
+        assert r["fraction_of_roofline"] == pytest.approx(bound_s / (r["ms_per_batch"] / 1e3))
+        if r["kind"] == "moe":
+            assert r["efficiency_vs_ideal"] == pytest.approx(ideal["ms_per_batch"] / r["ms_per_batch"])
+            assert set(r["ms_per_batch_by_layout"]) == {"out_in", "in_out"}
+            assert r["ms_per_batch"] == min(r["ms_per_batch_by_layout"].values())
+        else:
+            assert r["efficiency_vs_ideal"] is None
+    # FLOPs per batch: the MoE's active work; weights read: gate + the experts the batch reached
+    assert rows["moe[grouped]"]["flops_per_batch"] == 16 * 2 * (12 * 4 + 2 * (12 * 16 + 16 * 16 + 16 * 4))
+    assert rows["moe[auto]"]["resolved_strategy"] in rows["moe[auto]"]["auto_probe_ms"]
+    cap = rows["moe[padded_capacity]"]
+    assert cap["routed_pairs_per_batch"] == 32 and 0 <= cap["dropped_pairs_per_batch"] <= 32
+
+
+def test_without_roofline_fractions_are_withheld_not_zero():
+    doc = bench_strategies(SPEC, batch_size=8, seconds=0.02, warmup_s=0, strategies=["active_loop", "padded"],
+                           roof=None)
+    assert len(doc["rows"]) == 4
+    assert all(r["fraction_of_roofline"] is None and r["roofline_bound_ms"] is None for r in doc["rows"])
+
+
+def test_cli_prints_table_and_writes_json(tmp_path, cached_roof, capsys):
+    out = tmp_path / "res"
+    assert main(["bench-strategies", *TINY, "--moe-strategy", "active_loop,grouped", "--out", str(out)]) == 0
+    files = list(out.glob("strategies-custom-float32-b16-*.json"))
+    assert len(files) == 1
+    doc = json.loads(files[0].read_text())
+    assert doc["schema"] == "moe-energy/strategy-bench" and doc["options"]["strategies"] == ["active_loop", "grouped"]
+    assert doc["roofline"]["device_name"] == cached_roof.device_name
+    text = capsys.readouterr().out
+    assert "moe[grouped]" in text and "dense_active" in text and "results written to" in text
+
+
+@pytest.mark.parametrize(("args", "msg"), [(["--moe-strategy", "fastest"], "fastest"),
+                                           (["--seconds", "0"], "--seconds"), (["--dtype", "int8"], "dtype")])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, cached_roof, capsys, args, msg):
+    assert main(["bench-strategies", *TINY, *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibrate_uses_the_cache_unless_forced(cached_roof, capsys):
+    assert main(["calibrate", "--device", "cpu"]) == 0
+    assert "cached" in capsys.readouterr().out
+    assert main(["calibrate", "--device", "cpu", "--dtype", "int4"]) == 2

@@ -1,0 +1,69 @@
+"""Roofline: measured figures cached per device under MOE_ENERGY_CACHE_DIR, and the bound's arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_energy import roofline
+from moe_energy.roofline import Roofline
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path))
+    return tmp_path
+
+
+def fake(**kw) -> Roofline:
+    base = dict(device_name="cpu:test", gemm_flops_per_s={"float32": 1e11}, bandwidth_bytes_per_s=1e10,
+                gemm_size=64, copy_bytes=2**20, measured_utc="2026-01-01T00:00:00+00:00")
+    return Roofline(**{**base, **kw})
+
+
+def test_calibrate_measures_caches_and_loads(cache_dir):
+    cpu = torch.device("cpu")
+    assert roofline.load(cpu) is None
+    r = roofline.calibrate(cpu, ("float32",), seconds=0.01, gemm_size=64, copy_bytes=2**20)
+    assert r.gemm_flops_per_s["float32"] > 1e6 and r.bandwidth_bytes_per_s > 1e6
+    doc = json.loads((cache_dir / "roofline.json").read_text())
+    assert list(doc) == [roofline.device_name(cpu)]
+    assert roofline.load(cpu) == r
+    assert not list(cache_dir.glob(".roofline-*"))  # no temp file left behind
+
+
+def test_cache_keeps_other_devices(cache_dir):
+    other = fake(device_name="cuda:Other GPU")
+    (cache_dir / "roofline.json").write_text(json.dumps({other.device_name: other.as_dict()}))
+    roofline.calibrate(torch.device("cpu"), ("float32",), seconds=0.01, gemm_size=32, copy_bytes=2**16)
+    assert len(json.loads((cache_dir / "roofline.json").read_text())) == 2
+
+
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", json.dumps({"x": 1})])
+def test_unreadable_cache_reads_as_uncalibrated(cache_dir, content):
+    (cache_dir / "roofline.json").write_text(content)
+    assert roofline.load(torch.device("cpu")) is None
+
+
+def test_stale_entry_reads_as_uncalibrated(cache_dir):
+    (cache_dir / "roofline.json").write_text(json.dumps({roofline.device_name(torch.device("cpu")): {"old": 1}}))
+    assert roofline.load(torch.device("cpu")) is None
+
+
+def test_bound_is_the_slower_of_compute_and_memory():
+    r = fake()
+    assert r.bound_s(1e11, 0, "float32") == pytest.approx(1.0)  # compute-bound: 1e11 FLOPs at 1e11/s
+    assert r.bound_s(1e9, 3e10, "float32") == pytest.approx(3.0)  # memory-bound: 3e10 B at 1e10 B/s
+    assert r.fraction_of_bound(4.0, 1e9, 3e10, "float32") == pytest.approx(0.75)
+    assert r.bound_s(1e9, 1e9, "bfloat16") is None  # not calibrated for that dtype
+    assert r.fraction_of_bound(0.0, 1e9, 1e9, "float32") is None
+
+
+def test_figures_withhold_what_was_not_calibrated():
+    got = roofline.figures(fake(), 4.0, 1e9, 3e10, "float32")
+    assert got == {"flops_per_batch": 1e9, "weight_bytes_per_batch": 3e10, "roofline_bound_ms": pytest.approx(3000.0),
+                   "fraction_of_roofline": pytest.approx(0.75)}
+    none = roofline.figures(None, 0.004, 1e9, 3e10, "float32")
+    assert none["roofline_bound_ms"] is None and none["fraction_of_roofline"] is None
