@@ -1,3 +1,65 @@
-"""moe-energy: measure when a Mixture-of-Experts model really uses less energy per inference than a dense one."""
+"""moe-energy: measure when a Mixture-of-Experts model really uses less energy per inference than a dense one.
+
+The public Python API (everything else is private)::
+
+    import moe_energy as me
+    meter = me.auto_meter()                       # the meter `--meter auto` picks
+    with meter.window("my-block") as w:           # syncs the device at both edges
+        model(x)
+    w.result.joules, w.result.seconds, w.result.method
+    res = me.benchmark(model, x, duration=10, repeats=3)
+    moe = me.MoE(experts=8, hidden=256, layers=3, top_k=2, strategy="auto")
+    dense = me.matched_dense(moe, match="total")
+
+Names load on first use, so ``import moe_energy`` stays light (torch is imported only when needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "auto_meter": ("api", "auto_meter"),
+    "make_meter": ("api", "make_meter"),
+    "benchmark": ("api", "benchmark"),
+    "BenchmarkResult": ("api", "BenchmarkResult"),
+    "Measurement": ("energy.meter", "Measurement"),
+    "MeterBase": ("energy.meter", "MeterBase"),
+    "MoE": ("models.moe", "MoE"),
+    "DenseMLP": ("models.dense", "DenseMLP"),
+    "matched_dense": ("models.dense", "matched_dense"),
+    "ModelSpec": ("config", "ModelSpec"),
+    "presets": ("config", "PRESETS"),
+    "strategies": ("models.strategies", "STRATEGIES"),
+}
+
+__all__ = [
+    "BenchmarkResult", "DenseMLP", "Measurement", "MeterBase", "ModelSpec", "MoE", "__version__", "auto_meter",
+    "benchmark", "make_meter", "matched_dense", "presets", "strategies",
+]
+
+if TYPE_CHECKING:
+    from .api import BenchmarkResult, auto_meter, benchmark, make_meter
+    from .config import PRESETS as presets
+    from .config import ModelSpec
+    from .energy.meter import Measurement, MeterBase
+    from .models.dense import DenseMLP, matched_dense
+    from .models.moe import MoE
+    from .models.strategies import STRATEGIES as strategies
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moe_energy' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

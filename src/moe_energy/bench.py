@@ -41,6 +41,35 @@ def device_sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def batch_tensors(batch: Any) -> list[Tensor]:
+    """Every tensor in a batch given as a tensor, or a (nested) tuple, list or dict of them."""
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for v in batch.values() for t in batch_tensors(v)]
+    if isinstance(batch, (tuple, list)):
+        return [t for v in batch for t in batch_tensors(v)]
+    return []
+
+
+def infer_batch_size(batch: Any) -> int:
+    """Inferences per call: the leading dimension of the batch's first tensor."""
+    ts = [t for t in batch_tensors(batch) if t.dim() > 0]
+    if not ts:
+        raise ValueError("cannot tell the batch size: the input holds no tensor with a leading dimension; "
+                         "pass batch_size=")
+    return int(ts[0].shape[0])
+
+
+def caller(model: Callable[..., Any], batch: Any) -> Callable[[], Any]:
+    """One forward: model(batch) for a tensor, model(*batch) for a tuple/list, model(**batch) for a dict."""
+    if isinstance(batch, dict):
+        return lambda: model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return lambda: model(*batch)
+    return lambda: model(batch)
+
+
 def _per_joule(inferences: int, joules: float | None, what: str) -> tuple[float | None, str | None]:
     """inferences / J, or None and the reason (never inf, never from a zero or negative)."""
     if joules is None:
@@ -55,7 +84,7 @@ class BenchResult:
     batch_size: int
     batches: int
     seconds: float
-    flops_per_inference: int
+    flops_per_inference: int | None  # None: not known for this model (achieved_gflops then None too)
     latency_ms: list[float]
     energy: Measurement
     flags: list[str] = field(default_factory=list)
@@ -70,7 +99,9 @@ class BenchResult:
         return self.inferences / self.seconds
 
     @property
-    def achieved_gflops(self) -> float:
+    def achieved_gflops(self) -> float | None:
+        if self.flops_per_inference is None:
+            return None
         return self.inferences * self.flops_per_inference / self.seconds / 1e9
 
     @property
@@ -135,27 +166,35 @@ class BenchResult:
 @torch.inference_mode()
 def measure(
     model: nn.Module,
-    batch: Tensor,
+    batch: Any,
     duration: float,
     meter: Meter,
-    flops_per_inference: int,
+    flops_per_inference: int | None,
     warmup: float = 2.0,
     latency_seconds: float | None = None,
     on_tick: Callable[[float], None] | None = None,
     idle: IdlePower | None = None,
     sync: Callable[[], None] | None = None,
+    batch_size: int | None = None,
 ) -> BenchResult:
     """Run ``model(batch)`` for ``duration`` seconds inside one energy window.
 
+    ``batch`` is a tensor, or a tuple/list (``model(*batch)``) or dict (``model(**batch)``) of inputs;
+    ``batch_size`` (inferences per call) defaults to its first tensor's leading dimension.
     ``sync`` defaults to the batch's device sync; it runs at the window's edges only, never inside.
     """
     model.eval()
-    sync = sync or device_sync(batch.device)
+    forward = caller(model, batch)
+    if batch_size is None:
+        batch_size = infer_batch_size(batch)
+    if sync is None:
+        devices = [t.device for t in batch_tensors(batch) if t.device.type != "cpu"]
+        sync = device_sync(devices[0] if devices else torch.device("cpu"))
     # Untimed warm-up: allocator, kernels' first launch, caches, clocks ramping up.
     t0 = time.perf_counter()
     n = 0
     while n < 3 or time.perf_counter() - t0 < warmup:
-        model(batch)
+        forward()
         n += 1
     sync()
 
@@ -164,7 +203,7 @@ def measure(
     with window(meter, "bench", sync) as w:
         start = time.perf_counter()
         while True:
-            model(batch)
+            forward()
             batches += 1
             elapsed = time.perf_counter() - start
             if elapsed >= duration:
@@ -188,10 +227,10 @@ def measure(
     while len(lat) < 10 or (time.perf_counter() - t_lat < budget and len(lat) < 200):
         sync()
         a = time.perf_counter()
-        model(batch)
+        forward()
         sync()
         lat.append((time.perf_counter() - a) * 1e3)
-    return BenchResult(batch.shape[0], batches, seconds, flops_per_inference, lat, w.result, flags, idle)
+    return BenchResult(batch_size, batches, seconds, flops_per_inference, lat, w.result, flags, idle)
 
 
 def _median(xs: list[float]) -> float | None:

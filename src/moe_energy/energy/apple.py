@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from .meter import Measurement
+from .meter import Measurement, MeterBase
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
 # AppleSiliconMeasurement field -> our device name
@@ -41,7 +41,7 @@ def open_soc() -> Any:
         raise AppleUnavailable(f"apple: cannot open the energy monitor ({e})", kind="no permission") from None
 
 
-class AppleMeter:
+class AppleMeter(MeterBase):
     name = "apple"
     method = "counter"
 

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from .meter import Measurement
+from .meter import Measurement, MeterBase
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
 # 5 W per logical CPU: a desktop part (65-125 W over 12-24 threads) or a server part (200-350 W over
@@ -22,7 +22,7 @@ DEFAULT_WATTS_PER_CPU = 5.0
 DEVICE = "cpu:estimate"
 
 
-class EstimateMeter:
+class EstimateMeter(MeterBase):
     """Estimated CPU energy from the process's CPU time; never a measurement."""
 
     name = "estimate"

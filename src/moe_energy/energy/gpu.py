@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .meter import Measurement, integrate
+from .meter import Measurement, MeterBase, integrate
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
 VENDORS = ("nvidia", "amd")
@@ -71,7 +71,7 @@ def open_gpus(vendor: str) -> Any:
     return gpus
 
 
-class GpuMeter:
+class GpuMeter(MeterBase):
     """One GPU's energy counter (or sampled power) through Zeus; a ~10 Hz power trace alongside."""
 
     def __init__(self, vendor: str = "nvidia", index: int = 0, trace_period_s: float = DEFAULT_PERIOD_S,

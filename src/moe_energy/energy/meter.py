@@ -40,9 +40,10 @@ and ``idle`` = {seconds, power_by_device_w, power_w, method, flags} or None when
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -149,7 +150,72 @@ class Meter(Protocol):
     def end(self) -> Measurement: ...
 
 
-class NullMeter:
+class MeterBase:
+    """What every meter class shares: ``with meter.window("name") as w:`` measures a block of work."""
+
+    name: str
+    method: str
+    devices: list[str]
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def end(self) -> Measurement:
+        raise NotImplementedError
+
+    def window(self, name: str = "window", sync: Callable[[], None] | None = None
+               ) -> AbstractContextManager[WindowHandle]:
+        """Measure the block; ``sync`` (default: every GPU in use) runs at both edges, never inside."""
+        return window(self, name, sync if sync is not None else lambda: sync_accelerators(self))
+
+    def abort(self) -> None:
+        """Close an open window without a reading (a read failed, or the run was interrupted)."""
+        abort(self)
+
+
+def abort(meter: Meter) -> None:
+    """Stop whatever an open window left running (power-trace threads), in ``meter`` and its parts.
+
+    Called after ``begin()``/``end()`` raised or the measured block was interrupted, so that no sampler
+    outlives its window and the next ``begin()`` starts clean. Never raises.
+    """
+    for part in getattr(meter, "meters", []) or []:
+        abort(part)
+    trace = getattr(meter, "_trace", None)
+    try:
+        if trace is not None:
+            trace.stop()
+    except Exception:  # noqa: BLE001 - cleanup after a failure must not raise a second one
+        pass
+    for attr in ("_trace", "_t0"):
+        if hasattr(meter, attr):
+            try:
+                setattr(meter, attr, None)
+            except AttributeError:
+                pass
+
+
+def sync_accelerators(meter: Meter | None = None) -> None:
+    """Wait for queued work on the current CUDA device, the meter's GPUs (devices "gpu:N") and MPS.
+
+    Only devices torch has already started are touched: a CPU-only run (or torch never imported) is a no-op,
+    and no GPU gets a context just because a window asked for a sync.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        for dev in getattr(meter, "devices", []):
+            kind, _, index = dev.partition(":")
+            if kind == "gpu" and index.isdigit() and int(index) < torch.cuda.device_count():
+                torch.cuda.synchronize(int(index))
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.synchronize()
+
+
+class NullMeter(MeterBase):
     """No energy counter in use: windows are timed, energy is reported as not measured."""
 
     name = "none"
@@ -174,7 +240,7 @@ class NullMeter:
         return {"name": self.name, "method": self.method, "devices": [], "versions": {}, "reason": self.reason}
 
 
-class CompositeMeter:
+class CompositeMeter(MeterBase):
     """Several meters read over the same window; each device reported separately, the total summed.
 
     Used by ``--meter auto`` on a GPU host: the GPU's counter and RAPL's CPU package/DRAM counters.
@@ -250,12 +316,18 @@ class WindowHandle:
 
 @contextmanager
 def window(meter: Meter, name: str = "window", sync: Callable[[], None] | None = None) -> Iterator[WindowHandle]:
-    """Measure the block: sync, begin, run, sync, end. Syncs happen only at the edges."""
+    """Measure the block: sync, begin, run, sync, end. Syncs happen only at the edges.
+
+    If the block raises (an error, Ctrl-C, SIGTERM) the window is closed and its reading discarded."""
     handle = WindowHandle(name)
     if sync is not None:
         sync()
     meter.begin()
-    yield handle
+    try:
+        yield handle
+    except BaseException:
+        abort(meter)  # the block failed or was interrupted: close the window, discard its reading
+        raise
     if sync is not None:
         sync()
     handle.result = meter.end()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .meter import Measurement
+from .meter import Measurement, MeterBase
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
 ENV_ROOT = "MOE_ENERGY_POWERCAP_ROOT"
@@ -137,7 +137,7 @@ class Unwrapper:
         return out
 
 
-class RaplMeter:
+class RaplMeter(MeterBase):
     """RAPL's CPU package and DRAM counters, read at the window's edges; one device per zone."""
 
     name = "rapl"

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The project's GPU check for a lent machine (python3 with a CUDA torch, no network), in about 5 minutes.
+#
+#   bash scripts/gpu-check.sh        # from the repo root, with .whl/ (zeus and its deps) next to it
+#
+# Steps, each under its own timeout and all under one overall budget (GPU_CHECK_BUDGET_S, default 290 s);
+# a step that fails or times out does not stop the next one:
+#   install   the local wheels into /tmp/site (no index, no deps: the machine's own torch is kept)
+#   meters    which energy meters work here and what --meter auto picks
+#   selfcheck every MoE strategy's output on the GPU (fp32, bf16), 10 s energy windows, idle, trace vs counter
+#   small     bench-strategies --preset small in bfloat16
+#   xl        bench-strategies --preset xl in bfloat16, batch 128
+# Results (JSON, and this script's log) go to $OUT, or ./gpu-check-out when $OUT is unset.
+# Exit code: 0 only if every step passed.
+set -u
+
+OUT="${OUT:-$PWD/gpu-check-out}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu-check.log"
+: >"$LOG"
+BUDGET="${GPU_CHECK_BUDGET_S:-290}"
+START=$(date +%s)
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"  # cpu only to try this script itself on a host without a GPU
+export MOE_ENERGY_CACHE_DIR=/tmp/moe-energy-cache  # the roofline is calibrated once, reused by the 2nd bench
+
+NAMES=()
+RESULTS=()
+SECONDS_TAKEN=()
+
+# step NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of the budget); record the outcome.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START) - 5))
+  if ((left < 15)); then
+    NAMES+=("$name"); RESULTS+=("skipped (budget spent)"); SECONDS_TAKEN+=(0)
+    echo "=== $name: skipped, ${BUDGET}s budget spent" | tee -a "$LOG"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0 rc
+  t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  local took=$(($(date +%s) - t0))
+  local what="ok"
+  if ((rc == 124 || rc == 137)); then what="TIMED OUT after ${limit}s"; elif ((rc != 0)); then what="FAILED (exit $rc)"; fi
+  NAMES+=("$name"); RESULTS+=("$what"); SECONDS_TAKEN+=("$took")
+}
+
+INSTALL='if ! ls .whl/*.whl >/dev/null 2>&1; then
+  echo "no .whl/ here: using whatever zeus the machine has (carry .whl to test the pinned zeus)"; exit 0; fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl'
+
+export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "gpu-check: $(date -u +%FT%TZ), out $OUT, budget ${BUDGET}s" | tee -a "$LOG"
+timeout 15 nvidia-smi --query-gpu=name,driver_version,power.limit,temperature.gpu,clocks.sm --format=csv 2>&1 \
+  | tee -a "$LOG"
+python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
+
+step install 60 bash -c "$INSTALL"
+step meters 40 python3 -m moe_energy meters --device "$DEVICE"
+step selfcheck 120 python3 -m moe_energy selfcheck --device "$DEVICE" --out "$OUT"
+step small 70 python3 -m moe_energy bench-strategies --preset small --dtype bfloat16 --device "$DEVICE" --out "$OUT"
+step xl 90 python3 -m moe_energy bench-strategies --preset xl --dtype bfloat16 --device "$DEVICE" --batch-size 128 \
+  --out "$OUT"
+
+echo
+echo "=== summary ($(($(date +%s) - START)) s of ${BUDGET}s)" | tee -a "$LOG"
+status=0
+for i in "${!NAMES[@]}"; do
+  printf '  %-10s %-28s %4ss\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}" | tee -a "$LOG"
+  [[ ${RESULTS[$i]} == ok ]] || status=1
+done
+python3 - "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+for f in sorted(out.glob("selfcheck-*.json")):
+    doc = json.loads(f.read_text())
+    print(f"  selfcheck ({f.name}): {doc['verdict']}")
+    for c in doc["checks"]:
+        if c["status"] == "FAIL" or c["group"] == "energy" or c["name"] == "auto meter":
+            print(f"    {c['status']:<4} {c['name']}: {c['detail']}")
+for f in sorted(out.glob("strategies-*.json")):
+    doc = json.loads(f.read_text())
+    o = doc["options"]
+    print(f"  {f.name}: {doc['environment'].get('device_name')}, {o['dtype']}, batch {o['batch_size']}")
+    for r in doc["rows"]:
+        sp = r.get("speedup_vs_active_loop")
+        print(f"    {r['name']:<24} {r['ms_per_batch']:9.3f} ms/batch {r['inferences_per_second']:>14,.0f} inf/s"
+              + (f"  {sp:6.2f}x vs active_loop" if sp else ""))
+PY
+echo "gpu-check: $([[ $status == 0 ]] && echo OK || echo 'PROBLEMS (see above)')" | tee -a "$LOG"
+exit $status

@@ -1,0 +1,351 @@
+"""A new host's five-minute check: meters, every MoE strategy's answer, energy windows, idle, trace vs counter.
+
+Each check is run on its own: one that raises is a failed check, never the end of the self-check. The
+verdict is ``OK`` only if no check failed; an estimate meter is said plainly, and is not a failure on a
+host without counters (it is on a GPU run, where the GPU's own counter should be there).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from .api import benchmark
+from .bench import device_sync
+from .config import PRESETS
+from .energy.idle import IdlePower, measure_idle
+from .energy.meter import Meter, meter_info
+from .energy.select import MeterStatus, auto_meter, survey
+from .environment import describe
+from .models.dense import matched_dense
+from .models.moe import MoE
+from .models.strategies import STRATEGIES, ExpertStack
+
+SCHEMA = "moe-energy/selfcheck"
+SCHEMA_VERSION = 1
+
+# Strategy outputs against a float64 per-token reference (the tests' tolerances): fp32 within 1e-4
+# absolute; bf16 keeps 8 mantissa bits, so |y - ref| <= 1e-2 + 1e-2 |ref| (measured ~2e-3 on outputs ~0.3).
+FP32_ATOL = 1e-4
+BF16_ATOL = BF16_RTOL = 1e-2
+# Test-sized MoE: every row stride a multiple of 16 bytes in fp32 and bf16 (grouped_mm's requirement).
+CHECK_SHAPE = {"experts": 4, "hidden": 32, "layers": 2, "top_k": 2, "input_dim": 32, "classes": 8}
+CHECK_TOKENS = 40
+ROUTINGS = ("random", "some_idle", "one_takes_all")
+# Trace integral vs the counter, per device. Wider than Measurement.cross_check's 5 % flag: GPU power
+# sensors average over up to a second, so a window's ramp at each edge moves the integral by a few %.
+TRACE_AGREEMENT = 0.10
+WINDOW_BATCH = 128
+
+
+@dataclass
+class Check:
+    group: str  # meters | strategies | energy
+    name: str
+    status: str  # ok | FAIL | info (reported, not judged) | skip
+    detail: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "FAIL"
+
+
+@dataclass
+class SelfCheckReport:
+    device: str
+    checks: list[Check]
+    meter: dict[str, Any]
+    meters: list[dict[str, Any]]
+    environment: dict[str, Any]
+    options: dict[str, Any]
+    elapsed_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.failed for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        bad = [f"{c.name}" for c in self.checks if c.failed]
+        return "OK" if not bad else "PROBLEMS: " + "; ".join(bad)
+
+    def as_doc(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": self.environment, "options": self.options, "energy_meter": self.meter,
+            "meters": self.meters, "checks": [asdict(c) for c in self.checks],
+            "passed": self.passed, "verdict": self.verdict, "elapsed_s": self.elapsed_s,
+        }
+
+
+def _err(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _guard(group: str, name: str, fn: Callable[[], Check | list[Check]]) -> list[Check]:
+    try:
+        out = fn()
+    except Exception as e:  # a crashing check is a failed check; the others still run
+        return [Check(group, name, "FAIL", f"raised {_err(e)}")]
+    return out if isinstance(out, list) else [out]
+
+
+# --- meters ---------------------------------------------------------------------------------------
+
+
+def check_meters(device: torch.device, meter: Meter, statuses: list[MeterStatus]) -> list[Check]:
+    rows = []
+    for s in statuses:
+        how = f"{s.method}, covers {', '.join(s.devices) or '-'}" if s.available else f"no ({s.kind})"
+        rows.append(Check("meters", f"meter {s.name}", "info", f"{how}{'; ' + s.reason if s.reason else ''}",
+                          asdict(s)))
+    notice = getattr(meter, "notice", None)
+    devices = list(getattr(meter, "devices", []))
+    detail = f"auto picks {meter.name} ({meter.method.upper() if meter.method == 'estimate' else meter.method})" \
+             f", covers {', '.join(devices) or 'nothing'}" + (f"; {notice}" if notice else "")
+    status = "ok"
+    if device.type == "cuda" and not any(d.startswith("gpu:") for d in devices):
+        status, detail = "FAIL", f"no GPU energy counter for a CUDA run: {detail}"
+    elif meter.method == "none":
+        status = "FAIL"
+    rows.append(Check("meters", "auto meter", status, detail, meter_info(meter)))
+    return rows
+
+
+# --- strategy equivalence -------------------------------------------------------------------------
+
+
+def reference(x: torch.Tensor, idx: torch.Tensor, gate_w: torch.Tensor, ex: ExpertStack) -> torch.Tensor:
+    """The MoE's definition, one token and one chosen expert at a time, in float64 on the CPU."""
+    ex64 = ExpertStack(tuple(w.detach().double().cpu() for w in ex.weights),
+                       tuple(b.detach().double().cpu() for b in ex.biases))
+    x, idx, gate_w = x.double().cpu(), idx.cpu(), gate_w.double().cpu()
+    rows = []
+    for t in range(x.shape[0]):
+        y = torch.zeros(ex64.out_dim, dtype=torch.float64)
+        for j in range(idx.shape[1]):
+            y += gate_w[t, j] * ex64.run_one(int(idx[t, j]), x[t : t + 1])[0]
+        rows.append(y)
+    return torch.stack(rows)  # [T, out]
+
+
+def routing(kind: str, T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_idx [T, k] (distinct experts per token) and gate weights [T, k] for a named pattern."""
+    if kind == "random":
+        idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    elif kind == "some_idle":  # only experts 0..k get tokens
+        idx = torch.stack([torch.randperm(k + 1, generator=gen)[:k] for _ in range(T)])
+    elif kind == "one_takes_all":  # the last expert is every token's first choice
+        rest = torch.stack([torch.randperm(E - 1, generator=gen)[: k - 1] for _ in range(T)])
+        idx = torch.cat([torch.full((T, 1), E - 1), rest], dim=1)
+    else:
+        raise ValueError(kind)
+    return idx, torch.randn(T, k, generator=gen).softmax(-1)
+
+
+def bf16_supported(device: torch.device) -> tuple[bool, str]:
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return False, "this GPU has no bf16"
+    try:
+        a = torch.ones(4, 4, device=device, dtype=torch.bfloat16)
+        (a @ a).sum().item()
+    except Exception as e:
+        return False, f"bf16 matmul fails here ({_err(e)})"
+    return True, ""
+
+
+def check_strategy(name: str, device: torch.device, dtypes: list[torch.dtype]) -> Check:
+    """``name`` on the device, every dtype and routing, against the float64 reference."""
+    s = CHECK_SHAPE
+    torch.manual_seed(0)
+    moe = MoE(**s).eval()  # type: ignore[arg-type]
+    E, k = s["experts"], s["top_k"]
+    gen = torch.Generator().manual_seed(1)
+    cases = []
+    for kind in ROUTINGS:
+        x = torch.randn(CHECK_TOKENS, s["input_dim"], generator=gen)
+        idx, gate_w = routing(kind, CHECK_TOKENS, E, k, gen)
+        cases.append((kind, x, idx, gate_w, reference(x, idx, gate_w, moe.stack())))
+    worst: dict[str, float] = {}
+    problems: list[str] = []
+    for dt in dtypes:
+        dname = str(dt).removeprefix("torch.")
+        m = moe.to(device=device, dtype=dt)
+        # capacity E/k: no expert can overflow, so padded_capacity must be exact too
+        ex = m.stack()._replace(capacity_factor=E / k)
+        worst[dname] = 0.0
+        for kind, x, idx, gate_w, ref in cases:
+            with torch.inference_mode():
+                y = STRATEGIES[name](x.to(device, dt), idx.to(device), gate_w.to(device, dt), ex)
+            if tuple(y.shape) != tuple(ref.shape) or y.dtype != dt:
+                problems.append(f"{dname} {kind}: got {tuple(y.shape)} {y.dtype}, want {tuple(ref.shape)} {dt}")
+                continue
+            err = (y.double().cpu() - ref).abs()
+            if not bool(torch.isfinite(err).all()):
+                problems.append(f"{dname} {kind}: non-finite output")
+                continue
+            worst[dname] = max(worst[dname], float(err.max()))
+            bound = FP32_ATOL if dt == torch.float32 else BF16_ATOL + BF16_RTOL * ref.abs()
+            if bool((err > bound).any()):
+                problems.append(f"{dname} {kind}: max error {float(err.max()):.2e} over tolerance")
+    detail = ", ".join(f"{d} max err {e:.1e}" for d, e in worst.items())
+    if problems:
+        return Check("strategies", f"strategy {name}", "FAIL", "; ".join(problems), {"max_abs_error": worst})
+    return Check("strategies", f"strategy {name}", "ok", f"{detail} over {len(ROUTINGS)} routings",
+                 {"max_abs_error": worst})
+
+
+def _shape() -> str:
+    s = CHECK_SHAPE
+    return f"E={s['experts']} H={s['hidden']} L={s['layers']} k={s['top_k']} in={s['input_dim']} out={s['classes']}"
+
+
+def check_strategies(device: torch.device) -> list[Check]:
+    dtypes = [torch.float32]
+    ok, why = bf16_supported(device)
+    out = []
+    if ok:
+        dtypes.append(torch.bfloat16)
+    else:
+        out.append(Check("strategies", "bf16", "skip", why))
+    tol = f"fp32 |err| <= {FP32_ATOL:g}" + (f", bf16 |err| <= {BF16_ATOL:g} + {BF16_RTOL:g}|ref|" if ok else "")
+    out.append(Check("strategies", "tolerance", "info",
+                     f"{tol} vs a float64 per-token reference; MoE {_shape()}, {CHECK_TOKENS} tokens"))
+    for name in STRATEGIES:
+        out += _guard("strategies", f"strategy {name}", lambda name=name: check_strategy(name, device, dtypes))
+    return out
+
+
+# --- energy ---------------------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    """3 significant figures, thousands separated; 'not measured' for None."""
+    if v is None:
+        return "not measured"
+    return f"{v:,.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
+
+
+def check_idle(meter: Meter, seconds: float, sync: Callable[[], None]) -> tuple[Check, IdlePower | None]:
+    idle = measure_idle(meter, seconds, sync)
+    if idle is None:
+        return Check("energy", "idle window", "skip", "--idle-seconds 0"), None
+    label = " (ESTIMATE)" if idle.method == "estimate" else f" ({idle.method})"
+    pw = idle.power_by_device_w
+    if pw is None:
+        return Check("energy", "idle window", "FAIL", f"{idle.seconds:.1f} s: idle power not measured",
+                     idle.as_dict()), idle
+    bad = {d: w for d, w in pw.items() if not (math.isfinite(w) and w >= 0)}
+    detail = f"{idle.seconds:.1f} s, {_fmt(idle.power_w, 'W')}{label}"
+    if bad:
+        return Check("energy", "idle window", "FAIL", f"{detail}; impossible power {bad}", idle.as_dict()), idle
+    return Check("energy", "idle window", "ok", detail, idle.as_dict()), idle
+
+
+def check_window(label: str, model: torch.nn.Module, x: torch.Tensor, meter: Meter, seconds: float,
+                 sync: Callable[[], None]) -> Check:
+    res = benchmark(model, x, duration=seconds, repeats=1, meter=meter, warmup=min(2.0, seconds / 5), sync=sync)
+    w = res.windows[0]
+    d = res.to_dict()
+    if isinstance(model, MoE):
+        d["strategy_info"] = model.strategy_info()
+    problems = []
+    by_dev = w["energy_by_device_j"]
+    if by_dev is None:
+        problems.append("energy not measured")
+    else:
+        bad = {dev: j for dev, j in by_dev.items() if not (math.isfinite(j) and j > 0)}
+        if bad:
+            problems.append(f"no energy counted on {', '.join(bad)}")
+    if res.inferences_per_joule is None:
+        problems.append(f"no inferences/J ({w['inferences_per_joule_reason']})")
+    method = "ESTIMATE" if res.is_estimate else res.method
+    detail = (f"{w['window_s']:.1f} s, {w['inferences']:,} inferences, {_fmt(w['energy_j'], 'J')}, "
+              f"{_fmt(w['average_power_w'], 'W')}, {_fmt(res.inferences_per_joule, 'inferences/J')}, "
+              f"{_fmt(res.inferences_per_second, 'inferences/s')} ({method})")
+    if isinstance(model, MoE) and d["strategy_info"]["resolved_strategy"] != model.strategy:
+        detail += f"; auto chose {d['strategy_info']['resolved_strategy']}"
+    if problems:
+        return Check("energy", label, "FAIL", "; ".join(problems) + f" [{detail}]", d)
+    return Check("energy", label, "ok", detail, d)
+
+
+def check_trace(windows: list[Check]) -> Check:
+    """Each busy window's power trace, integrated, against its counter's joules, per device."""
+    diffs: dict[str, float] = {}
+    methods = set()
+    for c in windows:
+        w = (c.data.get("windows") or [{}])[0]
+        te, ce = w.get("trace_energy_j"), w.get("energy_by_device_j")
+        if not te or not ce:
+            continue
+        for dev, tj in te.items():
+            cj = ce.get(dev)
+            if cj is None or cj <= 0:
+                continue
+            methods.add(w["method_by_device"].get(dev, w["energy_method"]))
+            diffs[f"{c.name} {dev}"] = (tj - cj) / cj
+    if not diffs:
+        return Check("energy", "trace vs counter", "skip", "no window has both a power trace and a counter reading")
+    worst = max(diffs, key=lambda k: abs(diffs[k]))
+    detail = f"worst {worst} {diffs[worst]:+.1%} (tolerance {TRACE_AGREEMENT:.0%}) over {len(diffs)} device-window(s)"
+    if methods == {"estimate"}:
+        detail += "; ESTIMATE: both come from the same model, so this checks the sampling thread only"
+    status = "ok" if abs(diffs[worst]) <= TRACE_AGREEMENT else "FAIL"
+    return Check("energy", "trace vs counter", status, detail, {"relative_difference": diffs})
+
+
+def check_energy(device: torch.device, meter: Meter, seconds: float, idle_seconds: float,
+                 on_phase: Callable[[str], None]) -> list[Check]:
+    sync = device_sync(device)
+    on_phase(f"idle window ({idle_seconds:g} s)")
+    out: list[Check] = []
+    out += _guard("energy", "idle window", lambda: check_idle(meter, idle_seconds, sync)[0])
+    torch.manual_seed(0)
+    spec = PRESETS["small"]
+    x = torch.randn(WINDOW_BATCH, spec.input_dim, device=device)
+    windows: list[Check] = []
+    for label in ("window dense_total (small)", "window moe[auto] (small)"):
+        on_phase(f"{label}: {seconds:g} s")
+
+        def one(label: str = label) -> Check:
+            model = matched_dense(spec, "total") if "dense" in label else MoE.from_spec(spec, strategy="auto")
+            return check_window(label, model.to(device), x, meter, seconds, sync)
+
+        windows += _guard("energy", label, one)
+    out += windows
+    out += _guard("energy", "trace vs counter", lambda: check_trace([c for c in windows if not c.failed]))
+    return out
+
+
+def run_selfcheck(device: torch.device, seconds: float = 10.0, idle_seconds: float = 3.0,
+                  on_phase: Callable[[str], None] = lambda msg: None) -> SelfCheckReport:
+    """Every check on ``device``; about 2 x (``seconds`` + 3 s) + ``idle_seconds`` + the strategy checks."""
+    t0 = time.perf_counter()
+    meter = auto_meter(device)
+    info = meter_info(meter)
+    info["notice"] = getattr(meter, "notice", None)
+    checks: list[Check] = []
+    on_phase("meters")
+    statuses = survey(device)
+    checks += _guard("meters", "auto meter", lambda: check_meters(device, meter, statuses))
+    on_phase("strategy equivalence")
+    checks += check_strategies(device)
+    checks += check_energy(device, meter, seconds, idle_seconds, on_phase)
+    return SelfCheckReport(
+        device=str(device), checks=checks, meter=info,
+        meters=[asdict(s) for s in statuses], environment=describe(device),
+        options={"device": str(device), "seconds": seconds, "idle_seconds": idle_seconds,
+                 "window_batch_size": WINDOW_BATCH, "trace_agreement": TRACE_AGREEMENT,
+                 "fp32_atol": FP32_ATOL, "bf16_atol": BF16_ATOL, "bf16_rtol": BF16_RTOL},
+        elapsed_s=time.perf_counter() - t0,
+    )

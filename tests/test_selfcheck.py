@@ -1,0 +1,136 @@
+"""`moe-energy selfcheck`: passes on an estimate-only host and on a live fake RAPL tree, fails when a check does."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_energy import selfcheck
+from moe_energy.cli import main
+from moe_energy.energy.rapl import ENV_ROOT
+from moe_energy.models.strategies import STRATEGIES
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"
+FAST = ["--device", "cpu", "--seconds", "0.5", "--idle-seconds", "0.3"]
+
+
+@pytest.fixture
+def live_rapl(tmp_path, monkeypatch):
+    root = tmp_path / "powercap"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), "--watts", "40"], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().startswith("ready")  # type: ignore[union-attr]
+    monkeypatch.setenv(ENV_ROOT, str(root))
+    yield root
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def report(out: Path) -> dict:
+    [f] = list(out.glob("selfcheck-cpu-*.json"))
+    return json.loads(f.read_text())
+
+
+def by_name(doc: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in doc["checks"]}
+
+
+def test_passes_with_the_estimate_meter_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path / "no-powercap"))
+    out = tmp_path / "out"
+    assert main(["selfcheck", *FAST, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1] == "OK"
+    doc = report(out)
+    assert doc["schema"] == "moe-energy/selfcheck" and doc["passed"] is True and doc["verdict"] == "OK"
+    checks = by_name(doc)
+    assert checks["auto meter"]["status"] == "ok" and "ESTIMATE" in checks["auto meter"]["detail"]
+    assert doc["energy_meter"]["name"] == "estimate"
+    for name in STRATEGIES:  # every registered strategy, in fp32 and bf16
+        c = checks[f"strategy {name}"]
+        assert c["status"] == "ok" and set(c["data"]["max_abs_error"]) == {"float32", "bfloat16"}
+        assert c["data"]["max_abs_error"]["float32"] <= selfcheck.FP32_ATOL
+    for label in ("window dense_total (small)", "window moe[auto] (small)"):
+        w = checks[label]
+        assert w["status"] == "ok" and w["data"]["energy_method"] == "estimate" and "(ESTIMATE)" in w["detail"]
+        [win] = w["data"]["windows"]
+        assert win["window_s"] >= 0.5 and win["energy_j"] > 0 and win["batch_size"] == selfcheck.WINDOW_BATCH
+    assert checks["idle window"]["status"] == "ok" and checks["idle window"]["data"]["seconds"] >= 0.3
+    assert checks["trace vs counter"]["status"] == "ok"
+    assert checks["meter estimate"]["status"] == "info"
+
+
+def test_passes_on_a_live_fake_rapl_tree(live_rapl, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["selfcheck", *FAST, "--seconds", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("OK")
+    checks = by_name(report(out))
+    assert "auto picks rapl (counter)" in checks["auto meter"]["detail"]
+    assert checks["idle window"]["data"]["power_w"] == pytest.approx(40.0, rel=0.10)
+    for label in ("window dense_total (small)", "window moe[auto] (small)"):
+        [win] = checks[label]["data"]["windows"]
+        assert win["energy_method"] == "counter"
+        assert win["energy_by_device_j"]["cpu:package-0"] == pytest.approx(40.0 * win["window_s"], rel=0.10)
+    diffs = checks["trace vs counter"]["data"]["relative_difference"]
+    assert len(diffs) == 2 and all(abs(d) <= selfcheck.TRACE_AGREEMENT for d in diffs.values())
+
+
+def _wrong(x, expert_idx, gate_w, ex):  # a strategy that forgets the gate weights
+    return STRATEGIES["grouped"](x, expert_idx, torch.ones_like(gate_w), ex)
+
+
+def test_a_wrong_strategy_fails_the_check_and_the_exit_code(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(STRATEGIES, "wrong", _wrong)
+    monkeypatch.setattr(selfcheck, "check_energy", lambda *a, **k: [])  # the energy part is tested above
+    out = tmp_path / "out"
+    assert main(["selfcheck", *FAST, "--out", str(out)]) == 1
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "PROBLEMS: strategy wrong"
+    doc = report(out)
+    checks = by_name(doc)
+    assert doc["passed"] is False and checks["strategy wrong"]["status"] == "FAIL"
+    assert "over tolerance" in checks["strategy wrong"]["detail"]
+    assert checks["strategy grouped"]["status"] == "ok"
+
+
+def test_a_crashing_strategy_is_a_failed_check_not_a_crash(monkeypatch):
+    def boom(*a):
+        raise RuntimeError("no kernel for this device\nsecond line")
+
+    monkeypatch.setitem(STRATEGIES, "boom", boom)
+    checks = {c.name: c for c in selfcheck.check_strategies(torch.device("cpu"))}
+    assert checks["strategy boom"].status == "FAIL"
+    assert checks["strategy boom"].detail == "raised RuntimeError: no kernel for this device"
+
+
+def _window(name: str, counter_j: float, trace_j: float, method: str = "counter") -> selfcheck.Check:
+    win = {"energy_by_device_j": {"gpu:0": counter_j}, "trace_energy_j": {"gpu:0": trace_j},
+           "method_by_device": {"gpu:0": method}, "energy_method": method}
+    return selfcheck.Check("energy", name, "ok", "", {"windows": [win]})
+
+
+def test_trace_disagreeing_with_the_counter_fails():
+    assert selfcheck.check_trace([_window("a", 100.0, 108.0)]).status == "ok"
+    bad = selfcheck.check_trace([_window("a", 100.0, 104.0), _window("b", 100.0, 85.0)])
+    assert bad.status == "FAIL" and "b gpu:0 -15.0%" in bad.detail
+    assert selfcheck.check_trace([]).status == "skip"
+
+
+def test_a_cuda_run_without_a_gpu_counter_fails_the_meter_check():
+    from moe_energy.energy import EstimateMeter
+
+    [auto] = [c for c in selfcheck.check_meters(torch.device("cuda"), EstimateMeter(), []) if c.name == "auto meter"]
+    assert auto.status == "FAIL" and "no GPU energy counter" in auto.detail
+    [auto] = [c for c in selfcheck.check_meters(torch.device("cpu"), EstimateMeter(), []) if c.name == "auto meter"]
+    assert auto.status == "ok"
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    assert main(["selfcheck", "--seconds", "0", "--out", str(tmp_path)]) == 2
+    assert main(["selfcheck", "--device", "tpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--seconds 0.0 must be" in err and "--device 'tpu' is unknown" in err
