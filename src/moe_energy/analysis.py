@@ -44,6 +44,8 @@ def finite(v: Any) -> float | None:
 def value(rec: dict, metric: str, bound: str | None = None) -> float | None:
     """A model's figure; ``bound`` 'min'/'max' reads the repeats' spread (the median when there is none)."""
     if metric == "correct_per_joule":
+        if rec.get("diverged"):  # its accuracy is meaningless, so is any figure weighted by it
+            return None
         ipj, acc = value(rec, "inferences_per_joule", bound), finite(rec.get("accuracy"))
         return None if ipj is None or acc is None else acc * ipj
     v = finite(rec.get(f"{metric}_{bound}")) if bound else None

@@ -11,12 +11,18 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # Largest parameter count we accept: far past any single-host model, well inside float64's exact range.
 MAX_PARAMS = 10**13
+# Longest duration, warm-up, rest or idle reading we accept, in seconds: a day (a typo like 3e10 is not a plan).
+MAX_SECONDS = 86_400.0
 
 
 class ConfigError(ValueError):
@@ -52,8 +58,9 @@ class ModelSpec:
         total = moe_params(self)
         if total > MAX_PARAMS:
             raise ConfigError(
-                f"the shape has {total:.3g} parameters, more than the {MAX_PARAMS:.0e} this tool accepts; "
-                "use smaller --experts/--hidden/--layers"
+                f"experts={self.experts}, hidden={self.hidden}, layers={self.layers}, input_dim={self.input_dim}, "
+                f"classes={self.classes} make {total:.3g} parameters, more than the {MAX_PARAMS:.0e} this tool "
+                "accepts; choose smaller values"
             )
         return self
 
@@ -80,13 +87,13 @@ class RunOptions:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
-    strategies: tuple[str, ...] = ("grouped",)
+    strategies: tuple[str, ...] = ("auto",)
     data: str | None = None
     out: str = "results"
     models: tuple[str, ...] = ("moe", "dense_total", "dense_active")
     # energy windows (issue 3): repeats per model, seconds between windows, idle-power seconds (0 skips)
     repeats: int = 3
-    cooldown: float = 5.0
+    cooldown: float = 2.0  # enough for a GPU to leave its boost transient; longer via --cooldown
     idle_seconds: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -97,7 +104,7 @@ class RunOptions:
             if integer and not isinstance(v, int):
                 raise ConfigError(f"{name}={v!r} must be a whole number")
             if not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"{name}={v} must be a finite number > 0")
+                raise ConfigError(f"{name}={v!r} must be a finite number > 0")
 
         def whole(name: str, v: Any, lo: int, hi: int) -> None:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -117,19 +124,24 @@ class RunOptions:
         positive("lr", self.lr, False)
         positive("batch_size", self.batch_size, True)
         positive("samples", self.samples, True)
-        if self.samples > 10**8 or self.batch_size > 10**7 or self.epochs > 10**6:
-            raise ConfigError("samples <= 1e8, batch_size <= 1e7 and epochs <= 1e6 are the supported ranges")
+        for name, most in (("samples", 10**8), ("batch_size", 10**7), ("epochs", 10**6)):
+            if getattr(self, name) > most:
+                raise ConfigError(f"{name}={getattr(self, name)} is too large; give at most {most:.0e}")
         positive("duration", self.duration, False)
         if not isinstance(self.warmup, (int, float)) or not math.isfinite(self.warmup) or self.warmup < 0:
-            raise ConfigError(f"warmup={self.warmup} must be a finite number >= 0")
+            raise ConfigError(f"warmup={self.warmup!r} must be a finite number >= 0")
         if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) \
                 or not (0 < self.test_fraction < 1):
-            raise ConfigError(f"test_fraction={self.test_fraction} must be between 0 and 1")
+            raise ConfigError(f"test_fraction={self.test_fraction!r} must be between 0 and 1")
         whole("repeats", self.repeats, 1, 1000)
         for name in ("cooldown", "idle_seconds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"{name.replace('_', '-')}={v!r} must be a finite number of seconds >= 0")
+        for name in ("duration", "warmup", "cooldown", "idle_seconds"):
+            v = getattr(self, name)
+            if v > MAX_SECONDS:
+                raise ConfigError(f"{name.replace('_', '-')}={v!r} is too long; give at most {MAX_SECONDS:.0f} seconds")
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
@@ -161,7 +173,7 @@ CONFIG_KEYS = SPEC_KEYS | OPTION_KEYS | {"preset"}
 def resolve_spec(preset: str | None, **overrides: int | None) -> ModelSpec:
     """A preset (default small) with any of its fields overridden; validated."""
     name = preset or "small"
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(given) - SPEC_KEYS

@@ -8,6 +8,7 @@ Unlike the seed, accuracy is measured on a held-out split.
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class Dataset:
     x_test: Tensor  # [N_test, d]
     y_test: Tensor  # [N_test]
     source: str
+    num_classes: int | None = None  # declared by the user (--classes); else the largest label + 1
 
     @property
     def input_dim(self) -> int:
@@ -32,6 +34,8 @@ class Dataset:
 
     @property
     def classes(self) -> int:
+        if self.num_classes is not None:
+            return self.num_classes
         return int(max(self.y_train.max(), self.y_test.max())) + 1
 
     @property
@@ -58,47 +62,84 @@ def synthetic(samples: int, input_dim: int, classes: int, seed: int) -> tuple[np
     return x, scores.argmax(axis=1).astype(np.int64)
 
 
-def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Arrays ``x`` float [N, d] and ``y`` int [N] with labels 0..C-1; every flaw is a one-line ConfigError."""
+# More classes than this is a mistake in the labels (ids, hashes), not a classification task.
+MAX_CLASSES = 100_000
+
+
+def load_npz(path: str | Path, classes: int | None = None,
+             input_dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x`` float [N, d] and ``y`` int [N] with labels 0..C-1; every flaw is a one-line ConfigError.
+
+    ``classes``/``input_dim``, when the user gave them too, must agree with the file.
+    """
     p = Path(path)
     where = f"--data {p}"
     if not p.is_file():
-        raise ConfigError(f"{where}: no such file; give an .npz with arrays x [N, d] and y [N]")
+        what = "is a directory" if p.is_dir() else "no such file"
+        raise ConfigError(f"{where}: {what}; give an .npz with arrays x [N, d] and y [N]")
+    npy = ConfigError(f"{where}: a single .npy array, not an .npz archive; save x and y with "
+                      "numpy.savez(path, x=x, y=y)")
     try:
-        with np.load(p, allow_pickle=False) as z:
+        z = np.load(p, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise npy
+        with z:
             names = set(z.files)
             if not {"x", "y"} <= names:
                 raise ConfigError(f"{where}: needs arrays 'x' and 'y', found {sorted(names) or 'none'}")
             x, y = z["x"], z["y"]
     except ConfigError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise ConfigError(f"{where}: not a readable .npz file ({type(e).__name__})") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError) as e:
+        why = ("object arrays need pickle, which is not loaded" if "pickle" in str(e) else
+               "corrupt compressed data" if isinstance(e, zlib.error) else type(e).__name__)
+        raise ConfigError(f"{where}: not a readable .npz file ({why}); give numeric arrays x [N, d] and y [N]") \
+            from None
     if x.ndim != 2 or y.ndim != 1:
         raise ConfigError(f"{where}: x must be 2-D [N, d] and y 1-D [N]; got {x.shape} and {y.shape}")
     if len(x) != len(y):
         raise ConfigError(f"{where}: x has {len(x)} rows but y has {len(y)}; they must match")
     if len(x) < 2:
         raise ConfigError(f"{where}: needs at least 2 samples, found {len(x)}")
+    if x.shape[1] < 1:
+        raise ConfigError(f"{where}: x has no feature columns (shape {x.shape}); give x as [N, d] with d >= 1")
     if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
         raise ConfigError(f"{where}: x must be real numbers, found dtype {x.dtype}")
     if not np.isfinite(x).all():
         raise ConfigError(f"{where}: x contains NaN or inf; clean the features first")
+    if x.dtype.itemsize > 4 and np.abs(x).max() > np.finfo(np.float32).max:
+        raise ConfigError(f"{where}: x holds values beyond float32's range (|x| > 3.4e38); rescale the features")
+    x32 = x.astype(np.float32)
     if not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"{where}: y must be integer class labels, found dtype {y.dtype}")
-    if y.min() < 0:
-        raise ConfigError(f"{where}: labels must be >= 0, found {int(y.min())}")
-    if y.max() < 1:
-        raise ConfigError(f"{where}: needs at least 2 classes, all labels are {int(y.max())}")
-    return x.astype(np.float32), y.astype(np.int64)
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0:
+        raise ConfigError(f"{where}: labels must be >= 0, found {lo}")
+    if hi < 1:
+        raise ConfigError(f"{where}: needs at least 2 classes, all labels are {hi}")
+    if classes is not None and hi >= classes:
+        raise ConfigError(f"{where}: label {hi} is out of range for classes={classes}; labels must be 0..{classes - 1}"
+                          " (or drop --classes: the file then decides)")
+    if hi >= MAX_CLASSES:
+        raise ConfigError(f"{where}: label {hi} is out of range; labels must be class indices 0..C-1 with "
+                          f"C <= {MAX_CLASSES}")
+    if input_dim is not None and x.shape[1] != input_dim:
+        raise ConfigError(f"{where}: x has {x.shape[1]} features but input_dim={input_dim}; drop --input-dim "
+                          "(the file then decides) or give the matching file")
+    return x32, y.astype(np.int64)
 
 
 def make_dataset(
-    samples: int, input_dim: int, classes: int, seed: int, test_fraction: float, path: str | None = None
+    samples: int, input_dim: int, classes: int, seed: int, test_fraction: float, path: str | None = None,
+    declared: dict[str, int] | None = None,
 ) -> Dataset:
-    """Synthetic data (or the user's file), shuffled with ``seed`` and split into train / held-out test."""
+    """Synthetic data (or the user's file), shuffled with ``seed`` and split into train / held-out test.
+
+    With a file, ``declared`` holds the ``classes``/``input_dim`` the user also gave: the file must agree.
+    """
+    declared = declared or {}
     if path:
-        x, y = load_npz(path)
+        x, y = load_npz(path, declared.get("classes"), declared.get("input_dim"))
         source = f"npz:{path}"
     else:
         x, y = synthetic(samples, input_dim, classes, seed)
@@ -109,4 +150,5 @@ def make_dataset(
         raise ConfigError(f"test_fraction={test_fraction} leaves no training data for {len(x)} samples")
     test, train = order[:n_test], order[n_test:]
     t = torch.from_numpy
-    return Dataset(t(x[train]), t(y[train]), t(x[test]), t(y[test]), source)
+    return Dataset(t(x[train]), t(y[train]), t(x[test]), t(y[test]), source,
+                   declared.get("classes") if path else None)

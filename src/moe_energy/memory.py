@@ -1,4 +1,5 @@
-"""How much memory a model needs, and whether the device has it: checked before anything is allocated.
+"""How much memory a model needs, and whether the device has it: checked before anything is allocated;
+and the words for a model that ran out anyway.
 
 Estimates are deliberately simple and a little generous: parameters x bytes, x4 for training with Adam
 (weights, gradients, two moments), plus activations for one batch, plus a fixed allowance.
@@ -6,6 +7,7 @@ Estimates are deliberately simple and a little generous: parameters x bytes, x4 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -25,19 +27,74 @@ def inference_bytes(params: int, widest: int, batch_size: int, dtype: str) -> in
     return BYTES[dtype] * params + 4 * batch_size * widest * 4 + OVERHEAD_BYTES
 
 
+def _cgroup_free() -> int | None:
+    """Bytes left under this process's cgroup memory limit (containers: /proc/meminfo shows the host's)."""
+    try:
+        rel = ""
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) == 3 and (parts[1] == "" or "memory" in parts[1].split(",")):
+                rel = parts[2].lstrip("/")
+                if parts[1]:
+                    break
+        for base in (Path("/sys/fs/cgroup") / rel, Path("/sys/fs/cgroup")):
+            for limit_f, usage_f in (("memory.max", "memory.current"),  # cgroup v2
+                                     ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+                lim, use = base / limit_f, base / usage_f
+                if lim.is_file() and use.is_file():
+                    text = lim.read_text().strip()
+                    if text == "max" or not text.isdigit() or int(text) >= 2**60:
+                        return None
+                    return max(0, int(text) - int(use.read_text().strip()))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _address_space_free() -> int | None:
+    """Bytes left under ``ulimit -v`` (RLIMIT_AS), which fails allocations long before RAM runs out."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        m = re.search(r"^VmSize:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return max(0, soft - int(m.group(1)) * 1024) if m else None
+    except (ImportError, OSError, ValueError):
+        return None
+
+
 def available_bytes(device: torch.device) -> int | None:
-    """Free memory on ``device`` now, or None where it cannot be known (MPS)."""
+    """Free memory on ``device`` now, or None where it cannot be known (MPS).
+
+    Host memory is the smallest of the kernel's MemAvailable, the cgroup's remaining limit and the
+    address space left under ``ulimit -v``: whichever runs out first makes the allocation fail.
+    """
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type == "cpu":
+        found: list[int] = []
         try:
             for line in Path("/proc/meminfo").read_text().splitlines():
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+                    found.append(int(line.split()[1]) * 1024)
+        except (OSError, ValueError):
+            pass
+        for extra in (_cgroup_free(), _address_space_free()):
+            if extra is not None:
+                found.append(extra)
+        return min(found) if found else None
     return None
+
+
+def describe_need(needed: int | None, device: torch.device, what: str) -> str:
+    """'out of memory (WHAT needs ~X GiB, Y GiB free on DEVICE)': the words every skip record uses."""
+    free = available_bytes(device)
+    need = f"needs ~{needed / GIB:.1f} GiB" if needed is not None else "needs more than is free"
+    have = f"{free / GIB:.1f} GiB free on {device}" if free is not None else f"free memory on {device} unknown"
+    return f"out of memory ({what} {need}, {have})"
 
 
 def fit_problem(needed: int, device: torch.device, what: str) -> str | None:
@@ -46,3 +103,34 @@ def fit_problem(needed: int, device: torch.device, what: str) -> str | None:
     if free is None or needed <= free:
         return None
     return f"out of memory ({what} needs ~{needed / GIB:.1f} GiB, {free / GIB:.1f} GiB free on {device})"
+
+
+def is_oom(e: BaseException) -> bool:
+    """An allocation failure: CUDA/MPS out of memory, the CPU allocator's ENOMEM, Python's MemoryError."""
+    if isinstance(e, MemoryError) or type(e).__name__ in ("OutOfMemoryError", "OutOfMemory"):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory",
+        "failed to allocate"))
+
+
+_TRIED = re.compile(r"(?:tried to allocate|allocate)\s+([\d.]+)\s*(bytes|[KMGT]i?B)", re.I)
+_UNITS = {"bytes": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
+          "tb": 2**40, "tib": 2**40}
+
+
+def requested_bytes(e: BaseException) -> int | None:
+    """The size of the allocation that failed, when the error message says it (CUDA and CPU allocators do)."""
+    m = _TRIED.search(str(e))
+    if not m:
+        return None
+    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+
+
+class OutOfMemory(RuntimeError):
+    """A model that did not fit; ``reason`` is its skip record's text. Its memory is already released."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

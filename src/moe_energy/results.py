@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -40,19 +41,59 @@ def new_document(spec: dict, options: dict, environment: dict, dataset: dict) ->
     }
 
 
+# The probe writes this much: a results document with traces is hundreds of kB, so a disk that cannot take
+# 1 MiB now would fail the write at the end of the run.
+PROBE_BYTES = 2**20
+
+
+def probe_write(d: Path, what: str) -> None:
+    """Create, fill, fsync and delete a file of PROBE_BYTES in ``d``; ConfigError naming ``what`` if it fails."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=d, prefix=".probe-", delete=True) as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            why += ": the disk (or quota) is full"
+        raise ConfigError(f"{what}: cannot write there ({why}); free space or choose a writable "
+                          "directory") from None
+
+
 def check_writable(out_dir: str | Path) -> Path:
     """Fail before any work if results could not be saved (read-only dir, not a directory, full disk)."""
     d = Path(out_dir)
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=d, prefix=".probe-", delete=True) as f:
-            f.write(b"x" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        msg = f"--out {d}: cannot write results there ({e.strerror}); choose a writable directory"
+        probe_write(d, f"--out {d}")
+    except ConfigError as e:
+        msg = str(e).replace("cannot write there", "cannot write results there")
         raise ConfigError(msg) from None
     return d
+
+
+class NotSaved(OSError):
+    """The results could not be written where asked; ``rescue`` is where they went instead (or None)."""
+
+    def __init__(self, message: str, doc: dict, rescue: Path | None) -> None:
+        super().__init__(message)
+        self.doc, self.rescue = doc, rescue
+
+
+def save_or_rescue(doc: dict, out_dir: str | Path, stem: str) -> Path:
+    """``write_atomic``; if that fails (disk filled during the run), write to the temp dir and raise NotSaved."""
+    try:
+        return write_atomic(doc, out_dir, stem)
+    except OSError as e:
+        rescue: Path | None
+        try:
+            rescue = write_atomic(doc, Path(tempfile.gettempdir()) / "moe-energy-rescue", stem)
+        except OSError:
+            rescue = None
+        where = f"saved to {rescue} instead" if rescue else "and not to the temp directory either"
+        raise NotSaved(f"--out {out_dir}: could not write the results ({e.strerror or e}); {where}", doc,
+                       rescue) from None
 
 
 def write_atomic(doc: dict, out_dir: str | Path, stem: str) -> Path:
@@ -89,12 +130,24 @@ def write_atomic(doc: dict, out_dir: str | Path, stem: str) -> Path:
 
 
 def read(path: str | Path) -> dict:
-    doc = json.loads(Path(path).read_text())
-    if doc.get("schema") != SCHEMA:
-        raise ConfigError(f"{path}: not a moe-energy run document")
-    if doc.get("schema_version", 0) > SCHEMA_VERSION:
+    """A run document written by this or an older version of the tool; a newer schema is refused."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror}); give a moe-energy results file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p}: not a JSON results document ({type(e).__name__}); it may be truncated") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        found = doc.get("schema") if isinstance(doc, dict) else None
+        raise ConfigError(f"{p}: not a moe-energy run document (schema {found!r}, expected {SCHEMA!r})")
+    version = doc.get("schema_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigError(f"{p}: schema_version={version!r} is not a version number; the file is damaged")
+    if version > SCHEMA_VERSION:
         raise ConfigError(
-            f"{path}: schema version {doc['schema_version']} is newer than this tool's {SCHEMA_VERSION}; "
-            "upgrade moe-energy"
+            f"{p}: schema version {version} is newer than this tool's {SCHEMA_VERSION}; upgrade moe-energy"
         )
+    if not isinstance(doc.get("models", []), list):
+        raise ConfigError(f"{p}: 'models' is not a list; the file is damaged")
     return doc

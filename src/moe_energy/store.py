@@ -9,6 +9,7 @@ Every model record is also kept whole as JSON, so fields added later by other mo
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -192,8 +193,10 @@ def normalize_trace(trace: Any) -> list[tuple[str, list[float], list[float]]]:
 class Store:
     """An open results database. ``Store(path)`` creates it (and migrates an older one) unless create=False."""
 
-    def __init__(self, path: str | Path, create: bool = True) -> None:
+    def __init__(self, path: str | Path, create: bool = True, check: bool = True) -> None:
+        """``check``: read every page once (PRAGMA quick_check) and refuse a damaged file before any work."""
         self.path = Path(path)
+        self._lock_fd: int | None = None
         if not self.path.exists():
             if not create:
                 raise ConfigError(f"--db {self.path}: no such database; run `moe-energy sweep --db {self.path}` "
@@ -204,21 +207,41 @@ class Store:
                 raise ConfigError(f"--db {self.path}: cannot create its directory ({e.strerror})") from None
         elif self.path.is_dir():
             raise ConfigError(f"--db {self.path} is a directory; give a file name such as {self.path}/moe-energy.db")
+        elif self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                magic = f.read(16)
+            if magic != b"SQLite format 3\x00":
+                raise ConfigError(f"--db {self.path}: not a usable SQLite database (it starts with {magic[:12]!r}, "
+                                  "not 'SQLite format 3'); give a moe-energy database or a new file name")
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), one per point
             self.con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.Error as e:
+            raise ConfigError(f"--db {self.path}: cannot open ({e}); check the path and its permissions") from None
+        try:
             self.con.row_factory = sqlite3.Row
             self.con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             self.con.execute("PRAGMA journal_mode = WAL")
             self.con.execute("PRAGMA synchronous = FULL")
             self.con.execute("PRAGMA foreign_keys = ON")
+            if check:
+                problem = str(self.con.execute("PRAGMA quick_check(1)").fetchone()[0])
+                if problem != "ok":
+                    raise sqlite3.DatabaseError(problem)
             self._migrate()
         except sqlite3.DatabaseError as e:
-            raise ConfigError(f"--db {self.path}: not a usable SQLite database ({e}); give another --db") from None
+            self.con.close()
+            raise ConfigError(damaged(self.path, e)) from None
+        except BaseException:
+            self.con.close()
+            raise
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
         self.con.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases this process's point claims
+            self._lock_fd = None
 
     def __enter__(self) -> Store:
         return self
@@ -233,9 +256,18 @@ class Store:
         try:
             yield self.con
         except BaseException:
-            self.con.execute("ROLLBACK")
+            self._rollback()
             raise
         self.con.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        """Undo the open transaction. SQLite has already rolled it back itself after some errors (a full disk,
+        SQLITE_FULL): then there is nothing to undo, and the original error is the one to report."""
+        if self.con.in_transaction:
+            try:
+                self.con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
 
     def version(self) -> int:
         row = self.con.execute("SELECT version FROM schema_version").fetchone()
@@ -250,17 +282,20 @@ class Store:
         for i in range(v, len(MIGRATIONS)):
             # executescript would commit on its own; one explicit transaction per step keeps each atomic
             self.con.execute("BEGIN IMMEDIATE")
+            if self.version() > i:  # another process migrated it while this one waited for the lock
+                self.con.execute("COMMIT")
+                continue
             try:
                 for stmt in _statements(MIGRATIONS[i]):
                     self.con.execute(stmt)
                 self.con.execute("DELETE FROM schema_version")
                 self.con.execute("INSERT INTO schema_version (version) VALUES (?)", (i + 1,))
             except sqlite3.Error as e:
-                self.con.execute("ROLLBACK")
+                self._rollback()
                 raise ConfigError(f"--db {self.path}: migrating the schema from version {i} to {i + 1} failed "
                                   f"({e}); the database is unchanged") from None
             except BaseException:
-                self.con.execute("ROLLBACK")
+                self._rollback()
                 raise
             self.con.execute("COMMIT")
 
@@ -332,6 +367,32 @@ class Store:
             for dev, ts, ws in normalize_trace(w.get("trace")):
                 c.execute("INSERT INTO traces (window_id, device, samples, t_s_json, power_w_json) VALUES (?,?,?,?,?)",
                           (int(wcur.lastrowid), dev, len(ts), dumps(ts), dumps(ws)))
+
+    @contextmanager
+    def claim(self, point_key: str) -> Iterator[bool]:
+        """Hold an advisory lock on one point while it is measured; yields False if another process holds it.
+
+        Several sweeps may share one database (each point is one transaction, WAL, busy timeout); the claim
+        keeps two of them from measuring the same point at once. The lock is a POSIX byte-range lock on
+        ``<db>.lock``: the kernel drops it when the process ends, even by SIGKILL, so it never goes stale.
+        """
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): one sweep per database
+            yield True
+            return
+        if self._lock_fd is None:
+            self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        offset = int(hashlib.sha256(point_key.encode()).hexdigest()[:12], 16)
+        try:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, offset)
 
     # -- reading ---------------------------------------------------------------------------------------
     def runs(self) -> list[dict]:
@@ -425,6 +486,19 @@ class Store:
         return {"schema": EXPORT_SCHEMA, "schema_version": schema_version(), "runs": runs, "points": points}
 
 
+def damaged(path: str | Path, e: BaseException) -> str:
+    """The one line for a database SQLite cannot use: damaged, truncated or not SQLite at all."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "readonly" in text or "read-only" in text:
+        return f"--db {path}: cannot write to it ({text}); check its and its directory's permissions"
+    if "disk is full" in text:
+        return f"--db {path}: {text}; free some space and run again"
+    if "locked" in text:
+        return f"--db {path}: {text} for over {BUSY_TIMEOUT_MS // 1000} s by another process; try again later"
+    return (f"--db {path}: the database is damaged or not SQLite ({text}); restore a backup, or salvage it with "
+            f"`sqlite3 {path} .recover`, or give another --db")
+
+
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
@@ -450,6 +524,8 @@ def merge(inputs: list[str | Path], out: str | Path) -> dict[str, int]:
                 src = Store(src_path, create=False)
                 try:
                     _copy_into(src, dst, counts)
+                except sqlite3.DatabaseError as e:
+                    raise ConfigError(damaged(src_path, e)) from None
                 finally:
                     src.close()
             dst.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")

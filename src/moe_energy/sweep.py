@@ -11,6 +11,8 @@ import argparse
 import hashlib
 import itertools
 import math
+import sqlite3
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -18,7 +20,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 
 from .config import PRESETS, ConfigError, ModelSpec, RunOptions
 from .models.counting import matched_width, moe_params
@@ -32,6 +38,7 @@ BUILTIN_GRIDS = ("seed", "scale")
 # Keys a grid TOML may hold besides run options and shape fields.
 GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets"}
 DEFAULT_PER_DECADE = 4
+MAX_PER_DECADE = 100  # sizes per decade: more is a typo, and would expand to a grid nobody could run
 ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and in bf16/fp16
 # Options that do not change a point's figures, so they are left out of its key.
 NOT_IN_KEY = ("out", "extra")
@@ -166,6 +173,9 @@ def load_grid_toml(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(doc) - allowed)
     if unknown:
         raise ConfigError(f"--config {p}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    for k in ("strategies", "models"):  # lists of names, as in `run`'s --config
+        if isinstance(doc.get(k), list):
+            doc[k] = tuple(doc[k])
     return doc
 
 
@@ -187,8 +197,8 @@ def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tupl
             raise ConfigError(f"--max-params {max_params!r} is not a number; give e.g. 5e7") from None
         if not math.isfinite(max_params) or max_params <= 0:
             raise ConfigError(f"--max-params {max_params} must be a positive number such as 5e7")
-    if isinstance(per_decade, bool) or not isinstance(per_decade, int):
-        raise ConfigError(f"--per-decade {per_decade!r} must be a whole number >= 1")
+    if isinstance(per_decade, bool) or not isinstance(per_decade, int) or not 1 <= per_decade <= MAX_PER_DECADE:
+        raise ConfigError(f"--per-decade {per_decade!r} must be a whole number between 1 and {MAX_PER_DECADE}")
 
     shape_axes = {k: as_list(k, cfg.pop(k), int) for k in SHAPE_AXES if k in cfg}
     option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in OPTION_AXES if k in cfg}
@@ -243,6 +253,8 @@ def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tupl
                 continue
             spec, opts = _resolve(resolve, cfg, {**asdict(s), **extra})
             points.append(Point(label_for(spec), spec, opts))
+    if points and all(p.error for p in points):  # one bad combination is skipped; a grid of only bad ones is a typo
+        raise ConfigError(errors[min(errors)])
     if not points:
         raise ConfigError("the grid has no points"
                           + (f" at or below --max-params {max_params:.3g}; raise it" if max_params else ""))
@@ -351,19 +363,67 @@ class Outcome:
     skipped: int = 0
     failed: int = 0
     already: int = 0
+    busy: int = 0  # points another sweep on the same database was measuring: left to it
     failures: list[str] = field(default_factory=list)
+
+
+class StoreWriteFailed(RuntimeError):
+    """A measured point could not be written to the database (disk full, file gone read-only).
+
+    ``rescue`` is the JSON file the point was saved to instead (None if that failed too)."""
+
+    def __init__(self, message: str, rescue: Path | None) -> None:
+        super().__init__(message)
+        self.rescue = rescue
+
+
+def _rescue(key: str, cfg: dict, status: str, reason: str | None, doc: dict | None) -> Path | None:
+    """Write a point the store refused to a JSON file in the temp directory, so no measurement is lost."""
+    from .results import write_atomic
+
+    try:
+        return write_atomic({"schema": "moe-energy/point", "schema_version": 1, "point_key": key, "config": cfg,
+                             "status": status, "reason": reason, "document": doc},
+                            Path(tempfile.gettempdir()) / "moe-energy-rescue", f"point-{key}")
+    except OSError:
+        return None
+
+
+def _add(store: Store, run_id: str, key: str, cfg: dict, status: str, **kw: Any) -> None:
+    """store.add_point; a write the disk refuses stops the sweep after the point is rescued to a file."""
+    try:
+        store.add_point(run_id, key, cfg, status, **kw)
+    except sqlite3.OperationalError as e:
+        rescue = _rescue(key, cfg, status, kw.get("reason"), kw.get("document"))
+        where = f"this point was saved to {rescue}" if rescue else "this point could not be saved anywhere"
+        raise StoreWriteFailed(f"--db {store.path}: cannot write ({e}); {where}; the points before it are in the "
+                               "database; free space, then rerun with --resume", rescue) from None
+
+
+def oom_reason(p: Point, device: Any, tried: int = 0) -> str:
+    """The skip text for a point whose allocation failed: the estimate (or the failed request) and what is free."""
+    from . import memory
+    from .runner import memory_need, model_plan
+
+    need = max(memory_need(d, p.spec, p.opts, training=p.opts.epochs > 0) for _n, d in model_plan(p.spec, p.opts))
+    return memory.describe_need(max(need, tried), device, f"point {p.label}")
 
 
 def run_points(points: list[Point], store: Store, run_id: str, meter: Any, device: Any,
                run: Callable[..., tuple[dict, Any]], ui: Any,
                on_point: Callable[[int, Point, float | None], None] | None = None,
-               skip_keys: set[str] | None = None) -> Outcome:
+               skip_keys: set[str] | None = None, resume: bool = False) -> Outcome:
     """Measure each point with ``run`` and commit it on its own; a point already complete is skipped.
 
     ``run`` is runner.run. Out-of-memory points are recorded as skipped and the sweep goes on; any other
     failure is recorded as failed (retried by --resume). A ConfigError or KeyboardInterrupt stops the sweep:
-    the committed points stay.
+    the committed points stay, the point in flight is discarded.
+
+    Another sweep may write to the same database: each point is claimed while it is measured (a point
+    another process holds is left to it) and, with ``resume``, a point it completed meanwhile is skipped.
     """
+    from . import memory
+
     out = Outcome()
     skip_keys = skip_keys or set()
     eta = Eta()
@@ -373,43 +433,51 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
         key, cfg = p.key(meter.name), p.config(meter.name)
         if on_point is not None:
             on_point(i, p, eta.remaining(todo[i:]))
-        reason = p.error or fit_problem(p, device)
-        if reason is not None:
-            store.add_point(run_id, key, cfg, "skipped", reason=reason, started_utc=now_utc())
-            out.skipped += 1
-            continue
-        started, t0 = now_utc(), time.perf_counter()
-        try:
-            doc, _ = run(p.spec, p.opts, meter, ui, save=False)
-        except (ConfigError, KeyboardInterrupt):
-            raise
-        except Exception as e:  # noqa: BLE001 - one point's failure must not end an hours-long sweep
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            status = "skipped" if _is_oom(e) else "failed"
-            reason = (f"out of memory: {msg}" if status == "skipped" else
-                      f"{type(e).__name__}: {msg} ({traceback.extract_tb(e.__traceback__)[-1].name})")
-            store.add_point(run_id, key, cfg, status, reason=reason, started_utc=started,
-                            seconds=time.perf_counter() - t0)
-            if status == "skipped":
+        with store.claim(key) as mine:
+            if not mine:
+                out.busy += 1
+                continue
+            if resume and key in store.completed_keys():  # completed by another sweep since this one started
+                out.already += 1
+                continue
+            reason = p.error or fit_problem(p, device)
+            if reason is not None:
+                _add(store, run_id, key, cfg, "skipped", reason=reason, started_utc=now_utc())
                 out.skipped += 1
-            else:
-                out.failed += 1
-                out.failures.append(f"{p.label}: {reason}")
-            _free()
-            continue
-        elapsed = time.perf_counter() - t0
-        store.add_point(run_id, key, cfg, "done", document=doc, started_utc=started, seconds=elapsed)
-        eta.record(p, elapsed)
-        out.done += 1
+                continue
+            started, t0 = now_utc(), time.perf_counter()
+            failure: tuple[str, str] | None = None
+            tried = 0
+            try:
+                doc, _ = run(p.spec, p.opts, meter, ui, save=False, oom="raise")
+            except (ConfigError, KeyboardInterrupt):
+                raise
+            except Exception as e:  # noqa: BLE001 - one point's failure must not end an hours-long sweep
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if isinstance(e, memory.OutOfMemory):
+                    failure = ("skipped", e.reason)  # the runner's words, its memory already released
+                elif memory.is_oom(e):
+                    failure, tried = ("skipped", ""), memory.requested_bytes(e) or 0
+                else:
+                    where = traceback.extract_tb(e.__traceback__)[-1].name
+                    failure = ("failed", f"{type(e).__name__}: {msg} ({where})")
+            if failure is not None:  # outside the except block: the traceback's tensors are gone
+                _free()
+                status, reason = failure
+                reason = reason or oom_reason(p, device, tried)  # free memory read after freeing
+                _add(store, run_id, key, cfg, status, reason=reason, started_utc=started,
+                     seconds=time.perf_counter() - t0)
+                if status == "skipped":
+                    out.skipped += 1
+                else:
+                    out.failed += 1
+                    out.failures.append(f"{p.label}: {reason}")
+                continue
+            elapsed = time.perf_counter() - t0
+            _add(store, run_id, key, cfg, "done", document=doc, started_utc=started, seconds=elapsed)
+            eta.record(p, elapsed)
+            out.done += 1
     return out
-
-
-def _is_oom(e: BaseException) -> bool:
-    if isinstance(e, MemoryError):
-        return True
-    name = type(e).__name__
-    return name == "OutOfMemoryError" or ("out of memory" in str(e).lower() and isinstance(e, RuntimeError)) or \
-        ("can't allocate memory" in str(e).lower())
 
 
 def _free() -> None:

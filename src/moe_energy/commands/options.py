@@ -86,7 +86,7 @@ def add_energy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--idle-seconds", type=float, dest="idle_seconds",
                    help="seconds of idle power measured before the windows; 0 skips it (default 5)")
     g.add_argument("--repeats", type=int, help="measurement windows per model, models interleaved (default 3)")
-    g.add_argument("--cooldown", type=float, help="seconds of rest between windows (default 5)")
+    g.add_argument("--cooldown", type=float, help="seconds of rest between windows (default 2)")
     g.add_argument("--cpu-tdp-watts", type=float, dest="cpu_tdp_watts",
                    help="CPU TDP for --meter estimate (default 5 W per logical CPU)")
 

@@ -7,7 +7,7 @@ import argparse
 from rich.table import Table
 
 from ..memory import GIB, fit_problem, inference_bytes, training_bytes
-from ..runner import model_plan, resolve_device
+from ..runner import check_dtype, model_plan, resolve_device
 from . import command, console
 from .options import add_run_arguments, add_shape_arguments, resolve
 
@@ -22,6 +22,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 def plan(args: argparse.Namespace) -> int:
     spec, opts = resolve(args)
     device = resolve_device(opts.device)
+    check_dtype(device, opts.dtype, opts.strategies)
     t = Table(title=f"plan: {spec} on {device}")
     for col in ("model", "width", "params", "active params", "GFLOP/inference", "train GiB", "infer GiB",
                 "fits"):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import replace
 
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import PRESETS
+from ..config import PRESETS, load_toml
+from ..interrupts import exit_code, signal_name, signals_raise
 from ..models.counting import moe_active_params, moe_params
 from ..models.dense import dense_width
-from ..results import check_writable
-from ..runner import resolve_device
+from ..results import NotSaved, check_writable
+from ..runner import check_dtype, resolve_device
 from ..runner import run as run_models
 from . import command, console, err_console, fmt
 from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args, resolve
@@ -47,8 +50,12 @@ def results_table(doc: dict) -> Table:
         # fold, never '…': a truncated range would hide the very figure the table is for
         t.add_column(col, justify="left" if col in ("model", "energy method") else "right", overflow="fold")
     for m in doc["models"]:
+        if m.get("skipped"):
+            t.add_row(escape(m["name"]), f"{m['params']:,}", f"{m['active_params']:,}", "-", "-",
+                      escape("skipped: " + m["skipped"].split(" (")[0]), "-", "-", "-", "-", "-")
+            continue
         est = " (estimate)" if m.get("energy_is_estimate") or m["energy_method"] == "estimate" else ""
-        acc = fmt(m["accuracy"], ".1%") + (" (diverged)" if m["diverged"] else "")
+        acc = fmt(m["accuracy"], ".1%") + (" (diverged: meaningless)" if m["diverged"] else "")
         ipj = _spread(m, "inferences_per_joule", ",.1f")
         dipj = _spread(m, "dynamic_inferences_per_joule", ",.1f")
         watts = m["average_power_w"]
@@ -82,7 +89,32 @@ def energy_summary(doc: dict) -> list[str]:
     total = sum(len(m.get("windows", [])) for m in doc["models"])
     if flagged:
         lines.append(f"{flagged} of {total} windows carry warnings (see 'flags' in the JSON)")
+    failed = sum(1 for m in doc["models"] for w in m.get("windows", []) if w.get("failed"))
+    if failed:
+        first = next(w["failed"] for m in doc["models"] for w in m.get("windows", []) if w.get("failed"))
+        lines.append(f"{failed} of {total} windows FAILED and were left out of the figures: {first}")
+    if isinstance(idle, dict) and idle.get("failed"):
+        lines[1] = f"idle power: not measured ({idle['failed']})"
+    for m in doc["models"]:
+        if m.get("skipped"):
+            lines.append(f"{m['name']}: skipped, {m['skipped']}")
+        elif m.get("diverged"):
+            reason = (m.get("train") or {}).get("diverged_reason")
+            lines.append(f"{m['name']}: training diverged ({reason}); its accuracy is meaningless, its speed and "
+                         "energy are valid")
     return lines
+
+
+def declared_shape(args: argparse.Namespace) -> dict[str, int]:
+    """``classes``/``input_dim`` the user gave by flag or --config: with --data the file must agree with them."""
+    cfg = load_toml(args.config) if getattr(args, "config", None) else {}
+    out = {}
+    for k in ("classes", "input_dim"):
+        v = getattr(args, k, None)
+        v = v if v is not None else cfg.get(k)
+        if v is not None:
+            out[k] = v
+    return out
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -99,15 +131,37 @@ def run(args: argparse.Namespace) -> int:
         return run_parallel(args)
     spec, opts = resolve(args)
     check_writable(opts.out)
+    check_dtype(resolve_device(opts.device), opts.dtype, opts.strategies)
+    if opts.data:
+        opts = replace(opts, extra={**opts.extra, "declared_shape": declared_shape(args)})
     meter = meter_from_args(args, resolve_device(opts.device),
                             notice=lambda msg: err_console.print(f"notice: {escape(msg)}", highlight=False,
                                                                  soft_wrap=True))
-    doc, path = run_models(spec, opts, meter, RichUI(console))
+    try:
+        with signals_raise():
+            doc, path = run_models(spec, opts, meter, RichUI(console))
+    except NotSaved as e:
+        doc, path = e.doc, None
+        _print_results(doc)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({signal_name(e)}): nothing was saved, a run is written only once complete; "
+              "run the same command again to start over", file=sys.stderr)
+        return exit_code(e)
+    _print_results(doc)
+    console.print(f"results written to {path}")
+    if not any(m.get("status") == "measured" for m in doc["models"]):
+        print("error: no model was measured (see the skip reasons above); choose a smaller shape or batch size",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_results(doc: dict) -> None:
     console.print(results_table(doc))
     for line in energy_summary(doc):
-        console.print(escape(line), highlight=False)
-    console.print(f"results written to {path}")
-    return 0
+        console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 @command("presets", "List the built-in shapes with exact parameter counts and matched dense widths.")

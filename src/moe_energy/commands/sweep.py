@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import shlex
+import sqlite3
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from rich.markup import escape
@@ -14,12 +18,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import ConfigError
-from ..store import DEFAULT_DB, Store
+from ..interrupts import exit_code, signal_name, signals_raise
+from ..store import DEFAULT_DB, Store, damaged
 from . import command, console, err_console
 from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args, resolve
 
 # Flags of the sweep itself, not run options: kept out of the grid's config.
 SWEEP_FLAGS = {"command", "config", "db", "resume", "shard", "dry_run", "meter", "cpu_tdp_watts"}
+
+
+def _db_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A database that turns out damaged part-way through a read: one line and exit 2, never a traceback."""
+
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except sqlite3.DatabaseError as e:
+            db = _db_path(args) if args.command == "sweep" else Path(getattr(args, "db", None) or DEFAULT_DB)
+            raise ConfigError(damaged(db, e)) from None
+
+    return wrapped
 
 
 def _db_path(args: argparse.Namespace) -> Path:
@@ -130,10 +149,13 @@ def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # 
 
 @command("sweep", "Measure a grid of shapes x batch sizes x dtypes into the SQLite store; resumable, shardable.",
          _sweep_args)
+@_db_errors
 def sweep(args: argparse.Namespace) -> int:
     from .. import sweep as sw
+    from ..data import load_npz
     from ..environment import describe
-    from ..runner import resolve_device
+    from ..results import probe_write
+    from ..runner import check_dtype, resolve_device
     from ..runner import run as run_models
 
     cfg = sw.load_grid_toml(args.config) if args.config else {}
@@ -144,6 +166,14 @@ def sweep(args: argparse.Namespace) -> int:
     points = sw.shard(grid.points, which)
     db = _db_path(args)
     device = resolve_device(grid.points[0].opts.device)
+    for dtype in dict.fromkeys(p.opts.dtype for p in grid.points):
+        check_dtype(device, dtype, grid.points[0].opts.strategies)
+    data = grid.points[0].opts.data
+    if data:  # a bad file stops the sweep now, not at its first point
+        declared = {k: cfg[k] for k in ("classes", "input_dim") if cfg.get(k) is not None}
+        load_npz(data, declared.get("classes"), declared.get("input_dim"))
+        points = [replace(p, opts=replace(p.opts, extra={**p.opts.extra, "declared_shape": declared}))
+                  for p in points]
     notices: list[str] = []
     meter = meter_from_args(args, device, notice=notices.append)
     for n in notices:
@@ -158,40 +188,57 @@ def sweep(args: argparse.Namespace) -> int:
     if not points:
         raise ConfigError(f"--shard {args.shard} holds no points of this {len(grid.points)}-point grid; use fewer "
                           "shards")
+    # A full disk or read-only directory is found now, not when the first point is written an hour from now.
+    probe_write(db.parent, f"--db {db}")
     shard_text = f"{which[0]}/{which[1]}" if which else None
     grid_hash = grid.hash(meter.name) + (f"-{shard_text}" if shard_text else "")
-    with Store(db) as store:
-        complete = store.completed_keys()
-        keys = {p.key(meter.name) for p in points}
-        already = keys & complete
-        run_id = store.latest_run(grid_hash) if args.resume else None
-        if already and not args.resume:
-            err_console.print(f"[yellow]{len(already)} of these points are already complete in {escape(str(db))}; "
-                              "measuring them again (pass --resume to skip them)[/yellow]")
-        if run_id is None:
-            from ..energy.meter import meter_info
+    try:
+        with signals_raise(), Store(db) as store:
+            complete = store.completed_keys()
+            keys = {p.key(meter.name) for p in points}
+            already = keys & complete
+            run_id = store.latest_run(grid_hash) if args.resume else None
+            if already and not args.resume:
+                err_console.print(f"[yellow]{len(already)} of these points are already complete in {escape(str(db))}; "
+                                  "measuring them again (pass --resume to skip them)[/yellow]")
+            if run_id is None:
+                from ..energy.meter import meter_info
 
-            info = meter_info(meter)
-            info["notice"] = getattr(meter, "notice", None)
-            run_id = store.new_run(uuid.uuid4().hex, grid.source, describe(device), info,
-                                   command=" ".join(["moe-energy", *sys.argv[1:]]), grid_name=grid.name,
-                                   grid_hash=grid_hash, shard=shard_text)
-        skip = already if args.resume else set()
-        todo = len(points) - len(skip)
-        console.print(f"sweep {grid.name}: {len(points)} point(s)"
-                      + (f" (shard {shard_text} of a {len(grid.points)}-point grid)" if shard_text else "")
-                      + (f", {len(skip)} already complete" if skip else "")
-                      + f"; meter {meter.name} ({meter.method}); database {db}")
-        try:
-            with SweepProgress(todo) as ui:
-                outcome = sw.run_points(points, store, run_id, meter, device, run_models, ui, ui.on_point, skip)
-                ui.finish()
-        except KeyboardInterrupt:
-            err_console.print(f"interrupted: finished points are saved in {db}; rerun with --resume to continue")
-            raise
-        integrity = store.integrity()
+                info = meter_info(meter)
+                info["notice"] = getattr(meter, "notice", None)
+                run_id = store.new_run(uuid.uuid4().hex, grid.source, describe(device), info,
+                                       command=" ".join(["moe-energy", *sys.argv[1:]]), grid_name=grid.name,
+                                       grid_hash=grid_hash, shard=shard_text)
+            skip = already if args.resume else set()
+            todo = len(points) - len(skip)
+            console.print(f"sweep {grid.name}: {len(points)} point(s)"
+                          + (f" (shard {shard_text} of a {len(grid.points)}-point grid)" if shard_text else "")
+                          + (f", {len(skip)} already complete" if skip else "")
+                          + f"; meter {meter.name} ({meter.method}); database {db}")
+            try:
+                with SweepProgress(todo) as ui:
+                    outcome = sw.run_points(points, store, run_id, meter, device, run_models, ui, ui.on_point, skip,
+                                            resume=args.resume)
+                    ui.finish()
+            except KeyboardInterrupt as e:
+                saved = store.con.execute("SELECT COUNT(*) FROM points WHERE run_id = ?", (run_id,)).fetchone()[0]
+                again = shlex.join(["moe-energy", *sys.argv[1:]] + ([] if args.resume else ["--resume"]))
+                print(f"interrupted ({signal_name(e)}): {saved} finished point(s) of this sweep are saved in {db}, the "
+                      f"point in flight was discarded; to continue run: {again}", file=sys.stderr)
+                return exit_code(e)
+            except sw.StoreWriteFailed as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            integrity = store.integrity()
+    except KeyboardInterrupt as e:  # before the first point started (opening or migrating the database)
+        print(f"interrupted ({signal_name(e)}) before any point was measured; run the same command again",
+              file=sys.stderr)
+        return exit_code(e)
     console.print(f"measured {outcome.done}, skipped {outcome.skipped}, failed {outcome.failed}, "
                   f"already complete {outcome.already}; database {db} (integrity {integrity})")
+    if outcome.busy:
+        console.print(f"{outcome.busy} point(s) were being measured by another sweep on {db} and were left to it; "
+                      "rerun with --resume once it ends to pick up any it did not finish")
     for f in outcome.failures:
         err_console.print(f"[red]failed[/red] {escape(f)}")
     console.print(f"next: moe-energy report --db {db}")
@@ -206,6 +253,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 @command("report", "Write the crossover answer with plots: one self-contained HTML file and a Markdown summary.",
          _report_args)
+@_db_errors
 def report(args: argparse.Namespace) -> int:
     from ..analysis import load
     from ..report import write_report
@@ -244,6 +292,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 @command("export", "Export the store as CSV (one row per model measurement) or nested JSON.", _export_args)
+@_db_errors
 def export(args: argparse.Namespace) -> int:
     import json
 

@@ -79,7 +79,7 @@ def points_table(frame: Frame) -> Table:
     for m in sorted(frame.models, key=lambda m: (m["total_params"] or 0, m["batch_size"] or 0, str(m["dtype"]),
                                                   m["point_id"], m.get("ordinal", 0))):
         p = pts.get(m["point_id"], {})
-        acc = _num(value(m, "accuracy"), ".1%") + (" (diverged)" if m.get("diverged") else "")
+        acc = _num(value(m, "accuracy"), ".1%") + (" (diverged: accuracy meaningless)" if m.get("diverged") else "")
         cpj = correct_per_joule(m)
         rows.append([
             str(m["label"]), f"{p.get('experts')}/{p.get('hidden')}/{p.get('layers')}/{p.get('top_k')}",
@@ -113,8 +113,8 @@ def comparison_table(frame: Frame) -> Table:
                 _spread(m, "inferences_per_second", ",.0f"), _spread(d, "inferences_per_second", ",.0f"),
                 f"{ips_m / ips_d:.3f}" if ips_m and ips_d else "not measured",
                 _energy(m, "average_power_w", ",.1f"), _energy(d, "average_power_w", ",.1f"),
-                _num(value(m, "accuracy"), ".1%") + (" (diverged)" if m.get("diverged") else ""),
-                _num(value(d, "accuracy"), ".1%") + (" (diverged)" if d.get("diverged") else ""),
+                _num(value(m, "accuracy"), ".1%") + (" (diverged: accuracy meaningless)" if m.get("diverged") else ""),
+                _num(value(d, "accuracy"), ".1%") + (" (diverged: accuracy meaningless)" if d.get("diverged") else ""),
             ])
     return "MoE vs the dense model of the same total size, at each point (ratio above 1: MoE better)", head, rows
 

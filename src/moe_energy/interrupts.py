@@ -1,0 +1,58 @@
+"""Ctrl-C and SIGTERM end a command the same way: an exception that unwinds every ``with`` and ``finally``.
+
+SIGINT already raises KeyboardInterrupt; a batch scheduler's SIGTERM would kill the process outright,
+skipping the code that closes the energy window and rolls back the point in flight. ``signals_raise()``
+makes SIGTERM raise ``Interrupted`` (a KeyboardInterrupt) instead, so both signals take one path and the
+command exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell expects.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+# SIGHUP: the terminal of an interactive session closed. Not on Windows.
+SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class Interrupted(KeyboardInterrupt):
+    """A SIGTERM (or SIGHUP) received while a command ran."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_code(e: BaseException) -> int:
+    """130 for Ctrl-C, 128 + N for signal N."""
+    return 128 + int(getattr(e, "signum", signal.SIGINT))
+
+
+def signal_name(e: BaseException) -> str:
+    return signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise ``Interrupted``; the previous handlers come back after.
+
+    Only the main thread can install handlers; elsewhere (a library caller's worker) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_(signum: int, _frame: object) -> None:
+        # Ignore a second signal while the first unwinds: the cleanup must finish, not be cut short.
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, raise_) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
