@@ -9,7 +9,7 @@ import sys
 from .config import ConfigError
 
 # Each module registers its commands in commands.COMMANDS; add a module here to add its commands.
-COMMAND_MODULES = ["run", "plan"]
+COMMAND_MODULES = ["run", "plan", "meters", "sweep", "strategies", "selfcheck"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moe-energy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for c in COMMANDS.values():
-        p = sub.add_parser(c.name, help=c.help, description=c.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # defaults are written into each flag's help text: argparse's own '(default: None)' would mislead
+        p = sub.add_parser(c.name, help=c.help, description=c.help)
         c.add_arguments(p)
         p.set_defaults(_handler=c.handler)
     return parser
