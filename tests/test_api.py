@@ -214,7 +214,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 
     root = Path(__file__).resolve().parents[1]
     text = ""
-    for name in ("README.md", "API_README.md"):
+    for name in ("README.md",):
         p = root / name
         if p.exists() and "## Measure your own model from Python" in p.read_text():
             text = p.read_text().split("## Measure your own model from Python", 1)[1]

@@ -37,6 +37,9 @@ def test_run_writes_versioned_json_with_units(tmp_path):
         assert m["inferences_per_second"] > 0
         assert m["latency_p50_ms"] > 0
         assert 0.0 <= m["accuracy"] <= 1.0
+    for m in doc["models"][:4]:  # what optimize.prepare did is recorded per variant, outside the window
+        assert m["optimize"]["strategy"] == m["strategy"] == m["optimize"]["resolved_strategy"]
+        assert m["optimize"]["compile"] is False and m["optimize"]["weight_layout"] in ("out_in", "in_out")
     dense = next(m for m in doc["models"] if m["name"] == "dense_total")
     moe = doc["models"][0]
     assert dense["params"] >= moe["params"]

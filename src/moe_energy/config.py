@@ -88,6 +88,7 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "float32"
     strategies: tuple[str, ...] = ("auto",)
+    compile: bool = False  # torch.compile (CUDA graphs on a GPU) for every model alike
     data: str | None = None
     out: str = "results"
     models: tuple[str, ...] = ("moe", "dense_total", "dense_active")
@@ -111,6 +112,8 @@ class RunOptions:
                 raise ConfigError(f"{name}={v!r} must be a whole number between {lo} and {hi}")
 
         whole("seed", self.seed, 0, 2**32 - 1)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile={self.compile!r} must be true or false")
         for name in ("strategies", "models"):
             v = getattr(self, name)
             if not isinstance(v, tuple) or not v or not all(isinstance(x, str) for x in v):

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from . import memory
+from . import memory, roofline
 from .bench import device_sync, measure, summarize
 from .config import ConfigError, ModelSpec, RunOptions
 from .data import Dataset, make_dataset
@@ -30,9 +30,10 @@ from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Measurement, Meter, abort, meter_info
 from .environment import describe
 from .memory import OutOfMemory
-from .models.counting import dense_flops, mlp_params, moe_active_params, moe_flops, moe_params
+from .models.counting import dense_flops, mlp_params, moe_active_params, moe_flops, moe_params, moe_weight_params_read
 from .models.dense import DenseMLP, dense_width
 from .models.moe import MoE
+from .optimize import prepare
 from .results import new_document, save_or_rescue
 from .train import TrainResult, evaluate, train
 
@@ -120,6 +121,17 @@ class Trained:
     model: nn.Module
     train: TrainResult
     accuracy_bench_dtype: float | None
+
+
+def _roofline(roof: roofline.Roofline | None, rec: dict, desc: dict, spec: ModelSpec, opts: RunOptions) -> dict:
+    """The roofline columns of a model record: None (with the bound unknown) until `moe-energy calibrate` ran."""
+    ips = rec.get("inferences_per_second")
+    if not ips:
+        return {}
+    per_param = memory.BYTES[opts.dtype]
+    params_read = moe_weight_params_read(spec) if desc["kind"] == "moe" else desc["params"]
+    return roofline.figures(roof, opts.batch_size / ips, desc["flops_per_inference"] * opts.batch_size,
+                            params_read * per_param, opts.dtype)
 
 
 def prepare_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -369,6 +381,10 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
     windows: dict[str, list[dict]] = {label: [] for label in variants}
     stopped: dict[str, str] = {}  # variant -> why its remaining windows were not run (out of memory)
     on_device: Trained | None = None
+    prepared: dict[str, dict] = {}  # variant -> what optimize.prepare did (strategy chosen, compile seconds)
+    prepared_for: str | None = None
+    laid_out: set[str] = set()
+    fn: nn.Module | None = None
     schedule = window_schedule(list(variants), opts.repeats, opts.seed)
     for order, (rep, label) in enumerate(schedule):
         if label in stopped:
@@ -379,16 +395,26 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         failure: str | None = None
         try:
+            moved = False
             if device != park and on_device is not t:
                 if on_device is not None:
                     on_device.model.to(park)
                     _free(device)
                 on_device = t
                 t.model.to(device)
+                moved = True
             if strategy is not None:
                 t.model.strategy = strategy  # type: ignore[union-attr]
+            if moved or prepared_for != label:
+                # Outside the window: auto's probe, the weight layout and (--compile) compilation and graph
+                # capture. Re-done after a move, since a captured graph holds the old weights' addresses.
+                layout = "keep" if t.name in laid_out else "auto"
+                laid_out.add(t.name)
+                fn, prepared[label] = prepare(t.model, dtype=dtype, compile=opts.compile, device=device,
+                                              example=batch, layout=layout)
+                prepared_for = label
             with ui.measuring(f"{label} ({rep + 1}/{opts.repeats})", opts.duration) as tick:
-                res = measure(t.model, batch, opts.duration, guarded, t.desc["flops_per_inference"], opts.warmup,
+                res = measure(fn, batch, opts.duration, guarded, t.desc["flops_per_inference"], opts.warmup,
                               on_tick=tick, idle=idle, sync=sync)
             rec = {"repeat": rep, "order": order, "started_utc": started, **res.metrics()}
         except MeterFailed as e:
@@ -414,6 +440,7 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
         on_device.model.to(park)
         _free(device)
 
+    roof = roofline.load(device)
     for name, desc in model_plan(spec, opts):
         if name in skipped:
             reason = skipped[name][1]
@@ -434,6 +461,8 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
                    "idle_power_w": idle.power_w if idle is not None else None,
                    "idle_power_by_device_w": idle.power_by_device_w if idle is not None else None,
                    **summarize_windows(windows[label])}
+            rec["optimize"] = prepared.get(label)
+            rec.update(_roofline(roof, rec, t.desc, spec, opts))
             if t.train.diverged:
                 rec["flags"] = [f"training diverged ({t.train.diverged_reason}): accuracy is meaningless; speed "
                                 "and energy are valid"] + rec["flags"]

@@ -41,7 +41,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto|cpu|cuda|mps (default auto: cuda > mps > cpu)")
     g.add_argument("--dtype", help="float32|bfloat16|float16 for the benchmark (default float32)")
     g.add_argument("--moe-strategy", dest="strategies",
-                   help=f"comma list of {', '.join(STRATEGIES)}, or 'all' (default grouped)")
+                   help=f"comma list of {', '.join(STRATEGIES)}, or 'all' (default auto)")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile every model alike (CUDA graphs on a GPU); compile time is reported apart")
     g.add_argument("--models", help="comma list of moe, dense_total, dense_active (default all three)")
     g.add_argument("--out", help="directory for the JSON results (default results/)")
 
