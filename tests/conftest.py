@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,3 +19,22 @@ def tiny_spec():
     from moe_energy.config import ModelSpec
 
     return ModelSpec(experts=4, hidden=16, layers=2, top_k=2, input_dim=40, classes=4)
+
+
+FAKE_RAPL = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"
+
+
+@pytest.fixture
+def live_rapl(tmp_path, monkeypatch):
+    """A fake powercap tree of real files whose package counter a child process advances at 40 W;
+    MOE_ENERGY_POWERCAP_ROOT points at it for the test's duration."""
+    from moe_energy.energy.rapl import ENV_ROOT
+
+    root = tmp_path / "powercap"
+    proc = subprocess.Popen([sys.executable, str(FAKE_RAPL), str(root), "--watts", "40"], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().startswith("ready")  # type: ignore[union-attr]
+    monkeypatch.setenv(ENV_ROOT, str(root))
+    yield root
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -20,21 +20,6 @@ from moe_energy.config import ConfigError, ModelSpec
 from moe_energy.energy.rapl import ENV_ROOT, RaplMeter
 from moe_energy.models.counting import moe_flops
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"
-
-
-@pytest.fixture
-def live_rapl(tmp_path, monkeypatch):
-    """A fake RAPL tree drawing 40 W, and the environment pointing at it."""
-    root = tmp_path / "powercap"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), "--watts", "40"], stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().startswith("ready")  # type: ignore[union-attr]
-    monkeypatch.setenv(ENV_ROOT, str(root))
-    yield root
-    proc.terminate()
-    proc.wait(timeout=10)
-
 
 class UserMoE(nn.Module):
     """A user's own top-1 MoE: a gate and a ModuleList of experts, called as model(x=..., scale=...)."""

@@ -14,7 +14,6 @@ import pytest
 from moe_energy.cli import main
 from moe_energy.energy.rapl import DEFAULT_ROOT, ENV_ROOT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",
         "--classes", "4", "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu",
         "--models", "moe,dense_active", "--cooldown", "0"]
@@ -27,15 +26,6 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
                           timeout=300, env=e)
 
 
-@pytest.fixture
-def live_rapl(tmp_path):
-    root = tmp_path / "powercap"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), "--watts", "40"], stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().startswith("ready")  # type: ignore[union-attr]
-    yield root
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def only_json(out: Path) -> dict:

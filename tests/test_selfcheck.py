@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,20 +13,9 @@ from moe_energy.cli import main
 from moe_energy.energy.rapl import ENV_ROOT
 from moe_energy.models.strategies import STRATEGIES
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"
 FAST = ["--device", "cpu", "--seconds", "0.5", "--idle-seconds", "0.3"]
 
 
-@pytest.fixture
-def live_rapl(tmp_path, monkeypatch):
-    root = tmp_path / "powercap"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root), "--watts", "40"], stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout.readline().startswith("ready")  # type: ignore[union-attr]
-    monkeypatch.setenv(ENV_ROOT, str(root))
-    yield root
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def report(out: Path) -> dict:
