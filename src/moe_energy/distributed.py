@@ -42,7 +42,7 @@ from .environment import describe
 from .models.dense import DenseMLP
 from .models.moe import MoE
 from .models.strategies import ExpertStack, combine, sort_by_expert
-from .results import check_writable, new_document, write_atomic
+from .results import check_writable, new_document, run_stem, write_atomic
 from .runner import DTYPE, TRAIN_STRATEGY, UI, SilentUI, model_plan, resolve_device
 from .train import TrainResult, evaluate, train
 
@@ -719,7 +719,5 @@ def run_distributed(spec: ModelSpec, opts: RunOptions, g: Group,
         return None, None
     path = None
     if save:
-        tag = "custom" if opts.extra.get("preset") is None else opts.extra["preset"]
-        stem = f"run-{doc['created_utc'].replace(':', '').replace('-', '')[:15]}-{tag}-ep{g.world_size}"
-        path = write_atomic(doc, opts.out, stem)
+        path = write_atomic(doc, opts.out, run_stem(doc, opts.extra.get("preset"), f"-ep{g.world_size}"))
     return doc, path

@@ -96,6 +96,12 @@ def save_or_rescue(doc: dict, out_dir: str | Path, stem: str) -> Path:
                        rescue) from None
 
 
+def run_stem(doc: dict, preset: str | None, suffix: str = "") -> str:
+    """File stem of a run's results: creation time, preset (or 'custom'), e.g. run-20261128T2130-small."""
+    stamp = doc["created_utc"].replace(":", "").replace("-", "")[:15]
+    return f"run-{stamp}-{preset or 'custom'}{suffix}"
+
+
 def write_atomic(doc: dict, out_dir: str | Path, stem: str) -> Path:
     """Write ``doc`` as ``stem.json`` (or ``stem-N.json`` if taken) via a temp file and a rename."""
     d = Path(out_dir)

@@ -34,7 +34,7 @@ from .models.counting import dense_flops, mlp_params, moe_active_params, moe_flo
 from .models.dense import DenseMLP, dense_width
 from .models.moe import MoE
 from .optimize import prepare
-from .results import new_document, save_or_rescue
+from .results import new_document, run_stem, save_or_rescue
 from .train import TrainResult, evaluate, train
 
 # Training runs the padded strategy: differentiable everywhere (grouped_mm's backward needs 16-byte
@@ -475,7 +475,5 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
 
     path = None
     if save:
-        tag = "custom" if opts.extra.get("preset") is None else opts.extra["preset"]
-        stem = f"run-{doc['created_utc'].replace(':', '').replace('-', '')[:15]}-{tag}"
-        path = save_or_rescue(doc, opts.out, stem)
+        path = save_or_rescue(doc, opts.out, run_stem(doc, opts.extra.get("preset")))
     return doc, path
