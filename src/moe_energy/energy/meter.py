@@ -172,6 +172,19 @@ class MeterBase:
         """Close an open window without a reading (a read failed, or the run was interrupted)."""
         abort(self)
 
+    _t0: float | None = None
+
+    def _start_clock(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop_clock(self) -> float:
+        """Seconds since ``_start_clock``; the window is closed, so ``end()`` twice is an error."""
+        if self._t0 is None:
+            raise RuntimeError("end() called before begin()")
+        secs = time.perf_counter() - self._t0
+        self._t0 = None
+        return secs
+
 
 def abort(meter: Meter) -> None:
     """Stop whatever an open window left running (power-trace threads), in ``meter`` and its parts.
@@ -227,13 +240,10 @@ class NullMeter(MeterBase):
         self._t0: float | None = None
 
     def begin(self) -> None:
-        self._t0 = time.perf_counter()
+        self._start_clock()
 
     def end(self) -> Measurement:
-        if self._t0 is None:
-            raise RuntimeError("end() called before begin()")
-        secs = time.perf_counter() - self._t0
-        self._t0 = None
+        secs = self._stop_clock()
         return Measurement(seconds=secs, method="none", meter=self.name, flags=[f"not measured: {self.reason}"])
 
     def info(self) -> dict[str, Any]:
@@ -258,13 +268,10 @@ class CompositeMeter(MeterBase):
     def begin(self) -> None:
         for m in self.meters:
             m.begin()
-        self._t0 = time.perf_counter()
+        self._start_clock()
 
     def end(self) -> Measurement:
-        if self._t0 is None:
-            raise RuntimeError("end() called before begin()")
-        secs = time.perf_counter() - self._t0
-        self._t0 = None
+        secs = self._stop_clock()
         parts = [m.end() for m in self.meters]
         out = Measurement(seconds=secs, method=weakest([p.method for p in parts]), meter=self.name)
         joules: dict[str, float] = {}
