@@ -20,7 +20,7 @@ from moe_energy import roofline
 from moe_energy.config import PRESETS
 from moe_energy.strategy_bench import bench_strategies
 
-FAST = ("grouped", "padded", "dense_experts", "auto")
+FAST = ("grouped", "grouped_fm", "padded", "dense_experts", "auto")
 
 
 def main() -> None:

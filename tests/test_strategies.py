@@ -11,16 +11,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from moe_energy.models import MoE
 from moe_energy.models.strategies import (
     AUTO_CANDIDATES,
+    GROUP_ALIGN,
     STRATEGIES,
     ExpertStack,
+    align_groups,
     capacity_for,
     choose,
     forget_choices,
     probe,
     rank_in_expert,
+    sort_by_expert,
 )
 
-EXACT = ["masked_loop", "active_loop", "grouped", "padded", "dense_experts", "auto"]
+EXACT = ["masked_loop", "active_loop", "grouped", "grouped_fm", "padded", "dense_experts", "auto"]
 # bf16 keeps 8 bits of mantissa: each layer's rounding (~0.4%) compounds over L+1 layers and the combine
 BF16_ATOL, BF16_RTOL = 1e-2, 1e-2  # measured: ~2e-3 on outputs of ~0.3
 
@@ -107,7 +110,7 @@ def test_property_all_exact_strategies_agree(E, k_frac, T, L, H, d, out, kind, s
     idx, gate_w = routing(kind, T, E, k, gen)
     ref = reference(x, idx, gate_w, m.stack())
     with torch.inference_mode():
-        for name in ("grouped", "padded", "dense_experts", "active_loop"):
+        for name in ("grouped", "grouped_fm", "padded", "dense_experts", "active_loop"):
             y = STRATEGIES[name](x, idx, gate_w, m.stack())
             assert (y.double() - ref).abs().max() <= 1e-4, name
 
@@ -136,6 +139,27 @@ def test_capacity_drops_the_latest_pairs_and_counts_them():
     assert (y.double() - reference(x, idx, kept_w, m.stack())).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("align", [1, 4, GROUP_ALIGN])
+def test_align_groups_pads_each_expert_group_to_the_alignment(align):
+    E, T, k = 5, 13, 2
+    gen = torch.Generator().manual_seed(7)
+    idx, gate_w = routing("some_idle", T, E, k, gen)  # experts 3 and 4 get nothing
+    r = sort_by_expert(idx, gate_w, E)
+    a = align_groups(r, E, align)
+    counts = torch.bincount(idx.flatten(), minlength=E)
+    padded = (counts + align - 1) // align * align
+    assert a.offs.dtype == torch.int32 and a.offs.tolist() == padded.cumsum(0).tolist()
+    P = a.src.shape[0]
+    assert P % align == 0 and P >= int(padded.sum()) and P == a.col_expert.shape[0]
+    starts = (padded.cumsum(0) - padded).tolist()
+    for e in range(E):  # expert e's pairs fill the first columns of its group, in sorted order
+        cols = a.col[r.expert == e].tolist()
+        assert cols == list(range(starts[e], starts[e] + int(counts[e])))
+        assert (a.col_expert[starts[e] : starts[e] + int(padded[e])] == e).all()
+    assert a.col.unique().numel() == T * k  # one column per pair
+    assert torch.equal(a.src.index_select(0, a.col), r.token)  # each pair's column reads its own token
+
+
 def test_rank_in_expert_counts_in_token_order():
     rank, counts = rank_in_expert(torch.tensor([2, 0, 2, 2, 1, 0]), 4)
     assert rank.tolist() == [0, 0, 1, 2, 0, 1]
@@ -161,7 +185,7 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", ["grouped", "padded_capacity", "dense_experts"])
+@pytest.mark.parametrize("name", ["grouped", "grouped_fm", "padded_capacity", "dense_experts"])
 def test_fast_strategies_never_sync_with_the_host(name):
     m = make()
     gen = torch.Generator().manual_seed(4)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 from .models.moe import LAYOUTS, MoE
-from .models.strategies import AUTO_CANDIDATES
+from .models.strategies import AUTO_CANDIDATES, GROUPED_MM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -41,7 +41,7 @@ def sync(device: torch.device) -> None:
 
 def compile_candidates(dtype: torch.dtype) -> tuple[str, ...]:
     """Strategies torch.compile can trace: grouped_mm's meta kernel accepts bf16 only (torch 2.13)."""
-    return tuple(s for s in AUTO_CANDIDATES if s != "grouped" or dtype == torch.bfloat16)
+    return tuple(s for s in AUTO_CANDIDATES if s not in GROUPED_MM or dtype == torch.bfloat16)
 
 
 @torch.inference_mode()
