@@ -80,7 +80,7 @@ def main() -> None:
         torch.manual_seed(0)
         m = MoE.from_spec(small).to(dev, torch.bfloat16).eval()
         x = torch.randn(128, small.input_dim, device=dev, dtype=torch.bfloat16)
-        for s in ("grouped", "padded_capacity", "dense_experts", "padded", "active_loop"):
+        for s in ("grouped", "grouped_fm", "padded_capacity", "dense_experts", "padded", "active_loop"):
             m.strategy = s
             with torch.inference_mode():
                 m(x)
@@ -126,7 +126,7 @@ def main() -> None:
     step("small bf16 eager", lambda: bench("small-bf16-eager", small, False, all_s))
     step("small bf16 compiled", lambda: bench("small-bf16-compiled", small, True,
                                               ["active_loop", "grouped", "padded_capacity"]))
-    xl_s = ["active_loop", "grouped", "padded", "padded_capacity", "dense_experts", "auto"]
+    xl_s = ["active_loop", "grouped", "grouped_fm", "padded", "padded_capacity", "dense_experts", "auto"]
     step("xl bf16 eager", lambda: bench("xl-bf16-eager", xl, False, xl_s))
     step("xl bf16 compiled", lambda: bench("xl-bf16-compiled", xl, True, ["active_loop", "grouped"]))
     log("done")
