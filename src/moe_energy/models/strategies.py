@@ -10,7 +10,7 @@ are the baseline the fast strategies are measured against, so they keep their Py
 The fast ones (after torchtitan's grouped experts, MegaBlocks' padded form and gpt-fast's dense form):
   grouped          pairs sorted by expert, one grouped GEMM per layer; no host sync, no padding.
   grouped_fm       the same GEMMs turned around (feature-major: W [out, in] @ h [in, pairs]), each expert's
-                   group padded to a multiple of GROUP_ALIGN columns; faster where the BLAS's small-batch
+                   group padded to a multiple of GROUP_ALIGN (16) columns; faster where the BLAS's small-batch
                    kernels favour that orientation (MKL on this project's 2-core EPYC: ~1.15x `grouped`
                    at the large preset).
   padded           pairs packed into [E, C, d], one batched GEMM per layer; C = largest count (one sync).
@@ -181,11 +181,12 @@ def grouped(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> T
     return combine(h, r, x.shape[0])
 
 
-# Columns per expert group in grouped_fm are rounded up to this: MKL's AVX2 kernels walk the token dimension
-# in fixed-width tiles, and a group that ends mid-tile costs nearly a whole tile (large preset on this
-# project's 2-core EPYC, one interleaved run: 1 -> 55.8 ms, 4 -> 48.5, 8 -> 47.0, 16 -> 48.9). It also keeps
-# every group 16-byte aligned for CUDA's grouped GEMM.
-GROUP_ALIGN = 8
+# Columns per expert group in grouped_fm are rounded up to this. MKL's AVX2 kernels walk the token dimension
+# in 16-wide tiles: a group that ends mid-tile costs nearly a whole tile, and one of 8 columns or fewer takes
+# a path twice as slow as 16 (benchmarks/gemm_orientation.py). Large preset on this project's 2-core EPYC,
+# vs active_loop: batch 128 (20-41 pairs an expert), align 8 / 16 -> 1.28x / 1.25x, the same within noise;
+# batch 32 (4-12), 0.90x / 1.33x. It also keeps every group 16-byte aligned for CUDA's grouped GEMM.
+GROUP_ALIGN = 16
 
 
 class AlignedRouting(NamedTuple):

@@ -1,0 +1,28 @@
+"""The benchmark scripts still run (they measure, so nothing here looks at their times, only their shape)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gemm_orientation_prints_one_row_per_row_count():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gemm_orientation.py"), "--preset", "small", "--rows", "4,16",
+         "--seconds", "0"],
+        capture_output=True, text=True, env=env, timeout=120, check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith("small: 8 experts x 4 layers, fp32")
+    rows = [line.split() for line in out[2:]]
+    assert [r[0] for r in rows] == ["4", "16"]
+    for r in rows:  # rows, token-major ms, feature-major ms, speed-up (with its x), us per row
+        assert len(r) == 5 and r[3].endswith("x")
+        tm, fm, speedup, per_row = float(r[1]), float(r[2]), float(r[3][:-1]), float(r[4])
+        assert tm > 0 and fm > 0
+        assert abs(speedup - tm / fm) <= 0.01 + 0.01 * speedup  # printed to 2 decimals
+        assert abs(per_row - fm * 1e3 / (int(r[0]) * 8)) <= 0.1 + 0.001 * per_row
