@@ -211,7 +211,8 @@ def align_groups(r: Routing, num_experts: int, align: int = GROUP_ALIGN) -> Alig
     padded = (counts + align - 1) // align * align  # [E]
     ends = padded.cumsum(0)  # [E]
     P = -(-(N + num_experts * (align - 1)) // align) * align
-    col = (ends - padded).index_select(0, r.expert) + torch.arange(N, device=dev) - r.starts.index_select(0, r.expert)
+    shift = ends - padded - r.starts  # [E] group start minus sorted start: how far each expert's pairs move
+    col = torch.arange(N, device=dev) + shift.index_select(0, r.expert)  # [N]
     src = torch.zeros(P, dtype=torch.long, device=dev).index_put_((col,), r.token)  # [P]
     col_expert = torch.searchsorted(ends, torch.arange(P, device=dev), right=True).clamp_(max=num_experts - 1)
     return AlignedRouting(col, src, ends.to(torch.int32), col_expert)
