@@ -60,7 +60,7 @@ def test_run_with_live_fake_rapl_records_measured_joules(live_rapl, tmp_path):
             assert w["trace_energy_j"]["cpu:package-0"] == pytest.approx(w["energy_j"], rel=0.10)
             assert any("shorter than 1 s" in f for f in w["flags"])
     assert "rapl (counter)" in r.stdout and "(estimate)" not in r.stdout
-    assert "idle power: " in r.stdout
+    assert "idle power: " in r.stdout and " W (counter) over " in r.stdout  # idle power names its method too
 
 
 def test_run_with_estimate_labels_every_figure(tmp_path):

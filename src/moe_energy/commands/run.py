@@ -81,7 +81,7 @@ def energy_summary(doc: dict) -> list[str]:
         lines[0] += " -- ESTIMATE, not a measurement; do not compare with measured figures"
     idle = doc.get("idle")
     if idle and idle.get("power_w") is not None:
-        lines.append(f"idle power: {idle['power_w']:.2f} W over {idle['seconds']:.1f} s "
+        lines.append(f"idle power: {idle['power_w']:.2f} W ({meter.get('method')}) over {idle['seconds']:.1f} s "
                      "(dynamic = raw minus idle power x window seconds)")
     else:
         lines.append("idle power: not measured (dynamic inferences/J needs --idle-seconds > 0)")
