@@ -149,3 +149,72 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert shot.exists(), r.stderr[-2000:]
     assert _distinct_colours(shot) > 200  # text, tables and plots: far from a blank page
+
+
+# -- lines are drawn in x order, whatever order the sweep measured the points in ------------------------
+SWEEP_SIZES = [10**8, 10**6, 10**9, 10**7]  # measured out of size order, as a resumed or sharded sweep is
+ACTIVE = [4 * 10**6, 9 * 10**5, 2 * 10**6, 3 * 10**5]  # active-matched dense sizes, not monotone in total size
+TRACE_T = [0.3, 0.0, 0.2, 0.1]  # samples stored out of time order
+
+
+def fill_shuffled(db: Path) -> Frame:
+    with Store(db) as s:
+        s.new_run("r1", {"grid": "scale"}, {"device_name": "Test GPU"}, {"name": "nvidia", "method": "counter"},
+                  grid_name="scale")
+        for b in (512, 32, 128):
+            for i, (p, a) in enumerate(zip(SWEEP_SIZES, ACTIVE)):
+                ms = [model("moe[grouped]", p, 50.0 / (i + 1), batch=b), model("dense_total", p + 10, 80.0 / (i + 2),
+                      batch=b), model("dense_active", a, 7.0 * (i + 1) + b, batch=b)]
+                for rec in ms:
+                    for w in rec["windows"]:
+                        w["trace"] = {"gpu0": [[t, 100.0 + 10 * t + i] for t in TRACE_T]}
+                cfg = {"label": f"s{i}", "spec": {"experts": 8, "hidden": 64, "layers": 2, "top_k": 2},
+                       "options": {"batch_size": b, "dtype": "float32"}, "total_params": p}
+                s.add_point("r1", f"k{b}-{i}", cfg, "done", document={"models": ms})
+    with Store(db, create=False) as s:
+        return load(s)
+
+
+def _lines(frame: Frame) -> dict[tuple[str, int, int], tuple[list[float], list[float]]]:
+    """Every Line2D of every axes of every plot: (slug, axes, line) -> (xs, ys), plain floats."""
+    out = {}
+    for slug, _title, fn in PLOTS:
+        for a, ax in enumerate(fn(frame).axes):
+            for j, line in enumerate(ax.get_lines()):
+                xs, ys = (np.asarray(v, dtype=float).tolist() for v in line.get_data())
+                out[slug, a, j] = (xs, ys)
+    return out
+
+
+def test_every_line_is_drawn_in_x_order_with_each_y_kept_on_its_x(tmp_path, monkeypatch):
+    frame = fill_shuffled(tmp_path / "s.db")
+    drawn = _lines(frame)
+    for key, (xs, _ys) in drawn.items():
+        assert all(a <= b for a, b in zip(xs, xs[1:])), (key, xs)
+    # the same lines drawn in the frame's own (sweep) order hold exactly the same (x, y) pairs
+    from moe_energy.report import plots
+
+    monkeypatch.setattr(plots, "_by_x", lambda xs, *cols: (list(xs), *map(list, cols)))
+    unsorted = _lines(frame)
+    assert unsorted.keys() == drawn.keys()
+    assert any(xs != sorted(xs) for xs, _ in unsorted.values())  # the data did arrive out of order
+    for key, (xs, ys) in drawn.items():
+        assert sorted(zip(xs, ys)) == sorted(zip(*unsorted[key])), key
+
+
+def test_active_matched_dense_line_runs_along_the_size_axis(tmp_path):
+    frame = fill_shuffled(tmp_path / "s.db")
+    fig = dict((slug, fn) for slug, _t, fn in PLOTS)["inferences_per_joule"](frame)
+    ax = fig.axes[[32, 128, 512].index(128)]  # panels in batch order
+    grey = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-" and ln.get_color() == "#8c8c8c"]
+    assert len(grey) == 1
+    want = sorted((float(a), 7.0 * (i + 1) + 128) for i, a in enumerate(ACTIVE))
+    assert list(zip(*(np.asarray(v, dtype=float).tolist() for v in grey[0].get_data()))) == want
+
+
+def test_by_x_sorts_every_column_by_x_and_keeps_ties_in_order():
+    from moe_energy.report.plots import _by_x
+
+    assert _by_x([3, 1, 2, 1], ["a", "b", "c", "d"], [30, 10, 20, 11]) == ([1, 1, 2, 3], ["b", "d", "c", "a"],
+                                                                           [10, 11, 20, 30])
+    assert _by_x([]) == ([],)

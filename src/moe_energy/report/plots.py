@@ -8,7 +8,8 @@ still renders, with a line saying why, so a report from a partial sweep is never
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import matplotlib
 
@@ -65,6 +66,16 @@ def _grid(n: int, title: str, width: float = 6.0, height: float = 4.2) -> tuple[
     return fig, axes
 
 
+def _by_x(xs: Sequence[Any], *cols: Sequence[Any]) -> tuple[list[Any], ...]:
+    """``xs`` and each column paired with it, reordered by ascending x (ties keep their order).
+
+    matplotlib joins a line's points in the order given, and frames hold them in sweep order, so every
+    line (and its error bars) goes through here: otherwise a series zig-zags back and forth along x.
+    """
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    return tuple([c[i] for i in order] for c in (xs, *cols))
+
+
 def _empty(ax: Axes, why: str) -> None:
     ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="#555555",
             wrap=True)
@@ -98,15 +109,14 @@ def _series_plot(frame: Frame, metric: str, ylabel: str, title: str,
         drawn = 0
         eks = sorted({m["ek"] for m in rows})
         for name, ek in sorted({(m["name"], m["ek"]) for m in rows}, key=lambda n: (not n[0].startswith("moe"), n)):
-            ms = sorted((m for m in rows if m["name"] == name and m["ek"] == ek), key=lambda m: m["params"])
             series = _pretty(name) + (f" E/k={ek}" if len(eks) > 1 else "")
-            pts = [(m, value(m, metric)) for m in ms]
+            pts = [(m, value(m, metric)) for m in rows if m["name"] == name and m["ek"] == ek]
             pts = [(m, v) for m, v in pts if v is not None and v > 0 and
                    (metric not in ENERGY_METRICS or energy_kind(m) != "none")]
             if not pts:
                 continue
             colour, marker = _style(name, order)
-            xs = [m["params"] for m, _ in pts]
+            xs, pts = _by_x([m["params"] for m, _ in pts], pts)
             ys = [v for _, v in pts]
             ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2)
             lo = [max(v - (value(m, metric, "min") or v), 0) for m, v in pts]
@@ -256,6 +266,7 @@ def power_traces(frame: Frame) -> Figure:
                 t, p = series[0][1], [sum(vals) for vals in zip(*(s[2] for s in series))]
             else:
                 t, p = series[0][1], series[0][2]
+            t, p = _by_x(t, p)
             lab = _pretty(m["name"]) + (" (estimate)" if est else "")
             ax.plot(t, p, "--" if est else "-", color=colour, lw=1.0, alpha=0.8, label=lab if lab not in seen else None)
             seen.add(lab)
@@ -291,8 +302,8 @@ def energy_latency_scatter(frame: Frame) -> Figure:
     for kind, ls in (("measured", "-"), ("estimate", "--")):
         sub = [(lat, mj) for m, lat, mj in rows if energy_kind(m) == kind]
         if len(sub) >= 1:
-            front = [sub[i] for i in pareto_front(sub)]
-            ax.plot([x for x, _ in front], [y for _, y in front], ls, color="#444444", lw=1.2, zorder=2,
+            fx, fy = _by_x(*zip(*(sub[i] for i in pareto_front(sub))))
+            ax.plot(fx, fy, ls, color="#444444", lw=1.2, zorder=2,
                     label="Pareto front" + (" (estimate)" if kind == "estimate" else ""))
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -320,11 +331,11 @@ def ratio_vs_batch_size(frame: Frame) -> Figure:
     cmap = matplotlib.colormaps["viridis"]
     sizes = sorted({k[0] for k in lines})
     for (params, label, strategy, dtype), pts in sorted(lines.items()):
-        pts.sort(key=lambda r: r["batch_size"])
+        bs, ys = _by_x([r["batch_size"] for r in pts], [r["ratio"] for r in pts])
         colour = cmap(sizes.index(params) / max(1, len(sizes) - 1))
         est = all(r["energy"] == "estimate" for r in pts)
         ls = {0: "-", 1: "--", 2: ":", 3: "-."}[order.index(strategy) % 4 if strategy in order else 0]
-        ax.plot([r["batch_size"] for r in pts], [r["ratio"] for r in pts], ls, marker="o", color=colour,
+        ax.plot(bs, ys, ls, marker="o", color=colour,
                 mfc="none" if est else colour, label=f"{label} ({_fmt_params(params)}) moe[{strategy}] {dtype}"
                 + (" (estimate)" if est else ""))
     ax.axhline(1.0, color="#b00000", lw=1.2, ls=":", label="parity")
