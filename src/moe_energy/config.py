@@ -16,6 +16,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from .errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -23,10 +24,6 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 MAX_PARAMS = 10**13
 # Longest duration, warm-up, rest or idle reading we accept, in seconds: a day (a typo like 3e10 is not a plan).
 MAX_SECONDS = 86_400.0
-
-
-class ConfigError(ValueError):
-    """A mistake in the user's input; its message is one line saying what is wrong and how to fix it."""
 
 
 @dataclass(frozen=True)

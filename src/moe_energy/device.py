@@ -1,0 +1,60 @@
+"""The device helpers every layer shares: pick a device, name a dtype, wait for queued work, free memory."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import torch
+
+from .errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda > mps > cpu; asking for an absent device is the user's error to fix."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: Apple MPS is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name (``"bfloat16"``); a torch dtype passes through."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for all queued work on ``device`` (a no-op on the CPU, whose ops return when done)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """``sync`` bound to one device: what a measurement window calls at its edges."""
+    return lambda: sync(device)
+
+
+def free(device: torch.device | None = None) -> None:
+    """Return dropped tensors' memory: Python's garbage first, then the CUDA allocator's cache."""
+    gc.collect()
+    if (device is None or device.type == "cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,40 @@
+"""The project's error types, one of each kind, and the one way to turn an exception into one line.
+
+``ConfigError`` is the user's mistake (the CLI prints it and exits 2); ``Unavailable`` is hardware or a
+library that cannot be used here (a meter falls back or says why); ``PeerLost`` is another rank of a
+distributed job gone (not the user's mistake: its own exit code).
+"""
+
+from __future__ import annotations
+
+import re
+
+
+class ConfigError(ValueError):
+    """A mistake in the user's input; its message is one line saying what is wrong and how to fix it."""
+
+
+class Unavailable(RuntimeError):
+    """An energy source (or other hardware path) cannot be used here; the message is one line saying why.
+
+    ``kind`` says what kind of why: "absent" (no such hardware or library), "no permission", "unreadable".
+    """
+
+    def __init__(self, message: str, kind: str = "absent") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: another rank died, hung past the timeout or became unreachable."""
+
+
+def one_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most ``limit`` chars.
+
+    A leading ``[file:line]`` tag (gloo's source prefix) is dropped: it names our dependency's source, not
+    the problem.
+    """
+    text = str(e).strip()
+    line = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(e).__name__
+    return line[:limit] if limit is not None else line
