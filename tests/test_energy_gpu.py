@@ -12,11 +12,11 @@ from torch import nn
 pynvml = pytest.importorskip("pynvml")
 pytest.importorskip("zeus")
 
-from moe_energy.bench import measure  # noqa: E402
 from moe_energy.energy import auto_meter, make_meter  # noqa: E402
 from moe_energy.energy.gpu import GpuMeter  # noqa: E402
 from moe_energy.energy.meter import CompositeMeter  # noqa: E402
 from moe_energy.energy.rapl import ENV_ROOT  # noqa: E402
+from moe_energy.measure.window import measure  # noqa: E402
 
 
 class FakeNVML:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import torch
 
-from moe_energy.config import ConfigError
 from moe_energy.energy import (
     CompositeMeter,
     EstimateMeter,
@@ -16,10 +16,15 @@ from moe_energy.energy import (
     dynamic_joules,
     make_meter,
     measure_idle,
+    select,
 )
+from moe_energy.energy.apple import AppleUnavailable
 from moe_energy.energy.estimate import DEFAULT_WATTS_PER_CPU
-from moe_energy.energy.meter import integrate, weakest
+from moe_energy.energy.gpu import GpuUnavailable
+from moe_energy.energy.meter import CounterMeter, integrate, weakest
+from moe_energy.energy.rapl import RaplUnavailable
 from moe_energy.energy.trace import PowerTrace
+from moe_energy.errors import ConfigError, Unavailable
 
 
 class ScriptedMeter:
@@ -148,3 +153,81 @@ def test_make_meter_errors_are_one_line(monkeypatch, tmp_path):
     with pytest.raises(ConfigError):
         make_meter("estimate", torch.device("cpu"), cpu_tdp_watts=-5)
     assert make_meter("estimate", torch.device("cpu"), cpu_tdp_watts=35).tdp_watts == 35
+
+
+class FakeCounter(CounterMeter):
+    """A new meter written the intended way: it says only how to read its counter (cumulative J)."""
+
+    name = "fake"
+    method = "counter"
+    devices = ["fake:0"]
+
+    def __init__(self, watts: float, trace_period_s: float = 0.02) -> None:
+        super().__init__(trace_period_s)
+        self.watts, self.extra_j, self.start = watts, 0.0, time.perf_counter()
+
+    def _read(self) -> dict[str, float]:
+        return {"fake:0": self.watts * (time.perf_counter() - self.start) + self.extra_j}
+
+
+def trace_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "moe-energy-power-trace"]
+
+
+def test_a_meter_with_only_its_counter_gets_the_whole_window():
+    meter = FakeCounter(watts=40.0)
+    meter.begin()
+    assert len(trace_threads()) == 1  # the base started the sampler
+    time.sleep(0.3)
+    m = meter.end()
+    assert not trace_threads() and meter._trace is None and meter._t0 is None
+    assert 0.3 <= m.seconds < 1.0
+    assert m.joules_by_device == {"fake:0": pytest.approx(40.0 * m.seconds, rel=0.01)}
+    assert (m.method, m.meter, m.devices_covered) == ("counter", "fake", ["fake:0"])
+    assert m.method_by_device == {"fake:0": "counter"} and m.flags == []
+    assert m.state_begin == {} and m.state_end == {}
+    # the trace is the counter's own deltas: about 40 W, integrating to the counter's joules
+    pts = m.trace["fake:0"]
+    assert len(pts) >= 5 and m.trace_period_s == 0.02
+    assert all(w == pytest.approx(40.0, rel=0.05) for _, w in pts)
+    assert m.trace_energy_j()["fake:0"] == pytest.approx(m.joules, rel=0.05)
+    assert meter.info() == {"name": "fake", "method": "counter", "devices": ["fake:0"], "versions": {}}
+    with pytest.raises(RuntimeError, match="before begin"):
+        meter.end()
+
+
+def test_counter_meter_flags_a_counter_that_did_not_advance_and_traces_a_step():
+    meter = FakeCounter(watts=0.0)
+    meter.begin()
+    m = meter.end()
+    assert m.joules_by_device == {"fake:0": 0.0}
+    assert m.flags == ["fake:0: fake counter did not advance (zero-joule reading)"]
+
+    meter = FakeCounter(watts=0.0, trace_period_s=10.0)  # no sample between the edges
+    meter.begin()
+    meter.extra_j = 15.0  # a step the end edge sees; the trace's one point spreads it over the window
+    time.sleep(0.3)
+    m = meter.end()
+    assert m.joules_by_device == {"fake:0": 15.0}
+    [(t, w)] = m.trace["fake:0"]
+    assert t == pytest.approx(m.seconds / 2, rel=0.1) and w == pytest.approx(15.0 / m.seconds, rel=0.1)
+
+
+def test_counter_meter_abort_stops_the_sampler_and_the_meter_works_again():
+    meter = FakeCounter(watts=10.0)
+    meter.begin()
+    meter.abort()
+    assert not trace_threads() and meter._trace is None and meter._t0 is None
+    with pytest.raises(RuntimeError):
+        meter.end()
+    with meter.window(sync=lambda: None) as w:
+        time.sleep(0.05)
+    assert w.result is not None and w.result.joules == pytest.approx(10.0 * w.result.seconds, rel=0.01)
+
+
+def test_every_meter_unavailable_is_the_one_base():
+    for cls in (RaplUnavailable, GpuUnavailable, AppleUnavailable):
+        assert issubclass(cls, Unavailable)
+        e = cls("why", kind="no permission")
+        assert str(e) == "why" and e.kind == "no permission" and cls("x").kind == "absent"
+    assert select.Unavailable is Unavailable

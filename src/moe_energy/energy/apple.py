@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import platform
 import sys
-import time
 from typing import Any
 
-from .meter import Measurement, MeterBase
-from .trace import DEFAULT_PERIOD_S, PowerTrace
+from ..errors import Unavailable
+from .meter import CounterMeter
+from .trace import DEFAULT_PERIOD_S
 
 # AppleSiliconMeasurement field -> our device name
 FIELDS = {"cpu_total_mj": "cpu:soc", "gpu_mj": "gpu:soc", "dram_mj": "dram:soc", "ane_mj": "ane:soc"}
 
 
-class AppleUnavailable(RuntimeError):
-    def __init__(self, message: str, kind: str = "absent") -> None:
-        super().__init__(message)
-        self.kind = kind
+class AppleUnavailable(Unavailable):
+    """Apple's SoC counters cannot be read here (not an Apple silicon Mac, or zeus-apple-silicon missing)."""
 
 
 def open_soc() -> Any:
@@ -41,49 +39,28 @@ def open_soc() -> Any:
         raise AppleUnavailable(f"apple: cannot open the energy monitor ({e})", kind="no permission") from None
 
 
-class AppleMeter(MeterBase):
+class AppleMeter(CounterMeter):
+    """The SoC's per-subsystem counters, read at the window's edges; the trace is their deltas."""
+
     name = "apple"
     method = "counter"
 
     def __init__(self, trace_period_s: float = DEFAULT_PERIOD_S, soc: Any | None = None) -> None:
+        super().__init__(trace_period_s)
         self.soc = soc if soc is not None else open_soc()
-        first = self._read()
-        self.devices = sorted(first)
-        self.trace_period_s = trace_period_s
-        self._trace: PowerTrace | None = None
-        self._t0: float | None = None
-        self._e0: dict[str, float] = {}
+        self.devices = sorted(self._read())
 
     def _read(self) -> dict[str, float]:
         """Cumulative J per subsystem the chip reports."""
         m = self.soc.get_total_energy_consumption()
         return {dev: getattr(m, f) / 1000.0 for f, dev in FIELDS.items() if getattr(m, f, None) is not None}
 
-    def begin(self) -> None:
-        self._trace = PowerTrace(energy=self._read, period_s=self.trace_period_s)
-        self._trace.start()
-        self._t0 = time.perf_counter()
-        self._e0 = self._read()
+    def _flags(self, joules: dict[str, float], seconds: float) -> list[str]:
+        if sum(joules.values()) > 0:  # one idle subsystem (the Neural Engine, say) may rightly read 0
+            return []
+        return ["apple: no SoC counter advanced (zero-joule reading)"]
 
-    def end(self) -> Measurement:
-        if self._t0 is None or self._trace is None:
-            raise RuntimeError("end() called before begin()")
-        e1 = self._read()
-        secs = time.perf_counter() - self._t0
-        trace = self._trace.stop()
-        joules = {d: e1[d] - self._e0[d] for d in self.devices if d in e1 and d in self._e0}
-        flags = list(self._trace.errors)
-        if sum(joules.values()) <= 0:  # one idle subsystem (the Neural Engine, say) may rightly read 0
-            flags.append("apple: no SoC counter advanced (zero-joule reading)")
-        m = Measurement(seconds=secs, method=self.method, meter=self.name, joules_by_device=joules,
-                        devices_covered=list(self.devices), flags=flags, trace=trace,
-                        trace_period_s=self.trace_period_s, method_by_device={d: self.method for d in joules})
-        m.cross_check()
-        self._t0, self._trace = None, None
-        return m
-
-    def info(self) -> dict[str, Any]:
+    def _versions(self) -> dict[str, Any]:
         from .gpu import zeus_version
 
-        return {"name": self.name, "method": self.method, "devices": list(self.devices),
-                "versions": {"zeus": zeus_version(), "macos": platform.mac_ver()[0]}}
+        return {"zeus": zeus_version(), "macos": platform.mac_ver()[0]}

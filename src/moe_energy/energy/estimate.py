@@ -12,8 +12,8 @@ import os
 import time
 from typing import Any
 
-from .meter import Measurement, MeterBase
-from .trace import DEFAULT_PERIOD_S, PowerTrace
+from .meter import CounterMeter
+from .trace import DEFAULT_PERIOD_S
 
 # 5 W per logical CPU: a desktop part (65-125 W over 12-24 threads) or a server part (200-350 W over
 # 64-128 threads) lands between 2.5 and 10 W per thread; 5 W sits in the middle of that range.
@@ -22,7 +22,7 @@ DEFAULT_WATTS_PER_CPU = 5.0
 DEVICE = "cpu:estimate"
 
 
-class EstimateMeter(MeterBase):
+class EstimateMeter(CounterMeter):
     """Estimated CPU energy from the process's CPU time; never a measurement."""
 
     name = "estimate"
@@ -30,6 +30,7 @@ class EstimateMeter(MeterBase):
 
     def __init__(self, tdp_watts: float | None = None, cpus: int | None = None,
                  trace_period_s: float = DEFAULT_PERIOD_S) -> None:
+        super().__init__(trace_period_s)
         self.cpus = cpus or os.cpu_count() or 1
         self.tdp_source = "--cpu-tdp-watts" if tdp_watts is not None else \
             f"default {DEFAULT_WATTS_PER_CPU:g} W x {self.cpus} logical CPUs"
@@ -37,37 +38,20 @@ class EstimateMeter(MeterBase):
         if not self.tdp_watts > 0:
             raise ValueError("tdp_watts must be > 0")
         self.devices = [DEVICE]
-        self.trace_period_s = trace_period_s
-        self._trace: PowerTrace | None = None
-        self._t0: float | None = None
-        self._e0 = 0.0
 
-    def _energy(self) -> dict[str, float]:
+    def _read(self) -> dict[str, float]:
         """The model's cumulative joules: TDP x (CPU seconds of all this process's threads) / CPUs."""
         return {DEVICE: self.tdp_watts * time.process_time() / self.cpus}
 
-    def begin(self) -> None:
-        self._trace = PowerTrace(energy=self._energy, period_s=self.trace_period_s)
-        self._trace.start()
-        self._t0 = time.perf_counter()
-        self._e0 = self._energy()[DEVICE]
+    def _labels(self) -> list[str]:
+        return [f"estimate: {self.tdp_watts:g} W TDP ({self.tdp_source}) x process CPU utilisation, "
+                "not a measurement"]
 
-    def end(self) -> Measurement:
-        if self._t0 is None or self._trace is None:
-            raise RuntimeError("end() called before begin()")
-        j = self._energy()[DEVICE] - self._e0
-        secs = time.perf_counter() - self._t0
-        trace = self._trace.stop()
-        flags = [f"estimate: {self.tdp_watts:g} W TDP ({self.tdp_source}) x process CPU utilisation, "
-                 "not a measurement"] + self._trace.errors
-        if j <= 0:
-            flags.append(f"{DEVICE}: the process used no CPU time in the window (zero-joule estimate)")
-        self._t0, self._trace = None, None
-        return Measurement(seconds=secs, method=self.method, meter=self.name, joules_by_device={DEVICE: j},
-                           devices_covered=list(self.devices), flags=flags, trace=trace,
-                           trace_period_s=self.trace_period_s, method_by_device={DEVICE: self.method})
+    def _flags(self, joules: dict[str, float], seconds: float) -> list[str]:
+        if joules[DEVICE] > 0:
+            return []
+        return [f"{DEVICE}: the process used no CPU time in the window (zero-joule estimate)"]
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, "devices": list(self.devices),
-                "versions": {}, "tdp_watts": self.tdp_watts, "tdp_source": self.tdp_source,
+        return {**super().info(), "tdp_watts": self.tdp_watts, "tdp_source": self.tdp_source,
                 "logical_cpus": self.cpus}

@@ -11,21 +11,17 @@ inferred polling period misbehaves in Zeus 0.16. Zeus is imported lazily, so the
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from .meter import Measurement, MeterBase, integrate
+from ..errors import Unavailable
+from .meter import CounterMeter, integrate
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
 VENDORS = ("nvidia", "amd")
 
 
-class GpuUnavailable(RuntimeError):
+class GpuUnavailable(Unavailable):
     """This GPU meter cannot work here; one line saying why (no driver, no permission, absent, no zeus)."""
-
-    def __init__(self, message: str, kind: str = "absent") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def zeus_version() -> str | None:
@@ -71,11 +67,12 @@ def open_gpus(vendor: str) -> Any:
     return gpus
 
 
-class GpuMeter(MeterBase):
+class GpuMeter(CounterMeter):
     """One GPU's energy counter (or sampled power) through Zeus; a ~10 Hz power trace alongside."""
 
     def __init__(self, vendor: str = "nvidia", index: int = 0, trace_period_s: float = DEFAULT_PERIOD_S,
                  gpus: Any | None = None) -> None:
+        super().__init__(trace_period_s)
         self.vendor, self.index, self.name = vendor, index, vendor
         self.gpus = gpus if gpus is not None else open_gpus(vendor)
         if not 0 <= index < len(self.gpus):
@@ -85,12 +82,30 @@ class GpuMeter(MeterBase):
         self.method = "counter" if self.has_counter else "sampled"
         self.device = f"gpu:{index}"
         self.devices = [self.device]
-        self.trace_period_s = trace_period_s
-        self._trace: PowerTrace | None = None
-        self._t0: float | None = None
-        self._mj0 = 0
-        self._state0: dict[str, Any] = {}
         self._instant = True
+
+    def _read(self) -> dict[str, float]:
+        """The counter in mJ, as the driver gives it; a GPU without one is never asked."""
+        if not self.has_counter:
+            return {}
+        return {self.device: self.gpus.get_total_energy_consumption(self.index)}
+
+    def _delta(self, begin: dict[str, float], end: dict[str, float], seconds: float,
+               trace: dict[str, list[list[float]]]) -> dict[str, float]:
+        """The counter's difference; without a counter, the sampled power integrated over the window."""
+        if self.has_counter:
+            return {self.device: (end[self.device] - begin[self.device]) / 1000.0}
+        return {self.device: integrate(trace.get(self.device, []), seconds)}
+
+    def _sampler(self) -> PowerTrace:
+        """The GPU has a power sensor: the trace samples it, never the counter."""
+        return PowerTrace(power=self._power, period_s=self.trace_period_s)
+
+    def _flags(self, joules: dict[str, float], seconds: float) -> list[str]:
+        if joules[self.device] > 0:
+            return []
+        return [f"{self.device}: energy {'counter did not advance' if self.has_counter else 'trace is empty'}"
+                " (zero-joule reading)"]
 
     def _power(self) -> dict[str, float]:
         if self._instant:
@@ -99,6 +114,9 @@ class GpuMeter(MeterBase):
             except Exception:  # some AMD GPUs expose only the averaged power
                 self._instant = False
         return {self.device: self.gpus.get_average_power_usage(self.index) / 1000.0}
+
+    def _state(self) -> dict[str, dict[str, Any]]:
+        return {self.device: self.state()}
 
     def state(self) -> dict[str, Any]:
         """Temperature, SM clock and power limit now; a reading the GPU refuses is None."""
@@ -121,37 +139,7 @@ class GpuMeter(MeterBase):
                 pass
         return out
 
-    def begin(self) -> None:
-        self._state0 = self.state()
-        self._trace = PowerTrace(power=self._power, period_s=self.trace_period_s)
-        self._trace.start()
-        self._t0 = time.perf_counter()
-        if self.has_counter:
-            self._mj0 = self.gpus.get_total_energy_consumption(self.index)  # right after the caller's sync
-
-    def end(self) -> Measurement:
-        if self._t0 is None or self._trace is None:
-            raise RuntimeError("end() called before begin()")
-        mj1 = self.gpus.get_total_energy_consumption(self.index) if self.has_counter else 0
-        secs = time.perf_counter() - self._t0
-        trace = self._trace.stop()
-        flags = list(self._trace.errors)
-        if self.has_counter:
-            joules = (mj1 - self._mj0) / 1000.0
-        else:
-            joules = integrate(trace.get(self.device, []), secs)
-        if joules <= 0:
-            flags.append(f"{self.device}: energy {'counter did not advance' if self.has_counter else 'trace is empty'}"
-                         " (zero-joule reading)")
-        m = Measurement(seconds=secs, method=self.method, meter=self.name, joules_by_device={self.device: joules},
-                        devices_covered=[self.device], flags=flags, trace=trace, trace_period_s=self.trace_period_s,
-                        method_by_device={self.device: self.method}, state_begin={self.device: self._state0},
-                        state_end={self.device: self.state()})
-        m.cross_check()
-        self._t0, self._trace = None, None
-        return m
-
-    def info(self) -> dict[str, Any]:
+    def _versions(self) -> dict[str, Any]:
         versions: dict[str, Any] = {"zeus": zeus_version()}
         try:
             versions["gpu_name"] = self.gpus.get_name(self.index)
@@ -167,4 +155,4 @@ class GpuMeter(MeterBase):
                 versions["nvml"] = nv.decode() if isinstance(nv, bytes) else nv
             except Exception:
                 pass
-        return {"name": self.name, "method": self.method, "devices": list(self.devices), "versions": versions}
+        return versions

@@ -47,6 +47,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from .trace import DEFAULT_PERIOD_S, PowerTrace
+
 # Methods, strongest first. "estimate" is a model, not a reading; "none" means nothing was measured.
 METHODS = ("counter", "sampled", "estimate", "none")
 
@@ -184,6 +186,82 @@ class MeterBase:
         secs = time.perf_counter() - self._t0
         self._t0 = None
         return secs
+
+
+
+class CounterMeter(MeterBase):
+    """A cumulative counter read at the window's edges, with a power trace sampled in between.
+
+    The window's shape is written once here, so that every counter is read the same way: device state,
+    sampler, then the clock and the counter back to back (right after the caller's sync) at both edges,
+    flags, cross-check. A meter supplies ``_read`` (and ``name``, ``method``, ``devices``); the other hooks
+    have defaults for a counter of cumulative joules per device.
+    """
+
+    _trace: PowerTrace | None = None
+
+    def __init__(self, trace_period_s: float = DEFAULT_PERIOD_S) -> None:
+        self.trace_period_s = trace_period_s
+        self._trace = None
+        self._t0 = None
+        self._e0: dict[str, float] = {}
+        self._state0: dict[str, dict[str, Any]] = {}
+
+    def _read(self) -> dict[str, float]:
+        """The counter now: cumulative joules per device (or any unit ``_delta`` turns into joules)."""
+        raise NotImplementedError
+
+    def _delta(self, begin: dict[str, float], end: dict[str, float], seconds: float,
+               trace: dict[str, list[list[float]]]) -> dict[str, float]:
+        """Joules per device over the window; a device missing from either reading is left out."""
+        return {d: end[d] - begin[d] for d in self.devices if d in end and d in begin}
+
+    def _sampler(self) -> PowerTrace:
+        """The window's power trace: by default the counter's own deltas (RAPL has no power sensor)."""
+        return PowerTrace(energy=self._read, period_s=self.trace_period_s)
+
+    def _state(self) -> dict[str, dict[str, Any]]:
+        """Device state (temperature, clocks, limits) at an edge, per device; none by default."""
+        return {}
+
+    def _labels(self) -> list[str]:
+        """Flags every window of this meter carries (an estimate says so), before the window's own."""
+        return []
+
+    def _flags(self, joules: dict[str, float], seconds: float) -> list[str]:
+        """This window's warnings, after the trace's errors: by default each counter that did not advance."""
+        return [f"{d}: {self.name} counter did not advance (zero-joule reading)" for d, j in joules.items() if j <= 0]
+
+    def begin(self) -> None:
+        self._state0 = self._state()
+        self._trace = self._sampler()
+        self._trace.start()
+        self._start_clock()  # the clock and the counter are read back to back, as in end()
+        self._e0 = self._read()
+
+    def end(self) -> Measurement:
+        if self._t0 is None or self._trace is None:
+            raise RuntimeError("end() called before begin()")
+        e1 = self._read()  # right after the caller's sync
+        secs = self._stop_clock()
+        trace = self._trace.stop()
+        joules = self._delta(self._e0, e1, secs, trace)
+        flags = self._labels() + list(self._trace.errors) + self._flags(joules, secs)
+        m = Measurement(seconds=secs, method=self.method, meter=self.name, joules_by_device=joules,
+                        devices_covered=list(self.devices), flags=flags, trace=trace,
+                        trace_period_s=self.trace_period_s, method_by_device={d: self.method for d in joules},
+                        state_begin=self._state0, state_end=self._state())
+        m.cross_check()
+        self._trace = None
+        return m
+
+    def _versions(self) -> dict[str, Any]:
+        """Driver and library versions for the results document."""
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "method": self.method, "devices": list(self.devices),
+                "versions": self._versions()}
 
 
 def abort(meter: Meter) -> None:

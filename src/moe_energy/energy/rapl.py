@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .meter import Measurement, MeterBase
+from ..errors import Unavailable
+from .meter import CounterMeter
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
 ENV_ROOT = "MOE_ENERGY_POWERCAP_ROOT"
@@ -31,12 +31,8 @@ MAX_PLAUSIBLE_W = 1000.0
 _ZONE = re.compile(r"^(intel-rapl|amd-rapl)((?::\d+)+)$")
 
 
-class RaplUnavailable(RuntimeError):
+class RaplUnavailable(Unavailable):
     """RAPL cannot be read here; the message is one line saying why and, where possible, how to fix it."""
-
-    def __init__(self, message: str, kind: str = "absent") -> None:
-        super().__init__(message)
-        self.kind = kind  # "absent" | "no permission" | "unreadable"
 
 
 def powercap_root() -> Path:
@@ -137,50 +133,35 @@ class Unwrapper:
         return out
 
 
-class RaplMeter(MeterBase):
+class RaplMeter(CounterMeter):
     """RAPL's CPU package and DRAM counters, read at the window's edges; one device per zone."""
 
     name = "rapl"
     method = "counter"
 
     def __init__(self, root: Path | str | None = None, trace_period_s: float = DEFAULT_PERIOD_S) -> None:
+        super().__init__(trace_period_s)
         self.root = Path(root) if root is not None else powercap_root()
         self.zones = discover(self.root)
         self.devices = [z.device for z in self.zones]
-        self.trace_period_s = trace_period_s
         self._edge = Unwrapper(self.zones, self.root)
-        self._trace: PowerTrace | None = None
-        self._t0: float | None = None
-        self._e0: dict[str, float] = {}
 
-    def begin(self) -> None:
-        self._trace = PowerTrace(energy=Unwrapper(self.zones, self.root), period_s=self.trace_period_s)
-        self._trace.start()
-        self._t0 = time.perf_counter()  # the clock and the counter are read back to back, as in end()
-        self._e0 = self._edge()
+    def _read(self) -> dict[str, float]:
+        return self._edge()  # a wrap inside the window is corrected by the unwrapper
 
-    def end(self) -> Measurement:
-        if self._t0 is None or self._trace is None:
-            raise RuntimeError("end() called before begin()")
-        e1 = self._edge()  # a wrap inside the window is corrected by the unwrapper
-        secs = time.perf_counter() - self._t0
-        trace = self._trace.stop()
-        joules = {d: e1[d] - self._e0[d] for d in self.devices}
-        flags = list(self._trace.errors)
+    def _sampler(self) -> PowerTrace:
+        """The sampler's thread gets its own unwrapper: one shared across threads could count a wrap twice."""
+        return PowerTrace(energy=Unwrapper(self.zones, self.root), period_s=self.trace_period_s)
+
+    def _flags(self, joules: dict[str, float], seconds: float) -> list[str]:
+        flags: list[str] = []
         for z in self.zones:
-            if secs > z.max_range_uj / 1e6 / MAX_PLAUSIBLE_W:
-                flags.append(f"{z.device}: window of {secs:.0f} s may exceed one RAPL counter range; "
+            if seconds > z.max_range_uj / 1e6 / MAX_PLAUSIBLE_W:
+                flags.append(f"{z.device}: window of {seconds:.0f} s may exceed one RAPL counter range; "
                              "energy could be undercounted")
             if joules[z.device] <= 0:
                 flags.append(f"{z.device}: RAPL counter did not advance (zero-joule reading)")
-        m = Measurement(seconds=secs, method=self.method, meter=self.name, joules_by_device=joules,
-                        devices_covered=list(self.devices), flags=flags, trace=trace,
-                        trace_period_s=self.trace_period_s,
-                        method_by_device={d: self.method for d in self.devices})
-        m.cross_check()
-        self._t0, self._trace = None, None
-        return m
+        return flags
 
-    def info(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, "devices": list(self.devices),
-                "versions": {"powercap_root": str(self.root), "kernel": os.uname().release}}
+    def _versions(self) -> dict[str, Any]:
+        return {"powercap_root": str(self.root), "kernel": os.uname().release}

@@ -11,16 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError
-from .apple import AppleMeter, AppleUnavailable
+from ..errors import ConfigError, Unavailable  # Unavailable: still importable from here, as before
+from .apple import AppleMeter
 from .estimate import EstimateMeter
-from .gpu import GpuMeter, GpuUnavailable
+from .gpu import GpuMeter
 from .meter import CompositeMeter, Meter, NullMeter
-from .rapl import RaplMeter, RaplUnavailable
+from .rapl import RaplMeter
 from .trace import DEFAULT_PERIOD_S
 
 METER_NAMES = ("auto", "nvidia", "amd", "rapl", "apple", "estimate", "none")
-Unavailable = (GpuUnavailable, RaplUnavailable, AppleUnavailable)
 
 
 def _device_type_index(device: Any) -> tuple[str, int | None]:
@@ -149,7 +148,7 @@ def survey(device: Any = "cpu", cpu_tdp_watts: float | None = None) -> list[Mete
         try:
             m = _build(name, device, cpu_tdp_watts, DEFAULT_PERIOD_S)
         except Unavailable as e:
-            out.append(MeterStatus(name, False, reason=str(e), kind=getattr(e, "kind", "")))
+            out.append(MeterStatus(name, False, reason=str(e), kind=e.kind))
             continue
         reason = {"estimate": "always works: a labelled model (CPU TDP x process CPU utilisation), "
                               "not a measurement",
