@@ -91,3 +91,25 @@ def test_calibrate_uses_the_cache_unless_forced(cached_roof, capsys):
     assert main(["calibrate", "--device", "cpu"]) == 0
     assert "cached" in capsys.readouterr().out
     assert main(["calibrate", "--device", "cpu", "--dtype", "int4"]) == 2
+
+
+def test_time_rounds_records_per_batch_ms_and_iterations_per_variant():
+    import torch
+
+    from moe_energy.strategy_bench import Variant, time_rounds
+
+    calls = {"a": 0, "b": 0}
+
+    def counting(name):
+        def fn(x):
+            calls[name] += 1
+            return x
+
+        return fn
+
+    vs = [Variant("a", "dense", counting("a")), Variant("b", "dense", counting("b"))]
+    time_rounds(vs, torch.zeros(2, 2), seconds=0.0, warmup_s=0.0, min_rounds=4)
+    for v in vs:
+        assert len(v.ms) == 4 and all(ms >= 0 for ms in v.ms)
+        assert 1 <= v.inner <= 200 and v.iterations == 4 * v.inner
+        assert calls[v.name] == 1 + 3 + v.iterations  # warm-up call, 3 sizing calls, then the timed groups

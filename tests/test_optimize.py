@@ -60,3 +60,17 @@ def test_compile_resolves_auto_and_matches_eager():
     assert info["resolved_strategy"] != "grouped" and m.strategy == info["resolved_strategy"]
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), ref)
+
+
+def test_best_ms_is_the_least_of_reps_synced_forwards_after_one_untimed():
+    from moe_energy.optimize import best_ms
+
+    seen = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.is_inference_mode_enabled())
+            return x
+
+    assert best_ms(Counting(), torch.zeros(2, 2), reps=4) >= 0
+    assert len(seen) == 1 + 4 and all(seen)

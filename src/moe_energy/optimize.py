@@ -14,29 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError
+from .device import device_sync, dtype_name, dtype_of, sync
+from .errors import one_line
+from .measure.timing import time_one
 from .models.moe import LAYOUTS, MoE
 from .models.strategies import AUTO_CANDIDATES, GROUPED_MM
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def compile_candidates(dtype: torch.dtype) -> tuple[str, ...]:
@@ -47,15 +29,7 @@ def compile_candidates(dtype: torch.dtype) -> tuple[str, ...]:
 @torch.inference_mode()
 def best_ms(model: nn.Module, x: Tensor, reps: int = 7) -> float:
     """Fastest of ``reps`` synced forwards, in ms, after one untimed call (other work only adds time)."""
-    model(x)
-    sync(x.device)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(x)
-        sync(x.device)
-        ts.append(time.perf_counter() - t0)
-    return min(ts) * 1e3
+    return time_one(lambda: model(x), sync=device_sync(x.device), min_rounds=reps, max_rounds=reps).best_ms
 
 
 @torch.inference_mode()
@@ -140,8 +114,7 @@ def prepare(
                 fast(example)
         sync(device)
     except Exception as e:  # no C++ compiler, no Triton, an op inductor cannot lower...
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"--compile: torch.compile failed here ({type(e).__name__}: {first}); "
+        raise ConfigError(f"--compile: torch.compile failed here ({type(e).__name__}: {one_line(e, 200)}); "
                           "run without --compile") from None
     info["compile_s"] = time.perf_counter() - t0
     return fast, info

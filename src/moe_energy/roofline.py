@@ -12,18 +12,19 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from .device import device_sync, dtype_of
 from .environment import cpu_model
+from .measure.timing import time_one
 
 CACHE_ENV = "MOE_ENERGY_CACHE_DIR"
 CACHE_FILE = "roofline.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -81,29 +82,10 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{cpu_model()} x{torch.get_num_threads()} threads"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _best_rate(fn, work: float, device: torch.device, seconds: float, min_reps: int = 3) -> float:
-    """Best work/s over repeated calls for about ``seconds`` (after one untimed call)."""
-    fn()
-    _sync(device)
-    best = 0.0
-    t_end = time.perf_counter() + seconds
-    reps = 0
-    while reps < min_reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        dt = time.perf_counter() - t0
-        if dt > 0:
-            best = max(best, work / dt)
-        reps += 1
-    return best
+def _best_rate(fn: Callable[[], object], work: float, device: torch.device, seconds: float, min_reps: int = 3) -> float:
+    """Best work/s over repeated synced calls for about ``seconds`` (after one untimed call): the attainable rate."""
+    best_ms = time_one(fn, sync=device_sync(device), min_rounds=min_reps, budget_s=seconds).best_ms
+    return work / (best_ms / 1e3) if best_ms > 0 else 0.0
 
 
 def measure_gemm(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
@@ -136,7 +118,7 @@ def calibrate(
     """Measure and (``save``) cache this device's roofline; about ``seconds`` per figure."""
     n, nbytes = default_sizes(device)
     n, nbytes = gemm_size or n, copy_bytes or nbytes
-    flops = {name: measure_gemm(device, DTYPES[name], n, seconds) for name in dtypes}
+    flops = {name: measure_gemm(device, dtype_of(name), n, seconds) for name in dtypes}
     bw = measure_bandwidth(device, nbytes, seconds)
     roof = Roofline(device_name(device), flops, bw, n, nbytes,
                     datetime.now(timezone.utc).isoformat(timespec="seconds"))

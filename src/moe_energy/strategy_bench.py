@@ -2,15 +2,15 @@
 
 Untrained random weights are enough: speed does not depend on what the weights learned, only on shapes
 and routing (random routing of random inputs spreads tokens over the experts as a trained gate roughly
-does). Every variant is timed in interleaved rounds (each round runs every variant once), so background
-load lands on all of them alike; a variant's figure is the median over rounds of its ms per batch.
+does). Every variant is timed in interleaved rounds (each round runs every variant once, in rotated
+order: ``measure.timing``), so background load lands on all of them alike; a variant's figure is the
+median over rounds of its ms per batch.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -20,12 +20,14 @@ from torch import Tensor
 
 from . import roofline
 from .config import ModelSpec
+from .device import device_sync, dtype_name, dtype_of
 from .environment import describe
+from .measure.timing import time_interleaved, time_one
 from .models.counting import dense_flops, mlp_params, moe_flops, moe_weight_params_read
 from .models.dense import DenseMLP, dense_width
 from .models.moe import LAYOUTS, MoE
 from .models.strategies import AUTO_CANDIDATES, STRATEGIES
-from .optimize import choose_layout, compile_candidates, dtype_of, prepare, sync
+from .optimize import choose_layout, compile_candidates, prepare
 from .roofline import Roofline
 
 SCHEMA = "moe-energy/strategy-bench"
@@ -49,35 +51,34 @@ class Variant:
         if self.moe is not None and self.strategy is not None:
             self.moe.strategy = self.strategy
 
+    def group(self, x: Tensor) -> Callable[[], None]:
+        """One timed call: ``inner`` back-to-back forwards (this variant's strategy set first, host-side)."""
+
+        def run() -> None:
+            self.select()
+            for _ in range(self.inner):
+                self.fn(x)
+
+        return run
+
 
 @torch.inference_mode()
 def time_rounds(variants: Sequence[Variant], x: Tensor, seconds: float, warmup_s: float = 0.2,
                 min_rounds: int = 5, group_s: float = 0.02) -> None:
     """Warm up each variant, size its group of back-to-back calls to ~``group_s``, then run rounds until
-    ``seconds`` have passed (at least ``min_rounds``); each round appends one ms-per-batch to each."""
-    for v in variants:
-        v.select()
-        t0 = time.perf_counter()
-        n = 0
-        while n < 3 or time.perf_counter() - t0 < warmup_s:
-            v.fn(x)
-            n += 1
-        sync(x.device)
-        per_call = (time.perf_counter() - t0) / n
-        v.inner = max(1, min(200, round(group_s / max(per_call, 1e-6))))
-    t_start = time.perf_counter()
-    rounds = 0
-    while rounds < min_rounds or time.perf_counter() - t_start < seconds:
-        for v in variants:
-            v.select()
-            sync(x.device)
-            t0 = time.perf_counter()
-            for _ in range(v.inner):
-                v.fn(x)
-            sync(x.device)
-            v.ms.append((time.perf_counter() - t0) / v.inner * 1e3)
-            v.iterations += v.inner
-        rounds += 1
+    ``seconds`` have passed (at least ``min_rounds``); each round appends one ms-per-batch to each.
+
+    A group, not one call, per timed sample: a fast variant's single call would be mostly sync and timer."""
+    sync = device_sync(x.device)
+    for v in variants:  # warm-up: one untimed call, then single calls for ``warmup_s`` (at least 3)
+        v.inner = 1
+        per_call_s = time_one(v.group(x), sync=sync, min_rounds=3, budget_s=warmup_s).median_ms / 1e3
+        v.inner = max(1, min(200, round(group_s / max(per_call_s, 1e-6))))
+    timed = time_interleaved({v: v.group(x) for v in variants}, sync=sync, min_rounds=min_rounds,
+                             budget_s=seconds, warmup=0)
+    for v, t in timed.items():
+        v.ms.extend(ms / v.inner for ms in t.samples_ms)
+        v.iterations += len(t.samples_ms) * v.inner
 
 
 def _load_average() -> float | None:
@@ -186,8 +187,8 @@ def bench_strategies(
         "options": {"batch_size": batch_size, "dtype": dtype, "device": str(device), "compile": compile,
                     "seconds_per_group": seconds, "warmup_s": warmup_s, "seed": seed, "strategies": strategies},
         "environment": describe(device),
-        "method": "median over interleaved rounds of ms per batch (each round: back-to-back calls, synced at "
-                  "both ends); random untrained weights and a random normal batch",
+        "method": "median over interleaved rounds (rotated order) of ms per batch (each round: back-to-back "
+                  "calls, synced at both ends); random untrained weights and a random normal batch",
         "experts_touched": touched,
         # other work on the host slows every variant alike (interleaved rounds) but makes all figures noisier
         "host_load_average_1m": {"before": load_before, "after": _load_average()},
@@ -199,7 +200,7 @@ def bench_strategies(
 def _rows(spec: ModelSpec, dense: list[Variant], moe_vs: list[Variant], batch: int, dt: torch.dtype,
           touched: int, roof: Roofline | None, dropped: dict | None) -> list[dict]:
     bpp = torch.empty((), dtype=dt).element_size()
-    dname = str(dt).removeprefix("torch.")
+    dname = dtype_name(dt)
 
     def med(v: Variant) -> float:
         return statistics.median(v.ms)

@@ -23,14 +23,15 @@ The fast ones (after torchtitan's grouped experts, MegaBlocks' padded form and g
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..device import device_sync
+from ..measure.timing import time_interleaved
 
 
 class ExpertStack(NamedTuple):
@@ -314,13 +315,6 @@ class AutoChoice(NamedTuple):
 _AUTO_CACHE: dict[tuple, AutoChoice] = {}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def auto_key(x: Tensor, expert_idx: Tensor, ex: ExpertStack, candidates: Sequence[str]) -> tuple:
     """What the choice depends on: device, dtype, batch, k, every weight's shape and memory layout."""
     weights = tuple((tuple(w.shape), tuple(w.stride())) for w in ex.weights)
@@ -333,30 +327,17 @@ def probe(
 ) -> AutoChoice:
     """Time each candidate on this very batch, interleaved round by round so that background load hits all
     of them alike; the fastest round of each decides (noise from other work only ever adds time)."""
-    errors: dict[str, str] = {}
-    times: dict[str, list[float]] = {}
-    for name in candidates:
-        try:
-            STRATEGIES[name](x, expert_idx, gate_w, ex)  # first call: allocator, kernel selection
-            _sync(x.device)
-        except Exception as e:  # e.g. grouped_mm without a kernel for this device/dtype
-            lines = str(e).strip().splitlines()
-            errors[name] = f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
-            continue
-        times[name] = []
+
+    def call(name: str) -> Callable[[], Tensor]:
+        return lambda: STRATEGIES[name](x, expert_idx, gate_w, ex)  # an unknown name fails as a candidate
+
+    errors: dict[str, str] = {}  # e.g. grouped_mm without a kernel for this device/dtype
+    times = time_interleaved({n: call(n) for n in candidates}, sync=device_sync(x.device), min_rounds=min_rounds,
+                             max_rounds=max_rounds, budget_s=budget_s, errors=errors)
     if not times:
         raise RuntimeError(f"no MoE strategy runs here: {errors}")
-    t_start = time.perf_counter()
-    for rnd in range(max_rounds):
-        for name, ts in times.items():
-            t0 = time.perf_counter()
-            STRATEGIES[name](x, expert_idx, gate_w, ex)
-            _sync(x.device)
-            ts.append(time.perf_counter() - t0)
-        if rnd + 1 >= min_rounds and time.perf_counter() - t_start > budget_s:
-            break
-    probe_ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-    best_ms = {n: min(v) * 1e3 for n, v in times.items()}
+    probe_ms = {n: t.median_ms for n, t in times.items()}
+    best_ms = {n: t.best_ms for n, t in times.items()}
     name = min(best_ms, key=best_ms.__getitem__)
     return AutoChoice(name, probe_ms, best_ms, errors, auto_key(x, expert_idx, ex, candidates))
 

@@ -1,0 +1,116 @@
+"""The one timing loop: interleaved rounds over named candidates, each call synced at both ends.
+
+Each round runs every candidate once, starting one further along the list each round, so drift and
+background load land on all candidates alike and none always runs first after another. Each candidate
+gets untimed warm-up calls first (allocator, kernel selection, lazy init). Only the host clock is read:
+nothing here copies a tensor to the host.
+
+Callers take the median of a candidate's rounds (a typical figure) or its best (least) round (noise from
+other work only ever adds time). A single candidate is the same loop with one entry (``time_one``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from moe_energy.errors import one_line
+
+K = TypeVar("K", bound=Hashable)
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """One candidate's timed rounds, in ms per call, in the order they ran."""
+
+    samples_ms: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def best_ms(self) -> float:
+        return min(self.samples_ms)
+
+
+def _no_sync() -> None:
+    pass
+
+
+def rotation(names: list[K], rnd: int) -> list[K]:
+    """The order of round ``rnd``: the list rotated by ``rnd``, so each candidate takes each place in turn."""
+    if not names:
+        return []
+    k = rnd % len(names)
+    return names[k:] + names[:k]
+
+
+def _failed(e: Exception) -> str:
+    return f"{type(e).__name__}: {one_line(e, 200)}"
+
+
+def time_interleaved(
+    candidates: Mapping[K, Callable[[], object]],
+    *,
+    sync: Callable[[], None] = _no_sync,
+    min_rounds: int = 5,
+    max_rounds: int | None = None,
+    budget_s: float = 0.0,
+    warmup: int = 1,
+    errors: dict[K, str] | None = None,
+    clock: Clock = time.perf_counter,
+) -> dict[K, Timings]:
+    """Time every candidate in interleaved rounds until ``budget_s`` has passed after the warm-up (at least
+    ``min_rounds``, at most ``max_rounds``); ``sync`` (the device's) runs before and after each timed call.
+
+    A candidate that raises propagates the error, unless ``errors`` is given: then it is dropped from the
+    result (warm-up or any round) and ``errors[name]`` says why, in one line ("RuntimeError: ..."), e.g. a
+    strategy with no kernel for this device. Returns the timings of each candidate that ran every round.
+    """
+    if min_rounds < 1:
+        raise ValueError(f"min_rounds={min_rounds}: at least one timed round is needed")
+    if max_rounds is not None and max_rounds < min_rounds:
+        raise ValueError(f"max_rounds={max_rounds} is below min_rounds={min_rounds}")
+    samples: dict[K, list[float]] = {}
+    for name, fn in candidates.items():
+        if _run(name, fn, warmup, sync, errors):
+            samples[name] = []
+    t_start = clock()
+    rnd = 0
+    while samples and (max_rounds is None or rnd < max_rounds):
+        for name in rotation(list(samples), rnd):
+            sync()
+            t0 = clock()
+            if _run(name, candidates[name], 1, sync, errors):
+                samples[name].append((clock() - t0) * 1e3)
+            else:
+                del samples[name]
+        rnd += 1
+        if rnd >= min_rounds and clock() - t_start >= budget_s:
+            break
+    return {name: Timings(tuple(ms)) for name, ms in samples.items()}
+
+
+def _run(name: K, fn: Callable[[], object], calls: int, sync: Callable[[], None], errors: dict[K, str] | None) -> bool:
+    """Call ``fn`` ``calls`` times, then sync; False (reason in ``errors``) if it raised and errors are kept."""
+    try:
+        for _ in range(calls):
+            fn()
+        sync()
+    except Exception as e:
+        if errors is None:
+            raise
+        errors[name] = _failed(e)
+        return False
+    return True
+
+
+def time_one(fn: Callable[[], object], **options: Any) -> Timings:
+    """``time_interleaved`` with a single candidate and its keyword options (but not ``errors``: a failure
+    of the only candidate propagates, there is nothing else to time)."""
+    return time_interleaved({0: fn}, **options)[0]
