@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 import moe_energy as me
-from moe_energy import api, bench, runner
-from moe_energy.bench import MEDIAN_KEYS, SPREAD_KEYS
+from moe_energy import api, pipeline
 from moe_energy.cli import main
 from moe_energy.config import ConfigError, ModelSpec
 from moe_energy.energy.rapl import ENV_ROOT, RaplMeter
+from moe_energy.measure import records, window
+from moe_energy.measure.records import MEDIAN_KEYS, SPREAD_KEYS
 from moe_energy.models.counting import moe_flops
 
 
@@ -150,8 +151,8 @@ def test_bad_inputs_are_one_line_errors():
 
 
 def test_api_and_cli_share_the_window_and_the_statistics():
-    assert api.measure is bench.measure and runner.measure is bench.measure
-    assert api.summarize is bench.summarize and runner.summarize is bench.summarize
+    assert api.measure is window.measure and pipeline.measure is window.measure
+    assert api.summarize is records.summarize and pipeline.measured_record is records.measured_record
 
 
 def test_api_reduces_cli_windows_to_the_cli_figures(tmp_path, tiny_spec):

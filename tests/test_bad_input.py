@@ -167,7 +167,7 @@ def test_dtype_the_device_cannot_run_is_refused_before_work(tmp_path, capsys, mo
     PyTorch's did for float16 before 2.1: "addmm_impl_cpu_" not implemented for 'Half')."""
     import torch
 
-    from moe_energy.runner import check_dtype
+    from moe_energy.pipeline import check_dtype
 
     for dt in ("float16", "bfloat16"):
         check_dtype(torch.device("cpu"), dt, ("grouped", "padded"))  # runs for real: no error

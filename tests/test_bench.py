@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from moe_energy.bench import BenchResult, measure, summarize
 from moe_energy.energy import IdlePower, Measurement, NullMeter
+from moe_energy.measure.records import summarize
+from moe_energy.measure.window import BenchResult, measure
 
 
 class ConstantPowerMeter:

@@ -26,8 +26,8 @@ from moe_energy.commands.run import energy_summary, results_table
 from moe_energy.config import ModelSpec, RunOptions
 from moe_energy.energy.meter import window
 from moe_energy.energy.rapl import RaplMeter
+from moe_energy.pipeline import SilentUI, run
 from moe_energy.results import NotSaved
-from moe_energy.runner import SilentUI, run
 from moe_energy.store import Store
 
 RUN = ["--input-dim", "40", "--classes", "4", "--samples", "300", "--epochs", "1", "--warmup", "0",

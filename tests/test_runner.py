@@ -1,4 +1,4 @@
-"""The runner: every model trained once, measured in shuffled repeated windows, medians and spread kept."""
+"""The run pipeline: every model trained once, measured in shuffled repeated windows, medians and spread kept."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from moe_energy.config import RunOptions
 from moe_energy.energy import Measurement
-from moe_energy.runner import run, window_schedule
+from moe_energy.pipeline import run, window_schedule
 
 
 class CountingMeter:

@@ -1,7 +1,7 @@
 """The Python API: measure any model from a script or notebook with the CLI's own window and statistics.
 
-``benchmark`` runs ``bench.measure`` (warm-up, one time-bound window with energy read at its edges, a
-latency pass apart) once per repeat and reduces the windows with ``bench.summarize``, exactly as
+``benchmark`` runs ``measure.window.measure`` (warm-up, one time-bound window with energy read at its edges, a
+latency pass apart) once per repeat and reduces the windows with ``measure.records.summarize``, exactly as
 ``moe-energy run`` does, so a figure from here and one from the CLI mean the same thing.
 """
 
@@ -18,11 +18,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .bench import batch_tensors, caller, device_sync, infer_batch_size, measure, summarize
 from .config import ConfigError
+from .device import device_sync
 from .energy import select
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
+from .measure.records import summarize
+from .measure.window import batch_tensors, caller, infer_batch_size, measure
 from .models.counting import dense_flops, moe_flops
 from .models.dense import DenseMLP
 from .models.moe import MoE
@@ -60,7 +62,7 @@ def make_meter(name: str, device: Any = None, cpu_tdp_watts: float | None = None
 class BenchmarkResult:
     """A model's figures over its repeated windows: medians, spread, every window, and how they were got."""
 
-    summary: dict[str, Any]  # bench.summarize(): the same fields as a `moe-energy run` model record
+    summary: dict[str, Any]  # measure.records.summarize(): the same fields as a `moe-energy run` model record
     model: str
     device: str
     duration_s: float
@@ -241,5 +243,5 @@ def benchmark(
 
 
 def result_from_windows(windows: list[dict[str, Any]], **context: Any) -> BenchmarkResult:
-    """The result of ``BenchResult.metrics()`` windows, reduced by the CLI's own ``bench.summarize``."""
+    """The result of ``BenchResult.metrics()`` windows, reduced by the CLI's own ``measure.records.summarize``."""
     return BenchmarkResult(summary=summarize(windows), **context)

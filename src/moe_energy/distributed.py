@@ -34,16 +34,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
-from .bench import MIN_TRUSTED_SECONDS, device_sync
 from .config import ConfigError, ModelSpec, RunOptions
 from .data import Dataset, make_dataset
+from .device import DTYPES as DTYPE
+from .device import device_sync, resolve_device
 from .energy.meter import Measurement, Meter, NullMeter, weakest, window
 from .environment import describe
+from .measure.window import MIN_TRUSTED_SECONDS
 from .models.dense import DenseMLP
 from .models.moe import MoE
+from .models.plan import TRAIN_STRATEGY, plans
 from .models.strategies import ExpertStack, combine, sort_by_expert
+from .pipeline import UI, SilentUI
 from .results import check_writable, new_document, run_stem, write_atomic
-from .runner import DTYPE, TRAIN_STRATEGY, UI, SilentUI, model_plan, resolve_device
 from .train import TrainResult, evaluate, train
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -669,7 +672,8 @@ def run_distributed(spec: ModelSpec, opts: RunOptions, g: Group,
     batch = rank_batch(data, opts.batch_size, g.rank, g.device, dtype)
     steps = opts.epochs * -(-len(data.x_train) // opts.batch_size)
 
-    for name, desc in model_plan(spec, opts):
+    for plan in plans(spec, opts.models):
+        name, desc = plan.name, plan.fields()
         set_stage(f"training {name}")
         torch.manual_seed(opts.seed)
         model: nn.Module

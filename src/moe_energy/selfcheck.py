@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from .api import benchmark
-from .bench import device_sync
 from .config import PRESETS
+from .device import device_sync
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, meter_info
 from .energy.select import MeterStatus, auto_meter, survey

@@ -26,8 +26,12 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
+from . import memory
 from .config import PRESETS, ConfigError, ModelSpec, RunOptions
+from .device import free
+from .errors import one_line
 from .models.counting import matched_width, moe_params
+from .models.plan import plans
 from .store import Store, dumps, now_utc
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
@@ -308,13 +312,8 @@ def fixed_seconds(p: Point) -> float:
 
 def training_flops(p: Point) -> float:
     """FLOPs of training every model of the point (forward + backward ~ 3 x forward, 2 FLOPs per MAC)."""
-    from .runner import model_plan
-
     train_rows = p.opts.samples * (1 - p.opts.test_fraction)
-    total = 0.0
-    for _name, d in model_plan(p.spec, p.opts):
-        total += 3 * d["flops_per_inference"] * train_rows * p.opts.epochs
-    return total
+    return sum(3 * m.flops_per_inference * train_rows * p.opts.epochs for m in plans(p.spec, p.opts.models))
 
 
 def fit_problem(p: Point, device: Any) -> str | None:
@@ -323,17 +322,12 @@ def fit_problem(p: Point, device: Any) -> str | None:
     The runner trains one model at a time and keeps the trained ones (parked in host memory, or on the CPU
     itself), so the need is every model's weights plus the largest one's training state.
     """
-    from . import memory
-    from .runner import model_plan
-
     weights = 0
     extra = 0
-    for _name, d in model_plan(p.spec, p.opts):
-        widest = max(d["width"] * (p.spec.top_k if d["kind"] == "moe" else 1), p.spec.input_dim)
-        need = (memory.training_bytes(d["params"], widest, p.opts.batch_size, p.spec.layers) if p.opts.epochs
-                else memory.inference_bytes(d["params"], widest, p.opts.batch_size, p.opts.dtype))
-        weights += 4 * d["params"]
-        extra = max(extra, need - 4 * d["params"])
+    for m in plans(p.spec, p.opts.models):
+        need = m.memory_bytes(p.opts.batch_size, p.opts.dtype, training=p.opts.epochs > 0)
+        weights += 4 * m.params
+        extra = max(extra, need - 4 * m.params)
     return memory.fit_problem(weights + extra, device, "training and keeping this point's models" if p.opts.epochs
                               else "this point's models")
 
@@ -402,10 +396,8 @@ def _add(store: Store, run_id: str, key: str, cfg: dict, status: str, **kw: Any)
 
 def oom_reason(p: Point, device: Any, tried: int = 0) -> str:
     """The skip text for a point whose allocation failed: the estimate (or the failed request) and what is free."""
-    from . import memory
-    from .runner import memory_need, model_plan
-
-    need = max(memory_need(d, p.spec, p.opts, training=p.opts.epochs > 0) for _n, d in model_plan(p.spec, p.opts))
+    need = max(m.memory_bytes(p.opts.batch_size, p.opts.dtype, training=p.opts.epochs > 0)
+               for m in plans(p.spec, p.opts.models))
     return memory.describe_need(max(need, tried), device, f"point {p.label}")
 
 
@@ -422,8 +414,6 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
     Another sweep may write to the same database: each point is claimed while it is measured (a point
     another process holds is left to it) and, with ``resume``, a point it completed meanwhile is skipped.
     """
-    from . import memory
-
     out = Outcome()
     skip_keys = skip_keys or set()
     eta = Eta()
@@ -453,7 +443,7 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
             except (ConfigError, KeyboardInterrupt):
                 raise
             except Exception as e:  # noqa: BLE001 - one point's failure must not end an hours-long sweep
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                msg = one_line(e)
                 if isinstance(e, memory.OutOfMemory):
                     failure = ("skipped", e.reason)  # the runner's words, its memory already released
                 elif memory.is_oom(e):
@@ -462,7 +452,7 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
                     where = traceback.extract_tb(e.__traceback__)[-1].name
                     failure = ("failed", f"{type(e).__name__}: {msg} ({where})")
             if failure is not None:  # outside the except block: the traceback's tensors are gone
-                _free()
+                free()
                 status, reason = failure
                 reason = reason or oom_reason(p, device, tried)  # free memory read after freeing
                 _add(store, run_id, key, cfg, status, reason=reason, started_utc=started,
@@ -478,16 +468,3 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
             eta.record(p, elapsed)
             out.done += 1
     return out
-
-
-def _free() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - freeing is best effort
-        pass

@@ -7,9 +7,9 @@ import argparse
 from rich.markup import escape
 from rich.table import Table
 
+from ..device import resolve_device
 from ..energy.rapl import ENV_ROOT, powercap_root
 from ..energy.select import auto_meter, survey
-from ..runner import resolve_device
 from . import command, console
 
 

@@ -6,8 +6,10 @@ import argparse
 
 from rich.table import Table
 
-from ..memory import GIB, fit_problem, inference_bytes, training_bytes
-from ..runner import check_dtype, model_plan, resolve_device
+from ..device import resolve_device
+from ..memory import GIB
+from ..models.plan import plans
+from ..pipeline import check_dtype, fit_check
 from . import command, console
 from .options import add_run_arguments, add_shape_arguments, resolve
 
@@ -27,13 +29,12 @@ def plan(args: argparse.Namespace) -> int:
     for col in ("model", "width", "params", "active params", "GFLOP/inference", "train GiB", "infer GiB",
                 "fits"):
         t.add_column(col, justify="left" if col in ("model", "fits") else "right")
-    for name, d in model_plan(spec, opts):
-        widest = max(d["width"], spec.input_dim)
-        train_b = training_bytes(d["params"], widest, opts.batch_size, spec.layers)
-        infer_b = inference_bytes(d["params"], widest, opts.batch_size, opts.dtype)
-        problem = fit_problem(train_b if opts.epochs else infer_b, device, f"training {name}")
-        t.add_row(name, f"{d['width']:,}", f"{d['params']:,}", f"{d['active_params']:,}",
-                  f"{d['flops_per_inference'] / 1e9:.4f}", f"{train_b / GIB:.2f}", f"{infer_b / GIB:.2f}",
+    for m in plans(spec, opts.models):
+        train_b = m.memory_bytes(opts.batch_size, opts.dtype, training=True)
+        infer_b = m.memory_bytes(opts.batch_size, opts.dtype, training=False)
+        problem = fit_check(m, opts, device)  # the check `run` makes before allocating
+        t.add_row(m.name, f"{m.width:,}", f"{m.params:,}", f"{m.active_params:,}",
+                  f"{m.flops_per_inference / 1e9:.4f}", f"{train_b / GIB:.2f}", f"{infer_b / GIB:.2f}",
                   "yes" if problem is None else problem)
     console.print(t)
     return 0

@@ -10,12 +10,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import PRESETS, load_toml
+from ..device import resolve_device
 from ..interrupts import exit_code, signal_name, signals_raise
 from ..models.counting import moe_active_params, moe_params
 from ..models.dense import dense_width
+from ..pipeline import check_dtype
+from ..pipeline import run as run_models
 from ..results import NotSaved, check_writable
-from ..runner import check_dtype, resolve_device
-from ..runner import run as run_models
 from . import command, console, err_console, fmt
 from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args, resolve
 from .parallel import add_parallel_arguments, run_parallel

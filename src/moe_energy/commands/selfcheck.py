@@ -36,7 +36,7 @@ def selfcheck(args: argparse.Namespace) -> int:
     _seconds("--seconds", args.seconds, zero_ok=False)
     _seconds("--idle-seconds", args.idle_seconds, zero_ok=True)
     check_writable(args.out)
-    from ..runner import resolve_device
+    from ..device import resolve_device
     from ..selfcheck import run_selfcheck
 
     device = resolve_device(args.device)

@@ -79,7 +79,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
     if not (args.seconds > 0 and args.seconds < 1e6):
         raise ConfigError(f"--seconds {args.seconds} must be a positive number of seconds")
     check_writable(opts.out)
-    from ..runner import resolve_device
+    from ..device import resolve_device
 
     device = resolve_device(opts.device)
     roof = _roofline_for(device, opts.dtype)
@@ -113,7 +113,7 @@ def calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dtype {','.join(bad)} is unknown; choose from {', '.join(DTYPES)}")
     if not (args.seconds > 0 and args.seconds < 1e4):
         raise ConfigError(f"--seconds {args.seconds} must be a positive number of seconds")
-    from ..runner import resolve_device
+    from ..device import resolve_device
 
     device = resolve_device(args.device)
     roof = roofline.load(device)

@@ -153,10 +153,11 @@ def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # 
 def sweep(args: argparse.Namespace) -> int:
     from .. import sweep as sw
     from ..data import load_npz
+    from ..device import resolve_device
     from ..environment import describe
+    from ..pipeline import check_dtype
+    from ..pipeline import run as run_models
     from ..results import probe_write
-    from ..runner import check_dtype, resolve_device
-    from ..runner import run as run_models
 
     cfg = sw.load_grid_toml(args.config) if args.config else {}
     cfg.update({k: v for k, v in vars(args).items()

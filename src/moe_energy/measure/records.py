@@ -1,0 +1,240 @@
+"""The window record and the model record: declared once here, built here, read by the store, the report,
+the API and the CLI. Every figure carries its unit in its name; a figure nobody measured is ``None`` with a
+``*_reason``, never 0 and never inf. These are the JSON format of ``results/run-*.json`` and of the store's
+documents: a field that changes bumps ``results.SCHEMA_VERSION``.
+
+A model record's flat figures are MEDIANS over its windows (``MEDIAN_KEYS``); ``SPREAD_KEYS`` also get
+``_min``/``_max``. ``energy_method`` is the weakest method among the devices ("counter" | "sampled" |
+"estimate" | "none"); ``energy_is_estimate`` is True when any joule figure comes from the estimate model.
+The run document also carries ``energy_meter`` (name, method, devices, versions, notice) and ``idle``
+({seconds, power_by_device_w, power_w, method, flags} or None when skipped).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from ..energy.idle import dynamic_joules
+from ..energy.meter import weakest
+from .window import BenchResult, per_joule
+
+if TYPE_CHECKING:
+    from ..energy.idle import IdlePower
+    from ..train import TrainResult
+
+# Flat per-window figures whose median becomes the model's figure, and those whose min/max are kept too.
+MEDIAN_KEYS = (
+    "inferences_per_second", "inferences_per_joule", "energy_j", "average_power_w", "dynamic_energy_j",
+    "dynamic_average_power_w", "dynamic_inferences_per_joule", "latency_p50_ms", "latency_p95_ms",
+    "latency_mean_ms", "achieved_gflops", "window_s", "batches", "inferences",
+)
+SPREAD_KEYS = ("inferences_per_second", "inferences_per_joule", "dynamic_inferences_per_joule", "energy_j")
+
+
+class WindowRecord(TypedDict, total=False):
+    """One window, in the order the run measured it. ``failed`` (a reason) marks a window with no energy."""
+
+    repeat: int
+    order: int  # global position in the shuffled schedule
+    started_utc: str
+    failed: str
+    batch_size: int
+    batches: int
+    inferences: int
+    window_s: float
+    inferences_per_second: float
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_mean_ms: float | None
+    flops_per_inference: int | None
+    achieved_gflops: float | None
+    energy_j: float | None
+    energy_by_device_j: dict[str, float] | None
+    average_power_w: float | None
+    inferences_per_joule: float | None
+    inferences_per_joule_reason: str | None
+    dynamic_energy_j: float | None
+    dynamic_energy_by_device_j: dict[str, float] | None
+    dynamic_average_power_w: float | None
+    dynamic_inferences_per_joule: float | None
+    dynamic_inferences_per_joule_reason: str | None
+    energy_method: str
+    method_by_device: dict[str, str]
+    energy_meter: str
+    energy_devices: list[str]
+    energy_is_estimate: bool
+    trace: dict[str, list[list[float]]] | None  # device -> [[t_s, power_w], ...]
+    trace_energy_j: dict[str, float] | None
+    trace_period_s: float | None
+    state_begin: dict[str, dict[str, Any]]  # device -> {temperature_c, sm_clock_mhz, power_limit_w}
+    state_end: dict[str, dict[str, Any]]
+    flags: list[str]
+
+
+class ModelRecord(TypedDict, total=False):
+    """One model (an MoE strategy or a dense baseline) of a run: its shape, training and window figures."""
+
+    name: str  # "moe[grouped]", "dense_total", ...
+    kind: str  # "moe" | "dense"
+    match: str  # dense only: "total" | "active"
+    params: int
+    active_params: int
+    flops_per_inference: int | None
+    width: int
+    strategy: str | None
+    dtype: str
+    status: str  # "measured" | "skipped"
+    skipped: str
+    accuracy: float | None
+    accuracy_bench_dtype: float | None
+    accuracy_meaningful: bool
+    diverged: bool | None
+    train: dict[str, Any] | None
+    idle_power_w: float | None
+    idle_power_by_device_w: dict[str, float] | None
+    repeats: int  # windows measured
+    failed_windows: int
+    batch_size: int
+    # medians of MEDIAN_KEYS, SPREAD_KEYS' _min/_max, the *_reason fields and the energy fields, as windows
+    inferences_per_second: float | None
+    inferences_per_joule: float | None
+    inferences_per_joule_reason: str | None
+    energy_j: float | None
+    average_power_w: float | None
+    energy_method: str
+    energy_meter: str
+    energy_devices: list[str]
+    energy_is_estimate: bool
+    optimize: dict[str, Any] | None
+    parallel: dict[str, Any]
+    flags: list[str]
+    windows: list[WindowRecord]
+
+
+def window_record(res: BenchResult) -> WindowRecord:
+    """The figures of one measured window, each named with its unit."""
+    e = res.energy
+    dyn_by_dev = dynamic_joules(e, res.idle)
+    dyn = float(sum(dyn_by_dev.values())) if dyn_by_dev is not None else None
+    ipj, ipj_reason = per_joule(res.inferences, e.joules, "energy")
+    dipj, dipj_reason = per_joule(res.inferences, dyn, "dynamic energy (raw minus idle)")
+    if dyn_by_dev is None and e.joules_by_device is not None:
+        dipj_reason = "idle power not measured (--idle-seconds 0)"
+    flags = res.flags + e.flags
+    if dyn is not None and dyn <= 0:
+        flags = flags + ["dynamic energy <= 0: the window drew no more than idle power"]
+    return WindowRecord(
+        batch_size=res.batch_size, batches=res.batches, inferences=res.inferences, window_s=res.seconds,
+        inferences_per_second=res.inferences_per_second, latency_p50_ms=res.latency_pct(50),
+        latency_p95_ms=res.latency_pct(95),
+        latency_mean_ms=statistics.fmean(res.latency_ms) if res.latency_ms else None,
+        flops_per_inference=res.flops_per_inference, achieved_gflops=res.achieved_gflops,
+        energy_j=e.joules, energy_by_device_j=e.joules_by_device, average_power_w=e.average_power_w,
+        inferences_per_joule=ipj, inferences_per_joule_reason=ipj_reason, dynamic_energy_j=dyn,
+        dynamic_energy_by_device_j=dyn_by_dev, dynamic_average_power_w=dyn / res.seconds if dyn is not None else None,
+        dynamic_inferences_per_joule=dipj, dynamic_inferences_per_joule_reason=dipj_reason,
+        energy_method=e.method, method_by_device=e.method_by_device, energy_meter=e.meter,
+        energy_devices=list(e.devices_covered),
+        energy_is_estimate=e.is_estimate or "estimate" in e.method_by_device.values(),
+        trace=e.trace, trace_energy_j=e.trace_energy_j(), trace_period_s=e.trace_period_s,
+        state_begin=e.state_begin, state_end=e.state_end, flags=flags,
+    )
+
+
+def failed_window(reason: str, batch_size: int, flops: int | None, meter_name: str) -> WindowRecord:
+    """A window whose energy could not be measured: every figure None with the reason (never 0 J)."""
+    return WindowRecord(
+        failed=reason, batch_size=batch_size, flops_per_inference=flops,
+        inferences_per_joule_reason=f"window failed: {reason}",
+        dynamic_inferences_per_joule_reason=f"window failed: {reason}",
+        energy_j=None, inferences_per_joule=None, energy_method="none", energy_meter=meter_name,
+        energy_devices=[], energy_is_estimate=False, flags=[f"window failed: {reason}"],
+    )
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(windows: Sequence[WindowRecord]) -> dict[str, Any]:
+    """A model's figures over its repeated windows: medians (the flat fields), min/max, every window kept.
+
+    A figure missing from some windows is the median of the others and says so in ``flags``.
+    """
+    if not windows:
+        raise ValueError("summarize needs at least one window")
+    out: dict[str, Any] = {}
+    flags: list[str] = []
+    for k in MEDIAN_KEYS:
+        vals = [w[k] for w in windows if w.get(k) is not None]  # type: ignore[literal-required]
+        out[k] = _median(vals)
+        if vals and len(vals) < len(windows) and k in SPREAD_KEYS:
+            flags.append(f"{k}: median of {len(vals)} of {len(windows)} windows (the others not measured)")
+    for k in SPREAD_KEYS:
+        vals = [w[k] for w in windows if w.get(k) is not None]  # type: ignore[literal-required]
+        out[f"{k}_min"] = min(vals) if vals else None
+        out[f"{k}_max"] = max(vals) if vals else None
+    for k in ("inferences_per_joule", "dynamic_inferences_per_joule"):
+        out[f"{k}_reason"] = None if out[k] is not None else windows[0].get(f"{k}_reason")
+    first = windows[0]
+    out["batch_size"] = first["batch_size"]
+    out["flops_per_inference"] = first["flops_per_inference"]
+    out["energy_method"] = weakest([w["energy_method"] for w in windows])
+    out["energy_meter"] = first["energy_meter"]
+    out["energy_devices"] = first["energy_devices"]
+    out["energy_is_estimate"] = any(w["energy_is_estimate"] for w in windows)
+    out["repeats"] = len(windows)
+    for w in windows:
+        for f in w["flags"]:
+            if f not in flags:
+                flags.append(f)
+    out["flags"] = flags
+    out["windows"] = list(windows)
+    return out
+
+
+def summarize_windows(windows: list[WindowRecord]) -> dict[str, Any]:
+    """``summarize`` over the windows that measured; failed ones are kept in order and counted."""
+    ok = [w for w in windows if not w.get("failed")]
+    out = summarize(ok or windows)
+    failed = len(windows) - len(ok)
+    out["windows"] = list(windows)
+    out["failed_windows"] = failed
+    out["repeats"] = len(ok)
+    if failed:
+        first = next(w["failed"] for w in windows if w.get("failed"))
+        note = (f"{failed} of {len(windows)} windows failed ({first}); the figures are from the other {len(ok)}"
+                if ok else f"every window failed ({first}): nothing measured")
+        out["flags"] = [note] + [f for f in out["flags"] if not f.startswith("window failed")]
+    return out
+
+
+def skipped_record(name: str, fields: dict[str, Any], strategy: str | None, dtype: str, reason: str) -> ModelRecord:
+    """A model that was not measured: its shape and the reason, every figure absent (not 0)."""
+    return {  # type: ignore[typeddict-item]
+        "name": name, **fields, "strategy": strategy, "dtype": dtype, "status": "skipped", "skipped": reason,
+        "accuracy": None, "diverged": None, "train": None, "repeats": 0, "windows": [], "flags": [reason],
+        "inferences_per_second": None, "inferences_per_joule": None, "energy_j": None, "average_power_w": None,
+        "inferences_per_joule_reason": reason, "energy_method": "none",
+    }
+
+
+def measured_record(name: str, fields: dict[str, Any], strategy: str | None, dtype: str, train: TrainResult,
+                    accuracy_bench_dtype: float | None, idle: IdlePower | None, windows: list[WindowRecord],
+                    optimize: dict[str, Any] | None = None) -> ModelRecord:
+    """A measured model: its shape, its training, and the summary of its windows (failed ones counted)."""
+    rec: ModelRecord = {  # type: ignore[typeddict-item]
+        "name": name, **fields, "strategy": strategy, "dtype": dtype, "status": "measured",
+        "accuracy": train.test_accuracy, "accuracy_bench_dtype": accuracy_bench_dtype, "diverged": train.diverged,
+        "accuracy_meaningful": not train.diverged, "train": train.as_dict(),
+        "idle_power_w": idle.power_w if idle is not None else None,
+        "idle_power_by_device_w": idle.power_by_device_w if idle is not None else None,
+        **summarize_windows(windows),  # the windows' flops_per_inference: the figure they were measured with
+    }
+    rec["optimize"] = optimize
+    if train.diverged:
+        rec["flags"] = [f"training diverged ({train.diverged_reason}): accuracy is meaningless; speed "
+                        "and energy are valid"] + rec["flags"]
+    return rec
