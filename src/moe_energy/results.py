@@ -4,35 +4,22 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError
+from .fileio import create_atomic, json_safe, now_utc
 
 SCHEMA = "moe-energy/run"
 SCHEMA_VERSION = 1
-
-
-def _clean(v: Any) -> Any:
-    """JSON has no inf/NaN: a non-finite float becomes null rather than an invalid document."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
 
 
 def new_document(spec: dict, options: dict, environment: dict, dataset: dict) -> dict:
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": now_utc(),
         "spec": spec,
         "options": options,
         "environment": environment,
@@ -103,36 +90,11 @@ def run_stem(doc: dict, preset: str | None, suffix: str = "") -> str:
 
 
 def write_atomic(doc: dict, out_dir: str | Path, stem: str) -> Path:
-    """Write ``doc`` as ``stem.json`` (or ``stem-N.json`` if taken) via a temp file and a rename."""
+    """Write ``doc`` as ``stem.json`` (or ``stem-N.json`` if taken) via a temp file and a link."""
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_clean(doc), indent=2, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        n = 0
-        while True:
-            path = d / (f"{stem}.json" if n == 0 else f"{stem}-{n}.json")
-            try:
-                os.link(tmp, path)  # fails if the name exists: never replaces a result
-                break
-            except FileExistsError:
-                n += 1
-            except OSError:  # filesystems without hard links: exclusive create, then rename over it
-                try:
-                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    n += 1
-                    continue
-                os.replace(tmp, path)
-                return path
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    text = json.dumps(json_safe(doc), indent=2, allow_nan=False)
+    return create_atomic(d, lambda n: f"{stem}.json" if n == 0 else f"{stem}-{n}.json", text.encode())
 
 
 def read(path: str | Path) -> dict:

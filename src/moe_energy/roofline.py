@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from .device import device_sync, dtype_of
 from .environment import cpu_model
+from .fileio import now_utc, replace_atomic
 from .measure.timing import time_one
 
 CACHE_ENV = "MOE_ENERGY_CACHE_DIR"
@@ -121,7 +120,7 @@ def calibrate(
     flops = {name: measure_gemm(device, dtype_of(name), n, seconds) for name in dtypes}
     bw = measure_bandwidth(device, nbytes, seconds)
     roof = Roofline(device_name(device), flops, bw, n, nbytes,
-                    datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    now_utc())
     if save:
         _store(roof)
     return roof
@@ -140,14 +139,7 @@ def _store(roof: Roofline) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = _read_cache()
     doc[roof.device_name] = roof.as_dict()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".roofline-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, path)  # a cache: replacing the previous calibration is the point
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    replace_atomic(path, json.dumps(doc, indent=2).encode())  # a cache: replacing the old calibration is the point
 
 
 def load(device: torch.device) -> Roofline | None:

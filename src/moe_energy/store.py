@@ -18,11 +18,11 @@ import sqlite3
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .errors import ConfigError, one_line
+from .fileio import json_safe, now_utc
 
 DEFAULT_DB = "results/moe-energy.db"
 EXPORT_SCHEMA = "moe-energy/export"
@@ -111,10 +111,6 @@ def schema_version() -> int:
     return len(MIGRATIONS)
 
 
-def now_utc() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _finite(v: Any) -> Any:
     """Store NULL, never inf/NaN, for a figure that has no finite value; bools as 0/1."""
     if isinstance(v, bool):
@@ -126,18 +122,8 @@ def _finite(v: Any) -> Any:
     return v
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
 def dumps(v: Any) -> str:
-    return json.dumps(_clean(v), sort_keys=True, allow_nan=False, default=str)
+    return json.dumps(json_safe(v), sort_keys=True, allow_nan=False, default=str)
 
 
 def _series(trace: Any) -> tuple[list[float], list[float]] | None:
@@ -488,7 +474,7 @@ class Store:
 
 def damaged(path: str | Path, e: BaseException) -> str:
     """The one line for a database SQLite cannot use: damaged, truncated or not SQLite at all."""
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = one_line(e)
     if "readonly" in text or "read-only" in text:
         return f"--db {path}: cannot write to it ({text}); check its and its directory's permissions"
     if "disk is full" in text:

@@ -8,15 +8,13 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from ..analysis import METRICS, Crossover, Frame, correct_per_joule, crossovers, energy_kind, pairs, value
+from ..fileio import now_utc, replace_atomic
 from .plots import PLOTS
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows (already formatted text)
@@ -182,22 +180,11 @@ figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-s
 """
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_report(frame: Frame, out_dir: str | Path, db: str | Path) -> ReportFiles:
     """Draw every plot, then write report.html (self-contained) and report.md with plots/*.png."""
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = now_utc()
     tables = all_tables(frame)
     images: list[tuple[str, str, bytes]] = []
     for slug, title, fn in PLOTS:
@@ -232,7 +219,7 @@ def write_report(frame: Frame, out_dir: str | Path, db: str | Path) -> ReportFil
     paths = []
     for slug, _title, data in images:
         p = out / "plots" / f"{slug}.png"
-        _atomic_write(p, data)
+        replace_atomic(p, data)
         paths.append(p)
     md = ["# moe-energy report: when does a Mixture of Experts use less energy per inference?", "",
           f"Generated {created} from `{db}`. {headline}", ""]
@@ -243,6 +230,6 @@ def write_report(frame: Frame, out_dir: str | Path, db: str | Path) -> ReportFil
     md += [f"![{title}](plots/{slug}.png)\n" for slug, title, _ in images]
     md += [_md_table(t) for t in tables[2:]]
     html_path, md_path = out / "report.html", out / "report.md"
-    _atomic_write(html_path, "".join(parts).encode("utf-8"))
-    _atomic_write(md_path, "\n".join(md).encode("utf-8"))
+    replace_atomic(html_path, "".join(parts).encode("utf-8"))
+    replace_atomic(md_path, "\n".join(md).encode("utf-8"))
     return ReportFiles(html_path, md_path, paths)

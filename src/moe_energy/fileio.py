@@ -1,0 +1,87 @@
+"""Writing files so that a reader never sees half of one: a temp file in the same folder, fsynced, then
+linked or renamed into place; and the one UTC timestamp every document carries."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+
+def now_utc() -> str:
+    """The current UTC time to the second, ISO 8601: every document's and window's timestamp."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def json_safe(v: Any) -> Any:
+    """JSON has no inf/NaN: a non-finite float becomes null (and keys strings) rather than an invalid document."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_with(d: Path, prefix: str, data: bytes) -> str:
+    """A temp file in ``d`` holding ``data``, fsynced, with the mode a plain ``open`` would give it."""
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=prefix, suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; results are for sharing like any file
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def replace_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path``, replacing what is there (a cache, a report being redrawn) all at once."""
+    p = Path(path)
+    tmp = _temp_with(p.parent, f".{p.name}-", data)
+    try:
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return p
+
+
+def create_atomic(d: str | Path, name: Callable[[int], str], data: bytes) -> Path:
+    """Write ``data`` under the first free name ``name(0)``, ``name(1)``, ... in ``d``: never over a file."""
+    d = Path(d)
+    tmp = _temp_with(d, f".{name(0)}-", data)
+    try:
+        n = 0
+        while True:
+            path = d / name(n)
+            try:
+                os.link(tmp, path)  # fails if the name exists: never replaces a result
+                return path
+            except FileExistsError:
+                n += 1
+            except OSError:  # filesystems without hard links: exclusive create, then rename over it
+                try:
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    n += 1
+                    continue
+                os.replace(tmp, path)
+                return path
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
