@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from moe_energy import sweep as sw
-from moe_energy.commands.options import resolve
 from moe_energy.commands.run import energy_summary, results_table
 from moe_energy.config import ModelSpec, RunOptions
 from moe_energy.energy.meter import window
@@ -383,7 +382,7 @@ def test_database_that_fills_mid_sweep_stops_with_the_point_rescued(tmp_path, mo
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    grid = sw.build_grid({"experts": "4", "hidden": "16,24,32", "layers": "2", "top_k": "1"}, resolve)
+    grid = sw.build_grid({"experts": "4", "hidden": "16,24,32", "layers": "2", "top_k": "1"})
     store = Store(tmp_path / "full.db")
     run_id = store.new_run("r1", {}, {})
 

@@ -11,7 +11,6 @@ import time
 import pytest
 
 from moe_energy import sweep as sw
-from moe_energy.commands.options import resolve
 from moe_energy.config import PRESETS, ConfigError
 from moe_energy.models.counting import moe_params
 
@@ -37,7 +36,7 @@ def rows(db, sql):
 
 # -- grid expansion (no models run) ---------------------------------------------------------------------
 def test_axes_expand_to_their_product_with_validated_options():
-    g = sw.build_grid({**TINY_SHAPE, "batch_size": "32,64", "dtype": "float32,bfloat16", "epochs": 1}, resolve)
+    g = sw.build_grid({**TINY_SHAPE, "batch_size": "32,64", "dtype": "float32,bfloat16", "epochs": 1})
     assert len(g.points) == 2 * 2 * 2 * 2
     assert {(p.spec.hidden, p.spec.top_k, p.opts.batch_size, p.opts.dtype) for p in g.points} == {
         (h, k, b, d) for h in (16, 32) for k in (1, 2) for b in (32, 64) for d in ("float32", "bfloat16")}
@@ -47,21 +46,21 @@ def test_axes_expand_to_their_product_with_validated_options():
 
 
 def test_invalid_shape_becomes_a_skipped_point_but_bad_options_stop_the_sweep():
-    g = sw.build_grid({"experts": "2,4", "top_k": "3", "hidden": "16", "layers": "2"}, resolve)
+    g = sw.build_grid({"experts": "2,4", "top_k": "3", "hidden": "16", "layers": "2"})
     assert [(p.spec.experts, p.error is not None) for p in g.points] == [(2, True), (4, False)]
     assert "top_k=3 exceeds experts=2" in g.points[0].error
     with pytest.raises(ConfigError, match="dtype='float64' is unknown"):
-        sw.build_grid({**TINY_SHAPE, "dtype": "float32,float64"}, resolve)
+        sw.build_grid({**TINY_SHAPE, "dtype": "float32,float64"})
     with pytest.raises(ConfigError, match="not a whole number"):
-        sw.build_grid({"hidden": "16,abc"}, resolve)
+        sw.build_grid({"hidden": "16,abc"})
     with pytest.raises(ConfigError, match="--grid 'huge' is unknown"):
-        sw.build_grid({"grid": "huge"}, resolve)
+        sw.build_grid({"grid": "huge"})
     with pytest.raises(ConfigError, match="no points at or below --max-params"):
-        sw.build_grid({"grid": "seed", "max_params": "10"}, resolve)
+        sw.build_grid({"grid": "seed", "max_params": "10"})
 
 
 def test_seed_grid_is_the_blogs_four_points():
-    g = sw.build_grid({"grid": "seed"}, resolve)
+    g = sw.build_grid({"grid": "seed"})
     assert [p.label for p in g.points] == ["small", "large", "xl", "xxl"]
     assert [p.total_params for p in g.points] == [2_687_192, 63_418_800, 368_287_260, 2_789_237_600]
 
@@ -76,14 +75,14 @@ def test_scale_ladder_is_geometric_at_fixed_ratio_through_the_seed_points():
         assert PRESETS[name] in shapes
     steps = [b / a for a, b in zip(sizes, sizes[1:])]
     assert all(1.3 < r < 2.5 for r in steps), steps  # ~10**(1/4) = 1.78 per step
-    g = sw.build_grid({"grid": "scale", "max_params": "5e7"}, resolve)
+    g = sw.build_grid({"grid": "scale", "max_params": "5e7"})
     assert all(p.total_params <= 5e7 for p in g.points) and g.points[0].label == "small"
     assert len(g.points) == sum(1 for s in sizes if s <= 5e7) == 6
     assert len(sw.scale_shapes(per_decade=8)) > len(shapes)
 
 
 def test_shards_partition_the_grid_deterministically():
-    g = sw.build_grid({**TINY_SHAPE, "batch_size": "32,64,128"}, resolve)
+    g = sw.build_grid({**TINY_SHAPE, "batch_size": "32,64,128"})
     keys = [p.key("m") for p in g.points]
     parts = [[p.key("m") for p in sw.shard(g.points, (i, 3))] for i in (1, 2, 3)]
     assert sorted(sum(parts, [])) == sorted(keys) and all(parts)
@@ -95,7 +94,7 @@ def test_shards_partition_the_grid_deterministically():
 
 
 def test_point_that_cannot_fit_in_memory_is_detected_before_building():
-    g = sw.build_grid({"experts": "64", "hidden": "30000", "layers": "3", "top_k": "2"}, resolve)
+    g = sw.build_grid({"experts": "64", "hidden": "30000", "layers": "3", "top_k": "2"})
     reason = sw.fit_problem(g.points[0], __import__("torch").device("cpu"))
     assert reason is not None and reason.startswith("out of memory") and "GiB" in reason
 
@@ -104,7 +103,7 @@ def test_toml_grid(tmp_path):
     p = tmp_path / "grid.toml"
     p.write_text('experts = [4]\nhidden = [16, 32]\nlayers = 2\ntop_k = [1]\nbatch_size = [32, 64]\n'
                  'epochs = 1\ninput_dim = 40\nclasses = 4\n')
-    g = sw.build_grid(sw.load_grid_toml(p), resolve)
+    g = sw.build_grid(sw.load_grid_toml(p))
     assert len(g.points) == 4 and {p.opts.batch_size for p in g.points} == {32, 64}
     p.write_text("hiden = [16]\n")
     with pytest.raises(ConfigError, match="unknown key"):
@@ -113,7 +112,7 @@ def test_toml_grid(tmp_path):
 
 def test_eta_uses_the_rate_of_finished_points():
     g = sw.build_grid({**TINY_SHAPE, "epochs": 1, "duration": 1.0, "warmup": 0, "repeats": 1, "cooldown": 0,
-                       "idle_seconds": 0}, resolve)
+                       "idle_seconds": 0})
     eta = sw.Eta()
     assert eta.remaining(g.points) is None
     p = g.points[0]

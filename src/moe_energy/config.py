@@ -16,7 +16,7 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -182,8 +182,46 @@ def resolve_spec(preset: str | None, **overrides: int | None) -> ModelSpec:
     return replace(PRESETS[name], **given).validate()
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a --config file; unknown keys are an error, not silently ignored."""
+def split_list(value: str | None) -> tuple[str, ...] | None:
+    """'a, b,c' -> ('a', 'b', 'c'); None stays None."""
+    if value is None:
+        return None
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+def resolve_config(cfg: dict[str, Any]) -> tuple[ModelSpec, RunOptions]:
+    """Spec and options from merged settings (preset, then --config, then flags: the caller merges).
+
+    The one validation path for `run`, `plan`, each sweep point and the API: a typo is a ConfigError here.
+    """
+    from .models.strategies import STRATEGIES
+
+    spec = resolve_spec(cfg.get("preset"), **{k: cfg.get(k) for k in SPEC_KEYS})
+    custom = any(cfg.get(k) is not None for k in ("experts", "hidden", "layers", "top_k"))
+    opt_fields = set(RunOptions.__dataclass_fields__) - {"extra"}
+    given = {k: v for k, v in cfg.items() if k in opt_fields and v is not None}
+    for k in ("strategies", "models"):
+        if isinstance(given.get(k), str):
+            given[k] = split_list(given[k])
+    if given.get("strategies") == ("all",):
+        given["strategies"] = tuple(STRATEGIES)
+    for k in ("data", "out"):
+        if k in given:
+            given[k] = str(given[k])
+    extra = {"preset": None if custom else (cfg.get("preset") or "small")}
+    try:
+        opts = RunOptions(**given, extra=extra)
+    except TypeError as e:  # a TOML value of the wrong kind for a field
+        raise ConfigError(f"--config: {e}") from None
+    return spec, opts.validate()
+
+
+def read_toml(path: str | Path, allowed: set[str], flatten: str | None = None) -> dict[str, Any]:
+    """The one TOML loader (`run`'s and `sweep`'s --config): unknown keys are an error, never ignored.
+
+    ``flatten`` names a table whose keys count as top-level ones (a sweep's ``[sweep]``); lists of names
+    (strategies, models) become tuples, as the flags give them.
+    """
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -192,12 +230,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"--config {p}: not valid TOML ({msg})") from None
-    unknown = sorted(set(doc) - CONFIG_KEYS)
+        raise ConfigError(f"--config {p}: not valid TOML ({one_line(e)})") from None
+    if flatten is not None and isinstance(doc.get(flatten), dict):
+        doc = {**{k: v for k, v in doc.items() if k != flatten}, **doc[flatten]}
+    unknown = sorted(set(doc) - allowed)
     if unknown:
-        raise ConfigError(f"--config {p}: unknown key(s) {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+        raise ConfigError(f"--config {p}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     for k in ("strategies", "models"):
-        if k in doc and isinstance(doc[k], list):
+        if isinstance(doc.get(k), list):
             doc[k] = tuple(doc[k])
     return doc
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read `run`'s --config file."""
+    return read_toml(path, CONFIG_KEYS)

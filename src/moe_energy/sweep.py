@@ -7,7 +7,6 @@ one grid run on different hosts can be merged without clashes.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import math
@@ -20,19 +19,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-try:  # Python 3.11+
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
-
-
 from . import memory
-from .config import PRESETS, ConfigError, ModelSpec, RunOptions
+from .config import PRESETS, ConfigError, ModelSpec, RunOptions, resolve_config
 from .device import free
 from .errors import one_line
+from .fileio import now_utc
 from .models.counting import matched_width, moe_params
 from .models.plan import plans
-from .store import Store, dumps, now_utc
+from .store import Store, dumps
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
 SHAPE_AXES = ("experts", "hidden", "layers", "top_k")
@@ -161,32 +155,17 @@ def as_list(key: str, v: Any, kind: type) -> list:
 
 
 def load_grid_toml(path: str | Path) -> dict[str, Any]:
-    """A sweep's --config: run options as in `run`, plus any axis as a list and grid/max_params/per_decade."""
-    from .config import CONFIG_KEYS
+    """A sweep's --config: run options as in `run`, plus any axis as a list and grid/max_params/per_decade;
+    a [sweep] table is accepted as well as top-level keys."""
+    from .config import CONFIG_KEYS, read_toml
 
-    p = Path(path)
-    try:
-        doc = tomllib.loads(p.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise ConfigError(f"--config {p}: cannot read ({e.strerror}); give a readable TOML file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--config {p}: not valid TOML ({str(e).splitlines()[0]})") from None
-    if isinstance(doc.get("sweep"), dict):  # a [sweep] table is accepted as well as top-level keys
-        doc = {**{k: v for k, v in doc.items() if k != "sweep"}, **doc["sweep"]}
-    allowed = CONFIG_KEYS | GRID_KEYS | set(AXES)
-    unknown = sorted(set(doc) - allowed)
-    if unknown:
-        raise ConfigError(f"--config {p}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    for k in ("strategies", "models"):  # lists of names, as in `run`'s --config
-        if isinstance(doc.get(k), list):
-            doc[k] = tuple(doc[k])
-    return doc
+    return read_toml(path, CONFIG_KEYS | GRID_KEYS | set(AXES), flatten="sweep")
 
 
-def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tuple[ModelSpec, RunOptions]]) -> Grid:
+def build_grid(cfg: dict[str, Any]) -> Grid:
     """Points from a merged config (TOML, then flags): built-in grid or the product of the axes.
 
-    ``resolve`` is commands.options.resolve: each point's spec and options pass the same validation as `run`.
+    Each point's spec and options pass the same validation as `run` (``config.resolve_config``).
     """
     cfg = {k: v for k, v in cfg.items() if v is not None}
     name = cfg.pop("grid", None)
@@ -215,7 +194,7 @@ def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tupl
         if shape_axes or presets:
             raise ConfigError(f"--grid {name} fixes the shapes; drop --experts/--hidden/--layers/--top-k/--preset "
                               "or drop --grid")
-        base = _resolve(resolve, cfg, {})[0]
+        base = _resolve(cfg, {})[0]
         shapes = [replace(s, input_dim=base.input_dim, classes=base.classes)
                   for s in (seed_shapes() if name == "seed" else scale_shapes(per_decade))]
     else:
@@ -231,7 +210,7 @@ def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tupl
                 fields = dict(zip(keys, combo))
                 s = replace(PRESETS[pn], **fields)
                 try:
-                    s = _resolve(resolve, cfg, {**asdict(s), **{k: cfg[k] for k in ("input_dim", "classes")
+                    s = _resolve(cfg, {**asdict(s), **{k: cfg[k] for k in ("input_dim", "classes")
                                                                  if k in cfg}})[0]
                 except ConfigError as e:
                     errors[len(shapes)] = str(e)
@@ -243,7 +222,7 @@ def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tupl
     combos = list(itertools.product(*(option_axes[k] for k in okeys)))
     if first_ok is not None:
         for combo in combos:
-            _resolve(resolve, cfg, {**asdict(shapes[first_ok]), **dict(zip(okeys, combo))})
+            _resolve(cfg, {**asdict(shapes[first_ok]), **dict(zip(okeys, combo))})
 
     points: list[Point] = []
     for i, s in enumerate(shapes):
@@ -252,10 +231,10 @@ def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tupl
         for combo in combos:
             extra = dict(zip(okeys, combo))
             if i in errors:
-                _spec, opts = _resolve(resolve, cfg, {**asdict(PRESETS["small"]), **extra})
+                _spec, opts = _resolve(cfg, {**asdict(PRESETS["small"]), **extra})
                 points.append(Point(label_for(s), s, opts, error=f"invalid shape: {errors[i]}"))
                 continue
-            spec, opts = _resolve(resolve, cfg, {**asdict(s), **extra})
+            spec, opts = _resolve(cfg, {**asdict(s), **extra})
             points.append(Point(label_for(spec), spec, opts))
     if points and all(p.error for p in points):  # one bad combination is skipped; a grid of only bad ones is a typo
         raise ConfigError(errors[min(errors)])
@@ -267,10 +246,9 @@ def build_grid(cfg: dict[str, Any], resolve: Callable[[argparse.Namespace], tupl
     return Grid(name, points, source)
 
 
-def _resolve(resolve: Callable[[argparse.Namespace], tuple[ModelSpec, RunOptions]], cfg: dict,
-             fields: dict) -> tuple[ModelSpec, RunOptions]:
-    ns = argparse.Namespace(**{**cfg, **fields, "config": None, "preset": None})
-    return resolve(ns)
+def _resolve(cfg: dict, fields: dict) -> tuple[ModelSpec, RunOptions]:
+    """One point's spec and options: the sweep's settings with this point's axis values."""
+    return resolve_config({**cfg, **fields, "preset": None})
 
 
 # -- shard and resume --------------------------------------------------------------------------------------

@@ -39,11 +39,7 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return deco
 
 
-def split_list(value: str | None) -> tuple[str, ...] | None:
-    """'a, b,c' -> ('a', 'b', 'c'); None stays None."""
-    if value is None:
-        return None
-    return tuple(s.strip() for s in value.split(",") if s.strip())
+from ..config import split_list  # noqa: E402,F401 - the commands' comma-list parser lives with the options
 
 
 def fmt(v: float | int | None, spec: str = ",.0f", unit: str = "") -> str:

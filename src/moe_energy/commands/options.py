@@ -6,9 +6,8 @@ import argparse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..config import PRESETS, SPEC_KEYS, ModelSpec, RunOptions, load_toml, resolve_spec
+from ..config import PRESETS, ModelSpec, RunOptions, load_toml, resolve_config
 from ..models.strategies import STRATEGIES
-from . import split_list
 
 if TYPE_CHECKING:
     import torch
@@ -54,27 +53,7 @@ def resolve(args: argparse.Namespace) -> tuple[ModelSpec, RunOptions]:
     for k, v in vars(args).items():
         if v is not None and not k.startswith("_") and k not in ("command", "config"):
             cfg[k] = v
-    shape = {k: cfg.get(k) for k in SPEC_KEYS}
-    spec = resolve_spec(cfg.get("preset"), **shape)
-    custom = any(cfg.get(k) is not None for k in ("experts", "hidden", "layers", "top_k"))
-    opt_fields = set(RunOptions.__dataclass_fields__) - {"extra"}
-    given = {k: v for k, v in cfg.items() if k in opt_fields and v is not None}
-    for k in ("strategies", "models"):
-        if isinstance(given.get(k), str):
-            given[k] = split_list(given[k])
-    if given.get("strategies") == ("all",):
-        given["strategies"] = tuple(STRATEGIES)
-    for k in ("data", "out"):
-        if k in given:
-            given[k] = str(given[k])
-    extra = {"preset": None if custom else (cfg.get("preset") or "small")}
-    try:
-        opts = RunOptions(**given, extra=extra)
-    except TypeError as e:  # a TOML value of the wrong kind for a field
-        from ..config import ConfigError
-
-        raise ConfigError(f"--config: {e}") from None
-    return spec, opts.validate()
+    return resolve_config(cfg)
 
 
 def add_energy_arguments(p: argparse.ArgumentParser) -> None:

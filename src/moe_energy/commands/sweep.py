@@ -21,7 +21,7 @@ from ..config import ConfigError
 from ..interrupts import exit_code, signal_name, signals_raise
 from ..store import DEFAULT_DB, Store, damaged
 from . import command, console, err_console
-from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args, resolve
+from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args
 
 # Flags of the sweep itself, not run options: kept out of the grid's config.
 SWEEP_FLAGS = {"command", "config", "db", "resume", "shard", "dry_run", "meter", "cpu_tdp_watts"}
@@ -162,7 +162,7 @@ def sweep(args: argparse.Namespace) -> int:
     cfg = sw.load_grid_toml(args.config) if args.config else {}
     cfg.update({k: v for k, v in vars(args).items()
                 if v is not None and not k.startswith("_") and k not in SWEEP_FLAGS})
-    grid = sw.build_grid(cfg, resolve)
+    grid = sw.build_grid(cfg)
     which = sw.parse_shard(args.shard)
     points = sw.shard(grid.points, which)
     db = _db_path(args)
