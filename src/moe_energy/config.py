@@ -26,6 +26,20 @@ MAX_PARAMS = 10**13
 MAX_SECONDS = 86_400.0
 
 
+def _positive(name: str, v: Any, integer: bool) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{name}={v!r} is not a number")
+    if integer and not isinstance(v, int):
+        raise ConfigError(f"{name}={v!r} must be a whole number")
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{name}={v!r} must be a finite number > 0")
+
+
+def _whole(name: str, v: Any, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"{name}={v!r} must be a whole number between {lo} and {hi}")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Shape of the MoE (and, through matching, of its dense baselines)."""
@@ -96,19 +110,15 @@ class RunOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> RunOptions:
-        def positive(name: str, v: float, integer: bool) -> None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{name}={v!r} is not a number")
-            if integer and not isinstance(v, int):
-                raise ConfigError(f"{name}={v!r} must be a whole number")
-            if not math.isfinite(v) or v <= 0:
-                raise ConfigError(f"{name}={v!r} must be a finite number > 0")
+        """Every option of the right kind and in range, or a one-line ConfigError naming it."""
+        self._check_kinds()
+        self._check_sizes()
+        self._check_seconds()
+        self._check_names()
+        return self
 
-        def whole(name: str, v: Any, lo: int, hi: int) -> None:
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise ConfigError(f"{name}={v!r} must be a whole number between {lo} and {hi}")
-
-        whole("seed", self.seed, 0, 2**32 - 1)
+    def _check_kinds(self) -> None:
+        _whole("seed", self.seed, 0, 2**32 - 1)
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile={self.compile!r} must be true or false")
         for name in ("strategies", "models"):
@@ -119,21 +129,25 @@ class RunOptions:
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):
                 raise ConfigError(f"{name}={v!r} must be a path")
+
+    def _check_sizes(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs!r} must be a whole number >= 0")
-        positive("lr", self.lr, False)
-        positive("batch_size", self.batch_size, True)
-        positive("samples", self.samples, True)
+        _positive("lr", self.lr, False)
+        _positive("batch_size", self.batch_size, True)
+        _positive("samples", self.samples, True)
         for name, most in (("samples", 10**8), ("batch_size", 10**7), ("epochs", 10**6)):
             if getattr(self, name) > most:
                 raise ConfigError(f"{name}={getattr(self, name)} is too large; give at most {most:.0e}")
-        positive("duration", self.duration, False)
-        if not isinstance(self.warmup, (int, float)) or not math.isfinite(self.warmup) or self.warmup < 0:
-            raise ConfigError(f"warmup={self.warmup!r} must be a finite number >= 0")
         if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) \
                 or not (0 < self.test_fraction < 1):
             raise ConfigError(f"test_fraction={self.test_fraction!r} must be between 0 and 1")
-        whole("repeats", self.repeats, 1, 1000)
+        _whole("repeats", self.repeats, 1, 1000)
+
+    def _check_seconds(self) -> None:
+        _positive("duration", self.duration, False)
+        if not isinstance(self.warmup, (int, float)) or not math.isfinite(self.warmup) or self.warmup < 0:
+            raise ConfigError(f"warmup={self.warmup!r} must be a finite number >= 0")
         for name in ("cooldown", "idle_seconds"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -142,21 +156,20 @@ class RunOptions:
             v = getattr(self, name)
             if v > MAX_SECONDS:
                 raise ConfigError(f"{name.replace('_', '-')}={v!r} is too long; give at most {MAX_SECONDS:.0f} seconds")
+
+    def _check_names(self) -> None:
+        from .models.strategies import STRATEGIES
+
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-        from .models.strategies import STRATEGIES
-
         for s in self.strategies:
             if s not in STRATEGIES:
-                raise ConfigError(
-                    f"moe-strategy={s!r} is unknown; choose from {', '.join(STRATEGIES)} (or 'all')"
-                )
+                raise ConfigError(f"moe-strategy={s!r} is unknown; choose from {', '.join(STRATEGIES)} (or 'all')")
         for m in self.models:
             if m not in ("moe", "dense_total", "dense_active"):
                 raise ConfigError(f"model={m!r} is unknown; choose from moe, dense_total, dense_active")
-        return self
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -74,6 +74,14 @@ def load_npz(path: str | Path, classes: int | None = None,
     """
     p = Path(path)
     where = f"--data {p}"
+    x, y = _read_arrays(p, where)
+    _check_features(x, y, where, input_dim)
+    _check_labels(y, where, classes)
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _read_arrays(p: Path, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The file's ``x`` and ``y``, or why it is not an .npz holding them."""
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "no such file"
         raise ConfigError(f"{where}: {what}; give an .npz with arrays x [N, d] and y [N]")
@@ -87,7 +95,7 @@ def load_npz(path: str | Path, classes: int | None = None,
             names = set(z.files)
             if not {"x", "y"} <= names:
                 raise ConfigError(f"{where}: needs arrays 'x' and 'y', found {sorted(names) or 'none'}")
-            x, y = z["x"], z["y"]
+            return z["x"], z["y"]
     except ConfigError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, KeyError) as e:
@@ -95,6 +103,9 @@ def load_npz(path: str | Path, classes: int | None = None,
                "corrupt compressed data" if isinstance(e, zlib.error) else type(e).__name__)
         raise ConfigError(f"{where}: not a readable .npz file ({why}); give numeric arrays x [N, d] and y [N]") \
             from None
+
+
+def _check_features(x: np.ndarray, y: np.ndarray, where: str, input_dim: int | None) -> None:
     if x.ndim != 2 or y.ndim != 1:
         raise ConfigError(f"{where}: x must be 2-D [N, d] and y 1-D [N]; got {x.shape} and {y.shape}")
     if len(x) != len(y):
@@ -109,7 +120,12 @@ def load_npz(path: str | Path, classes: int | None = None,
         raise ConfigError(f"{where}: x contains NaN or inf; clean the features first")
     if x.dtype.itemsize > 4 and np.abs(x).max() > np.finfo(np.float32).max:
         raise ConfigError(f"{where}: x holds values beyond float32's range (|x| > 3.4e38); rescale the features")
-    x32 = x.astype(np.float32)
+    if input_dim is not None and x.shape[1] != input_dim:
+        raise ConfigError(f"{where}: x has {x.shape[1]} features but input_dim={input_dim}; drop --input-dim "
+                          "(the file then decides) or give the matching file")
+
+
+def _check_labels(y: np.ndarray, where: str, classes: int | None) -> None:
     if not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"{where}: y must be integer class labels, found dtype {y.dtype}")
     lo, hi = int(y.min()), int(y.max())
@@ -123,10 +139,6 @@ def load_npz(path: str | Path, classes: int | None = None,
     if hi >= MAX_CLASSES:
         raise ConfigError(f"{where}: label {hi} is out of range; labels must be class indices 0..C-1 with "
                           f"C <= {MAX_CLASSES}")
-    if input_dim is not None and x.shape[1] != input_dim:
-        raise ConfigError(f"{where}: x has {x.shape[1]} features but input_dim={input_dim}; drop --input-dim "
-                          "(the file then decides) or give the matching file")
-    return x32, y.astype(np.int64)
 
 
 def make_dataset(

@@ -12,19 +12,21 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 import torch
 
 from .api import benchmark
-from .config import PRESETS
-from .device import device_sync
+from .config import PRESETS, ModelSpec
+from .device import device_sync, dtype_name
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, meter_info
 from .energy.select import MeterStatus, auto_meter, survey
 from .environment import describe
-from .models.dense import matched_dense
+from .errors import one_line
 from .models.moe import MoE
+from .models.plan import ModelPlan
 from .models.strategies import STRATEGIES, ExpertStack
 
 SCHEMA = "moe-energy/selfcheck"
@@ -35,13 +37,15 @@ SCHEMA_VERSION = 1
 FP32_ATOL = 1e-4
 BF16_ATOL = BF16_RTOL = 1e-2
 # Test-sized MoE: every row stride a multiple of 16 bytes in fp32 and bf16 (grouped_mm's requirement).
-CHECK_SHAPE = {"experts": 4, "hidden": 32, "layers": 2, "top_k": 2, "input_dim": 32, "classes": 8}
+CHECK_SHAPE = ModelSpec(experts=4, hidden=32, layers=2, top_k=2, input_dim=32, classes=8)
 CHECK_TOKENS = 40
 ROUTINGS = ("random", "some_idle", "one_takes_all")
 # Trace integral vs the counter, per device. Wider than Measurement.cross_check's 5 % flag: GPU power
 # sensors average over up to a second, so a window's ramp at each edge moves the integral by a few %.
 TRACE_AGREEMENT = 0.10
 WINDOW_BATCH = 128
+# The energy windows: (check name, model plan, MoE strategy) on the small preset.
+WINDOW_MODELS = (("window dense_total (small)", "dense_total", None), ("window moe[auto] (small)", "moe", "auto"))
 
 
 @dataclass
@@ -86,16 +90,17 @@ class SelfCheckReport:
         }
 
 
-def _err(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+def _raised(e: BaseException) -> str:
+    """What went wrong in a check's detail: the exception's type and the first line of its message."""
+    return f"{type(e).__name__}: {one_line(e, 200)}"
 
 
 def _guard(group: str, name: str, fn: Callable[[], Check | list[Check]]) -> list[Check]:
+    """Run one check; one that raises is a failed check (the others still run), never the self-check's end."""
     try:
         out = fn()
-    except Exception as e:  # a crashing check is a failed check; the others still run
-        return [Check(group, name, "FAIL", f"raised {_err(e)}")]
+    except Exception as e:
+        return [Check(group, name, "FAIL", f"raised {_raised(e)}")]
     return out if isinstance(out, list) else [out]
 
 
@@ -103,6 +108,8 @@ def _guard(group: str, name: str, fn: Callable[[], Check | list[Check]]) -> list
 
 
 def check_meters(device: torch.device, meter: Meter, statuses: list[MeterStatus]) -> list[Check]:
+    """Every meter's availability (info), and whether auto's pick can measure this device (a CUDA run needs
+    the GPU's own counter)."""
     rows = []
     for s in statuses:
         how = f"{s.method}, covers {', '.join(s.devices) or '-'}" if s.available else f"no ({s.kind})"
@@ -153,13 +160,14 @@ def routing(kind: str, T: int, E: int, k: int, gen: torch.Generator) -> tuple[to
 
 
 def bf16_supported(device: torch.device) -> tuple[bool, str]:
+    """(True, "") if a bf16 matmul runs here; else (False, why): bf16 checks are then skipped, not failed."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return False, "this GPU has no bf16"
     try:
         a = torch.ones(4, 4, device=device, dtype=torch.bfloat16)
         (a @ a).sum().item()
     except Exception as e:
-        return False, f"bf16 matmul fails here ({_err(e)})"
+        return False, f"bf16 matmul fails here ({_raised(e)})"
     return True, ""
 
 
@@ -167,18 +175,19 @@ def check_strategy(name: str, device: torch.device, dtypes: list[torch.dtype]) -
     """``name`` on the device, every dtype and routing, against the float64 reference."""
     s = CHECK_SHAPE
     torch.manual_seed(0)
-    moe = MoE(**s).eval()  # type: ignore[arg-type]
-    E, k = s["experts"], s["top_k"]
+    moe = ModelPlan.of("moe", s).build(strategy=name).eval()
+    assert isinstance(moe, MoE)
+    E, k = s.experts, s.top_k
     gen = torch.Generator().manual_seed(1)
     cases = []
     for kind in ROUTINGS:
-        x = torch.randn(CHECK_TOKENS, s["input_dim"], generator=gen)
+        x = torch.randn(CHECK_TOKENS, s.input_dim, generator=gen)
         idx, gate_w = routing(kind, CHECK_TOKENS, E, k, gen)
         cases.append((kind, x, idx, gate_w, reference(x, idx, gate_w, moe.stack())))
     worst: dict[str, float] = {}
     problems: list[str] = []
     for dt in dtypes:
-        dname = str(dt).removeprefix("torch.")
+        dname = dtype_name(dt)
         m = moe.to(device=device, dtype=dt)
         # capacity E/k: no expert can overflow, so padded_capacity must be exact too
         ex = m.stack()._replace(capacity_factor=E / k)
@@ -206,10 +215,11 @@ def check_strategy(name: str, device: torch.device, dtypes: list[torch.dtype]) -
 
 def _shape() -> str:
     s = CHECK_SHAPE
-    return f"E={s['experts']} H={s['hidden']} L={s['layers']} k={s['top_k']} in={s['input_dim']} out={s['classes']}"
+    return f"E={s.experts} H={s.hidden} L={s.layers} k={s.top_k} in={s.input_dim} out={s.classes}"
 
 
 def check_strategies(device: torch.device) -> list[Check]:
+    """Every registered strategy against the reference, in fp32 and (where it runs) bf16."""
     dtypes = [torch.float32]
     ok, why = bf16_supported(device)
     out = []
@@ -236,6 +246,7 @@ def _fmt(v: float | None, unit: str) -> str:
 
 
 def check_idle(meter: Meter, seconds: float, sync: Callable[[], None]) -> tuple[Check, IdlePower | None]:
+    """The idle window: power must be measured and possible (finite, not negative) on every device."""
     idle = measure_idle(meter, seconds, sync)
     if idle is None:
         return Check("energy", "idle window", "skip", "--idle-seconds 0"), None
@@ -253,6 +264,8 @@ def check_idle(meter: Meter, seconds: float, sync: Callable[[], None]) -> tuple[
 
 def check_window(label: str, model: torch.nn.Module, x: torch.Tensor, meter: Meter, seconds: float,
                  sync: Callable[[], None]) -> Check:
+    """One busy window through the API (``measure.window.measure``, ``measure.records.summarize``): it must
+    count energy on every device and give inferences/J."""
     res = benchmark(model, x, duration=seconds, repeats=1, meter=meter, warmup=min(2.0, seconds / 5), sync=sync)
     w = res.windows[0]
     d = res.to_dict()
@@ -304,8 +317,16 @@ def check_trace(windows: list[Check]) -> Check:
     return Check("energy", "trace vs counter", status, detail, {"relative_difference": diffs})
 
 
+def _window(label: str, plan: ModelPlan, strategy: str | None, x: torch.Tensor, meter: Meter, seconds: float,
+            sync: Callable[[], None]) -> Check:
+    """Build ``plan``'s model (an MoE running ``strategy``) on the batch's device, then check one window of it."""
+    model = plan.build(strategy) if strategy else plan.build()
+    return check_window(label, model.to(x.device), x, meter, seconds, sync)
+
+
 def check_energy(device: torch.device, meter: Meter, seconds: float, idle_seconds: float,
                  on_phase: Callable[[str], None]) -> list[Check]:
+    """The idle window, a dense and an MoE window on the small preset, then their traces against the counter."""
     sync = device_sync(device)
     on_phase(f"idle window ({idle_seconds:g} s)")
     out: list[Check] = []
@@ -314,14 +335,10 @@ def check_energy(device: torch.device, meter: Meter, seconds: float, idle_second
     spec = PRESETS["small"]
     x = torch.randn(WINDOW_BATCH, spec.input_dim, device=device)
     windows: list[Check] = []
-    for label in ("window dense_total (small)", "window moe[auto] (small)"):
+    for label, name, strategy in WINDOW_MODELS:
         on_phase(f"{label}: {seconds:g} s")
-
-        def one(label: str = label) -> Check:
-            model = matched_dense(spec, "total") if "dense" in label else MoE.from_spec(spec, strategy="auto")
-            return check_window(label, model.to(device), x, meter, seconds, sync)
-
-        windows += _guard("energy", label, one)
+        plan = ModelPlan.of(name, spec)
+        windows += _guard("energy", label, partial(_window, label, plan, strategy, x, meter, seconds, sync))
     out += windows
     out += _guard("energy", "trace vs counter", lambda: check_trace([c for c in windows if not c.failed]))
     return out

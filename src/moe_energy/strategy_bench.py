@@ -12,20 +12,21 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import roofline
 from .config import ModelSpec
 from .device import device_sync, dtype_name, dtype_of
 from .environment import describe
 from .measure.timing import time_interleaved, time_one
-from .models.counting import dense_flops, mlp_params, moe_flops, moe_weight_params_read
-from .models.dense import DenseMLP, dense_width
+from .models.counting import moe_weight_params_read
 from .models.moe import LAYOUTS, MoE
+from .models.plan import ModelPlan, plans
 from .models.strategies import AUTO_CANDIDATES, STRATEGIES
 from .optimize import choose_layout, compile_candidates, prepare
 from .roofline import Roofline
@@ -37,17 +38,23 @@ SLOW = ("masked_loop", "active_loop")  # host syncs by design: never compiled
 
 
 class Variant:
-    """One thing to time: a callable on the batch, plus the MoE strategy/layout it needs set first."""
+    """One thing to time: a callable on the batch, plus the MoE strategy/layout it needs set first.
+
+    ``plan`` is the model's ``ModelPlan``: its FLOPs and weight bytes are the row's (None in unit tests
+    that time bare callables).
+    """
 
     def __init__(self, name: str, kind: str, fn: Callable[[Tensor], Tensor], moe: MoE | None = None,
-                 strategy: str | None = None, layout: str | None = None, info: dict | None = None) -> None:
+                 strategy: str | None = None, layout: str | None = None, info: dict | None = None,
+                 plan: ModelPlan | None = None) -> None:
         self.name, self.kind, self.fn, self.moe = name, kind, fn, moe
-        self.strategy, self.layout, self.info = strategy, layout, info or {}
+        self.strategy, self.layout, self.info, self.plan = strategy, layout, info or {}, plan
         self.ms: list[float] = []
         self.iterations = 0
         self.inner = 1
 
     def select(self) -> None:
+        """Set this variant's strategy on the shared MoE (host-side: the variants of a group share one MoE)."""
         if self.moe is not None and self.strategy is not None:
             self.moe.strategy = self.strategy
 
@@ -60,6 +67,11 @@ class Variant:
                 self.fn(x)
 
         return run
+
+    @property
+    def median_ms(self) -> float:
+        """Its figure: the median over its rounds (background load only ever adds time to some rounds)."""
+        return statistics.median(self.ms)
 
 
 @torch.inference_mode()
@@ -95,6 +107,111 @@ def experts_touched(moe: MoE, x: Tensor) -> int:
     return int((torch.bincount(idx.flatten(), minlength=moe.experts) > 0).sum())
 
 
+def reached(plan: ModelPlan, touched: int) -> ModelPlan:
+    """The MoE's plan for a batch that reached only ``touched`` experts: a small batch reads only their weights
+    (the plan's own figure assumes every expert gets a token)."""
+    return replace(plan, weight_params_read=moe_weight_params_read(plan.spec, touched))
+
+
+@dataclass
+class _Bench:
+    """What every step of one benchmark shares: the models (built from their plans), the batch, the options."""
+
+    moe: MoE
+    moe_plan: ModelPlan
+    x: Tensor
+    device: torch.device
+    dt: torch.dtype
+    strategies: list[str]
+    compile: bool
+    on_phase: Callable[[str], None]
+    dense: list[Variant]  # one per dense baseline: prepared once, timed in every group (its rounds pooled)
+
+    def prepare(self, model: nn.Module, compile: bool) -> tuple[Callable[[Tensor], Tensor], dict]:
+        """``optimize.prepare`` on this bench's batch, dtype and device (an MoE keeps its current layout)."""
+        keep = {"layout": "keep"} if isinstance(model, MoE) else {}
+        return prepare(model, dtype=self.dt, compile=compile, device=self.device, example=self.x, **keep)
+
+    def moe_variant(self, asked: str, fn: Callable[[Tensor], Tensor], layout: str, info: dict) -> Variant:
+        """The MoE run as strategy ``asked`` (its row's name); ``self.moe.strategy`` is the one that runs."""
+        return Variant(f"moe[{asked}]", "moe", fn, self.moe, self.moe.strategy, layout, info, plan=self.moe_plan)
+
+
+def _setup(spec: ModelSpec, batch_size: int, device: torch.device, dt: torch.dtype, strategies: list[str],
+           compile: bool, seed: int, on_phase: Callable[[str], None]) -> _Bench:
+    """Build every model from its plan (in plan order, the MoE first: one seed, the same weights as ever),
+    then the batch; prepare the dense baselines and move the MoE to the device."""
+    torch.manual_seed(seed)
+    built = [(p, p.build(strategy=strategies[0])) for p in plans(spec)]
+    x = torch.randn(batch_size, spec.input_dim).to(device=device, dtype=dt)
+    [(moe_plan, moe)] = [(p, m) for p, m in built if p.kind == "moe"]
+    assert isinstance(moe, MoE)
+    b = _Bench(moe, moe_plan, x, device, dt, strategies, compile, on_phase, dense=[])
+    for p, model in built:
+        if p.kind == "dense":
+            fast, info = b.prepare(model, compile)
+            b.dense.append(Variant(p.name, p.kind, fast, info=info, plan=p))
+    moe.to(device=device, dtype=dt).eval()
+    return b
+
+
+def _eager_groups(b: _Bench) -> list[list[Variant]]:
+    """One group per weight layout: every eager strategy in that layout, the dense pair alongside.
+
+    With ``compile`` only the strategies that are never compiled (``SLOW``) run eager."""
+    groups: list[list[Variant]] = []
+    for layout in LAYOUTS:
+        group = list(b.dense)
+        for s in b.strategies:
+            if b.compile and s not in SLOW:
+                continue
+            b.moe.set_layout(layout)
+            b.moe.strategy = s
+            b.on_phase(f"preparing moe[{s}] ({layout})")
+            _, info = b.prepare(b.moe, compile=False)
+            group.append(b.moe_variant(s, b.moe, b.moe.layout, info))
+        groups.append(group)
+    return groups
+
+
+def _compiled_group(b: _Bench) -> list[Variant]:
+    """One layout for every graph (auto's eager favourite among what compiles), then each strategy compiled."""
+    moe = b.moe
+    moe.strategy, moe.auto_candidates = "auto", compile_candidates(b.dt)
+    layout, _ = choose_layout(moe, b.x)
+    group = list(b.dense)
+    for s in b.strategies:
+        if s in SLOW:
+            continue
+        moe.strategy = s
+        b.on_phase(f"compiling moe[{s}]")
+        fast, info = b.prepare(moe, compile=True)
+        group.append(b.moe_variant(s, fast, layout, info))  # auto: moe.strategy is now the resolved one
+    moe.auto_candidates = AUTO_CANDIDATES
+    return group
+
+
+def _time_groups(b: _Bench, groups: list[list[Variant]], seconds: float, warmup_s: float) -> None:
+    """Each group in turn, in interleaved rounds; the MoE is set to the layout the group was prepared in."""
+    for i, group in enumerate(groups):
+        layouts = {v.layout for v in group if v.layout is not None}
+        if len(layouts) == 1:
+            b.moe.set_layout(layouts.pop())
+        b.on_phase(f"timing group {i + 1}/{len(groups)}")
+        time_rounds(group, b.x, seconds, warmup_s)
+
+
+def _dropped_pairs(b: _Bench) -> dict | None:
+    """The capacity strategy's routed and dropped pairs: one forward's worth, read far from any timing."""
+    if "padded_capacity" not in b.strategies:
+        return None
+    b.moe.strategy = "padded_capacity"
+    b.moe.reset_pair_counts()
+    with torch.inference_mode():
+        b.moe(b.x)
+    return b.moe.strategy_info()
+
+
 def bench_strategies(
     spec: ModelSpec,
     *,
@@ -113,79 +230,32 @@ def bench_strategies(
 
     ``seconds`` is the timed budget per group of interleaved variants (one group per weight layout, plus
     one for compiled variants), after ``warmup_s`` (and at least 3 calls) of untimed warm-up per variant.
-    Returns the results document (see ``rows``).
+    Returns the results document (see ``_rows``); every model's size, FLOPs and weight bytes are its
+    ``ModelPlan``'s, as in `plan` and `run`.
     """
     device = torch.device(device)
-    dt = dtype_of(dtype)
     strategies = list(strategies or STRATEGIES)
     load_before = _load_average()
-    torch.manual_seed(seed)
-    moe = MoE.from_spec(spec)
-    dense = {m: DenseMLP(spec.input_dim, dense_width(spec, m), spec.layers, spec.classes) for m in ("total", "active")}
-    x = torch.randn(batch_size, spec.input_dim).to(device=device, dtype=dt)
+    b = _setup(spec, batch_size, device, dtype_of(dtype), strategies, compile, seed, on_phase)
+    touched = experts_touched(b.moe, b.x)
+    groups = _eager_groups(b) + ([_compiled_group(b)] if compile else [])
+    _time_groups(b, groups, seconds, warmup_s)
+    moe_vs = [v for group in groups for v in group if v.kind == "moe"]
+    rows = _rows(b, moe_vs, touched, roof, _dropped_pairs(b))
+    options = {"batch_size": batch_size, "dtype": dtype, "device": str(device), "compile": compile,
+               "seconds_per_group": seconds, "warmup_s": warmup_s, "seed": seed, "strategies": strategies}
+    return _document(spec, device, options, touched, load_before, roof, rows)
 
-    variants: list[Variant] = []
-    for match, model in dense.items():
-        fast, info = prepare(model, dtype=dt, compile=compile, device=device, example=x)
-        variants.append(Variant(f"dense_{match}", "dense", fast, info=info))
-    moe.to(device=device, dtype=dt).eval()
-    touched = experts_touched(moe, x)
 
-    moe_variants: list[Variant] = []
-    groups: list[list[Variant]] = []
-    for layout in LAYOUTS:  # eager: every strategy in every layout, the dense pair timed alongside each
-        group = list(variants)
-        for s in strategies:
-            if compile and s not in SLOW:
-                continue
-            moe.set_layout(layout)
-            moe.strategy = s
-            on_phase(f"preparing moe[{s}] ({layout})")
-            _, info = prepare(moe, dtype=dt, compile=False, device=device, example=x, layout="keep")
-            v = Variant(f"moe[{s}]", "moe", moe, moe, s, moe.layout, info)
-            group.append(v)
-            moe_variants.append(v)
-        groups.append(group)
-    if compile:  # one layout for every graph (auto's eager favourite among what compiles), then compile each
-        moe.strategy, moe.auto_candidates = "auto", compile_candidates(dt)
-        layout, _ = choose_layout(moe, x)
-        group = list(variants)
-        for s in strategies:
-            if s in SLOW:
-                continue
-            moe.strategy = s
-            on_phase(f"compiling moe[{s}]")
-            fast, info = prepare(moe, dtype=dt, compile=True, device=device, example=x, layout="keep")
-            v = Variant(f"moe[{s}]", "moe", fast, moe, moe.strategy, layout, info)  # auto: now resolved
-            group.append(v)
-            moe_variants.append(v)
-        moe.auto_candidates = AUTO_CANDIDATES
-        groups.append(group)
-
-    for i, group in enumerate(groups):
-        # a group's variants must share the layout they were prepared in
-        layouts = {v.layout for v in group if v.layout is not None}
-        if len(layouts) == 1:
-            moe.set_layout(layouts.pop())
-        on_phase(f"timing group {i + 1}/{len(groups)}")
-        time_rounds(group, x, seconds, warmup_s)
-
-    # dropped pairs of the capacity strategy: one forward's worth, read here, far from any timing
-    dropped = None
-    if "padded_capacity" in strategies:
-        moe.strategy = "padded_capacity"
-        moe.reset_pair_counts()
-        with torch.inference_mode():
-            moe(x)
-        dropped = moe.strategy_info()
-    rows = _rows(spec, variants, moe_variants, batch_size, dt, touched, roof, dropped)
+def _document(spec: ModelSpec, device: torch.device, options: dict, touched: int, load_before: float | None,
+              roof: Roofline | None, rows: list[dict]) -> dict[str, Any]:
+    """The results document: the rows with all a reader needs to judge them (shape, options, host, load)."""
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "spec": asdict(spec),
-        "options": {"batch_size": batch_size, "dtype": dtype, "device": str(device), "compile": compile,
-                    "seconds_per_group": seconds, "warmup_s": warmup_s, "seed": seed, "strategies": strategies},
+        "options": options,
         "environment": describe(device),
         "method": "median over interleaved rounds (rotated order) of ms per batch (each round: back-to-back "
                   "calls, synced at both ends); random untrained weights and a random normal batch",
@@ -197,45 +267,48 @@ def bench_strategies(
     }
 
 
-def _rows(spec: ModelSpec, dense: list[Variant], moe_vs: list[Variant], batch: int, dt: torch.dtype,
-          touched: int, roof: Roofline | None, dropped: dict | None) -> list[dict]:
-    bpp = torch.empty((), dtype=dt).element_size()
-    dname = dtype_name(dt)
-
-    def med(v: Variant) -> float:
-        return statistics.median(v.ms)
-
-    # dense models ran in every group: pool their rounds
-    dense_ms: dict[str, list[float]] = {}
-    for v in dense:
-        dense_ms.setdefault(v.name, []).extend(v.ms)
+def _fastest(moe_vs: list[Variant]) -> dict[str, Variant]:
+    """Per strategy (and compiled or not: "moe[s] compiled"), its fastest layout's variant."""
     best: dict[str, Variant] = {}
-    for v in moe_vs:  # per strategy (and compiled or not), its fastest layout
+    for v in moe_vs:
         key = v.name + (" compiled" if v.info.get("compile") else "")
-        if key not in best or med(v) < med(best[key]):
+        if key not in best or v.median_ms < best[key].median_ms:
             best[key] = v
-    base = best.get(f"moe[{BASELINE}]")
-    base_ms = med(base) if base else None
-    ideal_ms = statistics.median(dense_ms["dense_active"]) if "dense_active" in dense_ms else None
+    return best
 
+
+def _moe_extra(v: Variant, moe_vs: list[Variant], dropped: dict | None) -> dict[str, Any]:
+    """An MoE row's own fields: its strategy and layout, every layout's ms, the prepare facts, dropped pairs."""
+    layouts = {u.layout: u.median_ms for u in moe_vs if u.name == v.name and
+               bool(u.info.get("compile")) == bool(v.info.get("compile"))}
+    extra = {"strategy": v.strategy, "weight_layout": v.layout, "ms_per_batch_by_layout": layouts, **v.info}
+    if v.strategy == "padded_capacity" and dropped is not None:
+        extra.update(capacity_factor=dropped["capacity_factor"], routed_pairs_per_batch=dropped["routed_pairs"],
+                     dropped_pairs_per_batch=dropped["dropped_pairs"])
+    return extra
+
+
+def _rows(b: _Bench, moe_vs: list[Variant], touched: int, roof: Roofline | None,
+          dropped: dict | None) -> list[dict]:
+    """The dense baselines (their rounds pooled over every group), then each strategy's fastest layout.
+
+    FLOPs and weight bytes per batch come from each model's plan; an MoE batch reads only the experts it
+    reached (``reached``)."""
+    dname, batch = dtype_name(b.dt), b.x.shape[0]
+    best = _fastest(moe_vs)
+    base = best.get(f"moe[{BASELINE}]")
+    base_ms = base.median_ms if base else None
+    ideal_ms = next((v.median_ms for v in b.dense if v.name == "dense_active"), None)
     rows: list[dict] = []
-    for v in dense:
-        if any(r["name"] == v.name for r in rows):
-            continue
-        w = dense_width(spec, v.name.split("_")[1])  # type: ignore[arg-type]
-        params = mlp_params(spec.input_dim, w, spec.layers, spec.classes)
-        rows.append(_row(v.name, "dense", statistics.median(dense_ms[v.name]), dense_ms[v.name], batch,
-                         batch * dense_flops(spec.input_dim, w, spec.layers, spec.classes), params * bpp,
-                         roof, dname, base_ms, None, {"width": w, **v.info}))
+    for v in b.dense:
+        p = v.plan
+        assert p is not None
+        rows.append(_row(v.name, p.kind, v.median_ms, v.ms, batch, batch * p.flops_per_inference,
+                         p.weight_bytes(dname), roof, dname, base_ms, None, {"width": p.width, **v.info}))
+    moe = reached(b.moe_plan, touched)
     for key, v in best.items():
-        layouts = {u.layout: med(u) for u in moe_vs if u.name == v.name and
-                   bool(u.info.get("compile")) == bool(v.info.get("compile"))}
-        extra = {"strategy": v.strategy, "weight_layout": v.layout, "ms_per_batch_by_layout": layouts, **v.info}
-        if v.strategy == "padded_capacity" and dropped is not None:
-            extra.update(capacity_factor=dropped["capacity_factor"], routed_pairs_per_batch=dropped["routed_pairs"],
-                         dropped_pairs_per_batch=dropped["dropped_pairs"])
-        rows.append(_row(key, "moe", med(v), v.ms, batch, batch * moe_flops(spec),
-                         moe_weight_params_read(spec, touched) * bpp, roof, dname, base_ms, ideal_ms, extra,
+        rows.append(_row(key, moe.kind, v.median_ms, v.ms, batch, batch * moe.flops_per_inference,
+                         moe.weight_bytes(dname), roof, dname, base_ms, ideal_ms, _moe_extra(v, moe_vs, dropped),
                          iterations=v.iterations))
     return rows
 
@@ -243,6 +316,7 @@ def _rows(spec: ModelSpec, dense: list[Variant], moe_vs: list[Variant], batch: i
 def _row(name: str, kind: str, ms: float, samples: list[float], batch: int, flops: int, weight_bytes: int,
          roof: Roofline | None, dtype: str, base_ms: float | None, ideal_ms: float | None, extra: dict,
          iterations: int | None = None) -> dict:
+    """One row: speed, speed-up over the baseline, efficiency against the ideal, and the roofline columns."""
     return {
         "name": name,
         "kind": kind,
