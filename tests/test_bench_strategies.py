@@ -113,3 +113,46 @@ def test_time_rounds_records_per_batch_ms_and_iterations_per_variant():
         assert len(v.ms) == 4 and all(ms >= 0 for ms in v.ms)
         assert 1 <= v.inner <= 200 and v.iterations == 4 * v.inner
         assert calls[v.name] == 1 + 3 + v.iterations  # warm-up call, 3 sizing calls, then the timed groups
+
+
+B16 = ModelSpec(experts=4, hidden=16, layers=2, top_k=2, input_dim=16, classes=8)  # grouped_mm-aligned in bf16
+
+
+@pytest.mark.parametrize(("spec", "batch", "dtype"), [(SPEC, 16, "float32"), (B16, 1, "bfloat16")])
+def test_rows_figures_are_the_model_plans(spec, batch, dtype):
+    """Every row's FLOPs, weight bytes and width are its ModelPlan's, as `plan` and `run` show them; a batch of
+    one token reaches only top_k experts, so the MoE reads the plan's weights less the experts it missed."""
+    from moe_energy.models.counting import expert_params
+    from moe_energy.models.plan import ModelPlan
+
+    doc = bench_strategies(spec, batch_size=batch, dtype=dtype, seconds=0.01, warmup_s=0, roof=fake_roof(),
+                           strategies=["active_loop", "padded"])
+    rows = {r["name"]: r for r in doc["rows"]}
+    bpp = {"float32": 4, "bfloat16": 2}[dtype]
+    for name in ("dense_total", "dense_active"):
+        plan = ModelPlan.of(name, spec)
+        r = rows[name]
+        assert r["width"] == plan.width and r["flops_per_batch"] == batch * plan.flops_per_inference
+        assert r["weight_bytes_per_batch"] == plan.weight_bytes(dtype) == plan.params * bpp
+    moe = ModelPlan.of("moe", spec)
+    missed = spec.experts - doc["experts_touched"]
+    assert missed == (0 if batch >= spec.experts else spec.experts - spec.top_k)
+    for name in ("moe[active_loop]", "moe[padded]"):
+        r = rows[name]
+        assert r["flops_per_batch"] == batch * moe.flops_per_inference
+        assert r["weight_bytes_per_batch"] == moe.weight_bytes(dtype) - missed * expert_params(spec) * bpp
+
+
+def test_every_model_is_built_by_its_plan(monkeypatch):
+    from moe_energy.models.plan import ModelPlan
+
+    built: list[str] = []
+    real = ModelPlan.build
+
+    def build(self, strategy="padded"):
+        built.append(self.name)
+        return real(self, strategy)
+
+    monkeypatch.setattr(ModelPlan, "build", build)
+    bench_strategies(SPEC, batch_size=8, seconds=0.01, warmup_s=0, strategies=["padded"], roof=None)
+    assert built == ["moe", "dense_total", "dense_active"]

@@ -121,3 +121,34 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert main(["selfcheck", "--device", "tpu", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--seconds 0.0 must be" in err and "--device 'tpu' is unknown" in err
+
+
+def test_a_crash_detail_is_errors_one_line(monkeypatch):
+    def boom(*a):
+        raise RuntimeError("[../gloo/transport.cc:42] peer closed\nstack")
+
+    monkeypatch.setitem(STRATEGIES, "boom", boom)
+    [c] = [c for c in selfcheck.check_strategies(torch.device("cpu")) if c.name == "strategy boom"]
+    assert c.detail == "raised RuntimeError: peer closed"
+
+
+def test_energy_windows_run_the_models_their_plans_build(monkeypatch):
+    from moe_energy.config import PRESETS
+    from moe_energy.energy import EstimateMeter
+    from moe_energy.models.plan import ModelPlan
+
+    seen: dict[str, torch.nn.Module] = {}
+
+    def window(label, model, x, meter, seconds, sync):
+        seen[label] = model
+        return selfcheck.Check("energy", label, "ok", "")
+
+    monkeypatch.setattr(selfcheck, "check_window", window)
+    checks = selfcheck.check_energy(torch.device("cpu"), EstimateMeter(), 0.1, 0.0, lambda msg: None)
+    assert [c.name for c in checks] == ["idle window", "window dense_total (small)", "window moe[auto] (small)",
+                                        "trace vs counter"]
+    dense, moe = seen["window dense_total (small)"], seen["window moe[auto] (small)"]
+    small = PRESETS["small"]
+    assert dense.width == ModelPlan.of("dense_total", small).width and moe.strategy == "auto"
+    for name, model in (("dense_total", dense), ("moe", moe)):
+        assert sum(p.numel() for p in model.parameters()) == ModelPlan.of(name, small).params

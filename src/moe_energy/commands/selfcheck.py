@@ -8,7 +8,8 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import DEVICES, ConfigError
+from ..config import DEVICES
+from ..errors import ConfigError
 from ..results import check_writable, write_atomic
 from . import command, console
 
@@ -24,6 +25,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 
 def _seconds(flag: str, v: float, zero_ok: bool) -> None:
+    """A one-line ConfigError for a duration that is not a finite number of seconds in range."""
     if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok) or v > 3600:
         raise ConfigError(f"{flag} {v} must be a number of seconds {'>= 0' if zero_ok else '> 0'} and <= 3600")
 
@@ -31,6 +33,7 @@ def _seconds(flag: str, v: float, zero_ok: bool) -> None:
 @command("selfcheck", "Check this host in minutes: meters, every MoE strategy's output, energy windows, idle "
          "power, trace vs counter; prints a verdict and writes JSON (exit 0 only if all passed).", _args)
 def selfcheck(args: argparse.Namespace) -> int:
+    """Check the flags, run every check, print the table and the verdict, save the JSON; exit 1 on any FAIL."""
     if args.device not in DEVICES:
         raise ConfigError(f"--device {args.device!r} is unknown; choose one of {', '.join(DEVICES)}")
     _seconds("--seconds", args.seconds, zero_ok=False)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from rich.markup import escape
 from rich.table import Table
 
 from .. import roofline
-from ..config import DTYPES, ConfigError
+from ..device import DTYPES, resolve_device
+from ..errors import ConfigError
 from ..models.strategies import STRATEGIES
 from ..results import check_writable, write_atomic
 from . import command, console, fmt, split_list
@@ -31,6 +33,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def strategies_table(doc: dict) -> Table:
+    """The printed table of a bench-strategies document: one line per row, notes where a figure needs one."""
     o, env = doc["options"], doc["environment"]
     t = Table(title=f"MoE strategies vs dense ({env['device_name']}, {o['dtype']}, batch {o['batch_size']}"
                     f"{', compiled' if o['compile'] else ''}): median of interleaved rounds")
@@ -56,7 +59,8 @@ def strategies_table(doc: dict) -> Table:
     return t
 
 
-def _roofline_for(device, dtype: str) -> roofline.Roofline:
+def _roofline_for(device: torch.device, dtype: str) -> roofline.Roofline:
+    """The cached roofline of this device, calibrated once first if it lacks ``dtype``."""
     roof = roofline.load(device)
     if roof is None or dtype not in roof.gemm_flops_per_s:
         console.print(f"no roofline cached for {roofline.device_name(device)}: calibrating (once) ...")
@@ -67,6 +71,7 @@ def _roofline_for(device, dtype: str) -> roofline.Roofline:
 @command("bench-strategies", "Time every MoE strategy and both dense baselines on one batch; print and save JSON.",
          _bench_args)
 def bench_strategies(args: argparse.Namespace) -> int:
+    """Check the flags (one-line errors, before any work), time every strategy, print the table, save JSON."""
     from ..strategy_bench import bench_strategies as run_bench
 
     given = args.strategies
@@ -79,8 +84,6 @@ def bench_strategies(args: argparse.Namespace) -> int:
     if not (args.seconds > 0 and args.seconds < 1e6):
         raise ConfigError(f"--seconds {args.seconds} must be a positive number of seconds")
     check_writable(opts.out)
-    from ..device import resolve_device
-
     device = resolve_device(opts.device)
     roof = _roofline_for(device, opts.dtype)
     with console.status("benchmarking strategies") as status:
@@ -107,14 +110,13 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 @command("calibrate", "Measure this device's attainable GEMM FLOP/s and memory bandwidth once, and cache them.",
          _calibrate_args)
 def calibrate(args: argparse.Namespace) -> int:
+    """Measure (or show the cached) GEMM FLOP/s and memory bandwidth the roofline columns are judged against."""
     dtypes = split_list(args.dtype) or DTYPES
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         raise ConfigError(f"--dtype {','.join(bad)} is unknown; choose from {', '.join(DTYPES)}")
     if not (args.seconds > 0 and args.seconds < 1e4):
         raise ConfigError(f"--seconds {args.seconds} must be a positive number of seconds")
-    from ..device import resolve_device
-
     device = resolve_device(args.device)
     roof = roofline.load(device)
     if roof is None or args.force or any(d not in roof.gemm_flops_per_s for d in dtypes):

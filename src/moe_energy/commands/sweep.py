@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -147,17 +148,12 @@ def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # 
     return t
 
 
-@command("sweep", "Measure a grid of shapes x batch sizes x dtypes into the SQLite store; resumable, shardable.",
-         _sweep_args)
-@_db_errors
-def sweep(args: argparse.Namespace) -> int:
+def _points(args: argparse.Namespace) -> tuple[Any, list, tuple[int, int] | None, Any]:
+    """(grid, this shard's points, shard, device): every point validated, the dtypes and --data checked now."""
     from .. import sweep as sw
     from ..data import load_npz
     from ..device import resolve_device
-    from ..environment import describe
     from ..pipeline import check_dtype
-    from ..pipeline import run as run_models
-    from ..results import probe_write
 
     cfg = sw.load_grid_toml(args.config) if args.config else {}
     cfg.update({k: v for k, v in vars(args).items()
@@ -165,7 +161,6 @@ def sweep(args: argparse.Namespace) -> int:
     grid = sw.build_grid(cfg)
     which = sw.parse_shard(args.shard)
     points = sw.shard(grid.points, which)
-    db = _db_path(args)
     device = resolve_device(grid.points[0].opts.device)
     for dtype in dict.fromkeys(p.opts.dtype for p in grid.points):
         check_dtype(device, dtype, grid.points[0].opts.strategies)
@@ -175,6 +170,77 @@ def sweep(args: argparse.Namespace) -> int:
         load_npz(data, declared.get("classes"), declared.get("input_dim"))
         points = [replace(p, opts=replace(p.opts, extra={**p.opts.extra, "declared_shape": declared}))
                   for p in points]
+    return grid, points, which, device
+
+
+def _open_run(args: argparse.Namespace, store: Store, grid: Any, points: list, meter: Any, device: Any,
+              shard_text: str | None) -> tuple[str, set[str]]:
+    """(run id, keys to skip): the run to continue with --resume, or a new one."""
+    from ..energy.meter import meter_info
+    from ..environment import describe
+
+    grid_hash = grid.hash(meter.name) + (f"-{shard_text}" if shard_text else "")
+    already = {p.key(meter.name) for p in points} & store.completed_keys()
+    run_id = store.latest_run(grid_hash) if args.resume else None
+    if already and not args.resume:
+        err_console.print(f"[yellow]{len(already)} of these points are already complete in "
+                          f"{escape(str(store.path))}; measuring them again (pass --resume to skip them)[/yellow]")
+    if run_id is None:
+        info = {**meter_info(meter), "notice": getattr(meter, "notice", None)}
+        run_id = store.new_run(uuid.uuid4().hex, grid.source, describe(device), info,
+                               command=" ".join(["moe-energy", *sys.argv[1:]]), grid_name=grid.name,
+                               grid_hash=grid_hash, shard=shard_text)
+    return run_id, already if args.resume else set()
+
+
+def _measure(args: argparse.Namespace, store: Store, grid: Any, points: list, meter: Any, device: Any,
+             shard_text: str | None) -> Any:
+    """Every point of this shard measured into ``store``; the outcome, or an exit code when stopped."""
+    from .. import sweep as sw
+    from ..pipeline import run as run_models
+
+    run_id, skip = _open_run(args, store, grid, points, meter, device, shard_text)
+    console.print(f"sweep {grid.name}: {len(points)} point(s)"
+                  + (f" (shard {shard_text} of a {len(grid.points)}-point grid)" if shard_text else "")
+                  + (f", {len(skip)} already complete" if skip else "")
+                  + f"; meter {meter.name} ({meter.method}); database {store.path}")
+    try:
+        with SweepProgress(len(points) - len(skip)) as ui:
+            outcome = sw.run_points(points, store, run_id, meter, device, run_models, ui, ui.on_point, skip,
+                                    resume=args.resume)
+            ui.finish()
+    except KeyboardInterrupt as e:
+        saved = store.con.execute("SELECT COUNT(*) FROM points WHERE run_id = ?", (run_id,)).fetchone()[0]
+        again = shlex.join(["moe-energy", *sys.argv[1:]] + ([] if args.resume else ["--resume"]))
+        print(f"interrupted ({signal_name(e)}): {saved} finished point(s) of this sweep are saved in {store.path}, "
+              f"the point in flight was discarded; to continue run: {again}", file=sys.stderr)
+        return exit_code(e)
+    except sw.StoreWriteFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return outcome
+
+
+def _summary(outcome: Any, db: Path, integrity: str) -> int:
+    console.print(f"measured {outcome.done}, skipped {outcome.skipped}, failed {outcome.failed}, "
+                  f"already complete {outcome.already}; database {db} (integrity {integrity})")
+    if outcome.busy:
+        console.print(f"{outcome.busy} point(s) were being measured by another sweep on {db} and were left to it; "
+                      "rerun with --resume once it ends to pick up any it did not finish")
+    for f in outcome.failures:
+        err_console.print(f"[red]failed[/red] {escape(f)}")
+    console.print(f"next: moe-energy report --db {db}")
+    return 1 if outcome.failed else 0
+
+
+@command("sweep", "Measure a grid of shapes x batch sizes x dtypes into the SQLite store; resumable, shardable.",
+         _sweep_args)
+@_db_errors
+def sweep(args: argparse.Namespace) -> int:
+    from ..results import probe_write
+
+    grid, points, which, device = _points(args)
+    db = _db_path(args)
     notices: list[str] = []
     meter = meter_from_args(args, device, notice=notices.append)
     for n in notices:
@@ -192,58 +258,17 @@ def sweep(args: argparse.Namespace) -> int:
     # A full disk or read-only directory is found now, not when the first point is written an hour from now.
     probe_write(db.parent, f"--db {db}")
     shard_text = f"{which[0]}/{which[1]}" if which else None
-    grid_hash = grid.hash(meter.name) + (f"-{shard_text}" if shard_text else "")
     try:
         with signals_raise(), Store(db) as store:
-            complete = store.completed_keys()
-            keys = {p.key(meter.name) for p in points}
-            already = keys & complete
-            run_id = store.latest_run(grid_hash) if args.resume else None
-            if already and not args.resume:
-                err_console.print(f"[yellow]{len(already)} of these points are already complete in {escape(str(db))}; "
-                                  "measuring them again (pass --resume to skip them)[/yellow]")
-            if run_id is None:
-                from ..energy.meter import meter_info
-
-                info = meter_info(meter)
-                info["notice"] = getattr(meter, "notice", None)
-                run_id = store.new_run(uuid.uuid4().hex, grid.source, describe(device), info,
-                                       command=" ".join(["moe-energy", *sys.argv[1:]]), grid_name=grid.name,
-                                       grid_hash=grid_hash, shard=shard_text)
-            skip = already if args.resume else set()
-            todo = len(points) - len(skip)
-            console.print(f"sweep {grid.name}: {len(points)} point(s)"
-                          + (f" (shard {shard_text} of a {len(grid.points)}-point grid)" if shard_text else "")
-                          + (f", {len(skip)} already complete" if skip else "")
-                          + f"; meter {meter.name} ({meter.method}); database {db}")
-            try:
-                with SweepProgress(todo) as ui:
-                    outcome = sw.run_points(points, store, run_id, meter, device, run_models, ui, ui.on_point, skip,
-                                            resume=args.resume)
-                    ui.finish()
-            except KeyboardInterrupt as e:
-                saved = store.con.execute("SELECT COUNT(*) FROM points WHERE run_id = ?", (run_id,)).fetchone()[0]
-                again = shlex.join(["moe-energy", *sys.argv[1:]] + ([] if args.resume else ["--resume"]))
-                print(f"interrupted ({signal_name(e)}): {saved} finished point(s) of this sweep are saved in {db}, the "
-                      f"point in flight was discarded; to continue run: {again}", file=sys.stderr)
-                return exit_code(e)
-            except sw.StoreWriteFailed as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
+            outcome = _measure(args, store, grid, points, meter, device, shard_text)
+            if isinstance(outcome, int):
+                return outcome
             integrity = store.integrity()
     except KeyboardInterrupt as e:  # before the first point started (opening or migrating the database)
         print(f"interrupted ({signal_name(e)}) before any point was measured; run the same command again",
               file=sys.stderr)
         return exit_code(e)
-    console.print(f"measured {outcome.done}, skipped {outcome.skipped}, failed {outcome.failed}, "
-                  f"already complete {outcome.already}; database {db} (integrity {integrity})")
-    if outcome.busy:
-        console.print(f"{outcome.busy} point(s) were being measured by another sweep on {db} and were left to it; "
-                      "rerun with --resume once it ends to pick up any it did not finish")
-    for f in outcome.failures:
-        err_console.print(f"[red]failed[/red] {escape(f)}")
-    console.print(f"next: moe-energy report --db {db}")
-    return 1 if outcome.failed else 0
+    return _summary(outcome, db, integrity)
 
 
 # -- report ------------------------------------------------------------------------------------------------

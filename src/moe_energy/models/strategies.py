@@ -167,18 +167,27 @@ def capacity_for(num_pairs: int, num_experts: int, num_tokens: int, factor: floa
 # --- fast strategies -------------------------------------------------------------------------------
 
 
+def grouped_chain(h: Tensor, r: Routing, ex: ExpertStack) -> Tensor:
+    """Every expert's layers over rows already sorted by expert: h [R, in] -> [R, out], one grouped GEMM a layer.
+
+    The local-experts step shared by ``grouped`` and expert parallelism (``distributed``), which sorts the
+    rows other ranks sent it the same way; ``r.ends`` are the groups' ends, ``r.expert`` each row's expert.
+    """
+    last = len(ex.weights) - 1
+    for layer, (w, b) in enumerate(zip(ex.weights, ex.biases)):
+        # w [E, out, in] -> view [E, in, out]; grouped_mm needs its strides 16-byte aligned (moe.py keeps them so)
+        h = grouped_mm(h, w.transpose(-2, -1), offs=r.ends)  # [R, out]
+        h = h.add_(b.index_select(0, r.expert))  # gathered bias; in place: grouped_mm keeps no output
+        if layer < last:
+            h = h.relu_()
+    return h
+
+
 @register("grouped")
 def grouped(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
     """Sorted pairs, one grouped GEMM per layer, one scatter-add: no Python loop over experts, no sync."""
     r = sort_by_expert(expert_idx, gate_w, ex.num_experts)
-    h = x.index_select(0, r.token)  # [T*k, d]
-    last = len(ex.weights) - 1
-    for layer, (w, b) in enumerate(zip(ex.weights, ex.biases)):
-        # w [E, out, in] -> view [E, in, out]; grouped_mm needs its strides 16-byte aligned (moe.py keeps them so)
-        h = grouped_mm(h, w.transpose(-2, -1), offs=r.ends)  # [T*k, out]
-        h = h.add_(b.index_select(0, r.expert))  # gathered bias; in place: grouped_mm keeps no output
-        if layer < last:
-            h = h.relu_()
+    h = grouped_chain(x.index_select(0, r.token), r, ex)  # [T*k, d] -> [T*k, out]
     return combine(h, r, x.shape[0])
 
 
