@@ -230,3 +230,10 @@ def test_sweep_user_errors_exit_2_in_one_line(tmp_path, capsys):
     assert main(["report", "--db", str(tmp_path / "absent.db")]) == 2
     assert "no such database" in capsys.readouterr().err
     assert not (tmp_path / "absent.db").exists()  # reading never creates a database
+
+
+def test_an_axis_value_given_twice_is_one_point():
+    g = sw.build_grid({**TINY_SHAPE, "hidden": "16,16,24", "top_k": "1", "batch_size": "32,032"})
+    assert sorted(p.spec.hidden for p in g.points) == [16, 24]
+    assert {p.opts.batch_size for p in g.points} == {32}
+    assert len({p.key("none") for p in g.points}) == len(g.points) == 2

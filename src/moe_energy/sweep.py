@@ -131,7 +131,10 @@ def scale_shapes(per_decade: int = DEFAULT_PER_DECADE) -> list[ModelSpec]:
 
 # -- grid from flags / TOML --------------------------------------------------------------------------------
 def as_list(key: str, v: Any, kind: type) -> list:
-    """A comma string, a TOML list or a scalar -> a list of ``kind``; ConfigError names the bad item."""
+    """A comma string, a TOML list or a scalar -> a list of ``kind``; ConfigError names the bad item.
+
+    A value given twice (``16,16`` or ``32,032``) is one axis value: the same point measured once, not twice.
+    """
     items = v if isinstance(v, (list, tuple)) else (str(v).split(",") if isinstance(v, str) else [v])
     out = []
     for x in items:
@@ -151,7 +154,7 @@ def as_list(key: str, v: Any, kind: type) -> list:
             raise ConfigError(f"{flag}: {x!r} is not a whole number; give a comma list such as 8,16") from None
     if not out:
         raise ConfigError(f"--{key.replace('_', '-')}: empty list; give at least one value")
-    return out
+    return list(dict.fromkeys(out))
 
 
 def load_grid_toml(path: str | Path) -> dict[str, Any]:
@@ -162,17 +165,10 @@ def load_grid_toml(path: str | Path) -> dict[str, Any]:
     return read_toml(path, CONFIG_KEYS | GRID_KEYS | set(AXES), flatten="sweep")
 
 
-def build_grid(cfg: dict[str, Any]) -> Grid:
-    """Points from a merged config (TOML, then flags): built-in grid or the product of the axes.
-
-    Each point's spec and options pass the same validation as `run` (``config.resolve_config``).
-    """
-    cfg = {k: v for k, v in cfg.items() if v is not None}
-    name = cfg.pop("grid", None)
+def _limits(cfg: dict[str, Any]) -> tuple[float | None, int]:
+    """(max_params, per_decade) taken out of ``cfg``, each checked."""
     max_params = cfg.pop("max_params", None)
     per_decade = cfg.pop("per_decade", DEFAULT_PER_DECADE)
-    presets = cfg.pop("presets", None) or cfg.pop("preset", None)
-    cfg.pop("preset", None)
     if max_params is not None:
         try:
             max_params = float(max_params)
@@ -182,48 +178,52 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
             raise ConfigError(f"--max-params {max_params} must be a positive number such as 5e7")
     if isinstance(per_decade, bool) or not isinstance(per_decade, int) or not 1 <= per_decade <= MAX_PER_DECADE:
         raise ConfigError(f"--per-decade {per_decade!r} must be a whole number between 1 and {MAX_PER_DECADE}")
+    return max_params, per_decade
 
-    shape_axes = {k: as_list(k, cfg.pop(k), int) for k in SHAPE_AXES if k in cfg}
-    option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in OPTION_AXES if k in cfg}
 
-    shapes: list[ModelSpec]
+def _builtin_shapes(name: str, cfg: dict, shape_axes: dict, presets: Any, per_decade: int) -> list[ModelSpec]:
+    """The seed's or the scale ladder's shapes, with the task's input_dim and classes."""
+    if name not in BUILTIN_GRIDS:
+        raise ConfigError(f"--grid {name!r} is unknown; choose seed or scale (or give axes as flags/TOML)")
+    if shape_axes or presets:
+        raise ConfigError(f"--grid {name} fixes the shapes; drop --experts/--hidden/--layers/--top-k/--preset "
+                          "or drop --grid")
+    base = _resolve(cfg, {})[0]
+    return [replace(s, input_dim=base.input_dim, classes=base.classes)
+            for s in (seed_shapes() if name == "seed" else scale_shapes(per_decade))]
+
+
+def _axis_shapes(cfg: dict, shape_axes: dict, presets: Any) -> tuple[list[ModelSpec], dict[int, str]]:
+    """Each preset x the product of the shape axes; an invalid shape is kept with its reason (index -> why)."""
+    preset_names = as_list("preset", presets, str) if presets else ["small"]
+    for pn in preset_names:
+        if pn not in PRESETS:
+            raise ConfigError(f"--preset {pn!r} is unknown; choose from {', '.join(PRESETS)}")
+    shapes: list[ModelSpec] = []
     errors: dict[int, str] = {}
-    if name is not None:
-        if name not in BUILTIN_GRIDS:
-            raise ConfigError(f"--grid {name!r} is unknown; choose seed or scale (or give axes as flags/TOML)")
-        if shape_axes or presets:
-            raise ConfigError(f"--grid {name} fixes the shapes; drop --experts/--hidden/--layers/--top-k/--preset "
-                              "or drop --grid")
-        base = _resolve(cfg, {})[0]
-        shapes = [replace(s, input_dim=base.input_dim, classes=base.classes)
-                  for s in (seed_shapes() if name == "seed" else scale_shapes(per_decade))]
-    else:
-        name = "custom"
-        preset_names = as_list("preset", presets, str) if presets else ["small"]
-        for pn in preset_names:
-            if pn not in PRESETS:
-                raise ConfigError(f"--preset {pn!r} is unknown; choose from {', '.join(PRESETS)}")
-        shapes = []
-        keys = list(shape_axes)
-        for pn in preset_names:
-            for combo in itertools.product(*(shape_axes[k] for k in keys)):
-                fields = dict(zip(keys, combo))
-                s = replace(PRESETS[pn], **fields)
-                try:
-                    s = _resolve(cfg, {**asdict(s), **{k: cfg[k] for k in ("input_dim", "classes")
-                                                                 if k in cfg}})[0]
-                except ConfigError as e:
-                    errors[len(shapes)] = str(e)
-                shapes.append(s)
+    keys = list(shape_axes)
+    task = {k: cfg[k] for k in ("input_dim", "classes") if k in cfg}
+    for pn in preset_names:
+        for combo in itertools.product(*(shape_axes[k] for k in keys)):
+            s = replace(PRESETS[pn], **dict(zip(keys, combo)))
+            try:
+                s = _resolve(cfg, {**asdict(s), **task})[0]
+            except ConfigError as e:
+                errors[len(shapes)] = str(e)
+            shapes.append(s)
+    return shapes, errors
 
-    # options are validated once up front: a typo there is the user's to fix, not a skipped point
+
+def _grid_points(cfg: dict, shapes: list[ModelSpec], errors: dict[int, str], option_axes: dict,
+                 max_params: float | None) -> list[Point]:
+    """Every shape x option combination at or below ``max_params``; options are validated once up front (a typo
+    there is the user's to fix, not a skipped point)."""
     first_ok = next((i for i in range(len(shapes)) if i not in errors), None)
     okeys = list(option_axes)
     combos = list(itertools.product(*(option_axes[k] for k in okeys)))
     if first_ok is not None:
         for combo in combos:
             _resolve(cfg, {**asdict(shapes[first_ok]), **dict(zip(okeys, combo))})
-
     points: list[Point] = []
     for i, s in enumerate(shapes):
         if max_params is not None and moe_params(s) > max_params:
@@ -236,6 +236,28 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
                 continue
             spec, opts = _resolve(cfg, {**asdict(s), **extra})
             points.append(Point(label_for(spec), spec, opts))
+    return points
+
+
+def build_grid(cfg: dict[str, Any]) -> Grid:
+    """Points from a merged config (TOML, then flags): built-in grid or the product of the axes.
+
+    Each point's spec and options pass the same validation as `run` (``config.resolve_config``).
+    """
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    name = cfg.pop("grid", None)
+    max_params, per_decade = _limits(cfg)
+    presets = cfg.pop("presets", None) or cfg.pop("preset", None)
+    cfg.pop("preset", None)
+    shape_axes = {k: as_list(k, cfg.pop(k), int) for k in SHAPE_AXES if k in cfg}
+    option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in OPTION_AXES if k in cfg}
+    errors: dict[int, str] = {}
+    if name is not None:
+        shapes = _builtin_shapes(name, cfg, shape_axes, presets, per_decade)
+    else:
+        name = "custom"
+        shapes, errors = _axis_shapes(cfg, shape_axes, presets)
+    points = _grid_points(cfg, shapes, errors, option_axes, max_params)
     if points and all(p.error for p in points):  # one bad combination is skipped; a grid of only bad ones is a typo
         raise ConfigError(errors[min(errors)])
     if not points:
@@ -338,6 +360,12 @@ class Outcome:
     busy: int = 0  # points another sweep on the same database was measuring: left to it
     failures: list[str] = field(default_factory=list)
 
+    def count(self, status: str, failure: str) -> None:
+        """One more point of ``status`` ("done", "skipped" or "failed"; a failure keeps its line)."""
+        setattr(self, status, getattr(self, status) + 1)
+        if status == "failed":
+            self.failures.append(failure)
+
 
 class StoreWriteFailed(RuntimeError):
     """A measured point could not be written to the database (disk full, file gone read-only).
@@ -379,23 +407,44 @@ def oom_reason(p: Point, device: Any, tried: int = 0) -> str:
     return memory.describe_need(max(need, tried), device, f"point {p.label}")
 
 
+def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[dict, Any]],
+                  ui: Any) -> tuple[str, str | None, dict | None]:
+    """(status, reason, document) of one point: "done", or "skipped" (out of memory), or "failed" with why.
+
+    A ConfigError or KeyboardInterrupt propagates: the sweep stops, the point in flight is discarded.
+    """
+    failure: tuple[str, str] | None = None
+    tried = 0
+    try:
+        doc, _ = run(p.spec, p.opts, meter, ui, save=False, oom="raise")
+        return "done", None, doc
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - one point's failure must not end an hours-long sweep
+        if isinstance(e, memory.OutOfMemory):
+            failure = ("skipped", e.reason)  # the pipeline's words, its memory already released
+        elif memory.is_oom(e):
+            failure, tried = ("skipped", ""), memory.requested_bytes(e) or 0
+        else:
+            where = traceback.extract_tb(e.__traceback__)[-1].name
+            failure = ("failed", f"{type(e).__name__}: {one_line(e)} ({where})")
+    free()  # outside the except block: the traceback's tensors are gone
+    status, reason = failure
+    return status, reason or oom_reason(p, device, tried), None  # free memory read after freeing
+
+
 def run_points(points: list[Point], store: Store, run_id: str, meter: Any, device: Any,
                run: Callable[..., tuple[dict, Any]], ui: Any,
                on_point: Callable[[int, Point, float | None], None] | None = None,
                skip_keys: set[str] | None = None, resume: bool = False) -> Outcome:
-    """Measure each point with ``run`` and commit it on its own; a point already complete is skipped.
-
-    ``run`` is runner.run. Out-of-memory points are recorded as skipped and the sweep goes on; any other
-    failure is recorded as failed (retried by --resume). A ConfigError or KeyboardInterrupt stops the sweep:
-    the committed points stay, the point in flight is discarded.
+    """Measure each point with ``run`` (pipeline.run) and commit it on its own; one already complete is skipped.
 
     Another sweep may write to the same database: each point is claimed while it is measured (a point
     another process holds is left to it) and, with ``resume``, a point it completed meanwhile is skipped.
     """
     out = Outcome()
-    skip_keys = skip_keys or set()
     eta = Eta()
-    todo = [p for p in points if p.key(meter.name) not in skip_keys]
+    todo = [p for p in points if p.key(meter.name) not in (skip_keys or set())]
     out.already = len(points) - len(todo)
     for i, p in enumerate(todo):
         key, cfg = p.key(meter.name), p.config(meter.name)
@@ -414,35 +463,10 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
                 out.skipped += 1
                 continue
             started, t0 = now_utc(), time.perf_counter()
-            failure: tuple[str, str] | None = None
-            tried = 0
-            try:
-                doc, _ = run(p.spec, p.opts, meter, ui, save=False, oom="raise")
-            except (ConfigError, KeyboardInterrupt):
-                raise
-            except Exception as e:  # noqa: BLE001 - one point's failure must not end an hours-long sweep
-                msg = one_line(e)
-                if isinstance(e, memory.OutOfMemory):
-                    failure = ("skipped", e.reason)  # the runner's words, its memory already released
-                elif memory.is_oom(e):
-                    failure, tried = ("skipped", ""), memory.requested_bytes(e) or 0
-                else:
-                    where = traceback.extract_tb(e.__traceback__)[-1].name
-                    failure = ("failed", f"{type(e).__name__}: {msg} ({where})")
-            if failure is not None:  # outside the except block: the traceback's tensors are gone
-                free()
-                status, reason = failure
-                reason = reason or oom_reason(p, device, tried)  # free memory read after freeing
-                _add(store, run_id, key, cfg, status, reason=reason, started_utc=started,
-                     seconds=time.perf_counter() - t0)
-                if status == "skipped":
-                    out.skipped += 1
-                else:
-                    out.failed += 1
-                    out.failures.append(f"{p.label}: {reason}")
-                continue
+            status, reason, doc = measure_point(p, meter, device, run, ui)
             elapsed = time.perf_counter() - t0
-            _add(store, run_id, key, cfg, "done", document=doc, started_utc=started, seconds=elapsed)
-            eta.record(p, elapsed)
-            out.done += 1
+            _add(store, run_id, key, cfg, status, reason=reason, document=doc, started_utc=started, seconds=elapsed)
+            out.count(status, f"{p.label}: {reason}")
+            if status == "done":
+                eta.record(p, elapsed)
     return out
