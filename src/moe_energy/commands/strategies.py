@@ -32,6 +32,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", help="directory for the JSON results (default results/)")
 
 
+def _check_flags(flag: str, given: tuple[str, ...], choices: tuple[str, ...], seconds: float, most_s: float) -> None:
+    """One-line errors, before any work: a name in ``flag``'s comma list that is not a choice, or ``--seconds``
+    not in (0, ``most_s``) (NaN included)."""
+    unknown = [g for g in given if g not in choices]
+    if unknown:
+        raise ConfigError(f"{flag} {','.join(unknown)} is unknown; choose from {', '.join(choices)}")
+    if not 0 < seconds < most_s:
+        raise ConfigError(f"--seconds {seconds} must be a positive number of seconds")
+
+
 def strategies_table(doc: dict) -> Table:
     """The printed table of a bench-strategies document: one line per row, notes where a figure needs one."""
     o, env = doc["options"], doc["environment"]
@@ -78,11 +88,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
     args.strategies = None  # validated below: the default here is every strategy, not run's default
     spec, opts = resolve(args)
     strategies = split_list(given) if given else tuple(STRATEGIES)
-    unknown = [s for s in strategies if s not in STRATEGIES]
-    if unknown:
-        raise ConfigError(f"--moe-strategy {','.join(unknown)} is unknown; choose from {', '.join(STRATEGIES)}")
-    if not (args.seconds > 0 and args.seconds < 1e6):
-        raise ConfigError(f"--seconds {args.seconds} must be a positive number of seconds")
+    _check_flags("--moe-strategy", strategies, tuple(STRATEGIES), args.seconds, 1e6)
     check_writable(opts.out)
     device = resolve_device(opts.device)
     roof = _roofline_for(device, opts.dtype)
@@ -111,12 +117,8 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
          _calibrate_args)
 def calibrate(args: argparse.Namespace) -> int:
     """Measure (or show the cached) GEMM FLOP/s and memory bandwidth the roofline columns are judged against."""
-    dtypes = split_list(args.dtype) or DTYPES
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad:
-        raise ConfigError(f"--dtype {','.join(bad)} is unknown; choose from {', '.join(DTYPES)}")
-    if not (args.seconds > 0 and args.seconds < 1e4):
-        raise ConfigError(f"--seconds {args.seconds} must be a positive number of seconds")
+    dtypes = split_list(args.dtype) or tuple(DTYPES)
+    _check_flags("--dtype", dtypes, tuple(DTYPES), args.seconds, 1e4)
     device = resolve_device(args.device)
     roof = roofline.load(device)
     if roof is None or args.force or any(d not in roof.gemm_flops_per_s for d in dtypes):
