@@ -13,9 +13,8 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError
 from .device import device_sync, dtype_name, dtype_of, sync
-from .errors import one_line
+from .errors import ConfigError, one_line
 from .measure.timing import time_one
 from .models.moe import LAYOUTS, MoE
 from .models.strategies import AUTO_CANDIDATES, GROUPED_MM
@@ -83,28 +82,40 @@ def prepare(
     info: dict = {"dtype": dtype_name(dt), "device": str(device), "compile": bool(compile), "compile_mode": None,
                   "compile_s": None}
     if isinstance(model, MoE):
-        if compile and model.strategy == "auto":
-            model.auto_candidates = compile_candidates(dt)
-        if layout == "auto":
-            info["weight_layout"], info["layout_probe_ms"] = choose_layout(model, example)
-        else:
-            if layout != "keep":
-                model.set_layout(layout)
-            info["weight_layout"], info["layout_probe_ms"] = model.layout, None
-            if model.strategy == "auto":
-                with torch.inference_mode():
-                    model(example)
-        requested = model.strategy
-        facts = model.strategy_info()
-        info.update(strategy=requested, resolved_strategy=facts["resolved_strategy"],
-                    auto_probe_ms=facts["auto_probe_ms"], auto_probe_best_ms=facts["auto_probe_best_ms"],
-                    auto_unavailable=facts["auto_unavailable"])
-        if compile and requested == "auto":
-            model.strategy = facts["resolved_strategy"]  # a graph needs one fixed strategy, not a probe
+        info.update(_prepare_moe(model, example, dt, compile, layout))
     info["prepare_s"] = time.perf_counter() - t_start
     if not compile:
         return model, info
-    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: no per-kernel launch cost
+    return _compiled(model, example, device, info)
+
+
+def _prepare_moe(moe: MoE, example: Tensor, dt: torch.dtype, compile: bool, layout: str) -> dict:
+    """The MoE's weight layout and strategy, chosen by measuring (outside any window); the facts of it."""
+    info: dict = {}
+    if compile and moe.strategy == "auto":
+        moe.auto_candidates = compile_candidates(dt)
+    if layout == "auto":
+        info["weight_layout"], info["layout_probe_ms"] = choose_layout(moe, example)
+    else:
+        if layout != "keep":
+            moe.set_layout(layout)
+        info["weight_layout"], info["layout_probe_ms"] = moe.layout, None
+        if moe.strategy == "auto":
+            with torch.inference_mode():
+                moe(example)
+    requested = moe.strategy
+    facts = moe.strategy_info()
+    info.update(strategy=requested, resolved_strategy=facts["resolved_strategy"],
+                auto_probe_ms=facts["auto_probe_ms"], auto_probe_best_ms=facts["auto_probe_best_ms"],
+                auto_unavailable=facts["auto_unavailable"])
+    if compile and requested == "auto":
+        moe.strategy = facts["resolved_strategy"]  # a graph needs one fixed strategy, not a probe
+    return info
+
+
+def _compiled(model: nn.Module, example: Tensor, device: torch.device, info: dict) -> tuple[nn.Module, dict]:
+    """``torch.compile`` (CUDA graphs on a GPU: no per-kernel launch cost), warmed up on ``example``."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
     info["compile_mode"] = mode or "default"
     t0 = time.perf_counter()
     try:
