@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, one_line
 from .fileio import json_safe, now_utc
@@ -28,7 +28,11 @@ DEFAULT_DB = "results/moe-energy.db"
 EXPORT_SCHEMA = "moe-energy/export"
 BUSY_TIMEOUT_MS = 30_000
 
-# Columns copied out of each model record (read with .get: absent fields are NULL, the JSON keeps all).
+if TYPE_CHECKING:
+    from .measure.records import ModelRecord
+
+# Columns copied out of each model and window record: every one a field of measure.records' ModelRecord or
+# WindowRecord (tests/test_records.py holds it), read with .get (absent: NULL); record_json keeps them all.
 MODEL_COLUMNS: dict[str, str] = {
     "name": "TEXT", "kind": "TEXT", "match": "TEXT", "strategy": "TEXT", "params": "INTEGER",
     "active_params": "INTEGER", "width": "INTEGER", "flops_per_inference": "INTEGER", "dtype": "TEXT",
@@ -326,7 +330,7 @@ class Store:
                 self._add_model(c, point_id, i, rec)
         return point_id
 
-    def _add_model(self, c: sqlite3.Connection, point_id: int, ordinal: int, rec: dict) -> None:
+    def _add_model(self, c: sqlite3.Connection, point_id: int, ordinal: int, rec: ModelRecord) -> None:
         windows = rec.get("windows") if isinstance(rec.get("windows"), list) else []
         # traces live in their own table; the record keeps everything else
         slim = dict(rec)

@@ -10,32 +10,7 @@ Methods, strongest first:
             silently with a measured figure
   none      nothing was measured
 
-Per-model record fields the runner writes (``doc["models"][i]``; the results store reads these).
-Flat figures are the MEDIANS over the model's repeated windows:
-  inferences_per_second, inferences_per_joule, energy_j, average_power_w, dynamic_energy_j,
-  dynamic_average_power_w, dynamic_inferences_per_joule, latency_p50_ms, latency_p95_ms, latency_mean_ms,
-  achieved_gflops, window_s, batches, inferences
-  -> each ``None`` when not measured; ``inferences_per_joule_reason`` says why when it is None.
-Spread over the repeats (min and max of the windows' values, None when not measured):
-  inferences_per_second_min/_max, inferences_per_joule_min/_max, dynamic_inferences_per_joule_min/_max,
-  energy_j_min/_max
-  repeats                int, number of windows measured for this model
-  idle_power_w           float|None, the run's idle power of the metered devices (sum), W
-  idle_power_by_device_w dict[str, float]|None
-  energy_method          "counter" | "sampled" | "estimate" | "none" (weakest method among the devices)
-  energy_meter           meter name, e.g. "nvidia+rapl", "rapl", "estimate", "none"
-  energy_devices         devices covered, e.g. ["gpu:0", "cpu:package-0", "dram:package-0"]
-  energy_is_estimate     bool: True when any joule figure of this record comes from the estimate model
-  flags                  list[str]: every warning of any window (short window, zero joules, trace mismatch)
-  windows                list of one dict per repeat, in the order they ran, each with:
-      repeat, order (global position in the shuffled schedule), started_utc, window_s, batches, inferences,
-      inferences_per_second, energy_j, energy_by_device_j, dynamic_energy_j, dynamic_energy_by_device_j,
-      average_power_w, inferences_per_joule, dynamic_inferences_per_joule, latency_p50_ms,
-      latency_p95_ms, latency_mean_ms, achieved_gflops, energy_method, method_by_device,
-      trace {device: [[t_s, power_w], ...]}, trace_energy_j {device: J}, trace_period_s,
-      state_begin / state_end {device: {temperature_c, sm_clock_mhz, power_limit_w}}, flags
-The run document also carries ``energy_meter`` = meter info (name, method, devices, versions, notice)
-and ``idle`` = {seconds, power_by_device_w, power_w, method, flags} or None when skipped.
+The window and model records built from Measurements are declared in ``measure/records.py``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ MEDIAN_KEYS = (
     "dynamic_average_power_w", "dynamic_inferences_per_joule", "latency_p50_ms", "latency_p95_ms",
     "latency_mean_ms", "achieved_gflops", "window_s", "batches", "inferences",
 )
-SPREAD_KEYS = ("inferences_per_second", "inferences_per_joule", "dynamic_inferences_per_joule", "energy_j")
+SPREAD_KEYS = ("inferences_per_second", "inferences_per_joule", "dynamic_inferences_per_joule", "energy_j",
+               "average_power_w")
 
 
 class WindowRecord(TypedDict, total=False):
@@ -97,16 +98,42 @@ class ModelRecord(TypedDict, total=False):
     repeats: int  # windows measured
     failed_windows: int
     batch_size: int
-    # medians of MEDIAN_KEYS, SPREAD_KEYS' _min/_max, the *_reason fields and the energy fields, as windows
+    # medians over the windows (MEDIAN_KEYS) and their spread (SPREAD_KEYS' _min/_max)
     inferences_per_second: float | None
+    inferences_per_second_min: float | None
+    inferences_per_second_max: float | None
     inferences_per_joule: float | None
+    inferences_per_joule_min: float | None
+    inferences_per_joule_max: float | None
     inferences_per_joule_reason: str | None
+    dynamic_inferences_per_joule: float | None
+    dynamic_inferences_per_joule_min: float | None
+    dynamic_inferences_per_joule_max: float | None
+    dynamic_inferences_per_joule_reason: str | None
     energy_j: float | None
+    energy_j_min: float | None
+    energy_j_max: float | None
     average_power_w: float | None
+    average_power_w_min: float | None
+    average_power_w_max: float | None
+    dynamic_energy_j: float | None
+    dynamic_average_power_w: float | None
+    latency_p50_ms: float | None
+    latency_p95_ms: float | None
+    latency_mean_ms: float | None
+    achieved_gflops: float | None
+    window_s: float | None
+    batches: float | None
+    inferences: float | None
     energy_method: str
     energy_meter: str
     energy_devices: list[str]
     energy_is_estimate: bool
+    # the roofline (None until `moe-energy calibrate` ran for this device and dtype)
+    flops_per_batch: float
+    weight_bytes_per_batch: float
+    roofline_bound_ms: float | None
+    fraction_of_roofline: float | None
     optimize: dict[str, Any] | None
     parallel: dict[str, Any]
     flags: list[str]

@@ -1,0 +1,56 @@
+"""The window and model records: declared once, built in one module, the fields the store keeps are theirs."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_energy.energy.idle import IdlePower
+from moe_energy.energy.meter import Measurement
+from moe_energy.measure.records import (
+    MEDIAN_KEYS,
+    SPREAD_KEYS,
+    ModelRecord,
+    WindowRecord,
+    failed_window,
+    measured_record,
+    skipped_record,
+    window_record,
+)
+from moe_energy.measure.window import BenchResult
+from moe_energy.store import MODEL_COLUMNS, WINDOW_COLUMNS
+from moe_energy.train import TrainResult
+
+BOOKKEEPING = {"repeat", "order", "started_utc", "failed"}  # set by whoever schedules the window
+
+
+def _window(joules: float | None, seconds: float = 2.0, batches: int = 10) -> WindowRecord:
+    m = Measurement(seconds=seconds, method="counter", meter="fake",
+                    joules_by_device=None if joules is None else {"gpu:0": joules}, devices_covered=["gpu:0"])
+    idle = IdlePower(seconds=1.0, method="counter", power_by_device_w={"gpu:0": 1.0})
+    return window_record(BenchResult(4, batches, seconds, 100, [1.0, 2.0, 3.0], m, [], idle))
+
+
+def test_a_window_record_holds_exactly_the_declared_fields():
+    w = _window(20.0)
+    assert set(w) == set(WindowRecord.__annotations__) - BOOKKEEPING
+    assert w["inferences"] == 40 and w["inferences_per_joule"] == pytest.approx(2.0)
+    assert w["dynamic_energy_j"] == pytest.approx(18.0)  # 20 J minus 1 W x 2 s
+    assert set(failed_window("gone", 4, 100, "fake")) <= set(WindowRecord.__annotations__)
+
+
+def test_model_records_use_only_declared_fields():
+    fields = {"kind": "moe", "params": 10, "active_params": 5, "flops_per_inference": 100, "width": 3}
+    windows = [{**_window(j), "repeat": r} for r, j in enumerate((10.0, 20.0, 40.0))]
+    rec = measured_record("moe[grouped]", fields, "grouped", "float32", TrainResult(test_accuracy=0.5), 0.5, None,
+                          windows)
+    declared = set(ModelRecord.__annotations__)
+    assert set(rec) <= declared, set(rec) - declared
+    assert rec["inferences_per_joule"] == pytest.approx(2.0) and rec["energy_j_max"] == pytest.approx(40.0)
+    assert rec["average_power_w_min"] == pytest.approx(5.0) and rec["average_power_w_max"] == pytest.approx(20.0)
+    assert set(skipped_record("dense_total", fields, None, "float32", "out of memory")) <= declared
+    assert set(MEDIAN_KEYS) | {f"{k}_{e}" for k in SPREAD_KEYS for e in ("min", "max")} <= declared
+
+
+def test_every_store_column_is_a_record_field():
+    assert set(MODEL_COLUMNS) <= set(ModelRecord.__annotations__)
+    assert set(WINDOW_COLUMNS) <= set(WindowRecord.__annotations__)
