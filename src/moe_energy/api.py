@@ -25,9 +25,10 @@ from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
 from .measure.records import summarize
 from .measure.window import batch_tensors, caller, infer_batch_size, measure
-from .models.counting import dense_flops, moe_flops
+from .models.counting import dense_flops
 from .models.dense import DenseMLP
 from .models.moe import MoE
+from .models.plan import ModelPlan
 
 SCHEMA = "moe-energy/benchmark"
 SCHEMA_VERSION = 1
@@ -153,7 +154,8 @@ def count_flops(model: nn.Module, batch: Any, batch_size: int,
     if given is not None:
         return given, "given (flops_per_inference=)"
     if isinstance(model, MoE):
-        return moe_flops(model), "arithmetic: gate + top_k experts' matrix products (as the CLI)"
+        return ModelPlan.of("moe", model).flops_per_inference, \
+            "arithmetic: gate + top_k experts' matrix products (as the CLI)"
     if isinstance(model, DenseMLP):
         return (dense_flops(model.input_dim, model.width, model.layers, model.classes),
                 "arithmetic: the MLP's matrix products (as the CLI)")
