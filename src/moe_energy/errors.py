@@ -38,3 +38,8 @@ def one_line(e: BaseException, limit: int | None = None) -> str:
     text = str(e).strip()
     line = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(e).__name__
     return line[:limit] if limit is not None else line
+
+
+def described(e: BaseException, limit: int | None = None) -> str:
+    """``Type: first line``: an unexpected failure told with its kind, where the kind is the news."""
+    return f"{type(e).__name__}: {one_line(e, limit)}"

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .device import device_sync, dtype_name, dtype_of, sync
-from .errors import ConfigError, one_line
+from .errors import ConfigError, described
 from .measure.timing import time_one
 from .models.moe import LAYOUTS, MoE
 from .models.strategies import AUTO_CANDIDATES, GROUPED_MM
@@ -125,7 +125,7 @@ def _compiled(model: nn.Module, example: Tensor, device: torch.device, info: dic
                 fast(example)
         sync(device)
     except Exception as e:  # no C++ compiler, no Triton, an op inductor cannot lower...
-        raise ConfigError(f"--compile: torch.compile failed here ({type(e).__name__}: {one_line(e, 200)}); "
+        raise ConfigError(f"--compile: torch.compile failed here ({described(e, 200)}); "
                           "run without --compile") from None
     info["compile_s"] = time.perf_counter() - t0
     return fast, info

@@ -24,7 +24,7 @@ from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, meter_info
 from .energy.select import MeterStatus, auto_meter, survey
 from .environment import describe
-from .errors import one_line
+from .errors import described
 from .models.moe import MoE
 from .models.plan import ModelPlan
 from .models.strategies import STRATEGIES, ExpertStack
@@ -90,17 +90,12 @@ class SelfCheckReport:
         }
 
 
-def _raised(e: BaseException) -> str:
-    """What went wrong in a check's detail: the exception's type and the first line of its message."""
-    return f"{type(e).__name__}: {one_line(e, 200)}"
-
-
 def _guard(group: str, name: str, fn: Callable[[], Check | list[Check]]) -> list[Check]:
     """Run one check; one that raises is a failed check (the others still run), never the self-check's end."""
     try:
         out = fn()
     except Exception as e:
-        return [Check(group, name, "FAIL", f"raised {_raised(e)}")]
+        return [Check(group, name, "FAIL", f"raised {described(e, 200)}")]
     return out if isinstance(out, list) else [out]
 
 
@@ -167,7 +162,7 @@ def bf16_supported(device: torch.device) -> tuple[bool, str]:
         a = torch.ones(4, 4, device=device, dtype=torch.bfloat16)
         (a @ a).sum().item()
     except Exception as e:
-        return False, f"bf16 matmul fails here ({_raised(e)})"
+        return False, f"bf16 matmul fails here ({described(e, 200)})"
     return True, ""
 
 

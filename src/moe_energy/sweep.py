@@ -22,7 +22,7 @@ from typing import Any
 from . import memory
 from .config import PRESETS, ConfigError, ModelSpec, RunOptions, resolve_config
 from .device import free
-from .errors import one_line
+from .errors import described
 from .fileio import now_utc
 from .models.counting import matched_width, moe_params
 from .models.plan import plans
@@ -427,7 +427,7 @@ def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[di
             failure, tried = ("skipped", ""), memory.requested_bytes(e) or 0
         else:
             where = traceback.extract_tb(e.__traceback__)[-1].name
-            failure = ("failed", f"{type(e).__name__}: {one_line(e)} ({where})")
+            failure = ("failed", f"{described(e)} ({where})")
     free()  # outside the except block: the traceback's tensors are gone
     status, reason = failure
     return status, reason or oom_reason(p, device, tried), None  # free memory read after freeing

@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from moe_energy.errors import one_line
+from ..errors import described
 
 K = TypeVar("K", bound=Hashable)
 Clock = Callable[[], float]
@@ -48,10 +48,6 @@ def rotation(names: list[K], rnd: int) -> list[K]:
         return []
     k = rnd % len(names)
     return names[k:] + names[:k]
-
-
-def _failed(e: Exception) -> str:
-    return f"{type(e).__name__}: {one_line(e, 200)}"
 
 
 def time_interleaved(
@@ -105,7 +101,7 @@ def _run(name: K, fn: Callable[[], object], calls: int, sync: Callable[[], None]
     except Exception as e:
         if errors is None:
             raise
-        errors[name] = _failed(e)
+        errors[name] = described(e, 200)
         return False
     return True
 
