@@ -19,7 +19,16 @@ from pathlib import Path
 import pytest
 
 from moe_energy.config import ConfigError
-from moe_energy.distributed import check_agreement, check_divisible, config_hash, job_energy, job_record
+from moe_energy.distributed import (
+    PeerLost,
+    check_agreement,
+    check_divisible,
+    config_hash,
+    job_energy,
+    job_idle,
+    job_record,
+    median_of,
+)
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",
         "--classes", "4", "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu"]
@@ -123,6 +132,109 @@ def test_job_record_aggregates_every_rank():
     for r in ranks:
         r["comm"] = None
     assert "all_to_all_seconds" not in job_record(ranks, 100)["parallel"]
+    # a rank whose meter failed: the job's window is failed (run's medians leave it out), naming the rank
+    ranks[1]["failed"] = "meter m could not read the window: gone"
+    assert job_record(ranks, 100)["failed"] == "rank 1: meter m could not read the window: gone"
+
+
+def test_job_idle_sums_distinct_devices_and_job_record_subtracts_it():
+    def reading(rank: int, watts: dict) -> dict:
+        return {"rank": rank, "hostname": "h",
+                "idle": {"seconds": 1.0, "method": "counter", "flags": [], "power_by_device_w": watts}}
+
+    idle_ranks = [reading(0, {"gpu:0": 30.0, "cpu:package-0": 10.0}),
+                  reading(1, {"gpu:1": 32.0, "cpu:package-0": 11.0})]
+    idle = job_idle(idle_ranks)
+    assert idle.power_by_device_w == {"h:gpu:0": 30.0, "h:cpu:package-0": 10.0, "h:gpu:1": 32.0}
+    assert idle.power_w == pytest.approx(72.0)
+    assert any("cpu:package-0 on h read by ranks 0 and 1: counted once" in f for f in idle.flags)
+    # a window of 2 s on the same devices: dynamic = raw minus idle power x the window's seconds, per device
+    ranks = [_rank(0, "h", {"gpu:0": 100.0, "cpu:package-0": 50.0}, "counter"),
+             _rank(1, "h", {"gpu:1": 120.0, "cpu:package-0": 52.0}, "counter")]
+    for r in ranks:
+        r["seconds"] = 2.0
+    rec = job_record(ranks, 100, idle)
+    assert rec["energy_j"] == pytest.approx(270.0)
+    assert rec["dynamic_energy_j"] == pytest.approx(270.0 - 72.0 * 2.0)
+    # one rank without an idle reading: no job idle power (never a partial sum)
+    idle_ranks[1]["idle"] = None
+    assert job_idle(idle_ranks).power_w is None
+
+
+def test_parallel_block_is_the_median_of_the_windows():
+    a = {"per_rank": [{"rank": 0, "hostname": "h", "batches": 5, "energy_j": 1.0}], "all_to_all_seconds": 0.2}
+    b = {"per_rank": [{"rank": 0, "hostname": "h", "batches": 5, "energy_j": 3.0}], "all_to_all_seconds": 0.4}
+    c = {"per_rank": [{"rank": 0, "hostname": "h", "batches": 5, "energy_j": None}], "all_to_all_seconds": 0.9}
+    m = median_of([a, b, c])
+    assert m["per_rank"] == [{"rank": 0, "hostname": "h", "batches": 5, "energy_j": 2.0}]
+    assert m["all_to_all_seconds"] == 0.4
+    assert median_of([a]) == a
+
+
+def test_a_failed_collective_is_a_lost_peer_not_a_user_mistake():
+    import torch
+
+    from moe_energy.distributed import Group, collective, set_stage
+
+    assert not issubclass(PeerLost, ConfigError)
+    g = Group(0, 2, 0, "gloo", torch.device("cpu"), 10.0)
+    set_stage("measuring moe[expert_parallel]")
+    with pytest.raises(PeerLost) as e:
+        with collective(g, "all-to-all"):
+            raise RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer\nmore")
+    assert str(e.value) == ("rank 0 of 2: a collective failed during measuring moe[expert_parallel] (all-to-all): "
+                            "Connection closed by peer; another rank died, hung or is unreachable (timeout 10 s); "
+                            "no result written")
+
+
+def test_cli_exits_3_on_a_lost_peer_with_one_line(monkeypatch, capsys):
+    from moe_energy import cli
+    from moe_energy.commands import parallel
+
+    def lost(*args, **kwargs):
+        raise PeerLost("rank 0 of 2: could not join the job (connection refused); check MASTER_ADDR")
+
+    monkeypatch.setattr(parallel, "init_group", lost)
+    assert cli.main(["run", "--parallel", "expert", *TINY, "--duration", "0.3"]) == 3
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["error: rank 0 of 2: could not join the job (connection refused); "
+                                        "check MASTER_ADDR"]
+
+
+def test_compile_is_refused_with_one_line_before_any_rendezvous(tmp_path):
+    # WORLD_SIZE=2 with nobody else started: the refusal must come before any wait for a peer
+    r = subprocess.run([sys.executable, *moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY,
+                        "--compile", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                       env=env(RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compile is not supported with --parallel expert: ")
+    assert "Traceback" not in r.stderr
+    assert not list(tmp_path.glob("run-*.json"))
+
+
+
+@pytest.mark.parametrize("fails_at", ["begin", "end"])
+def test_a_failed_meter_still_runs_every_batch_of_the_window(fails_at):
+    # the other ranks wait on each forward's collectives: a rank whose meter fails must run them all the same
+    from moe_energy.distributed.job import fixed_window
+    from moe_energy.energy.meter import NullMeter
+    from moe_energy.measure.guard import GuardedMeter
+
+    class Broken(NullMeter):
+        def begin(self) -> None:
+            if fails_at == "begin":
+                raise RuntimeError("counter gone")
+
+        def end(self):
+            raise RuntimeError("counter gone")
+
+    calls = []
+    seconds, energy, flags, failed = fixed_window(lambda: calls.append(1), GuardedMeter(Broken()), lambda: None, 7,
+                                                  None)
+    assert len(calls) == 7
+    assert energy.joules is None and failed is not None and "counter gone" in failed
+    assert seconds >= 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +312,7 @@ def test_two_rank_expert_parallel_equals_single_process(tmp_path):
 def test_two_rank_run_records_both_ranks_and_all_to_all(tmp_path):
     out = tmp_path / "results"
     r = torchrun([*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--duration", "0.3",
-                  "--out", str(out)])
+                  "--repeats", "1", "--idle-seconds", "0", "--cooldown", "0", "--out", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     files = list(out.glob("run-*-ep2.json"))
     assert len(files) == 1, list(out.iterdir())
@@ -237,6 +349,38 @@ def test_two_rank_run_records_both_ranks_and_all_to_all(tmp_path):
     assert "moe[expert_parallel]" in r.stdout and "all-to-all" in r.stdout
 
 
+def test_two_rank_run_honours_repeats_idle_and_cooldown(tmp_path, live_rapl):
+    # a fake RAPL package counter at 40 W that both ranks (one host) read: the job counts it once
+    out = tmp_path / "results"
+    r = torchrun([*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--duration", "0.3",
+                  "--models", "moe,dense_active", "--repeats", "2", "--idle-seconds", "0.5", "--cooldown", "0",
+                  "--out", str(out)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(next(out.glob("run-*-ep2.json")).read_text())
+    idle = doc["idle"]
+    assert [x["rank"] for x in idle["per_rank"]] == [0, 1]
+    for x in idle["per_rank"]:
+        assert x["idle"]["power_w"] == pytest.approx(40.0, rel=0.15)
+    assert idle["power_w"] == pytest.approx(40.0, rel=0.15)  # one package, read twice, counted once
+    assert any("read by ranks 0 and 1: counted once" in f for f in idle["flags"])
+    assert [m["name"] for m in doc["models"]] == ["moe[expert_parallel]", "dense_active"]
+    for m in doc["models"]:
+        ws = m["windows"]
+        assert m["repeats"] == 2 and len(ws) == 2 and sorted(w["repeat"] for w in ws) == [0, 1]
+        assert m["idle_power_w"] == idle["power_w"]
+        assert {w["batches"] for w in ws} == {m["batches"]}  # one agreed count per model, every window
+        for w in ws:
+            p = w["parallel"]
+            assert [x["rank"] for x in p["per_rank"]] == [0, 1]
+            assert w["energy_j"] == pytest.approx(p["per_rank_joules"][0])  # rank 1's package reading dropped
+            assert w["inferences"] == sum(x["batches"] for x in p["per_rank"]) * 128
+            assert w["dynamic_energy_j"] is not None
+    assert sorted(w["order"] for m in doc["models"] for w in m["windows"]) == [0, 1, 2, 3]
+    for w in doc["models"][0]["windows"]:
+        p = w["parallel"]
+        assert p["all_to_all_calls"] == 3 * sum(x["batches"] for x in p["per_rank"])
+
+
 def _wait_for(path: Path, needle: str, timeout: float, procs: list[subprocess.Popen]) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -251,8 +395,9 @@ def _wait_for(path: Path, needle: str, timeout: float, procs: list[subprocess.Po
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_dead_or_hung_rank_makes_the_other_exit_with_a_message(tmp_path, how):
     timeout = 10
-    cmd = [*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--duration", "600",
-           "--collective-timeout", str(timeout), "--out", str(tmp_path / "results")]
+    # the MoE alone, no idle reading: its first window starts at once and every batch is an all-to-all
+    cmd = [*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--duration", "600", "--models", "moe",
+           "--idle-seconds", "0", "--collective-timeout", str(timeout), "--out", str(tmp_path / "results")]
     port = free_port()
     logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
     procs = [start_rank(r, 2, port, cmd, logs[r]) for r in (0, 1)]
@@ -269,7 +414,7 @@ def test_dead_or_hung_rank_makes_the_other_exit_with_a_message(tmp_path, how):
                 p.kill()
                 p.wait()
     text = logs[0].read_text()
-    assert rc == 2, text[-3000:]
+    assert rc == 3, text[-3000:]  # a lost peer: its own exit code, not a user mistake's 2
     assert "error: rank 0 of 2: a collective failed during measuring moe[expert_parallel]" in text
     assert "another rank died, hung or is unreachable (timeout 10 s); no result written" in text
     assert "Traceback" not in text

@@ -1,4 +1,9 @@
-"""Entry point: parse, run a command, and turn every user mistake into one line and exit code 2."""
+"""Entry point: parse, run a command, and turn every user mistake into one line and exit code 2.
+
+Exit codes: 0 done; 1 the command ran but has no result (nothing measured, results not saved); 2 a mistake
+in the input (``ConfigError``); 3 a peer of a distributed job was lost (``PeerLost``: a rank died, hung or
+became unreachable; not the user's mistake); 128 + N a signal (130 Ctrl-C, 143 SIGTERM).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,11 @@ import importlib
 import sys
 
 from .config import ConfigError
+from .errors import PeerLost
 
 # Each module registers its commands in commands.COMMANDS; add a module here to add its commands.
 COMMAND_MODULES = ["run", "plan", "meters", "sweep", "strategies", "selfcheck"]
+EXIT_PEER_LOST = 3  # another rank of a distributed job is gone: its own code, not a user mistake (2)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except PeerLost as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = EXIT_PEER_LOST
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

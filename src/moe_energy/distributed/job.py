@@ -1,0 +1,515 @@
+"""The measured job of ``run --parallel expert``: run's pipeline (train -> idle -> windows -> records) on
+every rank of a torchrun job, with the collectives that keep the ranks in step.
+
+Each rank trains every model alone, exactly as a single-process run does (``pipeline.train_all``), then
+rank 0's weights are broadcast: the MoE sharded over the ranks (``ExpertParallelMoE``), each dense baseline
+whole on every rank (data-parallel, each rank its own batch). Idle power is read on every rank at once; the
+windows follow run's shuffled schedule (the same on every rank: it comes from the agreed seed), a rest
+between them. An expert-parallel forward is a collective, so a window is a fixed batch count agreed at the
+model's first window (the slowest rank's pace) instead of a time. Rank 0 gathers each window's per-rank
+figures into one job window (``measure.records.window_record`` over the job's distinct devices) and each
+model's record is ``measure.records.measured_record`` over those windows, its ``parallel`` block the
+medians of theirs.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import pipeline
+from ..config import ModelSpec, RunOptions
+from ..data import Dataset, make_dataset
+from ..device import DTYPES, device_sync, free
+from ..energy.idle import IdlePower
+from ..energy.meter import Measurement, Meter, NullMeter, meter_info, weakest
+from ..environment import describe
+from ..errors import ConfigError
+from ..measure.guard import GuardedMeter, MeterFailed
+from ..measure.records import ModelRecord, measured_record, skipped_record, window_record
+from ..measure.window import (
+    BenchResult,
+    caller,
+    counted_window,
+    fixed_count,
+    latency_budget,
+    latency_pass,
+    warm_up,
+)
+from ..models.plan import TRAIN_STRATEGY, ModelPlan, plans
+from ..pipeline import UI, Run, SilentUI, Trained, Variant
+from ..results import check_writable, new_document, run_stem, write_atomic
+from .expert_parallel import EP_STRATEGY, MOE_LABEL, CommStats, ExpertParallelMoE
+from .group import (
+    Group,
+    agree_max,
+    agree_on_start,
+    all_gather_object,
+    barrier,
+    broadcast_module,
+    check_divisible,
+    data_fingerprint,
+    gather_object,
+    job_config,
+    set_stage,
+)
+
+SHARED_METHODS = ("counter", "sampled")  # readings of a device itself; an estimate is one process's own
+
+
+def check_options(opts: RunOptions) -> None:
+    """Refuse what --parallel expert cannot honour, before any rendezvous or training (every rank alike)."""
+    if opts.compile:
+        raise ConfigError("--compile is not supported with --parallel expert: the expert-parallel forward's "
+                          "all-to-alls and host-side split sizes break any captured graph, and --compile must "
+                          "treat every model alike; drop --compile")
+    if opts.strategies not in ((EP_STRATEGY,), ("auto",)):  # auto (the default) means: the fast one
+        raise ConfigError(f"--parallel expert runs the local experts with the {EP_STRATEGY} strategy; "
+                          f"drop --moe-strategy {','.join(opts.strategies)}")
+
+
+def rank_meter(device: torch.device) -> Meter:
+    """This rank's default meter: every real counter covering its own device (the estimate if none)."""
+    from ..energy.select import auto_meter
+
+    return auto_meter(device)
+
+
+def rank_batch(data: Dataset, batch_size: int, rank: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Each rank its own batch: held-out rows from offset rank*batch_size, wrapping around. [B, in]"""
+    x = data.x_test
+    idx = (torch.arange(batch_size) + rank * batch_size) % len(x)
+    return x[idx].to(device=device, dtype=dtype).contiguous()
+
+
+def job_label(plan: ModelPlan) -> tuple[str, str | None]:
+    """(label, strategy) of a model's row: the MoE runs expert-parallel, a dense model data-parallel."""
+    return (MOE_LABEL, EP_STRATEGY) if plan.kind == "moe" else (plan.name, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Start-up: every rank's checks, then one agreement
+
+
+def start(spec: ModelSpec, opts: RunOptions, g: Group, meter_factory: Callable[[torch.device], Meter] | None,
+          ui: UI, sleep: Callable[[float], None], save: bool) -> tuple[Run, Meter]:
+    """This rank's run (run's ``Run``, its own batch); every rank raises the first rank's error, or none does."""
+    set_stage("start-up checks")
+    meter: Meter = NullMeter("start-up failed")
+    data: Dataset | None = None
+    err: str | None = None
+    try:
+        check_options(opts)
+        check_divisible(spec.experts, g.world_size)
+        pipeline.check_dtype(g.device, opts.dtype, (EP_STRATEGY, TRAIN_STRATEGY))
+        meter = (meter_factory or rank_meter)(g.device)
+        data = make_dataset(opts.samples, spec.input_dim, spec.classes, opts.seed, opts.test_fraction, opts.data)
+        if opts.data:
+            spec = replace(spec, input_dim=data.input_dim, classes=data.classes).validate()
+        if g.is_main and save:
+            check_writable(opts.out)
+    except ConfigError as e:
+        err = str(e)
+    agree_on_start(g, job_config(spec, opts, data_fingerprint(data) if data else "-", g.timeout_s), err)
+    assert data is not None
+    dtype = DTYPES[opts.dtype]
+    batch = rank_batch(data, opts.batch_size, g.rank, g.device, dtype)
+    return Run(spec, opts, g.device, dtype, data, batch, GuardedMeter(meter), ui, sleep, "skip"), meter
+
+
+def job_document(r: Run, g: Group, meter: Meter) -> dict[str, Any]:
+    """Run's results document plus the job's ranks, hosts and backend (a collective: every rank calls it)."""
+    doc = new_document(spec=asdict(r.spec), options=r.opts.as_dict(), environment=describe(g.device),
+                       dataset=pipeline.dataset_fields(r.data))
+    doc["energy_meter"] = {**meter_info(meter), "notice": getattr(meter, "notice", None)}
+    hosts = all_gather_object(g, {"rank": g.rank, "hostname": platform.node(), "device": str(g.device),
+                                  "device_name": doc["environment"]["device_name"], "meter": meter.name})
+    doc["parallel"] = {"mode": "expert", "world_size": g.world_size, "backend": g.backend,
+                       "collective_timeout_s": g.timeout_s, "ranks": hosts,
+                       "nodes": len({h["hostname"] for h in hosts}),
+                       "note": "MoE: experts sharded, tokens moved by all-to-all; dense: data-parallel, "
+                               "each rank its own batch; every rank trained identically, rank 0's weights broadcast"}
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Train, then place: rank 0's weights on every rank
+
+
+def train_agreed(r: Run, g: Group, todo: list[ModelPlan]) -> tuple[list[Trained], dict[str, str]]:
+    """Every model trained on every rank as run trains it (no collective: a slow epoch cannot trip the
+    timeout); a model any rank could not fit is skipped on all of them, or they would wait on its collectives."""
+    set_stage("training")
+    trained, mine = pipeline.train_all(r, todo)
+    skipped: dict[str, str] = {}
+    for rank, theirs in enumerate(all_gather_object(g, mine)):
+        for name, why in theirs.items():
+            skipped.setdefault(name, f"rank {rank}: {why}")
+    return [t for t in trained if t.name not in skipped], skipped
+
+
+def place(t: Trained, g: Group) -> Variant:
+    """What every rank measures, on its device with rank 0's weights: the MoE sharded, a dense model whole."""
+    set_stage(f"broadcasting {t.name}")
+    label, strategy = job_label(t.plan)
+    model: nn.Module
+    if t.plan.kind == "moe":
+        model = ExpertParallelMoE.from_moe(t.model, g)  # type: ignore[arg-type]
+    else:
+        model = broadcast_module(t.model.to(g.device), g)
+    return Variant(label, replace(t, model=model), strategy)
+
+
+def place_all(trained: list[Trained], g: Group) -> dict[str, Variant]:
+    """Every trained model placed, one at a time: the full MoE is dropped as soon as its shard exists."""
+    out: dict[str, Variant] = {}
+    while trained:
+        v = place(trained.pop(0), g)
+        out[v.label] = v
+        free(g.device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Idle power: every rank at once, summed over the job's distinct devices
+
+
+def per_device(parts: list[tuple[int, str, dict[str, float], dict[str, str], str]]
+               ) -> tuple[dict[str, float], dict[str, str], list[str]]:
+    """(value by ``host:device``, method by ``host:device``, flags) from each rank's (rank, host, values by
+    device, method by device, method). A device two ranks on one host both read with a counter (the CPU
+    package under RAPL) counts once; a per-process estimate is each rank's own, so both are kept."""
+    values: dict[str, float] = {}
+    methods: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    flags: list[str] = []
+    for rank, host, by_device, method_by_device, method in parts:
+        for dev, v in by_device.items():
+            how = method_by_device.get(dev, method)
+            key = f"{host}:{dev}"
+            if key in seen and how in SHARED_METHODS:
+                flags.append(f"{dev} on {host} read by ranks {seen[key]} and {rank}: counted once")
+                continue
+            key = f"{key}@rank{rank}" if key in seen else key
+            seen[key], values[key], methods[key] = rank, v, how
+    return values, methods, flags
+
+
+def job_idle(ranks: list[dict[str, Any]]) -> IdlePower:
+    """The job's idle power over its distinct devices, keyed as its windows' energy (``host:device``)."""
+    idles = [r["idle"] or {} for r in ranks]
+    power, _, flags = per_device([(r["rank"], r["hostname"], i.get("power_by_device_w") or {}, {},
+                                   i.get("method", "none")) for r, i in zip(ranks, idles)])
+    missing = [r["rank"] for r, i in zip(ranks, idles) if i.get("power_by_device_w") is None]
+    if missing:
+        flags = [f"idle power not measured on rank(s) {missing}: no dynamic energy"]
+    flags += sorted({f for i in idles for f in i.get("flags", [])})
+    return IdlePower(seconds=max(i.get("seconds", 0.0) for i in idles),
+                     method=weakest([i.get("method", "none") for i in idles]),
+                     power_by_device_w=None if missing else power, flags=flags)
+
+
+def idle_phase(r: Run, g: Group) -> tuple[IdlePower | None, dict[str, Any] | None]:
+    """Idle power read by every rank at once, after run's rest; rank 0 gets the job's (None elsewhere, and
+    everywhere with --idle-seconds 0)."""
+    if r.opts.idle_seconds <= 0:
+        return None, None
+    set_stage("reading idle power")
+    barrier(g)  # every rank rests and reads together: no rank's training inside another's idle reading
+    _, mine = pipeline.idle_phase(r)
+    ranks = gather_object(g, {"rank": g.rank, "hostname": platform.node(), "idle": mine})
+    if ranks is None:
+        return None, None
+    idle = job_idle(ranks)
+    return idle, {**idle.as_dict(), "per_rank": ranks}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One rank's window: a fixed batch count, the same on every rank
+
+
+@dataclass(frozen=True)
+class Count:
+    """Forwards each rank runs for one model, agreed once at the slowest rank's pace: collectives need the
+    same count on every rank, so no loop here may run by the clock."""
+
+    batches: int  # in each counted window: --duration on the slowest rank
+    warm: int  # before each later window: --warmup (at least 3)
+    latency: int  # single synced forwards after each window
+
+
+@dataclass
+class RankResult:
+    """One rank's figures for one window."""
+
+    rank: int
+    hostname: str
+    device: str
+    batch_size: int
+    batches: int
+    seconds: float
+    latency_ms: list[float]
+    energy: Measurement
+    comm: dict[str, Any] | None
+    flags: list[str] = field(default_factory=list)
+    failed: str | None = None  # the meter's failure: the window ran, its energy was not read
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["energy"] = self.energy.as_dict()
+        return d
+
+
+def timed(forward: Callable[[], Any], sync: Callable[[], None], n: int) -> float:
+    """Seconds of ``n`` forwards, synced at both ends."""
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        forward()
+    sync()
+    return time.perf_counter() - t0
+
+
+def calibrate(forward: Callable[[], Any], sync: Callable[[], None], duration: float, warmup: float,
+              g: Group) -> Count:
+    """Batches quadrupling until a timed run is long enough to trust (every rank taking the slowest time),
+    then --warmup seconds of them, timed for a better figure: the model's counts, the same on every rank."""
+    warm_up(forward, sync, 0.0)  # cold: allocator, first kernel launches (a fixed 3: no clock)
+    n, target = 2, min(0.5, 0.1 * duration)
+    took = agree_max(g, timed(forward, sync, n))
+    while took < target and n < 4096:
+        n *= 4
+        took = agree_max(g, timed(forward, sync, n))
+    per_batch = took / n
+    warm = fixed_count(per_batch, warmup) if warmup > 0 else 0
+    if warm >= 5:
+        per_batch = agree_max(g, timed(forward, sync, warm) / warm)
+    latency = max(10, fixed_count(per_batch, latency_budget(duration), at_most=200))
+    return Count(fixed_count(per_batch, duration), max(3, warm), latency)
+
+
+def fixed_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], None], n: int,
+                 on_tick: Callable[[float], None] | None) -> tuple[float, Measurement, list[str], str | None]:
+    """(seconds, energy, flags, failure) of ``counted_window`` over exactly ``n`` forwards. A meter that
+    fails still runs all ``n`` (the other ranks wait on each one's collectives); the failure says why."""
+    ran = [0]
+
+    def counted() -> None:
+        forward()
+        ran[0] += 1
+
+    t0 = time.perf_counter()
+    try:
+        _, seconds, energy, flags = counted_window(counted, meter, sync, 0.0, batches=n, on_tick=on_tick)
+        return seconds, energy, flags, None
+    except MeterFailed as e:
+        for _ in range(n - ran[0]):
+            forward()
+        sync()
+        seconds = time.perf_counter() - t0
+        return seconds, Measurement(seconds, "none", meter.name, flags=[f"window failed: {e}"]), [], str(e)
+
+
+@torch.inference_mode()
+def measure_ranks(model: nn.Module, batch: Tensor, duration: float, warmup: float, meter: Meter, g: Group,
+                  count: Count | None = None, on_tick: Callable[[float], None] | None = None
+                  ) -> tuple[RankResult, Count]:
+    """One window on this rank: ``count.batches`` forwards after a barrier, so that every rank's window
+    holds the same work; the model's first window agrees on the count (``calibrate``) and warms up with it."""
+    model.eval()
+    forward, sync = caller(model, batch), device_sync(batch.device)
+    if count is None:
+        count = calibrate(forward, sync, duration, warmup, g)
+    else:
+        warm_up(forward, sync, 0.0, at_least=count.warm)  # a fixed count: every forward may be a collective
+    stats: CommStats | None = getattr(model, "stats", None)
+    barrier(g)
+    if stats is not None:
+        stats.reset()
+    seconds, energy, flags, failed = fixed_window(forward, meter, sync, count.batches, on_tick)
+    comm = None
+    if stats is not None:
+        stats.harvest(wait=True)  # after the window's closing sync: every event has completed
+        comm = stats.as_dict()
+    lat = latency_pass(forward, sync, 0.0, at_least=count.latency, at_most=count.latency)
+    return RankResult(g.rank, platform.node(), str(batch.device), batch.shape[0], count.batches, seconds, lat,
+                      energy, comm, flags, failed), count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job's window: every rank's figures in one record
+
+
+def _by_host(ranks: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Each rank's per-device ``energy[key]`` keyed ``host:device``."""
+    return {f"{r['hostname']}:{d}": v for r in ranks for d, v in (r["energy"].get(key) or {}).items()}
+
+
+def job_measurement(ranks: list[dict[str, Any]]) -> Measurement:
+    """The job's window as one Measurement over its distinct devices (``host:device``): the longest rank's
+    seconds, the weakest method; no joules at all if any rank measured nothing (never a partial sum)."""
+    es = [r["energy"] for r in ranks]
+    joules, methods, flags = per_device([(r["rank"], r["hostname"], e["joules_by_device"] or {},
+                                          e.get("method_by_device") or {}, e["method"]) for r, e in zip(ranks, es)])
+    missing = [r["rank"] for r, e in zip(ranks, es) if e["joules_by_device"] is None]
+    if missing:
+        flags = [f"energy not measured on rank(s) {missing}: job total withheld"]
+    return Measurement(
+        seconds=max(r["seconds"] for r in ranks), method=weakest([e["method"] for e in es]),
+        meter="+".join(sorted({e["meter"] for e in es})), joules_by_device=None if missing else joules,
+        devices_covered=sorted({f"{r['hostname']}:{d}" for r, e in zip(ranks, es) for d in e["devices_covered"]}),
+        flags=flags + sorted({f for e in es for f in e["flags"]}), trace=_by_host(ranks, "trace") or None,
+        trace_period_s=es[0].get("trace_period_s"), method_by_device=methods,
+        state_begin=_by_host(ranks, "state_begin"), state_end=_by_host(ranks, "state_end"))
+
+
+def job_energy(ranks: list[dict[str, Any]]) -> tuple[float | None, str, list[str]]:
+    """(total J, method, flags) over every rank's devices, each distinct device once (``job_measurement``)."""
+    m = job_measurement(ranks)
+    return m.joules, m.method, m.flags
+
+
+def parallel_block(ranks: list[dict[str, Any]], inferences: int) -> dict[str, Any]:
+    """Each rank's share of one window and, for the MoE, the all-to-all's time, calls and bytes."""
+    comm = [r["comm"] for r in ranks]
+    par: dict[str, Any] = {
+        "per_rank": [{"rank": r["rank"], "hostname": r["hostname"], "device": r["device"], "batches": r["batches"],
+                      "window_s": r["seconds"], "energy_j": r["energy"]["energy_j"],
+                      "energy_by_device_j": r["energy"]["joules_by_device"],
+                      "energy_method": r["energy"]["method"], "energy_devices": r["energy"]["devices_covered"],
+                      **(r["comm"] or {})} for r in ranks],
+        "per_rank_joules": [r["energy"]["energy_j"] for r in ranks],
+    }
+    if all(c is not None for c in comm):
+        sent = sum(c["all_to_all_bytes"] for c in comm)
+        par.update(
+            all_to_all_seconds_by_rank=[c["all_to_all_seconds"] for c in comm],
+            all_to_all_seconds=max(c["all_to_all_seconds"] for c in comm),
+            all_to_all_share_of_window=max(c["all_to_all_seconds"] / r["seconds"] for c, r in zip(comm, ranks)),
+            all_to_all_bytes_by_rank=[c["all_to_all_bytes"] for c in comm],
+            all_to_all_bytes=sent,
+            all_to_all_bytes_per_inference=sent / inferences,
+            all_to_all_calls=sum(c["all_to_all_calls"] for c in comm),
+        )
+    return par
+
+
+def job_record(ranks: list[dict[str, Any]], flops_per_inference: int, idle: IdlePower | None = None
+               ) -> dict[str, Any]:
+    """One window of the whole job, as run's window record (``measure.records.window_record``): all ranks'
+    inferences over the longest rank's seconds and the job's distinct devices' joules, plus ``parallel``."""
+    energy = job_measurement(ranks)
+    res = BenchResult(ranks[0]["batch_size"], sum(r["batches"] for r in ranks), energy.seconds, flops_per_inference,
+                      [x for r in ranks for x in r["latency_ms"]], energy,
+                      sorted({f for r in ranks for f in r["flags"]}), idle)
+    rec: dict[str, Any] = {**window_record(res), "parallel": parallel_block(ranks, res.inferences)}
+    failed = [f"rank {r['rank']}: {r['failed']}" for r in ranks if r.get("failed")]
+    if failed:
+        rec["failed"] = "; ".join(failed)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Windows and records
+
+
+def job_window(r: Run, g: Group, v: Variant, rep: int, order: int, counts: dict[str, Count],
+               idle: IdlePower | None, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """One window of ``v`` on every rank; rank 0 gets the job's record of it (None elsewhere)."""
+    set_stage(f"measuring {v.label}")
+    log(f"{g.where()}: measuring {v.label} (window {rep + 1} of {r.opts.repeats})")
+    head = {"repeat": rep, "order": order, "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
+        res, counts[v.label] = measure_ranks(v.trained.model, r.batch, r.opts.duration, r.opts.warmup, r.meter, g,
+                                             counts.get(v.label), tick)
+    ranks = gather_object(g, res.as_dict())
+    if ranks is None:
+        return None
+    return {**head, **job_record(ranks, v.trained.plan.flops_per_inference, idle)}
+
+
+def measure_all(r: Run, g: Group, variants: dict[str, Variant], idle: IdlePower | None,
+                log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+    """Run's schedule (every model once a round, rounds shuffled by the agreed seed: the same on every rank)
+    with run's rest between windows on every rank; rank 0 gets each model's windows (empty lists elsewhere)."""
+    out: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
+    counts: dict[str, Count] = {}
+    for order, (rep, label) in enumerate(pipeline.window_schedule(list(variants), r.opts.repeats, r.opts.seed)):
+        if order > 0:
+            r.sleep(r.opts.cooldown)
+        w = job_window(r, g, variants[label], rep, order, counts, idle, log)
+        if w is not None:
+            out[label].append(w)
+    return out
+
+
+def median_of(values: list[Any]) -> Any:
+    """Element-wise median of like-shaped values (dicts, lists, numbers) over windows; text: the first's."""
+    first = values[0]
+    if all(v == first for v in values):
+        return first
+    if all(isinstance(v, dict) for v in values):
+        return {k: median_of([v.get(k) for v in values]) for k in first}
+    if all(isinstance(v, list) and len(v) == len(first) for v in values):
+        return [median_of(list(col)) for col in zip(*values)]
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if nums and len(nums) == sum(v is not None for v in values):
+        return statistics.median(nums)
+    return first
+
+
+def job_records(r: Run, todo: list[ModelPlan], variants: dict[str, Variant], skipped: dict[str, str],
+                windows: dict[str, list[dict[str, Any]]], idle: IdlePower | None) -> list[ModelRecord]:
+    """Every row in plan order, as run's records; a measured one's ``parallel`` is its windows' medians."""
+    out: list[ModelRecord] = []
+    for plan in todo:
+        label, strategy = job_label(plan)
+        if plan.name in skipped:
+            out.append(skipped_record(label, plan.fields(), strategy, r.opts.dtype, skipped[plan.name]))
+            continue
+        t, ws = variants[label].trained, windows[label]
+        rec = measured_record(label, plan.fields(), strategy, r.opts.dtype, t.train, t.accuracy_bench_dtype, idle,
+                              ws)  # type: ignore[arg-type]
+        rec["parallel"] = median_of([w["parallel"] for w in ws if not w.get("failed")] or [w["parallel"] for w in ws])
+        out.append(rec)
+        r.ui.info(label)
+    return out
+
+
+def run_distributed(spec: ModelSpec, opts: RunOptions, g: Group,
+                    meter_factory: Callable[[torch.device], Meter] | None = None, ui: UI | None = None,
+                    log: Callable[[str], None] | None = None, save: bool = True,
+                    sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any] | None, Path | None]:
+    """Every rank calls this; rank 0 returns the job's document (and its path when saved), others (None, None).
+
+    ``meter_factory(device)`` gives this rank's meter over its own devices (default: ``rank_meter``).
+    """
+    ui = ui if g.is_main and ui is not None else SilentUI()
+    log = log or (lambda s: None)
+    r, meter = start(spec, opts, g, meter_factory, ui, sleep, save)
+    doc = job_document(r, g, meter)
+    todo = list(plans(r.spec, opts.models))
+    log(f"{g.where()}: training {', '.join(p.name for p in todo)} on {g.device}")
+    trained, skipped = train_agreed(r, g, todo)
+    variants = place_all(trained, g)
+    idle, doc["idle"] = idle_phase(r, g) if variants else (None, None)
+    windows = measure_all(r, g, variants, idle, log)
+    if g.is_main:
+        doc["models"] = job_records(r, todo, variants, skipped, windows, idle)
+    del variants
+    free(g.device)
+    set_stage("finishing")
+    barrier(g)
+    if not g.is_main:
+        return None, None
+    path = write_atomic(doc, opts.out, run_stem(doc, opts.extra.get("preset"), f"-ep{g.world_size}")) if save else None
+    return doc, path
