@@ -28,7 +28,7 @@ from .device import DTYPES, device_sync, free, resolve_device
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, meter_info
 from .environment import describe
-from .errors import ConfigError, one_line
+from .errors import ConfigError, described, one_line
 from .measure.guard import GuardedMeter, MeterFailed
 from .measure.records import ModelRecord, WindowRecord, failed_window, measured_record, skipped_record
 from .measure.window import measure
@@ -86,6 +86,32 @@ def check_dtype(device: torch.device, dtype: str, strategies: tuple[str, ...] = 
     except Exception as e:  # noqa: BLE001 - any failure here means: this dtype does not run here
         raise ConfigError(f"dtype={dtype} does not run on {device} ({what} failed: {one_line(e, 160)}); "
                           "choose float32") from None
+
+
+class StrategyRefused(ConfigError):
+    """A strategy the user named cannot run this shape here (a kernel's alignment rule, say): refused up front."""
+
+
+# Up to this many bytes of weights, a user-named strategy is tried on the real widths before any training.
+STRATEGY_PROBE_BYTES = 2**30
+
+
+def check_strategies(spec: ModelSpec, strategies: tuple[str, ...], device: torch.device, dtype: str) -> None:
+    """Refuse, before training, a named strategy that cannot run this shape: one forward of an MoE with the
+    real widths (top_k experts, at most 2 layers) must work. ``auto`` copes by itself and is not tried."""
+    named = [s for s in strategies if s != "auto"]
+    probe = replace(spec, experts=spec.top_k, layers=min(spec.layers, 2))
+    if not named or ModelPlan.of("moe", probe).params * memory.BYTES[dtype] > STRATEGY_PROBE_BYTES:
+        return  # too big to try cheaply: a failure then fails that model's windows, with the reason
+    x = torch.zeros(4, spec.input_dim, device=device, dtype=DTYPES[dtype])
+    for s in named:
+        try:
+            with torch.inference_mode():
+                MoE.from_spec(probe, strategy=s).to(device=device, dtype=DTYPES[dtype])(x)
+        except Exception as e:  # noqa: BLE001 - any failure here means: this strategy cannot run this shape
+            raise StrategyRefused(f"--moe-strategy {s} cannot run this shape on {device} in {dtype} "
+                                  f"({one_line(e, 120)}); use --moe-strategy auto, which picks one that can, or "
+                                  "another strategy") from None
 
 
 def bench_batch(data: Dataset, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -315,7 +341,11 @@ def one_window(r: Run, slot: Slot, v: Variant, rep: int, order: int, idle: IdleP
 
 
 def measure_all(r: Run, variants: dict[str, Variant], idle: IdlePower | None) -> Measured:
-    """Every variant once per round, rounds shuffled, a rest between windows; out of memory stops a variant."""
+    """Every variant once per round, rounds shuffled, a rest between windows.
+
+    A variant that fails (out of memory, or any error of its strategy or preparation) stops with its
+    reason; the others go on, and every window already measured is kept.
+    """
     out = Measured({label: [] for label in variants})
     slot = Slot(r)
     for order, (rep, label) in enumerate(window_schedule(list(variants), r.opts.repeats, r.opts.seed)):
@@ -323,23 +353,32 @@ def measure_all(r: Run, variants: dict[str, Variant], idle: IdlePower | None) ->
             continue
         if order > 0:
             r.sleep(r.opts.cooldown)
-        failure: str | None = None
+        failure: BaseException | None = None
         try:
             out.windows[label].append(one_window(r, slot, variants[label], rep, order, idle, out.prepared))
-        except Exception as e:
-            if not memory.is_oom(e):
-                raise
-            failure = one_line(e)
-        if failure is not None:  # out of memory measuring: this variant stops, the others go on
-            slot.release()
-            free(r.device)
-            need = variants[label].trained.plan.memory_bytes(r.opts.batch_size, r.opts.dtype, training=False)
-            out.stopped[label] = memory.describe_need(need, r.device, f"measuring {label}")
-            if r.oom == "raise":
-                raise OutOfMemory(out.stopped[label])
+        except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the others' windows
+            failure = e
+        if failure is not None:  # outside the except block: the traceback's tensors are gone
+            out.stopped[label] = stop_reason(r, slot, variants[label], failure)
+            del failure
             r.ui.info(f"{label}: {out.stopped[label]}")
     slot.release()
     return out
+
+
+def stop_reason(r: Run, slot: Slot, v: Variant, e: BaseException) -> str:
+    """Why ``v``'s remaining windows are not run, its memory released; OutOfMemory ends a sweep's run."""
+    slot.release()
+    free(r.device)
+    if memory.is_oom(e):
+        need = v.trained.plan.memory_bytes(r.opts.batch_size, r.opts.dtype, training=False)
+        reason = memory.describe_need(need, r.device, f"measuring {v.label}")
+        if r.oom == "raise":
+            raise OutOfMemory(reason)
+        return reason
+    if isinstance(e, ConfigError):  # a user-facing refusal (e.g. --compile cannot run here): not a failure
+        raise e
+    return f"failed: {described(e, 200)}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -360,7 +399,9 @@ def variant_record(r: Run, v: Variant, m: Measured, idle: IdlePower | None,
     """A variant's record: skipped if out of memory stopped it before any window, measured otherwise."""
     t, o = v.trained, r.opts
     if not m.windows[v.label]:
-        return skipped_record(v.label, t.plan.fields(), v.strategy, o.dtype, m.stopped[v.label])
+        reason = m.stopped[v.label]
+        return skipped_record(v.label, t.plan.fields(), v.strategy, o.dtype, reason,
+                              status="failed" if reason.startswith("failed:") else "skipped")
     rec = measured_record(v.label, t.plan.fields(), v.strategy, o.dtype, t.train, t.accuracy_bench_dtype, idle,
                           m.windows[v.label], m.prepared.get(v.label))
     rec.update(roofline_fields(roof, rec, t.plan, o))  # type: ignore[typeddict-item]
@@ -371,9 +412,9 @@ def variant_record(r: Run, v: Variant, m: Measured, idle: IdlePower | None,
 
 
 def records(r: Run, todo: list[ModelPlan], variants: dict[str, Variant], skipped: dict[str, str],
-            m: Measured, idle: IdlePower | None) -> list[ModelRecord]:
+            m: Measured, idle: IdlePower | None, notices: list[str]) -> list[ModelRecord]:
     """Every row in plan order: the skipped models' shape and reason, the measured ones' figures."""
-    roof = roofline.load(r.device)
+    roof = roofline.load(r.device, notice=notices.append)
     out: list[ModelRecord] = []
     for plan in todo:
         for label, strategy in labels(plan, r.opts.strategies):
@@ -397,6 +438,8 @@ def start(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI, sleep: Callab
         raise ValueError(f"oom must be 'skip' or 'raise', not {oom!r}")
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies)
+    if "moe" in opts.models:
+        check_strategies(spec, opts.strategies, device, opts.dtype)
     dtype = DTYPES[opts.dtype]
     data = make_dataset(opts.samples, spec.input_dim, spec.classes, opts.seed, opts.test_fraction, opts.data,
                         declared=opts.extra.get("declared_shape") or {})
@@ -429,7 +472,8 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
     idle, doc["idle"] = idle_phase(r) if trained else (None, None)
     variants = {label: Variant(label, t, s) for t in trained for label, s in labels(t.plan, opts.strategies)}
     measured = measure_all(r, variants, idle)
-    doc["models"] = records(r, todo, variants, skipped, measured, idle)
+    doc["notices"] = []  # what the user should know about the figures, printed under the table
+    doc["models"] = records(r, todo, variants, skipped, measured, idle, doc["notices"])
     del trained, variants
     path = save_or_rescue(doc, opts.out, run_stem(doc, opts.extra.get("preset"))) if save else None
     return doc, path

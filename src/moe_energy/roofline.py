@@ -10,6 +10,7 @@ one entry per device name.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -142,12 +143,39 @@ def _store(roof: Roofline) -> None:
     replace_atomic(path, json.dumps(doc, indent=2).encode())  # a cache: replacing the old calibration is the point
 
 
-def load(device: torch.device) -> Roofline | None:
-    """The cached roofline of this device, or None if it was never calibrated (run `moe-energy calibrate`)."""
-    entry = _read_cache().get(device_name(device))
+def _entry_problem(entry: object) -> str | None:
+    """Why a cache entry cannot be trusted (a hand edit, another version, a torn file), or None."""
+    def positive(v: object) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
     if not isinstance(entry, dict):
+        return f"not a table but {type(entry).__name__}"
+    flops = entry.get("gemm_flops_per_s")
+    if not isinstance(flops, dict) or not all(isinstance(k, str) and positive(v) for k, v in flops.items()):
+        return f"gemm_flops_per_s={flops!r:.60} is not a table of positive FLOP/s per dtype"
+    for key in ("bandwidth_bytes_per_s", "gemm_size", "copy_bytes"):
+        if not positive(entry.get(key)):
+            return f"{key}={entry.get(key)!r:.40} is not a positive number"
+    unknown = set(entry) - set(Roofline.__dataclass_fields__)
+    if unknown or not isinstance(entry.get("measured_utc"), str):
+        return f"fields {sorted(unknown) or ['measured_utc']} are not this version's"
+    return None
+
+
+def load(device: torch.device, notice: Callable[[str], None] | None = None) -> Roofline | None:
+    """The cached roofline of this device, or None if it was never calibrated (run `moe-energy calibrate`).
+
+    A damaged entry is ignored (``notice`` says so and how to rebuild it): a bound from it would be a wrong
+    figure, and a run must never fail after measuring because of a cache.
+    """
+    name = device_name(device)
+    cache = _read_cache()
+    if name not in cache:
         return None
-    try:
-        return Roofline(**entry)
-    except TypeError:  # an entry from another version of this tool: recalibrate
+    problem = _entry_problem(cache[name])
+    if problem is not None:
+        if notice is not None:
+            notice(f"roofline cache {cache_path()}: the entry for {name} is damaged ({problem}); ignored, so no "
+                   "roofline figures; run `moe-energy calibrate` to rebuild it")
         return None
+    return Roofline(**cache[name])

@@ -413,11 +413,15 @@ def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[di
 
     A ConfigError or KeyboardInterrupt propagates: the sweep stops, the point in flight is discarded.
     """
+    from .pipeline import StrategyRefused
+
     failure: tuple[str, str] | None = None
     tried = 0
     try:
         doc, _ = run(p.spec, p.opts, meter, ui, save=False, oom="raise")
         return "done", None, doc
+    except StrategyRefused as e:  # this point's shape, not the sweep's options: skip it, measure the rest
+        return "skipped", str(e), None
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - one point's failure must not end an hours-long sweep

@@ -9,7 +9,7 @@ from rich.table import Table
 from ..device import resolve_device
 from ..memory import GIB
 from ..models.plan import plans
-from ..pipeline import check_dtype, fit_check
+from ..pipeline import check_dtype, check_strategies, fit_check
 from . import command, console
 from .options import add_run_arguments, add_shape_arguments, resolve
 
@@ -25,6 +25,8 @@ def plan(args: argparse.Namespace) -> int:
     spec, opts = resolve(args)
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies)
+    if "moe" in opts.models:
+        check_strategies(spec, opts.strategies, device, opts.dtype)
     t = Table(title=f"plan: {spec} on {device}")
     for col in ("model", "width", "params", "active params", "GFLOP/inference", "train GiB", "infer GiB",
                 "fits"):

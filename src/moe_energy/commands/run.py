@@ -41,6 +41,11 @@ def _si(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _not_measured(m: dict) -> str:
+    """Why a model has no figures: 'skipped: <reason>' (it could not fit) or 'failed: <error>' (it broke)."""
+    return m["skipped"] if m.get("status") == "failed" else f"skipped: {m['skipped']}"
+
+
 def results_table(doc: dict) -> Table:
     env = doc["environment"]
     reps = max((m.get("repeats", 1) for m in doc["models"]), default=1)
@@ -53,7 +58,7 @@ def results_table(doc: dict) -> Table:
     for m in doc["models"]:
         if m.get("skipped"):
             t.add_row(escape(m["name"]), f"{m['params']:,}", f"{m['active_params']:,}", "-", "-",
-                      escape("skipped: " + m["skipped"].split(" (")[0]), "-", "-", "-", "-", "-")
+                      escape(_not_measured(m).split(" (")[0]), "-", "-", "-", "-", "-")
             continue
         est = " (estimate)" if m.get("energy_is_estimate") or m["energy_method"] == "estimate" else ""
         acc = fmt(m["accuracy"], ".1%") + (" (diverged: meaningless)" if m["diverged"] else "")
@@ -96,9 +101,10 @@ def energy_summary(doc: dict) -> list[str]:
         lines.append(f"{failed} of {total} windows FAILED and were left out of the figures: {first}")
     if isinstance(idle, dict) and idle.get("failed"):
         lines[1] = f"idle power: not measured ({idle['failed']})"
+    lines += [f"notice: {n}" for n in doc.get("notices", [])]
     for m in doc["models"]:
         if m.get("skipped"):
-            lines.append(f"{m['name']}: skipped, {m['skipped']}")
+            lines.append(f"{m['name']}: {_not_measured(m).replace('skipped: ', 'skipped, ', 1)}")
         elif m.get("diverged"):
             reason = (m.get("train") or {}).get("diverged_reason")
             lines.append(f"{m['name']}: training diverged ({reason}); its accuracy is meaningless, its speed and "

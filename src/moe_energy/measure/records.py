@@ -86,7 +86,7 @@ class ModelRecord(TypedDict, total=False):
     width: int
     strategy: str | None
     dtype: str
-    status: str  # "measured" | "skipped"
+    status: str  # "measured" | "skipped" | "failed"
     skipped: str
     accuracy: float | None
     accuracy_bench_dtype: float | None
@@ -238,10 +238,12 @@ def summarize_windows(windows: list[WindowRecord]) -> dict[str, Any]:
     return out
 
 
-def skipped_record(name: str, fields: dict[str, Any], strategy: str | None, dtype: str, reason: str) -> ModelRecord:
-    """A model that was not measured: its shape and the reason, every figure absent (not 0)."""
+def skipped_record(name: str, fields: dict[str, Any], strategy: str | None, dtype: str, reason: str,
+                   status: str = "skipped") -> ModelRecord:
+    """A model that was not measured (``status`` "skipped", or "failed" when it broke before its first window):
+    its shape and the reason, every figure absent (not 0)."""
     return {  # type: ignore[typeddict-item]
-        "name": name, **fields, "strategy": strategy, "dtype": dtype, "status": "skipped", "skipped": reason,
+        "name": name, **fields, "strategy": strategy, "dtype": dtype, "status": status, "skipped": reason,
         "accuracy": None, "diverged": None, "train": None, "repeats": 0, "windows": [], "flags": [reason],
         "inferences_per_second": None, "inferences_per_joule": None, "energy_j": None, "average_power_w": None,
         "inferences_per_joule_reason": reason, "energy_method": "none",
