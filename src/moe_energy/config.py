@@ -185,7 +185,7 @@ CONFIG_KEYS = SPEC_KEYS | OPTION_KEYS | {"preset"}
 
 def resolve_spec(preset: str | None, **overrides: int | None) -> ModelSpec:
     """A preset (default small) with any of its fields overridden; validated."""
-    name = preset or "small"
+    name = "small" if preset is None else preset  # an empty name is a typo, not a request for the default
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -200,6 +200,15 @@ def split_list(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+def _path(key: str, v: Any) -> str:
+    """A path option: a non-empty string (a TOML list or number is a typo, never a folder named after it)."""
+    if isinstance(v, Path):
+        v = str(v)
+    if not isinstance(v, str) or not v.strip() or "\0" in v:
+        raise ConfigError(f"{key}={v!r} must be a path (a non-empty string); e.g. {key} = \"results\"")
+    return v
 
 
 def resolve_config(cfg: dict[str, Any]) -> tuple[ModelSpec, RunOptions]:
@@ -220,7 +229,7 @@ def resolve_config(cfg: dict[str, Any]) -> tuple[ModelSpec, RunOptions]:
         given["strategies"] = tuple(STRATEGIES)
     for k in ("data", "out"):
         if k in given:
-            given[k] = str(given[k])
+            given[k] = _path(k, given[k])
     extra = {"preset": None if custom else (cfg.get("preset") or "small")}
     try:
         opts = RunOptions(**given, extra=extra)

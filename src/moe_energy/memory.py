@@ -27,6 +27,16 @@ def inference_bytes(params: int, widest: int, batch_size: int, dtype: str) -> in
     return BYTES[dtype] * params + 4 * batch_size * widest * 4 + OVERHEAD_BYTES
 
 
+def dataset_bytes(samples: int, input_dim: int, classes: int) -> int:
+    """Host bytes the synthetic task peaks at: x and its train/test copies, labels, the class scores."""
+    return 2 * samples * (4 * input_dim + 8) + 3 * 4 * samples * classes
+
+
+def batch_bytes(batch_size: int, input_dim: int, dtype: str) -> int:
+    """Bytes of the one batch the windows repeat: staged in fp32 on the host, then cast on the device."""
+    return batch_size * input_dim * (4 + BYTES[dtype])
+
+
 def _cgroup_free() -> int | None:
     """Bytes left under this process's cgroup memory limit (containers: /proc/meminfo shows the host's)."""
     try:

@@ -88,8 +88,25 @@ def check_dtype(device: torch.device, dtype: str, strategies: tuple[str, ...] = 
                           "choose float32") from None
 
 
-class StrategyRefused(ConfigError):
-    """A strategy the user named cannot run this shape here (a kernel's alignment rule, say): refused up front."""
+class Refused(ConfigError):
+    """This shape or size cannot run here (a kernel's alignment rule, inputs larger than memory): refused up
+    front. `run` and `plan` exit 2 with the reason; a sweep skips that point and measures the rest."""
+
+
+def check_inputs(spec: ModelSpec, opts: RunOptions, device: torch.device) -> None:
+    """Refuse, before allocating, a data set or bench batch that cannot fit (the models are checked apart)."""
+    host = torch.device("cpu")
+    if not opts.data:
+        need = memory.dataset_bytes(opts.samples, spec.input_dim, spec.classes)
+        problem = memory.fit_problem(need, host, f"the synthetic data ({opts.samples:,} samples x {spec.input_dim} "
+                                                 "features)")
+        if problem is not None:
+            raise Refused(f"{problem}; lower --samples")
+    need = memory.batch_bytes(opts.batch_size, spec.input_dim, opts.dtype)
+    for where in dict.fromkeys((host, device)):
+        problem = memory.fit_problem(need, where, f"the bench batch ({opts.batch_size:,} rows)")
+        if problem is not None:
+            raise Refused(f"{problem}; lower --batch-size")
 
 
 # Up to this many bytes of weights, a user-named strategy is tried on the real widths before any training.
@@ -109,7 +126,7 @@ def check_strategies(spec: ModelSpec, strategies: tuple[str, ...], device: torch
             with torch.inference_mode():
                 MoE.from_spec(probe, strategy=s).to(device=device, dtype=DTYPES[dtype])(x)
         except Exception as e:  # noqa: BLE001 - any failure here means: this strategy cannot run this shape
-            raise StrategyRefused(f"--moe-strategy {s} cannot run this shape on {device} in {dtype} "
+            raise Refused(f"--moe-strategy {s} cannot run this shape on {device} in {dtype} "
                                   f"({one_line(e, 120)}); use --moe-strategy auto, which picks one that can, or "
                                   "another strategy") from None
 
@@ -438,6 +455,7 @@ def start(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI, sleep: Callab
         raise ValueError(f"oom must be 'skip' or 'raise', not {oom!r}")
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies)
+    check_inputs(spec, opts, device)
     if "moe" in opts.models:
         check_strategies(spec, opts.strategies, device, opts.dtype)
     dtype = DTYPES[opts.dtype]

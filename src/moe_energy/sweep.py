@@ -413,14 +413,14 @@ def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[di
 
     A ConfigError or KeyboardInterrupt propagates: the sweep stops, the point in flight is discarded.
     """
-    from .pipeline import StrategyRefused
+    from .pipeline import Refused
 
     failure: tuple[str, str] | None = None
     tried = 0
     try:
         doc, _ = run(p.spec, p.opts, meter, ui, save=False, oom="raise")
         return "done", None, doc
-    except StrategyRefused as e:  # this point's shape, not the sweep's options: skip it, measure the rest
+    except Refused as e:  # this point's shape or size, not the sweep's options: skip it, measure the rest
         return "skipped", str(e), None
     except (ConfigError, KeyboardInterrupt):
         raise

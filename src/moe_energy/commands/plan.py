@@ -9,7 +9,7 @@ from rich.table import Table
 from ..device import resolve_device
 from ..memory import GIB
 from ..models.plan import plans
-from ..pipeline import check_dtype, check_strategies, fit_check
+from ..pipeline import check_dtype, check_inputs, check_strategies, fit_check
 from . import command, console
 from .options import add_run_arguments, add_shape_arguments, resolve
 
@@ -25,6 +25,7 @@ def plan(args: argparse.Namespace) -> int:
     spec, opts = resolve(args)
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies)
+    check_inputs(spec, opts, device)  # the data and the bench batch, as `run` checks them
     if "moe" in opts.models:
         check_strategies(spec, opts.strategies, device, opts.dtype)
     t = Table(title=f"plan: {spec} on {device}")

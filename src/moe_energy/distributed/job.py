@@ -111,6 +111,7 @@ def start(spec: ModelSpec, opts: RunOptions, g: Group, meter_factory: Callable[[
         check_options(opts)
         check_divisible(spec.experts, g.world_size)
         pipeline.check_dtype(g.device, opts.dtype, (EP_STRATEGY, TRAIN_STRATEGY))
+        pipeline.check_inputs(spec, opts, g.device)
         meter = (meter_factory or rank_meter)(g.device)
         data = make_dataset(opts.samples, spec.input_dim, spec.classes, opts.seed, opts.test_fraction, opts.data)
         if opts.data:

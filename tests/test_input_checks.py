@@ -1,0 +1,88 @@
+"""Inputs are checked before anything is allocated: every large allocation against free memory, every config
+value against its kind. One `error:` line and exit 2, never a numpy or allocator traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_energy import memory
+from moe_energy import sweep as sw
+from moe_energy.cli import main
+from moe_energy.config import ModelSpec, RunOptions, resolve_config
+from moe_energy.errors import ConfigError
+from moe_energy.pipeline import Refused, check_inputs
+
+TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4"]
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("notice:")]
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("cmd", ["run", "plan"])
+@pytest.mark.parametrize("flags, needle, fix", [
+    (["--samples", "100000000"], "the synthetic data (100,000,000 samples", "lower --samples"),
+    (["--samples", "60000000", "--input-dim", "784"], "the synthetic data (60,000,000 samples", "lower --samples"),
+    (["--batch-size", "10000000", "--input-dim", "784"], "the bench batch (10,000,000 rows)", "lower --batch-size"),
+    (["--batch-size", "2000000", "--input-dim", "784"], "the bench batch (2,000,000 rows)", "lower --batch-size"),
+])
+def test_inputs_larger_than_memory_are_refused_before_allocating(tmp_path, capsys, monkeypatch, cmd, flags, needle,
+                                                                  fix):
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 8 * 2**30)  # the same answer on every host
+    args = [cmd, *TINY, *flags, "--device", "cpu"] + (["--out", str(tmp_path), "--meter", "none"] if cmd == "run"
+                                                      else [])
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: out of memory (") and needle in line and line.endswith(fix)
+    assert "8.0 GiB free on cpu" in line
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_input_need_is_arithmetic_and_checked_on_host_and_device(monkeypatch):
+    asked: list[tuple[int, str, str]] = []
+    monkeypatch.setattr(memory, "fit_problem", lambda n, d, what: asked.append((n, str(d), what)))
+    spec = ModelSpec(experts=4, hidden=16, layers=2, top_k=2, input_dim=40, classes=4)
+    check_inputs(spec, RunOptions(samples=1000, batch_size=64, dtype="bfloat16"), __import__("torch").device("cpu"))
+    assert asked == [(memory.dataset_bytes(1000, 40, 4), "cpu", "the synthetic data (1,000 samples x 40 features)"),
+                     (64 * 40 * (4 + 2), "cpu", "the bench batch (64 rows)")]
+
+
+def test_a_sweep_point_too_large_for_memory_is_skipped_and_the_rest_measured(monkeypatch):
+    free = 2**30
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free)
+    grid = sw.build_grid({"experts": "4", "hidden": "16", "layers": "2", "top_k": "2", "input_dim": 40,
+                          "classes": 4, "batch_size": "32,4000000", "samples": 300, "epochs": 1})
+    import torch
+
+    with pytest.raises(Refused):  # what run() raises for that point; run_points turns it into a skip
+        check_inputs(grid.points[1].spec, grid.points[1].opts, torch.device("cpu"))
+    assert issubclass(Refused, ConfigError)
+    status, reason, doc = sw.measure_point(grid.points[1], None, torch.device("cpu"),
+                                           lambda *a, **k: check_inputs(a[0], a[1], torch.device("cpu")), None)
+    assert (status, doc) == ("skipped", None) and "lower --batch-size" in reason
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    ({"out": ["a", "b"]}, "out=['a', 'b'] must be a path"),
+    ({"out": ""}, "out='' must be a path"),
+    ({"data": 5}, "data=5 must be a path"),
+    ({"preset": ""}, "preset='' is unknown"),
+    ({"preset": 3}, "preset=3 is unknown"),
+    ({"experts": "4"}, "experts='4' is not a whole number"),
+    ({"idle_seconds": True}, "idle-seconds=True"),
+    ({"strategies": (1,)}, "must be a non-empty list of names"),
+])
+def test_config_values_of_the_wrong_kind_are_refused_by_key(cfg, needle):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(cfg)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_list_valued_out_in_a_config_file_creates_no_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text('out = ["a", "b"]\n')
+    assert main(["run", *TINY, "--config", "c.toml", "--meter", "none"]) == 2
+    assert "must be a path" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
