@@ -13,7 +13,7 @@ from moe_energy.cli import main
 from moe_energy.energy.rapl import ENV_ROOT
 from moe_energy.models.strategies import STRATEGIES
 
-FAST = ["--device", "cpu", "--seconds", "0.5", "--idle-seconds", "0.3"]
+FAST = ["--device", "cpu", "--seconds", "1", "--idle-seconds", "1"]
 
 
 
@@ -121,6 +121,19 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert main(["selfcheck", "--device", "tpu", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--seconds 0.0 must be" in err and "--device 'tpu' is unknown" in err
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seconds", "1e-9"], "--seconds 1e-09 is too short"),
+    (["--seconds", "0.5"], "--seconds 0.5 is too short"),
+    (["--idle-seconds", "0.2"], "--idle-seconds 0.2 is too short"),
+])
+def test_windows_too_short_to_trust_are_refused_so_the_verdict_is_stable(tmp_path, capsys, flags, needle):
+    for _ in range(2):  # the same answer every time, before anything is measured
+        assert main(["selfcheck", "--device", "cpu", *flags, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "at least 1 s" in err[0]
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_crash_detail_is_errors_one_line(monkeypatch):

@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from functools import partial
 from typing import Any
 
@@ -24,7 +23,9 @@ from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, meter_info
 from .energy.select import MeterStatus, auto_meter, survey
 from .environment import describe
-from .errors import described
+from .errors import ConfigError, described
+from .fileio import now_utc
+from .measure.window import MIN_TRUSTED_SECONDS
 from .models.moe import MoE
 from .models.plan import ModelPlan
 from .models.strategies import STRATEGIES, ExpertStack
@@ -83,7 +84,7 @@ class SelfCheckReport:
     def as_doc(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": now_utc(),
             "environment": self.environment, "options": self.options, "energy_meter": self.meter,
             "meters": self.meters, "checks": [asdict(c) for c in self.checks],
             "passed": self.passed, "verdict": self.verdict, "elapsed_s": self.elapsed_s,
@@ -341,7 +342,16 @@ def check_energy(device: torch.device, meter: Meter, seconds: float, idle_second
 
 def run_selfcheck(device: torch.device, seconds: float = 10.0, idle_seconds: float = 3.0,
                   on_phase: Callable[[str], None] = lambda msg: None) -> SelfCheckReport:
-    """Every check on ``device``; about 2 x (``seconds`` + 3 s) + ``idle_seconds`` + the strategy checks."""
+    """Every check on ``device``; about 2 x (``seconds`` + 3 s) + ``idle_seconds`` + the strategy checks.
+
+    Windows shorter than ``MIN_TRUSTED_SECONDS`` are refused: a counter's coarse updates would make the
+    verdict a coin toss (PROBLEMS on one run, OK on the next), and a verdict must be stable.
+    """
+    if not seconds >= MIN_TRUSTED_SECONDS or not (idle_seconds == 0 or idle_seconds >= MIN_TRUSTED_SECONDS):
+        flag, v = ("--seconds", seconds) if not seconds >= MIN_TRUSTED_SECONDS else ("--idle-seconds", idle_seconds)
+        raise ConfigError(f"{flag} {v:g} is too short for an energy window: give at least {MIN_TRUSTED_SECONDS:g} s"
+                          f"{' (or 0 to skip it)' if flag == '--idle-seconds' else ''}; energy counters update too "
+                          "coarsely below that")
     t0 = time.perf_counter()
     meter = auto_meter(device)
     info = meter_info(meter)
