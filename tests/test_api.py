@@ -140,11 +140,12 @@ def test_user_moe_with_dict_and_tuple_inputs_and_explicit_batch_size(live_rapl):
 
 def test_bad_inputs_are_one_line_errors():
     model = nn.Linear(4, 4)
-    for kwargs in ({"duration": 0}, {"duration": float("nan")}, {"repeats": 0}, {"repeats": 1.5},
-                   {"warmup": -1}, {"batch_size": 0}):
+    for kwargs in ({"duration": 0}, {"duration": float("nan")}, {"repeats": 0}, {"warmup": -1}, {"batch_size": 0}):
         with pytest.raises(ConfigError):
             me.benchmark(model, torch.zeros(2, 4), **{"duration": 0.1, "repeats": 1, **kwargs})
-    with pytest.raises(ConfigError, match="give a tensor"):
+    with pytest.raises(TypeError, match="repeats=1.5"):  # a wrong kind of value: a TypeError, not a ValueError
+        me.benchmark(model, torch.zeros(2, 4), duration=0.1, repeats=1.5)
+    with pytest.raises(TypeError, match="give a tensor"):
         me.benchmark(model, "not a batch", duration=0.1)
     with pytest.raises(ValueError, match="pass batch_size="):
         me.benchmark(lambda **kw: None, {"n": 3}, duration=0.1)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from numbers import Real
 from typing import Any, cast
 
 import torch
@@ -27,7 +28,7 @@ from .measure.records import summarize
 from .measure.window import batch_tensors, caller, infer_batch_size, measure
 from .models.counting import dense_flops
 from .models.dense import DenseMLP
-from .models.moe import MoE
+from .models.moe import MoE, kind_of
 from .models.plan import ModelPlan
 
 SCHEMA = "moe-energy/benchmark"
@@ -43,6 +44,27 @@ def _warn_at(stacklevel: int) -> Callable[[str], None]:
 _WARN_CALLER = _warn_at(4)  # lambda < select.auto_meter < auto_meter < the user's line
 
 
+def _check_meter_args(where: str, device: Any, cpu_tdp_watts: Any) -> torch.device | None:
+    """The device as a torch.device and the TDP checked, before the meter classes see them: they would take
+    inf or nan watts as a number and 'cuda:x' as a device of kind 'cuda:x'."""
+    if cpu_tdp_watts is not None:
+        if isinstance(cpu_tdp_watts, bool) or not isinstance(cpu_tdp_watts, Real):
+            raise TypeError(f"{where}: cpu_tdp_watts={cpu_tdp_watts!r} is {kind_of(cpu_tdp_watts)}; "
+                            "give a number of watts > 0 (or None for 5 W per logical CPU)")
+        if not math.isfinite(cpu_tdp_watts) or cpu_tdp_watts <= 0:
+            raise ConfigError(f"{where}: cpu_tdp_watts={cpu_tdp_watts!r} must be a finite number of watts > 0")
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{where}: device={device!r} is {kind_of(device)}; give a torch.device or a "
+                        "name such as 'cpu' or 'cuda:0'")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{where}: device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") \
+            from None
+
+
 def auto_meter(device: Any = None, cpu_tdp_watts: float | None = None,
                notice: Callable[[str], None] | None = _WARN_CALLER) -> MeterBase:
     """The meter ``--meter auto`` picks for ``device`` (default: the best visible one).
@@ -51,11 +73,21 @@ def auto_meter(device: Any = None, cpu_tdp_watts: float | None = None,
     when none exists, with a warning saying so (``notice=None`` silences it; it stays in ``meter.notice``).
     Use it as ``with meter.window("name") as w: ...`` then ``w.result.joules``.
     """
+    device = _check_meter_args("auto_meter", device, cpu_tdp_watts)
+    if notice is not None and not callable(notice):
+        raise TypeError(f"auto_meter: notice={notice!r} is {kind_of(notice)}; give a function of one "
+                        "message (str), or None to keep the notice only in meter.notice")
     return cast(MeterBase, select.auto_meter(device, cpu_tdp_watts=cpu_tdp_watts, notice=notice))
 
 
 def make_meter(name: str, device: Any = None, cpu_tdp_watts: float | None = None) -> MeterBase:
     """One meter by name (``nvidia``, ``amd``, ``rapl``, ``apple``, ``estimate``, ``none`` or ``auto``)."""
+    if not isinstance(name, str):
+        raise TypeError(f"make_meter: name={name!r} is {kind_of(name)}; give one of "
+                        f"{', '.join(select.METER_NAMES)}")
+    if name not in select.METER_NAMES:
+        raise ConfigError(f"make_meter: name={name!r} is unknown; choose one of {', '.join(select.METER_NAMES)}")
+    device = _check_meter_args("make_meter", device, cpu_tdp_watts)
     return cast(MeterBase, select.make_meter(name, device, cpu_tdp_watts))
 
 
@@ -147,12 +179,16 @@ class BenchmarkResult:
                 f"median of {self.repeats} window(s))")
 
 
-def count_flops(model: nn.Module, batch: Any, batch_size: int,
+def count_flops(model: Callable[..., Any], batch: Any, batch_size: int,
                 given: int | None = None) -> tuple[int | None, str]:
     """FLOPs per inference and how they were got: given; the CLI's arithmetic for this package's models;
-    else torch's FlopCounterMode over one forward (matrix products it can see; fused kernels it cannot)."""
+    else torch's FlopCounterMode over one forward of a module (matrix products it can see; fused kernels it
+    cannot). A plain callable's are not counted: it may do anything besides tensor work, so a count would
+    be a guess."""
     if given is not None:
         return given, "given (flops_per_inference=)"
+    if not isinstance(model, nn.Module):
+        return None, "not known: a plain callable, not an nn.Module; pass flops_per_inference="
     if isinstance(model, MoE):
         return ModelPlan.of("moe", model).flops_per_inference, \
             "arithmetic: gate + top_k experts' matrix products (as the CLI)"
@@ -174,22 +210,60 @@ def count_flops(model: nn.Module, batch: Any, batch_size: int,
 
 
 def _positive(name: str, v: Any, integer: bool = False, zero_ok: bool = False) -> None:
-    ok = not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
-    if not ok or not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
-        what = "a whole number" if integer else "a finite number"
-        raise ConfigError(f"{name}={v!r} must be {what} {'>= 0' if zero_ok else '> 0'}")
+    """A TypeError for a wrong kind of value (a str, a bool, 1.5 repeats), a ConfigError for a wrong number."""
+    what = "a whole number" if integer else "a finite number"
+    bound = ">= 0" if zero_ok else "> 0"
+    if isinstance(v, bool) or not isinstance(v, int if integer else Real):
+        raise TypeError(f"benchmark: {name}={v!r} is {kind_of(v)}; give {what} {bound}")
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
+        raise ConfigError(f"benchmark: {name}={v!r} must be {what} {bound}")
 
 
-def _device_of(model: nn.Module, batch: Any) -> torch.device:
-    """Where the work runs: the first accelerator tensor of the input, else of the model, else the CPU."""
-    for t in [*batch_tensors(batch), *model.parameters(), *model.buffers()]:
+def _device_of(model: Callable[..., Any], batch: Any) -> torch.device:
+    """Where the work runs: the first accelerator tensor of the input, else of a module's weights, else the
+    CPU (a plain callable's weights, if any, are out of sight: its device is its batch's)."""
+    weights = [*model.parameters(), *model.buffers()] if isinstance(model, nn.Module) else []
+    for t in [*batch_tensors(batch), *weights]:
         if t.device.type != "cpu":
             return t.device
     return torch.device("cpu")
 
 
+def _check_callables(model: Any, meter: Any, sync: Any) -> None:
+    """Wrong kinds of model, meter or sync, said up front rather than as an AttributeError mid-window."""
+    if not callable(model):
+        raise TypeError(f"benchmark: model is {kind_of(model)}; give an nn.Module or any callable "
+                        "(a function or lambda) that takes the batch")
+    if meter is not None and not isinstance(meter, Meter):
+        hint = f" (me.make_meter({meter!r}))" if isinstance(meter, str) else ""
+        raise TypeError(f"benchmark: meter={meter!r} is {kind_of(meter)}, not a meter; give "
+                        f"me.make_meter(...) or me.auto_meter(){hint}, or None for the automatic one")
+    if sync is not None and not callable(sync):
+        raise TypeError(f"benchmark: sync={sync!r} is {kind_of(sync)}; give a function of no "
+                        "arguments, or None for the batch's device sync")
+
+
+def _checked_batch(batch: Any) -> Any:
+    """The batch as ``measure`` calls it (a Mapping as a dict); any other kind is a TypeError saying which."""
+    if not isinstance(batch, (torch.Tensor, tuple, list, Mapping)):
+        raise TypeError(f"benchmark: example_batch is {kind_of(batch)}; give a tensor, tuple, list or dict")
+    if isinstance(batch, Mapping):
+        batch = dict(batch)
+        if not all(isinstance(k, str) for k in batch):
+            raise TypeError("benchmark: example_batch is a dict with non-str keys; its keys are the model's "
+                            "keyword arguments, so give names (str)")
+    return batch
+
+
+def _model_name(model: Callable[..., Any]) -> str:
+    """A module's class name (as the CLI records it); a function's own name (``<lambda>`` for a lambda)."""
+    if isinstance(model, nn.Module):
+        return type(model).__name__
+    return str(getattr(model, "__name__", type(model).__name__))
+
+
 def benchmark(
-    model: nn.Module,
+    model: nn.Module | Callable[..., Any],
     example_batch: Any,
     duration: float = 10.0,
     repeats: int = 3,
@@ -204,20 +278,20 @@ def benchmark(
 ) -> BenchmarkResult:
     """Measure ``model`` on ``example_batch`` in ``repeats`` windows of ``duration`` seconds each.
 
-    ``example_batch`` is a tensor (``model(x)``), a tuple/list (``model(*batch)``) or a dict
-    (``model(**batch)``), already on the model's device; ``batch_size`` (inferences per call) defaults to
-    the leading dimension of its first tensor. ``meter`` defaults to ``auto_meter`` for that device.
-    ``idle_seconds`` > 0 first reads idle power, so each window also gets dynamic (raw minus idle) energy.
-    The model is put in eval mode and run under ``torch.inference_mode``.
+    ``model`` is an ``nn.Module`` or any callable (a plain function's FLOPs are not known unless given, and
+    its device is its batch's). ``example_batch`` is a tensor (``model(x)``), a tuple/list
+    (``model(*batch)``) or a dict (``model(**batch)``), already on the model's device; ``batch_size``
+    (inferences per call) defaults to the leading dimension of its first tensor. ``meter`` defaults to
+    ``auto_meter`` for that device. ``idle_seconds`` > 0 first reads idle power, so each window also gets
+    dynamic (raw minus idle) energy. A module is put in eval mode; every call runs under
+    ``torch.inference_mode``.
     """
+    _check_callables(model, meter, sync)
     _positive("duration", duration)
     _positive("repeats", repeats, integer=True)
     for name, v in (("warmup", warmup), ("idle_seconds", idle_seconds), ("cooldown", cooldown)):
         _positive(name, v, zero_ok=True)
-    if not isinstance(example_batch, (torch.Tensor, tuple, list, Mapping)):
-        raise ConfigError(f"example_batch is a {type(example_batch).__name__}; give a tensor, tuple, list or dict")
-    if isinstance(example_batch, Mapping) and not isinstance(example_batch, dict):
-        example_batch = dict(example_batch)
+    example_batch = _checked_batch(example_batch)
     if batch_size is None:
         batch_size = infer_batch_size(example_batch)
     _positive("batch_size", batch_size, integer=True)
@@ -227,7 +301,8 @@ def benchmark(
     meter = meter if meter is not None else auto_meter(device, notice=_warn_at(5))  # ... < benchmark < the user
     sync = sync if sync is not None else device_sync(device)
 
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     flops, flops_method = count_flops(model, example_batch, batch_size, flops_per_inference)
     idle = measure_idle(meter, idle_seconds, sync)
     windows: list[dict[str, Any]] = []
@@ -240,7 +315,7 @@ def benchmark(
         windows.append({"repeat": r, "order": r, "started_utc": started, **res.metrics()})
     info = meter_info(meter)
     info["notice"] = getattr(meter, "notice", None)
-    return result_from_windows(windows, model=type(model).__name__, device=str(device), duration_s=duration,
+    return result_from_windows(windows, model=_model_name(model), device=str(device), duration_s=duration,
                                warmup_s=warmup, flops_method=flops_method, meter=info, idle=idle)
 
 

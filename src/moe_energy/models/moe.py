@@ -7,10 +7,13 @@ run, never what they compute.
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .counting import moe_active_params, moe_params
 from .strategies import AUTO_CANDIDATES, STRATEGIES, AutoChoice, ExpertStack, choose
 
@@ -19,6 +22,43 @@ from .strategies import AUTO_CANDIDATES, STRATEGIES, AutoChoice, ExpertStack, ch
 # logical shape are the same; which one multiplies faster depends on the BLAS and the shape (optimize.py
 # measures it).
 LAYOUTS = ("out_in", "in_out")
+SHAPE_FIELDS = ("experts", "hidden", "layers", "top_k", "input_dim", "classes")
+
+
+def kind_of(v: Any) -> str:
+    """'an int', 'a str', 'None': what a wrong argument was, for a message."""
+    if v is None:
+        return "None"
+    name = type(v).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def whole_number(where: str, name: str, v: Any, least: int = 1) -> int:
+    """``v`` as an int >= ``least``: a float, bool or string here is a slip that torch would report obscurely
+    (or, for 1.5, silently truncate), so it is refused with the argument's name."""
+    if isinstance(v, bool) or not isinstance(v, Integral):
+        raise TypeError(f"{where}: {name}={v!r} is {kind_of(v)}; give a whole number (an int) >= {least}")
+    if v < least:
+        raise ConfigError(f"{where}: {name}={v!r} must be a whole number >= {least}")
+    return int(v)
+
+
+def positive_number(where: str, name: str, v: Any) -> float:
+    """``v`` as a finite float > 0 (nan and inf compare oddly and would poison every size computed from them)."""
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise TypeError(f"{where}: {name}={v!r} is {kind_of(v)}; give a finite number > 0")
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{where}: {name}={v!r} must be a finite number > 0")
+    return float(v)
+
+
+def check_shape(where: str, **dims: Any) -> dict[str, int]:
+    """The six shape fields as ints, each >= 1 and top_k <= experts; one-line TypeError/ValueError otherwise."""
+    out = {k: whole_number(where, k, v) for k, v in dims.items()}
+    if "top_k" in out and "experts" in out and out["top_k"] > out["experts"]:
+        raise ConfigError(f"{where}: top_k={out['top_k']} exceeds experts={out['experts']}; "
+                          f"choose top_k between 1 and {out['experts']}")
+    return out
 
 
 class MoE(nn.Module):
@@ -36,8 +76,12 @@ class MoE(nn.Module):
         capacity_factor: float = 1.25,
     ) -> None:
         super().__init__()
-        if not 1 <= top_k <= experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and experts={experts}")
+        shape = check_shape("MoE", experts=experts, hidden=hidden, layers=layers, top_k=top_k,
+                            input_dim=input_dim, classes=classes)  # before torch sees a 0, -1 or 1.5
+        experts, hidden, layers, top_k = shape["experts"], shape["hidden"], shape["layers"], shape["top_k"]
+        input_dim, classes = shape["input_dim"], shape["classes"]
+        self.strategy = strategy  # checked before any weight is allocated
+        self.capacity_factor = capacity_factor
         self.experts, self.hidden, self.layers, self.top_k = experts, hidden, layers, top_k
         self.input_dim, self.classes = input_dim, classes
         self.gate = nn.Linear(input_dim, experts)
@@ -48,8 +92,6 @@ class MoE(nn.Module):
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(experts, d_out)) for d_out in dims[1:])
         self.reset_parameters()
-        self.strategy = strategy
-        self.capacity_factor = capacity_factor  # padded_capacity's C = ceil(factor * T*k / E)
         # [routed pairs, dropped pairs] added up by capacity strategies on the device; read outside windows
         self.register_buffer("pair_counts", torch.zeros(2, dtype=torch.long), persistent=False)
         self.auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
@@ -74,9 +116,20 @@ class MoE(nn.Module):
 
     @strategy.setter
     def strategy(self, name: str) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"MoE: strategy={name!r} is {kind_of(name)}; give a name, one of {', '.join(STRATEGIES)}")
         if name not in STRATEGIES:
-            raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+            raise ConfigError(f"MoE: strategy={name!r} is an unknown strategy; choose from {', '.join(STRATEGIES)}")
         self._strategy = name
+
+    @property
+    def capacity_factor(self) -> float:
+        """padded_capacity's C = ceil(factor * T*k / E)."""
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, factor: float) -> None:
+        self._capacity_factor = positive_number("MoE", "capacity_factor", factor)
 
     @property
     def num_params(self) -> int:
@@ -144,13 +197,25 @@ class MoE(nn.Module):
         return idx, top.float().softmax(dim=-1).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.input_dim:  # shapes only: no sync
+            self._bad_input(x)
         idx, gate_w = self.route(x)
         ex = self.stack()
         name = self._strategy
         if name == "auto":
-            self.auto_choice = choose(x, idx, gate_w, ex, self.auto_candidates)
-            name = self.auto_choice.name
+            if x.shape[0] == 0:  # nothing to time: any exact strategy gives [0, out], this one without grouped_mm
+                name = "dense_experts"
+            else:
+                self.auto_choice = choose(x, idx, gate_w, ex, self.auto_candidates)
+                name = self.auto_choice.name
         return STRATEGIES[name](x, idx, gate_w, ex)
+
+    def _bad_input(self, x: Any) -> None:
+        """Say what the input should be, rather than let the gate's matmul report mismatched shapes."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoE: input x is {kind_of(x)}; give a tensor [tokens, input_dim={self.input_dim}]")
+        raise ConfigError(f"MoE: input x has shape {list(x.shape)}; give [tokens, input_dim={self.input_dim}] "
+                          "(flatten any other leading dimensions into tokens)")
 
     def expert(self, e: int) -> nn.Sequential:
         """A copy of expert e as the seed's plain nn.Linear/ReLU stack (for checks and export)."""

@@ -156,12 +156,16 @@ def rank_in_expert(flat: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     hits = flat[:, None] == torch.arange(num_experts, device=flat.device)  # [N, E] bool
     seen = hits.cumsum(0)  # [N, E] int64: pairs of each expert so far
     rank = seen.gather(1, flat[:, None]).squeeze(1) - 1  # [N]
-    return rank, seen[-1]
+    counts = seen[-1] if flat.shape[0] else seen.new_zeros(num_experts)  # a shape test, not a sync
+    return rank, counts
 
 
 def capacity_for(num_pairs: int, num_experts: int, num_tokens: int, factor: float) -> int:
-    """Static per-expert capacity C = ceil(factor * pairs / E), at least 1, at most T (an expert's maximum)."""
-    return max(1, min(num_tokens, math.ceil(factor * num_pairs / num_experts)))
+    """Static per-expert capacity C = ceil(factor * pairs / E), at least 1, at most T (an expert's maximum).
+
+    T bounds it last, so an empty batch gets C = 0: no padding row, since there is no token 0 for one to read.
+    """
+    return min(num_tokens, max(1, math.ceil(factor * num_pairs / num_experts)))
 
 
 # --- fast strategies -------------------------------------------------------------------------------
@@ -186,6 +190,8 @@ def grouped_chain(h: Tensor, r: Routing, ex: ExpertStack) -> Tensor:
 @register("grouped")
 def grouped(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
     """Sorted pairs, one grouped GEMM per layer, one scatter-add: no Python loop over experts, no sync."""
+    if x.shape[0] == 0:  # a shape test, not a sync: no work, and no empty grouped_mm for a backend to trip on
+        return dense_experts(x, expert_idx, gate_w, ex)
     r = sort_by_expert(expert_idx, gate_w, ex.num_experts)
     h = grouped_chain(x.index_select(0, r.token), r, ex)  # [T*k, d] -> [T*k, out]
     return combine(h, r, x.shape[0])
@@ -231,6 +237,8 @@ def align_groups(r: Routing, num_experts: int, align: int = GROUP_ALIGN) -> Alig
 @register("grouped_fm")
 def grouped_fm(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
     """Feature-major grouped GEMM: h [features, columns], one grouped_mm (3D weights x 2D h) per layer."""
+    if x.shape[0] == 0:  # no token 0 for padding columns to read, and grouped_mm refuses a [out, 0] h
+        return dense_experts(x, expert_idx, gate_w, ex)  # [0, out], exact, still on the weights' graph
     E = ex.num_experts
     r = sort_by_expert(expert_idx, gate_w, E)
     a = align_groups(r, E)
@@ -272,10 +280,12 @@ def padded_forward(
         dropped = (~keep).sum()
     src = torch.zeros(E * C + 1, dtype=torch.long, device=x.device)  # [E*C+1] token feeding each row
     src = src.index_put_((slot,), token)  # empty rows read token 0: computed, never read back
-    h = ex.run_batched(x.index_select(0, src[: E * C]).view(E, C, -1))  # [E, C, out]
-    rows = h.view(E * C, -1).index_select(0, slot if keep is None else slot.clamp(max=E * C - 1))
+    # sizes spelled out, not -1: an empty batch (T = C = 0) has no elements to infer a -1 from
+    h = ex.run_batched(x.index_select(0, src[: E * C]).view(E, C, x.shape[1]))  # [E, C, out]
+    out = h.shape[2]
+    rows = h.view(E * C, out).index_select(0, slot if keep is None else slot.clamp(max=E * C - 1))
     w = gate_w if keep is None else gate_w * keep.view(T, k)  # [T, k] a dropped pair weighs 0
-    y = torch.bmm(w.to(rows.dtype)[:, None, :], rows.view(T, k, -1)).squeeze(1)  # [T, out]
+    y = torch.bmm(w.to(rows.dtype)[:, None, :], rows.view(T, k, out)).squeeze(1)  # [T, out]
     return y, dropped
 
 
