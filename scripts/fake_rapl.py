@@ -9,6 +9,11 @@ be counted twice) and, with --dram-watts, intel-rapl:0:1 (dram), then rewrites e
 --period seconds as start + watts x elapsed, wrapping at max_energy_range_uj like the real counter.
 Each write is a rename of a complete file, so a reader never sees a half-written number.
 Prints "ready <root>" once the tree exists. Standard library only.
+
+A tree that lies, for tests of what the meter refuses: --wrap-uj makes the counter wrap somewhere other
+than the max_energy_range_uj it states (which may then be 0), --reset-every sets it back to 0 every so many
+seconds (a reset, not a wrap), --max-power-w states a package power limit (constraint_0_max_power_uw)
+below what the counter draws.
 """
 
 from __future__ import annotations
@@ -27,14 +32,22 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def build(root: Path, zones: dict[str, tuple[str, float]], max_range_uj: int, start_uj: int) -> None:
-    """zones: directory name -> (zone name, watts)."""
+def build(root: Path, zones: dict[str, tuple[str, float]], max_range_uj: int, start_uj: int,
+          wrap_uj: int | None = None) -> None:
+    """zones: directory name -> (zone name, watts); the counter starts at start_uj modulo where it wraps."""
     for zid, (name, _) in zones.items():
         d = root / zid
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / "name", name + "\n")
         write_atomic(d / "max_energy_range_uj", f"{max_range_uj}\n")
-        write_atomic(d / "energy_uj", f"{start_uj % max_range_uj}\n")
+        write_atomic(d / "energy_uj", f"{start_uj % (wrap_uj or max_range_uj)}\n")
+
+
+def counter_uj(watts: float, elapsed: float, start_uj: int, wrap_uj: int, reset_every: float) -> int:
+    """The counter after ``elapsed`` seconds: back to 0 every ``reset_every`` s (0: never), wrapped at wrap_uj."""
+    if reset_every > 0:
+        return int(watts * (elapsed % reset_every) * 1e6) % wrap_uj
+    return int(start_uj + watts * elapsed * 1e6) % wrap_uj
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,13 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-range-uj", type=int, default=262_143_328_850, help="wrap point (the real default)")
     ap.add_argument("--start-uj", type=int, default=0, help="initial counter (near the range: a quick wrap)")
     ap.add_argument("--period", type=float, default=0.01, help="seconds between updates (default 0.01)")
+    ap.add_argument("--wrap-uj", type=int, help="where the counter really wraps (default: the stated range)")
+    ap.add_argument("--reset-every", type=float, default=0.0, help="seconds between resets to 0 (default never)")
+    ap.add_argument("--max-power-w", type=float, help="package-0's stated constraint_0_max_power_uw, in W")
     a = ap.parse_args(argv)
 
     root = Path(a.root)
+    wrap = a.wrap_uj or a.max_range_uj
     zones = {"intel-rapl:0": ("package-0", a.watts), "intel-rapl:0:0": ("core", a.watts * 0.6)}
     if a.dram_watts > 0:
         zones["intel-rapl:0:1"] = ("dram", a.dram_watts)
-    build(root, zones, a.max_range_uj, a.start_uj)
+    build(root, zones, a.max_range_uj, a.start_uj, wrap)
+    if a.max_power_w is not None:
+        write_atomic(root / "intel-rapl:0" / "constraint_0_max_power_uw", f"{int(a.max_power_w * 1e6)}\n")
     print(f"ready {root}", flush=True)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -60,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             elapsed = time.perf_counter() - t0
             for zid, (_, watts) in zones.items():
-                uj = int(a.start_uj + watts * elapsed * 1e6) % a.max_range_uj
+                uj = counter_uj(watts, elapsed, a.start_uj, wrap, a.reset_every)
                 write_atomic(root / zid / "energy_uj", f"{uj}\n")
             time.sleep(a.period)
     except KeyboardInterrupt:

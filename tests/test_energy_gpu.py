@@ -13,9 +13,10 @@ pynvml = pytest.importorskip("pynvml")
 pytest.importorskip("zeus")
 
 from moe_energy.energy import auto_meter, make_meter  # noqa: E402
-from moe_energy.energy.gpu import GpuMeter  # noqa: E402
+from moe_energy.energy.gpu import GPU_MAX_W, POWER_LIMIT_MARGIN, GpuMeter  # noqa: E402
 from moe_energy.energy.meter import CompositeMeter  # noqa: E402
 from moe_energy.energy.rapl import ENV_ROOT  # noqa: E402
+from moe_energy.measure.guard import GuardedMeter, MeterFailed  # noqa: E402
 from moe_energy.measure.window import measure  # noqa: E402
 
 
@@ -177,3 +178,47 @@ def test_make_meter_and_auto_on_a_gpu_run(nvml, monkeypatch, tmp_path):
     assert r.joules == pytest.approx(5.0)
     assert r.devices_covered == ["gpu:0", "cpu:package-0"]
     assert r.method == "counter"
+
+
+def _failed_window(meter: GpuMeter, sleep_s: float = 0.0) -> str:
+    """The reason the guarded window fails with."""
+    guarded = GuardedMeter(meter)
+    guarded.begin()
+    time.sleep(sleep_s)
+    with pytest.raises(MeterFailed) as e:
+        guarded.end()
+    return str(e.value)
+
+
+def test_power_above_the_gpu_power_limit_is_a_failed_window(nvml):
+    nvml.counter_mj = [0, 10_000_000]  # 10 kJ in well under a second: far above 1.5 x the 700 W limit
+    why = _failed_window(GpuMeter("nvidia", 0))
+    assert why.startswith("meter nvidia read an impossible figure: gpu:0: 1e+04 J in ")
+    assert f"above its {POWER_LIMIT_MARGIN * 700:g} W ceiling ({POWER_LIMIT_MARGIN:g} x its 700 W power limit)" in why
+
+
+def test_without_a_readable_power_limit_the_gpu_ceiling_is_physical(nvml, monkeypatch):
+    def refused(h):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerManagementLimit", refused)
+    nvml.counter_mj = [0, 50_000_000]
+    why = _failed_window(GpuMeter("nvidia", 0))
+    assert f"above its {GPU_MAX_W:g} W ceiling (physical ceiling of a GPU; its power limit is unreadable)" in why
+
+
+def test_gpu_counter_going_backwards_is_a_failed_window(nvml):
+    nvml.counter_mj = [5_000, 4_000]
+    why = _failed_window(GpuMeter("nvidia", 0))
+    assert why.startswith("meter nvidia read an impossible figure: gpu:0: -1 J in ")
+    assert why.endswith("is below zero: the counter went backwards")
+
+
+def test_sampled_power_above_the_limit_is_a_failed_window(monkeypatch):
+    fake = FakeNVML(arch=pynvml.NVML_DEVICE_ARCH_PASCAL)
+    fake.install(monkeypatch)
+    fake.counter_mj = [0]
+    fake.power_mw = 5_000_000_000  # a sensor claiming 5 MW
+    why = _failed_window(GpuMeter("nvidia", 0, trace_period_s=0.02), sleep_s=0.1)
+    assert why.startswith("meter nvidia read an impossible figure: gpu:0: ")
+    assert "ceiling (1.5 x its 700 W power limit)" in why

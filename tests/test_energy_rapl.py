@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from moe_energy.energy.rapl import ENV_ROOT, RaplMeter, RaplUnavailable, Unwrapper, discover
+from moe_energy.energy.rapl import (
+    DRAM_MAX_W,
+    ENV_ROOT,
+    LIMIT_MARGIN,
+    PACKAGE_MAX_W,
+    RaplMeter,
+    RaplUnavailable,
+    Unwrapper,
+    discover,
+)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"
 
@@ -108,6 +117,24 @@ def test_dram_counted_core_and_psys_not(tmp_path):
     write_zone(tmp_path, "intel-rapl:1", "psys", 0)
     write_zone(tmp_path / "intel-rapl:0", "intel-rapl:0:2", "dram", 0)  # real trees nest sub-zones too
     assert [z.device for z in discover(tmp_path)] == ["cpu:package-0", "dram:package-0"]
+
+
+def test_each_zone_gets_a_ceiling_from_its_kind_and_its_stated_limits(tmp_path):
+    pkg = write_zone(tmp_path, "intel-rapl:0", "package-0", 0)
+    (pkg / "constraint_0_max_power_uw").write_text("15000000\n")  # a 15 W TDP...
+    (pkg / "constraint_1_power_limit_uw").write_text("44000000\n")  # ...whose PL2 is 44 W
+    (pkg / "constraint_2_max_power_uw").mkdir()  # a value the kernel cannot give (ENODATA): skipped
+    dram = write_zone(tmp_path, "intel-rapl:0:1", "dram", 0)
+    (dram / "constraint_0_max_power_uw").write_text("0\n")  # 0: no limit stated
+    other = write_zone(tmp_path, "intel-rapl:1", "package-1", 0)
+    (other / "constraint_0_power_limit_uw").write_text("4095875000\n")  # "unlimited": the kind's ceiling holds
+    zones = {z.device: z for z in discover(tmp_path)}
+    assert zones["cpu:package-0"].ceiling_w == LIMIT_MARGIN * 44
+    assert zones["cpu:package-0"].ceiling_source == f"{LIMIT_MARGIN:g} x the zone's largest stated limit, 44 W"
+    assert (zones["dram:package-0"].ceiling_w, zones["dram:package-0"].ceiling_source) == \
+        (DRAM_MAX_W, "physical ceiling of a socket's DRAM")
+    assert (zones["cpu:package-1"].ceiling_w, zones["cpu:package-1"].ceiling_source) == \
+        (PACKAGE_MAX_W, "physical ceiling of a CPU package")
 
 
 def test_live_dram_zone_reported_separately(fake_rapl):

@@ -32,5 +32,5 @@ def meters(args: argparse.Namespace) -> int:
     line = f"--meter auto picks: {auto.name} ({auto.method})"
     if getattr(auto, "notice", None):
         line += f"; {auto.notice}"
-    console.print(escape(line), highlight=False)
+    console.print(escape(line), highlight=False, soft_wrap=True)  # one line: the reason is the news
     return 0

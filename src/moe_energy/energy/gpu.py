@@ -14,10 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import Unavailable
-from .meter import CounterMeter, integrate
+from .meter import Ceilings, CounterMeter, integrate
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
 VENDORS = ("nvidia", "amd")
+# A window's average power above this many times the GPU's enforced power limit is no GPU: boards hold
+# their average at the limit, and transients above it last milliseconds, not a window of 0.1 s or more.
+POWER_LIMIT_MARGIN = 1.5
+# Where the power limit cannot be read: above the largest single accelerators (B200 / MI355X at 1000-1400 W).
+GPU_MAX_W = 3000.0
+# How old an energy counter reading can be: drivers refresh power and energy about every 100 ms or faster.
+GPU_STALE_S = 0.1
 
 
 class GpuUnavailable(Unavailable):
@@ -70,6 +77,8 @@ def open_gpus(vendor: str) -> Any:
 class GpuMeter(CounterMeter):
     """One GPU's energy counter (or sampled power) through Zeus; a ~10 Hz power trace alongside."""
 
+    stale_s = GPU_STALE_S
+
     def __init__(self, vendor: str = "nvidia", index: int = 0, trace_period_s: float = DEFAULT_PERIOD_S,
                  gpus: Any | None = None) -> None:
         super().__init__(trace_period_s)
@@ -106,6 +115,15 @@ class GpuMeter(CounterMeter):
             return []
         return [f"{self.device}: energy {'counter did not advance' if self.has_counter else 'trace is empty'}"
                 " (zero-joule reading)"]
+
+    def _ceilings(self, state_end: dict[str, dict[str, Any]]) -> Ceilings:
+        """POWER_LIMIT_MARGIN x the larger power limit of the window's edges, else GPU_MAX_W."""
+        limits = [s.get(self.device, {}).get("power_limit_w") for s in (self._state0, state_end)]
+        known = [w for w in limits if isinstance(w, (int, float)) and w > 0]
+        if not known:
+            return {self.device: (GPU_MAX_W, "physical ceiling of a GPU; its power limit is unreadable")}
+        limit = max(known)
+        return {self.device: (POWER_LIMIT_MARGIN * limit, f"{POWER_LIMIT_MARGIN:g} x its {limit:g} W power limit")}
 
     def _power(self) -> dict[str, float]:
         if self._instant:

@@ -15,6 +15,7 @@ The window and model records built from Measurements are declared in ``measure/r
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,33 @@ METHODS = ("counter", "sampled", "estimate", "none")
 
 # A trace integral further than this from the counter's joules is flagged.
 TRACE_TOLERANCE = 0.05
+
+# device -> (the most watts it can draw, where that ceiling comes from)
+Ceilings = dict[str, tuple[float, str]]
+
+
+class ImpossibleReading(RuntimeError):
+    """A window's counter implies a power no device draws (below zero, above its ceiling): the figure is a
+    lie of the counter (a reset, a wrap its range does not explain), so the window fails instead."""
+
+
+def impossible(joules: dict[str, float], seconds: float, ceilings: Ceilings, stale_s: float = 0.0) -> list[str]:
+    """One reason per device whose implied power is below zero or above its ceiling; [] when all are possible.
+
+    ``stale_s`` is how old a counter's reading can be (its update period): the joules read may span that much
+    more than the window, which matters only for windows of a few milliseconds. A non-finite reading is left
+    to the caller (GuardedMeter rejects it by name)."""
+    out: list[str] = []
+    for dev, j in joules.items():
+        if not isinstance(j, (int, float)) or not math.isfinite(j) or seconds <= 0:
+            continue
+        w = j / seconds
+        if j < 0:
+            out.append(f"{dev}: {j:.4g} J in {seconds:.3g} s ({w:.4g} W) is below zero: the counter went backwards")
+        elif dev in ceilings and j > ceilings[dev][0] * (seconds + stale_s):
+            cap, source = ceilings[dev]
+            out.append(f"{dev}: {j:.4g} J in {seconds:.3g} s is {w:.4g} W, above its {cap:g} W ceiling ({source})")
+    return out
 
 
 def weakest(methods: list[str]) -> str:
@@ -174,6 +202,8 @@ class CounterMeter(MeterBase):
     """
 
     _trace: PowerTrace | None = None
+    # How old a counter reading can be (its update period), allowed for when judging a window's power.
+    stale_s: float = 0.0
 
     def __init__(self, trace_period_s: float = DEFAULT_PERIOD_S) -> None:
         self.trace_period_s = trace_period_s
@@ -214,20 +244,34 @@ class CounterMeter(MeterBase):
         self._start_clock()  # the clock and the counter are read back to back, as in end()
         self._e0 = self._read()
 
+    def _ceilings(self, state_end: dict[str, dict[str, Any]]) -> Ceilings:
+        """Each device's most plausible watts; none by default (only a negative reading is impossible)."""
+        return {}
+
+    def _problems(self, joules: dict[str, float], seconds: float,
+                  state_end: dict[str, dict[str, Any]]) -> list[str]:
+        """Why this window's reading cannot be true ([] when it can): a negative or impossible power."""
+        return impossible(joules, seconds, self._ceilings(state_end), self.stale_s)
+
     def end(self) -> Measurement:
+        """The window's Measurement; raises ImpossibleReading rather than return a figure no device drew."""
         if self._t0 is None or self._trace is None:
             raise RuntimeError("end() called before begin()")
         e1 = self._read()  # right after the caller's sync
         secs = self._stop_clock()
-        trace = self._trace.stop()
+        sampler, self._trace = self._trace, None
+        trace = sampler.stop()
+        state_end = self._state()
         joules = self._delta(self._e0, e1, secs, trace)
-        flags = self._labels() + list(self._trace.errors) + self._flags(joules, secs)
+        problems = self._problems(joules, secs, state_end)
+        if problems:
+            raise ImpossibleReading("; ".join(problems))
+        flags = self._labels() + list(sampler.errors) + self._flags(joules, secs)
         m = Measurement(seconds=secs, method=self.method, meter=self.name, joules_by_device=joules,
                         devices_covered=list(self.devices), flags=flags, trace=trace,
                         trace_period_s=self.trace_period_s, method_by_device={d: self.method for d in joules},
-                        state_begin=self._state0, state_end=self._state())
+                        state_begin=self._state0, state_end=state_end)
         m.cross_check()
-        self._trace = None
         return m
 
     def _versions(self) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def auto_meter(device: Any = None, cpu_tdp_watts: float | None = None,
     if not real:
         est = EstimateMeter(cpu_tdp_watts, trace_period_s=trace_period_s)
         meter = est
-        msg = (f"no energy counter here ({'; '.join(missing)}): using a labelled ESTIMATE, "
+        msg = (f"no usable energy counter here ({'; '.join(missing)}): using a labelled ESTIMATE, "
                f"{est.tdp_watts:g} W TDP x process CPU utilisation")
     else:
         meter = real[0] if len(real) == 1 else CompositeMeter(real)
@@ -138,7 +138,8 @@ class MeterStatus:
     method: str | None = None
     devices: list[str] = field(default_factory=list)
     reason: str = ""
-    kind: str = ""  # "absent" | "no driver" | "no permission" | "zeus missing" | "unreadable" | ""
+    # "absent" | "no driver" | "no permission" | "zeus missing" | "unreadable" | "unusable" (a lying tree) | ""
+    kind: str = ""
 
 
 def survey(device: Any = "cpu", cpu_tdp_watts: float | None = None) -> list[MeterStatus]:

@@ -1,11 +1,12 @@
 """The run's meter behind a guard: any failure to start or read a window fails that window only, and a
-reading that is not a positive, finite number of joules is never passed on as a figure."""
+reading that is not a positive, finite number of joules, or that implies a power no device draws (a
+counter's ``ImpossibleReading``), is never passed on as a figure."""
 
 from __future__ import annotations
 
 import math
 
-from ..energy.meter import Measurement, Meter, abort
+from ..energy.meter import ImpossibleReading, Measurement, Meter, abort
 from ..errors import one_line
 
 
@@ -32,6 +33,9 @@ class GuardedMeter:
     def end(self) -> Measurement:
         try:
             m = self.meter.end()
+        except ImpossibleReading as e:
+            abort(self.meter)
+            raise MeterFailed(f"meter {self.name} read an impossible figure: {one_line(e)}") from None
         except Exception as e:  # noqa: BLE001
             abort(self.meter)
             raise MeterFailed(f"meter {self.name} could not read the window: {one_line(e)}") from None
