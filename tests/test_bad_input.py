@@ -34,7 +34,7 @@ COMMON = [
     (["--epochs", "-1"], "epochs=-1 must be a whole number >= 0"),
     (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
     (["--dtype", "float64"], "dtype='float64' is unknown; choose one of float32, bfloat16, float16"),
-    (["--device", "tpu"], "device='tpu' is unknown; choose one of auto, cpu, cuda, mps"),
+    (["--device", "tpu"], "--device 'tpu' is unknown; choose auto, cpu, cuda, cuda:N or mps"),
     (["--moe-strategy", "nope"], "moe-strategy='nope' is unknown; choose from"),
     (["--models", "moe,nope"], "model='nope' is unknown; choose from moe, dense_total, dense_active"),
     (["--hidden", "1000000000000"], "hidden=1000000000000, layers=3, input_dim=784, classes=10 make 1.6e+25 "
@@ -46,7 +46,7 @@ RUN_AND_SWEEP = [
     (["--repeats", "0"], "repeats=0 must be a whole number between 1 and 1000"),
     (["--cooldown", "inf"], "cooldown=inf must be a finite number of seconds >= 0"),
     (["--idle-seconds", "-1"], "idle-seconds=-1.0 must be a finite number of seconds >= 0"),
-    (["--cpu-tdp-watts", "nan"], "--cpu-tdp-watts=nan must be a number of watts > 0"),
+    (["--cpu-tdp-watts", "nan"], "--cpu-tdp-watts nan must be a finite number of watts > 0"),
 ]
 SWEEP_ONLY = [
     (["--hidden", "16,abc"], "--hidden: 'abc' is not a whole number; give a comma list such as 8,16"),

@@ -86,3 +86,24 @@ def test_a_list_valued_out_in_a_config_file_creates_no_folder(tmp_path, capsys, 
     assert main(["run", *TINY, "--config", "c.toml", "--meter", "none"]) == 2
     assert "must be a path" in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
+
+
+@pytest.mark.parametrize("cmd", ["meters", "plan"])
+@pytest.mark.parametrize("flags, needle", [
+    (["--device", "tpu"], "'tpu' is unknown"),
+    (["--device", "cuda:x"], "'cuda:x' is unknown"),
+    (["--device", "cpu:1"], "'cpu:1' is unknown"),
+])
+def test_a_device_torch_cannot_parse_is_one_line(capsys, cmd, flags, needle):
+    assert main([cmd, *flags]) == 2
+    line = _one_error_line(capsys)
+    assert needle in line and "cuda:N" in line
+
+
+@pytest.mark.parametrize("tdp", ["-5", "0", "nan", "inf"])
+def test_a_cpu_tdp_that_is_not_a_finite_positive_wattage_is_refused(capsys, tmp_path, tdp):
+    assert main(["meters", "--device", "cpu", "--cpu-tdp-watts", tdp]) == 2
+    assert f"--cpu-tdp-watts {float(tdp)} must be a finite number of watts > 0" in _one_error_line(capsys)
+    assert main(["run", *TINY, "--meter", "estimate", "--cpu-tdp-watts", tdp, "--out", str(tmp_path)]) == 2
+    assert "must be a finite number of watts > 0" in _one_error_line(capsys)
+    assert not list(tmp_path.glob("*.json"))

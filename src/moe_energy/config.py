@@ -26,6 +26,14 @@ MAX_PARAMS = 10**13
 MAX_SECONDS = 86_400.0
 
 
+def check_device_name(name: object) -> None:
+    """A device name this tool runs on (auto, cpu, cuda, cuda:N, mps), or a one-line ConfigError; whether the
+    device is present is ``device.resolve_device``'s question."""
+    kind, _, index = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"--device {name!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
+
+
 def _positive(name: str, v: Any, integer: bool) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{name}={v!r} is not a number")
@@ -160,8 +168,7 @@ class RunOptions:
     def _check_names(self) -> None:
         from .models.strategies import STRATEGIES
 
-        if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+        check_device_name(self.device)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         for s in self.strategies:

@@ -7,22 +7,28 @@ from collections.abc import Callable
 
 import torch
 
+from .config import check_device_name
 from .errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda > mps > cpu; asking for an absent device is the user's error to fix."""
+    """``auto`` picks cuda > mps > cpu; ``cuda:N`` one GPU. A device that is not there, or a name torch does not
+    run here, is the user's error to fix: one line, never torch's own parse error."""
+    check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: Apple MPS is not available here; use --device cpu or auto")
     return torch.device(name)
 

@@ -8,10 +8,12 @@ from this meter carries method ``estimate`` and is labelled as such wherever it 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
 
+from ..errors import ConfigError
 from .meter import CounterMeter
 from .trace import DEFAULT_PERIOD_S
 
@@ -20,6 +22,13 @@ from .trace import DEFAULT_PERIOD_S
 DEFAULT_WATTS_PER_CPU = 5.0
 
 DEVICE = "cpu:estimate"
+
+
+def check_tdp_watts(v: object) -> None:
+    """The one rule for --cpu-tdp-watts: a finite number of watts > 0 (inf would make every window's reading
+    non-finite, and the run fail window after window)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"--cpu-tdp-watts {v!r} must be a finite number of watts > 0, e.g. 65")
 
 
 class EstimateMeter(CounterMeter):
@@ -34,9 +43,9 @@ class EstimateMeter(CounterMeter):
         self.cpus = cpus or os.cpu_count() or 1
         self.tdp_source = "--cpu-tdp-watts" if tdp_watts is not None else \
             f"default {DEFAULT_WATTS_PER_CPU:g} W x {self.cpus} logical CPUs"
+        if tdp_watts is not None:
+            check_tdp_watts(tdp_watts)
         self.tdp_watts = float(tdp_watts) if tdp_watts is not None else DEFAULT_WATTS_PER_CPU * self.cpus
-        if not self.tdp_watts > 0:
-            raise ValueError("tdp_watts must be > 0")
         self.devices = [DEVICE]
 
     def _read(self) -> dict[str, float]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError, Unavailable  # Unavailable: still importable from here, as before
 from .apple import AppleMeter
-from .estimate import EstimateMeter
+from .estimate import EstimateMeter, check_tdp_watts
 from .gpu import GpuMeter
 from .meter import CompositeMeter, Meter, NullMeter
 from .rapl import RaplMeter
@@ -77,8 +77,8 @@ def make_meter(name: str, device: Any, cpu_tdp_watts: float | None = None,
     """The meter ``--meter NAME`` asks for; a meter that cannot work here is the user's error to fix."""
     if name not in METER_NAMES:
         raise ConfigError(f"--meter {name!r} is unknown; choose one of {', '.join(METER_NAMES)}")
-    if cpu_tdp_watts is not None and not cpu_tdp_watts > 0:
-        raise ConfigError(f"--cpu-tdp-watts={cpu_tdp_watts} must be a number of watts > 0")
+    if cpu_tdp_watts is not None:
+        check_tdp_watts(cpu_tdp_watts)
     if name == "auto":
         return auto_meter(device, cpu_tdp_watts=cpu_tdp_watts, trace_period_s=trace_period_s)
     try:
