@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .counting import Shape, matched_width, mlp_params, moe_active_params, moe_params
+from .counting import (
+    LayerShape,
+    Shape,
+    layer_active_params,
+    layer_params,
+    matched_width,
+    mlp_params,
+    moe_active_params,
+    moe_params,
+    swiglu_params,
+)
 from .moe import SHAPE_FIELDS, check_shape, kind_of
 
 Match = Literal["total", "active"]
@@ -74,3 +85,37 @@ def matched_dense(spec: Shape, match: Match = "total") -> DenseMLP:
     _check_match(match, "matched_dense")
     s = shape_of(spec, "matched_dense")
     return DenseMLP(s.input_dim, dense_width(s, match), s.layers, s.classes)
+
+
+class DenseSwiGLU(nn.Module):
+    """The dense FFN of an LLM layer: down(silu(gate(x)) * up(x)), no biases; x [T, d] -> [T, d]."""
+
+    def __init__(self, d_model: int, width: int) -> None:
+        super().__init__()
+        dims = check_shape("DenseSwiGLU", d_model=d_model, width=width)
+        self.d_model, self.width = dims["d_model"], dims["width"]
+        self.gate_proj = nn.Linear(self.d_model, self.width, bias=False)
+        self.up_proj = nn.Linear(self.d_model, self.width, bias=False)
+        self.down_proj = nn.Linear(self.width, self.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    @property
+    def num_params(self) -> int:
+        return swiglu_params(self.d_model, self.width)
+
+
+def swiglu_width(arch: LayerShape, match: Match = "total") -> int:
+    """Smallest width W whose dense SwiGLU (3 d W params) reaches the MoE layer's total (or active) params.
+
+    The LLM counterpart of ``dense_width``: the comparison is layer for layer, a dense FFN in place of the MoE.
+    """
+    _check_match(match, "swiglu_width")
+    target = layer_params(arch) if match == "total" else layer_active_params(arch)
+    return max(1, -(-target // (3 * arch.d_model)))  # ceil without floats: exact for any size
+
+
+def matched_swiglu(arch: LayerShape, match: Match = "total") -> DenseSwiGLU:
+    """The dense SwiGLU FFN to compare with one MoE layer of ``arch``."""
+    return DenseSwiGLU(arch.d_model, swiglu_width(arch, match))
