@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_energy.models import MoE
+from moe_energy.models.experts import ReluMLPExperts
 
 
 def tiny(strategy: str = "grouped", **kw) -> MoE:
@@ -79,3 +80,10 @@ def test_counters_are_not_in_the_state_dict_and_survive_a_cast():
     assert "pair_counts" not in m.state_dict()
     m.to(torch.bfloat16)
     assert m.pair_counts.dtype == torch.long and m.weights[0].dtype == torch.bfloat16
+
+
+def test_stack_is_the_relu_family_over_the_modules_own_tensors():
+    m = tiny(capacity_factor=2.0)
+    ex = m.stack()
+    assert isinstance(ex, ReluMLPExperts) and ex.capacity_factor == 2.0 and ex.counters is m.pair_counts
+    assert all(a is b for a, b in zip(ex.weights, m.weights)) and ex.num_experts == 4 and ex.out_dim == 4

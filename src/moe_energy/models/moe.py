@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .counting import moe_active_params, moe_params
-from .strategies import AUTO_CANDIDATES, STRATEGIES, AutoChoice, ExpertStack, choose
+from .experts import ExpertFamily, ReluMLPExperts
+from .strategies import AUTO_CANDIDATES, STRATEGIES, AutoChoice, choose
 
 # Physical storage of each [E, out, in] weight: "out_in" is the nn.Linear layout (contiguous), "in_out"
 # stores the transpose ([E, in, out] contiguous, as torchtitan's grouped experts do). The values and the
@@ -61,7 +62,80 @@ def check_shape(where: str, **dims: Any) -> dict[str, int]:
     return out
 
 
-class MoE(nn.Module):
+class StrategyHost:
+    """What every MoE module shares about its strategy: the name (auto included), padded_capacity's factor,
+    the device counters capacity strategies add to, and running the chosen strategy on a family.
+
+    A host sets ``strategy`` and ``capacity_factor``, registers a ``pair_counts`` buffer ([2] int64, not
+    persistent) and an ``auto_candidates`` tuple, and provides ``layout`` (its weights' storage).
+    """
+
+    pair_counts: Tensor
+    auto_candidates: tuple[str, ...]
+    auto_choice: AutoChoice | None
+
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, name: str) -> None:
+        who = type(self).__name__
+        if not isinstance(name, str):
+            raise TypeError(f"{who}: strategy={name!r} is {kind_of(name)}; give a name, one of {', '.join(STRATEGIES)}")
+        if name not in STRATEGIES:
+            raise ConfigError(f"{who}: strategy={name!r} is an unknown strategy; choose from {', '.join(STRATEGIES)}")
+        self._strategy = name
+
+    @property
+    def capacity_factor(self) -> float:
+        """padded_capacity's C = ceil(factor * T*k / E)."""
+        return self._capacity_factor
+
+    @capacity_factor.setter
+    def capacity_factor(self, factor: float) -> None:
+        self._capacity_factor = positive_number(type(self).__name__, "capacity_factor", factor)
+
+    @property
+    def layout(self) -> str:
+        raise NotImplementedError
+
+    def reset_pair_counts(self) -> None:
+        self.pair_counts.zero_()
+
+    def run_experts(self, x: Tensor, idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
+        """The strategy on routed tokens: x [T, d], idx/gate_w [T, k] -> [T, out]; auto picks (and records) one."""
+        name = self._strategy
+        if name == "auto":
+            if x.shape[0] == 0:  # nothing to time: any exact strategy gives [0, out], this one without grouped_mm
+                name = "dense_experts"
+            else:
+                self.auto_choice = choose(x, idx, gate_w, ex, self.auto_candidates)
+                name = self.auto_choice.name
+        return STRATEGIES[name](x, idx, gate_w, ex)
+
+    def strategy_info(self) -> dict:
+        """Strategy facts for the results: what auto chose and measured, and pairs dropped by capacity.
+
+        Reads the device counters (one sync): call it outside any timed window.
+        """
+        routed, dropped = self.pair_counts.tolist()
+        c = self.auto_choice if self._strategy == "auto" else None
+        capacity = self._strategy == "padded_capacity"
+        return {
+            "strategy": self._strategy,
+            "resolved_strategy": c.name if c else self._strategy,
+            "auto_probe_ms": dict(c.probe_ms) if c else None,
+            "auto_probe_best_ms": dict(c.best_ms) if c else None,
+            "auto_unavailable": dict(c.errors) if c else None,
+            "weight_layout": self.layout,
+            "capacity_factor": self.capacity_factor if capacity else None,
+            "routed_pairs": routed if capacity else None,
+            "dropped_pairs": dropped if capacity else None,
+        }
+
+
+class MoE(StrategyHost, nn.Module):
     """x [T, in] -> logits [T, classes]; each token goes to k of E experts, each an MLP of L hidden layers."""
 
     def __init__(
@@ -111,27 +185,6 @@ class MoE(nn.Module):
                 b.uniform_(-bound, bound)
 
     @property
-    def strategy(self) -> str:
-        return self._strategy
-
-    @strategy.setter
-    def strategy(self, name: str) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"MoE: strategy={name!r} is {kind_of(name)}; give a name, one of {', '.join(STRATEGIES)}")
-        if name not in STRATEGIES:
-            raise ConfigError(f"MoE: strategy={name!r} is an unknown strategy; choose from {', '.join(STRATEGIES)}")
-        self._strategy = name
-
-    @property
-    def capacity_factor(self) -> float:
-        """padded_capacity's C = ceil(factor * T*k / E)."""
-        return self._capacity_factor
-
-    @capacity_factor.setter
-    def capacity_factor(self, factor: float) -> None:
-        self._capacity_factor = positive_number("MoE", "capacity_factor", factor)
-
-    @property
     def num_params(self) -> int:
         return moe_params(self)
 
@@ -139,8 +192,8 @@ class MoE(nn.Module):
     def num_active_params(self) -> int:
         return moe_active_params(self)
 
-    def stack(self) -> ExpertStack:
-        return ExpertStack(tuple(self.weights), tuple(self.biases), self.capacity_factor, self.pair_counts)
+    def stack(self) -> ReluMLPExperts:
+        return ReluMLPExperts(tuple(self.weights), tuple(self.biases), self.capacity_factor, self.pair_counts)
 
     @property
     def layout(self) -> str:
@@ -168,28 +221,6 @@ class MoE(nn.Module):
                 else:
                     w.data = w.detach().contiguous()
 
-    def reset_pair_counts(self) -> None:
-        self.pair_counts.zero_()
-
-    def strategy_info(self) -> dict:
-        """Strategy facts for the results: what auto chose and measured, and pairs dropped by capacity.
-
-        Reads the device counters (one sync): call it outside any timed window.
-        """
-        routed, dropped = self.pair_counts.tolist()
-        c = self.auto_choice if self._strategy == "auto" else None
-        return {
-            "strategy": self._strategy,
-            "resolved_strategy": c.name if c else self._strategy,
-            "auto_probe_ms": dict(c.probe_ms) if c else None,
-            "auto_probe_best_ms": dict(c.best_ms) if c else None,
-            "auto_unavailable": dict(c.errors) if c else None,
-            "weight_layout": self.layout,
-            "capacity_factor": self.capacity_factor if self._strategy == "padded_capacity" else None,
-            "routed_pairs": routed if self._strategy == "padded_capacity" else None,
-            "dropped_pairs": dropped if self._strategy == "padded_capacity" else None,
-        }
-
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, in] -> expert_idx [T, k], gate_w [T, k] (softmax over the k chosen logits)."""
         logits = self.gate(x)  # [T, E]
@@ -200,15 +231,7 @@ class MoE(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.input_dim:  # shapes only: no sync
             self._bad_input(x)
         idx, gate_w = self.route(x)
-        ex = self.stack()
-        name = self._strategy
-        if name == "auto":
-            if x.shape[0] == 0:  # nothing to time: any exact strategy gives [0, out], this one without grouped_mm
-                name = "dense_experts"
-            else:
-                self.auto_choice = choose(x, idx, gate_w, ex, self.auto_candidates)
-                name = self.auto_choice.name
-        return STRATEGIES[name](x, idx, gate_w, ex)
+        return self.run_experts(x, idx, gate_w, self.stack())
 
     def _bad_input(self, x: Any) -> None:
         """Say what the input should be, rather than let the gate's matmul report mismatched shapes."""

@@ -1,21 +1,23 @@
 """Execution strategies: different ways to run the same stacked expert weights.
 
 A strategy is one function ``(x [T, d], expert_idx [T, k], gate_w [T, k], experts) -> y [T, out]``
-registered by name. All exact strategies return the same outputs (tests hold them to 1e-4 in fp32);
+registered by name. It owns dispatch and combine; the experts (an ``ExpertFamily`` from ``experts.py``:
+the seed's ReLU MLP chains, LLM SwiGLU experts) own the per-expert math, so every strategy runs every
+family. All exact strategies return the same outputs (tests hold them to 1e-4 in fp32);
 ``padded_capacity`` matches them whenever no pair overflows its capacity, and counts the pairs it drops.
 
 ``masked_loop`` and ``active_loop`` replicate the seed's two implementations, host syncs and all: they
 are the baseline the fast strategies are measured against, so they keep their Python loops on purpose.
 
 The fast ones (after torchtitan's grouped experts, MegaBlocks' padded form and gpt-fast's dense form):
-  grouped          pairs sorted by expert, one grouped GEMM per layer; no host sync, no padding.
+  grouped          pairs sorted by expert, one grouped GEMM per projection; no host sync, no padding.
   grouped_fm       the same GEMMs turned around (feature-major: W [out, in] @ h [in, pairs]), each expert's
                    group padded to a multiple of GROUP_ALIGN (16) columns; faster where the BLAS's small-batch
                    kernels favour that orientation (MKL on this project's 2-core EPYC: ~1.15x `grouped`
                    at the large preset).
-  padded           pairs packed into [E, C, d], one batched GEMM per layer; C = largest count (one sync).
+  padded           pairs packed into [E, C, d], one batched GEMM per projection; C = largest count (one sync).
   padded_capacity  the same with a fixed C = ceil(factor * T*k / E): static shapes, graph-capturable.
-  dense_experts    every expert on every token (one batched GEMM per layer over a stride-0 [E, T, d]
+  dense_experts    every expert on every token (one batched GEMM per projection over a stride-0 [E, T, d]
                    view), unchosen experts weighted 0: E/k times the FLOPs, but no routing work at all.
   auto             measures the exact ones on the first batch of each shape and keeps the fastest.
 """
@@ -27,57 +29,17 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..device import device_sync
 from ..measure.timing import time_interleaved
 
+# the families and grouped_mm are re-exported: callers (moe.py, selfcheck, distributed, tests) import them here
+from .experts import ExpertFamily, ExpertStack, ReluMLPExperts, SwiGLUExperts, grouped_mm  # noqa: F401
 
-class ExpertStack(NamedTuple):
-    """Stacked expert weights: ``weights[l]`` is [E, out_l, in_l] (nn.Linear layout), ``biases[l]`` [E, out_l].
-
-    ``counters`` ([2] int64: routed pairs, dropped pairs) is where capacity strategies add their counts,
-    on the device and without a sync; whoever owns it reads it outside any timed window.
-    """
-
-    weights: tuple[Tensor, ...]
-    biases: tuple[Tensor, ...]
-    capacity_factor: float = 1.25
-    counters: Tensor | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return self.weights[0].shape[0]
-
-    @property
-    def out_dim(self) -> int:
-        return self.weights[-1].shape[1]
-
-    def run_one(self, e: int, h: Tensor) -> Tensor:
-        """Expert e on its tokens: h [n, d] -> [n, out]."""
-        last = len(self.weights) - 1
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = F.linear(h, w[e], b[e])
-            if layer < last:
-                h = F.relu(h)
-        return h
-
-    def run_batched(self, h: Tensor) -> Tensor:
-        """Every expert on its own rows: h [E, C, d] -> [E, C, out], one batched GEMM per layer."""
-        last = len(self.weights) - 1
-        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b[:, None, :], h, w.transpose(-2, -1))  # [E, C, out_l]
-            if layer < last:
-                h = h.relu_()  # in place: baddbmm's backward needs its inputs, not its output
-        return h
-
-
-# public as F.grouped_mm in recent torch; torch._grouped_mm (same arguments) before that
-grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 GROUPED_MM = ("grouped", "grouped_fm")  # the strategies built on it (torch.compile traces them in bf16 only)
 
-Strategy = Callable[[Tensor, Tensor, Tensor, ExpertStack], Tensor]
+Strategy = Callable[[Tensor, Tensor, Tensor, ExpertFamily], Tensor]
 STRATEGIES: dict[str, Strategy] = {}
 
 
@@ -93,7 +55,7 @@ def register(name: str) -> Callable[[Strategy], Strategy]:
 
 
 @register("masked_loop")
-def masked_loop(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+def masked_loop(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
     """The seed's naive MoE: visit every expert, select its tokens with a boolean mask."""
     y = x.new_zeros(x.shape[0], ex.out_dim)  # [T, out]
     for e in range(ex.num_experts):
@@ -107,7 +69,7 @@ def masked_loop(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) 
 
 
 @register("active_loop")
-def active_loop(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+def active_loop(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
     """The seed's optimized MoE: loop only over experts that received tokens."""
     y = x.new_zeros(x.shape[0], ex.out_dim)  # [T, out]
     for e in expert_idx.unique().tolist():  # host sync, as in the seed
@@ -171,25 +133,18 @@ def capacity_for(num_pairs: int, num_experts: int, num_tokens: int, factor: floa
 # --- fast strategies -------------------------------------------------------------------------------
 
 
-def grouped_chain(h: Tensor, r: Routing, ex: ExpertStack) -> Tensor:
-    """Every expert's layers over rows already sorted by expert: h [R, in] -> [R, out], one grouped GEMM a layer.
+def grouped_chain(h: Tensor, r: Routing, ex: ExpertFamily) -> Tensor:
+    """Every expert over rows already sorted by expert: h [R, in] -> [R, out] (the family's ``run_grouped``).
 
     The local-experts step shared by ``grouped`` and expert parallelism (``distributed``), which sorts the
     rows other ranks sent it the same way; ``r.ends`` are the groups' ends, ``r.expert`` each row's expert.
     """
-    last = len(ex.weights) - 1
-    for layer, (w, b) in enumerate(zip(ex.weights, ex.biases)):
-        # w [E, out, in] -> view [E, in, out]; grouped_mm needs its strides 16-byte aligned (moe.py keeps them so)
-        h = grouped_mm(h, w.transpose(-2, -1), offs=r.ends)  # [R, out]
-        h = h.add_(b.index_select(0, r.expert))  # gathered bias; in place: grouped_mm keeps no output
-        if layer < last:
-            h = h.relu_()
-    return h
+    return ex.run_grouped(h, r)
 
 
 @register("grouped")
-def grouped(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
-    """Sorted pairs, one grouped GEMM per layer, one scatter-add: no Python loop over experts, no sync."""
+def grouped(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
+    """Sorted pairs, one grouped GEMM per projection, one scatter-add: no Python loop over experts, no sync."""
     if x.shape[0] == 0:  # a shape test, not a sync: no work, and no empty grouped_mm for a backend to trip on
         return dense_experts(x, expert_idx, gate_w, ex)
     r = sort_by_expert(expert_idx, gate_w, ex.num_experts)
@@ -219,7 +174,7 @@ def align_groups(r: Routing, num_experts: int, align: int = GROUP_ALIGN) -> Alig
 
     The column count P = N + E*(align-1), rounded up to ``align``, is the worst case, so every shape is
     static; columns past the last group are never computed by grouped_mm nor read back (they hold whatever
-    the allocator gave, which the bias add and ReLU pass over harmlessly).
+    the allocator gave, which the bias add and the activation pass over harmlessly).
     """
     N = r.token.shape[0]
     dev = r.token.device
@@ -235,8 +190,8 @@ def align_groups(r: Routing, num_experts: int, align: int = GROUP_ALIGN) -> Alig
 
 
 @register("grouped_fm")
-def grouped_fm(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
-    """Feature-major grouped GEMM: h [features, columns], one grouped_mm (3D weights x 2D h) per layer."""
+def grouped_fm(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
+    """Feature-major grouped GEMM: h [features, columns], one grouped_mm (3D weights x 2D h) per projection."""
     if x.shape[0] == 0:  # no token 0 for padding columns to read, and grouped_mm refuses a [out, 0] h
         return dense_experts(x, expert_idx, gate_w, ex)  # [0, out], exact, still on the weights' graph
     E = ex.num_experts
@@ -246,19 +201,14 @@ def grouped_fm(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -
     h = x.index_select(0, a.src).t()  # [d, P] view with strides (1, d)
     if (h.stride(1) * h.element_size()) % 16:  # grouped_mm needs 16-byte aligned strides
         h = h.contiguous()
-    last = len(ex.weights) - 1
-    for layer, (w, b) in enumerate(zip(ex.weights, ex.biases)):
-        h = grouped_mm(w, h, offs=a.offs)  # [E, out, in] x [in, P] -> [out, P]
-        h = h.addmm_(b.t(), onehot)  # each column's expert bias: [out, E] @ [E, P]
-        if layer < last:
-            h = h.relu_()
+    h = ex.run_grouped_fm(h, a, onehot)  # [out, P]
     return combine(h.t().index_select(0, a.col), r, x.shape[0])  # [N, out] -> [T, out]
 
 
 def padded_forward(
-    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack, capacity: int | None
+    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily, capacity: int | None
 ) -> tuple[Tensor, Tensor | None]:
-    """Pairs packed into a padded [E, C, d] buffer and run with one baddbmm per layer.
+    """Pairs packed into a padded [E, C, d] buffer and run with one batched GEMM per projection.
 
     ``capacity=None`` is exact mode (C = the largest count: one host sync); a fixed C keeps every shape
     static (graph-capturable) and drops the pairs past C, which then add nothing to their token.
@@ -290,13 +240,13 @@ def padded_forward(
 
 
 @register("padded")
-def padded(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+def padded(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
     """Padded batched GEMM, exact capacity (no pair dropped)."""
     return padded_forward(x, expert_idx, gate_w, ex, capacity=None)[0]
 
 
 @register("padded_capacity")
-def padded_capacity(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+def padded_capacity(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
     """Padded batched GEMM with C fixed by ``ex.capacity_factor``: no sync at all; overflow is dropped and
     counted into ``ex.counters``."""
     T, k = expert_idx.shape
@@ -309,7 +259,7 @@ def padded_capacity(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertSta
 
 
 @register("dense_experts")
-def dense_experts(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+def dense_experts(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
     """Every expert on every token, weighted by a dense [T, E] gate (0 for unchosen experts)."""
     T, E = x.shape[0], ex.num_experts
     h = ex.run_batched(x.expand(E, T, x.shape[1]))  # [E, T, out]: stride-0 batch, no copy of x
@@ -334,14 +284,14 @@ class AutoChoice(NamedTuple):
 _AUTO_CACHE: dict[tuple, AutoChoice] = {}
 
 
-def auto_key(x: Tensor, expert_idx: Tensor, ex: ExpertStack, candidates: Sequence[str]) -> tuple:
+def auto_key(x: Tensor, expert_idx: Tensor, ex: ExpertFamily, candidates: Sequence[str]) -> tuple:
     """What the choice depends on: device, dtype, batch, k, every weight's shape and memory layout."""
     weights = tuple((tuple(w.shape), tuple(w.stride())) for w in ex.weights)
     return (str(x.device), str(x.dtype), x.shape[0], expert_idx.shape[1], weights, tuple(candidates))
 
 
 def probe(
-    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack, candidates: Sequence[str],
+    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily, candidates: Sequence[str],
     budget_s: float = 0.5, min_rounds: int = 5, max_rounds: int = 40,
 ) -> AutoChoice:
     """Time each candidate on this very batch, interleaved round by round so that background load hits all
@@ -363,7 +313,7 @@ def probe(
 
 @torch.compiler.disable  # timing is host-side Python: never traced into a graph
 def choose(
-    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack, candidates: Sequence[str] = AUTO_CANDIDATES
+    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily, candidates: Sequence[str] = AUTO_CANDIDATES
 ) -> AutoChoice:
     """The fastest candidate for this (device, dtype, shape, batch), probed once and then cached."""
     key = auto_key(x, expert_idx, ex, candidates)
@@ -379,6 +329,6 @@ def forget_choices() -> None:
 
 
 @register("auto")
-def auto(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertStack) -> Tensor:
+def auto(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
     """The fastest exact strategy for this device, dtype and shape, measured on first use."""
     return STRATEGIES[choose(x, expert_idx, gate_w, ex).name](x, expert_idx, gate_w, ex)

@@ -1,0 +1,122 @@
+"""An LLM's MoE feed-forward layer: hidden states [T, d] -> [T, d], routed SwiGLU experts plus shared ones.
+
+The routed experts are stored as transformers 5 stores them (``gate_up_proj`` [E, 2I, d], ``down_proj``
+[E, d, I], optional ``gate_up_proj_bias`` / ``down_proj_bias``), so a Mixtral, Qwen-MoE or DeepSeek block's
+``experts`` state dict loads into ``MoELayer.experts`` as it is. Shared experts (DeepSeek, Qwen1.5/2-MoE) are
+a plain SwiGLU MLP every token runs, with their own width and Qwen's optional sigmoid gate.
+
+The router is any module with ``forward(x [T, d]) -> (expert_idx [T, k] int64, weights [T, k])``; the experts
+run under any registered strategy (``strategies.py``), the same one set of weights for all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .experts import ACTIVATIONS, SwiGLUExperts
+from .moe import StrategyHost, check_shape, kind_of
+from .strategies import AUTO_CANDIDATES, AutoChoice
+
+
+class StackedSwiGLU(nn.Module):
+    """The routed experts' parameters, named and shaped as transformers 5's ``*Experts`` modules name them."""
+
+    def __init__(self, experts: int, hidden: int, intermediate: int, bias: bool = False, act: str = "silu",
+                 interleaved: bool = False, limit: float = 7.0, alpha: float = 1.702) -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"MoELayer: act={act!r} is unknown; choose from {', '.join(ACTIVATIONS)}")
+        self.act, self.interleaved, self.limit, self.alpha = act, interleaved, float(limit), float(alpha)
+        E, d, n = experts, hidden, intermediate  # n = I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * n, d))  # [E, 2I, d] rows [gate; up] (or interleaved)
+        self.down_proj = nn.Parameter(torch.empty(E, d, n))  # [E, d, I]
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(E, 2 * n)) if bias else None  # [E, 2I]
+        self.down_proj_bias = nn.Parameter(torch.empty(E, d)) if bias else None  # [E, d]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert as nn.Linear would start: U(-1/sqrt(in), 1/sqrt(in)) for weights and biases."""
+        with torch.no_grad():
+            for w, b in ((self.gate_up_proj, self.gate_up_proj_bias), (self.down_proj, self.down_proj_bias)):
+                bound = 1.0 / math.sqrt(w.shape[2])
+                w.uniform_(-bound, bound)
+                if b is not None:
+                    b.uniform_(-bound, bound)
+
+    def family(self, capacity_factor: float = 1.25, counters: Tensor | None = None) -> SwiGLUExperts:
+        return SwiGLUExperts(self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias,
+                             self.act, self.limit, self.alpha, self.interleaved, capacity_factor, counters)
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts: down(silu(gate_proj x) * up_proj x), width I_shared (DeepSeek: n_shared * I), times
+    sigmoid(gate x) when ``gated`` (Qwen's ``shared_expert_gate``, a Linear(d, 1) without bias)."""
+
+    def __init__(self, hidden: int, intermediate: int, gated: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)  # [I_s, d]
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)  # [I_s, d]
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)  # [d, I_s]
+        self.gate = nn.Linear(hidden, 1, bias=False) if gated else None  # [1, d]
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, d]
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
+class MoELayer(StrategyHost, nn.Module):
+    """x [T, d] -> [T, d]: router -> (expert_idx, weights) [T, k] -> strategy over the routed experts, plus the
+    shared experts. ``shared_intermediate=0`` means none."""
+
+    def __init__(self, hidden: int, intermediate: int, experts: int, router: nn.Module, *,
+                 shared_intermediate: int = 0, shared_gate: bool = False, expert_bias: bool = False,
+                 act: str = "silu", interleaved: bool = False, limit: float = 7.0, alpha: float = 1.702,
+                 strategy: str = "grouped", capacity_factor: float = 1.25) -> None:
+        super().__init__()
+        shape = check_shape("MoELayer", hidden=hidden, intermediate=intermediate, experts=experts)
+        self.strategy, self.capacity_factor = strategy, capacity_factor  # checked before any weight exists
+        self.hidden, self.intermediate, self.num_experts = shape["hidden"], shape["intermediate"], shape["experts"]
+        self.router = router
+        self.experts = StackedSwiGLU(self.num_experts, self.hidden, self.intermediate, expert_bias, act,
+                                     interleaved, limit, alpha)
+        if shared_intermediate:
+            width = check_shape("MoELayer", shared_intermediate=shared_intermediate)["shared_intermediate"]
+            self.shared: SharedExperts | None = SharedExperts(self.hidden, width, shared_gate)
+        else:
+            self.shared = None
+        # [routed pairs, dropped pairs] added up by capacity strategies on the device; read outside windows
+        self.register_buffer("pair_counts", torch.zeros(2, dtype=torch.long), persistent=False)
+        self.auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
+        self.auto_choice: AutoChoice | None = None
+
+    @property
+    def layout(self) -> str:
+        """gate_up_proj's storage: "out_in" (nn.Linear, contiguous) or "in_out" (e.g. gpt-oss's transposed view)."""
+        return "in_out" if self.experts.gate_up_proj.stride(1) == 1 else "out_in"
+
+    def stack(self) -> SwiGLUExperts:
+        return self.experts.family(self.capacity_factor, self.pair_counts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.hidden:  # shapes only: no sync
+            self._bad_input(x)
+        idx, w = self.router(x)  # [T, k], [T, k]
+        y = self.run_experts(x, idx, w.to(x.dtype), self.stack())  # [T, d]
+        return y if self.shared is None else y + self.shared(x)
+
+    def _bad_input(self, x: Any) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoELayer: input x is {kind_of(x)}; give a tensor [tokens, hidden={self.hidden}]")
+        raise ConfigError(f"MoELayer: input x has shape {list(x.shape)}; give [tokens, hidden={self.hidden}] "
+                          "(flatten batch and sequence into tokens)")
+
+    def extra_repr(self) -> str:
+        shared = self.shared.down_proj.in_features if self.shared is not None else 0
+        return (f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.num_experts}, "
+                f"shared_intermediate={shared}, act={self.experts.act!r}, strategy={self._strategy!r}")
