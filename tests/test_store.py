@@ -175,3 +175,13 @@ def test_a_failed_point_retried_in_the_same_run_is_replaced(db):
     assert [(p["point_key"], p["status"]) for p in db.points()] == [("k1", "done")]
     with pytest.raises(sqlite3.IntegrityError):  # a completed point is never silently replaced
         db.add_point("run1", "k1", CONFIG, "done", document=doc(model_record()))
+
+
+@pytest.mark.parametrize("raw, want, expected", [
+    ('{"a": 1}', dict, {"a": 1}), ("[1, 2.5]", list, [1, 2.5]), (b'{"b": null}', dict, {"b": None}),
+    ('{"a": ', dict, None), ("[1]", dict, None), ('{"a": NaN}', dict, None), ("[1e999]", list, None),
+    ("Infinity", dict, None), (None, dict, None), (42, dict, None), (b"\xff\xfe", dict, None),
+    ("[" * 100_000, list, None),
+])
+def test_stored_json_is_strict_and_never_raises(raw, want, expected):
+    assert store_mod.stored_json(raw, want) == expected

@@ -15,13 +15,13 @@ left out and said so.
 
 from __future__ import annotations
 
-import json
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .store import Store
+from .store import Store, stored_json
 
 MEASURED = ("counter", "sampled")
 METRICS = {
@@ -74,29 +74,82 @@ class Frame:
     skipped: list[dict] = field(default_factory=list)  # points that were skipped or failed (latest attempt)
     tdp_w: float | None = None
     tdp_source: str | None = None
+    damaged: dict[str, int] = field(default_factory=dict)  # table -> rows left out: their stored JSON is damaged
 
     def methods(self) -> set[str]:
         return {str(m.get("energy_method")) for m in self.models}
 
+    def damage_note(self) -> str | None:
+        """One line on the damaged rows left out, for the report's notes; None when there are none."""
+        n = sum(self.damaged.values())
+        if not n:
+            return None
+        by_table = ", ".join(f"{k} {v}" for k, v in sorted(self.damaged.items()))
+        return f"{n} stored row(s) with damaged JSON left out ({by_table})"
+
 
 def load(store: Store) -> Frame:
-    """Read the store; when a point was measured more than once, the latest completed measurement wins."""
-    points = store.points()
+    """Read the store; when a point was measured more than once, the latest completed measurement wins.
+
+    A row whose stored JSON is damaged (malformed, or not the object it should be) is left out and counted in
+    ``Frame.damaged``: one bad row costs its own figures, not the whole report."""
+    damaged: Counter[str] = Counter()
     latest: dict[str, dict] = {}
-    for p in points:  # ascending id: later rows replace earlier ones, a done row is never replaced by a failure
+    for p in store.points():  # ascending id: later rows replace earlier ones, a done row is never replaced by a failure
         prev = latest.get(p["point_key"])
         if prev is None or p["status"] == "done" or prev["status"] != "done":
             latest[p["point_key"]] = p
     done = {p["id"]: p for p in latest.values() if p["status"] == "done"}
-    f = Frame(runs=store.runs())
+    f = Frame(runs=_runs(store, damaged))
     f.points = sorted(done.values(), key=lambda p: (p["total_params"] or 0, p["batch_size"] or 0, p["id"]))
     f.skipped = sorted((p for p in latest.values() if p["status"] != "done"), key=lambda p: p["total_params"] or 0)
-    model_ids: set[int] = set()
+    f.models = _models(store, done, damaged)
+    model_ids = {m["model_id"] for m in f.models}
+    traces = store.traces(damaged)
+    for w in store.window_rows():
+        if w["model_id"] in model_ids:
+            f.windows.append({**w, "trace": traces.get(w["id"], [])})
+    documents = []
+    for p in f.points:
+        doc = stored_json(p["document_json"]) if p.get("document_json") is not None else {}
+        if doc is None:
+            damaged["points"] += 1
+        documents.append(doc)
+    for source in (*(r["meter"] for r in f.runs), *documents):
+        tdp = find_tdp(source)
+        if tdp is not None:
+            f.tdp_w, f.tdp_source = tdp
+            break
+    f.damaged = dict(damaged)
+    return f
+
+
+def _runs(store: Store, damaged: Counter[str]) -> list[dict]:
+    """The runs, each with its meter parsed as 'meter'; a damaged environment or meter is blanked (the run's
+    other columns still describe it) and counted."""
+    runs = []
+    for r in store.runs():
+        env = stored_json(r.get("environment_json"))
+        meter_raw = r.get("meter_json")
+        meter = stored_json(meter_raw) if meter_raw is not None else {}
+        if env is None or meter is None:
+            damaged["runs"] += 1
+        runs.append({**r, "environment_json": r.get("environment_json") if env is not None else None,
+                     "meter_json": meter_raw if meter is not None else None, "meter": meter or {}})
+    return runs
+
+
+def _models(store: Store, done: dict[int, dict], damaged: Counter[str]) -> list[dict]:
+    """Every model of a done point, its record merged with its columns and its point's fields."""
+    out = []
     for row in store.model_rows():
         if row["point_id"] not in done:
             continue
-        rec = json.loads(row["record_json"])
-        m = {**rec, **{k: v for k, v in row.items() if k != "record_json" and v is not None}}
+        rec = stored_json(row["record_json"])
+        m = {**(rec or {}), **{k: v for k, v in row.items() if k != "record_json" and v is not None}}
+        if rec is None or not _usable(m):
+            damaged["models"] += 1
+            continue
         m["record"] = rec
         m["point_id"] = row["point_id"]
         m["model_id"] = row["id"]
@@ -106,19 +159,14 @@ def load(store: Store) -> Frame:
         m["batch_size"] = m.get("batch_size") or row["point_batch_size"]
         m["dtype"] = m.get("dtype") or row["point_dtype"]
         m["kind"] = m.get("kind") or ("moe" if str(m.get("name", "")).startswith("moe") else "dense")
-        f.models.append(m)
-        model_ids.add(row["id"])
-    traces = store.traces()
-    for w in store.window_rows():
-        if w["model_id"] in model_ids:
-            f.windows.append({**w, "trace": traces.get(w["id"], [])})
-    for source in (*(json.loads(r["meter_json"]) for r in f.runs if r.get("meter_json")),
-                   *(json.loads(p["document_json"]) for p in f.points if p.get("document_json"))):
-        tdp = find_tdp(source)
-        if tdp is not None:
-            f.tdp_w, f.tdp_source = tdp
-            break
-    return f
+        out.append(m)
+    return out
+
+
+def _usable(m: dict) -> bool:
+    """The fields every table and plot reads without a default: a name, and whole parameter counts."""
+    counts = (m.get("params"), m.get("active_params"))
+    return isinstance(m.get("name"), str) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
 
 
 def sparsity(experts: int | None, top_k: int | None) -> str:
@@ -308,10 +356,15 @@ def _pos(v: float | None, fallback: float) -> float:
 
 
 def crossovers(frame: Frame, metrics: Iterable[str] = tuple(METRICS)) -> list[Crossover]:
+    """Every group's crossover of each metric; rows left out as damaged are said in each one's notes."""
     out = []
+    note = frame.damage_note()
     for g, ps in sorted(pairs(frame).items(), key=lambda kv: (kv[0][0] or 0, *map(str, kv[0][1:]))):
         for metric in metrics:
-            out.append(crossover(ps, metric, g))
+            c = crossover(ps, metric, g)
+            if note:
+                c.notes.append(note)
+            out.append(c)
     return out
 
 

@@ -1,9 +1,10 @@
-"""Ctrl-C and SIGTERM end a command the same way: an exception that unwinds every ``with`` and ``finally``.
+"""Ctrl-C, SIGTERM and SIGHUP end a command the same way: an exception that unwinds every ``with`` and ``finally``.
 
 SIGINT already raises KeyboardInterrupt; a batch scheduler's SIGTERM would kill the process outright,
-skipping the code that closes the energy window and rolls back the point in flight. ``signals_raise()``
-makes SIGTERM raise ``Interrupted`` (a KeyboardInterrupt) instead, so both signals take one path and the
-command exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as a shell expects.
+skipping the code that closes the energy window, rolls back the point in flight and removes temp files.
+``signals_raise()`` makes all three raise ``Interrupted`` (a KeyboardInterrupt) instead, so they take one path,
+a second signal cannot cut that cleanup short, and the command exits 128 + the signal's number (130 for SIGINT,
+143 for SIGTERM, 129 for SIGHUP), as a shell expects.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 # SIGHUP: the terminal of an interactive session closed. Not on Windows.
-SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 class Interrupted(KeyboardInterrupt):
-    """A SIGTERM (or SIGHUP) received while a command ran."""
+    """A SIGINT, SIGTERM or SIGHUP received while a command ran under ``signals_raise``."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -36,21 +37,24 @@ def signal_name(e: BaseException) -> str:
 
 @contextmanager
 def signals_raise() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise ``Interrupted``; the previous handlers come back after.
+    """Within the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted``; the previous handlers come back after.
 
-    Only the main thread can install handlers; elsewhere (a library caller's worker) this does nothing.
+    A signal the process was started ignoring stays ignored: ``nohup`` (SIGHUP) and a shell's background job
+    (SIGINT) chose that. Only the main thread can install handlers; elsewhere (a library caller's worker) this
+    does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    caught = [s for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
 
     def raise_(signum: int, _frame: object) -> None:
         # Ignore a second signal while the first unwinds: the cleanup must finish, not be cut short.
-        for s in SIGNALS:
+        for s in caught:
             signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    old = {s: signal.signal(s, raise_) for s in SIGNALS}
+    old = {s: signal.signal(s, raise_) for s in caught}
     try:
         yield
     finally:

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import sqlite3
+import stat
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,9 @@ from .fileio import json_safe, now_utc
 DEFAULT_DB = "results/moe-energy.db"
 EXPORT_SCHEMA = "moe-energy/export"
 BUSY_TIMEOUT_MS = 30_000
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# The tables of schema version 1, kept by every later one: a store lacks none of them.
+CORE_TABLES = ("runs", "points", "models", "windows", "traces")
 
 if TYPE_CHECKING:
     from .measure.records import ModelRecord
@@ -130,6 +135,34 @@ def dumps(v: Any) -> str:
     return json.dumps(json_safe(v), sort_keys=True, allow_nan=False, default=str)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text} is out of range")
+    return v
+
+
+def stored_json(raw: Any, want: type = dict) -> Any:
+    """A JSON column's value when it is strict JSON (no NaN or Infinity, which ``dumps`` never writes) of type
+    ``want``; None when it is not: such a row was damaged outside this tool (a bad disk, a hand edit), and a
+    reader skips and counts it rather than stop at it."""
+    if not isinstance(raw, (str, bytes)):
+        return None
+    try:
+        v = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        return None
+    return v if isinstance(v, want) else None
+
+
+def _numbers(xs: list) -> bool:
+    return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+
+
 def _series(trace: Any) -> tuple[list[float], list[float]] | None:
     """(t_s, power_w) from one device's samples: [[t, w], ...], [{"t_s": t, "power_w": w}, ...] or
     {"t_s": [...], "power_w": [...]}; None if it is none of these or empty."""
@@ -181,50 +214,123 @@ def normalize_trace(trace: Any) -> list[tuple[str, list[float], list[float]]]:
 
 
 class Store:
-    """An open results database. ``Store(path)`` creates it (and migrates an older one) unless create=False."""
+    """An open results database.
 
-    def __init__(self, path: str | Path, create: bool = True, check: bool = True) -> None:
-        """``check``: read every page once (PRAGMA quick_check) and refuse a damaged file before any work."""
+    ``Store(path)`` opens it to write: it creates the file (or migrates an older store in place).
+    ``Store(path, create=False)`` opens an existing store to read it, read-only: not a byte of the file is
+    ever written, an older schema is migrated in an in-memory copy only, and a file that is not a moe-energy
+    store (someone else's database, an empty file) is refused in one line rather than given our tables.
+    """
+
+    def __init__(self, path: str | Path, create: bool = True, check: bool = True, label: str | None = None) -> None:
+        """``check``: read every page once (PRAGMA quick_check) and refuse a damaged file before any work.
+        ``label``: how messages name the file (default ``--db PATH``)."""
         self.path = Path(path)
+        self.label = label or f"--db {self.path}"
+        self.readonly = not create
         self._lock_fd: int | None = None
-        if not self.path.exists():
-            if not create:
-                raise ConfigError(f"--db {self.path}: no such database; run `moe-energy sweep --db {self.path}` "
-                                  "first or give the right path")
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"--db {self.path}: cannot create its directory ({e.strerror})") from None
-        elif self.path.is_dir():
-            raise ConfigError(f"--db {self.path} is a directory; give a file name such as {self.path}/moe-energy.db")
-        elif self.path.stat().st_size > 0:
-            with open(self.path, "rb") as f:
-                magic = f.read(16)
-            if magic != b"SQLite format 3\x00":
-                raise ConfigError(f"--db {self.path}: not a usable SQLite database (it starts with {magic[:12]!r}, "
-                                  "not 'SQLite format 3'); give a moe-energy database or a new file name")
+        self._check_file()
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), one per point
-            self.con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            if self.readonly:
+                self._identify_untouched()
+            self.con = sqlite3.connect(self._uri("mode=ro") if self.readonly else self.path, uri=self.readonly,
+                                       timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(damaged(self.path, e, self.label)) from None
         except sqlite3.Error as e:
-            raise ConfigError(f"--db {self.path}: cannot open ({e}); check the path and its permissions") from None
+            raise ConfigError(f"{self.label}: cannot open ({e}); check the path and its permissions") from None
         try:
-            self.con.row_factory = sqlite3.Row
-            self.con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self.con.execute("PRAGMA journal_mode = WAL")
-            self.con.execute("PRAGMA synchronous = FULL")
-            self.con.execute("PRAGMA foreign_keys = ON")
-            if check:
-                problem = str(self.con.execute("PRAGMA quick_check(1)").fetchone()[0])
-                if problem != "ok":
-                    raise sqlite3.DatabaseError(problem)
-            self._migrate()
+            self._prepare(check)
         except sqlite3.DatabaseError as e:
             self.con.close()
-            raise ConfigError(damaged(self.path, e)) from None
+            raise ConfigError(damaged(self.path, e, self.label)) from None
         except BaseException:
             self.con.close()
             raise
+
+    def _check_file(self) -> None:
+        """Refuse, before SQLite sees it, a path that cannot be a store: one the OS refuses (too long a name, under
+        a regular file), a directory or device, a file of other bytes; for a read, a missing or empty file too
+        (SQLite would quietly make either a new database)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self.readonly:
+                raise ConfigError(f"{self.label}: no such database; run `moe-energy sweep --db {self.path}` "
+                                  "first or give the right path") from None
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"{self.label}: cannot create its directory ({os_reason(e)})") from None
+            return
+        except OSError as e:
+            raise ConfigError(f"{self.label}: cannot use this path ({os_reason(e)}); give another") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{self.label} is a directory; give a file name such as {self.path}/moe-energy.db")
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{self.label} is not a regular file; give a moe-energy database or a new file name")
+        if st.st_size == 0:
+            if self.readonly:
+                raise ConfigError(foreign(self.label, "the file is empty"))
+            return
+        try:
+            with open(self.path, "rb") as f:
+                magic = f.read(16)
+        except OSError as e:
+            raise ConfigError(f"{self.label}: cannot read it ({os_reason(e)}); check its permissions") from None
+        if magic != SQLITE_MAGIC:
+            raise ConfigError(f"{self.label}: not a usable SQLite database (it starts with {magic[:12]!r}, "
+                              "not 'SQLite format 3'); give a moe-energy database or a new file name")
+
+    def _uri(self, query: str) -> str:
+        return f"{self.path.absolute().as_uri()}?{query}"
+
+    def _identify_untouched(self) -> None:
+        """Before a read-only connection (which gives a WAL-mode file its -wal and -shm companions), look at the
+        file through an immutable one, which creates nothing, so that a foreign file is refused untouched.
+        Only when no -wal file exists: then the main file alone holds the whole database."""
+        if os.path.lexists(f"{self.path}-wal"):
+            return
+        probe = sqlite3.connect(self._uri("immutable=1"), uri=True)
+        try:
+            identify(probe, self.label, allow_empty=False)
+        finally:
+            probe.close()
+
+    def _prepare(self, check: bool) -> None:
+        """Settings, the integrity check, then the schema: identified first, so that a foreign file is refused
+        before anything (not even its journal mode) is changed."""
+        self.con.row_factory = sqlite3.Row
+        self.con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if self.readonly:
+            self.con.execute("PRAGMA query_only = ON")
+        if check:
+            problem = str(self.con.execute("PRAGMA quick_check(1)").fetchone()[0])
+            if problem != "ok":
+                raise sqlite3.DatabaseError(problem)
+        version = identify(self.con, self.label, allow_empty=not self.readonly)
+        if self.readonly:
+            if version < len(MIGRATIONS):
+                self._to_memory()
+                self._migrate()
+            return
+        self.con.execute("PRAGMA journal_mode = WAL")
+        self.con.execute("PRAGMA synchronous = FULL")
+        self.con.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    def _to_memory(self) -> None:
+        """Read an older store through a copy in memory, migrated there: a read never upgrades the file."""
+        mem = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            self.con.backup(mem)
+        except BaseException:
+            mem.close()
+            raise
+        self.con.close()
+        self.con = mem
+        self.con.row_factory = sqlite3.Row
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -267,8 +373,7 @@ class Store:
         self.con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         v = self.version()
         if v > len(MIGRATIONS):
-            raise ConfigError(f"--db {self.path}: schema version {v} is newer than this tool's {len(MIGRATIONS)}; "
-                              "upgrade moe-energy or use another --db")
+            raise ConfigError(_newer(self.label, v))
         for i in range(v, len(MIGRATIONS)):
             # executescript would commit on its own; one explicit transaction per step keeps each atomic
             self.con.execute("BEGIN IMMEDIATE")
@@ -282,7 +387,7 @@ class Store:
                 self.con.execute("INSERT INTO schema_version (version) VALUES (?)", (i + 1,))
             except sqlite3.Error as e:
                 self._rollback()
-                raise ConfigError(f"--db {self.path}: migrating the schema from version {i} to {i + 1} failed "
+                raise ConfigError(f"{self.label}: migrating the schema from version {i} to {i + 1} failed "
                                   f"({e}); the database is unchanged") from None
             except BaseException:
                 self._rollback()
@@ -415,11 +520,17 @@ class Store:
              "FROM windows w JOIN models m ON m.id = w.model_id ORDER BY w.model_id, w.ordinal")
         return [dict(r) for r in self.con.execute(q)]
 
-    def traces(self) -> dict[int, list[tuple[str, list[float], list[float]]]]:
-        """{window id: [(device, t_s [N], power_w [N]), ...]}."""
+    def traces(self, damaged: Counter[str] | None = None) -> dict[int, list[tuple[str, list[float], list[float]]]]:
+        """{window id: [(device, t_s [N], power_w [N]), ...]}; a damaged row is skipped and counted in
+        ``damaged['traces']``."""
         out: dict[int, list[tuple[str, list[float], list[float]]]] = {}
         for r in self.con.execute("SELECT window_id, device, t_s_json, power_w_json FROM traces ORDER BY id"):
-            out.setdefault(r[0], []).append((r[1], json.loads(r[2]), json.loads(r[3])))
+            ts, ws = stored_json(r[2], list), stored_json(r[3], list)
+            if ts is None or ws is None or len(ts) != len(ws) or not _numbers(ts) or not _numbers(ws):
+                if damaged is not None:
+                    damaged["traces"] += 1
+                continue
+            out.setdefault(r[0], []).append((str(r[1]), ts, ws))
         return out
 
     def integrity(self) -> str:
@@ -444,49 +555,119 @@ class Store:
         w.writerows(rows)
         return buf.getvalue()
 
-    def export_document(self) -> dict:
-        """Everything, nested: runs, then points with their full records (traces put back into windows)."""
-        traces = self.traces()
+    def export_document(self, damaged: Counter[str] | None = None) -> dict:
+        """Everything, nested: runs, then points with their full records (traces put back into windows).
+
+        A row whose stored JSON is damaged is left out and counted in ``damaged`` by table: the rest still exports.
+        """
+        damaged = damaged if damaged is not None else Counter()
+        models = self._export_models(self.traces(damaged), damaged)
+        return {"schema": EXPORT_SCHEMA, "schema_version": schema_version(), "runs": self._export_runs(damaged),
+                "points": self._export_points(models, damaged)}
+
+    def _export_models(self, traces: dict[int, list[tuple[str, list[float], list[float]]]],
+                       damaged: Counter[str]) -> dict[int, list[dict]]:
+        """{point id: [full model record, ...]}, each window's trace put back in."""
         windows_by_model: dict[int, list[int]] = {}
         for r in self.con.execute("SELECT id, model_id FROM windows ORDER BY model_id, ordinal"):
             windows_by_model.setdefault(r["model_id"], []).append(r["id"])
-        models_by_point: dict[int, list[dict]] = {}
+        by_point: dict[int, list[dict]] = {}
         for r in self.con.execute("SELECT id, point_id, record_json FROM models ORDER BY point_id, ordinal"):
-            rec = json.loads(r["record_json"])
+            rec = stored_json(r["record_json"])
+            if rec is None:
+                damaged["models"] += 1
+                continue
             if isinstance(rec.get("windows"), list):
                 dict_windows = [w for w in rec["windows"] if isinstance(w, dict)]
                 for w, wid in zip(dict_windows, windows_by_model.get(r["id"], [])):
                     if wid in traces:
                         w["trace"] = {dev: [[t, p] for t, p in zip(ts, ws)] for dev, ts, ws in traces[wid]}
-            models_by_point.setdefault(r["point_id"], []).append(rec)
+            by_point.setdefault(r["point_id"], []).append(rec)
+        return by_point
+
+    def _export_points(self, models: dict[int, list[dict]], damaged: Counter[str]) -> list[dict]:
         points = []
         for p in self.points():
+            config = stored_json(p["config_json"])
+            document = stored_json(p["document_json"]) if p["document_json"] is not None else None
+            if config is None or (p["document_json"] is not None and document is None):
+                damaged["points"] += 1
+                continue
             d = {k: v for k, v in p.items() if k not in ("config_json", "document_json")}
-            d["config"] = json.loads(p["config_json"])
-            d["document"] = json.loads(p["document_json"]) if p["document_json"] else None
-            d["models"] = models_by_point.get(p["id"], [])
+            d.update(config=config, document=document, models=models.get(p["id"], []))
             points.append(d)
+        return points
+
+    def _export_runs(self, damaged: Counter[str]) -> list[dict]:
         runs = []
         for r in self.runs():
             d = {k: v for k, v in r.items() if not k.endswith("_json")}
             for k in ("grid", "environment", "meter"):
-                raw = r[f"{k}_json"]
-                d[k] = json.loads(raw) if raw else None
+                d[k] = stored_json(r[f"{k}_json"])
+            if d["grid"] is None or d["environment"] is None or (r["meter_json"] is not None and d["meter"] is None):
+                damaged["runs"] += 1
+                continue
             runs.append(d)
-        return {"schema": EXPORT_SCHEMA, "schema_version": schema_version(), "runs": runs, "points": points}
+        return runs
 
 
-def damaged(path: str | Path, e: BaseException) -> str:
+def damaged(path: str | Path, e: BaseException, label: str | None = None) -> str:
     """The one line for a database SQLite cannot use: damaged, truncated or not SQLite at all."""
     text = one_line(e)
+    label = label or f"--db {path}"
     if "readonly" in text or "read-only" in text:
-        return f"--db {path}: cannot write to it ({text}); check its and its directory's permissions"
+        return f"{label}: cannot write to it ({text}); check its and its directory's permissions"
     if "disk is full" in text:
-        return f"--db {path}: {text}; free some space and run again"
+        return f"{label}: {text}; free some space and run again"
     if "locked" in text:
-        return f"--db {path}: {text} for over {BUSY_TIMEOUT_MS // 1000} s by another process; try again later"
-    return (f"--db {path}: the database is damaged or not SQLite ({text}); restore a backup, or salvage it with "
+        return f"{label}: {text} for over {BUSY_TIMEOUT_MS // 1000} s by another process; try again later"
+    return (f"{label}: the database is damaged or not SQLite ({text}); restore a backup, or salvage it with "
             f"`sqlite3 {path} .recover`, or give another --db")
+
+
+def os_reason(e: OSError) -> str:
+    """Why the OS refused a path, in its own words ('File name too long'); never empty."""
+    return e.strerror or one_line(e)
+
+
+def foreign(label: str, why: str) -> str:
+    return (f"{label}: not a moe-energy store ({why}); give a database written by `moe-energy sweep`, "
+            "or another path")
+
+
+def _newer(label: str, version: int) -> str:
+    return (f"{label}: schema version {version} is newer than this tool's {len(MIGRATIONS)}; upgrade moe-energy "
+            "or use another --db")
+
+
+def _names(tables: set[str]) -> str:
+    shown = sorted(tables)[:4]
+    return ", ".join(repr(t) for t in shown) + (f" and {len(tables) - len(shown)} more" if len(tables) > 4 else "")
+
+
+def identify(con: sqlite3.Connection, label: str, allow_empty: bool) -> int:
+    """The schema version of the moe-energy store behind ``con``; 0 for a database with no tables at all (a
+    store is made there only when ``allow_empty``). Any other database is someone else's: refused, so that
+    nothing ever adds moe-energy's tables to it."""
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                        "AND name NOT LIKE 'sqlite!_%' ESCAPE '!'")}
+    if not tables:
+        if allow_empty:
+            return 0
+        raise ConfigError(foreign(label, "it is an empty database"))
+    if [r[1] for r in con.execute("PRAGMA table_info(schema_version)")] != ["version"]:
+        raise ConfigError(foreign(label, f"it holds tables {_names(tables)}, and no moe-energy schema_version"))
+    rows = con.execute("SELECT version FROM schema_version LIMIT 2").fetchall()
+    if len(rows) > 1 or (rows and (not isinstance(rows[0][0], int) or rows[0][0] < 0)):
+        raise ConfigError(foreign(label, "its schema_version table does not hold one version number"))
+    version = int(rows[0][0]) if rows else 0
+    if version > len(MIGRATIONS):
+        raise ConfigError(_newer(label, version))
+    missing = [t for t in CORE_TABLES if t not in tables]
+    if (version == 0 and tables != {"schema_version"}) or (version > 0 and missing):
+        why = f"it has no {', '.join(missing)} table" if version else f"it holds tables {_names(tables)}"
+        raise ConfigError(foreign(label, why))
+    return version
 
 
 def _statements(script: str) -> list[str]:
@@ -495,41 +676,94 @@ def _statements(script: str) -> list[str]:
 
 def merge(inputs: list[str | Path], out: str | Path) -> dict[str, int]:
     """Combine databases into a new file ``out`` (never replaced). A point present in several inputs
-    (same run and point key) is kept once. Returns counts of what was copied and what was duplicate."""
+    (same run and point key) is kept once. Returns counts of what was copied and what was duplicate.
+
+    The inputs are only read. ``out`` is built as a temp file beside it and linked into place when complete;
+    any way out (an error, Ctrl-C, or SIGTERM/SIGHUP under ``interrupts.signals_raise``) removes the temp file
+    and its -wal and -shm, so a failed merge leaves nothing behind."""
     out = Path(out)
-    if out.exists():
-        raise ConfigError(f"--out {out} already exists; merge writes a new file, choose another name")
-    for p in inputs:
-        if Path(p).resolve() == out.resolve():
-            raise ConfigError(f"--out {out} is also an input; choose another name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".tmp")
+    label = f"--out {out}"
+    _check_merge_paths(inputs, out, label)
+    for src_path in inputs:  # every input refused now (not a store, damaged, newer), before any copying
+        Store(src_path, create=False, check=False).close()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".tmp")
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot write there ({os_reason(e)}); choose another path") from None
     os.close(fd)
     os.unlink(tmp)
     counts = {"runs": 0, "points": 0, "duplicate_points": 0, "models": 0, "windows": 0}
     try:
-        dst = Store(tmp)
-        try:
-            for src_path in inputs:
-                src = Store(src_path, create=False)
-                try:
-                    _copy_into(src, dst, counts)
-                except sqlite3.DatabaseError as e:
-                    raise ConfigError(damaged(src_path, e)) from None
-                finally:
-                    src.close()
-            dst.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            dst.close()
-        try:
-            os.link(tmp, out)  # fails if someone created ``out`` meanwhile: never replace a file
-        except FileExistsError:
-            raise ConfigError(f"--out {out} appeared while merging; choose another name") from None
+        _merge_into(inputs, tmp, label, counts)
+        _publish(tmp, out, label)
     finally:
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(tmp + suffix):
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.lexists(tmp + suffix):
                 os.unlink(tmp + suffix)
     return counts
+
+
+def _check_merge_paths(inputs: list[str | Path], out: Path, label: str) -> None:
+    """``out`` must be a new file the OS accepts the name of, and none of the inputs."""
+    try:
+        os.stat(out)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot use this path ({os_reason(e)}); choose another") from None
+    else:
+        raise ConfigError(f"{label} already exists; merge writes a new file, choose another name")
+    for p in inputs:
+        if Path(p).resolve() == out.resolve():
+            raise ConfigError(f"{label} is also an input; choose another name")
+
+
+def _merge_into(inputs: list[str | Path], tmp: str, label: str, counts: dict[str, int]) -> None:
+    """Copy every input into the new database ``tmp``; an error names the file it is about."""
+    dst = Store(tmp, label=label)
+    try:
+        for src_path in inputs:
+            src = Store(src_path, create=False)
+            try:
+                _copy_into(src, dst, counts)
+            except sqlite3.DatabaseError as e:
+                text = one_line(e)
+                mine = "disk is full" in text or "readonly" in text or "read-only" in text
+                raise ConfigError(damaged(tmp, e, label) if mine else damaged(src_path, e)) from None
+            finally:
+                src.close()
+        try:
+            dst.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            raise ConfigError(damaged(tmp, e, label)) from None
+    finally:
+        dst.close()
+
+
+def _publish(tmp: str, out: Path, label: str) -> None:
+    """Put the finished ``tmp`` at ``out``, never over a file someone created meanwhile."""
+    appeared = f"{label} appeared while merging; choose another name"
+    try:
+        os.link(tmp, out)
+        return
+    except FileExistsError:
+        raise ConfigError(appeared) from None
+    except OSError:  # a filesystem without hard links: claim the name exclusively, then rename over it
+        pass
+    try:
+        os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise ConfigError(appeared) from None
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot write it ({os_reason(e)}); choose another path") from None
+    try:
+        os.replace(tmp, out)
+    except BaseException as e:
+        os.unlink(out)  # the empty placeholder claimed above
+        if isinstance(e, OSError):
+            raise ConfigError(f"{label}: cannot write it ({os_reason(e)}); choose another path") from None
+        raise
 
 
 def _copy_into(src: Store, dst: Store, counts: dict[str, int]) -> None:

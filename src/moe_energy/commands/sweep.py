@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import sqlite3
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -19,9 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import ConfigError
+from ..fileio import create_atomic
 from ..interrupts import exit_code, signal_name, signals_raise
-from ..store import DEFAULT_DB, Store, damaged
-from . import command, console, err_console
+from ..store import DEFAULT_DB, Store, damaged, os_reason
+from . import command, console, err_console, record_saved
 from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args
 
 # Flags of the sweep itself, not run options: kept out of the grid's config.
@@ -203,7 +206,7 @@ def _measure(args: argparse.Namespace, store: Store, grid: Any, points: list, me
     console.print(f"sweep {grid.name}: {len(points)} point(s)"
                   + (f" (shard {shard_text} of a {len(grid.points)}-point grid)" if shard_text else "")
                   + (f", {len(skip)} already complete" if skip else "")
-                  + f"; meter {meter.name} ({meter.method}); database {store.path}")
+                  + f"; meter {meter.name} ({meter.method}); database {store.path}", markup=False, highlight=False)
     try:
         with SweepProgress(len(points) - len(skip)) as ui:
             outcome = sw.run_points(points, store, run_id, meter, device, run_models, ui, ui.on_point, skip,
@@ -222,14 +225,15 @@ def _measure(args: argparse.Namespace, store: Store, grid: Any, points: list, me
 
 
 def _summary(outcome: Any, db: Path, integrity: str) -> int:
+    plain = {"markup": False, "highlight": False}  # user paths are text, never rich markup
     console.print(f"measured {outcome.done}, skipped {outcome.skipped}, failed {outcome.failed}, "
-                  f"already complete {outcome.already}; database {db} (integrity {integrity})")
+                  f"already complete {outcome.already}; database {db} (integrity {integrity})", **plain)
     if outcome.busy:
         console.print(f"{outcome.busy} point(s) were being measured by another sweep on {db} and were left to it; "
-                      "rerun with --resume once it ends to pick up any it did not finish")
+                      "rerun with --resume once it ends to pick up any it did not finish", **plain)
     for f in outcome.failures:
         err_console.print(f"[red]failed[/red] {escape(f)}")
-    console.print(f"next: moe-energy report --db {db}")
+    console.print(f"next: moe-energy report --db {db}", **plain)
     return 1 if outcome.failed else 0
 
 
@@ -271,7 +275,29 @@ def sweep(args: argparse.Namespace) -> int:
     return _summary(outcome, db, integrity)
 
 
-# -- report ------------------------------------------------------------------------------------------------
+# -- report, export, merge: reads of the store ------------------------------------------------------------
+def _interruptible(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """SIGTERM and SIGHUP end these commands as Ctrl-C does: an exception that runs every ``finally`` (so their
+    temp files go), then one line on stderr and exit 128 + the signal's number (130, 143, 129)."""
+
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            with signals_raise():
+                return handler(args)
+        except KeyboardInterrupt as e:
+            print(f"interrupted ({signal_name(e)}): no partial file was left behind; run the command again",
+                  file=sys.stderr)
+            return exit_code(e)
+
+    return wrapped
+
+
+def _say(text: str) -> None:
+    """A line on stdout printed as it is, never as markup: the paths in it are the user's (``--out '[/z]'``)."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB})")
     p.add_argument("--out", default="results/report", help="directory for report.html, report.md and plots/")
@@ -280,8 +306,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 @command("report", "Write the crossover answer with plots: one self-contained HTML file and a Markdown summary.",
          _report_args)
 @_db_errors
+@_interruptible
 def report(args: argparse.Namespace) -> int:
-    from ..analysis import load
+    from ..analysis import crossovers, load
     from ..report import write_report
     from ..report.html import crossover_table
 
@@ -290,21 +317,24 @@ def report(args: argparse.Namespace) -> int:
         frame = load(store)
     if not frame.points and not frame.skipped:
         raise ConfigError(f"--db {db} holds no sweep points yet; run `moe-energy sweep --db {db}` first")
+    note = frame.damage_note()
+    if note:
+        print(f"warning: --db {db}: {note}; the report is drawn from the rest", file=sys.stderr)
     try:
-        files = write_report(frame, args.out, db)
+        files = write_report(frame, args.out, db)  # each file written whole (fileio.replace_atomic) or not at all
     except OSError as e:
-        raise ConfigError(f"--out {args.out}: cannot write the report there ({e.strerror}); choose another "
+        raise ConfigError(f"--out {args.out}: cannot write the report there ({os_reason(e)}); choose another "
                           "directory") from None
-    from ..analysis import crossovers
-
     title, head, rows = crossover_table(crossovers(frame))
     t = Table(title=title)
     for h in head:
         t.add_column(h)
     for r in rows:
         t.add_row(*(escape(c) for c in r))
+    record_saved(files.html)
+    record_saved(files.markdown)
     console.print(t)
-    console.print(f"report: {files.html} (self-contained) and {files.markdown} with {len(files.images)} plot(s)")
+    _say(f"report: {files.html} (self-contained) and {files.markdown} with {len(files.images)} plot(s)")
     return 0
 
 
@@ -317,28 +347,63 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="file to write (default: standard output); an existing file is not replaced")
 
 
-@command("export", "Export the store as CSV (one row per model measurement) or nested JSON.", _export_args)
-@_db_errors
-def export(args: argparse.Namespace) -> int:
+def _export_text(args: argparse.Namespace, db: Path) -> str:
+    """The export as text; rows whose stored JSON is damaged are left out, said in one warning line."""
     import json
 
-    db = Path(args.db or DEFAULT_DB)
+    damaged: Counter[str] = Counter()
     with Store(db, create=False) as store:
         text = store.export_csv(args.table) if args.format == "csv" else \
-            json.dumps(store.export_document(), indent=1, allow_nan=False)
-    if not args.out or args.out == "-":
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        return 0
-    out = Path(args.out)
+            json.dumps(store.export_document(damaged), indent=1, allow_nan=False)
+    if damaged:
+        by_table = ", ".join(f"{k} {v}" for k, v in sorted(damaged.items()))
+        print(f"warning: --db {db}: {sum(damaged.values())} stored row(s) with damaged JSON left out of the export "
+              f"({by_table})", file=sys.stderr)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _check_new(out: Path) -> None:
+    """``out`` must be a name the OS accepts and not an existing file: refused before any work."""
+    try:
+        os.stat(out)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot use this path ({os_reason(e)}); choose another") from None
+    raise ConfigError(f"--out {out} already exists; choose a new file name")
+
+
+def _write_new(out: Path, data: bytes) -> Path:
+    """``data`` at the new file ``out``, whole or not at all (fileio.create_atomic: a temp file beside it, linked
+    into place), never over a file that appeared meanwhile; a failed write leaves nothing behind."""
+
+    def only(n: int) -> str:  # create_atomic's next free name: there is none, ``out`` is the only one
+        if n:
+            raise ConfigError(f"--out {out} already exists; choose a new file name")
+        return out.name
+
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "x", encoding="utf-8") as f:
-            f.write(text)
-    except FileExistsError:
-        raise ConfigError(f"--out {out} already exists; choose a new file name") from None
+        return create_atomic(out.parent, only, data)
     except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write ({e.strerror}); choose a writable path") from None
-    err_console.print(f"exported {args.format} to {out}")
+        raise ConfigError(f"--out {out}: cannot write ({os_reason(e)}); choose a writable path") from None
+
+
+@command("export", "Export the store as CSV (one row per model measurement) or nested JSON.", _export_args)
+@_db_errors
+@_interruptible
+def export(args: argparse.Namespace) -> int:
+    db = Path(args.db or DEFAULT_DB)
+    to_stdout = not args.out or args.out == "-"
+    if not to_stdout:
+        _check_new(Path(args.out))
+    text = _export_text(args, db)
+    if to_stdout:  # a reader gone (`| head`) or a full disk: cli.main's guard on stdout says so and sets the status
+        sys.stdout.write(text)
+        return 0
+    out = _write_new(Path(args.out), text.encode("utf-8"))
+    record_saved(out)
+    err_console.print(f"exported {args.format} to {out}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -349,11 +414,13 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 
 @command("merge", "Combine sweep databases (e.g. the shards of one sweep) into a new one.", _merge_args)
+@_interruptible
 def merge(args: argparse.Namespace) -> int:
     from ..store import merge as merge_dbs
 
-    counts = merge_dbs(args.inputs, args.out)
-    console.print(f"merged {len(args.inputs)} database(s) into {args.out}: {counts['points']} point(s), "
-                  f"{counts['models']} model(s), {counts['windows']} window(s), {counts['runs']} run(s); "
-                  f"{counts['duplicate_points']} duplicate point(s) kept once")
+    counts = merge_dbs(args.inputs, args.out)  # its temp files are removed on every way out, signals included
+    record_saved(args.out)
+    _say(f"merged {len(args.inputs)} database(s) into {args.out}: {counts['points']} point(s), "
+         f"{counts['models']} model(s), {counts['windows']} window(s), {counts['runs']} run(s); "
+         f"{counts['duplicate_points']} duplicate point(s) kept once")
     return 0
