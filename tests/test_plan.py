@@ -59,7 +59,9 @@ def test_plan_shows_the_memory_that_run_checks(tmp_path, monkeypatch, capsys):
     asked: dict[str, list[tuple[int, str]]] = {"plan": [], "run": []}
     phase = ["plan"]
 
-    def refuse(needed: int, device: torch.device, what: str) -> str:
+    def refuse(needed: int, device: torch.device, what: str) -> str | None:
+        if not what.startswith(("training", "building", "parking")):
+            return None  # the data and the bench batch fit: this test is about the models
         asked[phase[0]].append((needed, what))
         return f"out of memory (test: {what})"
 

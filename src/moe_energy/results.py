@@ -34,7 +34,11 @@ PROBE_BYTES = 2**20
 
 
 def probe_write(d: Path, what: str) -> None:
-    """Create, fill, fsync and delete a file of PROBE_BYTES in ``d``; ConfigError naming ``what`` if it fails."""
+    """Create, fill, fsync and delete a file of PROBE_BYTES in ``d``; ConfigError naming ``what`` if it fails.
+
+    Every refusal of the OS is one line with its reason: a full disk, a file where a directory should be, a
+    name longer than the file system allows, no permission, a path under /proc.
+    """
     try:
         d.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=d, prefix=".probe-", delete=True) as f:
@@ -42,11 +46,24 @@ def probe_write(d: Path, what: str) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        why = e.strerror or type(e).__name__
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            why += ": the disk (or quota) is full"
-        raise ConfigError(f"{what}: cannot write there ({why}); free space or choose a writable "
-                          "directory") from None
+        raise ConfigError(f"{what}: cannot write there ({_refusal(e)}); {_fix(e)}") from None
+    except ValueError as e:  # a NUL byte in the path (from a --config file): no OS call takes it
+        raise ConfigError(f"{what}: cannot write there ({e}); choose a writable directory") from None
+
+
+def _refusal(e: OSError) -> str:
+    """The OS's reason for refusing a path, with what it means here when its own words are cryptic."""
+    why = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return why + ": the disk (or quota) is full"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return why + ": the path, or a part of it, is a file, not a directory"
+    return why
+
+
+def _fix(e: OSError) -> str:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return "free space or choose a writable directory" if full else "choose a writable directory"
 
 
 def check_writable(out_dir: str | Path) -> Path:
@@ -79,7 +96,7 @@ def save_or_rescue(doc: dict, out_dir: str | Path, stem: str) -> Path:
         except OSError:
             rescue = None
         where = f"saved to {rescue} instead" if rescue else "and not to the temp directory either"
-        raise NotSaved(f"--out {out_dir}: could not write the results ({e.strerror or e}); {where}", doc,
+        raise NotSaved(f"--out {out_dir}: could not write the results ({_refusal(e)}); {where}", doc,
                        rescue) from None
 
 

@@ -9,6 +9,7 @@ one entry per device name.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch
 
 from .device import device_sync, dtype_of
 from .environment import cpu_model
+from .errors import ConfigError
 from .fileio import now_utc, replace_atomic
 from .measure.timing import time_one
 
@@ -69,8 +71,17 @@ def figures(roof: Roofline | None, seconds_per_batch: float, flops_per_batch: fl
 
 
 def cache_path() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moe-energy"
-    return Path(root) / CACHE_FILE
+    """$MOE_ENERGY_CACHE_DIR/roofline.json, else under ~/.cache; a ConfigError when there is no home to use."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root) / CACHE_FILE
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):  # no $HOME and no password entry
+        home = Path()
+    if not home.is_absolute():  # never a cache that silently moves with the working directory
+        raise ConfigError(f"no home directory to keep the roofline cache in; set {CACHE_ENV} to a directory")
+    return home / ".cache" / "moe-energy" / CACHE_FILE
 
 
 def device_name(device: torch.device) -> str:
@@ -128,19 +139,29 @@ def calibrate(
 
 
 def _read_cache() -> dict:
+    """The cache's table of devices; {} when it is absent, unreadable or has no place (as if never calibrated)."""
     try:
         doc = json.loads(cache_path().read_text())
-    except (OSError, ValueError):  # absent or unreadable: as if never calibrated
+    except (OSError, ValueError, ConfigError):  # ConfigError: no home for it; ValueError: not JSON, not UTF-8
         return {}
     return doc if isinstance(doc, dict) else {}
 
 
 def _store(roof: Roofline) -> None:
+    """Add ``roof`` to the cache; a path the OS refuses (a file where a directory should be, no permission,
+    a name too long) is a one-line ConfigError naming the path and the reason."""
     path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = _read_cache()
-    doc[roof.device_name] = roof.as_dict()
-    replace_atomic(path, json.dumps(doc, indent=2).encode())  # a cache: replacing the old calibration is the point
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = _read_cache()
+        doc[roof.device_name] = roof.as_dict()
+        replace_atomic(path, json.dumps(doc, indent=2).encode())  # a cache: replacing the old calibration is the point
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if e.errno in (errno.ENOTDIR, errno.EEXIST):
+            why += ": the path, or a part of it, is a file, not a directory"
+        raise ConfigError(f"roofline cache {path}: cannot write it ({why}); set {CACHE_ENV} to a writable "
+                          "directory") from None
 
 
 def _entry_problem(entry: object) -> str | None:

@@ -1,20 +1,28 @@
 """The CLI's commands. Each module registers its own with ``@command``; cli.py imports them all.
 
-A command is two functions: ``add_arguments(parser)`` and ``handler(args) -> exit code``.
+A command is two functions: ``add_arguments(parser)`` and ``handler(args) -> exit code``. Everything it
+prints goes through ``console``/``err_console``; user text (paths, names, messages) is escaped, never markup.
+cli.main runs it inside ``guarded_streams``: a standard output that fails raises ``StdoutLost``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 
 # Piped output (CI logs, files) gets a wide console so tables keep whole numbers instead of '…'.
-console = Console() if sys.stdout.isatty() else Console(width=max(160, shutil.get_terminal_size().columns))
+# (A closed stdout, ``>&-``, is None here: no terminal.)
+_tty = sys.stdout is not None and sys.stdout.isatty()
+console = Console() if _tty else Console(width=max(160, shutil.get_terminal_size().columns))
 err_console = Console(stderr=True)
 
 
@@ -47,3 +55,93 @@ def fmt(v: float | int | None, spec: str = ",.0f", unit: str = "") -> str:
     if v is None:
         return "not measured"
     return f"{v:{spec}}{unit}"
+
+
+# -- standard output that can go away --------------------------------------------------------------------
+class StdoutLost(BaseException):
+    """Standard output took no more (a reader that went away, a full disk): raised by every write after that.
+
+    A BaseException, as KeyboardInterrupt is: no ``except Exception`` that records a model or a sweep point as
+    failed can mistake a dead terminal for a broken measurement; ``finally`` blocks still run. cli.main turns
+    it into the exit status.
+    """
+
+
+class GuardedStream:
+    """``sys.stdout`` (``fatal``: a lost stream raises StdoutLost) or ``sys.stderr`` (diagnostics: dropped).
+
+    The first OSError is kept in ``lost``. The process's own stream then points at /dev/null, so that the
+    interpreter's last flush of what is still buffered cannot fail (and print a traceback) a second time.
+    """
+
+    def __init__(self, stream: TextIO, fatal: bool) -> None:
+        self._stream, self._fatal = stream, fatal
+        self.lost: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.lost is None:
+            try:
+                return self._stream.write(text)
+            except OSError as e:
+                self._lose(e)
+        if self._fatal and text:
+            raise StdoutLost(self.lost)
+        return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self.lost is not None:
+            return  # nothing left to lose: every write says so
+        try:
+            self._stream.flush()
+        except OSError as e:
+            self._lose(e)
+            if self._fatal:
+                raise StdoutLost(e) from None
+
+    def _lose(self, e: OSError) -> None:
+        self.lost = e
+        if self._stream not in (sys.__stdout__, sys.__stderr__):
+            return  # not this process's stream (a test's capture): no descriptor to silence
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            self._stream.flush()  # what is still buffered drains into /dev/null
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+# Files a command has written during this invocation: named in the error line when stdout was lost.
+SAVED: list[Path] = []
+
+
+def record_saved(path: Path | str) -> None:
+    """Note a file just written, so that a lost stdout (which would have named it) cannot hide where it is."""
+    SAVED.append(Path(path))
+
+
+@contextmanager
+def guarded_streams() -> Iterator[GuardedStream | None]:
+    """``sys.stdout``/``sys.stderr`` guarded for one invocation; yields the stdout guard (None when closed)."""
+    before = sys.stdout, sys.stderr
+    out = GuardedStream(sys.stdout, fatal=True) if sys.stdout is not None else None
+    if out is not None:
+        sys.stdout = out  # type: ignore[assignment]
+    if sys.stderr is not None:
+        sys.stderr = GuardedStream(sys.stderr, fatal=False)  # type: ignore[assignment]
+    SAVED.clear()
+    try:
+        yield out
+    finally:
+        sys.stdout, sys.stderr = before
+        if out is not None and out.lost is not None:
+            # rich keeps what it failed to write and would print it ahead of the next invocation's output
+            # (a second main() in one process: the tests)
+            del console._buffer[:]

@@ -21,12 +21,13 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("meters", "List each energy meter, available or not and why, and what --meter auto picks.", _args)
 def meters(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    t = Table(title=f"moe-energy meters (device {device}; powercap root {powercap_root()}, set {ENV_ROOT} to move it)")
+    t = Table(title=escape(f"moe-energy meters (device {device}; powercap root {powercap_root()}, set {ENV_ROOT} "
+                           "to move it)"))
     for col in ("meter", "available", "method", "devices", "why / notes"):
         t.add_column(col)
     for s in survey(device, args.cpu_tdp_watts):
-        t.add_row(s.name, "yes" if s.available else f"no ({s.kind})", s.method or "-",
-                  ", ".join(s.devices) or "-", escape(s.reason))
+        t.add_row(escape(s.name), "yes" if s.available else f"no ({s.kind})", escape(s.method or "-"),
+                  escape(", ".join(s.devices) or "-"), escape(s.reason))
     console.print(t)
     auto = auto_meter(device, cpu_tdp_watts=args.cpu_tdp_watts)
     line = f"--meter auto picks: {auto.name} ({auto.method})"

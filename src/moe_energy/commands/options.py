@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..config import PRESETS, ModelSpec, RunOptions, load_toml, resolve_config
@@ -56,6 +57,44 @@ def resolve(args: argparse.Namespace) -> tuple[ModelSpec, RunOptions]:
     return resolve_config(cfg)
 
 
+def device_of(name: str) -> torch.device:
+    """The device a command without run's options (calibrate, selfcheck) names by ``--device``, checked exactly
+    as run checks its own: RunOptions' name check (config), then resolve_device (is it here?)."""
+    from ..device import resolve_device
+
+    return resolve_device(RunOptions(device=name).validate().device)
+
+
+def declared_shape(args: argparse.Namespace) -> dict[str, int]:
+    """``classes``/``input_dim`` the user gave by flag or --config: with --data the file must agree with them."""
+    cfg = load_toml(args.config) if getattr(args, "config", None) else {}
+    out = {}
+    for k in ("classes", "input_dim"):
+        v = getattr(args, k, None)
+        v = v if v is not None else cfg.get(k)
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def check_data(spec: ModelSpec, opts: RunOptions, declared: dict[str, int]) -> ModelSpec:
+    """The data checks `run` makes (pipeline.start's make_dataset), for a command that trains nothing (plan).
+
+    With --data the file is loaded exactly as a run loads it and decides the shape (the spec returned).
+    Synthetic data is made on few samples: its split leaves no training data only below
+    0.5 / (1 - test_fraction) samples, so that many (or fewer) give every verdict the full run would.
+    """
+    from ..data import make_dataset
+
+    if opts.data:
+        data = make_dataset(opts.samples, spec.input_dim, spec.classes, opts.seed, opts.test_fraction, opts.data,
+                            declared=declared)
+        return replace(spec, input_dim=data.input_dim, classes=data.classes).validate()
+    enough = int(0.5 / (1 - opts.test_fraction)) + 2
+    make_dataset(min(opts.samples, enough), spec.input_dim, spec.classes, opts.seed, opts.test_fraction)
+    return spec
+
+
 def add_energy_arguments(p: argparse.ArgumentParser) -> None:
     """--meter, --idle-seconds, --repeats, --cooldown, --cpu-tdp-watts (issue 3)."""
     from ..energy.select import METER_NAMES
@@ -83,9 +122,9 @@ def meter_from_args(args: argparse.Namespace, device: torch.device,
     name = getattr(args, "meter", None) or "auto"
     tdp = getattr(args, "cpu_tdp_watts", None)
     if name == "auto":
-        if tdp is not None and not tdp > 0:
-            from ..config import ConfigError
+        if tdp is not None:
+            from ..energy.estimate import check_tdp_watts
 
-            raise ConfigError(f"--cpu-tdp-watts={tdp} must be a number of watts > 0")
+            check_tdp_watts(tdp)  # the one rule (finite, > 0), as make_meter applies it to a named meter
         return auto_meter(device, cpu_tdp_watts=tdp, notice=notice)
     return make_meter(name, device, cpu_tdp_watts=tdp)

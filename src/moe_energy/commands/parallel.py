@@ -25,7 +25,7 @@ from ..distributed import (
     shutdown,
 )
 from ..energy.meter import Meter
-from . import console, fmt
+from . import console, fmt, record_saved
 from .options import meter_from_args, resolve
 from .ui import RichUI
 
@@ -44,8 +44,8 @@ def parallel_table(doc: dict) -> Table:
     """One row a model: the job's medians over its windows, per-rank joules and the all-to-all's share."""
     par = doc["parallel"]
     reps = max((m.get("repeats", 1) for m in doc["models"]), default=1)
-    t = Table(title=f"moe-energy expert-parallel results ({par['world_size']} ranks, {par['backend']}, "
-                    f"{par['nodes']} node(s), {doc['options']['dtype']}; median of {reps} window(s) per model)")
+    t = Table(title=escape(f"moe-energy expert-parallel results ({par['world_size']} ranks, {par['backend']}, "
+                           f"{par['nodes']} node(s), {doc['options']['dtype']}; median of {reps} window(s) per model)"))
     for col in ("model", "params", "held-out acc", "inferences/s", "inferences/J", "energy J (per rank)",
                 "energy method", "all-to-all s (share)", "all-to-all MB", "p50 ms/batch"):
         t.add_column(col, justify="left" if col in ("model", "energy method", "energy J (per rank)") else "right")
@@ -61,7 +61,7 @@ def parallel_table(doc: dict) -> Table:
         mb = fmt(p["all_to_all_bytes"] / 1e6, ",.2f") if "all_to_all_bytes" in p else "-"
         t.add_row(escape(m["name"]), f"{m['params']:,}", fmt(m["accuracy"], ".1%"),
                   fmt(m["inferences_per_second"]), fmt(m["inferences_per_joule"], ",.1f"),
-                  f"{fmt(m['energy_j'], ',.1f')} ({per_rank})", m["energy_method"], a2a, mb,
+                  f"{fmt(m['energy_j'], ',.1f')} ({per_rank})", escape(m["energy_method"]), a2a, mb,
                   fmt(m["latency_p50_ms"], ".3f"))
     return t
 
@@ -74,9 +74,10 @@ def _report(doc: dict, path: object) -> int:
     """Rank 0: the table, run's lines on energy, idle power and skips; 1 when no model was measured."""
     from .run import energy_summary  # run imports this module: imported here, when both are loaded
 
+    record_saved(str(path))  # written before anything is printed: a stdout that fails now loses nothing
     console.print(parallel_table(doc))
     console.print(escape("\n".join(energy_summary(doc))), highlight=False, soft_wrap=True)
-    console.print(f"results written to {path}")
+    console.print(f"results written to {escape(str(path))}", highlight=False, soft_wrap=True)
     if any(m.get("status") == "measured" for m in doc["models"]):
         return 0
     print("error: no model was measured: each was skipped on at least one rank (reasons above); choose a "

@@ -9,7 +9,7 @@ from dataclasses import replace
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import PRESETS, load_toml
+from ..config import PRESETS
 from ..device import resolve_device
 from ..interrupts import exit_code, signal_name, signals_raise
 from ..models.counting import moe_active_params, moe_params
@@ -17,8 +17,15 @@ from ..models.dense import dense_width
 from ..pipeline import check_dtype
 from ..pipeline import run as run_models
 from ..results import NotSaved, check_writable
-from . import command, console, err_console, fmt
-from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args, resolve
+from . import command, console, err_console, fmt, record_saved
+from .options import (
+    add_energy_arguments,
+    add_run_arguments,
+    add_shape_arguments,
+    declared_shape,
+    meter_from_args,
+    resolve,
+)
 from .parallel import add_parallel_arguments, run_parallel
 from .ui import RichUI
 
@@ -72,7 +79,7 @@ def results_table(doc: dict) -> Table:
             escape(ipj) + (est if m["inferences_per_joule"] is not None else ""),
             escape(dipj) + (est if m.get("dynamic_inferences_per_joule") is not None else ""),
             fmt(watts, ".1f") + (est if watts is not None else ""),
-            m["energy_method"],
+            escape(m["energy_method"]),
             fmt(m["latency_p50_ms"], ".3f"),
         )
     return t
@@ -112,18 +119,6 @@ def energy_summary(doc: dict) -> list[str]:
     return lines
 
 
-def declared_shape(args: argparse.Namespace) -> dict[str, int]:
-    """``classes``/``input_dim`` the user gave by flag or --config: with --data the file must agree with them."""
-    cfg = load_toml(args.config) if getattr(args, "config", None) else {}
-    out = {}
-    for k in ("classes", "input_dim"):
-        v = getattr(args, k, None)
-        v = v if v is not None else cfg.get(k)
-        if v is not None:
-            out[k] = v
-    return out
-
-
 def _run_args(p: argparse.ArgumentParser) -> None:
     add_shape_arguments(p)
     add_run_arguments(p)
@@ -148,16 +143,20 @@ def run(args: argparse.Namespace) -> int:
         with signals_raise():
             doc, path = run_models(spec, opts, meter, RichUI(console))
     except NotSaved as e:
-        doc, path = e.doc, None
-        _print_results(doc)
-        print(f"error: {e}", file=sys.stderr)
+        if e.rescue is not None:
+            record_saved(e.rescue)
+        try:
+            _print_results(e.doc)
+        finally:  # the table's stdout may be gone: where the results went is said all the same
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         print(f"interrupted ({signal_name(e)}): nothing was saved, a run is written only once complete; "
               "run the same command again to start over", file=sys.stderr)
         return exit_code(e)
+    record_saved(path)  # written before anything is printed: a stdout that fails now loses nothing
     _print_results(doc)
-    console.print(f"results written to {path}")
+    console.print(f"results written to {escape(str(path))}", highlight=False, soft_wrap=True)
     if not any(m.get("status") == "measured" for m in doc["models"]):
         print("error: no model was measured (see the skip reasons above); choose a smaller shape or batch size",
               file=sys.stderr)

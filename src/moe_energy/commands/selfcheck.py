@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import DEVICES
 from ..errors import ConfigError
-from ..results import check_writable, write_atomic
-from . import command, console
+from ..results import NotSaved, check_writable, save_or_rescue
+from . import command, console, record_saved
+from .options import device_of
 
 STYLE = {"ok": "green", "FAIL": "bold red", "info": "dim", "skip": "yellow"}
 
@@ -34,29 +36,41 @@ def _seconds(flag: str, v: float, zero_ok: bool) -> None:
          "power, trace vs counter; prints a verdict and writes JSON (exit 0 only if all passed).", _args)
 def selfcheck(args: argparse.Namespace) -> int:
     """Check the flags, run every check, print the table and the verdict, save the JSON; exit 1 on any FAIL."""
-    if args.device not in DEVICES:
-        raise ConfigError(f"--device {args.device!r} is unknown; choose one of {', '.join(DEVICES)}")
+    device = device_of(args.device)  # the check run makes: a name it knows, of a device that is here
     _seconds("--seconds", args.seconds, zero_ok=False)
     _seconds("--idle-seconds", args.idle_seconds, zero_ok=True)
     check_writable(args.out)
-    from ..device import resolve_device
     from ..selfcheck import run_selfcheck
 
-    device = resolve_device(args.device)
     with console.status("self-check") as status:
         report = run_selfcheck(device, args.seconds, args.idle_seconds,
                                on_phase=lambda msg: status.update(f"self-check: {escape(msg)}"))
+    doc = report.as_doc()
+    stamp = doc["created_utc"].replace(":", "").replace("-", "")[:15]
+    try:  # saved before anything is printed: a standard output that fails cannot lose the report
+        path = save_or_rescue(doc, args.out, f"selfcheck-{device.type}-{stamp}")
+    except NotSaved as e:
+        if e.rescue is not None:
+            record_saved(e.rescue)
+        try:
+            console.print(_table(report))
+        finally:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    record_saved(path)
+    console.print(_table(report))
+    console.print(f"report written to {escape(str(path))}", highlight=False, soft_wrap=True)
+    console.print(escape(report.verdict), style="bold green" if report.passed else "bold red", highlight=False)
+    return 0 if report.passed else 1
+
+
+def _table(report: Any) -> Table:
+    """One row a check; every text escaped (details quote error messages and paths)."""
     env = report.environment
-    t = Table(title=f"moe-energy selfcheck on {escape(env['device_name'])} ({report.device}, "
-                    f"torch {env['torch']}; {report.elapsed_s:.0f} s)")
+    t = Table(title=escape(f"moe-energy selfcheck on {env['device_name']} ({report.device}, "
+                           f"torch {env['torch']}; {report.elapsed_s:.0f} s)"))
     for col in ("group", "check", "result", "detail"):
         t.add_column(col)
     for c in report.checks:
-        t.add_row(c.group, escape(c.name), f"[{STYLE[c.status]}]{c.status}[/]", escape(c.detail))
-    console.print(t)
-    doc = report.as_doc()
-    stamp = doc["created_utc"].replace(":", "").replace("-", "")[:15]
-    path = write_atomic(doc, args.out, f"selfcheck-{device.type}-{stamp}")
-    console.print(f"report written to {path}", highlight=False)
-    console.print(escape(report.verdict), style="bold green" if report.passed else "bold red", highlight=False)
-    return 0 if report.passed else 1
+        t.add_row(escape(c.group), escape(c.name), f"[{STYLE[c.status]}]{escape(c.status)}[/]", escape(c.detail))
+    return t

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from rich.markup import escape
@@ -12,9 +13,9 @@ from .. import roofline
 from ..device import DTYPES, resolve_device
 from ..errors import ConfigError
 from ..models.strategies import STRATEGIES
-from ..results import check_writable, write_atomic
-from . import command, console, fmt, split_list
-from .options import add_shape_arguments, resolve
+from ..results import NotSaved, check_writable, save_or_rescue
+from . import command, console, err_console, fmt, record_saved, split_list
+from .options import add_shape_arguments, device_of, resolve
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +46,8 @@ def _check_flags(flag: str, given: tuple[str, ...], choices: tuple[str, ...], se
 def strategies_table(doc: dict) -> Table:
     """The printed table of a bench-strategies document: one line per row, notes where a figure needs one."""
     o, env = doc["options"], doc["environment"]
-    t = Table(title=f"MoE strategies vs dense ({env['device_name']}, {o['dtype']}, batch {o['batch_size']}"
-                    f"{', compiled' if o['compile'] else ''}): median of interleaved rounds")
+    t = Table(title=escape(f"MoE strategies vs dense ({env['device_name']}, {o['dtype']}, batch {o['batch_size']}"
+                           f"{', compiled' if o['compile'] else ''}): median of interleaved rounds"))
     # speed-up: over the seed's optimized MoE (active_loop); eff. vs ideal: active-matched dense ms / this ms
     for col in ("model", "layout", "ms/batch", "inferences/s", "vs active_loop", "eff. vs ideal", "GFLOP/s",
                 "bound ms", "of roofline", "note"):
@@ -61,7 +62,7 @@ def strategies_table(doc: dict) -> Table:
             note += f"{'; ' if note else ''}compile {r['compile_s']:.1f} s"
         if (r["fraction_of_roofline"] or 0) > 1.05:  # the calibration ran slower than this model: redo it
             note += f"{'; ' if note else ''}above roofline: run calibrate --force when the host is idle"
-        t.add_row(escape(r["name"]), r.get("weight_layout") or "", fmt(r["ms_per_batch"], ".3f"),
+        t.add_row(escape(r["name"]), escape(r.get("weight_layout") or ""), fmt(r["ms_per_batch"], ".3f"),
                   fmt(r["inferences_per_second"]), fmt(r["speedup_vs_active_loop"], ".2f", "x"),
                   fmt(r["efficiency_vs_ideal"], ".2f") if r["kind"] == "moe" else "(dense)",
                   fmt(r["achieved_gflops"], ".1f"), fmt(r["roofline_bound_ms"], ".3g"),
@@ -70,12 +71,24 @@ def strategies_table(doc: dict) -> Table:
 
 
 def _roofline_for(device: torch.device, dtype: str) -> roofline.Roofline:
-    """The cached roofline of this device, calibrated once first if it lacks ``dtype``."""
-    roof = roofline.load(device)
+    """The cached roofline of this device, calibrated once first if it lacks ``dtype``.
+
+    A cache that cannot be written is a notice, not the end of the benchmark: the figures are still good.
+    """
+    roof = roofline.load(device, notice=_notice)
     if roof is None or dtype not in roof.gemm_flops_per_s:
-        console.print(f"no roofline cached for {roofline.device_name(device)}: calibrating (once) ...")
-        roof = roofline.calibrate(device)
+        console.print(escape(f"no roofline cached for {roofline.device_name(device)}: calibrating (once) ..."),
+                      highlight=False)
+        roof = roofline.calibrate(device, save=False)
+        try:
+            roofline._store(roof)
+        except ConfigError as e:
+            _notice(f"{e}; calibrated for this run only")
     return roof
+
+
+def _notice(msg: str) -> None:
+    err_console.print(f"notice: {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 @command("bench-strategies", "Time every MoE strategy and both dense baselines on one batch; print and save JSON.",
@@ -97,12 +110,21 @@ def bench_strategies(args: argparse.Namespace) -> int:
                         compile=args.compile, seconds=args.seconds, seed=opts.seed, roof=roof,
                         on_phase=lambda msg: status.update(msg))
     doc["options"]["preset"] = opts.extra.get("preset")
-    console.print(strategies_table(doc))
     tag = opts.extra.get("preset") or "custom"
     stamp = doc["created_utc"].replace(":", "").replace("-", "")[:15]
-    stem = f"strategies-{tag}-{opts.dtype}-b{opts.batch_size}-{stamp}"
-    path = write_atomic(doc, opts.out, stem)
-    console.print(f"results written to {path}")
+    try:  # saved before anything is printed: a standard output that fails cannot lose the timings
+        path = save_or_rescue(doc, opts.out, f"strategies-{tag}-{opts.dtype}-b{opts.batch_size}-{stamp}")
+    except NotSaved as e:
+        if e.rescue is not None:
+            record_saved(e.rescue)
+        try:
+            console.print(strategies_table(doc))
+        finally:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    record_saved(path)
+    console.print(strategies_table(doc))
+    console.print(f"results written to {escape(str(path))}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -119,22 +141,34 @@ def calibrate(args: argparse.Namespace) -> int:
     """Measure (or show the cached) GEMM FLOP/s and memory bandwidth the roofline columns are judged against."""
     dtypes = split_list(args.dtype) or tuple(DTYPES)
     _check_flags("--dtype", dtypes, tuple(DTYPES), args.seconds, 1e4)
-    device = resolve_device(args.device)
-    roof = roofline.load(device)
+    device = device_of(args.device)
+    roof = roofline.load(device, notice=_notice)
+    unsaved: ConfigError | None = None
     if roof is None or args.force or any(d not in roof.gemm_flops_per_s for d in dtypes):
-        with console.status(f"calibrating {roofline.device_name(device)}"):
-            roof = roofline.calibrate(device, tuple(dtypes), args.seconds)
-        how = "measured now"
+        with console.status(escape(f"calibrating {roofline.device_name(device)}")):
+            roof = roofline.calibrate(device, tuple(dtypes), args.seconds, save=False)
+        try:  # cached before anything is printed; a cache that cannot be written still shows the figures
+            roofline._store(roof)
+        except ConfigError as e:
+            unsaved = e
+        how = "measured now" + (", not cached" if unsaved else "")
     else:
         how = f"cached, measured {roof.measured_utc} (--force to measure again)"
-    t = Table(title=f"roofline of {escape(roof.device_name)} ({how})")
+    console.print(_roofline_table(roof, how))
+    if unsaved is not None:
+        raise unsaved
+    console.print(escape(f"cache: {roofline.cache_path()}"), highlight=False, soft_wrap=True)
+    return 0
+
+
+def _roofline_table(roof: roofline.Roofline, how: str) -> Table:
+    """calibrate's table; every text from the cache file escaped (a hand-edited file is the user's text)."""
+    t = Table(title=escape(f"roofline of {roof.device_name} ({how})"))
     t.add_column("figure")
     t.add_column("value", justify="right")
     t.add_column("method")
     for d, f in roof.gemm_flops_per_s.items():
-        t.add_row(f"GEMM {d}", f"{f / 1e9:,.1f} GFLOP/s", f"best {roof.gemm_size}^3 matmul")
+        t.add_row(escape(f"GEMM {d}"), f"{f / 1e9:,.1f} GFLOP/s", f"best {roof.gemm_size}^3 matmul")
     t.add_row("memory bandwidth", f"{roof.bandwidth_bytes_per_s / 1e9:,.1f} GB/s",
               f"best copy of {roof.copy_bytes / 2**20:,.0f} MiB (read + write)")
-    console.print(t)
-    console.print(f"cache: {roofline.cache_path()}")
-    return 0
+    return t
