@@ -342,3 +342,22 @@ def test_an_out_the_os_refuses_is_one_line_naming_it_before_any_work(tmp_path, c
     one_error_line(capsys.readouterr().err, needle)
     assert blocker.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) in (["file"], ["c.toml", "file"], ["file", "ro"])
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "SIGTERM"), ("SIGHUP", 129, "SIGHUP")])
+def test_a_signal_mid_command_unwinds_it_like_ctrl_c(tmp_path, sig, code, word):
+    """Every command (here selfcheck, which has no handler of its own) exits 128 + N with one line and no
+    traceback, its files cleaned up, when a scheduler or a closing terminal signals it."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "moe_energy", "selfcheck", "--device", "cpu", "--seconds", "60",
+                             "--idle-seconds", "0", "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # past the imports, into the checks (a later signal only shortens the wait)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code
+    assert err.strip().splitlines()[-1] == f"interrupted ({word})" and "Traceback" not in err
+    assert not out.exists() or not list(out.iterdir())

@@ -148,8 +148,8 @@ def test_range_zero_counter_wrapping_every_5_j_is_refused_and_auto_falls_back(li
 def test_counter_reset_twice_per_window_fails_every_window(live_lie, tmp_path, capsys):
     # issue 17: a counter back to 0 twice per window gave 2.36 W and 87,330 W (true 40 W) as "counter"
     live_lie("--watts", "40", "--reset-every", "0.15")
-    code, out, _ = cli(capsys, "run", *TINY, "--meter", "rapl", "--out", str(tmp_path / "out"))
-    assert code == 0
+    code, out, err = cli(capsys, "run", *TINY, "--meter", "rapl", "--out", str(tmp_path / "out"))
+    assert code == 1 and "every measurement window failed" in err  # written, and never passed off as a result
     [m] = only_json(tmp_path / "out")["models"]
     assert len(m["windows"]) == 2 and [w["repeat"] for w in m["windows"]] == [0, 1]
     for w in m["windows"]:

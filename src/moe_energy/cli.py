@@ -23,6 +23,7 @@ import importlib
 import sys
 
 from .errors import ConfigError, PeerLost, one_line
+from .interrupts import exit_code, signal_name, signals_raise
 
 # Each module registers its commands in commands.COMMANDS; add a module here to add its commands.
 COMMAND_MODULES = ["run", "plan", "meters", "sweep", "strategies", "selfcheck", "archs"]
@@ -75,7 +76,8 @@ def _dispatch(argv: list[str] | None) -> int:
         if getattr(args, "_handler", None) is None:
             parser.print_help()
             return 2
-        return int(args._handler(args) or 0)
+        with signals_raise():  # SIGTERM and SIGHUP unwind every command like Ctrl-C: its cleanup runs
+            return int(args._handler(args) or 0)
     except SystemExit as e:  # --help, --version: argparse exits; the output is still flushed by the caller
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     except ConfigError as e:
@@ -116,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; exits with the status (returns it when ``argv`` is given, for tests)."""
     try:
         code = _guarded(argv)
-    except KeyboardInterrupt:  # anywhere: the imports, parsing, a command, even reporting an error
-        _say("interrupted")
-        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # anywhere: the imports, parsing, a command, even reporting an error
+        code = exit_code(e)
+        _say("interrupted" if code == EXIT_INTERRUPTED else f"interrupted ({signal_name(e)})")
     if argv is None:
         sys.exit(code)
     return code

@@ -161,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: no model was measured (see the skip reasons above); choose a smaller shape or batch size",
               file=sys.stderr)
         return 1
+    if not any(m.get("repeats") for m in doc["models"] if m.get("status") == "measured"):
+        print("error: every measurement window failed (each window's reason is in the JSON); run 'moe-energy "
+              "meters' to see what works here", file=sys.stderr)
+        return 1
     return 0
 
 
