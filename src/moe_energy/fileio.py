@@ -3,6 +3,7 @@ linked or renamed into place; and the one UTC timestamp every document carries."
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import tempfile
@@ -11,10 +12,34 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError, one_line
+
 
 def now_utc() -> str:
     """The current UTC time to the second, ISO 8601: every document's and window's timestamp."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def os_reason(e: OSError) -> str:
+    """Why the OS refused a path, in its own words ('File name too long'), with what they mean here where
+    they are cryptic; never empty."""
+    why = e.strerror or one_line(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return why + ": the disk (or quota) is full"
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return why + ": the path, or a part of it, is a file, not a directory"
+    return why
+
+
+def check_new_file(path: Path, label: str, exists: str) -> None:
+    """``path`` must be a name the OS accepts and not an existing file: refused before any work is done."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"{label}: cannot use this path ({os_reason(e)}); choose another") from None
+    raise ConfigError(f"{label} already exists; {exists}")
 
 
 def json_safe(v: Any) -> Any:

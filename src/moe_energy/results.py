@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError
-from .fileio import create_atomic, json_safe, now_utc
+from .fileio import create_atomic, json_safe, now_utc, os_reason
 
 SCHEMA = "moe-energy/run"
 SCHEMA_VERSION = 1
@@ -46,19 +46,9 @@ def probe_write(d: Path, what: str) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise ConfigError(f"{what}: cannot write there ({_refusal(e)}); {_fix(e)}") from None
+        raise ConfigError(f"{what}: cannot write there ({os_reason(e)}); {_fix(e)}") from None
     except ValueError as e:  # a NUL byte in the path (from a --config file): no OS call takes it
         raise ConfigError(f"{what}: cannot write there ({e}); choose a writable directory") from None
-
-
-def _refusal(e: OSError) -> str:
-    """The OS's reason for refusing a path, with what it means here when its own words are cryptic."""
-    why = e.strerror or type(e).__name__
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return why + ": the disk (or quota) is full"
-    if e.errno in (errno.ENOTDIR, errno.EEXIST):
-        return why + ": the path, or a part of it, is a file, not a directory"
-    return why
 
 
 def _fix(e: OSError) -> str:
@@ -96,14 +86,18 @@ def save_or_rescue(doc: dict, out_dir: str | Path, stem: str) -> Path:
         except OSError:
             rescue = None
         where = f"saved to {rescue} instead" if rescue else "and not to the temp directory either"
-        raise NotSaved(f"--out {out_dir}: could not write the results ({_refusal(e)}); {where}", doc,
+        raise NotSaved(f"--out {out_dir}: could not write the results ({os_reason(e)}); {where}", doc,
                        rescue) from None
+
+
+def stamp(doc: dict) -> str:
+    """The document's creation time as a file-name part, e.g. 20261128T2130."""
+    return doc["created_utc"].replace(":", "").replace("-", "")[:15]
 
 
 def run_stem(doc: dict, preset: str | None, suffix: str = "") -> str:
     """File stem of a run's results: creation time, preset (or 'custom'), e.g. run-20261128T2130-small."""
-    stamp = doc["created_utc"].replace(":", "").replace("-", "")[:15]
-    return f"run-{stamp}-{preset or 'custom'}{suffix}"
+    return f"run-{stamp(doc)}-{preset or 'custom'}{suffix}"
 
 
 def write_atomic(doc: dict, out_dir: str | Path, stem: str) -> Path:

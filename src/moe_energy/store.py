@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, one_line
-from .fileio import json_safe, now_utc
+from .fileio import check_new_file, json_safe, now_utc, os_reason
 
 DEFAULT_DB = "results/moe-energy.db"
 EXPORT_SCHEMA = "moe-energy/export"
@@ -625,11 +625,6 @@ def damaged(path: str | Path, e: BaseException, label: str | None = None) -> str
             f"`sqlite3 {path} .recover`, or give another --db")
 
 
-def os_reason(e: OSError) -> str:
-    """Why the OS refused a path, in its own words ('File name too long'); never empty."""
-    return e.strerror or one_line(e)
-
-
 def foreign(label: str, why: str) -> str:
     return (f"{label}: not a moe-energy store ({why}); give a database written by `moe-energy sweep`, "
             "or another path")
@@ -706,14 +701,7 @@ def merge(inputs: list[str | Path], out: str | Path) -> dict[str, int]:
 
 def _check_merge_paths(inputs: list[str | Path], out: Path, label: str) -> None:
     """``out`` must be a new file the OS accepts the name of, and none of the inputs."""
-    try:
-        os.stat(out)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise ConfigError(f"{label}: cannot use this path ({os_reason(e)}); choose another") from None
-    else:
-        raise ConfigError(f"{label} already exists; merge writes a new file, choose another name")
+    check_new_file(out, label, "merge writes a new file, choose another name")
     for p in inputs:
         if Path(p).resolve() == out.resolve():
             raise ConfigError(f"{label} is also an input; choose another name")

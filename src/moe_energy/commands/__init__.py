@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 
 # Piped output (CI logs, files) gets a wide console so tables keep whole numbers instead of '…'.
 # (A closed stdout, ``>&-``, is None here: no terminal.)
@@ -145,3 +146,24 @@ def guarded_streams() -> Iterator[GuardedStream | None]:
             # rich keeps what it failed to write and would print it ahead of the next invocation's output
             # (a second main() in one process: the tests)
             del console._buffer[:]
+
+
+def save_then_show(doc: dict, out_dir: str | Path, stem: str, show: Callable[[], None], what: str = "results") -> int:
+    """Save ``doc`` first, then print it: a standard output that fails cannot lose it; an unwritable ``--out``
+    is rescued to the temp directory (named), still shown, and the command exits 1."""
+    from ..results import NotSaved, save_or_rescue
+
+    try:
+        path = save_or_rescue(doc, out_dir, stem)
+    except NotSaved as e:
+        if e.rescue is not None:
+            record_saved(e.rescue)
+        try:
+            show()
+        finally:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    record_saved(path)
+    show()
+    console.print(f"{what} written to {escape(str(path))}", highlight=False, soft_wrap=True)
+    return 0

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..results import NotSaved, check_writable, save_or_rescue
-from . import command, console, record_saved
+from ..results import check_writable, stamp
+from . import command, console, save_then_show
 from .options import device_of
 
 STYLE = {"ok": "green", "FAIL": "bold red", "info": "dim", "skip": "yellow"}
@@ -46,20 +45,10 @@ def selfcheck(args: argparse.Namespace) -> int:
         report = run_selfcheck(device, args.seconds, args.idle_seconds,
                                on_phase=lambda msg: status.update(f"self-check: {escape(msg)}"))
     doc = report.as_doc()
-    stamp = doc["created_utc"].replace(":", "").replace("-", "")[:15]
-    try:  # saved before anything is printed: a standard output that fails cannot lose the report
-        path = save_or_rescue(doc, args.out, f"selfcheck-{device.type}-{stamp}")
-    except NotSaved as e:
-        if e.rescue is not None:
-            record_saved(e.rescue)
-        try:
-            console.print(_table(report))
-        finally:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    record_saved(path)
-    console.print(_table(report))
-    console.print(f"report written to {escape(str(path))}", highlight=False, soft_wrap=True)
+    code = save_then_show(doc, args.out, f"selfcheck-{device.type}-{stamp(doc)}", lambda: console.print(_table(report)),
+                          what="report")
+    if code:
+        return code
     console.print(escape(report.verdict), style="bold green" if report.passed else "bold red", highlight=False)
     return 0 if report.passed else 1
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 from rich.markup import escape
@@ -13,8 +12,8 @@ from .. import roofline
 from ..device import DTYPES, resolve_device
 from ..errors import ConfigError
 from ..models.strategies import STRATEGIES
-from ..results import NotSaved, check_writable, save_or_rescue
-from . import command, console, err_console, fmt, record_saved, split_list
+from ..results import check_writable, stamp
+from . import command, console, err_console, fmt, save_then_show, split_list
 from .options import add_shape_arguments, device_of, resolve
 
 
@@ -111,21 +110,8 @@ def bench_strategies(args: argparse.Namespace) -> int:
                         on_phase=lambda msg: status.update(msg))
     doc["options"]["preset"] = opts.extra.get("preset")
     tag = opts.extra.get("preset") or "custom"
-    stamp = doc["created_utc"].replace(":", "").replace("-", "")[:15]
-    try:  # saved before anything is printed: a standard output that fails cannot lose the timings
-        path = save_or_rescue(doc, opts.out, f"strategies-{tag}-{opts.dtype}-b{opts.batch_size}-{stamp}")
-    except NotSaved as e:
-        if e.rescue is not None:
-            record_saved(e.rescue)
-        try:
-            console.print(strategies_table(doc))
-        finally:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    record_saved(path)
-    console.print(strategies_table(doc))
-    console.print(f"results written to {escape(str(path))}", highlight=False, soft_wrap=True)
-    return 0
+    stem = f"strategies-{tag}-{opts.dtype}-b{opts.batch_size}-{stamp(doc)}"
+    return save_then_show(doc, opts.out, stem, lambda: console.print(strategies_table(doc)))
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:

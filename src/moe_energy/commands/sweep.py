@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import shlex
 import sqlite3
 import sys
@@ -21,9 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import ConfigError
-from ..fileio import create_atomic
+from ..fileio import check_new_file, create_atomic, os_reason
 from ..interrupts import exit_code, signal_name, signals_raise
-from ..store import DEFAULT_DB, Store, damaged, os_reason
+from ..store import DEFAULT_DB, Store, damaged
 from . import command, console, err_console, record_saved
 from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args
 
@@ -362,17 +361,6 @@ def _export_text(args: argparse.Namespace, db: Path) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def _check_new(out: Path) -> None:
-    """``out`` must be a name the OS accepts and not an existing file: refused before any work."""
-    try:
-        os.stat(out)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot use this path ({os_reason(e)}); choose another") from None
-    raise ConfigError(f"--out {out} already exists; choose a new file name")
-
-
 def _write_new(out: Path, data: bytes) -> Path:
     """``data`` at the new file ``out``, whole or not at all (fileio.create_atomic: a temp file beside it, linked
     into place), never over a file that appeared meanwhile; a failed write leaves nothing behind."""
@@ -396,7 +384,7 @@ def export(args: argparse.Namespace) -> int:
     db = Path(args.db or DEFAULT_DB)
     to_stdout = not args.out or args.out == "-"
     if not to_stdout:
-        _check_new(Path(args.out))
+        check_new_file(Path(args.out), f"--out {args.out}", "choose a new file name")
     text = _export_text(args, db)
     if to_stdout:  # a reader gone (`| head`) or a full disk: cli.main's guard on stdout says so and sets the status
         sys.stdout.write(text)
