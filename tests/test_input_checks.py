@@ -107,3 +107,19 @@ def test_a_cpu_tdp_that_is_not_a_finite_positive_wattage_is_refused(capsys, tmp_
     assert main(["run", *TINY, "--meter", "estimate", "--cpu-tdp-watts", tdp, "--out", str(tmp_path)]) == 2
     assert "must be a finite number of watts > 0" in _one_error_line(capsys)
     assert not list(tmp_path.glob("*.json"))
+
+
+LONG = "/tmp/" + "a" * 300
+
+
+@pytest.mark.parametrize("args, flag, path", [
+    (["run", "--meter", "none"], "--data", LONG + ".npz"),
+    (["plan"], "--data", LONG + ".npz"),
+    (["sweep", "--dry-run"], "--db", LONG + ".db"),
+    (["sweep", "--dry-run"], "--db", "/etc/passwd/under-a-file.db"),
+])
+def test_a_path_the_os_refuses_is_one_line_naming_it(capsys, args, flag, path):
+    assert main([*args, *TINY, flag, path]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: {flag} {path}: cannot use this path (")
+    assert "File name too long" in line or "Not a directory" in line

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ConfigError
+from .errors import ConfigError
+from .fileio import os_reason
 
 
 @dataclass
@@ -82,8 +83,12 @@ def load_npz(path: str | Path, classes: int | None = None,
 
 def _read_arrays(p: Path, where: str) -> tuple[np.ndarray, np.ndarray]:
     """The file's ``x`` and ``y``, or why it is not an .npz holding them."""
-    if not p.is_file():
+    try:
+        found = p.is_file()
         what = "is a directory" if p.is_dir() else "no such file"
+    except OSError as e:  # a name the OS refuses (too long, say): the user's to fix, not a traceback
+        raise ConfigError(f"{where}: cannot use this path ({os_reason(e)}); give another") from None
+    if not found:
         raise ConfigError(f"{where}: {what}; give an .npz with arrays x [N, d] and y [N]")
     npy = ConfigError(f"{where}: a single .npy array, not an .npz archive; save x and y with "
                       "numpy.savez(path, x=x, y=y)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import sqlite3
 import sys
@@ -45,10 +46,16 @@ def _db_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpar
 
 
 def _db_path(args: argparse.Namespace) -> Path:
-    if getattr(args, "db", None):
-        return Path(args.db)
+    """The database path (``--db``, else under ``--out``), refused in one line if the OS cannot use the name."""
     out = getattr(args, "out", None)
-    return Path(out) / "moe-energy.db" if out else Path(DEFAULT_DB)
+    db = Path(args.db) if getattr(args, "db", None) else Path(out) / "moe-energy.db" if out else Path(DEFAULT_DB)
+    try:
+        os.stat(db)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"--db {db}: cannot use this path ({os_reason(e)}); give another") from None
+    return db
 
 
 # -- sweep -----------------------------------------------------------------------------------------------
