@@ -123,3 +123,10 @@ def test_a_path_the_os_refuses_is_one_line_naming_it(capsys, args, flag, path):
     line = _one_error_line(capsys)
     assert line.startswith(f"error: {flag} {path}: cannot use this path (")
     assert "File name too long" in line or "Not a directory" in line
+
+
+def test_plan_reports_what_the_inputs_need(capsys):
+    assert main(["plan", *TINY, "--samples", "100000", "--batch-size", "1000000", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    data, batch = memory.dataset_bytes(100_000, 40, 4) / 2**30, memory.batch_bytes(1_000_000, 40, "float32") / 2**30
+    assert f"inputs: data ~{data:.2f} GiB on the host; bench batch ~{batch:.2f} GiB" in out

@@ -7,6 +7,7 @@ import argparse
 from rich.markup import escape
 from rich.table import Table
 
+from .. import memory
 from ..device import resolve_device
 from ..memory import GIB
 from ..models.plan import plans
@@ -43,4 +44,9 @@ def plan(args: argparse.Namespace) -> int:
                   f"{m.flops_per_inference / 1e9:.4f}", f"{train_b / GIB:.2f}", f"{infer_b / GIB:.2f}",
                   "yes" if problem is None else escape(problem))
     console.print(t)
+    data = "from --data" if opts.data else \
+        f"~{memory.dataset_bytes(opts.samples, spec.input_dim, spec.classes) / GIB:.2f} GiB on the host"
+    batch = memory.batch_bytes(opts.batch_size, spec.input_dim, opts.dtype) / GIB
+    console.print(f"inputs: data {data}; bench batch ~{batch:.2f} GiB (checked against free memory like the "
+                  "models)", highlight=False)
     return 0
