@@ -87,7 +87,7 @@ def _read_arrays(p: Path, where: str) -> tuple[np.ndarray, np.ndarray]:
         found = p.is_file()
         what = "is a directory" if p.is_dir() else "no such file"
     except OSError as e:  # a name the OS refuses (too long, say): the user's to fix, not a traceback
-        raise ConfigError(f"{where}: cannot use this path ({os_reason(e)}); give another") from None
+        raise ConfigError(f"{where}: cannot use this path ({os_reason(e)}); choose another") from None
     if not found:
         raise ConfigError(f"{where}: {what}; give an .npz with arrays x [N, d] and y [N]")
     npy = ConfigError(f"{where}: a single .npy array, not an .npz archive; save x and y with "

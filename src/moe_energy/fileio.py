@@ -31,15 +31,21 @@ def os_reason(e: OSError) -> str:
     return why
 
 
-def check_new_file(path: Path, label: str, exists: str) -> None:
-    """``path`` must be a name the OS accepts and not an existing file: refused before any work is done."""
+def path_exists(path: Path, label: str) -> bool:
+    """Whether ``path`` exists; a name the OS refuses (too long, under a file) is a one-line ConfigError."""
     try:
         os.stat(path)
     except FileNotFoundError:
-        return
+        return False
     except OSError as e:
         raise ConfigError(f"{label}: cannot use this path ({os_reason(e)}); choose another") from None
-    raise ConfigError(f"{label} already exists; {exists}")
+    return True
+
+
+def check_new_file(path: Path, label: str, exists: str) -> None:
+    """``path`` must be a name the OS accepts and not an existing file: refused before any work is done."""
+    if path_exists(path, label):
+        raise ConfigError(f"{label} already exists; {exists}")
 
 
 def json_safe(v: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import shlex
 import sqlite3
 import sys
@@ -21,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import ConfigError
-from ..fileio import check_new_file, create_atomic, os_reason
+from ..fileio import check_new_file, create_atomic, os_reason, path_exists
 from ..interrupts import exit_code, signal_name, signals_raise
 from ..store import DEFAULT_DB, Store, damaged
 from . import command, console, err_console, record_saved
@@ -49,12 +48,7 @@ def _db_path(args: argparse.Namespace) -> Path:
     """The database path (``--db``, else under ``--out``), refused in one line if the OS cannot use the name."""
     out = getattr(args, "out", None)
     db = Path(args.db) if getattr(args, "db", None) else Path(out) / "moe-energy.db" if out else Path(DEFAULT_DB)
-    try:
-        os.stat(db)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise ConfigError(f"--db {db}: cannot use this path ({os_reason(e)}); give another") from None
+    path_exists(db, f"--db {db}")  # only to refuse a name the OS cannot use, now
     return db
 
 
