@@ -10,6 +10,10 @@ The public Python API (everything else is private)::
     res = me.benchmark(model, x, duration=10, repeats=3)
     moe = me.MoE(experts=8, hidden=256, layers=3, top_k=2, strategy="auto")
     dense = me.matched_dense(moe, match="total")
+    me.archs()                                    # LLM MoE layer presets: name -> Arch
+    layer = me.MoELayer.from_arch("mixtral-8x7b", dtype="bfloat16", device="cuda")
+    ffn = me.matched_dense(layer, match="active") # the dense SwiGLU FFN of the layer's active params
+    me.benchmark(layer, x)                        # x [tokens, d_model]: inferences are tokens
 
 Names load on first use, so ``import moe_energy`` stays light (torch is imported only when needed).
 """
@@ -30,6 +34,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "Measurement": ("energy.meter", "Measurement"),
     "MeterBase": ("energy.meter", "MeterBase"),
     "MoE": ("models.moe", "MoE"),
+    "MoELayer": ("models.llm", "MoELayer"),
+    "archs": ("models.llm", "archs"),
     "DenseMLP": ("models.dense", "DenseMLP"),
     "matched_dense": ("models.dense", "matched_dense"),
     "ModelSpec": ("config", "ModelSpec"),
@@ -38,8 +44,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 }
 
 __all__ = [
-    "BenchmarkResult", "DenseMLP", "Measurement", "MeterBase", "ModelSpec", "MoE", "__version__", "auto_meter",
-    "benchmark", "make_meter", "matched_dense", "presets", "strategies",
+    "BenchmarkResult", "DenseMLP", "Measurement", "MeterBase", "ModelSpec", "MoE", "MoELayer", "__version__",
+    "archs", "auto_meter", "benchmark", "make_meter", "matched_dense", "presets", "strategies",
 ]
 
 if TYPE_CHECKING:
@@ -48,6 +54,7 @@ if TYPE_CHECKING:
     from .config import ModelSpec
     from .energy.meter import Measurement, MeterBase
     from .models.dense import DenseMLP, matched_dense
+    from .models.llm import MoELayer, archs
     from .models.moe import MoE
     from .models.strategies import STRATEGIES as strategies
 

@@ -13,18 +13,22 @@ from ..memory import GIB
 from ..models.plan import plans
 from ..pipeline import check_dtype, check_inputs, check_strategies, fit_check
 from . import command, console
+from .llm import add_llm_arguments, plan_llm_command
 from .options import add_run_arguments, add_shape_arguments, check_data, declared_shape, resolve
 
 
 def _args(p: argparse.ArgumentParser) -> None:
     add_shape_arguments(p)
     add_run_arguments(p)
+    add_llm_arguments(p)
 
 
 @command("plan", "Check a run's options and list the models it would build, their size and memory; "
          "runs nothing.", _args)
 def plan(args: argparse.Namespace) -> int:
     """Every check `run` makes before training (options, device, dtype, strategies, data), then the table."""
+    if args.arch is not None:
+        return plan_llm_command(args)
     spec, opts = resolve(args)
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies)  # in pipeline.start's order, so the first refusal is run's

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..config import PRESETS
 from ..device import resolve_device
+from ..errors import ConfigError
 from ..interrupts import exit_code, signal_name, signals_raise
 from ..models.counting import moe_active_params, moe_params
 from ..models.dense import dense_width
@@ -18,6 +19,7 @@ from ..pipeline import check_dtype
 from ..pipeline import run as run_models
 from ..results import NotSaved, check_writable
 from . import command, console, err_console, fmt, record_saved
+from .llm import add_llm_arguments, run_llm_command
 from .options import (
     add_energy_arguments,
     add_run_arguments,
@@ -124,11 +126,17 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
     add_energy_arguments(p)
     add_parallel_arguments(p)
+    add_llm_arguments(p)  # after add_shape_arguments: reuses its --experts/--top-k
 
 
-@command("run", "Train the MoE and its matched dense models, measure each, print the table, save JSON.",
+@command("run", "Train the MoE and its matched dense models, measure each, print the table, save JSON "
+         "(--arch: an LLM MoE layer per token count, no training).",
          _run_args)
 def run(args: argparse.Namespace) -> int:
+    if args.arch is not None:
+        if args.parallel == "expert":
+            raise ConfigError("--parallel expert does not run an --arch layer yet; drop one of them")
+        return run_llm_command(args)
     if args.parallel == "expert":
         return run_parallel(args)
     spec, opts = resolve(args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from .counting import (
     swiglu_params,
 )
 from .moe import SHAPE_FIELDS, check_shape, kind_of
+
+if TYPE_CHECKING:
+    from .llm import MoELayer
 
 Match = Literal["total", "active"]
 MATCHES = ("total", "active")
@@ -80,11 +83,33 @@ def dense_width(spec: Shape, match: Match = "total") -> int:
     return matched_width(target, s.input_dim, s.layers, s.classes)
 
 
-def matched_dense(spec: Shape, match: Match = "total") -> DenseMLP:
-    """The dense model to compare with an MoE of this shape (an ``MoE`` module is a valid ``spec``)."""
+@overload
+def matched_dense(spec: MoELayer, match: Match = "total") -> DenseSwiGLU: ...
+@overload
+def matched_dense(spec: Shape, match: Match = "total") -> DenseMLP: ...
+
+
+def matched_dense(spec: Any, match: Match = "total") -> DenseMLP | DenseSwiGLU:
+    """The dense model to compare with an MoE of this shape (an ``MoE`` module is a valid ``spec``).
+
+    An LLM ``MoELayer`` gets the dense SwiGLU FFN of the smallest width reaching its total (or active) params:
+    the layer-for-layer comparison (``swiglu_width``).
+    """
     _check_match(match, "matched_dense")
+    from .llm import MoELayer  # here, not at the top: llm.py's routers and presets are not the seed's concern
+
+    if isinstance(spec, MoELayer):
+        return _matched_swiglu_of(spec, match)
     s = shape_of(spec, "matched_dense")
     return DenseMLP(s.input_dim, dense_width(s, match), s.layers, s.classes)
+
+
+def _matched_swiglu_of(layer: MoELayer, match: Match) -> DenseSwiGLU:
+    dims = layer.dims()
+    if match == "active" and dims.top_k < 1:
+        raise ConfigError("matched_dense: the layer's router has no top_k, so its active params are unknown; give "
+                          "the router a top_k attribute, build the layer with MoELayer.from_arch, or use match='total'")
+    return DenseSwiGLU(dims.d_model, swiglu_width(dims, match))
 
 
 class DenseSwiGLU(nn.Module):

@@ -12,6 +12,9 @@ run under any registered strategy (``strategies.py``), the same one set of weigh
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +22,71 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .archs import PRESETS, Arch, get_arch
+from .counting import LayerShape
 from .experts import ACTIVATIONS, SwiGLUExperts
-from .moe import StrategyHost, check_shape, kind_of
+from .moe import StrategyHost, check_shape, kind_of, whole_number
+from .routers import build_router
 from .strategies import AUTO_CANDIDATES, AutoChoice
+
+
+def archs() -> dict[str, Arch]:
+    """The published layer presets by name (a copy: changing it changes nothing here)."""
+    return dict(PRESETS)
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """A built layer's shape as ``counting.py``'s LayerShape reads it, for a layer not built from an Arch."""
+
+    d_model: int
+    ffn_dim: int
+    experts: int
+    top_k: int  # 0: the router does not say (a custom router without ``top_k``)
+    shared_experts: int
+    shared_width: int
+    shared_gate: bool
+    expert_bias: bool
+    router_bias: bool
+
+
+@contextmanager
+def building(device: torch.device, dtype: torch.dtype, seed: int) -> Iterator[None]:
+    """Modules made inside are allocated on ``device`` in ``dtype`` from an RNG seeded with ``seed``: one copy of
+    the weights where they run, never an fp32 one on the host first. The caller's RNG and default dtype are
+    restored. The same seed gives other numbers on a GPU than on the CPU (another generator)."""
+    old = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(old)
+
+
+def _device_of(where: str, device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"{where}: device={device!r} is {kind_of(device)}; give a torch.device or a name such as "
+                        "'cpu' or 'cuda:0'")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{where}: device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") \
+            from None
+
+
+def _arch_of(where: str, arch: Any) -> Arch:
+    if isinstance(arch, Arch):
+        return arch
+    if isinstance(arch, str):
+        return get_arch(arch)
+    raise TypeError(f"{where}: arch={arch!r} is {kind_of(arch)}; give a preset's name (moe_energy.archs()) or an "
+                    "Arch (models.archs.custom_arch)")
 
 
 class StackedSwiGLU(nn.Module):
@@ -94,6 +159,44 @@ class MoELayer(StrategyHost, nn.Module):
         self.register_buffer("pair_counts", torch.zeros(2, dtype=torch.long), persistent=False)
         self.auto_candidates: tuple[str, ...] = AUTO_CANDIDATES
         self.auto_choice: AutoChoice | None = None
+        self.arch: Arch | None = None  # the shape it was built from (from_arch), for exact counts
+
+    @classmethod
+    def from_arch(cls, arch: Arch | str, dtype: str | torch.dtype | None = None,
+                  device: str | torch.device | None = None, strategy: str = "auto", seed: int = 0) -> MoELayer:
+        """``arch``'s layer (a preset's name or an Arch) with seeded random weights, allocated on ``device``
+        (default the CPU) in ``dtype`` (default float32); DeepSeek's router stays fp32 as transformers keeps it.
+
+        Random weights are what an energy benchmark needs: the cost of a forward depends on the shapes and the
+        routing, not on trained values.
+        """
+        from ..device import dtype_of
+
+        a = _arch_of("MoELayer.from_arch", arch)
+        dt = torch.float32 if dtype is None else dtype_of(dtype)
+        dev = _device_of("MoELayer.from_arch", device)
+        whole_number("MoELayer.from_arch", "seed", seed, least=0)
+        with building(dev, dt, seed):
+            layer = cls(a.d_model, a.ffn_dim, a.experts, build_router(a),
+                        shared_intermediate=a.shared_experts * a.shared_width, shared_gate=a.shared_gate,
+                        expert_bias=a.expert_bias, act=a.act, interleaved=a.act == "gpt_oss", strategy=strategy)
+        layer.arch = a
+        return layer.to(device=dev, dtype=dt)
+
+    def dims(self) -> LayerShape:
+        """This layer's shape for the counting functions: its Arch when built from one, else read off its
+        modules (the router counted as a Linear(d, E), plus its bias when it has one)."""
+        if self.arch is not None:
+            return self.arch
+        router = self.router
+        while isinstance(getattr(router, "router", None), nn.Module):  # a wrapper (routing.BenchRouter)
+            router = router.router
+        top_k = getattr(self.router, "top_k", getattr(router, "top_k", None))
+        width = self.shared.gate_proj.out_features if self.shared is not None else 0
+        return LayerDims(self.hidden, self.intermediate, self.num_experts, top_k if type(top_k) is int else 0,
+                         1 if width else 0, width, self.shared is not None and self.shared.gate is not None,
+                         self.experts.gate_up_proj_bias is not None,
+                         isinstance(getattr(router, "bias", None), Tensor))
 
     @property
     def layout(self) -> str:

@@ -1,0 +1,611 @@
+"""One LLM-layer run: plan -> idle -> for each group of models that fit together: build -> windows -> release
+-> records, one per (model, token count).
+
+The family of issue 13: one MoE FFN layer of a published (or custom) architecture against the dense SwiGLU
+FFNs matched to its total and to its active parameters, at several token counts per forward (T = 1 is a
+decoding step of one sequence, T = 1024 a prefill chunk). Nothing is trained: the weights are seeded random
+values and the inputs fixed-seed normal hidden states [T, d] (what an RMSNorm hands an FFN is of unit scale),
+so a window's inferences are its tokens. The routing is ``--routing`` (models/routing.py), counted per window.
+
+Memory is checked before anything is allocated: a model that cannot fit alone is skipped with the reason;
+models that fit one at a time but not together are built, measured and released one at a time (their
+windows then interleave over the token counts only); a token count whose activations do not fit is skipped
+for that model. The seed pipeline's pieces serve here unchanged where they can (idle phase, window schedule,
+window loop, skipped records, dtype check, atomic save); the rest is a thin variant for models that are
+built, not trained (see the report of issue 13 for what pipeline.py could share).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import memory, roofline
+from .config import RunOptions
+from .device import DTYPES, device_sync, free, resolve_device
+from .energy.idle import IdlePower
+from .energy.meter import Meter, meter_info
+from .environment import describe
+from .errors import ConfigError, described, one_line
+from .measure.guard import GuardedMeter, MeterFailed
+from .measure.records import ModelRecord, WindowRecord, failed_window, skipped_record, summarize_windows
+from .measure.window import measure
+from .memory import OutOfMemory
+from .models.archs import Arch, RouterSpec
+from .models.counting import (
+    expected_experts_touched,
+    layer_active_params,
+    layer_flops,
+    layer_params,
+    layer_weight_bytes,
+    router_params,
+    swiglu_params,
+)
+from .models.dense import DenseSwiGLU, Match, swiglu_width
+from .models.llm import MoELayer, building
+from .models.plan import MODEL_NAMES
+from .models.routing import BenchRouter, RoutingMode, parse_routing, read_load
+from .models.strategies import AUTO_CANDIDATES
+from .optimize import compile_candidates, prepare
+from .pipeline import (
+    STRATEGY_PROBE_BYTES,
+    UI,
+    Measured,
+    Refused,
+    SilentUI,
+    check_dtype,
+    idle_phase,
+    labels,
+    window_schedule,
+)
+from .results import new_document, run_stem, save_or_rescue
+
+DEFAULT_TOKENS = (1, 16, 128, 1024)
+MAX_TOKENS = 2**20  # tokens per forward: far past any prefill chunk
+INPUTS = "fixed-seed normal hidden states [T, d] (torch.randn on the CPU from --seed, then cast)"
+FP32_ROUTERS = ("deepseek_v2", "sigmoid_group")  # held in fp32 whatever the layer's dtype (routers.py)
+SEED_ONLY_OPTIONS = ("epochs", "lr", "batch_size", "samples", "test_fraction", "data")
+
+
+def extrapolation_note(arch: Arch) -> str:
+    """What a whole-model figure leaves out: everything but the MoE FFN layers."""
+    dense = f", the {arch.dense_layers} dense FFN layers" if arch.dense_layers else ""
+    return (f"EXTRAPOLATED: one layer's figure x {arch.moe_layers} MoE layers; attention, the KV cache, "
+            f"embeddings, norms{dense} and the LM head are left out")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a run builds, before it exists
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One model of an LLM-layer run: "moe", or "dense_total"/"dense_active" (the SwiGLU FFN matched to the
+    layer's total/active params); sizes and FLOPs per token from the arch alone."""
+
+    name: str
+    kind: str  # "moe" | "dense"
+    match: Match | None
+    width: int  # I of each routed expert, or the dense FFN's width
+    params: int
+    active_params: int
+    flops_per_token: int
+    arch: Arch
+
+    @classmethod
+    def of(cls, name: str, arch: Arch) -> LayerPlan:
+        if name == "moe":
+            return cls("moe", "moe", None, arch.ffn_dim, layer_params(arch), layer_active_params(arch),
+                       layer_flops(arch), arch)
+        if name not in MODEL_NAMES:
+            raise ValueError(f"model {name!r} is unknown; choose from {', '.join(MODEL_NAMES)}")
+        match: Match = "total" if name == "dense_total" else "active"
+        w = swiglu_width(arch, match)
+        p = swiglu_params(arch.d_model, w)
+        return cls(name, "dense", match, w, p, p, 2 * p, arch)  # 2 FLOPs per MAC, one MAC per weight
+
+    def weight_bytes(self, dtype: str) -> int:
+        """Bytes of the weights held (DeepSeek's router at 4 bytes a parameter: it stays fp32)."""
+        b = memory.BYTES[dtype]
+        if self.kind == "moe" and self.arch.router.kind in FP32_ROUTERS:
+            r = router_params(self.arch)
+            return (self.params - r) * b + 4 * r
+        return self.params * b
+
+    def activation_bytes(self, tokens: int, strategies: tuple[str, ...] = ()) -> int:
+        """Generous bytes of one forward's intermediates: fp32 worst case, twice for temporaries."""
+        a = self.arch
+        if self.kind == "dense":
+            per_token = 2 * a.d_model + 3 * self.width
+        else:  # x, out, router scores; per pair a gathered row, gate/up/h, its output; the shared experts
+            per_token = 2 * a.d_model + a.experts + a.top_k * (2 * a.d_model + 3 * a.ffn_dim) \
+                + a.shared_experts * 3 * a.shared_width
+            if "dense_experts" in strategies:  # every expert on every token
+                per_token = max(per_token, a.experts * (3 * a.ffn_dim + a.d_model))
+        return 2 * 4 * tokens * per_token
+
+    def memory_bytes(self, tokens: int, dtype: str, strategies: tuple[str, ...] = ()) -> int:
+        return self.weight_bytes(dtype) + self.activation_bytes(tokens, strategies) + memory.OVERHEAD_BYTES
+
+    def weight_bytes_read(self, experts_touched: float | None, dtype: str) -> float | None:
+        """Weight bytes one forward reads at least: all of a dense FFN; the MoE's router, touched experts, shared."""
+        if self.kind == "dense":
+            return float(self.params * memory.BYTES[dtype])
+        if experts_touched is None:
+            return None
+        return layer_weight_bytes(self.arch, experts_touched, memory.BYTES[dtype])
+
+    def build(self, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+        """The model with seeded random weights, allocated on ``device`` in ``dtype`` (one copy)."""
+        if self.kind == "moe":
+            return MoELayer.from_arch(self.arch, dtype=dtype, device=device, strategy="auto", seed=seed)
+        with building(device, dtype, seed):
+            return DenseSwiGLU(self.arch.d_model, self.width)
+
+    def fields(self) -> dict[str, Any]:
+        """The record's shape fields (the seed's names: flops_per_inference is per token here)."""
+        out: dict[str, Any] = {"kind": self.kind, "params": self.params, "active_params": self.active_params,
+                               "flops_per_inference": self.flops_per_token, "width": self.width}
+        if self.match is not None:
+            out["match"] = self.match
+        return out
+
+
+def layer_plans(arch: Arch, models: tuple[str, ...] = MODEL_NAMES) -> list[LayerPlan]:
+    return [LayerPlan.of(name, arch) for name in models]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks before any work
+
+
+def check_tokens(tokens: Any, where: str = "tokens") -> list[int]:
+    """Token counts per forward: whole numbers 1..MAX_TOKENS, duplicates dropped, order kept."""
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise ConfigError(f"{where}={tokens!r} must be a list of token counts, e.g. [1, 16, 128, 1024]")
+    out: list[int] = []
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= MAX_TOKENS:
+            raise ConfigError(f"{where}: {t!r} must be a whole number from 1 to {MAX_TOKENS:,} (tokens per forward)")
+        if t not in out:
+            out.append(t)
+    if not out:
+        raise ConfigError(f"{where}: give at least one token count, e.g. 1,16,128,1024")
+    return out
+
+
+def check_layer_inputs(arch: Arch, tokens: list[int], device: torch.device, dtype: str) -> None:
+    """Refuse, before allocating, hidden states that cannot fit (made in fp32 on the host, then cast)."""
+    rows = max(tokens)
+    for where, per in dict.fromkeys(((torch.device("cpu"), 4), (device, memory.BYTES[dtype]))):
+        problem = memory.fit_problem(rows * arch.d_model * per, where, f"the hidden states ({rows:,} x {arch.d_model})")
+        if problem is not None:
+            raise Refused(f"{problem}; give fewer --tokens")
+
+
+def check_layer_strategies(arch: Arch, strategies: tuple[str, ...], device: torch.device, dtype: str) -> None:
+    """Refuse a named strategy that cannot run this layer's widths: one forward of a k-expert layer of the
+    same d, I, biases and activation (``auto`` copes by itself; a probe over 1 GiB is not tried)."""
+    named = [s for s in strategies if s != "auto"]
+    router = RouterSpec("topk_softmax" if arch.router_bias else "softmax_topk")
+    probe = Arch(name="probe", d_model=arch.d_model, ffn_dim=arch.ffn_dim, experts=arch.top_k, top_k=arch.top_k,
+                 router=router, expert_bias=arch.expert_bias, act=arch.act)
+    if not named or LayerPlan.of("moe", probe).weight_bytes(dtype) > STRATEGY_PROBE_BYTES:
+        return
+    x = torch.zeros(4, arch.d_model, device=device, dtype=DTYPES[dtype])  # [4, d]
+    for s in named:
+        try:
+            with torch.inference_mode():
+                MoELayer.from_arch(probe, dtype=dtype, device=device, strategy=s)(x)
+        except Exception as e:  # noqa: BLE001 - any failure here means: this strategy cannot run this shape
+            raise Refused(f"--moe-strategy {s} cannot run {arch.name}'s layer on {device} in {dtype} "
+                          f"({one_line(e, 120)}); use --moe-strategy auto or another strategy") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Typed values the phases pass on
+
+
+@dataclass
+class LayerRun:
+    """What every phase reads. ``opts``, ``device``, ``meter``, ``ui``, ``sleep`` are named as pipeline.Run's,
+    so pipeline.idle_phase serves both families."""
+
+    arch: Arch
+    routing: RoutingMode
+    tokens: list[int]
+    opts: RunOptions
+    device: torch.device
+    dtype: torch.dtype
+    inputs: Tensor  # [max T, d] on the device in dtype; the batch of T tokens is its first T rows
+    meter: GuardedMeter
+    ui: UI
+    sleep: Callable[[float], None]
+
+    def batch(self, tokens: int) -> Tensor:
+        return self.inputs[:tokens]  # [T, d], contiguous
+
+
+@dataclass
+class LayerVariant:
+    """One measured row: a built model at one token count and, for the MoE, one strategy."""
+
+    label: str  # "moe[auto]@T=16", "dense_total@T=16"
+    plan: LayerPlan
+    tokens: int
+    strategy: str | None
+    model: nn.Module
+    fn: Callable[..., Any] | None = None  # the prepared module, made once outside any window
+    run_strategy: str | None = None  # the strategy its windows run (auto's choice when compiled)
+
+
+def variant_labels(plan: LayerPlan, strategies: tuple[str, ...], tokens: int) -> list[tuple[str, str | None]]:
+    """pipeline.labels' rows with the token count: ``moe[auto]@T=16``, ``dense_active@T=16``."""
+    return [(f"{label}@T={tokens}", s) for label, s in labels(plan, strategies)]  # type: ignore[arg-type]
+
+
+def start_layer_run(arch: Arch, opts: RunOptions, tokens: Any, routing: str | RoutingMode, meter: Meter, ui: UI,
+                    sleep: Callable[[float], None]) -> tuple[LayerRun, dict]:
+    """Validate what only the device can tell, make the inputs, and open the results document."""
+    if not isinstance(arch, Arch):
+        raise TypeError(f"run_llm: arch={arch!r} must be an Arch (models.archs.get_arch or custom_arch)")
+    tokens = check_tokens(tokens)
+    mode = routing if isinstance(routing, RoutingMode) else parse_routing(routing)
+    device = resolve_device(opts.device)
+    check_dtype(device, opts.dtype)
+    check_layer_inputs(arch, tokens, device, opts.dtype)
+    if "moe" in opts.models:
+        check_layer_strategies(arch, opts.strategies, device, opts.dtype)
+    dtype = DTYPES[opts.dtype]
+    g = torch.Generator().manual_seed(opts.seed)
+    inputs = torch.randn(max(tokens), arch.d_model, generator=g).to(device=device, dtype=dtype)  # [max T, d]
+    options = {k: v for k, v in opts.as_dict().items() if k not in SEED_ONLY_OPTIONS}
+    doc = new_document(spec=asdict(arch), options=options, environment=describe(device),
+                       dataset={"source": INPUTS, "tokens": tokens, "d_model": arch.d_model, "seed": opts.seed})
+    doc.update(family="llm_layer", arch=asdict(arch), routing=mode.as_dict(), tokens=tokens,
+               extrapolation=extrapolation_note(arch))
+    doc["energy_meter"] = {**meter_info(meter), "notice": getattr(meter, "notice", None)}
+    return LayerRun(arch, mode, tokens, opts, device, dtype, inputs, GuardedMeter(meter), ui, sleep), doc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 1: which models fit, and which together
+
+
+def named(strategies: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(s for s in strategies if s != "auto")
+
+
+def params_text(n: int) -> str:
+    """'11.32 B params', '402.8 M params', '12,544 params': a size that reads at a glance."""
+    for div, unit in ((1e9, "B"), (1e6, "M")):
+        if n >= div:
+            return f"{n / div:.4g} {unit} params"
+    return f"{n:,} params"
+
+
+def fit_alone(plan: LayerPlan, opts: RunOptions, tokens: list[int], device: torch.device) -> str | None:
+    """Why ``plan`` cannot be built here even alone (at the smallest token count), or None."""
+    need = plan.memory_bytes(min(tokens), opts.dtype, named(opts.strategies) if plan.kind == "moe" else ())
+    return memory.fit_problem(need, device, f"building {plan.name} of {params_text(plan.params)}")
+
+
+def unwrapped(problem: str) -> str:
+    """'out of memory (X needs ~A GiB, B GiB free on D)' -> 'X needs ~A GiB, B GiB free on D'."""
+    return problem.removeprefix("out of memory (").removesuffix(")")
+
+
+def together_problem(plans: list[LayerPlan], opts: RunOptions, tokens: list[int], device: torch.device) -> str | None:
+    """Why ``plans`` cannot all be held at once (weights of all, activations of the largest), or None."""
+    if len(plans) < 2:
+        return None
+    need = sum(p.weight_bytes(opts.dtype) for p in plans) + memory.OVERHEAD_BYTES \
+        + max(p.activation_bytes(max(tokens), named(opts.strategies)) for p in plans)
+    return memory.fit_problem(need, device, f"holding {', '.join(p.name for p in plans)} together")
+
+
+def arrange(r: LayerRun, todo: list[LayerPlan]) -> tuple[list[list[LayerPlan]], dict[str, str], list[str]]:
+    """(groups built and measured together, skipped name -> reason, notices): checked, nothing allocated."""
+    skipped = {p.name: why for p in todo if (why := fit_alone(p, r.opts, r.tokens, r.device)) is not None}
+    for name, why in skipped.items():
+        r.ui.info(f"{name}: skipped, {why}")
+    fits = [p for p in todo if p.name not in skipped]
+    problem = together_problem(fits, r.opts, r.tokens, r.device)
+    if problem is None:
+        return ([fits] if fits else []), skipped, []
+    note = (f"measured one at a time: {unwrapped(problem)}; each model's windows interleave over its token "
+            "counts only")
+    r.ui.info(note)
+    return [[p] for p in fits], skipped, [note]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 2: build a group and its variants
+
+
+def build_one(r: LayerRun, plan: LayerPlan) -> nn.Module:
+    """``plan``'s model on the device (memory checked again first); OutOfMemory, released, if it cannot fit."""
+    problem = fit_alone(plan, r.opts, r.tokens, r.device)
+    if problem is not None:
+        raise OutOfMemory(problem)  # nothing was allocated
+    failure: str | None = None
+    try:
+        r.ui.info(f"building {plan.name} of {params_text(plan.params)}")
+        model = plan.build(r.device, r.dtype, r.opts.seed).eval()
+        if isinstance(model, MoELayer):
+            model.router = BenchRouter(model.router, plan.arch.experts, plan.arch.top_k, r.routing,
+                                       r.opts.seed).to(r.device)
+        return model
+    except Exception as e:
+        if not memory.is_oom(e):
+            raise
+        failure = one_line(e, 120)
+    model = None  # outside the except block: the traceback's tensors are gone
+    free(r.device)
+    need = plan.memory_bytes(min(r.tokens), r.opts.dtype)
+    raise OutOfMemory(f"{memory.describe_need(need, r.device, f'building {plan.name}')}: {failure}")
+
+
+def group_variants(r: LayerRun, group: list[LayerPlan], skipped: dict[str, str],
+                   out: Measured) -> dict[str, LayerVariant]:
+    """Build each model of ``group`` and its variants; a token count whose activations cannot fit now is
+    stopped before its first window (a skipped record), a model that cannot be built joins ``skipped``."""
+    variants: dict[str, LayerVariant] = {}
+    for plan in group:
+        try:
+            model = build_one(r, plan)
+        except OutOfMemory as e:
+            skipped[plan.name] = e.reason
+            r.ui.info(f"{plan.name}: skipped, {e.reason}")
+            continue
+        for tokens in r.tokens:
+            for label, strategy in variant_labels(plan, r.opts.strategies, tokens):
+                out.windows[label] = []
+                need = plan.activation_bytes(tokens, named((strategy,)) if strategy else ())
+                problem = memory.fit_problem(need, r.device, f"measuring {label}")
+                if problem is not None:
+                    out.stopped[label] = problem
+                    continue
+                variants[label] = LayerVariant(label, plan, tokens, strategy, model)
+    return variants
+
+
+def auto_candidates(r: LayerRun, v: LayerVariant) -> tuple[str, ...]:
+    """auto's candidates at this token count: those --compile can trace, dense_experts only if it fits."""
+    cands = compile_candidates(r.dtype) if r.opts.compile else AUTO_CANDIDATES
+    dense = v.plan.activation_bytes(v.tokens, ("dense_experts",))
+    if memory.fit_problem(dense, r.device, "dense_experts") is not None:
+        cands = tuple(c for c in cands if c != "dense_experts")
+    return cands
+
+
+def ready(r: LayerRun, v: LayerVariant, prepared: dict[str, dict]) -> Callable[..., Any]:
+    """``v``'s module ready for a window: prepared once (cast, auto's probe, the fixed routing, --compile),
+    outside any window; later windows only select its strategy."""
+    model = v.model
+    if v.fn is None:
+        facts: dict[str, Any] = {}
+        if isinstance(model, MoELayer):
+            model.strategy = v.strategy or "auto"
+            model.auto_candidates = auto_candidates(r, v)
+            with torch.inference_mode():
+                model(r.batch(v.tokens))  # auto's probe and the routing's assignment for this T
+            facts = model.strategy_info()  # one sync, outside the windows
+            if r.opts.compile and model.strategy == "auto":
+                model.strategy = facts["resolved_strategy"]  # a graph needs one fixed strategy, not a probe
+            v.run_strategy = model.strategy
+        v.fn, info = prepare(model, dtype=r.dtype, compile=r.opts.compile, device=r.device,
+                             example=r.batch(v.tokens), layout="keep")
+        prepared[v.label] = {**info, **{k: facts[k] for k in ("strategy", "resolved_strategy", "auto_probe_ms",
+                                                              "auto_probe_best_ms", "auto_unavailable") if k in facts}}
+    if isinstance(model, MoELayer) and v.run_strategy is not None:
+        model.strategy = v.run_strategy  # the model is shared by its strategies and token counts
+    return v.fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 3: windows
+
+
+def bench_router(model: nn.Module) -> BenchRouter | None:
+    router = getattr(model, "router", None)
+    return router if isinstance(router, BenchRouter) else None
+
+
+def layer_window(r: LayerRun, v: LayerVariant, rep: int, order: int, idle: IdlePower | None,
+                 prepared: dict[str, dict]) -> WindowRecord:
+    """One window of ``v`` (inferences = tokens), with the routing's load counted on the device and read
+    after the window; a meter failure gives a failed window, anything else propagates."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    flops = v.plan.flops_per_token
+    head: dict[str, Any] = {"repeat": rep, "order": order, "started_utc": started, "tokens_per_forward": v.tokens}
+    router = bench_router(v.model)
+    try:
+        fn = ready(r, v, prepared)
+        if router is not None:
+            router.reset_load()
+        with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
+            res = measure(fn, r.batch(v.tokens), r.opts.duration, r.meter, flops, r.opts.warmup, on_tick=tick,
+                          idle=idle, sync=device_sync(r.device))
+        rec: dict[str, Any] = {**head, **res.metrics()}
+    except MeterFailed as e:
+        rec = {**head, **failed_window(str(e), v.tokens, flops, r.meter.name)}
+    if router is not None:
+        load = read_load(router, v.tokens)  # one sync, after the window
+        rec.update(load.as_dict() if load is not None else {"experts_touched": None})
+    return rec  # type: ignore[return-value]
+
+
+def stop_layer(r: LayerRun, v: LayerVariant, e: BaseException) -> str:
+    """Why ``v``'s remaining windows are not run (memory released); a user-facing refusal ends the run."""
+    free(r.device)
+    if memory.is_oom(e):
+        need = v.plan.activation_bytes(v.tokens, named((v.strategy,)) if v.strategy else ())
+        return memory.describe_need(need, r.device, f"measuring {v.label}")
+    if isinstance(e, ConfigError):  # e.g. --compile cannot run here: not this variant's failure
+        raise e
+    return f"failed: {described(e, 200)}"
+
+
+def measure_group(r: LayerRun, variants: dict[str, LayerVariant], idle: IdlePower | None, out: Measured,
+                  first: int) -> int:
+    """pipeline.measure_all's loop over one group: every variant once per round, rounds shuffled, a rest
+    between windows, a failing variant stopped with its reason. Returns the next window's order."""
+    schedule = window_schedule(list(variants), r.opts.repeats, r.opts.seed)
+    for order, (rep, label) in enumerate(schedule, start=first):
+        if label in out.stopped:
+            continue
+        if order > 0:
+            r.sleep(r.opts.cooldown)
+        failure: BaseException | None = None
+        try:
+            out.windows[label].append(layer_window(r, variants[label], rep, order, idle, out.prepared))
+        except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the others' windows
+            failure = e
+        if failure is not None:
+            out.stopped[label] = stop_layer(r, variants[label], failure)
+            del failure
+            r.ui.info(f"{label}: {out.stopped[label]}")
+    return first + len(schedule)
+
+
+def measure_groups(r: LayerRun, groups: list[list[LayerPlan]], idle: IdlePower | None,
+                   skipped: dict[str, str]) -> Measured:
+    """Each group built, measured and released in turn: at most one group's models are held at a time."""
+    out = Measured({})
+    order = 0
+    for group in groups:
+        variants = group_variants(r, group, skipped, out)
+        order = measure_group(r, variants, idle, out, order)
+        del variants  # the group's models go with their variants
+        free(r.device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 4: records
+
+
+class LayerRecord(ModelRecord, total=False):
+    """A model record of the LLM-layer family: inferences are tokens, plus the routing it measured."""
+
+    tokens_per_forward: int
+    arch: str
+    routing: str
+    tokens_per_second: float | None
+    tokens_per_joule: float | None
+    joules_per_1k_tokens: float | None
+    experts_touched: float | None
+    experts_touched_if_uniform: float | None
+    expert_load_max_over_mean: float | None
+    weight_bytes_read_per_forward: float | None
+    model_extrapolated: dict[str, Any] | None
+
+
+def _median_of(windows: list[WindowRecord], key: str) -> float | None:
+    vals = [w[key] for w in windows if not w.get("failed") and w.get(key) is not None]  # type: ignore[literal-required]
+    return statistics.median(vals) if vals else None
+
+
+def token_figures(r: LayerRun, plan: LayerPlan, tokens: int, rec: dict[str, Any]) -> dict[str, Any]:
+    """The per-token fields of a record (None where not measured) and the labelled whole-model figure."""
+    a, windows = r.arch, rec.get("windows") or []
+    tps, tpj = rec.get("inferences_per_second"), rec.get("inferences_per_joule")
+    touched = _median_of(windows, "experts_touched") if plan.kind == "moe" else None
+    out: dict[str, Any] = {
+        "tokens_per_forward": tokens, "arch": a.name, "routing": r.routing.text, "tokens_per_second": tps,
+        "tokens_per_joule": tpj, "joules_per_1k_tokens": 1000 / tpj if tpj else None, "experts_touched": touched,
+        "experts_touched_if_uniform": expected_experts_touched(a.experts, a.top_k, tokens)
+        if plan.kind == "moe" else None,
+        "expert_load_max_over_mean": _median_of(windows, "expert_load_max_over_mean") if plan.kind == "moe" else None,
+        "weight_bytes_read_per_forward": plan.weight_bytes_read(touched, r.opts.dtype) if rec["status"] == "measured"
+        else None,
+        "model_extrapolated": None,
+    }
+    if tps:
+        out["model_extrapolated"] = {"moe_layers": a.moe_layers, "tokens_per_second": tps / a.moe_layers,
+                                     "joules_per_1k_tokens": out["joules_per_1k_tokens"] * a.moe_layers
+                                     if tpj else None, "label": extrapolation_note(a)}
+    return out
+
+
+def measured_layer_record(name: str, fields: dict[str, Any], strategy: str | None, dtype: str,
+                          idle: IdlePower | None, windows: list[WindowRecord], optimize: dict | None) -> ModelRecord:
+    """records.measured_record without training: nothing was trained, so no accuracy and no train block."""
+    rec: ModelRecord = {  # type: ignore[typeddict-item]
+        "name": name, **fields, "strategy": strategy, "dtype": dtype, "status": "measured", "accuracy": None,
+        "accuracy_bench_dtype": None, "accuracy_meaningful": False, "diverged": None, "train": None,
+        "idle_power_w": idle.power_w if idle is not None else None,
+        "idle_power_by_device_w": idle.power_by_device_w if idle is not None else None,
+        **summarize_windows(windows),
+    }
+    rec["optimize"] = optimize
+    return rec
+
+
+def layer_record(r: LayerRun, plan: LayerPlan, label: str, strategy: str | None, tokens: int, m: Measured,
+                 idle: IdlePower | None, roof: roofline.Roofline | None) -> LayerRecord:
+    """A variant's record: skipped or failed before any window, measured otherwise (with the roofline)."""
+    fields, dtype = plan.fields(), r.opts.dtype
+    windows = m.windows.get(label, [])
+    if not windows:
+        reason = m.stopped[label]
+        rec: dict[str, Any] = dict(skipped_record(label, fields, strategy, dtype, reason,
+                                                  status="failed" if reason.startswith("failed:") else "skipped"))
+        rec.update(token_figures(r, plan, tokens, rec))
+        return rec  # type: ignore[return-value]
+    rec = dict(measured_layer_record(label, fields, strategy, dtype, idle, windows, m.prepared.get(label)))
+    rec.update(token_figures(r, plan, tokens, rec))
+    if rec["tokens_per_second"]:
+        rec.update(roofline.figures(roof, tokens / rec["tokens_per_second"], plan.flops_per_token * tokens,
+                                    rec["weight_bytes_read_per_forward"] or 0.0, dtype))
+    if label in m.stopped:
+        rec["flags"] = [f"stopped after {len(windows)} of {r.opts.repeats} windows: {m.stopped[label]}"] + rec["flags"]
+    return rec  # type: ignore[return-value]
+
+
+def layer_records(r: LayerRun, todo: list[LayerPlan], skipped: dict[str, str], m: Measured, idle: IdlePower | None,
+                  notices: list[str]) -> list[LayerRecord]:
+    """Every row, token count by token count, models in plan order: the skipped with their reason."""
+    roof = roofline.load(r.device, notice=notices.append)
+    out: list[LayerRecord] = []
+    for tokens in r.tokens:
+        for plan in todo:
+            for label, strategy in variant_labels(plan, r.opts.strategies, tokens):
+                if plan.name in skipped:
+                    rec: dict[str, Any] = dict(skipped_record(label, plan.fields(), strategy, r.opts.dtype,
+                                                              skipped[plan.name]))
+                    rec.update(token_figures(r, plan, tokens, rec))
+                    out.append(rec)  # type: ignore[arg-type]
+                else:
+                    out.append(layer_record(r, plan, label, strategy, tokens, m, idle, roof))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_llm(arch: Arch, opts: RunOptions, tokens: list[int], routing: str | RoutingMode, meter: Meter,
+            ui: UI | None = None, save: bool = True, sleep: Callable[[float], None] = time.sleep
+            ) -> tuple[dict, Path | None]:
+    """Measure ``arch``'s MoE layer and its matched dense FFNs at each token count, in shuffled, repeated
+    windows; one record per (model, token count). With ``save``, a failed final write raises
+    results.NotSaved after rescuing the document elsewhere."""
+    r, doc = start_layer_run(arch, opts, tokens, routing, meter, ui or SilentUI(), sleep)
+    todo = layer_plans(arch, opts.models)
+    groups, skipped, doc["notices"] = arrange(r, todo)
+    idle, doc["idle"] = idle_phase(r) if groups else (None, None)  # type: ignore[arg-type]
+    measured = measure_groups(r, groups, idle, skipped)
+    doc["models"] = layer_records(r, todo, skipped, measured, idle, doc["notices"])
+    stem = run_stem(doc, arch.name if arch.name.replace("-", "").replace(".", "").isalnum() else None)
+    path = save_or_rescue(doc, opts.out, stem) if save else None
+    return doc, path
