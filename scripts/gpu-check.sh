@@ -10,6 +10,8 @@
 #   selfcheck every MoE strategy's output on the GPU (fp32, bf16), 10 s energy windows, idle, trace vs counter
 #   small     bench-strategies --preset small in bfloat16
 #   xl        bench-strategies --preset xl in bfloat16, batch 128
+#   llm       run --arch qwen3-30b-a3b (one LLM MoE layer, both dense SwiGLU FFNs) at 1, 64 and 4096 tokens in
+#             bfloat16: the GPU build of MoELayer, every strategy under auto, the on-device expert-load counter
 # Results (JSON, and this script's log) go to $OUT, or ./gpu-check-out when $OUT is unset.
 # Exit code: 0 only if every step passed.
 set -u
@@ -18,7 +20,7 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
 : >"$LOG"
-BUDGET="${GPU_CHECK_BUDGET_S:-290}"
+BUDGET="${GPU_CHECK_BUDGET_S:-400}"
 START=$(date +%s)
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"  # cpu only to try this script itself on a host without a GPU
 export MOE_ENERGY_CACHE_DIR=/tmp/moe-energy-cache  # the roofline is calibrated once, reused by the 2nd bench
@@ -67,6 +69,8 @@ step selfcheck 120 python3 -m moe_energy selfcheck --device "$DEVICE" --out "$OU
 step small 70 python3 -m moe_energy bench-strategies --preset small --dtype bfloat16 --device "$DEVICE" --out "$OUT"
 step xl 90 python3 -m moe_energy bench-strategies --preset xl --dtype bfloat16 --device "$DEVICE" --batch-size 128 \
   --out "$OUT"
+step llm 100 python3 -m moe_energy run --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 --device "$DEVICE" \
+  --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --out "$OUT"
 
 echo
 echo "=== summary ($(($(date +%s) - START)) s of ${BUDGET}s)" | tee -a "$LOG"
@@ -86,6 +90,13 @@ for f in sorted(out.glob("selfcheck-*.json")):
     for c in doc["checks"]:
         if c["status"] == "FAIL" or c["group"] == "energy" or c["name"] == "auto meter":
             print(f"    {c['status']:<4} {c['name']}: {c['detail']}")
+for f in sorted(out.glob("run-*.json")):
+    doc = json.loads(f.read_text())
+    print(f"  {f.name}: {doc.get('arch', {}).get('name')}, {doc['options']['dtype']}")
+    for m in doc["models"]:
+        print(f"    {m['name']:<24} {m.get('tokens_per_second') or 0:>14,.0f} tokens/s "
+              f"{m.get('tokens_per_joule') or 0:>10,.1f} tokens/J ({m.get('energy_method')}) "
+              f"experts touched {m.get('experts_touched')}")
 for f in sorted(out.glob("strategies-*.json")):
     doc = json.loads(f.read_text())
     o = doc["options"]
