@@ -10,9 +10,9 @@ so a window's inferences are its tokens. The routing is ``--routing`` (models/ro
 Memory is checked before anything is allocated: a model that cannot fit alone is skipped with the reason;
 models that fit one at a time but not together are built, measured and released one at a time (their
 windows then interleave over the token counts only); a token count whose activations do not fit is skipped
-for that model. The seed pipeline's pieces serve here unchanged where they can (idle phase, window schedule,
-window loop, skipped records, dtype check, atomic save); the rest is a thin variant for models that are
-built, not trained (see the report of issue 13 for what pipeline.py could share).
+for that model. The seed pipeline's pieces serve here unchanged (idle phase, the window loop over its
+``Variant``s, measured and skipped records, dtype check, atomic save); what is this family's own is which
+models are built, their inputs per token count, and the routing's load read after each window.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +30,13 @@ from torch import Tensor, nn
 
 from . import memory, roofline
 from .config import RunOptions
-from .device import DTYPES, device_sync, free, resolve_device
+from .device import DTYPES, free, resolve_device
 from .energy.idle import IdlePower
 from .energy.meter import Meter, meter_info
 from .environment import describe
-from .errors import ConfigError, described, one_line
-from .measure.guard import GuardedMeter, MeterFailed
-from .measure.records import ModelRecord, WindowRecord, failed_window, skipped_record, summarize_windows
-from .measure.window import measure
+from .errors import ConfigError, one_line
+from .measure.guard import GuardedMeter
+from .measure.records import ModelRecord, WindowRecord, measured_record, skipped_record
 from .memory import OutOfMemory
 from .models.archs import Arch, RouterSpec
 from .models.counting import (
@@ -54,17 +53,17 @@ from .models.llm import MoELayer, building
 from .models.plan import MODEL_NAMES
 from .models.routing import BenchRouter, RoutingMode, parse_routing, read_load
 from .models.strategies import AUTO_CANDIDATES
-from .optimize import compile_candidates, prepare
 from .pipeline import (
     STRATEGY_PROBE_BYTES,
     UI,
     Measured,
     Refused,
     SilentUI,
+    Variant,
     check_dtype,
     idle_phase,
     labels,
-    window_schedule,
+    measure_all,
 )
 from .results import new_document, run_stem, save_or_rescue
 
@@ -216,8 +215,8 @@ def check_layer_strategies(arch: Arch, strategies: tuple[str, ...], device: torc
 
 @dataclass
 class LayerRun:
-    """What every phase reads. ``opts``, ``device``, ``meter``, ``ui``, ``sleep`` are named as pipeline.Run's,
-    so pipeline.idle_phase serves both families."""
+    """What every phase reads: pipeline's ``Bench`` fields (so its idle phase and window loop serve both
+    families) plus the arch, the routing, the token counts and the inputs."""
 
     arch: Arch
     routing: RoutingMode
@@ -229,27 +228,15 @@ class LayerRun:
     meter: GuardedMeter
     ui: UI
     sleep: Callable[[float], None]
+    oom: str = "skip"  # a variant out of memory stops with its reason, the others go on
 
     def batch(self, tokens: int) -> Tensor:
         return self.inputs[:tokens]  # [T, d], contiguous
 
 
-@dataclass
-class LayerVariant:
-    """One measured row: a built model at one token count and, for the MoE, one strategy."""
-
-    label: str  # "moe[auto]@T=16", "dense_total@T=16"
-    plan: LayerPlan
-    tokens: int
-    strategy: str | None
-    model: nn.Module
-    fn: Callable[..., Any] | None = None  # the prepared module, made once outside any window
-    run_strategy: str | None = None  # the strategy its windows run (auto's choice when compiled)
-
-
 def variant_labels(plan: LayerPlan, strategies: tuple[str, ...], tokens: int) -> list[tuple[str, str | None]]:
     """pipeline.labels' rows with the token count: ``moe[auto]@T=16``, ``dense_active@T=16``."""
-    return [(f"{label}@T={tokens}", s) for label, s in labels(plan, strategies)]  # type: ignore[arg-type]
+    return [(f"{label}@T={tokens}", s) for label, s in labels(plan, strategies)]
 
 
 def start_layer_run(arch: Arch, opts: RunOptions, tokens: Any, routing: str | RoutingMode, meter: Meter, ui: UI,
@@ -355,10 +342,10 @@ def build_one(r: LayerRun, plan: LayerPlan) -> nn.Module:
 
 
 def group_variants(r: LayerRun, group: list[LayerPlan], skipped: dict[str, str],
-                   out: Measured) -> dict[str, LayerVariant]:
+                   out: Measured) -> dict[str, Variant]:
     """Build each model of ``group`` and its variants; a token count whose activations cannot fit now is
     stopped before its first window (a skipped record), a model that cannot be built joins ``skipped``."""
-    variants: dict[str, LayerVariant] = {}
+    variants: dict[str, Variant] = {}
     for plan in group:
         try:
             model = build_one(r, plan)
@@ -369,46 +356,35 @@ def group_variants(r: LayerRun, group: list[LayerPlan], skipped: dict[str, str],
         for tokens in r.tokens:
             for label, strategy in variant_labels(plan, r.opts.strategies, tokens):
                 out.windows[label] = []
-                need = plan.activation_bytes(tokens, named((strategy,)) if strategy else ())
-                problem = memory.fit_problem(need, r.device, f"measuring {label}")
+                v = layer_variant(r, plan, label, strategy, tokens, model)
+                problem = memory.fit_problem(v.need_bytes, r.device, f"measuring {label}")
                 if problem is not None:
                     out.stopped[label] = problem
                     continue
-                variants[label] = LayerVariant(label, plan, tokens, strategy, model)
+                variants[label] = v
     return variants
 
 
-def auto_candidates(r: LayerRun, v: LayerVariant) -> tuple[str, ...]:
-    """auto's candidates at this token count: those --compile can trace, dense_experts only if it fits."""
-    cands = compile_candidates(r.dtype) if r.opts.compile else AUTO_CANDIDATES
-    dense = v.plan.activation_bytes(v.tokens, ("dense_experts",))
+def layer_variant(r: LayerRun, plan: LayerPlan, label: str, strategy: str | None, tokens: int,
+                  model: nn.Module) -> Variant:
+    """One row at ``tokens`` per forward (inferences = tokens): the model stays on the device, auto picks from
+    what fits at this T, and the routing's load is zeroed before each window and read after it."""
+    router = bench_router(model)
+    return Variant(label, model, strategy, r.batch(tokens), plan.flops_per_token,
+                   plan.activation_bytes(tokens, named((strategy,)) if strategy else ()), parked=False,
+                   head={"tokens_per_forward": tokens},
+                   auto_candidates=auto_candidates(r, plan, tokens) if plan.kind == "moe" else None,
+                   before_window=router.reset_load if router is not None else None,
+                   after_window=partial(load_fields, router, tokens) if router is not None else None)
+
+
+def auto_candidates(r: LayerRun, plan: LayerPlan, tokens: int) -> tuple[str, ...]:
+    """auto's candidates at this token count: dense_experts only if its activations fit (prepare keeps, under
+    --compile, only those torch.compile can trace)."""
+    dense = plan.activation_bytes(tokens, ("dense_experts",))
     if memory.fit_problem(dense, r.device, "dense_experts") is not None:
-        cands = tuple(c for c in cands if c != "dense_experts")
-    return cands
-
-
-def ready(r: LayerRun, v: LayerVariant, prepared: dict[str, dict]) -> Callable[..., Any]:
-    """``v``'s module ready for a window: prepared once (cast, auto's probe, the fixed routing, --compile),
-    outside any window; later windows only select its strategy."""
-    model = v.model
-    if v.fn is None:
-        facts: dict[str, Any] = {}
-        if isinstance(model, MoELayer):
-            model.strategy = v.strategy or "auto"
-            model.auto_candidates = auto_candidates(r, v)
-            with torch.inference_mode():
-                model(r.batch(v.tokens))  # auto's probe and the routing's assignment for this T
-            facts = model.strategy_info()  # one sync, outside the windows
-            if r.opts.compile and model.strategy == "auto":
-                model.strategy = facts["resolved_strategy"]  # a graph needs one fixed strategy, not a probe
-            v.run_strategy = model.strategy
-        v.fn, info = prepare(model, dtype=r.dtype, compile=r.opts.compile, device=r.device,
-                             example=r.batch(v.tokens), layout="keep")
-        prepared[v.label] = {**info, **{k: facts[k] for k in ("strategy", "resolved_strategy", "auto_probe_ms",
-                                                              "auto_probe_best_ms", "auto_unavailable") if k in facts}}
-    if isinstance(model, MoELayer) and v.run_strategy is not None:
-        model.strategy = v.run_strategy  # the model is shared by its strategies and token counts
-    return v.fn
+        return tuple(c for c in AUTO_CANDIDATES if c != "dense_experts")
+    return AUTO_CANDIDATES
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,61 +396,10 @@ def bench_router(model: nn.Module) -> BenchRouter | None:
     return router if isinstance(router, BenchRouter) else None
 
 
-def layer_window(r: LayerRun, v: LayerVariant, rep: int, order: int, idle: IdlePower | None,
-                 prepared: dict[str, dict]) -> WindowRecord:
-    """One window of ``v`` (inferences = tokens), with the routing's load counted on the device and read
-    after the window; a meter failure gives a failed window, anything else propagates."""
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    flops = v.plan.flops_per_token
-    head: dict[str, Any] = {"repeat": rep, "order": order, "started_utc": started, "tokens_per_forward": v.tokens}
-    router = bench_router(v.model)
-    try:
-        fn = ready(r, v, prepared)
-        if router is not None:
-            router.reset_load()
-        with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
-            res = measure(fn, r.batch(v.tokens), r.opts.duration, r.meter, flops, r.opts.warmup, on_tick=tick,
-                          idle=idle, sync=device_sync(r.device))
-        rec: dict[str, Any] = {**head, **res.metrics()}
-    except MeterFailed as e:
-        rec = {**head, **failed_window(str(e), v.tokens, flops, r.meter.name)}
-    if router is not None:
-        load = read_load(router, v.tokens)  # one sync, after the window
-        rec.update(load.as_dict() if load is not None else {"experts_touched": None})
-    return rec  # type: ignore[return-value]
-
-
-def stop_layer(r: LayerRun, v: LayerVariant, e: BaseException) -> str:
-    """Why ``v``'s remaining windows are not run (memory released); a user-facing refusal ends the run."""
-    free(r.device)
-    if memory.is_oom(e):
-        need = v.plan.activation_bytes(v.tokens, named((v.strategy,)) if v.strategy else ())
-        return memory.describe_need(need, r.device, f"measuring {v.label}")
-    if isinstance(e, ConfigError):  # e.g. --compile cannot run here: not this variant's failure
-        raise e
-    return f"failed: {described(e, 200)}"
-
-
-def measure_group(r: LayerRun, variants: dict[str, LayerVariant], idle: IdlePower | None, out: Measured,
-                  first: int) -> int:
-    """pipeline.measure_all's loop over one group: every variant once per round, rounds shuffled, a rest
-    between windows, a failing variant stopped with its reason. Returns the next window's order."""
-    schedule = window_schedule(list(variants), r.opts.repeats, r.opts.seed)
-    for order, (rep, label) in enumerate(schedule, start=first):
-        if label in out.stopped:
-            continue
-        if order > 0:
-            r.sleep(r.opts.cooldown)
-        failure: BaseException | None = None
-        try:
-            out.windows[label].append(layer_window(r, variants[label], rep, order, idle, out.prepared))
-        except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the others' windows
-            failure = e
-        if failure is not None:
-            out.stopped[label] = stop_layer(r, variants[label], failure)
-            del failure
-            r.ui.info(f"{label}: {out.stopped[label]}")
-    return first + len(schedule)
+def load_fields(router: BenchRouter, tokens: int) -> dict[str, Any]:
+    """The window's routing load, counted on the device (one sync: read it after the window)."""
+    load = read_load(router, tokens)
+    return load.as_dict() if load is not None else {"experts_touched": None}
 
 
 def measure_groups(r: LayerRun, groups: list[list[LayerPlan]], idle: IdlePower | None,
@@ -484,7 +409,8 @@ def measure_groups(r: LayerRun, groups: list[list[LayerPlan]], idle: IdlePower |
     order = 0
     for group in groups:
         variants = group_variants(r, group, skipped, out)
-        order = measure_group(r, variants, idle, out, order)
+        measure_all(r, variants, idle, out, first_order=order)
+        order += r.opts.repeats * len(variants)  # the next group's windows count on
         del variants  # the group's models go with their variants
         free(r.device)
     return out
@@ -537,20 +463,6 @@ def token_figures(r: LayerRun, plan: LayerPlan, tokens: int, rec: dict[str, Any]
     return out
 
 
-def measured_layer_record(name: str, fields: dict[str, Any], strategy: str | None, dtype: str,
-                          idle: IdlePower | None, windows: list[WindowRecord], optimize: dict | None) -> ModelRecord:
-    """records.measured_record without training: nothing was trained, so no accuracy and no train block."""
-    rec: ModelRecord = {  # type: ignore[typeddict-item]
-        "name": name, **fields, "strategy": strategy, "dtype": dtype, "status": "measured", "accuracy": None,
-        "accuracy_bench_dtype": None, "accuracy_meaningful": False, "diverged": None, "train": None,
-        "idle_power_w": idle.power_w if idle is not None else None,
-        "idle_power_by_device_w": idle.power_by_device_w if idle is not None else None,
-        **summarize_windows(windows),
-    }
-    rec["optimize"] = optimize
-    return rec
-
-
 def layer_record(r: LayerRun, plan: LayerPlan, label: str, strategy: str | None, tokens: int, m: Measured,
                  idle: IdlePower | None, roof: roofline.Roofline | None) -> LayerRecord:
     """A variant's record: skipped or failed before any window, measured otherwise (with the roofline)."""
@@ -562,7 +474,7 @@ def layer_record(r: LayerRun, plan: LayerPlan, label: str, strategy: str | None,
                                                   status="failed" if reason.startswith("failed:") else "skipped"))
         rec.update(token_figures(r, plan, tokens, rec))
         return rec  # type: ignore[return-value]
-    rec = dict(measured_layer_record(label, fields, strategy, dtype, idle, windows, m.prepared.get(label)))
+    rec = dict(measured_record(label, fields, strategy, dtype, None, None, idle, windows, m.prepared.get(label)))
     rec.update(token_figures(r, plan, tokens, rec))
     if rec["tokens_per_second"]:
         rec.update(roofline.figures(roof, tokens / rec["tokens_per_second"], plan.flops_per_token * tokens,
@@ -603,7 +515,7 @@ def run_llm(arch: Arch, opts: RunOptions, tokens: list[int], routing: str | Rout
     r, doc = start_layer_run(arch, opts, tokens, routing, meter, ui or SilentUI(), sleep)
     todo = layer_plans(arch, opts.models)
     groups, skipped, doc["notices"] = arrange(r, todo)
-    idle, doc["idle"] = idle_phase(r) if groups else (None, None)  # type: ignore[arg-type]
+    idle, doc["idle"] = idle_phase(r) if groups else (None, None)
     measured = measure_groups(r, groups, idle, skipped)
     doc["models"] = layer_records(r, todo, skipped, measured, idle, doc["notices"])
     stem = run_stem(doc, arch.name if arch.name.replace("-", "").replace(".", "").isalnum() else None)

@@ -1,9 +1,9 @@
 """Whole-forward preparation for a benchmark window, applied alike to dense and MoE models.
 
-``prepare`` casts (bf16/fp16), picks the MoE's weight layout and strategy by measuring them, and
-optionally compiles (``torch.compile``; CUDA graphs via mode="reduce-overhead" on a GPU). Everything
-slow (probes, compilation, graph capture) happens here, so it is timed and reported apart from the
-measured window and never inside it.
+``prepare`` casts (bf16/fp16), picks an MoE's strategy (and, where the module can re-store them, its
+weight layout) by measuring them, and optionally compiles (``torch.compile``; CUDA graphs via
+mode="reduce-overhead" on a GPU). Everything slow (probes, compilation, graph capture) happens here,
+so it is timed and reported apart from the measured window and never inside it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .device import device_sync, dtype_name, dtype_of, sync
 from .errors import ConfigError, described
 from .measure.timing import time_one
-from .models.moe import LAYOUTS, MoE
+from .models.moe import LAYOUTS, MoE, StrategyHost
 from .models.strategies import AUTO_CANDIDATES, GROUPED_MM
 
 
@@ -65,9 +65,10 @@ def prepare(
     """Make ``model`` ready for a benchmark window; returns (module to call, facts for the results).
 
     ``example`` is a batch like the window's (default: 128 random rows); probes and compilation run on it.
-    ``layout`` (MoE only): "auto" measures both weight layouts, "keep" leaves them, or one of LAYOUTS.
+    ``layout`` (the seed's MoE only): "auto" measures both weight layouts, "keep" leaves them, or one of LAYOUTS.
     The facts: dtype, compile (bool, mode, seconds), and for an MoE the strategy asked for, the one
-    that runs, auto's probe timings, the weight layout and its probe timings, the seconds all of it took.
+    that runs, auto's probe timings, the weight layout and its probe timings (the seed's MoE), the seconds
+    all of it took.
     """
     t_start = time.perf_counter()
     device = torch.device(device)
@@ -81,30 +82,33 @@ def prepare(
     example = example.to(device=device, dtype=dt)
     info: dict = {"dtype": dtype_name(dt), "device": str(device), "compile": bool(compile), "compile_mode": None,
                   "compile_s": None}
-    if isinstance(model, MoE):
-        info.update(_prepare_moe(model, example, dt, compile, layout))
+    if isinstance(model, StrategyHost):
+        info.update(_prepare_host(model, example, dt, compile, layout))
     info["prepare_s"] = time.perf_counter() - t_start
     if not compile:
         return model, info
     return _compiled(model, example, device, info)
 
 
-def _prepare_moe(moe: MoE, example: Tensor, dt: torch.dtype, compile: bool, layout: str) -> dict:
-    """The MoE's weight layout and strategy, chosen by measuring (outside any window); the facts of it."""
+def _prepare_host(moe: StrategyHost, example: Tensor, dt: torch.dtype, compile: bool, layout: str) -> dict:
+    """Any strategy-switching MoE (the seed's MoE, models/llm.MoELayer): its weight layout where it can
+    re-store its weights, then one forward on ``example`` outside any window (auto's probe, and any
+    first-use host work such as a fixed routing's assignment); the strategy facts of it."""
     info: dict = {}
-    if compile and moe.strategy == "auto":
-        moe.auto_candidates = compile_candidates(dt)
-    if layout == "auto":
-        info["weight_layout"], info["layout_probe_ms"] = choose_layout(moe, example)
-    else:
-        if layout != "keep":
-            moe.set_layout(layout)
-        info["weight_layout"], info["layout_probe_ms"] = moe.layout, None
-        if moe.strategy == "auto":
-            with torch.inference_mode():
-                moe(example)
+    if compile and moe.strategy == "auto":  # only what torch.compile can trace, of the host's own candidates
+        allowed = compile_candidates(dt)
+        moe.auto_candidates = tuple(c for c in moe.auto_candidates if c in allowed)
+    if isinstance(moe, MoE):  # the one host with ``set_layout`` (MoELayer keeps transformers' storage)
+        if layout == "auto":
+            info["weight_layout"], info["layout_probe_ms"] = choose_layout(moe, example)
+        else:
+            if layout != "keep":
+                moe.set_layout(layout)
+            info["weight_layout"], info["layout_probe_ms"] = moe.layout, None
+    with torch.inference_mode():
+        moe(example)  # type: ignore[operator]  # example [B, in]; auto: a cache hit after choose_layout
     requested = moe.strategy
-    facts = moe.strategy_info()
+    facts = moe.strategy_info()  # one sync, outside the windows
     info.update(strategy=requested, resolved_strategy=facts["resolved_strategy"],
                 auto_probe_ms=facts["auto_probe_ms"], auto_probe_best_ms=facts["auto_probe_best_ms"],
                 auto_unavailable=facts["auto_unavailable"])

@@ -200,11 +200,20 @@ class Trained:
 
 @dataclass
 class Variant:
-    """One measured row: a trained model and, for the MoE, the strategy its windows run."""
+    """One measured row of either family: a model on its own inputs and, for an MoE, the strategy its windows
+    run. The window phase reads only these, so a trained classifier and a built LLM layer share one path."""
 
-    label: str
-    trained: Trained
-    strategy: str | None
+    label: str  # "moe[grouped]", "dense_total"; the LLM family: "moe[auto]@T=16"
+    model: nn.Module
+    strategy: str | None  # None: a dense model
+    batch: torch.Tensor  # [B, in]: what every forward of its windows gets (the LLM family: [T, d], B = T)
+    flops_per_inference: int
+    need_bytes: int  # device memory its windows need, for the reason when they run out of it
+    parked: bool = True  # True: waits in host memory between windows (the seed); False: stays on the device
+    head: dict[str, Any] = field(default_factory=dict)  # extra window fields, e.g. {"tokens_per_forward": T}
+    auto_candidates: tuple[str, ...] | None = None  # auto's candidates for these inputs; None: the model's own
+    before_window: Callable[[], None] | None = None  # e.g. zero the routing's load counters
+    after_window: Callable[[], dict[str, Any]] | None = None  # read after the window (e.g. the expert load)
 
 
 @dataclass
@@ -216,11 +225,46 @@ class Measured:
     prepared: dict[str, dict] = field(default_factory=dict)
 
 
-def labels(plan: ModelPlan, strategies: tuple[str, ...]) -> list[tuple[str, str | None]]:
+class Host(Protocol):
+    """What the idle phase reads of a run; both families' run values have these fields."""
+
+    opts: RunOptions
+    device: torch.device
+    meter: GuardedMeter
+    sleep: Callable[[float], None]
+
+
+class Bench(Host, Protocol):
+    """What the windows phase reads of a run (pipeline.Run and llm_pipeline.LayerRun)."""
+
+    dtype: torch.dtype
+    ui: UI
+    oom: str  # "skip": a variant out of memory stops with its reason; "raise": OutOfMemory ends the run
+
+
+class Kinded(Protocol):
+    """Any plan the rows are labelled from (models.plan.ModelPlan, llm_pipeline.LayerPlan)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+def labels(plan: Kinded, strategies: tuple[str, ...]) -> list[tuple[str, str | None]]:
     """(label, strategy) of each row a model gives: one per MoE strategy, one for a dense model."""
     if plan.kind == "moe":
         return [(f"moe[{s}]", s) for s in strategies]
     return [(plan.name, None)]
+
+
+def trained_variants(r: Run, trained: list[Trained]) -> dict[str, Variant]:
+    """The seed's rows: each trained model on the one bench batch, once per MoE strategy."""
+    o = r.opts
+    return {label: Variant(label, t.model, s, r.batch, t.plan.flops_per_inference,
+                           t.plan.memory_bytes(o.batch_size, o.dtype, training=False))
+            for t in trained for label, s in labels(t.plan, o.strategies)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,7 +331,7 @@ def train_all(r: Run, todo: list[ModelPlan]) -> tuple[list[Trained], dict[str, s
 # Phase 2: idle power
 
 
-def idle_phase(r: Run) -> tuple[IdlePower | None, dict | None]:
+def idle_phase(r: Host) -> tuple[IdlePower | None, dict | None]:
     """Idle power of the metered devices, rested first so training's heat does not count as idle."""
     if r.opts.idle_seconds <= 0:
         return None, None
@@ -305,67 +349,85 @@ def idle_phase(r: Run) -> tuple[IdlePower | None, dict | None]:
 
 
 class Slot:
-    """The device's one model slot: which trained model is on it and which variant is prepared to run."""
+    """The device's model slot: a parked model comes onto it alone, and each variant is prepared once per stay
+    of its model (auto's probe, weight layout, --compile); later windows only select the strategy it runs."""
 
-    def __init__(self, r: Run) -> None:
+    def __init__(self, r: Bench) -> None:
         self.r = r
-        self.on_device: Trained | None = None
-        self.prepared_for: str | None = None
-        self.laid_out: set[str] = set()
-        self.fn: nn.Module | None = None
+        self.on_device: nn.Module | None = None  # the parked model now on the device
+        self.ready: dict[str, tuple[nn.Module, nn.Module, str | None]] = {}  # label -> (model, fn, strategy)
+        self.laid_out: set[nn.Module] = set()  # models whose weight layout was chosen (by measuring, once)
 
     def load(self, v: Variant, prepared: dict[str, dict]) -> nn.Module:
-        """``v``'s model on the device, prepared (auto's probe, weight layout, --compile) outside any window."""
-        r, t = self.r, v.trained
-        moved = False
-        if r.device != PARK and self.on_device is not t:
+        """``v``'s module on the device, ready to call; prepared outside any window."""
+        if v.parked and self.r.device != PARK and self.on_device is not v.model:
             self.release()
-            self.on_device = t
-            t.model.to(r.device)
-            moved = True
+            self.on_device = v.model
+            v.model.to(self.r.device)
+        if v.label not in self.ready:
+            self.ready[v.label] = (v.model, *self.prepare(v, prepared))
+        _, fn, strategy = self.ready[v.label]
+        if strategy is not None:
+            v.model.strategy = strategy  # type: ignore[union-attr]  # one model serves all its strategies
+        return fn
+
+    def prepare(self, v: Variant, prepared: dict[str, dict]) -> tuple[nn.Module, str | None]:
+        """(module to call, strategy it runs: auto's choice once compiled); the facts go to ``prepared``."""
+        r, model = self.r, v.model
         if v.strategy is not None:
-            t.model.strategy = v.strategy  # type: ignore[union-attr]
-        if moved or self.prepared_for != v.label or self.fn is None:
-            # Re-done after a move, since a captured graph holds the old weights' addresses.
-            layout = "keep" if t.name in self.laid_out else "auto"
-            self.laid_out.add(t.name)
-            self.fn, prepared[v.label] = prepare(t.model, dtype=r.dtype, compile=r.opts.compile, device=r.device,
-                                                 example=r.batch, layout=layout)
-            self.prepared_for = v.label
-        return self.fn
+            model.strategy = v.strategy  # type: ignore[union-attr]
+        if v.auto_candidates is not None:
+            model.auto_candidates = v.auto_candidates  # type: ignore[union-attr]
+        layout = "keep" if model in self.laid_out else "auto"
+        self.laid_out.add(model)
+        fn, prepared[v.label] = prepare(model, dtype=r.dtype, compile=r.opts.compile, device=r.device,
+                                        example=v.batch, layout=layout)
+        return fn, model.strategy if v.strategy is not None else None  # type: ignore[return-value]
 
     def release(self) -> None:
+        """Park the model on the device; its prepared modules go (a captured graph holds its addresses)."""
         if self.on_device is not None:
-            self.on_device.model.to(PARK)
+            gone = self.on_device
+            self.ready = {k: v for k, v in self.ready.items() if v[0] is not gone}
+            gone.to(PARK)
             self.on_device = None
             free(self.r.device)
 
 
-def one_window(r: Run, slot: Slot, v: Variant, rep: int, order: int, idle: IdlePower | None,
+def one_window(r: Bench, slot: Slot, v: Variant, rep: int, order: int, idle: IdlePower | None,
                prepared: dict[str, dict]) -> WindowRecord:
     """One window of ``v``; a meter failure gives a failed window, an allocation failure propagates."""
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    flops = v.trained.plan.flops_per_inference
-    head: dict[str, Any] = {"repeat": rep, "order": order, "started_utc": started}
+    head: dict[str, Any] = {"repeat": rep, "order": order, "started_utc": started, **v.head}
     try:
         fn = slot.load(v, prepared)
+        if v.before_window is not None:
+            v.before_window()
         with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
-            res = measure(fn, r.batch, r.opts.duration, r.meter, flops, r.opts.warmup, on_tick=tick, idle=idle,
-                          sync=device_sync(r.device))
-        return {**head, **res.metrics()}  # type: ignore[typeddict-item]
+            res = measure(fn, v.batch, r.opts.duration, r.meter, v.flops_per_inference, r.opts.warmup,
+                          on_tick=tick, idle=idle, sync=device_sync(r.device))
+        rec: dict[str, Any] = {**head, **res.metrics()}
     except MeterFailed as e:
-        return {**head, **failed_window(str(e), r.opts.batch_size, flops, r.meter.name)}  # type: ignore[typeddict-item]
+        rec = {**head, **failed_window(str(e), v.batch.shape[0], v.flops_per_inference, r.meter.name)}
+    if v.after_window is not None:
+        rec.update(v.after_window())  # one sync, after the window
+    return rec  # type: ignore[return-value]
 
 
-def measure_all(r: Run, variants: dict[str, Variant], idle: IdlePower | None) -> Measured:
-    """Every variant once per round, rounds shuffled, a rest between windows.
+def measure_all(r: Bench, variants: dict[str, Variant], idle: IdlePower | None, out: Measured | None = None,
+                first_order: int = 0) -> Measured:
+    """Every variant once per round, rounds shuffled, a rest between windows; orders count on from
+    ``first_order`` into ``out``, so groups measured one after another share one sequence.
 
     A variant that fails (out of memory, or any error of its strategy or preparation) stops with its
     reason; the others go on, and every window already measured is kept.
     """
-    out = Measured({label: [] for label in variants})
+    out = out if out is not None else Measured({})
+    for label in variants:
+        out.windows.setdefault(label, [])
     slot = Slot(r)
-    for order, (rep, label) in enumerate(window_schedule(list(variants), r.opts.repeats, r.opts.seed)):
+    schedule = window_schedule(list(variants), r.opts.repeats, r.opts.seed)
+    for order, (rep, label) in enumerate(schedule, start=first_order):
         if label in out.stopped:
             continue
         if order > 0:
@@ -383,13 +445,12 @@ def measure_all(r: Run, variants: dict[str, Variant], idle: IdlePower | None) ->
     return out
 
 
-def stop_reason(r: Run, slot: Slot, v: Variant, e: BaseException) -> str:
+def stop_reason(r: Bench, slot: Slot, v: Variant, e: BaseException) -> str:
     """Why ``v``'s remaining windows are not run, its memory released; OutOfMemory ends a sweep's run."""
     slot.release()
     free(r.device)
     if memory.is_oom(e):
-        need = v.trained.plan.memory_bytes(r.opts.batch_size, r.opts.dtype, training=False)
-        reason = memory.describe_need(need, r.device, f"measuring {v.label}")
+        reason = memory.describe_need(v.need_bytes, r.device, f"measuring {v.label}")
         if r.oom == "raise":
             raise OutOfMemory(reason)
         return reason
@@ -411,24 +472,24 @@ def roofline_fields(roof: roofline.Roofline | None, rec: ModelRecord, plan: Mode
                             plan.weight_bytes(opts.dtype), opts.dtype)
 
 
-def variant_record(r: Run, v: Variant, m: Measured, idle: IdlePower | None,
+def variant_record(r: Run, t: Trained, label: str, strategy: str | None, m: Measured, idle: IdlePower | None,
                    roof: roofline.Roofline | None) -> ModelRecord:
     """A variant's record: skipped if out of memory stopped it before any window, measured otherwise."""
-    t, o = v.trained, r.opts
-    if not m.windows[v.label]:
-        reason = m.stopped[v.label]
-        return skipped_record(v.label, t.plan.fields(), v.strategy, o.dtype, reason,
+    o = r.opts
+    if not m.windows[label]:
+        reason = m.stopped[label]
+        return skipped_record(label, t.plan.fields(), strategy, o.dtype, reason,
                               status="failed" if reason.startswith("failed:") else "skipped")
-    rec = measured_record(v.label, t.plan.fields(), v.strategy, o.dtype, t.train, t.accuracy_bench_dtype, idle,
-                          m.windows[v.label], m.prepared.get(v.label))
+    rec = measured_record(label, t.plan.fields(), strategy, o.dtype, t.train, t.accuracy_bench_dtype, idle,
+                          m.windows[label], m.prepared.get(label))
     rec.update(roofline_fields(roof, rec, t.plan, o))  # type: ignore[typeddict-item]
-    if v.label in m.stopped:
-        rec["flags"] = [f"stopped after {len(m.windows[v.label])} of {o.repeats} windows: {m.stopped[v.label]}"] \
+    if label in m.stopped:
+        rec["flags"] = [f"stopped after {len(m.windows[label])} of {o.repeats} windows: {m.stopped[label]}"] \
             + rec["flags"]
     return rec
 
 
-def records(r: Run, todo: list[ModelPlan], variants: dict[str, Variant], skipped: dict[str, str],
+def records(r: Run, todo: list[ModelPlan], trained: dict[str, Trained], skipped: dict[str, str],
             m: Measured, idle: IdlePower | None, notices: list[str]) -> list[ModelRecord]:
     """Every row in plan order: the skipped models' shape and reason, the measured ones' figures."""
     roof = roofline.load(r.device, notice=notices.append)
@@ -438,7 +499,7 @@ def records(r: Run, todo: list[ModelPlan], variants: dict[str, Variant], skipped
             if plan.name in skipped:
                 out.append(skipped_record(label, plan.fields(), strategy, r.opts.dtype, skipped[plan.name]))
                 continue
-            out.append(variant_record(r, variants[label], m, idle, roof))
+            out.append(variant_record(r, trained[plan.name], label, strategy, m, idle, roof))
             if out[-1]["status"] == "measured":
                 r.ui.info(label)
     return out
@@ -488,10 +549,10 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
     todo = list(plans(r.spec, opts.models))
     trained, skipped = train_all(r, todo)
     idle, doc["idle"] = idle_phase(r) if trained else (None, None)
-    variants = {label: Variant(label, t, s) for t in trained for label, s in labels(t.plan, opts.strategies)}
+    variants = trained_variants(r, trained)
     measured = measure_all(r, variants, idle)
     doc["notices"] = []  # what the user should know about the figures, printed under the table
-    doc["models"] = records(r, todo, variants, skipped, measured, idle, doc["notices"])
+    doc["models"] = records(r, todo, {t.name: t for t in trained}, skipped, measured, idle, doc["notices"])
     del trained, variants
     path = save_or_rescue(doc, opts.out, run_stem(doc, opts.extra.get("preset"))) if save else None
     return doc, path

@@ -46,7 +46,7 @@ from ..measure.window import (
     warm_up,
 )
 from ..models.plan import TRAIN_STRATEGY, ModelPlan, plans
-from ..pipeline import UI, Run, SilentUI, Trained, Variant
+from ..pipeline import UI, Run, SilentUI, Trained
 from ..results import check_writable, new_document, run_stem, write_atomic
 from .expert_parallel import EP_STRATEGY, MOE_LABEL, CommStats, ExpertParallelMoE
 from .group import (
@@ -158,7 +158,16 @@ def train_agreed(r: Run, g: Group, todo: list[ModelPlan]) -> tuple[list[Trained]
     return [t for t in trained if t.name not in skipped], skipped
 
 
-def place(t: Trained, g: Group) -> Variant:
+@dataclass
+class Placed:
+    """One measured row of the job: a trained model placed on this rank (the MoE sharded), and its strategy."""
+
+    label: str
+    trained: Trained
+    strategy: str | None
+
+
+def place(t: Trained, g: Group) -> Placed:
     """What every rank measures, on its device with rank 0's weights: the MoE sharded, a dense model whole."""
     set_stage(f"broadcasting {t.name}")
     label, strategy = job_label(t.plan)
@@ -167,12 +176,12 @@ def place(t: Trained, g: Group) -> Variant:
         model = ExpertParallelMoE.from_moe(t.model, g)  # type: ignore[arg-type]
     else:
         model = broadcast_module(t.model.to(g.device), g)
-    return Variant(label, replace(t, model=model), strategy)
+    return Placed(label, replace(t, model=model), strategy)
 
 
-def place_all(trained: list[Trained], g: Group) -> dict[str, Variant]:
+def place_all(trained: list[Trained], g: Group) -> dict[str, Placed]:
     """Every trained model placed, one at a time: the full MoE is dropped as soon as its shard exists."""
-    out: dict[str, Variant] = {}
+    out: dict[str, Placed] = {}
     while trained:
         v = place(trained.pop(0), g)
         out[v.label] = v
@@ -423,7 +432,7 @@ def job_record(ranks: list[dict[str, Any]], flops_per_inference: int, idle: Idle
 # Windows and records
 
 
-def job_window(r: Run, g: Group, v: Variant, rep: int, order: int, counts: dict[str, Count],
+def job_window(r: Run, g: Group, v: Placed, rep: int, order: int, counts: dict[str, Count],
                idle: IdlePower | None, log: Callable[[str], None]) -> dict[str, Any] | None:
     """One window of ``v`` on every rank; rank 0 gets the job's record of it (None elsewhere)."""
     set_stage(f"measuring {v.label}")
@@ -438,7 +447,7 @@ def job_window(r: Run, g: Group, v: Variant, rep: int, order: int, counts: dict[
     return {**head, **job_record(ranks, v.trained.plan.flops_per_inference, idle)}
 
 
-def measure_all(r: Run, g: Group, variants: dict[str, Variant], idle: IdlePower | None,
+def measure_all(r: Run, g: Group, variants: dict[str, Placed], idle: IdlePower | None,
                 log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
     """Run's schedule (every model once a round, rounds shuffled by the agreed seed: the same on every rank)
     with run's rest between windows on every rank; rank 0 gets each model's windows (empty lists elsewhere)."""
@@ -468,7 +477,7 @@ def median_of(values: list[Any]) -> Any:
     return first
 
 
-def job_records(r: Run, todo: list[ModelPlan], variants: dict[str, Variant], skipped: dict[str, str],
+def job_records(r: Run, todo: list[ModelPlan], variants: dict[str, Placed], skipped: dict[str, str],
                 windows: dict[str, list[dict[str, Any]]], idle: IdlePower | None) -> list[ModelRecord]:
     """Every row in plan order, as run's records; a measured one's ``parallel`` is its windows' medians."""
     out: list[ModelRecord] = []

@@ -250,20 +250,25 @@ def skipped_record(name: str, fields: dict[str, Any], strategy: str | None, dtyp
     }
 
 
-def measured_record(name: str, fields: dict[str, Any], strategy: str | None, dtype: str, train: TrainResult,
+def measured_record(name: str, fields: dict[str, Any], strategy: str | None, dtype: str, train: TrainResult | None,
                     accuracy_bench_dtype: float | None, idle: IdlePower | None, windows: list[WindowRecord],
                     optimize: dict[str, Any] | None = None) -> ModelRecord:
-    """A measured model: its shape, its training, and the summary of its windows (failed ones counted)."""
+    """A measured model: its shape, its training, and the summary of its windows (failed ones counted).
+
+    ``train`` None: a model built, not trained (the LLM-layer family), so no accuracy and no train block.
+    """
     rec: ModelRecord = {  # type: ignore[typeddict-item]
         "name": name, **fields, "strategy": strategy, "dtype": dtype, "status": "measured",
-        "accuracy": train.test_accuracy, "accuracy_bench_dtype": accuracy_bench_dtype, "diverged": train.diverged,
-        "accuracy_meaningful": not train.diverged, "train": train.as_dict(),
+        "accuracy": train.test_accuracy if train is not None else None,
+        "accuracy_bench_dtype": accuracy_bench_dtype, "diverged": train.diverged if train is not None else None,
+        "accuracy_meaningful": train is not None and not train.diverged,
+        "train": train.as_dict() if train is not None else None,
         "idle_power_w": idle.power_w if idle is not None else None,
         "idle_power_by_device_w": idle.power_by_device_w if idle is not None else None,
         **summarize_windows(windows),  # the windows' flops_per_inference: the figure they were measured with
     }
     rec["optimize"] = optimize
-    if train.diverged:
+    if train is not None and train.diverged:
         rec["flags"] = [f"training diverged ({train.diverged_reason}): accuracy is meaningless; speed "
                         "and energy are valid"] + rec["flags"]
     return rec
