@@ -156,3 +156,107 @@ def test_every_model_is_built_by_its_plan(monkeypatch):
     monkeypatch.setattr(ModelPlan, "build", build)
     bench_strategies(SPEC, batch_size=8, seconds=0.01, warmup_s=0, strategies=["padded"], roof=None)
     assert built == ["moe", "dense_total", "dense_active"]
+
+
+# --- bench-strategies --arch: one LLM layer, its dense FFNs and transformers' own block --------------------
+
+LAYER_ARGS = ["--arch", "custom", "--d-model", "64", "--ffn-dim", "32", "--experts", "8", "--top-k", "2",
+              "--device", "cpu", "--seconds", "0.01"]
+
+
+def tiny_arch():
+    from moe_energy.models.archs import custom_arch
+
+    return custom_arch(64, 32, 8, 2)
+
+
+def check_versus(doc: dict) -> None:
+    """Speed-ups are the recorded medians' ratios: fastest transformers median / this median."""
+    for s in doc["summary"]:
+        rows = [r for r in doc["rows"] if r["tokens"] == s["tokens"]]
+        tf = [r for r in rows if r["kind"] == "transformers"]
+        best = min(r["ms_per_forward"] for r in tf)
+        assert s["fastest_transformers_ms"] == best
+        auto = next(r for r in rows if r["name"] == "moe[auto]")
+        assert s["auto_ms"] == auto["ms_per_forward"]
+        assert s["auto_speedup_vs_transformers"] == pytest.approx(best / auto["ms_per_forward"])
+        for r in rows:
+            assert r["speedup_vs_transformers"] == pytest.approx(best / r["ms_per_forward"])
+
+
+def test_layer_rows_hold_every_strategy_both_dense_ffns_and_transformers():
+    pytest.importorskip("transformers", reason="transformers not installed: its rows need it")
+    from moe_energy.models.counting import layer_flops, layer_weight_bytes, swiglu_params
+    from moe_energy.strategy_bench import LAYER_SCHEMA, bench_layer
+
+    arch = tiny_arch()
+    doc = bench_layer(arch, (1, 8), seconds=0.01, warmup_s=0, roof=fake_roof())
+    assert doc["schema"] == LAYER_SCHEMA and doc["arch"]["d_model"] == 64 and doc["routing"]["mode"] == "random"
+    impls = [i for i, why in doc["transformers"]["implementations"].items() if why is None]
+    assert {"eager", "batched_mm", "grouped_mm"} <= set(impls)
+    for t in (1, 8):
+        rows = {r["name"]: r for r in doc["rows"] if r["tokens"] == t}
+        assert set(rows) == ({"dense_total", "dense_active"} | {f"moe[{s}]" for s in STRATEGIES}
+                             | {f"transformers[{i}]" for i in impls})
+        touched = next(s["experts_touched"] for s in doc["summary"] if s["tokens"] == t)
+        for r in rows.values():
+            assert r["rounds"] >= 5 and r["ms_per_forward_min"] <= r["ms_per_forward"]
+            assert r["tokens_per_second"] == pytest.approx(t / (r["ms_per_forward"] / 1e3))
+            bound_s = max(r["flops_per_batch"] / 1e11, r["weight_bytes_per_batch"] / 1e10)
+            assert r["fraction_of_roofline"] == pytest.approx(bound_s / (r["ms_per_forward"] / 1e3))
+            if r["kind"] == "dense":
+                assert r["flops_per_batch"] == t * 2 * swiglu_params(64, r["width"])
+            else:  # the MoE and transformers' block: one function, the same least bytes read
+                assert r["flops_per_batch"] == t * layer_flops(arch)
+                assert r["weight_bytes_per_batch"] == layer_weight_bytes(arch, touched, 4)
+        assert rows["moe[auto]"]["resolved_strategy"] in rows["moe[auto]"]["auto_probe_ms"]
+    check_versus(doc)
+
+
+def test_layer_without_transformers_says_why_and_keeps_the_rest(monkeypatch):
+    import sys
+
+    from moe_energy.strategy_bench import bench_layer
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    doc = bench_layer(tiny_arch(), (1,), seconds=0.01, warmup_s=0, strategies=["grouped", "auto"], roof=None)
+    assert "transformers is not installed" in doc["transformers"]["unavailable"]
+    assert {r["name"] for r in doc["rows"]} == {"dense_total", "dense_active", "moe[grouped]", "moe[auto]"}
+    assert all(r["speedup_vs_transformers"] is None and r["fraction_of_roofline"] is None for r in doc["rows"])
+    assert doc["summary"][0]["auto_speedup_vs_transformers"] is None and doc["roofline_note"]
+
+
+def test_cli_arch_saves_json_then_prints_table(tmp_path, cached_roof, capsys):
+    pytest.importorskip("transformers", reason="transformers not installed: its rows need it")
+    out = tmp_path / "res"
+    assert main(["bench-strategies", *LAYER_ARGS, "--tokens", "1,8", "--moe-strategy", "grouped,auto",
+                 "--out", str(out)]) == 0
+    [path] = out.glob("strategies-custom-float32-t1-8-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "moe-energy/strategy-bench-layer" and doc["options"]["tokens"] == [1, 8]
+    assert doc["roofline"]["device_name"] == cached_roof.device_name and doc["roofline_note"] is None
+    check_versus(doc)
+    text = capsys.readouterr().out
+    assert "transformers[grouped_mm]" in text and "moe[auto]" in text and "T=8: moe[auto]" in text
+
+
+def test_cli_arch_without_calibration_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "empty-cache"))
+    assert main(["bench-strategies", *LAYER_ARGS, "--tokens", "1", "--moe-strategy", "auto",
+                 "--out", str(tmp_path / "res")]) == 0
+    [path] = (tmp_path / "res").glob("*.json")
+    doc = json.loads(path.read_text())
+    assert doc["roofline"] is None and "moe-energy calibrate" in doc["roofline_note"]
+    assert all(r["fraction_of_roofline"] is None for r in doc["rows"])
+    assert "moe-energy calibrate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "msg"), [(["--tokens", "4"], "--tokens"),
+                                           ([*LAYER_ARGS, "--routing", "balanced"], "--routing"),
+                                           ([*LAYER_ARGS, "--batch-size", "4"], "--batch-size"),
+                                           ([*LAYER_ARGS, "--compile"], "--compile"),
+                                           ([*LAYER_ARGS, "--moe-strategy", "fastest"], "fastest")])
+def test_cli_arch_bad_input_is_one_line_and_exit_2(tmp_path, cached_roof, capsys, args, msg):
+    assert main(["bench-strategies", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1

@@ -243,7 +243,8 @@ def test_export_on_a_full_disk_leaves_nothing_and_a_rerun_works(fmt, tmp_path, m
     with monkeypatch.context() as m:
         _fill_the_disk(m)
         code = main(["export", "--db", str(db), "--format", fmt, "--out", str(out)])
-    one_line_error(code, capsys.readouterr().err, f"--out {out}: cannot write (No space left on device: the disk (or quota) is full)")
+    one_line_error(code, capsys.readouterr().err,
+                   f"--out {out}: cannot write (No space left on device: the disk (or quota) is full)")
     assert os.listdir(outdir) == []  # neither the file nor its temp
     assert main(["export", "--db", str(db), "--format", fmt, "--out", str(out)]) == 0
     capsys.readouterr()

@@ -23,12 +23,18 @@ from . import roofline
 from .config import ModelSpec
 from .device import device_sync, dtype_name, dtype_of
 from .environment import describe
+from .errors import described
 from .measure.timing import time_interleaved, time_one
-from .models.counting import moe_weight_params_read
-from .models.moe import LAYOUTS, MoE
+from .memory import BYTES, fit_problem
+from .models.archs import Arch, get_arch
+from .models.counting import layer_flops, layer_weight_bytes, moe_weight_params_read, swiglu_params
+from .models.dense import MATCHES, matched_dense
+from .models.llm import MoELayer, building
+from .models.moe import LAYOUTS, MoE, StrategyHost
 from .models.plan import ModelPlan, plans
 from .models.strategies import AUTO_CANDIDATES, STRATEGIES
 from .optimize import choose_layout, compile_candidates, prepare
+from .peers import Peers, build_peers
 from .roofline import Roofline
 
 SCHEMA = "moe-energy/strategy-bench"
@@ -44,7 +50,7 @@ class Variant:
     that time bare callables).
     """
 
-    def __init__(self, name: str, kind: str, fn: Callable[[Tensor], Tensor], moe: MoE | None = None,
+    def __init__(self, name: str, kind: str, fn: Callable[[Tensor], Tensor], moe: StrategyHost | None = None,
                  strategy: str | None = None, layout: str | None = None, info: dict | None = None,
                  plan: ModelPlan | None = None) -> None:
         self.name, self.kind, self.fn, self.moe = name, kind, fn, moe
@@ -330,4 +336,183 @@ def _row(name: str, kind: str, ms: float, samples: list[float], batch: int, flop
         "achieved_gflops": flops / (ms / 1e3) / 1e9,
         **roofline.figures(roof, ms / 1e3, flops, weight_bytes, dtype),
         **extra,
+    }
+
+
+# --- one LLM MoE layer (--arch) against its dense FFNs and transformers' own block ---------------------------
+
+LAYER_SCHEMA = "moe-energy/strategy-bench-layer"
+LAYER_SCHEMA_VERSION = 1
+NO_ROOFLINE = "not calibrated: run `moe-energy calibrate` for the roofline bound and fractions"
+
+
+@dataclass
+class _Layer:
+    """What every token count shares: the layer, its two dense FFNs, transformers' peers, the options."""
+
+    arch: Arch
+    layer: MoELayer
+    dense: dict[str, nn.Module]  # dense_total, dense_active: matched_dense(layer, match)
+    peers: Peers
+    dt: torch.dtype
+    strategies: list[str]
+
+
+def _build_layer(arch: Arch, device: torch.device, dt: torch.dtype, seed: int, strategies: list[str],
+                 on_phase: Callable[[str], None]) -> _Layer:
+    """The layer (seeded random weights, made where it runs), both dense FFNs, and transformers' blocks holding
+    a copy of the layer's weights (one copy shared by every experts implementation)."""
+    on_phase(f"building the {arch.name} layer and its dense FFNs")
+    layer = MoELayer.from_arch(arch, dtype=dt, device=device, strategy="auto", seed=seed).eval()
+    dense: dict[str, nn.Module] = {}
+    for i, match in enumerate(MATCHES):
+        with building(device, dt, seed + 1 + i):
+            dense[f"dense_{match}"] = matched_dense(layer, match).eval()
+    on_phase("building transformers' MoE blocks")
+    return _Layer(arch, layer, dense, build_peers(layer), dt, strategies)
+
+
+def _layer_variants(b: _Layer) -> list[Variant]:
+    """Both dense FFNs, the layer under every strategy (set host-side before each call), each transformers peer."""
+    vs = [Variant(name, "dense", m, info={"width": m.width}) for name, m in b.dense.items()]
+    vs += [Variant(f"moe[{s}]", "moe", b.layer, b.layer, s) for s in b.strategies]
+    vs += [Variant(p.name, "transformers", p, info={"implementation": p.implementation}) for p in b.peers.available]
+    return vs
+
+
+def _strategy_facts(layer: MoELayer, strategy: str, x: Tensor) -> dict[str, Any]:
+    """What auto chose (and measured) and what padded_capacity dropped, from one forward far from the timing."""
+    if strategy not in ("auto", "padded_capacity"):
+        return {"strategy": strategy}
+    layer.strategy = strategy
+    layer.reset_pair_counts()
+    with torch.inference_mode():
+        layer(x)
+    info = layer.strategy_info()
+    keep = ("resolved_strategy", "auto_probe_ms", "auto_unavailable") if strategy == "auto" else \
+        ("capacity_factor", "routed_pairs", "dropped_pairs")
+    return {"strategy": strategy, **{k: info[k] for k in keep}}
+
+
+def _layer_row(b: _Layer, v: Variant, tokens: int, touched: int, roof: Roofline | None, extra: dict) -> dict:
+    """One row: ms per forward (median, best), tokens/s and the roofline columns. The MoE and transformers' block
+    compute one function: the same FLOPs and the same least bytes (router, the experts reached, shared)."""
+    dname = dtype_name(b.dt)
+    bpp = BYTES[dname]
+    if v.kind == "dense":
+        params = swiglu_params(b.arch.d_model, v.info["width"])
+        flops, nbytes = tokens * 2 * params, params * bpp
+    else:
+        flops, nbytes = tokens * layer_flops(b.arch), layer_weight_bytes(b.arch, touched, bpp)
+    ms = v.median_ms
+    return {"name": v.name, "kind": v.kind, "tokens": tokens, "ms_per_forward": ms, "ms_per_forward_min": min(v.ms),
+            "rounds": len(v.ms), "iterations": v.iterations, "tokens_per_second": tokens / (ms / 1e3),
+            "speedup_vs_transformers": None, "achieved_gflops": flops / (ms / 1e3) / 1e9,
+            **roofline.figures(roof, ms / 1e3, flops, nbytes, dname), **v.info, **extra}
+
+
+def versus_transformers(rows: list[dict]) -> dict[str, Any]:
+    """Fill each row's speed-up over the fastest transformers row (its median / this median) and say how auto
+    fares; every figure None when no transformers row was timed."""
+    tf = [r for r in rows if r["kind"] == "transformers"]
+    best = min(tf, key=lambda r: r["ms_per_forward"]) if tf else None
+    for r in rows:
+        r["speedup_vs_transformers"] = best["ms_per_forward"] / r["ms_per_forward"] if best else None
+    auto = next((r for r in rows if r["name"] == "moe[auto]"), None)
+    return {"fastest_transformers": best["name"] if best else None,
+            "fastest_transformers_ms": best["ms_per_forward"] if best else None,
+            "auto_ms": auto["ms_per_forward"] if auto else None,
+            "auto_speedup_vs_transformers": auto["speedup_vs_transformers"] if auto else None,
+            "auto_fraction_of_roofline": auto["fraction_of_roofline"] if auto else None}
+
+
+def _at_tokens(b: _Layer, tokens: int, seed: int, seconds: float, warmup_s: float, roof: Roofline | None,
+               on_phase: Callable[[str], None]) -> tuple[list[dict], dict]:
+    """Every variant on one seeded batch of ``tokens`` hidden states, in interleaved rounds: its rows and summary."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + tokens)
+    p = b.layer.experts.gate_up_proj
+    x = torch.randn(tokens, b.arch.d_model, generator=gen).to(device=p.device, dtype=b.dt)
+    with torch.inference_mode():
+        touched = int(b.layer.router(x)[0].unique().numel())
+    failed: dict[str, str] = {}
+    vs = [v for v in _layer_variants(b) if v.kind != "transformers" or _runs_at(b, v, x, failed)]
+    on_phase(f"timing {len(vs)} variants at {tokens} token(s)")
+    time_rounds(vs, x, seconds, warmup_s)
+    rows = [_layer_row(b, v, tokens, touched, roof, _strategy_facts(b.layer, v.strategy, x) if v.strategy else {})
+            for v in vs]
+    return rows, {"tokens": tokens, "experts_touched": touched, "transformers_not_timed": failed,
+                  **versus_transformers(rows)}
+
+
+def _runs_at(b: _Layer, v: Variant, x: Tensor, failed: dict[str, str]) -> bool:
+    """Whether a transformers peer runs this batch; else ``failed[name]`` says why. batched_mm gathers a copy of
+    every pair's expert weights (T k of them): refused before it could exhaust the host, not after."""
+    a, bpp = b.arch, BYTES[dtype_name(b.dt)]
+    if v.info.get("implementation") == "batched_mm":
+        need = x.shape[0] * a.top_k * 3 * a.d_model * a.ffn_dim * bpp
+        problem = fit_problem(need, x.device, f"batched_mm's gathered expert weights ({x.shape[0]} x {a.top_k})")
+        if problem is not None:
+            failed[v.name] = problem
+            return False
+    try:
+        with torch.inference_mode():
+            v.fn(x)
+    except Exception as e:  # e.g. an allocation this host cannot make: that row is not timed, the rest are
+        failed[v.name] = described(e, 160)
+        return False
+    return True
+
+
+def bench_layer(
+    arch: Arch | str,
+    tokens: Sequence[int] = (1, 32, 512),
+    *,
+    dtype: str = "float32",
+    device: torch.device | str = "cpu",
+    strategies: Sequence[str] | None = None,
+    seconds: float = 3.0,
+    seed: int = 0,
+    warmup_s: float = 0.2,
+    roof: Roofline | None = None,
+    on_phase: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Time one LLM MoE layer under every strategy, both dense SwiGLU FFNs (total- and active-matched) and
+    transformers' own block under each experts implementation it offers, all in one process, interleaved;
+    ``seconds`` of timed rounds per token count. Routing: the router's own choice (random router weights)."""
+    a = get_arch(arch) if isinstance(arch, str) else arch
+    device = torch.device(device)
+    strategies = list(strategies or STRATEGIES)
+    load_before = _load_average()
+    b = _build_layer(a, device, dtype_of(dtype), seed, strategies, on_phase)
+    rows: list[dict] = []
+    summary: list[dict] = []
+    for t in tokens:
+        r, s = _at_tokens(b, t, seed, seconds, warmup_s, roof, on_phase)
+        rows += r
+        summary.append(s)
+    options = {"tokens": list(tokens), "dtype": dtype, "device": str(device), "seconds_per_token_count": seconds,
+               "warmup_s": warmup_s, "seed": seed, "strategies": strategies}
+    return _layer_document(b, device, options, load_before, roof, rows, summary)
+
+
+def _layer_document(b: _Layer, device: torch.device, options: dict, load_before: float | None,
+                    roof: Roofline | None, rows: list[dict], summary: list[dict]) -> dict[str, Any]:
+    """The --arch results document: the arch, options, routing, transformers' peers, roofline, rows, summary."""
+    return {
+        "schema": LAYER_SCHEMA,
+        "schema_version": LAYER_SCHEMA_VERSION,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "arch": asdict(b.arch),
+        "options": options,
+        "routing": {"mode": "random", "how": "each router's own top-k: random router weights, seeded normal "
+                                            "hidden states (transformers' block routes with the same weights)"},
+        "environment": describe(device),
+        "method": "median (and best) over interleaved rounds (rotated order) of ms per forward; every variant of "
+                  "a token count timed in the same rounds, in one process",
+        "transformers": b.peers.as_dict(),
+        "host_load_average_1m": {"before": load_before, "after": _load_average()},
+        "roofline": roof.as_dict() if roof else None,
+        "roofline_note": None if roof else NO_ROOFLINE,
+        "summary": summary,
+        "rows": rows,
     }

@@ -1,4 +1,5 @@
-"""`moe-energy bench-strategies` and `moe-energy calibrate`."""
+"""`moe-energy bench-strategies` (the seed's classifier, or with --arch one LLM MoE layer against its dense FFNs
+and transformers' own block) and `moe-energy calibrate`."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ from ..errors import ConfigError
 from ..models.strategies import STRATEGIES
 from ..results import check_writable, stamp
 from . import command, console, err_console, fmt, save_then_show, split_list
+from .llm import add_llm_arguments, resolve_llm
 from .options import add_shape_arguments, device_of, resolve
+
+# Flags that only mean something with --arch: refused on the seed's classifier, never silently ignored.
+LLM_ONLY = (("tokens", "--tokens"), ("routing", "--routing"), ("d_model", "--d-model"), ("ffn_dim", "--ffn-dim"),
+            ("shared_experts", "--shared-experts"), ("router", "--router"))
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     add_shape_arguments(p)
+    add_llm_arguments(p)
     g = p.add_argument_group("measurement")
     g.add_argument("--batch-size", type=int, dest="batch_size", help="tokens per batch (default 128)")
     g.add_argument("--dtype", help="float32|bfloat16|float16 (default float32)")
@@ -96,6 +103,11 @@ def bench_strategies(args: argparse.Namespace) -> int:
     """Check the flags (one-line errors, before any work), time every strategy, print the table, save JSON."""
     from ..strategy_bench import bench_strategies as run_bench
 
+    if getattr(args, "arch", None):
+        return bench_layer_command(args)
+    stray = [flag for key, flag in LLM_ONLY if getattr(args, key, None) is not None]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: only with --arch (an LLM MoE layer); add --arch or drop them")
     given = args.strategies
     args.strategies = None  # validated below: the default here is every strategy, not run's default
     spec, opts = resolve(args)
@@ -112,6 +124,92 @@ def bench_strategies(args: argparse.Namespace) -> int:
     tag = opts.extra.get("preset") or "custom"
     stem = f"strategies-{tag}-{opts.dtype}-b{opts.batch_size}-{stamp(doc)}"
     return save_then_show(doc, opts.out, stem, lambda: console.print(strategies_table(doc)))
+
+
+def bench_layer_command(args: argparse.Namespace) -> int:
+    """`bench-strategies --arch`: the flags checked as `run --arch` checks them (one-line errors, before any
+    work), the layer timed at each token count, the JSON saved, then the table printed."""
+    from ..llm_pipeline import check_layer_inputs
+    from ..pipeline import check_dtype
+    from ..strategy_bench import bench_layer
+
+    given, args.strategies = args.strategies, None  # validated below: the default is every strategy
+    if args.compile:
+        raise ConfigError("--compile: not with --arch (every model of a layer is timed eager here); drop it")
+    arch, opts, tokens, routing = resolve_llm(args)
+    if routing.kind != "random":
+        raise ConfigError(f"--routing {routing.text}: bench-strategies --arch times transformers' own router too, "
+                          "which cannot be forced; use --routing random (the default)")
+    strategies = split_list(given) if given else tuple(STRATEGIES)
+    _check_flags("--moe-strategy", strategies, tuple(STRATEGIES), args.seconds, 1e6)
+    check_writable(opts.out)
+    device = resolve_device(opts.device)
+    check_dtype(device, opts.dtype)
+    check_layer_inputs(arch, tokens, device, opts.dtype)
+    roof = roofline.load(device, notice=_notice)
+    if roof is None or opts.dtype not in roof.gemm_flops_per_s:
+        _notice(f"no roofline cached for {roofline.device_name(device)} in {opts.dtype}: the roofline columns stay "
+                "empty; run `moe-energy calibrate` first")
+        roof = None
+    with console.status("benchmarking the layer") as status:
+        doc = bench_layer(arch, tokens, dtype=opts.dtype, device=device, strategies=strategies, seconds=args.seconds,
+                          seed=opts.seed, roof=roof, on_phase=lambda msg: status.update(escape(msg)))
+    stem = f"strategies-{arch.name}-{opts.dtype}-t{'-'.join(map(str, tokens))}-{stamp(doc)}"
+    return save_then_show(doc, opts.out, stem, lambda: show_layer(doc))
+
+
+def _layer_note(r: dict) -> str:
+    if r.get("resolved_strategy") not in (None, r.get("strategy")):
+        return f"auto chose {r['resolved_strategy']}"
+    if r.get("dropped_pairs") is not None:
+        return f"drops {r['dropped_pairs']}/{r['routed_pairs']} pairs"
+    return ""
+
+
+def layer_table(doc: dict) -> Table:
+    """One line per (token count, model): ms per forward, tokens/s, speed-up over transformers' fastest, roofline."""
+    a, env = doc["arch"], doc["environment"]
+    t = Table(title=escape(f"{a['name']} layer: moe-energy strategies vs dense FFNs vs transformers "
+                           f"({env['device_name']}, {doc['options']['dtype']}, routing random): median of "
+                           "interleaved rounds"))
+    for col in ("T", "model", "ms/forward", "best ms", "tokens/s", "vs transformers", "GFLOP/s", "bound ms",
+                "of roofline", "note"):
+        t.add_column(col, justify="left" if col in ("model", "note") else "right")
+    calibrated = doc["roofline"] is not None
+    for r in doc["rows"]:
+        roof = [fmt(r["roofline_bound_ms"], ".3g"), fmt(r["fraction_of_roofline"], ".0%")] if calibrated \
+            else ["not calibrated"] * 2
+        t.add_row(str(r["tokens"]), escape(r["name"]), fmt(r["ms_per_forward"], ".3f"),
+                  fmt(r["ms_per_forward_min"], ".3f"), fmt(r["tokens_per_second"], ",.0f"),
+                  fmt(r["speedup_vs_transformers"], ".2f", "x") if r["speedup_vs_transformers"] else "-",
+                  fmt(r["achieved_gflops"], ".1f"), *roof, escape(_layer_note(r)))
+    return t
+
+
+def layer_lines(doc: dict) -> list[str]:
+    """Under the table: peers that could not run (and why), then auto against transformers' fastest per T."""
+    tf = doc["transformers"]
+    lines = [f"transformers: {tf['unavailable']}"] if tf["unavailable"] else []
+    lines += [f"transformers[{impl}] ({tf['family']}): not timed, {why}"
+              for impl, why in tf["implementations"].items() if why]
+    for s in doc["summary"]:
+        lines += [f"T={s['tokens']}: {name} not timed, {why}" for name, why in s["transformers_not_timed"].items()]
+        if s["auto_speedup_vs_transformers"] is None:
+            lines.append(f"T={s['tokens']}: no transformers row to compare auto with")
+            continue
+        frac = s["auto_fraction_of_roofline"]
+        lines.append(f"T={s['tokens']}: moe[auto] {s['auto_ms']:.3f} ms vs {s['fastest_transformers']} "
+                     f"{s['fastest_transformers_ms']:.3f} ms: {s['auto_speedup_vs_transformers']:.2f}x; "
+                     + (f"{frac:.0%} of the roofline" if frac is not None else "roofline not calibrated"))
+    if doc["roofline_note"]:
+        lines.append(f"roofline: {doc['roofline_note']}")
+    return lines
+
+
+def show_layer(doc: dict) -> None:
+    console.print(layer_table(doc))
+    for line in layer_lines(doc):
+        console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def _calibrate_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,92 @@
+"""transformers' own MoE block as a peer: built for an arch, holding the layer's weights 1:1, it computes the
+same function as the MoELayer under every experts implementation this transformers offers."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from moe_energy.models.archs import Arch, RouterSpec, custom_arch, get_arch
+from moe_energy.models.llm import MoELayer
+from moe_energy.peers import GPU_ONLY, build_peers, family_for
+
+D, INTER, E, K = 64, 32, 8, 2
+SHAPES = {
+    "qwen3_moe": custom_arch(D, INTER, E, K),  # softmax top-k, no renormalisation
+    "mixtral": custom_arch(D, INTER, E, K, router=RouterSpec("softmax_topk", normalize=True)),
+    "qwen2_moe": Arch("q2", D, INTER, E, K, shared_experts=1, shared_width=48, shared_gate=True),
+    "deepseek_v2": custom_arch(D, INTER, E, K, shared_experts=2,
+                               router=RouterSpec("deepseek_v2", scaling=2.0, n_group=2, topk_group=1)),
+    "deepseek_v3": custom_arch(D, INTER, E, K, shared_experts=1,
+                               router=RouterSpec("sigmoid_group", normalize=True, scaling=2.5, n_group=2,
+                                                 topk_group=1)),
+}
+
+
+def layer_of(arch: Arch) -> MoELayer:
+    """The layer with weights past its init (larger values make a wrongly copied weight show)."""
+    m = MoELayer.from_arch(arch, strategy="grouped", seed=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.2)
+    return m.eval()
+
+
+@pytest.mark.parametrize("family", list(SHAPES))
+def test_every_offered_implementation_computes_the_layer(family):
+    pytest.importorskip("transformers", reason="transformers not installed: the peers need it")
+    m = layer_of(SHAPES[family])
+    peers = build_peers(m)
+    assert peers.reason is None and peers.family == family
+    offered = {p.implementation for p in peers.available}
+    assert {"eager", "batched_mm", "grouped_mm"} <= offered  # what transformers 5.24 runs on a CPU
+    for tokens in (1, 8):
+        x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(tokens))
+        with torch.inference_mode():
+            want = m(x)
+            for p in peers.available:
+                torch.testing.assert_close(p(x), want, atol=1e-4, rtol=1e-4, msg=lambda s, n=p.name: f"{n}: {s}")
+
+
+def test_peers_share_one_copy_of_the_layer_weights():
+    pytest.importorskip("transformers", reason="transformers not installed: the peers need it")
+    m = layer_of(SHAPES["qwen2_moe"])
+    peers = build_peers(m).available
+    ptrs = {p.block.experts.gate_up_proj.data_ptr() for p in peers}
+    assert len(ptrs) == 1 and m.experts.gate_up_proj.data_ptr() not in ptrs  # one copy, not the layer's own
+    assert all(p.block.shared_expert_gate.weight.data_ptr() == peers[0].block.shared_expert_gate.weight.data_ptr()
+               for p in peers)
+
+
+def test_gpu_kernels_are_a_reason_on_a_cpu_not_an_error():
+    pytest.importorskip("transformers", reason="transformers not installed: the peers need it")
+    peers = build_peers(layer_of(SHAPES["qwen3_moe"]))
+    reasons = {p.implementation: p.reason for p in peers.peers}
+    for impl, why in GPU_ONLY.items():
+        if impl in reasons:
+            assert reasons[impl] == why
+    assert peers.as_dict()["implementations"]["eager"] is None
+
+
+@pytest.mark.parametrize(("preset", "family"), [("qwen3-30b-a3b", "qwen3_moe"), ("olmoe-1b-7b", "olmoe"),
+                                                ("mixtral-8x7b", "mixtral"), ("qwen1.5-moe-a2.7b", "qwen2_moe"),
+                                                ("deepseek-v2-lite", "deepseek_v2"), ("deepseek-v3", "deepseek_v3")])
+def test_each_preset_gets_its_own_block(preset, family):
+    f, why = family_for(get_arch(preset))
+    assert f is not None and f.name == family and why == ""
+
+
+@pytest.mark.parametrize("preset", ["gpt-oss-20b", "dbrx"])
+def test_an_arch_without_a_mapped_block_is_a_one_line_reason(preset):
+    f, why = family_for(get_arch(preset))
+    assert f is None and preset in why and "\n" not in why
+
+
+def test_missing_transformers_is_a_reason_not_an_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    peers = build_peers(layer_of(SHAPES["qwen3_moe"]))
+    assert peers.peers == [] and peers.available == []
+    assert "transformers is not installed" in peers.reason and "\n" not in peers.reason
+    assert peers.as_dict()["unavailable"] == peers.reason
