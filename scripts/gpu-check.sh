@@ -12,6 +12,8 @@
 #   xl        bench-strategies --preset xl in bfloat16, batch 128
 #   llm       run --arch qwen3-30b-a3b (one LLM MoE layer, both dense SwiGLU FFNs) at 1, 64 and 4096 tokens in
 #             bfloat16: the GPU build of MoELayer, every strategy under auto, the on-device expert-load counter
+#   peers     bench-strategies --arch qwen3-30b-a3b at 1, 64 and 4096 tokens in bfloat16: every strategy vs both
+#             dense FFNs and transformers' own block (only if transformers is in .whl/: else its rows say why)
 # Results (JSON, and this script's log) go to $OUT, or ./gpu-check-out when $OUT is unset.
 # Exit code: 0 only if every step passed.
 set -u
@@ -20,7 +22,7 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
 : >"$LOG"
-BUDGET="${GPU_CHECK_BUDGET_S:-400}"
+BUDGET="${GPU_CHECK_BUDGET_S:-500}"
 START=$(date +%s)
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"  # cpu only to try this script itself on a host without a GPU
 export MOE_ENERGY_CACHE_DIR=/tmp/moe-energy-cache  # the roofline is calibrated once, reused by the 2nd bench
@@ -71,6 +73,8 @@ step xl 90 python3 -m moe_energy bench-strategies --preset xl --dtype bfloat16 -
   --out "$OUT"
 step llm 100 python3 -m moe_energy run --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 --device "$DEVICE" \
   --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --out "$OUT"
+step peers 100 python3 -m moe_energy bench-strategies --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 \
+  --device "$DEVICE" --seconds 1 --out "$OUT"
 
 echo
 echo "=== summary ($(($(date +%s) - START)) s of ${BUDGET}s)" | tee -a "$LOG"
