@@ -104,6 +104,13 @@ for f in sorted(out.glob("run-*.json")):
 for f in sorted(out.glob("strategies-*.json")):
     doc = json.loads(f.read_text())
     o = doc["options"]
+    if "ms_per_forward" in (doc["rows"][0] if doc.get("rows") else {}):  # an LLM layer vs transformers
+        print(f"  {f.name}: {doc['environment'].get('device_name')}, {o['dtype']}")
+        for r in doc["rows"]:
+            sp = r.get("speedup_vs_transformers")
+            print(f"    T={r['tokens']:<5} {r['name']:<28} {r['ms_per_forward']:9.3f} ms/forward"
+                  + (f"  {sp:6.2f}x vs transformers' fastest" if sp else ""))
+        continue
     print(f"  {f.name}: {doc['environment'].get('device_name')}, {o['dtype']}, batch {o['batch_size']}")
     for r in doc["rows"]:
         sp = r.get("speedup_vs_active_loop")
