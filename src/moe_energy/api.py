@@ -12,7 +12,6 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from numbers import Real
 from typing import Any, cast
 
@@ -24,6 +23,7 @@ from .device import device_sync
 from .energy import select
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
+from .fileio import now_utc
 from .measure.records import summarize
 from .measure.window import batch_tensors, caller, infer_batch_size, measure
 from .models.counting import dense_flops
@@ -309,7 +309,7 @@ def benchmark(
     for r in range(repeats):
         if r > 0 and cooldown > 0:
             time.sleep(cooldown)
-        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        started = now_utc()
         res = measure(model, example_batch, duration, meter, flops, warmup, idle=idle, sync=sync,
                       batch_size=batch_size)
         windows.append({"repeat": r, "order": r, "started_utc": started, **res.metrics()})

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, meter_info
 from .environment import describe
 from .errors import ConfigError, described, one_line
+from .fileio import now_utc
 from .measure.guard import GuardedMeter, MeterFailed
 from .measure.records import ModelRecord, WindowRecord, failed_window, measured_record, skipped_record
 from .measure.window import measure
@@ -397,7 +397,7 @@ class Slot:
 def one_window(r: Bench, slot: Slot, v: Variant, rep: int, order: int, idle: IdlePower | None,
                prepared: dict[str, dict]) -> WindowRecord:
     """One window of ``v``; a meter failure gives a failed window, an allocation failure propagates."""
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = now_utc()
     head: dict[str, Any] = {"repeat": rep, "order": order, "started_utc": started, **v.head}
     try:
         fn = slot.load(v, prepared)

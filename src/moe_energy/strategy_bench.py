@@ -13,7 +13,6 @@ import os
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from .config import ModelSpec
 from .device import device_sync, dtype_name, dtype_of
 from .environment import describe
 from .errors import described
+from .fileio import now_utc
 from .measure.timing import time_interleaved, time_one
 from .memory import BYTES, fit_problem
 from .models.archs import Arch, get_arch
@@ -259,7 +259,7 @@ def _document(spec: ModelSpec, device: torch.device, options: dict, touched: int
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": now_utc(),
         "spec": asdict(spec),
         "options": options,
         "environment": describe(device),
@@ -501,7 +501,7 @@ def _layer_document(b: _Layer, device: torch.device, options: dict, load_before:
     return {
         "schema": LAYER_SCHEMA,
         "schema_version": LAYER_SCHEMA_VERSION,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": now_utc(),
         "arch": asdict(b.arch),
         "options": options,
         "routing": {"mode": "random", "how": "each router's own top-k: random router weights, seeded normal "

@@ -19,7 +19,6 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from ..energy.idle import IdlePower
 from ..energy.meter import Measurement, Meter, NullMeter, meter_info, weakest
 from ..environment import describe
 from ..errors import ConfigError
+from ..fileio import now_utc
 from ..measure.guard import GuardedMeter, MeterFailed
 from ..measure.records import ModelRecord, measured_record, skipped_record, window_record
 from ..measure.window import (
@@ -437,7 +437,7 @@ def job_window(r: Run, g: Group, v: Placed, rep: int, order: int, counts: dict[s
     """One window of ``v`` on every rank; rank 0 gets the job's record of it (None elsewhere)."""
     set_stage(f"measuring {v.label}")
     log(f"{g.where()}: measuring {v.label} (window {rep + 1} of {r.opts.repeats})")
-    head = {"repeat": rep, "order": order, "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    head = {"repeat": rep, "order": order, "started_utc": now_utc()}
     with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
         res, counts[v.label] = measure_ranks(v.trained.model, r.batch, r.opts.duration, r.opts.warmup, r.meter, g,
                                              counts.get(v.label), tick)
