@@ -167,3 +167,35 @@ def save_then_show(doc: dict, out_dir: str | Path, stem: str, show: Callable[[],
     show()
     console.print(f"{what} written to {escape(str(path))}", highlight=False, soft_wrap=True)
     return 0
+
+
+def measured(job: Callable[[], tuple[dict, Path | None]], show: Callable[[dict], None]) -> tuple[dict, Path] | int:
+    """Run a measuring job (``run``, ``run --arch``) under the signal guard; (doc, path) once saved.
+
+    A final write that failed still shows what was measured and where it was rescued (exit 1); an interrupted
+    job wrote nothing, by design, and says so (128 + N). Saved before anything is printed: a standard output
+    that fails afterwards loses nothing.
+    """
+    from ..interrupts import exit_code, signal_name, signals_raise
+    from ..results import NotSaved
+
+    try:
+        with signals_raise():
+            doc, path = job()
+    except NotSaved as e:
+        if e.rescue is not None:
+            record_saved(e.rescue)
+        try:
+            show(e.doc)
+        finally:  # the table's stdout may be gone: where the results went is said all the same
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({signal_name(e)}): nothing was saved, a run is written only once complete; "
+              "run the same command again to start over", file=sys.stderr)
+        return exit_code(e)
+    assert path is not None
+    record_saved(path)
+    show(doc)
+    console.print(f"results written to {escape(str(path))}", highlight=False, soft_wrap=True)
+    return doc, path

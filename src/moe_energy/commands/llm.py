@@ -20,7 +20,6 @@ from rich.table import Table
 from ..config import RunOptions, load_toml, split_list
 from ..device import resolve_device
 from ..errors import ConfigError
-from ..interrupts import exit_code, signal_name, signals_raise
 from ..llm_pipeline import (
     DEFAULT_TOKENS,
     LayerPlan,
@@ -40,8 +39,8 @@ from ..models.archs import PRESETS, ROUTER_KINDS, Arch, RouterSpec, custom_arch,
 from ..models.counting import expected_experts_touched
 from ..models.routing import ROUTING_HELP, RoutingMode, parse_routing, zipf_assignment
 from ..pipeline import check_dtype
-from ..results import NotSaved, check_writable
-from . import console, err_console, fmt, record_saved
+from ..results import check_writable
+from . import console, err_console, fmt, measured
 from .options import meter_from_args, resolve
 from .ui import RichUI
 
@@ -222,25 +221,10 @@ def run_llm_command(args: argparse.Namespace) -> int:
     check_dtype(device, opts.dtype)
     meter = meter_from_args(args, device, notice=lambda msg: err_console.print(f"notice: {escape(msg)}",
                                                                                highlight=False, soft_wrap=True))
-    try:
-        with signals_raise():
-            doc, path = run_llm(arch, opts, tokens, routing, meter, RichUI(console))
-    except NotSaved as e:
-        if e.rescue is not None:
-            record_saved(e.rescue)
-        try:
-            print_layer_results(e.doc)
-        finally:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print(f"interrupted ({signal_name(e)}): nothing was saved, a run is written only once complete; "
-              "run the same command again to start over", file=sys.stderr)
-        return exit_code(e)
-    assert path is not None
-    record_saved(path)  # before anything is printed: a stdout that fails now loses nothing
-    print_layer_results(doc)
-    console.print(f"results written to {escape(str(path))}", highlight=False, soft_wrap=True)
+    done = measured(lambda: run_llm(arch, opts, tokens, routing, meter, RichUI(console)), print_layer_results)
+    if isinstance(done, int):
+        return done
+    doc, _path = done
     return _exit_status(doc)
 
 

@@ -12,13 +12,12 @@ from rich.table import Table
 from ..config import PRESETS
 from ..device import resolve_device
 from ..errors import ConfigError
-from ..interrupts import exit_code, signal_name, signals_raise
 from ..models.counting import moe_active_params, moe_params
 from ..models.dense import dense_width
 from ..pipeline import check_dtype
 from ..pipeline import run as run_models
-from ..results import NotSaved, check_writable
-from . import command, console, err_console, fmt, record_saved
+from ..results import check_writable
+from . import command, console, err_console, fmt, measured
 from .llm import add_llm_arguments, run_llm_command
 from .options import (
     add_energy_arguments,
@@ -147,24 +146,10 @@ def run(args: argparse.Namespace) -> int:
     meter = meter_from_args(args, resolve_device(opts.device),
                             notice=lambda msg: err_console.print(f"notice: {escape(msg)}", highlight=False,
                                                                  soft_wrap=True))
-    try:
-        with signals_raise():
-            doc, path = run_models(spec, opts, meter, RichUI(console))
-    except NotSaved as e:
-        if e.rescue is not None:
-            record_saved(e.rescue)
-        try:
-            _print_results(e.doc)
-        finally:  # the table's stdout may be gone: where the results went is said all the same
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print(f"interrupted ({signal_name(e)}): nothing was saved, a run is written only once complete; "
-              "run the same command again to start over", file=sys.stderr)
-        return exit_code(e)
-    record_saved(path)  # written before anything is printed: a stdout that fails now loses nothing
-    _print_results(doc)
-    console.print(f"results written to {escape(str(path))}", highlight=False, soft_wrap=True)
+    done = measured(lambda: run_models(spec, opts, meter, RichUI(console)), _print_results)
+    if isinstance(done, int):
+        return done
+    doc, _path = done
     if not any(m.get("status") == "measured" for m in doc["models"]):
         print("error: no model was measured (see the skip reasons above); choose a smaller shape or batch size",
               file=sys.stderr)
