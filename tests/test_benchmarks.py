@@ -25,4 +25,5 @@ def test_gemm_orientation_prints_one_row_per_row_count():
         tm, fm, speedup, per_row = float(r[1]), float(r[2]), float(r[3][:-1]), float(r[4])
         assert tm > 0 and fm > 0
         assert abs(speedup - tm / fm) <= 0.01 + 0.01 * speedup  # printed to 2 decimals
-        assert abs(per_row - fm * 1e3 / (int(r[0]) * 8)) <= 0.1 + 0.001 * per_row
+        # fm is printed to 0.01 ms, so fm / pairs carries up to 0.005 ms of rounding per pair count
+        assert abs(per_row - fm * 1e3 / (int(r[0]) * 8)) <= 0.1 + 5.0 / (int(r[0]) * 8) + 0.001 * per_row
