@@ -19,16 +19,17 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .device import device_sync
+from .device import device_arg, device_sync
 from .energy import select
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
+from .errors import kind_of
 from .fileio import now_utc
 from .measure.records import summarize
 from .measure.window import batch_tensors, caller, infer_batch_size, measure
 from .models.counting import dense_flops
 from .models.dense import DenseMLP
-from .models.moe import MoE, kind_of
+from .models.moe import MoE
 from .models.plan import ModelPlan
 
 SCHEMA = "moe-energy/benchmark"
@@ -53,16 +54,7 @@ def _check_meter_args(where: str, device: Any, cpu_tdp_watts: Any) -> torch.devi
                             "give a number of watts > 0 (or None for 5 W per logical CPU)")
         if not math.isfinite(cpu_tdp_watts) or cpu_tdp_watts <= 0:
             raise ConfigError(f"{where}: cpu_tdp_watts={cpu_tdp_watts!r} must be a finite number of watts > 0")
-    if device is None or isinstance(device, torch.device):
-        return device
-    if isinstance(device, bool) or not isinstance(device, (str, int)):
-        raise TypeError(f"{where}: device={device!r} is {kind_of(device)}; give a torch.device or a "
-                        "name such as 'cpu' or 'cuda:0'")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{where}: device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") \
-            from None
+    return device_arg(where, device)
 
 
 def auto_meter(device: Any = None, cpu_tdp_watts: float | None = None,

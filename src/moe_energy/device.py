@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .config import check_device_name
-from .errors import ConfigError
+from .errors import ConfigError, kind_of
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -64,3 +65,18 @@ def free(device: torch.device | None = None) -> None:
     gc.collect()
     if (device is None or device.type == "cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def device_arg(where: str, device: Any) -> torch.device | None:
+    """A Python API's ``device=`` argument as a torch.device (None stays None): a wrong kind is a TypeError, a
+    name torch cannot parse a one-line ConfigError naming the function."""
+    if device is None or isinstance(device, torch.device):
+        return device
+    if isinstance(device, bool) or not isinstance(device, (str, int)):
+        raise TypeError(f"{where}: device={device!r} is {kind_of(device)}; give a torch.device or a "
+                        "name such as 'cpu' or 'cuda:0'")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{where}: device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") \
+            from None

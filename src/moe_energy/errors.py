@@ -8,6 +8,7 @@ distributed job gone (not the user's mistake: its own exit code).
 from __future__ import annotations
 
 import re
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -43,3 +44,11 @@ def one_line(e: BaseException, limit: int | None = None) -> str:
 def described(e: BaseException, limit: int | None = None) -> str:
     """``Type: first line``: an unexpected failure told with its kind, where the kind is the news."""
     return f"{type(e).__name__}: {one_line(e, limit)}"
+
+
+def kind_of(v: Any) -> str:
+    """'an int', 'a str', 'None': what a wrong argument was, for a message."""
+    if v is None:
+        return "None"
+    name = type(v).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"

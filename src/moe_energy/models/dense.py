@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, kind_of
 from .counting import (
     LayerShape,
     Shape,
@@ -19,7 +19,7 @@ from .counting import (
     moe_params,
     swiglu_params,
 )
-from .moe import SHAPE_FIELDS, check_shape, kind_of
+from .moe import SHAPE_FIELDS, check_shape
 
 if TYPE_CHECKING:
     from .llm import MoELayer

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..device import device_arg
+from ..errors import ConfigError, kind_of
 from .archs import PRESETS, Arch, get_arch
 from .counting import LayerShape
 from .experts import ACTIVATIONS, SwiGLUExperts
-from .moe import StrategyHost, check_shape, kind_of, whole_number
+from .moe import StrategyHost, check_shape, whole_number
 from .routers import build_router
 from .strategies import AUTO_CANDIDATES, AutoChoice
 
@@ -63,21 +64,6 @@ def building(device: torch.device, dtype: torch.dtype, seed: int) -> Iterator[No
             yield
         finally:
             torch.set_default_dtype(old)
-
-
-def _device_of(where: str, device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str):
-        raise TypeError(f"{where}: device={device!r} is {kind_of(device)}; give a torch.device or a name such as "
-                        "'cpu' or 'cuda:0'")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{where}: device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") \
-            from None
 
 
 def _arch_of(where: str, arch: Any) -> Arch:
@@ -174,7 +160,7 @@ class MoELayer(StrategyHost, nn.Module):
 
         a = _arch_of("MoELayer.from_arch", arch)
         dt = torch.float32 if dtype is None else dtype_of(dtype)
-        dev = _device_of("MoELayer.from_arch", device)
+        dev = device_arg("MoELayer.from_arch", device) or torch.device("cpu")
         whole_number("MoELayer.from_arch", "seed", seed, least=0)
         with building(dev, dt, seed):
             layer = cls(a.d_model, a.ffn_dim, a.experts, build_router(a),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, kind_of
 from .counting import moe_active_params, moe_params
 from .experts import ExpertFamily, ReluMLPExperts
 from .strategies import AUTO_CANDIDATES, STRATEGIES, AutoChoice, choose
@@ -24,14 +24,6 @@ from .strategies import AUTO_CANDIDATES, STRATEGIES, AutoChoice, choose
 # measures it).
 LAYOUTS = ("out_in", "in_out")
 SHAPE_FIELDS = ("experts", "hidden", "layers", "top_k", "input_dim", "classes")
-
-
-def kind_of(v: Any) -> str:
-    """'an int', 'a str', 'None': what a wrong argument was, for a message."""
-    if v is None:
-        return "None"
-    name = type(v).__name__
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def whole_number(where: str, name: str, v: Any, least: int = 1) -> int:
