@@ -48,7 +48,6 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return deco
 
 
-from ..config import split_list  # noqa: E402,F401 - the commands' comma-list parser lives with the options
 
 
 def fmt(v: float | int | None, spec: str = ",.0f", unit: str = "") -> str:

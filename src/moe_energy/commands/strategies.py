@@ -10,11 +10,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import roofline
+from ..config import split_list
 from ..device import DTYPES, resolve_device
 from ..errors import ConfigError
 from ..models.strategies import STRATEGIES
 from ..results import check_writable, stamp
-from . import command, console, err_console, fmt, save_then_show, split_list
+from . import command, console, err_console, fmt, save_then_show
 from .llm import add_llm_arguments, resolve_llm
 from .options import add_shape_arguments, device_of, resolve
 
