@@ -71,6 +71,7 @@ class WindowRecord(TypedDict, total=False):
     trace_period_s: float | None
     state_begin: dict[str, dict[str, Any]]  # device -> {temperature_c, sm_clock_mhz, power_limit_w}
     state_end: dict[str, dict[str, Any]]
+    power_limit_w: float | None  # the cap in force, read back from the device after the window (None: not capped)
     flags: list[str]
 
 
@@ -136,6 +137,14 @@ class ModelRecord(TypedDict, total=False):
     fraction_of_roofline: float | None
     optimize: dict[str, Any] | None
     parallel: dict[str, Any]
+    # power caps and carbon/cost (issue 15): the cap read back, and figures built on the user's assumptions
+    power_limit_w: float | None
+    cpu_power_limit_w: float | None
+    carbon_intensity_g_per_kwh: float | None
+    price_per_kwh: float | None
+    co2e_g_per_million: float | None  # per million inferences (tokens for LLM layers)
+    cost_per_million: float | None
+    carbon_basis: str | None  # "estimate from measured energy" | "estimate of an estimate"
     flags: list[str]
     windows: list[WindowRecord]
 
@@ -166,8 +175,15 @@ def window_record(res: BenchResult) -> WindowRecord:
         energy_devices=list(e.devices_covered),
         energy_is_estimate=e.is_estimate or "estimate" in e.method_by_device.values(),
         trace=e.trace, trace_energy_j=e.trace_energy_j(), trace_period_s=e.trace_period_s,
-        state_begin=e.state_begin, state_end=e.state_end, flags=flags,
+        state_begin=e.state_begin, state_end=e.state_end, power_limit_w=power_limit_read_back(e.state_end),
+        flags=flags,
     )
+
+
+def power_limit_read_back(state: dict[str, dict[str, Any]] | None) -> float | None:
+    """The power cap the meter read from the devices at the window's end (the lowest, when devices differ)."""
+    caps = [float(s["power_limit_w"]) for s in (state or {}).values() if s.get("power_limit_w") is not None]
+    return min(caps) if caps else None
 
 
 def failed_window(reason: str, batch_size: int, flops: int | None, meter_name: str) -> WindowRecord:
