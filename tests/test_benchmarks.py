@@ -27,3 +27,20 @@ def test_gemm_orientation_prints_one_row_per_row_count():
         assert abs(speedup - tm / fm) <= 0.01 + 0.01 * speedup  # printed to 2 decimals
         # fm is printed to 0.01 ms, so fm / pairs carries up to 0.005 ms of rounding per pair count
         assert abs(per_row - fm * 1e3 / (int(r[0]) * 8)) <= 0.1 + 5.0 / (int(r[0]) * 8) + 0.001 * per_row
+
+
+def test_cpu_gemm_prints_both_libraries_rate_per_row_count():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_gemm.py"), "--arch", "olmoe-1b-7b", "--experts", "2",
+         "--rows", "1,4", "--seconds", "0"],
+        capture_output=True, text=True, env=env, timeout=120, check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith("olmoe-1b-7b: 2 experts, d=2048, I=1024, fp32")
+    rows = [line.split() for line in out[2:]]
+    assert [r[0] for r in rows] == ["1", "4"]
+    for r in rows:  # rows, MKL GB/s, oneDNN GB/s, speed-up (with its x)
+        mkl, dnn, speedup = float(r[1]), float(r[2]), float(r[3][:-1])
+        assert mkl > 0 and dnn > 0 and r[3].endswith("x")
+        # rates printed to 0.01 GB/s: their ratio carries up to 0.005/mkl + 0.005/dnn of relative rounding
+        assert abs(speedup - dnn / mkl) <= 0.006 + speedup * (0.005 / mkl + 0.005 / dnn)

@@ -19,6 +19,7 @@ from .counting import (
     moe_params,
     swiglu_params,
 )
+from .kernels import FastLinear
 from .moe import SHAPE_FIELDS, check_shape
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ MATCHES = ("total", "active")
 
 
 class DenseMLP(nn.Sequential):
-    """Linear(in,W)+ReLU, (L-1) x [Linear(W,W)+ReLU], Linear(W,out): x [T, in] -> logits [T, out]."""
+    """Linear(in,W)+ReLU, (L-1) x [Linear(W,W)+ReLU], Linear(W,out): x [T, in] -> logits [T, out]. The Linears are
+    ``kernels.FastLinear``: the same GEMM library as the MoE's experts."""
 
     def __init__(self, input_dim: int, width: int, layers: int, classes: int) -> None:
         dims = check_shape("DenseMLP", input_dim=input_dim, width=width, layers=layers, classes=classes)
@@ -37,8 +39,8 @@ class DenseMLP(nn.Sequential):
         sizes = [input_dim] + [width] * layers
         mods: list[nn.Module] = []
         for d_in, d_out in zip(sizes[:-1], sizes[1:]):
-            mods += [nn.Linear(d_in, d_out), nn.ReLU()]
-        mods.append(nn.Linear(width, classes))
+            mods += [FastLinear(d_in, d_out), nn.ReLU()]
+        mods.append(FastLinear(width, classes))
         super().__init__(*mods)
         self.input_dim, self.width, self.layers, self.classes = input_dim, width, layers, classes
 
@@ -119,9 +121,9 @@ class DenseSwiGLU(nn.Module):
         super().__init__()
         dims = check_shape("DenseSwiGLU", d_model=d_model, width=width)
         self.d_model, self.width = dims["d_model"], dims["width"]
-        self.gate_proj = nn.Linear(self.d_model, self.width, bias=False)
-        self.up_proj = nn.Linear(self.d_model, self.width, bias=False)
-        self.down_proj = nn.Linear(self.width, self.d_model, bias=False)
+        self.gate_proj = FastLinear(self.d_model, self.width, bias=False)  # [W, d]
+        self.up_proj = FastLinear(self.d_model, self.width, bias=False)  # [W, d]
+        self.down_proj = FastLinear(self.width, self.d_model, bias=False)  # [d, W]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -28,8 +28,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # strategies.py imports this module: the routing types are only annotations here
     from .strategies import AlignedRouting, Routing
 
-# public as F.grouped_mm in recent torch; torch._grouped_mm (same arguments) before that
-grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+from .kernels import grouped_linear, grouped_mm
 
 ACTIVATIONS = ("silu", "gpt_oss")
 
@@ -94,9 +93,8 @@ class ReluMLPExperts(NamedTuple):
         ``r.expert`` each row's expert)."""
         last = len(self.weights) - 1
         for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-            # w [E, out, in] -> view [E, in, out]; grouped_mm needs its strides 16-byte aligned (moe.py keeps them so)
-            h = grouped_mm(h, w.transpose(-2, -1), offs=r.ends)  # [R, out]
-            h = h.add_(b.index_select(0, r.expert))  # gathered bias; in place: grouped_mm keeps no output
+            # grouped_mm reads w [E, out, in] as [E, in, out], strides 16-byte aligned (moe.py keeps them so)
+            h = grouped_linear(h, w, r.ends, b, r.expert)  # [R, out]
             if layer < last:
                 h = h.relu_()
         return h
@@ -182,14 +180,9 @@ class SwiGLUExperts(NamedTuple):
         return bmm_bias(self.glu(h), self.down.transpose(-2, -1), self.down_bias)  # [E, C, d]
 
     def run_grouped(self, h: Tensor, r: Routing) -> Tensor:
-        """Rows sorted by expert: h [R, d] -> [R, d], two grouped GEMMs (weights read as [E, in, out] views)."""
-        h = grouped_mm(h, self.gate_up.transpose(-2, -1), offs=r.ends)  # [R, 2I]
-        if self.gate_up_bias is not None:
-            h = h.add_(self.gate_up_bias.index_select(0, r.expert))  # in place: grouped_mm keeps no output
-        h = grouped_mm(self.glu(h), self.down.transpose(-2, -1), offs=r.ends)  # [R, I] -> [R, d]
-        if self.down_bias is not None:
-            h = h.add_(self.down_bias.index_select(0, r.expert))
-        return h
+        """Rows sorted by expert: h [R, d] -> [R, d], two grouped GEMMs (``kernels.grouped_linear``)."""
+        h = grouped_linear(h, self.gate_up, r.ends, self.gate_up_bias, r.expert)  # [R, 2I]
+        return grouped_linear(self.glu(h), self.down, r.ends, self.down_bias, r.expert)  # [R, I] -> [R, d]
 
     def run_grouped_fm(self, h: Tensor, a: AlignedRouting, onehot: Tensor) -> Tensor:
         """Feature-major: h [d, P] -> [d, P]; ``onehot`` [E, P] is each column's expert, for the biases."""

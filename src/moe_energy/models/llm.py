@@ -26,6 +26,7 @@ from ..errors import ConfigError, kind_of
 from .archs import PRESETS, Arch, get_arch
 from .counting import LayerShape
 from .experts import ACTIVATIONS, SwiGLUExperts
+from .kernels import FastLinear
 from .moe import StrategyHost, check_shape, whole_number
 from .routers import build_router
 from .strategies import AUTO_CANDIDATES, AutoChoice
@@ -111,9 +112,9 @@ class SharedExperts(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, gated: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)  # [I_s, d]
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)  # [I_s, d]
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)  # [d, I_s]
+        self.gate_proj = FastLinear(hidden, intermediate, bias=False)  # [I_s, d]
+        self.up_proj = FastLinear(hidden, intermediate, bias=False)  # [I_s, d]
+        self.down_proj = FastLinear(intermediate, hidden, bias=False)  # [d, I_s]
         self.gate = nn.Linear(hidden, 1, bias=False) if gated else None  # [1, d]
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,63 @@
+"""The GEMMs every model here runs, kept in one file (as torchtitan keeps its kernels apart from its modules).
+
+On a GPU these are plain ``F.linear`` and ``grouped_mm``. On a CPU, for inference, they are oneDNN's linear
+(``mkldnn._linear_pointwise``, the kernel torch.compile's CPU backend calls for frozen Linear layers), because
+the BLAS behind torch's own CPU matmul is slow at the GEMMs an MoE does: few rows against a large weight.
+On this project's 2-core AMD EPYC (torch's MKL build, fp32), one expert's gate_up [1536, 2048] against 1, 2, 8
+and 32 rows reads its weights at 18, 10, 8 and 5 GB/s through MKL and at 24, 21, 15 and 9 GB/s through oneDNN
+(benchmarks/cpu_gemm.py). torch's grouped_mm on a CPU is itself a loop of MKL mm over the groups, so the loop
+here over the same groups is no less grouped; on a CPU a tensor's values are read without any device sync.
+
+The dense baselines run through the same ``linear`` (``FastLinear``), so a comparison never credits the MoE
+with a faster library. Training (autograd), torch.compile tracing and other devices take the plain ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# public as F.grouped_mm in recent torch; torch._grouped_mm (same arguments) before that
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def use_onednn(x: Tensor, w: Tensor) -> bool:
+    """Whether oneDNN's linear takes this GEMM: a CPU inference GEMM in fp32/bf16, outside a compiled graph."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and w.dtype == x.dtype
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """x [n, in] @ w [out, in]^T (+ b [out]) -> [n, out], any strides of w."""
+    if use_onednn(x, w):
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+def grouped_linear(h: Tensor, w: Tensor, ends: Tensor, b: Tensor | None = None,
+                   expert: Tensor | None = None) -> Tensor:
+    """Rows sorted by group, each group through its own weight: h [R, in], w [E, out, in] (any strides),
+    ``ends`` [E] int32 one past each group's last row, b [E, out] with ``expert`` [R] each row's group -> [R, out].
+    """
+    if not use_onednn(h, w):
+        y = grouped_mm(h, w.transpose(-2, -1), offs=ends)  # [R, out]
+        return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
+    out = h.new_empty(h.shape[0], w.shape[1])  # [R, out]
+    start = 0
+    for e, end in enumerate(ends.tolist()):  # a CPU tensor: reading it waits for nothing
+        if end > start:
+            out[start:end] = linear(h[start:end], w[e], None if b is None else b[e])
+        start = end
+    return out
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose inference forward takes ``linear``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,81 @@
+"""models/kernels.py: oneDNN's linear on a CPU gives what F.linear and grouped_mm give, and steps aside for
+autograd, torch.compile and other dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_energy.models import kernels
+from moe_energy.models.kernels import FastLinear, grouped_linear, linear, use_onednn
+
+pytestmark = pytest.mark.skipif(not kernels.ONEDNN, reason="this torch build has no oneDNN")
+
+
+def _reference(h: torch.Tensor, w: torch.Tensor, ends: list[int], b: torch.Tensor | None) -> torch.Tensor:
+    """Each group through its own weight, in float64 with F.linear."""
+    out, start = [], 0
+    for e, end in enumerate(ends):
+        out.append(F.linear(h[start:end].double(), w[e].double(), None if b is None else b[e].double()))
+        start = end
+    return torch.cat(out)
+
+
+@settings(max_examples=25, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=6), bias=st.booleans(), in_out=st.booleans())
+def test_grouped_linear_matches_each_group_through_its_own_weight(counts: list[int], bias: bool, in_out: bool):
+    g = torch.Generator().manual_seed(sum(counts))
+    E, d_in, d_out = len(counts), 8, 12
+    w = torch.randn(E, d_out, d_in, generator=g)
+    if in_out:  # stored [E, in, out], read as an [E, out, in] view
+        w = w.transpose(1, 2).contiguous().transpose(1, 2)
+    b = torch.randn(E, d_out, generator=g) if bias else None
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    h = torch.randn(int(ends[-1]), d_in, generator=g)
+    expert = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    with torch.no_grad():
+        assert use_onednn(h, w)
+        got = grouped_linear(h, w, ends, b, expert)
+    assert got.shape == (h.shape[0], d_out)
+    torch.testing.assert_close(got.double(), _reference(h, w, ends.tolist(), b), atol=1e-5, rtol=1e-5)
+
+
+def test_the_plain_ops_take_over_where_onednn_must_not_run():
+    w = torch.randn(6, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+    assert not use_onednn(x, w)  # autograd needs F.linear's backward
+    with torch.no_grad():
+        assert use_onednn(x, w)
+        assert not use_onednn(x.double(), w.double())  # fp64: not a oneDNN dtype
+        assert not use_onednn(x.half(), w.half())
+    y = linear(x, w)
+    y.sum().backward()  # the training path keeps its gradient
+    torch.testing.assert_close(w.grad, x.sum(0).expand(6, 4))
+
+
+def test_fast_linear_is_an_nn_linear_with_the_same_state_dict_and_outputs():
+    torch.manual_seed(0)
+    fast, plain = FastLinear(16, 24), torch.nn.Linear(16, 24)
+    plain.load_state_dict(fast.state_dict())
+    assert isinstance(fast, torch.nn.Linear) and set(fast.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 5, 16)  # any leading dims, as nn.Linear takes
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), atol=1e-5, rtol=1e-5)
+    for dt in (torch.float32, torch.bfloat16):
+        with torch.no_grad():
+            assert fast.to(dt)(x.to(dt)).dtype == dt
+
+
+def test_grouped_linear_without_onednn_is_grouped_mm_plus_the_gathered_bias():
+    counts = [2, 0, 3]
+    w, b = torch.randn(3, 8, 4), torch.randn(3, 8)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    h = torch.randn(5, 4, requires_grad=True)  # grad on: the plain path
+    expert = torch.tensor([0, 0, 2, 2, 2])
+    got = grouped_linear(h, w, ends, b, expert)
+    torch.testing.assert_close(got.detach().double(), _reference(h.detach(), w, ends.tolist(), b), atol=1e-5, rtol=1e-5)
+    (got * torch.randn_like(got)).sum().backward()  # not .sum(): grouped_mm's backward refuses a stride-0 grad
+    assert h.grad is not None and h.grad.shape == (5, 4) and bool(h.grad.abs().sum() > 0)
