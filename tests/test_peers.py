@@ -3,6 +3,7 @@ same function as the MoELayer under every experts implementation this transforme
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -22,7 +23,13 @@ SHAPES = {
     "deepseek_v3": custom_arch(D, INTER, E, K, shared_experts=1,
                                router=RouterSpec("sigmoid_group", normalize=True, scaling=2.5, n_group=2,
                                                  topk_group=1)),
+    # the presets scaled down: gpt-oss (biased router and experts, clamped SwiGLU), DBRX (L1-renormalised)
+    "gpt_oss": dataclasses.replace(get_arch("gpt-oss-20b"), d_model=D, ffn_dim=INTER, experts=E, top_k=K),
+    "dbrx": dataclasses.replace(get_arch("dbrx"), d_model=D, ffn_dim=INTER, experts=E, top_k=K),
+    "dbrx_no_renorm": custom_arch(D, INTER, E, K, router=RouterSpec("dbrx", normalize=False)),
 }
+# transformers 5.24 wraps every experts class here in its implementation dispatch but DBRX's
+EAGER_ONLY = {"dbrx", "dbrx_no_renorm"}
 
 
 def layer_of(arch: Arch) -> MoELayer:
@@ -39,11 +46,13 @@ def test_every_offered_implementation_computes_the_layer(family):
     pytest.importorskip("transformers", reason="transformers not installed: the peers need it")
     m = layer_of(SHAPES[family])
     peers = build_peers(m)
-    assert peers.reason is None and peers.family == family
+    assert peers.reason is None and peers.family == family.removesuffix("_no_renorm")
     offered = {p.implementation for p in peers.available}
-    assert {"eager", "batched_mm", "grouped_mm"} <= offered  # what transformers 5.24 runs on a CPU
+    # what transformers 5.24 runs on a CPU
+    assert (offered == {"eager"}) if family in EAGER_ONLY else ({"eager", "batched_mm", "grouped_mm"} <= offered)
     for tokens in (1, 8):
-        x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(tokens))
+        # 4x: gate_up values past gpt-oss's clamp at 7, so a wrong limit or alpha shows
+        x = 4 * torch.randn(tokens, D, generator=torch.Generator().manual_seed(tokens))
         with torch.inference_mode():
             want = m(x)
             for p in peers.available:
@@ -70,18 +79,43 @@ def test_gpu_kernels_are_a_reason_on_a_cpu_not_an_error():
     assert peers.as_dict()["implementations"]["eager"] is None
 
 
+def test_gpt_oss_peer_holds_transformers_storage_and_the_layer_clamp():
+    """gpt-oss's experts are stored transposed in transformers: the peer gets contiguous [E, d, 2I] / [E, I, d]
+    copies (what a checkpoint loads), and the config's SwiGLU limit and alpha are the layer's."""
+    pytest.importorskip("transformers", reason="transformers not installed: the peers need it")
+    m = layer_of(SHAPES["gpt_oss"])
+    ex = build_peers(m, only=["eager"]).available[0].block.experts
+    assert ex.gate_up_proj.shape == (E, D, 2 * INTER) and ex.down_proj.shape == (E, INTER, D)
+    assert ex.gate_up_proj.is_contiguous() and ex.down_proj.is_contiguous()
+    assert torch.equal(ex.gate_up_proj, m.experts.gate_up_proj.transpose(1, 2))
+    assert (ex.limit, ex.alpha) == (m.experts.limit, m.experts.alpha)
+
+
+def test_dbrx_offers_eager_only_and_says_why_not_the_others():
+    pytest.importorskip("transformers", reason="transformers not installed: the peers need it")
+    peers = build_peers(layer_of(SHAPES["dbrx"]))
+    reasons = {p.implementation: p.reason for p in peers.peers}
+    assert reasons.pop("eager") is None and {"batched_mm", "grouped_mm"} <= set(reasons)
+    assert all("DbrxExperts has only its eager forward" in why for why in reasons.values())
+
+
 @pytest.mark.parametrize(("preset", "family"), [("qwen3-30b-a3b", "qwen3_moe"), ("olmoe-1b-7b", "olmoe"),
                                                 ("mixtral-8x7b", "mixtral"), ("qwen1.5-moe-a2.7b", "qwen2_moe"),
-                                                ("deepseek-v2-lite", "deepseek_v2"), ("deepseek-v3", "deepseek_v3")])
+                                                ("deepseek-v2-lite", "deepseek_v2"), ("deepseek-v3", "deepseek_v3"),
+                                                ("gpt-oss-20b", "gpt_oss"), ("gpt-oss-120b", "gpt_oss"),
+                                                ("dbrx", "dbrx")])
 def test_each_preset_gets_its_own_block(preset, family):
     f, why = family_for(get_arch(preset))
     assert f is not None and f.name == family and why == ""
 
 
-@pytest.mark.parametrize("preset", ["gpt-oss-20b", "dbrx"])
-def test_an_arch_without_a_mapped_block_is_a_one_line_reason(preset):
-    f, why = family_for(get_arch(preset))
-    assert f is None and preset in why and "\n" not in why
+@pytest.mark.parametrize("arch", [Arch("silu-biased", D, INTER, E, K, expert_bias=True),
+                                  Arch("oss-unbiased", D, INTER, E, K, act="gpt_oss",
+                                       router=RouterSpec("topk_softmax")),
+                                  custom_arch(D, INTER, E, K, router=RouterSpec("sigmoid_group"))])
+def test_an_arch_without_a_mapped_block_is_a_one_line_reason(arch):
+    f, why = family_for(arch)
+    assert f is None and arch.name in why and "\n" not in why
 
 
 def test_missing_transformers_is_a_reason_not_an_import_error(monkeypatch):

@@ -1,11 +1,12 @@
 """transformers' own MoE block for an arch, holding moe-energy's layer weights 1:1: the peer to beat.
 
 ``bench-strategies --arch`` times it beside moe-energy's strategies. The block is built from a config of the
-arch's shape and the ``MoELayer``'s router, experts and shared experts are copied into it under the same
-names (no transpose, no split: transformers 5 stores experts as ``MoELayer`` does), so both compute the same
-function on the same weights. transformers dispatches the routed experts on ``config._experts_implementation``
-(``eager`` plus every entry of ``integrations.moe.ALL_EXPERTS_FUNCTIONS``: ``batched_mm``, ``grouped_mm``,
-and GPU kernels); one peer per implementation, all sharing one copy of the weights.
+arch's shape and the ``MoELayer``'s router, experts and shared experts are copied into it under the block's
+names, in the block's own storage (most transformers 5 experts store weights as ``MoELayer`` does; gpt-oss's
+are transposed, DBRX's split into w1/v1/w2), so both compute the same function on the same weights.
+transformers dispatches the routed experts on ``config._experts_implementation`` (``eager`` plus every entry
+of ``integrations.moe.ALL_EXPERTS_FUNCTIONS``: ``batched_mm``, ``grouped_mm``, and GPU kernels); one peer
+per implementation, all sharing one copy of the weights. Experts without that dispatch (DBRX) have eager only.
 
 transformers is an optional dependency (the ``test`` extra): it is imported here, lazily, and its absence is
 a one-line reason, never an ImportError.
@@ -23,16 +24,43 @@ from torch import Tensor, nn
 
 from .errors import described
 from .models.archs import Arch
-from .models.llm import MoELayer
+from .models.llm import MoELayer, StackedSwiGLU
 
 # Implementations that load a hub kernel for a CUDA GPU: never tried elsewhere (no download on a CPU host).
 GPU_ONLY = {"deepgemm": "needs a CUDA GPU and bfloat16 (DeepGEMM hub kernel)",
             "sonicmoe": "needs a CUDA GPU (sonic-moe hub kernel)"}
 
 
+def _copy(t: Tensor) -> Tensor:
+    """A contiguous copy in one allocation: a transposed view lands in the block's own storage order, so the
+    block runs on the memory layout its users load, not on a strided view of the layer's."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
+def _experts_as_is(ex: StackedSwiGLU) -> dict[str, Tensor]:
+    """transformers 5's usual ``*Experts``: ``MoELayer``'s names and shapes, copied."""
+    return {k: _copy(v) for k, v in ex.state_dict().items()}
+
+
+def _gpt_oss_experts(ex: StackedSwiGLU) -> dict[str, Tensor]:
+    """GptOssExperts computes x @ W: gate_up [E, d, 2I] (gate/up interleaved, as the layer's rows), down [E, I, d]."""
+    return {"gate_up_proj": _copy(ex.gate_up_proj.transpose(1, 2)), "gate_up_proj_bias": _copy(ex.gate_up_proj_bias),
+            "down_proj": _copy(ex.down_proj.transpose(1, 2)), "down_proj_bias": _copy(ex.down_proj_bias)}
+
+
+def _dbrx_experts(ex: StackedSwiGLU) -> dict[str, Tensor]:
+    """DbrxExpertGLU: w1 (gate) and v1 (up) [E*I, d] as nn.Linear rows, w2 [E*I, d] applied as x_I @ w2[e]."""
+    e, two_i, d = ex.gate_up_proj.shape
+    n = two_i // 2  # the layer's gate_up rows are [gate; up] for silu experts
+    return {"mlp.w1": _copy(ex.gate_up_proj[:, :n]).view(e * n, d),
+            "mlp.v1": _copy(ex.gate_up_proj[:, n:]).view(e * n, d),
+            "mlp.w2": _copy(ex.down_proj.transpose(1, 2)).view(e * n, d)}
+
+
 @dataclass(frozen=True)
 class Family:
-    """One transformers MoE block: where it lives, its config class, and which arch shapes it can hold."""
+    """One transformers MoE block: where it lives, its config class, which arch shapes it can hold, and where
+    the layer's weights go in it."""
 
     name: str
     block: str  # class in transformers.models.<name>.modeling_<name>
@@ -42,6 +70,10 @@ class Family:
     kwargs: Callable[[Arch], dict[str, Any]]
     always_normalizes: bool = False  # Mixtral renormalises the top-k weights whatever the config says
     shared_key: str = ""  # the shared expert's module name in the block
+    router_key: str = "gate"  # the router's module name in the block
+    act: str = "silu"  # the routed experts' activation (models.archs.EXPERT_ACTS) ...
+    expert_bias: bool = False  # ... and whether they have biases (gpt-oss)
+    experts: Callable[[StackedSwiGLU], dict[str, Tensor]] = _experts_as_is  # copies under the block's names
 
 
 def _softmax_kwargs(intermediate: str, experts: str) -> Callable[[Arch], dict[str, Any]]:
@@ -66,6 +98,19 @@ def _deepseek_kwargs(a: Arch) -> dict[str, Any]:
     return {**kw, "norm_topk_prob": r.normalize}
 
 
+def _gpt_oss_kwargs(a: Arch) -> dict[str, Any]:
+    """swiglu_alpha 1.702 and swiglu_limit 7 are left at GptOssConfig's defaults: MoELayer.from_arch's too."""
+    return {"hidden_size": a.d_model, "intermediate_size": a.ffn_dim, "num_local_experts": a.experts,
+            "num_experts_per_tok": a.top_k}
+
+
+def _dbrx_kwargs(a: Arch) -> dict[str, Any]:
+    """DBRX's FFN reads ``ffn_config``; its L1 renormalisation is ``moe_normalize_expert_weights`` = 1 (None: off)."""
+    return {"d_model": a.d_model, "ffn_config": {
+        "ffn_hidden_size": a.ffn_dim, "moe_num_experts": a.experts, "moe_top_k": a.top_k,
+        "moe_normalize_expert_weights": 1.0 if a.router.normalize else None}}
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mixtral", "MixtralSparseMoeBlock", "MixtralConfig", "softmax_topk", "none",
            _softmax_kwargs("intermediate_size", "num_local_experts"), always_normalizes=True),
@@ -79,16 +124,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            shared_key="shared_experts"),
     Family("deepseek_v3", "DeepseekV3MoE", "DeepseekV3Config", "sigmoid_group", "plain", _deepseek_kwargs,
            shared_key="shared_experts"),
+    Family("gpt_oss", "GptOssMLP", "GptOssConfig", "topk_softmax", "none", _gpt_oss_kwargs, router_key="router",
+           act="gpt_oss", expert_bias=True, experts=_gpt_oss_experts),
+    Family("dbrx", "DbrxFFN", "DbrxConfig", "dbrx", "none", _dbrx_kwargs, router_key="router",
+           experts=_dbrx_experts),
 )}
 # A preset's own family first (its name's start); a custom shape takes the first family that fits it.
 BY_PREFIX = (("mixtral", "mixtral"), ("qwen1.5", "qwen2_moe"), ("qwen3", "qwen3_moe"), ("olmoe", "olmoe"),
-             ("deepseek-v2", "deepseek_v2"), ("deepseek-v3", "deepseek_v3"))
+             ("deepseek-v2", "deepseek_v2"), ("deepseek-v3", "deepseek_v3"), ("gpt-oss", "gpt_oss"),
+             ("dbrx", "dbrx"))
 
 
 def misfit(f: Family, a: Arch) -> str | None:
     """Why ``f``'s block cannot compute ``a``'s layer (None: it can)."""
-    if a.act != "silu" or a.expert_bias:
-        return "experts with biases or gpt-oss's clamped activation"
+    if (a.act, a.expert_bias) != (f.act, f.expert_bias):
+        return f"experts with {a.act}{' and biases' if a.expert_bias else ''}"
     if a.router.kind != f.router or (f.always_normalizes and not a.router.normalize):
         return f"router {a.router.describe()!r}"
     shared = "none" if not a.shared_experts else ("gated" if a.shared_gate else "plain")
@@ -107,7 +157,7 @@ def family_for(a: Arch) -> tuple[Family | None, str]:
             return FAMILIES[name], ""
     return None, (f"no transformers MoE block mapped here computes {a.name!r} (routed experts with "
                   f"{a.act}{', biases' if a.expert_bias else ''}, router {a.router.describe()}, "
-                  f"{a.shared_experts} shared); gpt-oss and DBRX blocks are not mapped 1:1 in this version")
+                  f"{a.shared_experts} shared{' gated' if a.shared_gate else ''})")
 
 
 @dataclass
@@ -123,9 +173,11 @@ class Peer:
         return f"transformers[{self.implementation}]"
 
     def __call__(self, x: Tensor) -> Tensor:
-        """x [T, d] -> [T, d], as ``MoELayer`` (the block wants [batch, seq, d])."""
+        """x [T, d] -> [T, d], as ``MoELayer`` (the block wants [batch, seq, d]; gpt-oss's also returns its
+        router scores)."""
         assert self.block is not None, self.reason
-        return self.block(x.unsqueeze(0)).squeeze(0)
+        y = self.block(x.unsqueeze(0))
+        return (y[0] if isinstance(y, tuple) else y).squeeze(0)
 
 
 @dataclass
@@ -163,15 +215,16 @@ def implementations() -> list[str]:
 
 
 def layer_state(layer: MoELayer, f: Family) -> dict[str, Tensor]:
-    """The layer's weights under the block's names, cloned once (every peer shares this one copy)."""
-    sd = {f"gate.{k}": v for k, v in layer.router.state_dict().items()}
-    sd.update({f"experts.{k}": v for k, v in layer.experts.state_dict().items()})
+    """The layer's weights under the block's names and in its storage, copied once (every peer shares this copy)."""
+    sd = {f"{f.router_key}.{k}": _copy(v) for k, v in layer.router.state_dict().items()}
+    sd.update({f"experts.{k}": v for k, v in f.experts(layer.experts).items()})
     if layer.shared is not None:
         s = layer.shared
-        sd.update({f"{f.shared_key}.{n}.weight": getattr(s, n).weight for n in ("gate_proj", "up_proj", "down_proj")})
+        sd.update({f"{f.shared_key}.{n}.weight": _copy(getattr(s, n).weight)
+                   for n in ("gate_proj", "up_proj", "down_proj")})
         if s.gate is not None:
-            sd["shared_expert_gate.weight"] = s.gate.weight
-    return {k: v.detach().clone() for k, v in sd.items()}
+            sd["shared_expert_gate.weight"] = _copy(s.gate.weight)
+    return sd
 
 
 def build_block(tf: Any, f: Family, arch: Arch, implementation: str, state: dict[str, Tensor]) -> nn.Module:
@@ -189,8 +242,12 @@ def build_block(tf: Any, f: Family, arch: Arch, implementation: str, state: dict
 
 
 def _why_not(implementation: str, block: nn.Module, layer: MoELayer) -> str | None:
-    """None when this implementation runs here (one token through it), else the one-line reason."""
+    """None when this implementation runs here (one token through it), else the one-line reason. Experts that
+    transformers' ``use_experts_implementation`` does not wrap (it sets ``is_transposed``) run eager whatever
+    the config says: a row under another name would time eager again."""
     p = layer.experts.gate_up_proj
+    if implementation != "eager" and not hasattr(block.experts, "is_transposed"):
+        return f"{type(block.experts).__name__} has only its eager forward (no experts-implementation dispatch)"
     if implementation in GPU_ONLY and (p.device.type != "cuda" or
                                        (implementation == "deepgemm" and p.dtype != torch.bfloat16)):
         return GPU_ONLY[implementation]
