@@ -7,6 +7,8 @@ A mistake the user can fix raises ``ConfigError`` with one line; the CLI prints 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,20 @@ class RunOptions:
 SPEC_KEYS = {f.name for f in fields(ModelSpec)}
 OPTION_KEYS = {f.name for f in fields(RunOptions)} - {"extra"}
 CONFIG_KEYS = SPEC_KEYS | OPTION_KEYS | {"preset"}
+# `run`'s own keys beside the shared ones (issue 15): power caps, and the carbon intensity and price that turn
+# energy into grams and money. Not in RunOptions: none changes what a window measures the way they are applied
+# (each cap is a run of its own; carbon and cost are arithmetic on the figures), and a sweep point's key must
+# not change with them.
+CAP_KEYS = ("power_limit", "cpu_power_limit")
+CARBON_KEYS = ("carbon_intensity", "price_per_kwh")
+RUN_CONFIG_KEYS = CONFIG_KEYS | set(CAP_KEYS) | set(CARBON_KEYS)
+# Environment variables for the two figures a user sets once per machine (their grid, their tariff); below a
+# --config file and the flags: preset < environment < --config < flags.
+CARBON_ENV = {"carbon_intensity": "MOE_ENERGY_CARBON_INTENSITY", "price_per_kwh": "MOE_ENERGY_PRICE_PER_KWH"}
+# No grid emits more than about 1,200 g CO2e/kWh (lignite); above this a figure is in the wrong unit (g/MWh).
+MAX_CARBON_INTENSITY = 5000.0
+# A power cap above this many watts is no device's (the largest accelerators draw 1000-1400 W).
+MAX_POWER_LIMIT_W = 5000.0
 
 
 def resolve_spec(preset: str | None, **overrides: int | None) -> ModelSpec:
@@ -272,5 +288,106 @@ def read_toml(path: str | Path, allowed: set[str], flatten: str | None = None) -
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read `run`'s --config file."""
-    return read_toml(path, CONFIG_KEYS)
+    """Read `run`'s --config file: the shared keys and run's power caps, carbon intensity and price."""
+    return read_toml(path, RUN_CONFIG_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Power caps, carbon and cost (issue 15): `run`'s settings beside the run options
+
+
+@dataclass(frozen=True)
+class PowerCaps:
+    """The caps a user asked for, checked as numbers; whether the hardware allows them is energy.power_limit's."""
+
+    gpu_w: tuple[float, ...] = ()  # --power-limit W[,W...], in the order given
+    gpu_sweep: bool = False  # --power-limit sweep: the GPU's maximum down to its minimum in 25 W steps
+    cpu_w: float | None = None  # --cpu-power-limit W: each CPU package's long-term RAPL limit
+
+    @property
+    def given(self) -> bool:
+        return bool(self.gpu_w) or self.gpu_sweep or self.cpu_w is not None
+
+
+@dataclass(frozen=True)
+class CarbonPrice:
+    """The user's grid carbon intensity (g CO2e per kWh) and electricity price (per kWh, their currency).
+
+    Neither is measured: every figure built on them is an estimate and says so (carbon.py)."""
+
+    carbon_intensity_g_per_kwh: float | None = None
+    price_per_kwh: float | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.carbon_intensity_g_per_kwh is not None or self.price_per_kwh is not None
+
+
+def _watts(key: str, v: Any) -> float:
+    """One cap in W: a finite number > 0 and below any device's draw."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"{key}={v!r} must be a finite number of watts > 0")
+    if v > MAX_POWER_LIMIT_W:
+        raise ConfigError(f"{key}={v!r} W is above any device's power ({MAX_POWER_LIMIT_W:g} W); give watts, not mW")
+    return float(v)
+
+
+def _gpu_caps(v: Any) -> tuple[tuple[float, ...], bool]:
+    """--power-limit as a flag ('250,300', 'sweep') or a --config value (250, [250, 300], "sweep")."""
+    key = "power_limit"
+    if isinstance(v, str) and v.strip().lower() == "sweep":
+        return (), True
+    parts: list[Any] = list(split_list(v) or ()) if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) \
+        else [v]
+    if not parts:
+        raise ConfigError(f"{key}={v!r} is empty; give watts such as 250,300 or 'sweep'")
+    caps: list[float] = []
+    for part in parts:
+        if isinstance(part, str):
+            try:
+                part = float(part)
+            except ValueError:
+                raise ConfigError(f"{key}={v!r}: {part!r} is not a number of watts; give W[,W...] such as "
+                                  "250,300, or 'sweep'") from None
+        caps.append(_watts(key, part))
+    if len(set(caps)) < len(caps):
+        raise ConfigError(f"{key}={v!r} names a cap twice; give each once")
+    return tuple(caps), False
+
+
+def resolve_caps(cfg: Mapping[str, Any]) -> PowerCaps:
+    """The caps of merged settings (--config, then flags); numbers checked, hardware not asked."""
+    gpu, sweep = _gpu_caps(cfg["power_limit"]) if cfg.get("power_limit") is not None else ((), False)
+    cpu = cfg.get("cpu_power_limit")
+    return PowerCaps(gpu, sweep, _watts("cpu_power_limit", cpu) if cpu is not None else None)
+
+
+def _figure(key: str, v: Any, source: str, most: float | None) -> float:
+    """A carbon intensity or price: a finite number >= 0 (from the environment, text that parses as one)."""
+    if isinstance(v, str) and source.startswith("MOE_ENERGY_"):
+        try:
+            v = float(v)
+        except ValueError:
+            raise ConfigError(f"{source}={v!r} is not a number; set it to a number such as 400, or unset it") \
+                from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{source}={v!r} must be a finite number >= 0")
+    if most is not None and v > most:
+        raise ConfigError(f"{source}={v!r} is above any grid's intensity ({most:g} g CO2e/kWh); give grams per kWh")
+    return float(v)
+
+
+def resolve_carbon(cfg: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> CarbonPrice:
+    """Carbon intensity and price from merged settings, else from MOE_ENERGY_CARBON_INTENSITY /
+    MOE_ENERGY_PRICE_PER_KWH; None where none gives one. Nothing is looked up on a network."""
+    env = os.environ if environ is None else environ
+    out: dict[str, float | None] = {}
+    for key, var in CARBON_ENV.items():
+        most = MAX_CARBON_INTENSITY if key == "carbon_intensity" else None
+        if cfg.get(key) is not None:
+            out[key] = _figure(key, cfg[key], key, most)
+        elif env.get(var, "").strip():
+            out[key] = _figure(key, env[var].strip(), var, most)
+        else:
+            out[key] = None
+    return CarbonPrice(out["carbon_intensity"], out["price_per_kwh"])

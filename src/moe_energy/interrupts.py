@@ -60,3 +60,18 @@ def signals_raise() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Within the block, SIGINT, SIGTERM and SIGHUP wait (blocked, not lost): for cleanup that must finish, such as
+    putting a power limit back. A signal that arrived meanwhile is delivered as the block ends. Only the main
+    thread's mask matters to Python's handlers; elsewhere, or without pthread_sigmask, this does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from rich.markup import escape
 from rich.table import Table
 
+from ..capped import run_and_save
 from ..config import RunOptions, load_toml, split_list
 from ..device import resolve_device
 from ..errors import ConfigError
@@ -39,9 +41,10 @@ from ..models.archs import PRESETS, ROUTER_KINDS, Arch, RouterSpec, custom_arch,
 from ..models.counting import expected_experts_touched
 from ..models.routing import ROUTING_HELP, RoutingMode, parse_routing, zipf_assignment
 from ..pipeline import check_dtype
-from ..results import check_writable
+from ..results import check_writable, run_stem
 from . import console, err_console, fmt, measured
-from .options import meter_from_args, resolve
+from .options import meter_from_args, resolve, resolve_power
+from .power import check_power, power_columns, restore_status
 from .ui import RichUI
 
 # The seed's flags that mean nothing for a layer built, not trained: refused, not silently ignored.
@@ -168,15 +171,16 @@ def layer_table(doc: dict) -> Table:
     reps = max((m.get("repeats", 1) for m in doc["models"]), default=1)
     t = Table(title=escape(f"moe-energy {arch['name']}: one layer, {env['device_name']}, {doc['options']['dtype']}, "
                            f"routing {doc['routing']['mode']}; median [min-max] of {reps} window(s)"))
+    extra = power_columns(doc)
     for col in ("model", "T", "tokens/s", "tokens/J", "J/1k tokens", "avg W", "method", "experts touched",
-                "load max/mean", "p50 ms"):
-        t.add_column(col, justify="left" if col in ("model", "method", "experts touched") else "right",
+                "load max/mean", "p50 ms", *[h for h, _ in extra]):
+        t.add_column(escape(col), justify="left" if col in ("model", "method", "experts touched") else "right",
                      overflow="fold")
     for m in doc["models"]:
         name, T = escape(m["name"].split("@")[0]), str(m["tokens_per_forward"])
         if m.get("skipped"):
             why = m["skipped"] if m.get("status") == "failed" else f"skipped: {m['skipped']}"
-            t.add_row(name, T, escape(why.split(" (")[0]), *["-"] * 7)
+            t.add_row(name, T, escape(why.split(" (")[0]), *["-"] * (7 + len(extra)))
             continue
         est = " (estimate)" if m.get("energy_is_estimate") else ""
         load = m.get("expert_load_max_over_mean")
@@ -185,7 +189,7 @@ def layer_table(doc: dict) -> Table:
                   _figure(m, "inferences_per_joule", ",.2f") + (est if m.get("inferences_per_joule") else ""),
                   fmt(j1k, ",.3f") + (est if j1k is not None else ""), fmt(watts, ".1f") + (est if watts else ""),
                   escape(m["energy_method"]), _touched(m, arch["experts"]), "-" if load is None else f"{load:.2f}",
-                  fmt(m.get("latency_p50_ms"), ".3f"))
+                  fmt(m.get("latency_p50_ms"), ".3f"), *[escape(cell(m)) for _, cell in extra])
     return t
 
 
@@ -219,13 +223,26 @@ def run_llm_command(args: argparse.Namespace) -> int:
     check_writable(opts.out)
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype)
+    caps, carbon = resolve_power(args)
     meter = meter_from_args(args, device, notice=lambda msg: err_console.print(f"notice: {escape(msg)}",
                                                                                highlight=False, soft_wrap=True))
-    done = measured(lambda: run_llm(arch, opts, tokens, routing, meter, RichUI(console)), print_layer_results)
+    plan = check_power(caps, meter, device)  # before any layer is built: a refused cap is exit 2 now
+    meter = plan.wrap(meter)
+
+    def job() -> tuple[dict, Path]:
+        body = lambda: run_llm(arch, opts, tokens, routing, meter, RichUI(console), save=False)[0]  # noqa: E731
+        return run_and_save(plan, carbon, body, opts.out, lambda d: run_stem(d, layer_stem(arch.name)))
+
+    done = measured(job, print_layer_results)
     if isinstance(done, int):
         return done
     doc, _path = done
-    return _exit_status(doc)
+    return restore_status(plan) or _exit_status(doc)
+
+
+def layer_stem(name: str) -> str | None:
+    """The arch's name in the results file's name when it is a plain one (run_llm's rule, kept in step)."""
+    return name if name.replace("-", "").replace(".", "").isalnum() else None
 
 
 def _exit_status(doc: dict) -> int:

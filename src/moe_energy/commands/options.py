@@ -7,7 +7,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ..config import PRESETS, ModelSpec, RunOptions, load_toml, resolve_config
+from ..config import (
+    PRESETS,
+    CarbonPrice,
+    ModelSpec,
+    PowerCaps,
+    RunOptions,
+    load_toml,
+    resolve_caps,
+    resolve_carbon,
+    resolve_config,
+)
 from ..models.strategies import STRATEGIES
 
 if TYPE_CHECKING:
@@ -48,13 +58,42 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", help="directory for the JSON results (default results/)")
 
 
-def resolve(args: argparse.Namespace) -> tuple[ModelSpec, RunOptions]:
-    """Spec and options from a preset, then the --config file, then explicit flags."""
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The --config file's settings, then the explicit flags over them."""
     cfg: dict[str, Any] = load_toml(args.config) if getattr(args, "config", None) else {}
     for k, v in vars(args).items():
         if v is not None and not k.startswith("_") and k not in ("command", "config"):
             cfg[k] = v
-    return resolve_config(cfg)
+    return cfg
+
+
+def resolve(args: argparse.Namespace) -> tuple[ModelSpec, RunOptions]:
+    """Spec and options from a preset, then the --config file, then explicit flags."""
+    return resolve_config(settings(args))
+
+
+def add_power_arguments(p: argparse.ArgumentParser) -> None:
+    """--power-limit, --cpu-power-limit, --carbon-intensity, --price-per-kwh (issue 15)."""
+    g = p.add_argument_group("power caps, carbon and cost")
+    g.add_argument("--power-limit", dest="power_limit",
+                   help="GPU power cap(s) in W, W[,W...], or 'sweep' (the GPU's maximum down to its minimum in "
+                        "25 W steps): every model measured at each cap, rows named MODEL@CAPW; needs root or "
+                        "zeusd; the original limit is restored at the end")
+    g.add_argument("--cpu-power-limit", type=float, dest="cpu_power_limit",
+                   help="each CPU package's long-term RAPL limit in W for the whole run (root; restored)")
+    g.add_argument("--carbon-intensity", type=float, dest="carbon_intensity",
+                   help="your grid's g CO2e per kWh: adds estimated g CO2e per million inferences (tokens) "
+                        "(env MOE_ENERGY_CARBON_INTENSITY)")
+    g.add_argument("--price-per-kwh", type=float, dest="price_per_kwh",
+                   help="your electricity price per kWh: adds estimated cost per million inferences (tokens) "
+                        "(env MOE_ENERGY_PRICE_PER_KWH)")
+
+
+def resolve_power(args: argparse.Namespace) -> tuple[PowerCaps, CarbonPrice]:
+    """The caps and the carbon intensity and price from --config, then flags (carbon and price: the
+    environment below both); checked as numbers, the hardware not yet asked."""
+    cfg = settings(args)
+    return resolve_caps(cfg), resolve_carbon(cfg)
 
 
 def device_of(name: str) -> torch.device:

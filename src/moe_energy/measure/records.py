@@ -71,7 +71,8 @@ class WindowRecord(TypedDict, total=False):
     trace_period_s: float | None
     state_begin: dict[str, dict[str, Any]]  # device -> {temperature_c, sm_clock_mhz, power_limit_w}
     state_end: dict[str, dict[str, Any]]
-    power_limit_w: float | None  # the cap in force, read back from the device after the window (None: not capped)
+    power_limit_w: float | None  # the GPU power limit in force, read back after the window (None: none read)
+    cpu_power_limit_w: float | None  # the CPU packages' long-term RAPL limit, read back where --cpu-power-limit set it
     flags: list[str]
 
 
@@ -138,7 +139,8 @@ class ModelRecord(TypedDict, total=False):
     optimize: dict[str, Any] | None
     parallel: dict[str, Any]
     # power caps and carbon/cost (issue 15): the cap read back, and figures built on the user's assumptions
-    power_limit_w: float | None
+    power_limit_w: float | None  # median of the windows' read-back limits (the limit in force, capped or not)
+    power_limit_requested_w: float | None  # --power-limit's cap this row was measured at (None: not capped)
     cpu_power_limit_w: float | None
     carbon_intensity_g_per_kwh: float | None
     price_per_kwh: float | None
@@ -176,14 +178,30 @@ def window_record(res: BenchResult) -> WindowRecord:
         energy_is_estimate=e.is_estimate or "estimate" in e.method_by_device.values(),
         trace=e.trace, trace_energy_j=e.trace_energy_j(), trace_period_s=e.trace_period_s,
         state_begin=e.state_begin, state_end=e.state_end, power_limit_w=power_limit_read_back(e.state_end),
-        flags=flags,
+        cpu_power_limit_w=power_limit_read_back(e.state_end, "cpu_power_limit_w"), flags=flags,
     )
 
 
-def power_limit_read_back(state: dict[str, dict[str, Any]] | None) -> float | None:
-    """The power cap the meter read from the devices at the window's end (the lowest, when devices differ)."""
-    caps = [float(s["power_limit_w"]) for s in (state or {}).values() if s.get("power_limit_w") is not None]
+def power_limit_read_back(state: dict[str, dict[str, Any]] | None, key: str = "power_limit_w") -> float | None:
+    """The power cap read from the devices at the window's end (the lowest, when devices differ); ``key``
+    "cpu_power_limit_w" for the CPU packages' RAPL limit."""
+    caps = [float(s[key]) for s in (state or {}).values() if s.get(key) is not None]
     return min(caps) if caps else None
+
+
+LIMIT_KEYS = ("power_limit_w", "cpu_power_limit_w")
+
+
+def limit_fields(windows: Sequence[WindowRecord]) -> tuple[dict[str, float | None], list[str]]:
+    """A model's power limits: the median of its windows' read-backs, and a flag where they differ."""
+    out: dict[str, float | None] = {}
+    flags: list[str] = []
+    for key in LIMIT_KEYS:
+        vals = [w[key] for w in windows if w.get(key) is not None]  # type: ignore[literal-required]
+        out[key] = _median(vals)
+        if vals and max(vals) - min(vals) > 0.5:
+            flags.append(f"{key}: the limit read back changed between windows ({min(vals):g}-{max(vals):g} W)")
+    return out, flags
 
 
 def failed_window(reason: str, batch_size: int, flops: int | None, meter_name: str) -> WindowRecord:
@@ -284,6 +302,9 @@ def measured_record(name: str, fields: dict[str, Any], strategy: str | None, dty
         **summarize_windows(windows),  # the windows' flops_per_inference: the figure they were measured with
     }
     rec["optimize"] = optimize
+    limits, limit_flags = limit_fields(windows)
+    rec.update(limits)  # type: ignore[typeddict-item]
+    rec["flags"] = rec["flags"] + limit_flags
     if train is not None and train.diverged:
         rec["flags"] = [f"training diverged ({train.diverged_reason}): accuracy is meaningless; speed "
                         "and energy are valid"] + rec["flags"]
