@@ -260,7 +260,7 @@ def check(name, ref, mine, x, expect_received=None):
         y, want = ep(x), ref(x)
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
     assert y.shape == (x.shape[0], 8)
-    assert ep.local_experts == 2 and ep.weights[0].shape == (2, 32, 24) and ep.biases[-1].shape == (2, 8)
+    assert ep.local_experts == 2 and ep.moe.weights[0].shape == (2, 32, 24) and ep.moe.biases[-1].shape == (2, 8)
     if expect_received is not None:
         assert ep.last_received_pairs == expect_received, (name, ep.last_received_pairs)
     print(f"rank {g.rank} {name} ok max_abs_err={float((y - want).abs().max()) if len(x) else 0:.2e} "

@@ -5,29 +5,33 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from rich.markup import escape
 from rich.table import Table
 
+from ..capped import run_and_save
 from ..config import PRESETS
 from ..device import resolve_device
-from ..errors import ConfigError
 from ..models.counting import moe_active_params, moe_params
 from ..models.dense import dense_width
 from ..pipeline import check_dtype
 from ..pipeline import run as run_models
-from ..results import check_writable
+from ..results import check_writable, run_stem
 from . import command, console, err_console, fmt, measured
 from .llm import add_llm_arguments, run_llm_command
 from .options import (
     add_energy_arguments,
+    add_power_arguments,
     add_run_arguments,
     add_shape_arguments,
     declared_shape,
     meter_from_args,
     resolve,
+    resolve_power,
 )
 from .parallel import add_parallel_arguments, run_parallel
+from .power import check_power, power_columns, power_lines, refuse_for_parallel, restore_status
 from .ui import RichUI
 
 
@@ -59,14 +63,16 @@ def results_table(doc: dict) -> Table:
     reps = max((m.get("repeats", 1) for m in doc["models"]), default=1)
     t = Table(title=escape(f"moe-energy results ({env['device_name']}, {doc['options']['dtype']}; "
                            f"median [min-max] of {reps} window(s) per model)"))
+    extra = power_columns(doc)
     for col in ("model", "params", "active params", "train acc", "held-out acc", "inferences/s", "inferences/J",
-                "dynamic inferences/J", "avg W", "energy method", "p50 ms/batch"):
+                "dynamic inferences/J", "avg W", "energy method", "p50 ms/batch", *[h for h, _ in extra]):
         # fold, never '…': a truncated range would hide the very figure the table is for
-        t.add_column(col, justify="left" if col in ("model", "energy method") else "right", overflow="fold")
+        t.add_column(escape(col), justify="left" if col in ("model", "energy method") else "right",
+                     overflow="fold")
     for m in doc["models"]:
         if m.get("skipped"):
             t.add_row(escape(m["name"]), f"{m['params']:,}", f"{m['active_params']:,}", "-", "-",
-                      escape(_not_measured(m).split(" (")[0]), "-", "-", "-", "-", "-")
+                      escape(_not_measured(m).split(" (")[0]), "-", "-", "-", "-", "-", *["-"] * len(extra))
             continue
         est = " (estimate)" if m.get("energy_is_estimate") or m["energy_method"] == "estimate" else ""
         acc = fmt(m["accuracy"], ".1%") + (" (diverged: meaningless)" if m["diverged"] else "")
@@ -82,6 +88,7 @@ def results_table(doc: dict) -> Table:
             fmt(watts, ".1f") + (est if watts is not None else ""),
             escape(m["energy_method"]),
             fmt(m["latency_p50_ms"], ".3f"),
+            *[escape(cell(m)) for _, cell in extra],
         )
     return t
 
@@ -109,6 +116,7 @@ def energy_summary(doc: dict) -> list[str]:
         lines.append(f"{failed} of {total} windows FAILED and were left out of the figures: {first}")
     if isinstance(idle, dict) and idle.get("failed"):
         lines[1] = f"idle power: not measured ({idle['failed']})"
+    lines += power_lines(doc)
     lines += [f"notice: {n}" for n in doc.get("notices", [])]
     for m in doc["models"]:
         if m.get("skipped"):
@@ -124,6 +132,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_shape_arguments(p)
     add_run_arguments(p)
     add_energy_arguments(p)
+    add_power_arguments(p)
     add_parallel_arguments(p)
     add_llm_arguments(p)  # after add_shape_arguments: reuses its --experts/--top-k
 
@@ -132,24 +141,34 @@ def _run_args(p: argparse.ArgumentParser) -> None:
          "(--arch: an LLM MoE layer per token count, no training).",
          _run_args)
 def run(args: argparse.Namespace) -> int:
-    if args.arch is not None:
-        if args.parallel == "expert":
-            raise ConfigError("--parallel expert does not run an --arch layer yet; drop one of them")
-        return run_llm_command(args)
-    if args.parallel == "expert":
+    if args.parallel == "expert":  # the seed's models, or with --arch an LLM layer: run_parallel runs both
+        refuse_for_parallel(*resolve_power(args))
         return run_parallel(args)
+    if args.arch is not None:
+        return run_llm_command(args)
+    caps, carbon = resolve_power(args)
     spec, opts = resolve(args)
     check_writable(opts.out)
-    check_dtype(resolve_device(opts.device), opts.dtype, opts.strategies)
+    device = resolve_device(opts.device)
+    check_dtype(device, opts.dtype, opts.strategies)
     if opts.data:
         opts = replace(opts, extra={**opts.extra, "declared_shape": declared_shape(args)})
-    meter = meter_from_args(args, resolve_device(opts.device),
-                            notice=lambda msg: err_console.print(f"notice: {escape(msg)}", highlight=False,
-                                                                 soft_wrap=True))
-    done = measured(lambda: run_models(spec, opts, meter, RichUI(console)), _print_results)
+    meter = meter_from_args(args, device, notice=lambda msg: err_console.print(f"notice: {escape(msg)}",
+                                                                               highlight=False, soft_wrap=True))
+    plan = check_power(caps, meter, device)  # before training: a cap the GPU refuses is exit 2 now
+    meter = plan.wrap(meter)
+
+
+    def job() -> tuple[dict, Path]:
+        body = lambda: run_models(spec, opts, meter, RichUI(console), save=False)[0]  # noqa: E731
+        return run_and_save(plan, carbon, body, opts.out, lambda d: run_stem(d, opts.extra.get("preset")))
+
+    done = measured(job, _print_results)
     if isinstance(done, int):
         return done
     doc, _path = done
+    if restore_status(plan):
+        return 1
     if not any(m.get("status") == "measured" for m in doc["models"]):
         print("error: no model was measured (see the skip reasons above); choose a smaller shape or batch size",
               file=sys.stderr)

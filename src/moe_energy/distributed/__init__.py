@@ -1,20 +1,23 @@
 """Expert parallelism on torch.distributed: experts sharded over ranks, tokens moved by all-to-all.
 
 Launched by ``torchrun`` (one process per device; NCCL on GPUs, gloo on CPUs). Every rank holds the MoE's
-gate and E/W of its experts; each forward routes with ``MoE.route``, sends every (token, expert) pair to
-the rank owning the expert, runs the local experts with the ``grouped`` strategy's chain and sends the
-results back. Beside it runs a data-parallel dense baseline on the same ranks, so MoE and dense compare
-equal hardware. Every rank measures its own devices over the same windows; rank 0 gathers them and writes
-the job's results. A rank that dies or hangs makes the others fail their next collective within
-``--collective-timeout`` seconds with a one-line ``PeerLost`` (exit 3 from the CLI).
+router (and an LLM layer's shared experts) and E/W of its experts; each forward routes with the module's own
+router, sends every (token, expert) pair to the rank owning the expert, runs the local experts with the
+``grouped`` strategy's chain over the module's expert family and sends the results back. The seed's
+classifier MoE and an LLM MoE layer (``run --arch``) take this one path. Beside it the dense baselines run
+data-parallel on the same ranks, so MoE and dense compare equal hardware. Every rank measures its own
+devices over the same windows; rank 0 gathers them and writes the job's results. A rank that dies or hangs
+makes the others fail their next collective within ``--collective-timeout`` seconds with a one-line
+``PeerLost`` (exit 3 from the CLI).
 
   group            the process group, collectives as one-line PeerLost, the start-up agreement
-  expert_parallel  ExpertParallelMoE (wraps a sharded MoE) and its all-to-all CommStats
+  expert_parallel  ExpertParallelMoE (wraps a sharded MoE or LLM MoELayer) and its all-to-all CommStats
   job              the measured job: run's pipeline on every rank, windows of an agreed batch count
+  layer_job        the same for an LLM layer (run --arch): run_llm's phases and records on every rank
 """
 
 from ..errors import PeerLost
-from .expert_parallel import EP_STRATEGY, MOE_LABEL, CommStats, ExpertParallelMoE, shard_moe
+from .expert_parallel import EP_STRATEGY, MOE_LABEL, CommStats, ExpertParallelMoE, parts_of, shard_moe
 from .group import (
     DEFAULT_TIMEOUT_S,
     Group,
@@ -41,10 +44,12 @@ from .job import (
     rank_meter,
     run_distributed,
 )
+from .layer_job import run_layer_job
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "EP_STRATEGY", "MOE_LABEL", "CommStats", "Count", "ExpertParallelMoE", "Group",
     "PeerLost", "RankResult", "check_agreement", "check_divisible", "check_options", "collective", "config_hash",
     "init_group", "job_energy", "job_idle", "job_measurement", "job_record", "launch_env", "measure_ranks",
-    "median_of", "rank_batch", "rank_meter", "run_distributed", "set_stage", "shard_moe", "shutdown",
+    "median_of", "parts_of", "rank_batch", "rank_meter", "run_distributed", "run_layer_job", "set_stage",
+    "shard_moe", "shutdown",
 ]

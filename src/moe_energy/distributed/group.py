@@ -13,9 +13,9 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import __version__
-from ..config import ModelSpec, RunOptions
+from ..config import RunOptions
 from ..data import Dataset
 from ..device import resolve_device
 from ..errors import ConfigError, PeerLost, one_line
@@ -190,11 +190,13 @@ def barrier(g: Group) -> None:
 
 
 @torch.no_grad()
-def broadcast_module(m: nn.Module, g: Group, src: int = 0) -> nn.Module:
-    """Every parameter and buffer of ``m`` replaced by rank ``src``'s, in place."""
+def broadcast_module(m: nn.Module, g: Group, src: int = 0, skip: Set[int] = frozenset()) -> nn.Module:
+    """Every parameter and buffer of ``m`` replaced by rank ``src``'s, in place; those whose ``id`` is in
+    ``skip`` (a shard's own experts) are left alone."""
     with collective(g, "broadcast"):
         for t in list(m.parameters()) + list(m.buffers()):
-            dist.broadcast(t.data, src=src, group=g.pg)
+            if id(t) not in skip:
+                dist.broadcast(t.data, src=src, group=g.pg)
     return m
 
 
@@ -215,11 +217,12 @@ def broadcast_rows(t: torch.Tensor, g: Group, start: int, rows: int) -> torch.Te
 # Start-up agreement: every rank checks the same things, then all raise the same error or none does
 
 
-def job_config(spec: ModelSpec, opts: RunOptions, data_fingerprint: str, timeout_s: float) -> dict[str, Any]:
-    """What must be identical on every rank; ``out`` is not (only rank 0 writes)."""
+def job_config(spec: dict[str, Any], opts: RunOptions, data_fingerprint: str, timeout_s: float) -> dict[str, Any]:
+    """What must be identical on every rank: the models' shape (``asdict`` of a ModelSpec, or an LLM layer's
+    arch, token counts and routing), the options, the data; ``out`` is not (only rank 0 writes)."""
     o = opts.as_dict()
     o.pop("out", None)
-    return {"spec": asdict(spec), "options": o, "data": data_fingerprint, "collective_timeout_s": timeout_s,
+    return {"spec": spec, "options": o, "data": data_fingerprint, "collective_timeout_s": timeout_s,
             "tool_version": __version__, "torch": torch.__version__}
 
 

@@ -46,7 +46,7 @@ from ..measure.window import (
     warm_up,
 )
 from ..models.plan import TRAIN_STRATEGY, ModelPlan, plans
-from ..pipeline import UI, Run, SilentUI, Trained
+from ..pipeline import UI, Bench, Host, Kinded, Run, SilentUI, Trained, Variant
 from ..results import check_writable, new_document, run_stem, write_atomic
 from .expert_parallel import EP_STRATEGY, MOE_LABEL, CommStats, ExpertParallelMoE
 from .group import (
@@ -91,7 +91,7 @@ def rank_batch(data: Dataset, batch_size: int, rank: int, device: torch.device, 
     return x[idx].to(device=device, dtype=dtype).contiguous()
 
 
-def job_label(plan: ModelPlan) -> tuple[str, str | None]:
+def job_label(plan: Kinded) -> tuple[str, str | None]:
     """(label, strategy) of a model's row: the MoE runs expert-parallel, a dense model data-parallel."""
     return (MOE_LABEL, EP_STRATEGY) if plan.kind == "moe" else (plan.name, None)
 
@@ -120,11 +120,20 @@ def start(spec: ModelSpec, opts: RunOptions, g: Group, meter_factory: Callable[[
             check_writable(opts.out)
     except ConfigError as e:
         err = str(e)
-    agree_on_start(g, job_config(spec, opts, data_fingerprint(data) if data else "-", g.timeout_s), err)
+    agree_on_start(g, job_config(asdict(spec), opts, data_fingerprint(data) if data else "-", g.timeout_s), err)
     assert data is not None
     dtype = DTYPES[opts.dtype]
     batch = rank_batch(data, opts.batch_size, g.rank, g.device, dtype)
     return Run(spec, opts, g.device, dtype, data, batch, GuardedMeter(meter), ui, sleep, "skip"), meter
+
+
+def job_block(g: Group, meter: Meter, device_name: str, note: str) -> dict[str, Any]:
+    """The results document's ``parallel`` block: the job's ranks, hosts and backend (a collective: every
+    rank calls it)."""
+    hosts = all_gather_object(g, {"rank": g.rank, "hostname": platform.node(), "device": str(g.device),
+                                  "device_name": device_name, "meter": meter.name})
+    return {"mode": "expert", "world_size": g.world_size, "backend": g.backend, "collective_timeout_s": g.timeout_s,
+            "ranks": hosts, "nodes": len({h["hostname"] for h in hosts}), "note": note}
 
 
 def job_document(r: Run, g: Group, meter: Meter) -> dict[str, Any]:
@@ -132,13 +141,9 @@ def job_document(r: Run, g: Group, meter: Meter) -> dict[str, Any]:
     doc = new_document(spec=asdict(r.spec), options=r.opts.as_dict(), environment=describe(g.device),
                        dataset=pipeline.dataset_fields(r.data))
     doc["energy_meter"] = {**meter_info(meter), "notice": getattr(meter, "notice", None)}
-    hosts = all_gather_object(g, {"rank": g.rank, "hostname": platform.node(), "device": str(g.device),
-                                  "device_name": doc["environment"]["device_name"], "meter": meter.name})
-    doc["parallel"] = {"mode": "expert", "world_size": g.world_size, "backend": g.backend,
-                       "collective_timeout_s": g.timeout_s, "ranks": hosts,
-                       "nodes": len({h["hostname"] for h in hosts}),
-                       "note": "MoE: experts sharded, tokens moved by all-to-all; dense: data-parallel, "
-                               "each rank its own batch; every rank trained identically, rank 0's weights broadcast"}
+    doc["parallel"] = job_block(g, meter, doc["environment"]["device_name"],
+                                "MoE: experts sharded, tokens moved by all-to-all; dense: data-parallel, each rank "
+                                "its own batch; every rank trained identically, rank 0's weights broadcast")
     return doc
 
 
@@ -146,47 +151,47 @@ def job_document(r: Run, g: Group, meter: Meter) -> dict[str, Any]:
 # Train, then place: rank 0's weights on every rank
 
 
-def train_agreed(r: Run, g: Group, todo: list[ModelPlan]) -> tuple[list[Trained], dict[str, str]]:
-    """Every model trained on every rank as run trains it (no collective: a slow epoch cannot trip the
-    timeout); a model any rank could not fit is skipped on all of them, or they would wait on its collectives."""
-    set_stage("training")
-    trained, mine = pipeline.train_all(r, todo)
-    skipped: dict[str, str] = {}
+def agreed_reasons(g: Group, mine: dict[str, str]) -> dict[str, str]:
+    """Every rank's (name -> why it cannot run here) united, each with the first rank that said so: what any
+    rank cannot run is left out on all of them, or they would wait on its collectives."""
+    out: dict[str, str] = {}
     for rank, theirs in enumerate(all_gather_object(g, mine)):
         for name, why in theirs.items():
-            skipped.setdefault(name, f"rank {rank}: {why}")
+            out.setdefault(name, f"rank {rank}: {why}")
+    return out
+
+
+def train_agreed(r: Run, g: Group, todo: list[ModelPlan]) -> tuple[list[Trained], dict[str, str]]:
+    """Every model trained on every rank as run trains it (no collective: a slow epoch cannot trip the
+    timeout); a model any rank could not fit is skipped on all of them."""
+    set_stage("training")
+    trained, mine = pipeline.train_all(r, todo)
+    skipped = agreed_reasons(g, mine)
     return [t for t in trained if t.name not in skipped], skipped
 
 
-@dataclass
-class Placed:
-    """One measured row of the job: a trained model placed on this rank (the MoE sharded), and its strategy."""
-
-    label: str
-    trained: Trained
-    strategy: str | None
+def place_model(model: nn.Module, kind: str, g: Group) -> nn.Module:
+    """What every rank measures, on its device with rank 0's weights: an MoE sharded, a dense model whole."""
+    if kind == "moe":
+        return ExpertParallelMoE.from_moe(model, g)
+    return broadcast_module(model.to(g.device), g)
 
 
-def place(t: Trained, g: Group) -> Placed:
-    """What every rank measures, on its device with rank 0's weights: the MoE sharded, a dense model whole."""
-    set_stage(f"broadcasting {t.name}")
-    label, strategy = job_label(t.plan)
-    model: nn.Module
-    if t.plan.kind == "moe":
-        model = ExpertParallelMoE.from_moe(t.model, g)  # type: ignore[arg-type]
-    else:
-        model = broadcast_module(t.model.to(g.device), g)
-    return Placed(label, replace(t, model=model), strategy)
-
-
-def place_all(trained: list[Trained], g: Group) -> dict[str, Placed]:
-    """Every trained model placed, one at a time: the full MoE is dropped as soon as its shard exists."""
-    out: dict[str, Placed] = {}
+def place_all(r: Run, trained: list[Trained], g: Group) -> tuple[dict[str, Variant], dict[str, Trained]]:
+    """Every trained model placed, one at a time (the full MoE is dropped as soon as its shard exists): the
+    job's rows on this rank's batch, and each model's training (holding the placed model) by name."""
+    rows: dict[str, Variant] = {}
+    kept: dict[str, Trained] = {}
     while trained:
-        v = place(trained.pop(0), g)
-        out[v.label] = v
+        t = trained.pop(0)
+        set_stage(f"broadcasting {t.name}")
+        label, strategy = job_label(t.plan)
+        t = replace(t, model=place_model(t.model, t.plan.kind, g))  # the full model goes with the old t
+        kept[t.name] = t
+        rows[label] = Variant(label, t.model, strategy, r.batch, t.plan.flops_per_inference,
+                              t.plan.memory_bytes(r.opts.batch_size, r.opts.dtype, training=False), parked=False)
         free(g.device)
-    return out
+    return rows, kept
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def job_idle(ranks: list[dict[str, Any]]) -> IdlePower:
                      power_by_device_w=None if missing else power, flags=flags)
 
 
-def idle_phase(r: Run, g: Group) -> tuple[IdlePower | None, dict[str, Any] | None]:
+def idle_phase(r: Host, g: Group) -> tuple[IdlePower | None, dict[str, Any] | None]:
     """Idle power read by every rank at once, after run's rest; rank 0 gets the job's (None elsewhere, and
     everywhere with --idle-seconds 0)."""
     if r.opts.idle_seconds <= 0:
@@ -432,28 +437,34 @@ def job_record(ranks: list[dict[str, Any]], flops_per_inference: int, idle: Idle
 # Windows and records
 
 
-def job_window(r: Run, g: Group, v: Placed, rep: int, order: int, counts: dict[str, Count],
+def job_window(r: Bench, g: Group, v: Variant, rep: int, order: int, counts: dict[str, Count],
                idle: IdlePower | None, log: Callable[[str], None]) -> dict[str, Any] | None:
-    """One window of ``v`` on every rank; rank 0 gets the job's record of it (None elsewhere)."""
+    """One window of ``v`` on every rank; rank 0 gets the job's record of it (None elsewhere). ``v``'s
+    before/after hooks run on every rank (the after hook may be a collective: the job's expert load)."""
     set_stage(f"measuring {v.label}")
     log(f"{g.where()}: measuring {v.label} (window {rep + 1} of {r.opts.repeats})")
-    head = {"repeat": rep, "order": order, "started_utc": now_utc()}
+    head = {"repeat": rep, "order": order, "started_utc": now_utc(), **v.head}
+    if v.before_window is not None:
+        v.before_window()
     with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
-        res, counts[v.label] = measure_ranks(v.trained.model, r.batch, r.opts.duration, r.opts.warmup, r.meter, g,
+        res, counts[v.label] = measure_ranks(v.model, v.batch, r.opts.duration, r.opts.warmup, r.meter, g,
                                              counts.get(v.label), tick)
+    after = v.after_window() if v.after_window is not None else {}
     ranks = gather_object(g, res.as_dict())
     if ranks is None:
         return None
-    return {**head, **job_record(ranks, v.trained.plan.flops_per_inference, idle)}
+    return {**head, **job_record(ranks, v.flops_per_inference, idle), **after}
 
 
-def measure_all(r: Run, g: Group, variants: dict[str, Placed], idle: IdlePower | None,
-                log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
+def measure_all(r: Bench, g: Group, variants: dict[str, Variant], idle: IdlePower | None,
+                log: Callable[[str], None], first_order: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Run's schedule (every model once a round, rounds shuffled by the agreed seed: the same on every rank)
-    with run's rest between windows on every rank; rank 0 gets each model's windows (empty lists elsewhere)."""
+    with run's rest between windows on every rank; rank 0 gets each model's windows (empty lists elsewhere).
+    Orders count on from ``first_order``: groups measured one after another share one sequence."""
     out: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
     counts: dict[str, Count] = {}
-    for order, (rep, label) in enumerate(pipeline.window_schedule(list(variants), r.opts.repeats, r.opts.seed)):
+    schedule = pipeline.window_schedule(list(variants), r.opts.repeats, r.opts.seed)
+    for order, (rep, label) in enumerate(schedule, start=first_order):
         if order > 0:
             r.sleep(r.opts.cooldown)
         w = job_window(r, g, variants[label], rep, order, counts, idle, log)
@@ -477,7 +488,12 @@ def median_of(values: list[Any]) -> Any:
     return first
 
 
-def job_records(r: Run, todo: list[ModelPlan], variants: dict[str, Placed], skipped: dict[str, str],
+def parallel_median(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A model's ``parallel`` block: the medians of its windows' (the failed ones only if all failed)."""
+    return median_of([w["parallel"] for w in windows if not w.get("failed")] or [w["parallel"] for w in windows])
+
+
+def job_records(r: Run, todo: list[ModelPlan], trained: dict[str, Trained], skipped: dict[str, str],
                 windows: dict[str, list[dict[str, Any]]], idle: IdlePower | None) -> list[ModelRecord]:
     """Every row in plan order, as run's records; a measured one's ``parallel`` is its windows' medians."""
     out: list[ModelRecord] = []
@@ -486,10 +502,10 @@ def job_records(r: Run, todo: list[ModelPlan], variants: dict[str, Placed], skip
         if plan.name in skipped:
             out.append(skipped_record(label, plan.fields(), strategy, r.opts.dtype, skipped[plan.name]))
             continue
-        t, ws = variants[label].trained, windows[label]
+        t, ws = trained[plan.name], windows[label]
         rec = measured_record(label, plan.fields(), strategy, r.opts.dtype, t.train, t.accuracy_bench_dtype, idle,
                               ws)  # type: ignore[arg-type]
-        rec["parallel"] = median_of([w["parallel"] for w in ws if not w.get("failed")] or [w["parallel"] for w in ws])
+        rec["parallel"] = parallel_median(ws)
         out.append(rec)
         r.ui.info(label)
     return out
@@ -510,12 +526,12 @@ def run_distributed(spec: ModelSpec, opts: RunOptions, g: Group,
     todo = list(plans(r.spec, opts.models))
     log(f"{g.where()}: training {', '.join(p.name for p in todo)} on {g.device}")
     trained, skipped = train_agreed(r, g, todo)
-    variants = place_all(trained, g)
+    variants, placed = place_all(r, trained, g)
     idle, doc["idle"] = idle_phase(r, g) if variants else (None, None)
     windows = measure_all(r, g, variants, idle, log)
     if g.is_main:
-        doc["models"] = job_records(r, todo, variants, skipped, windows, idle)
-    del variants
+        doc["models"] = job_records(r, todo, placed, skipped, windows, idle)
+    del variants, placed
     free(g.device)
     set_stage("finishing")
     barrier(g)

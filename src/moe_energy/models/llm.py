@@ -193,11 +193,16 @@ class MoELayer(StrategyHost, nn.Module):
     def stack(self) -> SwiGLUExperts:
         return self.experts.family(self.capacity_factor, self.pair_counts)
 
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [T, d] -> expert_idx [T, k] int64, gate_w [T, k] in x's dtype (a router may compute in fp32)."""
+        idx, w = self.router(x)
+        return idx, w.to(x.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.hidden:  # shapes only: no sync
             self._bad_input(x)
-        idx, w = self.router(x)  # [T, k], [T, k]
-        y = self.run_experts(x, idx, w.to(x.dtype), self.stack())  # [T, d]
+        idx, w = self.route(x)  # [T, k], [T, k]
+        y = self.run_experts(x, idx, w, self.stack())  # [T, d]
         return y if self.shared is None else y + self.shared(x)
 
     def _bad_input(self, x: Any) -> None:
