@@ -103,6 +103,38 @@ def test_skewed_routing_loads_experts_unevenly(tmp_path):
     assert skewed["routing"]["zipf_alpha"] == 1.2 and s["routing"] == "skewed:1.2"
 
 
+def test_each_record_says_its_bytes_read_its_two_bounds_which_applies_and_the_fraction(tmp_path, monkeypatch):
+    """Bytes per forward counted per window (router + touched experts + shared), and with a calibrated roofline
+    the memory- and compute-bound times, the bound that applies (the slower) and the achieved fraction of it."""
+    from moe_energy import llm_pipeline, roofline
+
+    # 1 GB/s and 1 GFLOP/s: a T=1 forward of this layer (13 kB read, ~6 kFLOP) is memory-bound, T=64 compute-bound
+    roof = roofline.Roofline("cpu:test", {"float32": 1e9}, 1e9, 64, 2**20, "2026-01-01T00:00:00+00:00")
+    monkeypatch.setattr(llm_pipeline.roofline, "load", lambda device, notice=None: roof)
+    doc, _ = run(tmp_path, "balanced", tokens=(1, 64), repeats=1)
+    for m in doc["models"]:
+        T, plan = m["tokens_per_forward"], LayerPlan.of(m["name"].split("@")[0].split("[")[0], ARCH)
+        nbytes, flops = m["weight_bytes_read_per_forward"], plan.flops_per_token * T
+        if m["kind"] == "moe":
+            assert nbytes == layer_weight_bytes(ARCH, min(E, T * K), 4)
+            assert [w["weight_bytes_read_per_forward"] for w in m["windows"]] == [nbytes]  # counted per window
+        assert m["memory_bound_ms"] == pytest.approx(nbytes / 1e9 * 1e3)
+        assert m["compute_bound_ms"] == pytest.approx(flops / 1e9 * 1e3)
+        assert m["bound"] == ("memory" if m["memory_bound_ms"] >= m["compute_bound_ms"] else "compute")
+        assert m["roofline_bound_ms"] == max(m["memory_bound_ms"], m["compute_bound_ms"])
+        assert m["fraction_of_roofline"] == pytest.approx(m["roofline_bound_ms"] / 1e3 / (T / m["tokens_per_second"]))
+    bounds = {m["name"]: m["bound"] for m in doc["models"]}
+    assert bounds["moe[auto]@T=1"] == "memory" and bounds["moe[auto]@T=64"] == "compute"
+
+
+def test_a_deepseek_routers_bytes_read_count_it_at_fp32_in_a_half_layer():
+    arch = custom_arch(D, INTER, E, K, shared_experts=1, router=RouterSpec("deepseek_v2"))
+    moe = LayerPlan.of("moe", arch)
+    router = E * D
+    assert moe.weight_bytes_read(3, "bfloat16") == layer_weight_bytes(arch, 3, 2) + 2 * router  # held in fp32
+    assert moe.weight_bytes_read(3, "float32") == layer_weight_bytes(arch, 3, 4)
+
+
 @pytest.mark.parametrize("tokens, experts, k", [(8, 8, 2), (12, 8, 2), (5, 8, 3), (64, 16, 4), (3, 4, 4)])
 def test_balanced_assignment_deals_pairs_evenly_and_distinct(tokens, experts, k):
     a = balanced_assignment(tokens, experts, k, seed=3)

@@ -6,6 +6,7 @@ import pytest
 
 from moe_energy.energy.idle import IdlePower
 from moe_energy.energy.meter import Measurement
+from moe_energy.llm_pipeline import LayerRecord
 from moe_energy.measure.records import (
     MEDIAN_KEYS,
     SPREAD_KEYS,
@@ -17,7 +18,7 @@ from moe_energy.measure.records import (
     window_record,
 )
 from moe_energy.measure.window import BenchResult
-from moe_energy.store import MODEL_COLUMNS, WINDOW_COLUMNS
+from moe_energy.store import CARBON_MODEL_COLUMNS, LAYER_MODEL_COLUMNS, MODEL_COLUMNS, WINDOW_COLUMNS
 from moe_energy.train import TrainResult
 
 BOOKKEEPING = {"repeat", "order", "started_utc", "failed"}  # set by whoever schedules the window
@@ -52,5 +53,14 @@ def test_model_records_use_only_declared_fields():
 
 
 def test_every_store_column_is_a_record_field():
-    assert set(MODEL_COLUMNS) <= set(ModelRecord.__annotations__)
+    """A model column is a ModelRecord field, or, for the LLM-layer columns only, one of LayerRecord's (which
+    extends ModelRecord: the per-token figures, the routing's load, the roofline split)."""
+    model = set(ModelRecord.__annotations__)
+    layer = set(LayerRecord.__annotations__)
+    assert set(LAYER_MODEL_COLUMNS) <= model | layer, set(LAYER_MODEL_COLUMNS) - model - layer
+    assert set(MODEL_COLUMNS) - set(LAYER_MODEL_COLUMNS) <= model, set(MODEL_COLUMNS) - set(LAYER_MODEL_COLUMNS) - model
     assert set(WINDOW_COLUMNS) <= set(WindowRecord.__annotations__)
+    # issue 15's power-cap and carbon/cost fields are stored as declared, on the model and on the window
+    assert set(CARBON_MODEL_COLUMNS) <= set(MODEL_COLUMNS) and "power_limit_w" in WINDOW_COLUMNS
+    assert {"power_limit_w", "cpu_power_limit_w", "carbon_intensity_g_per_kwh", "price_per_kwh", "co2e_g_per_million",
+            "cost_per_million", "carbon_basis"} <= set(CARBON_MODEL_COLUMNS) <= model

@@ -14,7 +14,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from moe_energy.analysis import Frame, load
-from moe_energy.report import PLOTS, build
+from moe_energy.report import LAYER_PLOTS, PLOTS, build
 from moe_energy.store import Store
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -137,18 +137,57 @@ def _distinct_colours(png: Path) -> int:
     return len(np.unique((img.reshape(-1, 3) * 255).astype(np.uint8), axis=0))
 
 
+def _screenshot(page: Path, shot: Path, size: str, profile: Path) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={shot}", f"--window-size={size}",
+           page.resolve().as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+TILE_W, TILE_H = 420, 300
+
+
+def _tiled_page(report_html: str, prefix: str, out: Path) -> list[str]:
+    """A page of the report's own embedded images whose figure id starts with ``prefix``, each in a fixed tile
+    side by side (so one screenshot shows them all); returns their ids."""
+    figs = re.findall(r"<figure id='(" + prefix + r"[^']*)'><img alt='[^']*' src='(data:image/png;base64,[^']+)'",
+                      report_html)
+    tiles = "".join(f"<img id='{i}' src='{src}' style='width:{TILE_W}px;height:{TILE_H}px;display:block;"
+                    f"float:left;margin:0;border:0'>" for i, src in figs)
+    out.write_text(f"<!DOCTYPE html><html><body style='margin:0;background:#fff'>{tiles}</body></html>")
+    return [i for i, _ in figs]
+
+
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium not installed (runs in CI)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
+    """The whole page renders (far from blank), and every LLM-layer plot of a report holding both families, taken
+    from the report's own page, renders as a non-blank image in Chromium."""
+    from matplotlib.image import imread
+    from test_llm_report import fill_layers
+
     assert CHROMIUM is not None, "CI must have chromium (apt-get install chromium)"
     _db, files = report
     shot = tmp_path / "shot.png"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
-           files.html.resolve().as_uri()]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    r = _screenshot(files.html, shot, "1200,2000", tmp_path / "profile")
     assert shot.exists(), r.stderr[-2000:]
     assert _distinct_colours(shot) > 200  # text, tables and plots: far from a blank page
+
+    db = tmp_path / "both.db"
+    fill(db, batches=(128,))
+    fill_layers(db)
+    both = build(db, tmp_path / "both")
+    ids = _tiled_page(both.html.read_text(), "layer_", tmp_path / "tiles.html")
+    assert len(ids) == len(LAYER_PLOTS) * 2, ids  # two archs
+    tiles = tmp_path / "tiles.png"
+    r = _screenshot(tmp_path / "tiles.html", tiles, f"{TILE_W * len(ids)},{TILE_H}", tmp_path / "profile2")
+    assert tiles.exists(), r.stderr[-2000:]
+    img = (imread(tiles)[..., :3] * 255).astype(np.uint8)
+    assert img.shape[1] >= TILE_W * len(ids)
+    for k, name in enumerate(ids):
+        tile = img[:TILE_H, k * TILE_W:(k + 1) * TILE_W].reshape(-1, 3)
+        white = float((tile.min(axis=1) > 245).mean())
+        assert len(np.unique(tile, axis=0)) > 40 and 0.3 < white < 0.995, (name, white)  # a drawn plot, not blank
 
 
 # -- lines are drawn in x order, whatever order the sweep measured the points in ------------------------

@@ -64,6 +64,20 @@ def test_bound_is_the_slower_of_compute_and_memory():
 def test_figures_withhold_what_was_not_calibrated():
     got = roofline.figures(fake(), 4.0, 1e9, 3e10, "float32")
     assert got == {"flops_per_batch": 1e9, "weight_bytes_per_batch": 3e10, "roofline_bound_ms": pytest.approx(3000.0),
-                   "fraction_of_roofline": pytest.approx(0.75)}
+                   "memory_bound_ms": pytest.approx(3000.0), "compute_bound_ms": pytest.approx(10.0),
+                   "bound": "memory", "fraction_of_roofline": pytest.approx(0.75)}
     none = roofline.figures(None, 0.004, 1e9, 3e10, "float32")
     assert none["roofline_bound_ms"] is None and none["fraction_of_roofline"] is None
+    assert none["memory_bound_ms"] is None and none["compute_bound_ms"] is None and none["bound"] is None
+    assert roofline.figures(fake(), 4.0, 1e9, 3e10, "bfloat16")["bound"] is None  # that dtype never calibrated
+
+
+def test_figures_say_which_bound_applies_as_tokens_grow():
+    """A layer reading 1e9 weight bytes per forward at 1e10 B/s (0.1 s) and 2e9 FLOPs per token at 1e11 FLOP/s:
+    memory-bound until the arithmetic takes longer than the read, at 5 tokens, compute-bound after."""
+    r = fake()
+    got = {t: roofline.figures(r, 1.0, 2e9 * t, 1e9, "float32") for t in (1, 4, 6, 64)}
+    assert [got[t]["bound"] for t in (1, 4, 6, 64)] == ["memory", "memory", "compute", "compute"]
+    assert got[64]["compute_bound_ms"] == pytest.approx(1280.0) and got[64]["memory_bound_ms"] == pytest.approx(100.0)
+    assert got[64]["roofline_bound_ms"] == got[64]["compute_bound_ms"]
+    assert got[1]["fraction_of_roofline"] == pytest.approx(0.1)

@@ -101,18 +101,19 @@ def test_newer_schema_is_refused_in_one_line(tmp_path):
 
 def test_migrations_apply_in_order_and_atomically(tmp_path, monkeypatch):
     p = tmp_path / "old.db"
-    Store(p).close()  # version 1
+    Store(p).close()  # the shipped version
+    v = len(store_mod.MIGRATIONS)
     monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, "ALTER TABLE runs ADD COLUMN note TEXT"])
     s = Store(p)
-    assert s.version() == 2
+    assert s.version() == v + 1
     assert "note" in [r[1] for r in s.con.execute("PRAGMA table_info(runs)")]
     s.close()
     # a migration that fails half way leaves the version and the schema untouched
     monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, "CREATE TABLE extra (x INT); SELECT nope"])
-    with pytest.raises(ConfigError, match="from version 2 to 3 failed"):
+    with pytest.raises(ConfigError, match=f"from version {v + 1} to {v + 2} failed"):
         Store(p)
     con = sqlite3.connect(p)
-    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+    assert con.execute("SELECT version FROM schema_version").fetchone()[0] == v + 1
     assert con.execute("SELECT COUNT(*) FROM sqlite_master WHERE name='extra'").fetchone()[0] == 0
 
 
@@ -185,3 +186,96 @@ def test_a_failed_point_retried_in_the_same_run_is_replaced(db):
 ])
 def test_stored_json_is_strict_and_never_raises(raw, want, expected):
     assert store_mod.stored_json(raw, want) == expected
+
+
+# -- schema version 2: the LLM-layer, roofline-split and issue 15 columns, by a migration of their own ---------
+def layer_record(tokens=8, kind="moe"):
+    rec = model_record("moe[auto]" if kind == "moe" else "dense_total", kind, ipj=5.0, windows=1, trace=False)
+    rec["name"] += f"@T={tokens}"
+    rec["windows"][0].update(power_limit_w=250.0, cpu_power_limit_w=95.0, experts_touched=6, tokens_per_forward=tokens)
+    rec.update(arch="olmoe-1b-7b", tokens_per_forward=tokens, routing="skewed:1.2", tokens_per_second=100.0,
+               tokens_per_joule=5.0, joules_per_1k_tokens=200.0, experts_touched=6.0 if kind == "moe" else None,
+               weight_bytes_read_per_forward=3e6, memory_bound_ms=0.2, compute_bound_ms=0.05, bound="memory",
+               roofline_bound_ms=0.2, fraction_of_roofline=0.5, power_limit_w=250.0, co2e_g_per_million=1.5,
+               carbon_basis="estimate from measured energy")
+    return rec
+
+
+LAYER_CONFIG = {"label": "olmoe-1b-7b skewed:1.2", "family": "llm_layer", "routing": "skewed:1.2", "tokens": [8],
+                "spec": {"name": "olmoe-1b-7b", "d_model": 2048, "experts": 64, "top_k": 8},
+                "options": {"dtype": "float32", "batch_size": 128}, "total_params": 402784256}
+
+
+def v1_store(path):
+    """A store exactly as schema version 1 shipped it, with one seed point."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    try:
+        with Store(path) as s:
+            assert s.version() == 1
+            s.new_run("old", {"grid": "seed"}, {"device": "cpu"}, None)
+            # version 1's add_point wrote these columns: the new ones do not exist yet
+            s.con.execute("BEGIN IMMEDIATE")
+            s.con.execute("INSERT INTO points (run_id, point_key, status, label, experts, batch_size, dtype, "
+                          "total_params, config_json) VALUES ('old', 'seed1', 'done', 'small', 4, 64, 'float32', "
+                          "1000, ?)", (json.dumps(CONFIG),))
+            s.con.execute("INSERT INTO models (point_id, ordinal, name, kind, params, active_params, "
+                          "inferences_per_joule, record_json) VALUES (1, 0, 'moe[grouped]', 'moe', 1000, 500, 10.0, "
+                          "?)", (json.dumps(model_record(windows=0)),))
+            s.con.execute("COMMIT")
+    finally:
+        mp.undo()
+    return path
+
+
+def test_the_v1_schema_is_frozen_and_v2_adds_only_columns():
+    assert store_mod._V1.count("CREATE TABLE") == 5 and "tokens_per_forward" not in store_mod._V1
+    assert "power_limit_w" not in store_mod._V1 and "family" not in store_mod._V1
+    v2 = store_mod.MIGRATIONS[1]
+    assert "CREATE TABLE" not in v2 and "DROP" not in v2 and v2.count("ALTER TABLE") == (
+        len(store_mod.LAYER_MODEL_COLUMNS) + len(store_mod.CARBON_MODEL_COLUMNS) + 2 + 3)
+
+
+def test_a_v1_file_migrates_in_place_keeps_its_rows_and_takes_llm_points(tmp_path):
+    p = v1_store(tmp_path / "v1.db")
+    with Store(p) as s:
+        assert s.version() == 2
+        cols = {r[1] for r in s.con.execute("PRAGMA table_info(models)")}
+        assert set(store_mod.MODEL_COLUMNS) <= cols
+        assert {"family", "arch", "routing"} <= {r[1] for r in s.con.execute("PRAGMA table_info(points)")}
+        assert "power_limit_w" in {r[1] for r in s.con.execute("PRAGMA table_info(windows)")}
+        old = s.model_rows()[0]
+        assert old["inferences_per_joule"] == 10.0 and old["point_family"] is None and old["arch"] is None
+        s.new_run("new", {"grid": "custom"}, {"device": "cpu"}, None)
+        s.add_point("new", "llm1", LAYER_CONFIG, "done", document=doc(layer_record(), layer_record(kind="dense")))
+        rows = {r["name"]: r for r in s.model_rows()}
+        moe = rows["moe[auto]@T=8"]
+        assert (moe["arch"], moe["tokens_per_forward"], moe["routing"], moe["experts_touched"]) == (
+            "olmoe-1b-7b", 8, "skewed:1.2", 6.0)
+        assert (moe["bound"], moe["memory_bound_ms"], moe["compute_bound_ms"], moe["fraction_of_roofline"]) == (
+            "memory", 0.2, 0.05, 0.5)
+        assert (moe["power_limit_w"], moe["co2e_g_per_million"], moe["carbon_basis"]) == (
+            250.0, 1.5, "estimate from measured energy")
+        assert moe["point_family"] == "llm_layer" and rows["dense_total@T=8"]["experts_touched"] is None
+        point = next(p for p in s.points() if p["point_key"] == "llm1")
+        assert (point["family"], point["arch"], point["routing"], point["batch_size"], point["experts"]) == (
+            "llm_layer", "olmoe-1b-7b", "skewed:1.2", None, 64)
+        assert [(w["power_limit_w"], w["cpu_power_limit_w"]) for w in s.window_rows()] == [(250.0, 95.0)] * 2
+
+
+def test_an_old_and_a_new_store_merge_and_export_with_the_new_columns(tmp_path):
+    old = v1_store(tmp_path / "v1.db")
+    before = old.read_bytes()
+    with Store(tmp_path / "v2.db") as s:
+        s.new_run("new", {"grid": "custom"}, {"device": "cpu"}, None)
+        s.add_point("new", "llm1", LAYER_CONFIG, "done", document=doc(layer_record(1), layer_record(1, "dense")))
+    counts = merge([old, tmp_path / "v2.db"], tmp_path / "m.db")
+    assert old.read_bytes() == before  # an input is only read (migrated in memory)
+    assert counts["points"] == 2 and counts["models"] == 3
+    with Store(tmp_path / "m.db", create=False) as m:
+        assert m.version() == 2
+        table = list(csv.DictReader(io.StringIO(m.export_csv("models"))))
+        assert [(r["name"], r["tokens_per_forward"], r["bound"]) for r in table] == [
+            ("moe[grouped]", "", ""), ("moe[auto]@T=1", "1", "memory"), ("dense_total@T=1", "1", "memory")]
+        points = list(csv.DictReader(io.StringIO(m.export_csv("points"))))
+        assert [(r["family"], r["arch"]) for r in points] == [("", ""), ("llm_layer", "olmoe-1b-7b")]

@@ -11,6 +11,10 @@ model is the numerator. The interval comes from the repeats' spread (best case: 
 worst case: MoE's min vs dense's max).
 Energy figures of different kinds are never silently compared: an estimate against a measured figure is
 left out and said so.
+
+LLM layers (issue 14) get the same crossover along another axis: tokens per forward, from a decoding step to a
+prefill chunk, per (arch, routing, dtype, strategy): the same pairs (MoE, total-matched dense FFN), the same
+interpolation in log10(x), the same interval from the repeats; only the axis differs (``Pair.x``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .store import Store, stored_json
+from .store import LAYER_FAMILY, Store, stored_json
 
 MEASURED = ("counter", "sampled")
 METRICS = {
@@ -33,6 +37,8 @@ ENERGY_METRICS = ("inferences_per_joule", "correct_per_joule")
 TDP_KEYS = ("tdp_w", "tdp_watts", "power_limit_w")
 
 Group = tuple[int, str, str, str]  # (batch_size, dtype, strategy, E/k): one curve along total params
+LayerGroup = tuple[str, str, str, str]  # (arch, routing, dtype, strategy): one curve along tokens per forward
+AXIS_UNITS = {"params": "params", "tokens": "tokens per forward"}
 
 
 def finite(v: Any) -> float | None:
@@ -70,6 +76,7 @@ class Frame:
     runs: list[dict] = field(default_factory=list)
     points: list[dict] = field(default_factory=list)  # done points, ascending total params
     models: list[dict] = field(default_factory=list)  # one per measured model; with point fields
+    layers: list[dict] = field(default_factory=list)  # LLM layers: one per (model, token count); with point fields
     windows: list[dict] = field(default_factory=list)  # one per window; 'trace': [(device, t_s, power_w)]
     skipped: list[dict] = field(default_factory=list)  # points that were skipped or failed (latest attempt)
     tdp_w: float | None = None
@@ -103,7 +110,9 @@ def load(store: Store) -> Frame:
     f = Frame(runs=_runs(store, damaged))
     f.points = sorted(done.values(), key=lambda p: (p["total_params"] or 0, p["batch_size"] or 0, p["id"]))
     f.skipped = sorted((p for p in latest.values() if p["status"] != "done"), key=lambda p: p["total_params"] or 0)
-    f.models = _models(store, done, damaged)
+    both = _models(store, done, damaged)
+    f.models = [m for m in both if m.get("family") != LAYER_FAMILY]
+    f.layers = [m for m in both if m.get("family") == LAYER_FAMILY]
     model_ids = {m["model_id"] for m in f.models}
     traces = store.traces(damaged)
     for w in store.window_rows():
@@ -159,6 +168,7 @@ def _models(store: Store, done: dict[int, dict], damaged: Counter[str]) -> list[
         m["batch_size"] = m.get("batch_size") or row["point_batch_size"]
         m["dtype"] = m.get("dtype") or row["point_dtype"]
         m["kind"] = m.get("kind") or ("moe" if str(m.get("name", "")).startswith("moe") else "dense")
+        m["family"] = row.get("point_family")
         out.append(m)
     return out
 
@@ -204,6 +214,11 @@ class Pair:
     moe: dict
     dense: dict
     label: str = ""
+    x: float | None = None  # where the pair sits on a crossover's axis other than params (tokens per forward)
+
+    @property
+    def at(self) -> float:
+        return float(self.params if self.x is None else self.x)
 
 
 def pairs(frame: Frame) -> dict[Group, list[Pair]]:
@@ -240,6 +255,9 @@ def crossing(xs: list[float], d: list[float]) -> tuple[str, float | None]:
 
 @dataclass
 class Crossover:
+    """Where MoE overtakes dense along ``axis``: total params (the seed's sizes), or tokens per forward (an LLM
+    layer: ``params``, ``low``, ``high``, ``min_params``, ``max_params`` are then token counts)."""
+
     batch_size: int | None
     dtype: str | None
     strategy: str | None
@@ -256,6 +274,9 @@ class Crossover:
     max_params: float | None = None
     energy: str | None = None  # 'measured' | 'estimate' for energy metrics
     notes: list[str] = field(default_factory=list)
+    axis: str = "params"  # "params" | "tokens"
+    arch: str | None = None  # an LLM layer's crossover: its arch and routing
+    routing: str | None = None
 
     @property
     def unit(self) -> str:
@@ -263,22 +284,32 @@ class Crossover:
 
     def answer(self) -> str:
         """The crossover in words, with its interval and range."""
+        u, n = AXIS_UNITS[self.axis], _number
         if self.status == "not_measured":
             return "not measured"
         if self.status == "below_grid":
-            return f"at or below {self.min_params:,.0f} params (MoE already ahead at the smallest point)"
+            return f"at or below {n(self.min_params)} {u} (MoE already ahead at the smallest point)"
         if self.status == "not_reached":
-            return f"not reached up to {self.max_params:,.0f} params"
+            return f"not reached up to {n(self.max_params)} {u}"
         assert self.params is not None
-        lo = f"{self.low:,.0f}" if self.low is not None else "?"
+        lo = n(self.low) if self.low is not None else "?"
         if self.low_status == "below_grid":
             lo = f"at or below {lo}"
-        hi = f"{self.high:,.0f}" if self.high is not None else f"beyond {self.max_params:,.0f}"
-        return f"~{self.params:,.0f} params (interval {lo} to {hi})"
+        hi = n(self.high) if self.high is not None else f"beyond {n(self.max_params)}"
+        return f"~{n(self.params)} {u} (interval {lo} to {hi})"
 
 
-def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, None)) -> Crossover:  # type: ignore[assignment]
-    """The crossover of ``metric`` along one group's pairs; see the module docstring for the method."""
+def _number(v: float | None) -> str:
+    """1,234,567 for counts; 2.5 below 10, where a token count between two measured ones needs its decimal."""
+    if v is None:
+        return "?"
+    return f"{v:,.0f}" if v >= 10 else f"{v:.2g}"
+
+
+def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, None),  # type: ignore[assignment]
+              axis: str = "params") -> Crossover:
+    """The crossover of ``metric`` along one group's pairs (``axis``: where each pair sits, ``Pair.at``); see
+    the module docstring for the method."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
     b, dt, s, ek = group
@@ -305,7 +336,7 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
         notes.append(f"{mixed} point(s) left out: an estimated energy figure is not compared with a measured one")
     if unmeasured and usable:
         notes.append(f"{unmeasured} point(s) without this figure left out")
-    c = Crossover(b, dt, s, ek, metric, "not_measured", n_points=len(usable))
+    c = Crossover(b, dt, s, ek, metric, "not_measured", n_points=len(usable), axis=axis)
     if metric in ENERGY_METRICS and kinds:
         c.energy = "estimate" if kinds == {"estimate"} else "measured"
         if c.energy == "estimate":
@@ -318,7 +349,8 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
         return c
     xs, d, best, worst = _curves(usable, metric)
     if len(xs) < len(usable):
-        c.notes.append(f"{len(usable) - len(xs)} point(s) share a total size with another: their differences averaged")
+        c.notes.append(f"{len(usable) - len(xs)} point(s) share a {'total size' if axis == 'params' else 'token count'}"
+                       " with another: their differences averaged")
     c.min_params, c.max_params = xs[0], xs[-1]
     c.status, c.params = crossing(xs, d)
     c.low_status, c.low = crossing(xs, best)
@@ -328,13 +360,23 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
     if c.high is not None and c.params is not None:
         c.high = max(c.high, c.params)
     if c.status == "not_reached" and c.low is not None:
-        c.notes.append(f"within the repeats' spread MoE could lead from ~{c.low:,.0f} params")
-    if c.status == "crossed":
-        after = [i for i in range(len(xs)) if xs[i] > (c.params or 0)]
-        back = [xs[i] for i in after if d[i] <= 0]
-        if back:
-            c.notes.append(f"MoE falls behind again at {back[0]:,.0f} params")
+        c.notes.append(f"within the repeats' spread MoE could lead from ~{_number(c.low)} {AXIS_UNITS[axis]}")
+    if c.status in ("crossed", "below_grid"):
+        c.notes += _later_turns(xs, d, c.params or 0, AXIS_UNITS[axis], c.status == "crossed")
     return c
+
+
+def _later_turns(xs: list[float], d: list[float], lead_from: float, unit: str, crossed: bool) -> list[str]:
+    """Notes for a lead that does not hold: where MoE falls behind after it first leads (a measured point) and
+    where it leads again (interpolated as the crossover is): an LLM layer's decode / mid / prefill shape."""
+    back = next((i for i in range(len(xs)) if xs[i] > lead_from and d[i] <= 0), None)
+    if back is None:
+        return []
+    notes = [f"MoE falls behind {'again ' if crossed else ''}at {_number(xs[back])} {unit}"]
+    status, again = crossing(xs[back:], d[back:])
+    if status == "crossed":
+        notes.append(f"MoE leads again from ~{_number(again)} {unit}")
+    return notes
 
 
 def _curves(ps: list[Pair], metric: str) -> tuple[list[float], list[float], list[float], list[float]]:
@@ -345,7 +387,7 @@ def _curves(ps: list[Pair], metric: str) -> tuple[list[float], list[float], list
         assert vm is not None and vd is not None
         best = math.log(_pos(value(p.moe, metric, "max"), vm) / _pos(value(p.dense, metric, "min"), vd))
         worst = math.log(_pos(value(p.moe, metric, "min"), vm) / _pos(value(p.dense, metric, "max"), vd))
-        acc.setdefault(float(p.params), []).append((math.log(vm / vd), best, worst))
+        acc.setdefault(p.at, []).append((math.log(vm / vd), best, worst))
     xs = sorted(acc)
     mean = [tuple(sum(col) / len(col) for col in zip(*acc[x])) for x in xs]
     return xs, [m[0] for m in mean], [m[1] for m in mean], [m[2] for m in mean]
@@ -362,6 +404,37 @@ def crossovers(frame: Frame, metrics: Iterable[str] = tuple(METRICS)) -> list[Cr
     for g, ps in sorted(pairs(frame).items(), key=lambda kv: (kv[0][0] or 0, *map(str, kv[0][1:]))):
         for metric in metrics:
             c = crossover(ps, metric, g)
+            if note:
+                c.notes.append(note)
+            out.append(c)
+    return out
+
+
+def layer_pairs(frame: Frame) -> dict[LayerGroup, list[Pair]]:
+    """Per (arch, routing, dtype, strategy): (MoE, dense-total) pairs at each token count, ascending tokens."""
+    dense = {(m["point_id"], m.get("tokens_per_forward")): m for m in frame.layers
+             if m["kind"] == "dense" and m.get("match") == "total"}
+    out: dict[LayerGroup, list[Pair]] = {}
+    for m in frame.layers:
+        t = m.get("tokens_per_forward")
+        if m["kind"] != "moe" or not isinstance(t, int) or (m["point_id"], t) not in dense:
+            continue
+        g = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), str(m["strategy"]))
+        out.setdefault(g, []).append(Pair(int(m["params"]), m, dense[m["point_id"], t], str(m.get("arch")), float(t)))
+    for g in out:
+        out[g].sort(key=lambda p: p.at)
+    return out
+
+
+def layer_crossovers(frame: Frame, metrics: Iterable[str] = ("inferences_per_joule", "inferences_per_second")
+                     ) -> list[Crossover]:
+    """Each LLM layer's crossover over tokens per forward (tokens are its inferences: tokens/J, tokens/s)."""
+    out = []
+    note = frame.damage_note()
+    for (arch, routing, dtype, strategy), ps in sorted(layer_pairs(frame).items()):
+        for metric in metrics:
+            c = crossover(ps, metric, (None, dtype, strategy, None), axis="tokens")  # type: ignore[arg-type]
+            c.arch, c.routing = arch, routing
             if note:
                 c.notes.append(note)
             out.append(c)

@@ -135,12 +135,15 @@ class LayerPlan:
         return self.weight_bytes(dtype) + self.activation_bytes(tokens, strategies) + memory.OVERHEAD_BYTES
 
     def weight_bytes_read(self, experts_touched: float | None, dtype: str) -> float | None:
-        """Weight bytes one forward reads at least: all of a dense FFN; the MoE's router, touched experts, shared."""
+        """Weight bytes one forward reads at least: all of a dense FFN; the MoE's router (DeepSeek's at 4 bytes a
+        parameter: it stays fp32), the experts that got a token, and the shared experts."""
+        b = memory.BYTES[dtype]
         if self.kind == "dense":
-            return float(self.params * memory.BYTES[dtype])
+            return float(self.params * b)
         if experts_touched is None:
             return None
-        return layer_weight_bytes(self.arch, experts_touched, memory.BYTES[dtype])
+        fp32_router = router_params(self.arch) * (4 - b) if self.arch.router.kind in FP32_ROUTERS else 0
+        return layer_weight_bytes(self.arch, experts_touched, b) + fp32_router
 
     def build(self, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
         """The model with seeded random weights, allocated on ``device`` in ``dtype`` (one copy)."""
@@ -375,7 +378,8 @@ def layer_variant(r: LayerRun, plan: LayerPlan, label: str, strategy: str | None
                    head={"tokens_per_forward": tokens},
                    auto_candidates=auto_candidates(r, plan, tokens) if plan.kind == "moe" else None,
                    before_window=router.reset_load if router is not None else None,
-                   after_window=partial(load_fields, router, tokens) if router is not None else None)
+                   after_window=partial(load_fields, router, plan, r.opts.dtype, tokens) if router is not None
+                   else None)
 
 
 def auto_candidates(r: LayerRun, plan: LayerPlan, tokens: int) -> tuple[str, ...]:
@@ -396,10 +400,13 @@ def bench_router(model: nn.Module) -> BenchRouter | None:
     return router if isinstance(router, BenchRouter) else None
 
 
-def load_fields(router: BenchRouter, tokens: int) -> dict[str, Any]:
-    """The window's routing load, counted on the device (one sync: read it after the window)."""
+def load_fields(router: BenchRouter, plan: LayerPlan, dtype: str, tokens: int) -> dict[str, Any]:
+    """The window's routing load, counted on the device (one sync: read it after the window), and the weight
+    bytes each of its forwards read: the fixed inputs route every forward of a window alike."""
     load = read_load(router, tokens)
-    return load.as_dict() if load is not None else {"experts_touched": None}
+    if load is None:
+        return {"experts_touched": None, "weight_bytes_read_per_forward": None}
+    return {**load.as_dict(), "weight_bytes_read_per_forward": plan.weight_bytes_read(load.experts_touched, dtype)}
 
 
 def measure_groups(r: LayerRun, groups: list[list[LayerPlan]], idle: IdlePower | None,
@@ -433,6 +440,10 @@ class LayerRecord(ModelRecord, total=False):
     experts_touched_if_uniform: float | None
     expert_load_max_over_mean: float | None
     weight_bytes_read_per_forward: float | None
+    # the roofline split (roofline.figures): the bytes above at the copy bandwidth, the FLOPs at the GEMM rate
+    memory_bound_ms: float | None
+    compute_bound_ms: float | None
+    bound: str | None  # "memory" | "compute": the slower of the two, the one that applies
     model_extrapolated: dict[str, Any] | None
 
 

@@ -1,7 +1,8 @@
 """Roofline: this host's attainable GEMM FLOP/s (per dtype) and memory bandwidth, measured once and cached.
 
 A batch cannot finish faster than max(FLOPs / attainable FLOP/s, bytes / attainable bandwidth); the
-fraction of that bound a model reaches says how much of the hardware its implementation leaves unused.
+fraction of that bound a model reaches says how much of the hardware its implementation leaves unused, and
+which of the two is the larger ("memory" or "compute") says which limit the batch hits (``figures``).
 "Attainable" means measured here (the best of a few large matmuls, the best of a few large copies), not
 a datasheet peak. The cache lives in $MOE_ENERGY_CACHE_DIR (default ~/.cache/moe-energy)/roofline.json,
 one entry per device name.
@@ -42,12 +43,18 @@ class Roofline:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def bound_s(self, flops: float, bytes_moved: float, dtype: str) -> float | None:
-        """Least seconds for ``flops`` and ``bytes_moved``; None when this dtype was not calibrated."""
+    def bounds_s(self, flops: float, bytes_moved: float, dtype: str) -> tuple[float, float] | None:
+        """(memory-bound, compute-bound) least seconds: ``bytes_moved`` at the copy bandwidth, ``flops`` at the
+        GEMM rate; None when this dtype was not calibrated."""
         peak = self.gemm_flops_per_s.get(dtype)
         if peak is None or peak <= 0 or self.bandwidth_bytes_per_s <= 0:
             return None
-        return max(flops / peak, bytes_moved / self.bandwidth_bytes_per_s)
+        return bytes_moved / self.bandwidth_bytes_per_s, flops / peak
+
+    def bound_s(self, flops: float, bytes_moved: float, dtype: str) -> float | None:
+        """Least seconds for ``flops`` and ``bytes_moved``; None when this dtype was not calibrated."""
+        both = self.bounds_s(flops, bytes_moved, dtype)
+        return max(both) if both is not None else None
 
     def fraction_of_bound(self, seconds: float, flops: float, bytes_moved: float, dtype: str) -> float | None:
         """bound / measured, in (0, 1] for a sane measurement; None when not computable."""
@@ -59,12 +66,17 @@ class Roofline:
 
 def figures(roof: Roofline | None, seconds_per_batch: float, flops_per_batch: float, weight_bytes_per_batch: float,
             dtype: str) -> dict:
-    """The roofline columns of a result row: the bound in ms and the fraction of it reached (None when the
-    device or dtype was never calibrated: never 0 or inf)."""
-    bound = roof.bound_s(flops_per_batch, weight_bytes_per_batch, dtype) if roof else None
+    """The roofline columns of a result row: both bounds in ms, which one applies ("memory" | "compute": the
+    slower), and the fraction of it reached (None when the device or dtype was never calibrated: never 0 or inf)."""
+    both = roof.bounds_s(flops_per_batch, weight_bytes_per_batch, dtype) if roof else None
+    memory_s, compute_s = both if both is not None else (None, None)
+    bound = max(both) if both is not None else None
     return {
         "flops_per_batch": flops_per_batch,
         "weight_bytes_per_batch": weight_bytes_per_batch,
+        "memory_bound_ms": memory_s * 1e3 if memory_s is not None else None,
+        "compute_bound_ms": compute_s * 1e3 if compute_s is not None else None,
+        "bound": None if both is None else ("memory" if both[0] >= both[1] else "compute"),
         "roofline_bound_ms": bound * 1e3 if bound is not None else None,
         "fraction_of_roofline": bound / seconds_per_batch if bound is not None and seconds_per_batch > 0 else None,
     }

@@ -37,8 +37,10 @@ if TYPE_CHECKING:
     from .measure.records import ModelRecord
 
 # Columns copied out of each model and window record: every one a field of measure.records' ModelRecord or
-# WindowRecord (tests/test_records.py holds it), read with .get (absent: NULL); record_json keeps them all.
-MODEL_COLUMNS: dict[str, str] = {
+# WindowRecord, or of the LLM-layer family's LayerRecord (tests/test_records.py holds it), read with .get
+# (absent: NULL); record_json keeps them all. The columns of schema version 1 are frozen here: a later
+# version's columns go in its own migration, so that a shipped migration never changes.
+_V1_MODEL_COLUMNS: dict[str, str] = {
     "name": "TEXT", "kind": "TEXT", "match": "TEXT", "strategy": "TEXT", "params": "INTEGER",
     "active_params": "INTEGER", "width": "INTEGER", "flops_per_inference": "INTEGER", "dtype": "TEXT",
     "batch_size": "INTEGER", "accuracy": "REAL", "diverged": "INTEGER",
@@ -51,12 +53,31 @@ MODEL_COLUMNS: dict[str, str] = {
     "energy_is_estimate": "INTEGER", "energy_method": "TEXT", "energy_meter": "TEXT",
     "latency_p50_ms": "REAL", "latency_p95_ms": "REAL", "window_s": "REAL",
 }
-WINDOW_COLUMNS: dict[str, str] = {
+_V1_WINDOW_COLUMNS: dict[str, str] = {
     "window_s": "REAL", "inferences": "INTEGER", "energy_j": "REAL", "average_power_w": "REAL",
     "inferences_per_second": "REAL", "inferences_per_joule": "REAL", "energy_method": "TEXT",
 }
+# Schema version 2: the LLM-layer family's per-token fields, the roofline split (which bound applies), and the
+# power-cap and carbon/cost fields of issue 15; the point's family, arch and routing.
+LAYER_MODEL_COLUMNS: dict[str, str] = {
+    "arch": "TEXT", "tokens_per_forward": "INTEGER", "routing": "TEXT", "tokens_per_second": "REAL",
+    "tokens_per_joule": "REAL", "joules_per_1k_tokens": "REAL", "experts_touched": "REAL",
+    "experts_touched_if_uniform": "REAL", "expert_load_max_over_mean": "REAL",
+    "weight_bytes_read_per_forward": "REAL", "roofline_bound_ms": "REAL", "memory_bound_ms": "REAL",
+    "compute_bound_ms": "REAL", "bound": "TEXT", "fraction_of_roofline": "REAL",
+}
+CARBON_MODEL_COLUMNS: dict[str, str] = {
+    "power_limit_w": "REAL", "power_limit_requested_w": "REAL", "cpu_power_limit_w": "REAL",
+    "carbon_intensity_g_per_kwh": "REAL", "price_per_kwh": "REAL", "co2e_g_per_million": "REAL",
+    "cost_per_million": "REAL", "carbon_basis": "TEXT",
+}
+_V2_WINDOW_COLUMNS: dict[str, str] = {"power_limit_w": "REAL", "cpu_power_limit_w": "REAL"}
+_V2_POINT_COLUMNS: dict[str, str] = {"family": "TEXT", "arch": "TEXT", "routing": "TEXT"}
+MODEL_COLUMNS: dict[str, str] = {**_V1_MODEL_COLUMNS, **LAYER_MODEL_COLUMNS, **CARBON_MODEL_COLUMNS}
+WINDOW_COLUMNS: dict[str, str] = {**_V1_WINDOW_COLUMNS, **_V2_WINDOW_COLUMNS}
 POINT_COLUMNS = ("label", "experts", "hidden", "layers", "top_k", "input_dim", "classes", "batch_size",
-                 "dtype", "total_params")
+                 "dtype", "total_params", *_V2_POINT_COLUMNS)
+LAYER_FAMILY = "llm_layer"  # points.family of an LLM-layer point; NULL (schema 1's points): the seed's family
 
 _V1 = f"""
 CREATE TABLE runs (
@@ -89,7 +110,7 @@ CREATE TABLE models (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     point_id INTEGER NOT NULL REFERENCES points(id) ON DELETE CASCADE,
     ordinal INTEGER NOT NULL,
-    {', '.join(f'{c} {t}' for c, t in MODEL_COLUMNS.items())},
+    {', '.join(f'{c} {t}' for c, t in _V1_MODEL_COLUMNS.items())},
     record_json TEXT NOT NULL
 );
 CREATE INDEX models_point ON models(point_id);
@@ -97,7 +118,7 @@ CREATE TABLE windows (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
     ordinal INTEGER NOT NULL,
-    {', '.join(f'{c} {t}' for c, t in WINDOW_COLUMNS.items())},
+    {', '.join(f'{c} {t}' for c, t in _V1_WINDOW_COLUMNS.items())},
     metrics_json TEXT NOT NULL
 );
 CREATE INDEX windows_model ON windows(model_id);
@@ -112,8 +133,17 @@ CREATE TABLE traces (
 );
 """
 
+
+def _add_columns(table: str, columns: dict[str, str]) -> str:
+    return "".join(f"ALTER TABLE {table} ADD COLUMN {c} {t};\n" for c, t in columns.items())
+
+
+_V2 = (_add_columns("models", {**LAYER_MODEL_COLUMNS, **CARBON_MODEL_COLUMNS})
+       + _add_columns("windows", _V2_WINDOW_COLUMNS) + _add_columns("points", _V2_POINT_COLUMNS)
+       + "CREATE INDEX models_arch_tokens ON models(arch, tokens_per_forward);\n")
+
 # MIGRATIONS[i] brings a database from schema version i to i + 1. Append, never edit a shipped one.
-MIGRATIONS: list[str] = [_V1]
+MIGRATIONS: list[str] = [_V1, _V2]
 
 
 def schema_version() -> int:
@@ -421,14 +451,16 @@ class Store:
             # a point that failed before is retried by --resume within the same run: its new outcome replaces it
             c.execute("DELETE FROM points WHERE run_id = ? AND point_key = ? AND status = 'failed'",
                       (run_id, point_key))
+            layer = config.get("family") == LAYER_FAMILY  # an LLM layer: its spec is an Arch, no batch size
             cur = c.execute(
                 "INSERT INTO points (run_id, point_key, status, reason, label, experts, hidden, layers, top_k, "
-                "input_dim, classes, batch_size, dtype, total_params, started_utc, finished_utc, seconds, "
-                "config_json, document_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "input_dim, classes, batch_size, dtype, total_params, family, arch, routing, started_utc, "
+                f"finished_utc, seconds, config_json, document_json) VALUES ({', '.join('?' * 22)})",
                 (run_id, point_key, status, reason, config.get("label"), spec.get("experts"), spec.get("hidden"),
                  spec.get("layers"), spec.get("top_k"), spec.get("input_dim"), spec.get("classes"),
-                 opts.get("batch_size"), opts.get("dtype"), config.get("total_params"), started_utc, now_utc(),
-                 _finite(seconds), dumps(config), dumps(head) if document is not None else None),
+                 None if layer else opts.get("batch_size"), opts.get("dtype"), config.get("total_params"),
+                 config.get("family"), spec.get("name") if layer else None, config.get("routing"), started_utc,
+                 now_utc(), _finite(seconds), dumps(config), dumps(head) if document is not None else None),
             )
             point_id = int(cur.lastrowid)
             for i, rec in enumerate(models):
@@ -510,7 +542,7 @@ class Store:
         pcols = ", ".join(f"p.{c} AS point_{c}" for c in ("label", "experts", "hidden", "layers", "top_k",
                                                            "total_params"))
         q = (f"SELECT m.*, p.run_id, p.point_key, p.status AS point_status, {pcols}, "
-             "p.batch_size AS point_batch_size, p.dtype AS point_dtype, p.finished_utc "
+             "p.batch_size AS point_batch_size, p.dtype AS point_dtype, p.family AS point_family, p.finished_utc "
              "FROM models m JOIN points p ON p.id = m.point_id ORDER BY p.id, m.ordinal")
         return [dict(r) for r in self.con.execute(q)]
 

@@ -3,6 +3,11 @@
 A point is identified by a key hashed from everything that decides its figures (shape, run options,
 meter), never by its position: so ``--resume`` skips exactly what is already in the store, and shards of
 one grid run on different hosts can be merged without clashes.
+
+Two families share this one loop: the seed's classifier (a point = one shape trained and measured by
+``pipeline.run``) and the LLM MoE layer of issue 13 (a point = one arch x one routing x its token counts,
+measured by ``llm_pipeline.run_llm``, one record per (model, token count)). A point knows its family; keys,
+resume, shards, the fit check, the ETA and the store writes are the same code for both.
 """
 
 from __future__ import annotations
@@ -24,41 +29,66 @@ from .config import PRESETS, ConfigError, ModelSpec, RunOptions, resolve_config
 from .device import free
 from .errors import described
 from .fileio import now_utc
-from .models.counting import matched_width, moe_params
+from .models.archs import PRESETS as ARCH_PRESETS
+from .models.archs import Arch, custom_arch, get_arch
+from .models.counting import layer_params, matched_width, moe_params
 from .models.plan import plans
-from .store import Store, dumps
+from .models.routing import parse_routing
+from .store import LAYER_FAMILY, Store, dumps
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
 SHAPE_AXES = ("experts", "hidden", "layers", "top_k")
 OPTION_AXES = ("batch_size", "dtype", "repeats")
 AXES = SHAPE_AXES + OPTION_AXES
-BUILTIN_GRIDS = ("seed", "scale")
+BUILTIN_GRIDS = ("seed", "scale", "llm")
+# LLM layers: the axes of their own (a custom shape also takes --experts and --top-k), and the seed's keys that
+# mean nothing for a layer built, not trained (refused, never silently ignored).
+LAYER_AXES = ("arch", "tokens", "routing", "d_model", "ffn_dim", "shared_experts", "router")
+LAYER_SHAPE_AXES = ("d_model", "ffn_dim", "experts", "top_k", "shared_experts")
+SEED_ONLY_KEYS = ("hidden", "layers", "preset", "presets", "per_decade", "batch_size", "epochs", "lr", "samples",
+                  "test_fraction", "data", "input_dim", "classes")
+LLM_TOKENS = tuple(4**i for i in range(7))  # 1, 4, ..., 4096: a decoding step up to a prefill chunk
 # Keys a grid TOML may hold besides run options and shape fields.
-GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets"}
+GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets", *LAYER_AXES}
 DEFAULT_PER_DECADE = 4
 MAX_PER_DECADE = 100  # sizes per decade: more is a typo, and would expand to a grid nobody could run
 ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and in bf16/fp16
 # Options that do not change a point's figures, so they are left out of its key.
 NOT_IN_KEY = ("out", "extra")
+# ... and those an LLM layer never reads (nothing is trained): left out of its key too.
+LAYER_NOT_IN_KEY = ("epochs", "lr", "batch_size", "samples", "test_fraction", "data")
 
 
 @dataclass(frozen=True)
 class Point:
-    """One cell of the grid: a shape and run options; ``error`` says why it cannot run (kept as skipped)."""
+    """One cell of the grid: a shape and run options; ``error`` says why it cannot run (kept as skipped).
+
+    An LLM-layer point's ``spec`` is an ``Arch`` and it carries its token counts per forward and its routing."""
 
     label: str
-    spec: ModelSpec
+    spec: ModelSpec | Arch
     opts: RunOptions
     error: str | None = None
+    tokens: tuple[int, ...] = ()
+    routing: str | None = None
+
+    @property
+    def is_layer(self) -> bool:
+        return isinstance(self.spec, Arch)
 
     @property
     def total_params(self) -> int:
-        return moe_params(self.spec)
+        """The MoE's total parameters (an LLM layer's: router, every expert, shared experts)."""
+        return layer_params(self.spec) if isinstance(self.spec, Arch) else moe_params(self.spec)
 
     def config(self, meter: str) -> dict:
-        opts = {k: v for k, v in self.opts.as_dict().items() if k not in NOT_IN_KEY}
-        return {"label": self.label, "spec": asdict(self.spec), "options": opts, "meter": meter,
-                "total_params": self.total_params}
+        drop = NOT_IN_KEY + (LAYER_NOT_IN_KEY if self.is_layer else ())
+        opts = {k: v for k, v in self.opts.as_dict().items() if k not in drop}
+        c = {"label": self.label, "spec": asdict(self.spec), "options": opts, "meter": meter,
+             "total_params": self.total_params}
+        if self.is_layer:  # a seed point's config (so its key) stays exactly what it always was
+            c.update(family=LAYER_FAMILY, tokens=list(self.tokens), routing=self.routing)
+        return c
 
     def key(self, meter: str) -> str:
         c = self.config(meter)
@@ -184,7 +214,7 @@ def _limits(cfg: dict[str, Any]) -> tuple[float | None, int]:
 def _builtin_shapes(name: str, cfg: dict, shape_axes: dict, presets: Any, per_decade: int) -> list[ModelSpec]:
     """The seed's or the scale ladder's shapes, with the task's input_dim and classes."""
     if name not in BUILTIN_GRIDS:
-        raise ConfigError(f"--grid {name!r} is unknown; choose seed or scale (or give axes as flags/TOML)")
+        raise ConfigError(f"--grid {name!r} is unknown; choose seed, scale or llm (or give axes as flags/TOML)")
     if shape_axes or presets:
         raise ConfigError(f"--grid {name} fixes the shapes; drop --experts/--hidden/--layers/--top-k/--preset "
                           "or drop --grid")
@@ -245,6 +275,12 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
     Each point's spec and options pass the same validation as `run` (``config.resolve_config``).
     """
     cfg = {k: v for k, v in cfg.items() if v is not None}
+    if cfg.get("grid") == "llm" or "arch" in cfg:
+        return build_layer_grid(cfg)
+    stray = [k for k in LAYER_AXES if k in cfg]
+    if stray:
+        raise ConfigError(f"{', '.join(_flag(k) for k in stray)}: LLM-layer settings; give --arch (or --grid llm) "
+                          "with them, or drop them")
     name = cfg.pop("grid", None)
     max_params, per_decade = _limits(cfg)
     presets = cfg.pop("presets", None) or cfg.pop("preset", None)
@@ -265,6 +301,84 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
                           + (f" at or below --max-params {max_params:.3g}; raise it" if max_params else ""))
     source = {"grid": name, "max_params": max_params, "per_decade": per_decade if name == "scale" else None,
               "axes": {**shape_axes, **option_axes}, "presets": presets, "options": cfg}
+    return Grid(name, points, source)
+
+
+# -- LLM layers ------------------------------------------------------------------------------------------
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _custom_archs(shape: dict[str, list[int]], routers: list[str]) -> list[Arch]:
+    """Every combination of the custom-shape axes, each named by its shape (so two customs never share a name)."""
+    missing = [_flag(k) for k in LAYER_SHAPE_AXES[:4] if k not in shape]
+    if missing:
+        raise ConfigError(f"--arch custom needs {', '.join(missing)} (and optionally --shared-experts, --router)")
+    out = []
+    keys = list(shape)
+    for combo in itertools.product(*(shape[k] for k in keys), routers):
+        f = dict(zip(keys, combo[:-1]))
+        shared = f.get("shared_experts", 0)
+        name = (f"custom-d{f['d_model']}-I{f['ffn_dim']}-E{f['experts']}-k{f['top_k']}" + (f"-s{shared}" if shared
+                else "") + (f"-{combo[-1]}" if len(routers) > 1 or combo[-1] != "softmax_topk" else ""))
+        out.append(custom_arch(f["d_model"], f["ffn_dim"], f["experts"], f["top_k"], shared, combo[-1], name=name))
+    return out
+
+
+def layer_archs(name: str, cfg: dict) -> list[Arch]:
+    """The archs of an LLM grid, taken out of ``cfg``: every preset (``--grid llm``), or ``--arch`` names, where
+    ``custom`` is every combination of --d-model, --ffn-dim, --experts, --top-k (--shared-experts, --router)."""
+    shape = {k: as_list(k, cfg.pop(k), int) for k in LAYER_SHAPE_AXES if k in cfg}
+    routers = as_list("router", cfg.pop("router"), str) if "router" in cfg else None
+    if name == "llm":
+        if "arch" in cfg or shape or routers:
+            raise ConfigError("--grid llm fixes the archs (every preset); drop --arch and the shape flags, or drop "
+                              "--grid")
+        return list(ARCH_PRESETS.values())
+    if name != "custom":
+        raise ConfigError(f"--grid {name!r} with --arch: --arch is its own grid; drop --grid")
+    names = as_list("arch", cfg.pop("arch"), str)
+    if (shape or routers) and "custom" not in names:
+        raise ConfigError(f"{', '.join(_flag(k) for k in (*shape, *(['router'] if routers else [])))}: shape flags "
+                          "of --arch custom; add custom to --arch or drop them")
+    archs: list[Arch] = []
+    for n in names:
+        archs += _custom_archs(shape, routers or ["softmax_topk"]) if n == "custom" else [get_arch(n)]
+    return list({a.name: a for a in archs}.values())
+
+
+def build_layer_grid(cfg: dict[str, Any]) -> Grid:
+    """LLM-layer points: each arch at or below ``max_params`` (the MoE layer's total) x routing x dtype x repeats,
+    every point measuring all its token counts (default 1, 4, ..., 4096); options checked as `run` checks them."""
+    from .llm_pipeline import check_tokens
+
+    name = cfg.pop("grid", None) or "custom"
+    seed_only = [_flag(k) for k in SEED_ONLY_KEYS if k in cfg]
+    if seed_only:
+        raise ConfigError(f"{', '.join(seed_only)}: no meaning for LLM layers (built, not trained; their shape is "
+                          "--arch or --d-model/--ffn-dim/--experts/--top-k); drop "
+                          f"{'it' if len(seed_only) == 1 else 'them'}")
+    max_params, _ = _limits(cfg)
+    archs = layer_archs(name, cfg)
+    tokens = tuple(check_tokens(as_list("tokens", cfg.pop("tokens"), int), "--tokens") if "tokens" in cfg
+                   else LLM_TOKENS)
+    routings = list(dict.fromkeys(parse_routing(r).text for r in as_list("routing", cfg.pop("routing", "random"),
+                                                                          str)))
+    option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in OPTION_AXES if k in cfg}
+    combos = [dict(zip(option_axes, c)) for c in itertools.product(*option_axes.values())]
+    points = []
+    for arch in archs:
+        if max_params is not None and layer_params(arch) > max_params:
+            continue
+        for routing in routings:
+            for extra in combos:
+                opts = _resolve(cfg, extra)[1]
+                points.append(Point(f"{arch.name} {routing}", arch, opts, tokens=tokens, routing=routing))
+    if not points:
+        why = f": no arch at or below --max-params {max_params:.3g} (the MoE layer's total params); raise it"
+        raise ConfigError("the grid has no points" + (why if max_params else ""))
+    source = {"grid": name, "family": LAYER_FAMILY, "max_params": max_params, "archs": [a.name for a in archs],
+              "tokens": list(tokens), "routing": routings, "axes": option_axes, "options": cfg}
     return Grid(name, points, source)
 
 
@@ -297,10 +411,11 @@ def shard(points: list[Point], which: tuple[int, int] | None) -> list[Point]:
 
 # -- cost, memory and ETA ----------------------------------------------------------------------------------
 def measured_models(p: Point) -> int:
+    """Rows the point measures: each model (the MoE once per strategy), at each token count for an LLM layer."""
     n = 0
     for m in p.opts.models:
         n += len(p.opts.strategies) if m == "moe" else 1
-    return n
+    return n * max(1, len(p.tokens))
 
 
 def fixed_seconds(p: Point) -> float:
@@ -312,8 +427,60 @@ def fixed_seconds(p: Point) -> float:
 
 def training_flops(p: Point) -> float:
     """FLOPs of training every model of the point (forward + backward ~ 3 x forward, 2 FLOPs per MAC)."""
+    if p.is_layer:
+        return 0.0
     train_rows = p.opts.samples * (1 - p.opts.test_fraction)
     return sum(3 * m.flops_per_inference * train_rows * p.opts.epochs for m in plans(p.spec, p.opts.models))
+
+
+def layer_plans_of(p: Point) -> list[Any]:
+    """An LLM point's models as llm_pipeline.LayerPlan (imported here: a seed sweep never loads that module)."""
+    from .llm_pipeline import layer_plans
+
+    assert isinstance(p.spec, Arch), "an LLM-layer point"
+    return layer_plans(p.spec, p.opts.models)
+
+
+def work_flops(p: Point) -> float:
+    """FLOPs whose time comes on top of ``fixed_seconds``: the seed's training; an LLM layer's forwards that can
+    outlast a window (a prefill chunk of a big layer takes seconds on a CPU): warm-up, probe and one per window."""
+    if not p.is_layer:
+        return training_flops(p)
+    per_token = sum(pl.flops_per_token * (len(p.opts.strategies) if pl.kind == "moe" else 1)
+                    for pl in layer_plans_of(p))
+    return float(per_token * sum(p.tokens) * (p.opts.repeats + 2))
+
+
+def seconds_floor(p: Point, roof: Any) -> float | None:
+    """Least seconds an LLM point can take here: ``fixed_seconds`` plus every forward that outlasts its window or
+    warm-up at the roofline bound (``roof``: roofline.Roofline; None when not calibrated or a seed point)."""
+    if not p.is_layer or roof is None:
+        return None
+    from .models.counting import expected_experts_touched
+
+    o, arch, extra = p.opts, p.spec, 0.0
+    assert isinstance(arch, Arch)
+    for pl in layer_plans_of(p):
+        n = len(o.strategies) if pl.kind == "moe" else 1
+        for t in p.tokens:
+            touched = expected_experts_touched(arch.experts, arch.top_k, t) if pl.kind == "moe" else None
+            b = roof.bound_s(pl.flops_per_token * t, pl.weight_bytes_read(touched, o.dtype) or 0.0, o.dtype)
+            if b is None:
+                return None
+            extra += n * (o.repeats * max(0.0, b - o.duration) + max(0.0, b - o.warmup) + b)
+    return fixed_seconds(p) + extra
+
+
+def _layer_fit_problem(p: Point, device: Any) -> str | None:
+    """Why an LLM point cannot run here: its MoE layer (or every model) cannot fit alone. A dense FFN that alone
+    cannot fit is skipped by the run itself, with its reason, and the rest measured."""
+    from .llm_pipeline import fit_alone
+
+    problems = {pl.name: why for pl in layer_plans_of(p)
+                if (why := fit_alone(pl, p.opts, list(p.tokens), device)) is not None}
+    if "moe" in problems or (problems and len(problems) == len(p.opts.models)):
+        return problems.get("moe") or next(iter(problems.values()))
+    return None
 
 
 def fit_problem(p: Point, device: Any) -> str | None:
@@ -322,6 +489,8 @@ def fit_problem(p: Point, device: Any) -> str | None:
     The runner trains one model at a time and keeps the trained ones (parked in host memory, or on the CPU
     itself), so the need is every model's weights plus the largest one's training state.
     """
+    if p.is_layer:
+        return _layer_fit_problem(p, device)
     weights = 0
     extra = 0
     for m in plans(p.spec, p.opts.models):
@@ -333,21 +502,22 @@ def fit_problem(p: Point, device: Any) -> str | None:
 
 
 class Eta:
-    """Remaining time: fixed measuring seconds, plus training FLOPs at the rate the finished points ran."""
+    """Remaining time: fixed measuring seconds, plus the work FLOPs (``work_flops``) at the rate the finished
+    points ran."""
 
     def __init__(self) -> None:
         self.flops_done = 0.0
         self.train_seconds = 0.0
 
     def record(self, p: Point, elapsed_s: float) -> None:
-        self.flops_done += training_flops(p)
+        self.flops_done += work_flops(p)
         self.train_seconds += max(elapsed_s - fixed_seconds(p), 1e-3)
 
     def remaining(self, todo: Iterable[Point]) -> float | None:
         if self.flops_done <= 0:
             return None
         rate = self.flops_done / self.train_seconds
-        return sum(fixed_seconds(p) + training_flops(p) / rate for p in todo)
+        return sum(fixed_seconds(p) + work_flops(p) / rate for p in todo)
 
 
 # -- the loop --------------------------------------------------------------------------------------------
@@ -402,13 +572,30 @@ def _add(store: Store, run_id: str, key: str, cfg: dict, status: str, **kw: Any)
 
 def oom_reason(p: Point, device: Any, tried: int = 0) -> str:
     """The skip text for a point whose allocation failed: the estimate (or the failed request) and what is free."""
-    need = max(m.memory_bytes(p.opts.batch_size, p.opts.dtype, training=p.opts.epochs > 0)
-               for m in plans(p.spec, p.opts.models))
+    if p.is_layer:
+        need = max(pl.memory_bytes(max(p.tokens), p.opts.dtype) for pl in layer_plans_of(p))
+    else:
+        need = max(m.memory_bytes(p.opts.batch_size, p.opts.dtype, training=p.opts.epochs > 0)
+                   for m in plans(p.spec, p.opts.models))
     return memory.describe_need(max(need, tried), device, f"point {p.label}")
 
 
+def call_runner(p: Point, meter: Any, ui: Any, run: Callable[..., tuple[dict, Any]],
+                run_layer: Callable[..., tuple[dict, Any]] | None = None) -> dict:
+    """The point's document from its family's runner: ``run`` (pipeline.run) for the seed's shapes,
+    ``run_layer`` (default llm_pipeline.run_llm) for an LLM layer; nothing saved, the store keeps it."""
+    if p.is_layer:
+        if run_layer is None:
+            from .llm_pipeline import run_llm as run_layer
+        doc, _ = run_layer(p.spec, p.opts, list(p.tokens), p.routing, meter, ui, save=False)
+        return doc  # a model that cannot fit alone is a skipped record inside it: the run is not stopped
+    doc, _ = run(p.spec, p.opts, meter, ui, save=False, oom="raise")
+    return doc
+
+
 def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[dict, Any]],
-                  ui: Any) -> tuple[str, str | None, dict | None]:
+                  ui: Any, run_layer: Callable[..., tuple[dict, Any]] | None = None
+                  ) -> tuple[str, str | None, dict | None]:
     """(status, reason, document) of one point: "done", or "skipped" (out of memory), or "failed" with why.
 
     A ConfigError or KeyboardInterrupt propagates: the sweep stops, the point in flight is discarded.
@@ -418,8 +605,7 @@ def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[di
     failure: tuple[str, str] | None = None
     tried = 0
     try:
-        doc, _ = run(p.spec, p.opts, meter, ui, save=False, oom="raise")
-        return "done", None, doc
+        return "done", None, call_runner(p, meter, ui, run, run_layer)
     except Refused as e:  # this point's shape or size, not the sweep's options: skip it, measure the rest
         return "skipped", str(e), None
     except (ConfigError, KeyboardInterrupt):
@@ -440,8 +626,10 @@ def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[di
 def run_points(points: list[Point], store: Store, run_id: str, meter: Any, device: Any,
                run: Callable[..., tuple[dict, Any]], ui: Any,
                on_point: Callable[[int, Point, float | None], None] | None = None,
-               skip_keys: set[str] | None = None, resume: bool = False) -> Outcome:
-    """Measure each point with ``run`` (pipeline.run) and commit it on its own; one already complete is skipped.
+               skip_keys: set[str] | None = None, resume: bool = False,
+               run_layer: Callable[..., tuple[dict, Any]] | None = None) -> Outcome:
+    """Measure each point with ``run`` (pipeline.run; an LLM layer's with ``run_layer``, default run_llm) and
+    commit it on its own; one already complete is skipped.
 
     Another sweep may write to the same database: each point is claimed while it is measured (a point
     another process holds is left to it) and, with ``resume``, a point it completed meanwhile is skipped.
@@ -467,7 +655,7 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
                 out.skipped += 1
                 continue
             started, t0 = now_utc(), time.perf_counter()
-            status, reason, doc = measure_point(p, meter, device, run, ui)
+            status, reason, doc = measure_point(p, meter, device, run, ui, run_layer)
             elapsed = time.perf_counter() - t0
             _add(store, run_id, key, cfg, status, reason=reason, document=doc, started_utc=started, seconds=elapsed)
             out.count(status, f"{p.label}: {reason}")

@@ -59,10 +59,11 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
     add_energy_arguments(p)
     g = p.add_argument_group("sweep grid (comma lists: every combination is one point)")
-    g.add_argument("--grid", help="built-in grid: seed (the blog's small, large, xl, xxl) or scale (a geometric "
-                   "ladder of total sizes through them at E/k = 4)")
+    g.add_argument("--grid", help="built-in grid: seed (the blog's small, large, xl, xxl), scale (a geometric "
+                   "ladder of total sizes through them at E/k = 4) or llm (every LLM layer preset x tokens 1, 4, "
+                   "16, ..., 4096)")
     g.add_argument("--max-params", dest="max_params", help="leave out shapes above this many total parameters, "
-                   "e.g. 5e7")
+                   "e.g. 5e7 (an LLM layer: the MoE layer's total)")
     g.add_argument("--per-decade", dest="per_decade", type=int, help="scale grid: sizes per decade (default 4)")
     g.add_argument("--preset", help="comma list of presets the shape axes start from (default small)")
     g.add_argument("--experts", help="comma list of expert counts E, e.g. 8,16")
@@ -70,15 +71,35 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", help="comma list of hidden layers per expert L")
     g.add_argument("--top-k", dest="top_k", help="comma list of experts per token k, e.g. 1,2")
     g.add_argument("--batch-size", dest="batch_size", help="comma list of batch sizes (training and inference)")
-    g.add_argument("--dtype", help="comma list of float32, bfloat16, float16 (benchmark dtype)")
+    g.add_argument("--dtype", help="comma list of float32, bfloat16, float16 (benchmark dtype; default float32, "
+                   "LLM layers bfloat16 on a GPU with native support)")
     g.add_argument("--repeats", help="comma list of measurement windows per model (default 3)")
     g.add_argument("--config", help="TOML with run options and any axis as a list (flags override it)")
+    _layer_args(p)
     s = p.add_argument_group("store")
     s.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB}, or OUT/moe-energy.db)")
     s.add_argument("--out", help="results directory holding the default database (default results/)")
     s.add_argument("--resume", action="store_true", help="skip points already complete in --db")
     s.add_argument("--shard", help="run only shard I of N (e.g. 1/4): a deterministic 1/N of the points")
     s.add_argument("--dry-run", dest="dry_run", action="store_true", help="list the points and exit")
+
+
+def _layer_args(p: argparse.ArgumentParser) -> None:
+    """The LLM-layer axes (issue 14): one point per arch x routing x dtype x repeats, each measuring every
+    token count; a custom shape also takes --experts and --top-k (comma lists, as above)."""
+    from ..models.archs import PRESETS, ROUTER_KINDS
+    from ..models.routing import ROUTING_HELP
+
+    g = p.add_argument_group("LLM MoE layers (--arch or --grid llm: nothing trained; one record per model and "
+                             "token count)")
+    g.add_argument("--arch", help=f"comma list of layer presets ({', '.join(PRESETS)}) or custom (with --d-model, "
+                   "--ffn-dim, --experts, --top-k)")
+    g.add_argument("--tokens", help="comma list of tokens per forward (default 1,4,16,64,256,1024,4096)")
+    g.add_argument("--routing", help=f"comma list of {ROUTING_HELP} (default random)")
+    g.add_argument("--d-model", dest="d_model", help="custom: comma list of hidden sizes d")
+    g.add_argument("--ffn-dim", dest="ffn_dim", help="custom: comma list of routed expert widths I")
+    g.add_argument("--shared-experts", dest="shared_experts", help="custom: comma list of shared-expert counts")
+    g.add_argument("--router", help=f"custom: comma list of router kinds ({', '.join(ROUTER_KINDS)})")
 
 
 def _eta(seconds: float | None) -> str:
@@ -108,8 +129,9 @@ class SweepProgress:
 
     def on_point(self, i: int, point, eta_s: float | None) -> None:  # noqa: ANN001 - sweep.Point
         o = point.opts
+        what = f"tokens {point.tokens[0]}-{point.tokens[-1]}" if point.is_layer else f"batch {o.batch_size}"
         self.progress.update(self.task, completed=i, info=escape(
-            f"now {point.label} ({point.total_params:,} params, batch {o.batch_size}, {o.dtype}) | {_eta(eta_s)}"))
+            f"now {point.label} ({point.total_params:,} params, {what}, {o.dtype}) | {_eta(eta_s)}"))
 
     def finish(self) -> None:
         self.progress.update(self.task, completed=self.total, info="done")
@@ -139,6 +161,8 @@ class SweepProgress:
 def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
     from ..sweep import fit_problem
 
+    if points and points[0].is_layer:
+        return _layer_points_table(points, meter_name, done, device)
     t = Table(title=f"sweep points ({len(points)})")
     for col in ("#", "point", "E", "H", "L", "k", "total params", "batch", "dtype", "repeats", "status"):
         t.add_column(col, justify="left" if col in ("point", "dtype", "status") else "right")
@@ -151,6 +175,45 @@ def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # 
     return t
 
 
+def _minutes(seconds: float | None) -> str:
+    return "-" if seconds is None else f">= {seconds / 60:,.1f} min"
+
+
+def _layer_points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
+    """The LLM points, each with the least time it can take here (fixed seconds + forwards at the roofline)."""
+    from ..roofline import load as load_roofline
+    from ..sweep import fit_problem, seconds_floor
+
+    roof = load_roofline(device)
+    floors = [seconds_floor(p, roof) for p in points]
+    total = None if None in floors else sum(f for f in floors if f is not None)
+    t = Table(title=f"sweep points ({len(points)}); least time here {_minutes(total)}"
+              + ("" if roof else " (run `moe-energy calibrate` for the time)"))
+    for col in ("#", "point", "d", "I", "E", "k", "MoE params", "tokens", "routing", "dtype", "repeats", "least time",
+                "status"):
+        t.add_column(col, justify="left" if col in ("point", "tokens", "routing", "dtype", "status") else "right")
+    for i, (p, floor) in enumerate(zip(points, floors), 1):
+        a = p.spec
+        status = "complete" if p.key(meter_name) in done else fit_problem(p, device) or "to do"
+        t.add_row(str(i), escape(p.label), str(a.d_model), str(a.ffn_dim), str(a.experts), str(a.top_k),
+                  f"{p.total_params:,}", ",".join(map(str, p.tokens)), escape(p.routing), p.opts.dtype,
+                  str(p.opts.repeats), _minutes(floor), escape(status))
+    return t
+
+
+def _llm_dtype(cfg: dict[str, Any]) -> None:
+    """An LLM grid's default dtype, as `run --arch` picks it: bfloat16 on a GPU with native support, else float32."""
+    import torch
+
+    from ..device import resolve_device
+
+    if "dtype" in cfg or not (cfg.get("arch") or cfg.get("grid") == "llm"):
+        return
+    device = resolve_device(str(cfg.get("device") or "auto"))
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    cfg["dtype"] = "bfloat16" if native else "float32"
+
+
 def _points(args: argparse.Namespace) -> tuple[Any, list, tuple[int, int] | None, Any]:
     """(grid, this shard's points, shard, device): every point validated, the dtypes and --data checked now."""
     from .. import sweep as sw
@@ -161,6 +224,7 @@ def _points(args: argparse.Namespace) -> tuple[Any, list, tuple[int, int] | None
     cfg = sw.load_grid_toml(args.config) if args.config else {}
     cfg.update({k: v for k, v in vars(args).items()
                 if v is not None and not k.startswith("_") and k not in SWEEP_FLAGS})
+    _llm_dtype(cfg)
     grid = sw.build_grid(cfg)
     which = sw.parse_shard(args.shard)
     points = sw.shard(grid.points, which)
@@ -237,7 +301,8 @@ def _summary(outcome: Any, db: Path, integrity: str) -> int:
     return 1 if outcome.failed else 0
 
 
-@command("sweep", "Measure a grid of shapes x batch sizes x dtypes into the SQLite store; resumable, shardable.",
+@command("sweep", "Measure a grid of shapes x batch sizes x dtypes (or LLM layers x tokens per forward) into the "
+         "SQLite store; resumable, shardable.",
          _sweep_args)
 @_db_errors
 def sweep(args: argparse.Namespace) -> int:
@@ -308,9 +373,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 @_db_errors
 @_interruptible
 def report(args: argparse.Namespace) -> int:
-    from ..analysis import crossovers, load
+    from ..analysis import load
     from ..report import write_report
-    from ..report.html import crossover_table
+    from ..report.html import answer_tables
 
     db = Path(args.db or DEFAULT_DB)
     with Store(db, create=False) as store:
@@ -325,15 +390,15 @@ def report(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"--out {args.out}: cannot write the report there ({os_reason(e)}); choose another "
                           "directory") from None
-    title, head, rows = crossover_table(crossovers(frame))
-    t = Table(title=title)
-    for h in head:
-        t.add_column(h)
-    for r in rows:
-        t.add_row(*(escape(c) for c in r))
     record_saved(files.html)
     record_saved(files.markdown)
-    console.print(t)
+    for title, head, rows in answer_tables(frame):
+        t = Table(title=escape(title))
+        for h in head:
+            t.add_column(escape(h), overflow="fold")
+        for r in rows:
+            t.add_row(*(escape(c) for c in r))
+        console.print(t)
     _say(f"report: {files.html} (self-contained) and {files.markdown} with {len(files.images)} plot(s)")
     return 0
 

@@ -1,4 +1,6 @@
-"""The report: reads the store (never runs a model), draws the plots and writes HTML and Markdown."""
+"""The report: reads the store (never runs a model), draws the plots and writes HTML and Markdown.
+
+PLOTS are the seed's (drawn once), LAYER_PLOTS the LLM layers' (drawn once per arch in the store)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ from pathlib import Path
 from ..analysis import load
 from ..store import Store
 from .html import ReportFiles, write_report
-from .plots import PLOTS
+from .plots import LAYER_PLOTS, PLOTS
 
-__all__ = ["PLOTS", "ReportFiles", "build", "write_report"]
+__all__ = ["LAYER_PLOTS", "PLOTS", "ReportFiles", "build", "write_report"]
 
 
 def build(db: str | Path, out_dir: str | Path) -> ReportFiles:

@@ -1,5 +1,9 @@
 """The report's files: one self-contained HTML page (PNG plots embedded as base64) and a Markdown summary
 beside its PNGs. Both carry the same tables; the crossover table comes first because it is the answer.
+
+The page is a list of blocks (heading, table, note, image) rendered twice, as HTML and as Markdown: the seed's
+section (sizes), then, when the store holds LLM layers, their section (tokens per forward) with one
+sub-section of plots per arch, then the skipped points and the runs.
 """
 
 from __future__ import annotations
@@ -8,16 +12,29 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..analysis import METRICS, Crossover, Frame, correct_per_joule, crossovers, energy_kind, pairs, value
+from ..analysis import (
+    METRICS,
+    Crossover,
+    Frame,
+    correct_per_joule,
+    crossovers,
+    energy_kind,
+    layer_crossovers,
+    pairs,
+    value,
+)
 from ..fileio import now_utc, replace_atomic
-from .plots import PLOTS
+from .plots import LAYER_PLOTS, PLOTS
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows (already formatted text)
+# A block of the page: ("h2"|"h3", text) | ("table", Table) | ("note", text) | ("image", slug, title)
+Block = tuple
 
 METHOD_NOTE = (
     "Crossover: the smallest total parameter count where the MoE's figure exceeds that of the dense model "
@@ -26,6 +43,16 @@ METHOD_NOTE = (
     "The interval uses the repeats' spread: from the best case "
     "(MoE's best window vs dense's worst) to the worst case (MoE's worst vs dense's best). "
     "An estimated energy figure is never compared with a measured one."
+)
+LAYER_NOTE = (
+    "LLM layers: one MoE feed-forward layer of each arch against the dense SwiGLU FFNs matched to its total and to "
+    "its active parameters, at each number of tokens per forward (1: a decoding step; thousands: a prefill chunk); "
+    "tokens are the inferences. Crossover over tokens: where the MoE's figure passes the total-matched FFN's, "
+    "found exactly as the size crossover is (log ratio linear in log10(tokens), interval from the repeats). "
+    "Bytes read per forward: the router, the experts the routing touched (counted on the device, read after each "
+    "window) and any shared experts; a dense FFN reads all its weights. Bound: the slower of those bytes at "
+    "`calibrate`'s copy bandwidth (memory) and the FLOPs at its GEMM rate (compute); 'of bound' is bound / "
+    "achieved time. Whole-model figures would be extrapolated (attention and KV cache left out): none are drawn."
 )
 
 
@@ -119,9 +146,75 @@ def comparison_table(frame: Frame) -> Table:
 
 def skipped_table(frame: Frame) -> Table:
     head = ["point", "total params", "batch", "dtype", "status", "reason"]
-    rows = [[str(p["label"]), f"{p['total_params']:,}" if p["total_params"] else "-", str(p["batch_size"]),
-             str(p["dtype"]), p["status"], str(p["reason"])] for p in frame.skipped]
+    rows = [[str(p["label"]), f"{p['total_params']:,}" if p["total_params"] else "-",
+             "-" if p["batch_size"] is None else str(p["batch_size"]), str(p["dtype"]), p["status"], str(p["reason"])]
+            for p in frame.skipped]
     return "Points skipped or failed", head, rows
+
+
+# -- LLM layers -------------------------------------------------------------------------------------------
+def layer_crossover_table(xos: list[Crossover]) -> Table:
+    head = ["arch", "routing", "dtype", "strategy", "figure", "crossover (tokens per forward)", "energy",
+            "token counts", "notes"]
+    rows = []
+    for c in xos:
+        energy = c.energy or ("-" if c.metric != "inferences_per_joule" else "not measured")
+        figure = METRICS[c.metric].replace("inferences", "tokens")
+        rows.append([str(c.arch), str(c.routing), str(c.dtype), str(c.strategy), figure, c.answer(), energy,
+                     str(c.n_points), "; ".join(c.notes)])
+    return "LLM layers: where the MoE passes the total-matched dense FFN, over tokens per forward", head, rows
+
+
+def _j1k(m: dict | None) -> str:
+    """J per 1,000 tokens, median (spread of the repeats), '(estimate)' when it is one; why when there is none."""
+    if m is None:
+        return "-"
+    if m.get("status") in ("skipped", "failed"):
+        return f"{m['status']}: {str(m.get('skipped') or '').split(' (')[0]}"
+    ipj = value(m, "inferences_per_joule")
+    if ipj is None or ipj <= 0 or energy_kind(m) == "none":
+        return "not measured"
+    text = f"{1000 / ipj:,.4g}"
+    lo, hi = value(m, "inferences_per_joule", "max"), value(m, "inferences_per_joule", "min")
+    if lo and hi and (lo != ipj or hi != ipj):
+        text += f" ({1000 / lo:,.4g}-{1000 / hi:,.4g})"
+    return text + (" (estimate)" if energy_kind(m) == "estimate" else "")
+
+
+def _bound(m: dict) -> str:
+    frac = value(m, "fraction_of_roofline")
+    if not m.get("bound") or frac is None:
+        return "not calibrated" if m.get("status") == "measured" else "-"
+    return f"{m['bound']} ({frac:.0%})"
+
+
+def layer_tokens_table(frame: Frame) -> Table:
+    """Per arch, routing, dtype and token count: J per 1,000 tokens of the MoE layer and both dense FFNs."""
+    head = ["arch", "routing", "dtype", "tokens per forward", "MoE", "MoE J/1k tokens", "dense (total) J/1k tokens",
+            "dense (active) J/1k tokens", "experts touched", "MoE MiB read/forward", "MoE bound (of it)",
+            "dense (total) bound (of it)"]
+    cells: dict[tuple, dict[str, list[dict]]] = {}
+    for m in frame.layers:
+        key = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), m.get("tokens_per_forward") or 0)
+        cells.setdefault(key, {}).setdefault("moe" if m["kind"] == "moe" else str(m.get("match")), []).append(m)
+    rows = []
+    for key in sorted(cells):
+        c = cells[key]
+        total, active = (c.get(k, [None])[0] for k in ("total", "active"))
+        for moe in c.get("moe") or [None]:
+            touched = moe.get("experts_touched") if moe else None
+            nbytes = moe.get("weight_bytes_read_per_forward") if moe else None
+            rows.append([*key[:3], str(key[3]), _base_name(moe), _j1k(moe), _j1k(total), _j1k(active),
+                         "-" if touched is None else f"{touched:g} of {moe.get('point_experts')}",
+                         "-" if nbytes is None else f"{nbytes / 2**20:,.4g}", _bound(moe) if moe else "-",
+                         _bound(total) if total else "-"])
+    return "LLM layers: J per 1,000 tokens per arch and token count (median of the repeats, spread in brackets)", \
+        head, rows
+
+
+def _base_name(m: dict | None) -> str:
+    return "-" if m is None else str(m["name"]).split("@")[0]
+
 
 
 def environment_table(frame: Frame) -> Table:
@@ -136,9 +229,30 @@ def environment_table(frame: Frame) -> Table:
     return "Runs", ["run", "started (UTC)", "grid", "shard", "device", "torch", "energy meter", "meter notice"], rows
 
 
+def has_seed(frame: Frame) -> bool:
+    """Whether the seed's section is drawn: when it has models, or when nothing else would be (an empty store's
+    report still shows every plot, each saying why it is empty)."""
+    return bool(frame.models) or not frame.layers
+
+
+def seed_tables(frame: Frame) -> list[Table]:
+    """The seed's section's tables (none when the store holds only LLM layers): crossover, comparison, points."""
+    return [crossover_table(crossovers(frame)), comparison_table(frame), points_table(frame)] if has_seed(frame) \
+        else []
+
+
+def layer_tables(frame: Frame) -> list[Table]:
+    """The LLM section's tables (none without LLM layers): the crossover over tokens, J per 1,000 tokens."""
+    return [layer_crossover_table(layer_crossovers(frame)), layer_tokens_table(frame)] if frame.layers else []
+
+
 def all_tables(frame: Frame) -> list[Table]:
-    return [crossover_table(crossovers(frame)), comparison_table(frame), points_table(frame), skipped_table(frame),
-            environment_table(frame)]
+    return [*seed_tables(frame), *layer_tables(frame), skipped_table(frame), environment_table(frame)]
+
+
+def answer_tables(frame: Frame) -> list[Table]:
+    """What `moe-energy report` prints: each section's crossover, and the LLM layers' per-token table."""
+    return seed_tables(frame)[:1] + layer_tables(frame)
 
 
 def png(fig: Figure, dpi: int = 110) -> bytes:
@@ -180,17 +294,62 @@ figure{margin:1.5em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-s
 """
 
 
-def write_report(frame: Frame, out_dir: str | Path, db: str | Path) -> ReportFiles:
-    """Draw every plot, then write report.html (self-contained) and report.md with plots/*.png."""
-    out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    created = now_utc()
-    tables = all_tables(frame)
-    images: list[tuple[str, str, bytes]] = []
-    for slug, title, fn in PLOTS:
-        fig = fn(frame)
-        images.append((slug, title, png(fig)))
-    methods = sorted(frame.methods())
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _draw(frame: Frame) -> tuple[list[Block], dict[str, bytes]]:
+    """Every plot as a PNG, and the blocks of the page in order (tables and notes between them)."""
+    images: dict[str, bytes] = {}
+    blocks: list[Block] = []
+    if has_seed(frame):
+        t = seed_tables(frame)
+        blocks += [("table", t[0]), ("note", METHOD_NOTE), ("table", t[1])]
+        for slug, title, fn in PLOTS:
+            images[slug] = png(fn(frame))
+            blocks.append(("image", slug, title))
+        blocks.append(("table", t[2]))
+    if frame.layers:
+        blocks += [("h2", "LLM MoE layers: energy per token against tokens per forward"), ("note", LAYER_NOTE)]
+        blocks += [("table", t) for t in layer_tables(frame)]
+        for arch in sorted({str(m.get("arch")) for m in frame.layers}):
+            sub = replace(frame, layers=[m for m in frame.layers if str(m.get("arch")) == arch])
+            blocks.append(("h3", f"{arch}: " + ", ".join(title.lower() for _s, title, _f in LAYER_PLOTS)))
+            for slug, title, fn in LAYER_PLOTS:
+                name = f"{slug}-{_slug(arch)}"
+                images[name] = png(fn(sub))
+                blocks.append(("image", name, f"{arch}: {title}"))
+    blocks += [("table", skipped_table(frame)), ("table", environment_table(frame))]
+    return blocks, images
+
+
+def _html(block: Block, images: dict[str, bytes]) -> str:
+    kind = block[0]
+    if kind == "table":
+        return _html_table(block[1])
+    if kind == "note":
+        return f"<p class='note'>{html.escape(block[1])}</p>"
+    if kind in ("h2", "h3"):
+        return f"<{kind}>{html.escape(block[1])}</{kind}>"
+    slug, title = block[1], block[2]
+    b64 = base64.b64encode(images[slug]).decode("ascii")
+    return (f"<figure id='{slug}'><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
+            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+
+
+def _md(block: Block) -> str:
+    kind = block[0]
+    if kind == "table":
+        return _md_table(block[1])
+    if kind == "note":
+        return f"{block[1]}\n"
+    if kind in ("h2", "h3"):
+        return f"{'#' * int(kind[1])} {block[1]}\n"
+    return f"![{block[2]}](plots/{block[1]}.png)\n"
+
+
+def _warnings(frame: Frame) -> tuple[list[str], str]:
+    methods = sorted(frame.methods() | {str(m.get("energy_method")) for m in frame.layers})
     warn = []
     if "estimate" in methods:
         warn.append("Some energy figures are estimates (a TDP model, not a reading): hollow markers, hatched bars "
@@ -199,36 +358,34 @@ def write_report(frame: Frame, out_dir: str | Path, db: str | Path) -> ReportFil
         warn.append("Some models have no energy figure (meter: none); only their speed is compared.")
     headline = f"{len(frame.points)} point(s) measured, {len(frame.skipped)} skipped or failed; energy methods: " \
                f"{', '.join(methods) or 'none'}."
+    return warn, headline
 
+
+TITLE = "moe-energy report: when does a Mixture of Experts use less energy per inference?"
+
+
+def write_report(frame: Frame, out_dir: str | Path, db: str | Path) -> ReportFiles:
+    """Draw every plot, then write report.html (self-contained) and report.md with plots/*.png."""
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    created = now_utc()
+    blocks, images = _draw(frame)
+    warn, headline = _warnings(frame)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>moe-energy report</title>"
-             f"<style>{CSS}</style></head><body>",
-             "<h1>moe-energy report: when does a Mixture of Experts use less energy per inference?</h1>",
+             f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(TITLE)}</h1>",
              f"<p>Generated {html.escape(created)} from <code>{html.escape(str(db))}</code>. "
              f"{html.escape(headline)}</p>"]
     parts += [f"<p class='note'>{html.escape(w)}</p>" for w in warn]
-    parts.append(_html_table(tables[0]))
-    parts.append(f"<p class='note'>{html.escape(METHOD_NOTE)}</p>")
-    parts.append(_html_table(tables[1]))
-    for slug, title, data in images:
-        b64 = base64.b64encode(data).decode("ascii")
-        parts.append(f"<figure id='{slug}'><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
-                     f"<figcaption>{html.escape(title)}</figcaption></figure>")
-    parts += [_html_table(t) for t in tables[2:]]
+    parts += [_html(b, images) for b in blocks]
     parts.append("</body></html>")
-
+    md = [f"# {TITLE}", "", f"Generated {created} from `{db}`. {headline}", ""]
+    md += [f"> {w}\n" for w in warn]
+    md += [_md(b) for b in blocks]
     paths = []
-    for slug, _title, data in images:
+    for slug, data in images.items():
         p = out / "plots" / f"{slug}.png"
         replace_atomic(p, data)
         paths.append(p)
-    md = ["# moe-energy report: when does a Mixture of Experts use less energy per inference?", "",
-          f"Generated {created} from `{db}`. {headline}", ""]
-    md += [f"> {w}\n" for w in warn]
-    md.append(_md_table(tables[0]))
-    md.append(f"{METHOD_NOTE}\n")
-    md.append(_md_table(tables[1]))
-    md += [f"![{title}](plots/{slug}.png)\n" for slug, title, _ in images]
-    md += [_md_table(t) for t in tables[2:]]
     html_path, md_path = out / "report.html", out / "report.md"
     replace_atomic(html_path, "".join(parts).encode("utf-8"))
     replace_atomic(md_path, "\n".join(md).encode("utf-8"))

@@ -1,4 +1,5 @@
-"""The report's plots: each one function ``(frame) -> Figure``, listed in PLOTS in the order they appear.
+"""The report's plots: each one function ``(frame) -> Figure``, listed in PLOTS (the seed's sizes) and
+LAYER_PLOTS (LLM layers against tokens per forward, drawn once per arch) in the order they appear.
 
 Every plot has a title and units on its axes; estimated energy is drawn with hollow markers (and dashed
 lines) and '(estimate)' in its legend, measured energy with filled ones. A plot with nothing to show
@@ -26,6 +27,7 @@ from ..analysis import (  # noqa: E402
     Frame,
     crossovers,
     energy_kind,
+    layer_crossovers,
     pareto_front,
     ratios,
     value,
@@ -116,21 +118,7 @@ def _series_plot(frame: Frame, metric: str, ylabel: str, title: str,
             if not pts:
                 continue
             colour, marker = _style(name, order)
-            xs, pts = _by_x([m["params"] for m, _ in pts], pts)
-            ys = [v for _, v in pts]
-            ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2)
-            lo = [max(v - (value(m, metric, "min") or v), 0) for m, v in pts]
-            hi = [max((value(m, metric, "max") or v) - v, 0) for m, v in pts]
-            if any(lo) or any(hi):
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor=colour, alpha=0.7, capsize=2)
-            for kind, face, suffix in (("measured", colour, ""), ("estimate", "none", " (estimate)"),
-                                       ("none", colour, "")):
-                sel = [(x, y) for (m, y), x in zip(pts, xs) if (energy_kind(m) if metric in ENERGY_METRICS
-                                                                 else "measured") == kind]
-                if sel:
-                    ax.scatter([x for x, _ in sel], [y for _, y in sel], marker=marker, s=42, zorder=3,
-                               facecolors=face, edgecolors=colour, linewidths=1.5, label=series + suffix)
-                    drawn += 1
+            drawn += _draw_series(ax, [m["params"] for m, _ in pts], pts, metric, colour, marker, series)
         if not drawn:
             why = "energy not measured for these points (meter: none)" if metric in ENERGY_METRICS else "no data"
             _empty(ax, why)
@@ -143,8 +131,31 @@ def _series_plot(frame: Frame, metric: str, ylabel: str, title: str,
     return fig
 
 
+def _draw_series(ax: Axes, xs: list[float], pts: list[tuple[dict, float]], metric: str, colour: str, marker: str,
+                 series: str) -> int:
+    """One model's line through its (record, figure) points in x order, its repeats' spread as error bars, and
+    markers filled for measured energy, hollow for estimates; returns how many marker sets it drew."""
+    xs, pts = _by_x(xs, pts)
+    ys = [v for _, v in pts]
+    ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2)
+    lo = [max(v - (value(m, metric, "min") or v), 0) for m, v in pts]
+    hi = [max((value(m, metric, "max") or v) - v, 0) for m, v in pts]
+    if any(lo) or any(hi):
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor=colour, alpha=0.7, capsize=2)
+    drawn = 0
+    for kind, face, suffix in (("measured", colour, ""), ("estimate", "none", " (estimate)"), ("none", colour, "")):
+        sel = [(x, y) for (m, y), x in zip(pts, xs) if (energy_kind(m) if metric in ENERGY_METRICS
+                                                         else "measured") == kind]
+        if sel:
+            ax.scatter([x for x, _ in sel], [y for _, y in sel], marker=marker, s=42, zorder=3,
+                       facecolors=face, edgecolors=colour, linewidths=1.5, label=series + suffix)
+            drawn += 1
+    return drawn
+
+
 def _mark_crossovers(ax: Axes, xos: list[Crossover], order: list[str], show_ek: bool = False) -> None:
     lines = []
+    fmt = _fmt_params if not xos or xos[0].axis == "params" else (lambda t: f"{t:.3g} tokens")
     for c in xos:
         colour, _ = _style(f"moe[{c.strategy}]", order)
         who = f"moe[{c.strategy}]" + (f" E/k={c.ek}" if show_ek else "")
@@ -153,12 +164,12 @@ def _mark_crossovers(ax: Axes, xos: list[Crossover], order: list[str], show_ek: 
             hi = c.high or ax.get_xlim()[1]
             ax.axvspan(lo, hi, color=colour, alpha=0.10, lw=0)
             ax.axvline(c.params, color=colour, ls="--", lw=1.4,
-                       label=f"crossover {who} ~{_fmt_params(c.params)}"
+                       label=f"crossover {who} ~{fmt(c.params)}"
                        + (" (estimate)" if c.energy == "estimate" else ""))
         elif c.status == "below_grid":
             lines.append(f"{who}: ahead from the smallest point")
         elif c.status == "not_reached":
-            lines.append(f"{who}: no crossover up to {_fmt_params(c.max_params or 0)}")
+            lines.append(f"{who}: no crossover up to {fmt(c.max_params or 0)}")
     if lines:
         ax.text(0.02, 0.02, "\n".join(lines), transform=ax.transAxes, fontsize=8, va="bottom", color="#333333",
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
@@ -353,6 +364,171 @@ def ratio_vs_batch_size(frame: Frame) -> Figure:
     return fig
 
 
+# -- LLM layers: against tokens per forward ---------------------------------------------------------------
+LayerFacet = tuple[str, str, str]  # (arch, routing, dtype): one panel
+
+
+def _layer_facets(frame: Frame) -> list[LayerFacet]:
+    return sorted({(str(m.get("arch")), str(m.get("routing")), str(m["dtype"])) for m in frame.layers})
+
+
+def _facet_rows(frame: Frame, f: LayerFacet) -> list[dict]:
+    return [m for m in frame.layers if (str(m.get("arch")), str(m.get("routing")), str(m["dtype"])) == f
+            and isinstance(m.get("tokens_per_forward"), int)]
+
+
+def _base(name: str) -> str:
+    """'moe[auto]@T=16' -> 'moe[auto]': one series per model over its token counts."""
+    return name.split("@")[0]
+
+
+def _layer_order(rows: list[dict]) -> list[str]:
+    return sorted({_base(m["name"]) for m in rows}, key=lambda n: (not n.startswith("moe"), n))
+
+
+def _layer_axes(frame: Frame, title: str, ylabel: str) -> tuple[Figure, list[tuple[Axes, LayerFacet]]]:
+    """One panel per (arch, routing, dtype), tokens per forward on a log2 x axis; an empty frame says so."""
+    facets = _layer_facets(frame)
+    fig, axes = _grid(len(facets), title)
+    for ax in axes:
+        ax.set_xlabel("tokens per forward (log scale: decoding on the left, prefill on the right)")
+        ax.set_ylabel(ylabel)
+    if not facets:
+        _empty(axes[0], "no LLM layer measured in the database")
+    for ax, (arch, routing, dtype) in zip(axes, facets):
+        ax.set_title(f"{arch}, routing {routing}, {dtype}", fontsize=10)
+    return fig, list(zip(axes, facets))
+
+
+def _token_ticks(ax: Axes, rows: list[dict]) -> None:
+    ts = sorted({m["tokens_per_forward"] for m in rows})
+    ax.set_xscale("log", base=2)
+    if ts:
+        ax.set_xticks(ts, [str(t) for t in ts])
+        if len(ts) == 1:
+            ax.set_xlim(ts[0] / 2, ts[0] * 2)
+
+
+def layer_tokens_per_joule(frame: Frame) -> Figure:
+    """Tokens/J of the MoE layer and both dense SwiGLU FFNs against tokens per forward; the crossover over tokens
+    (MoE vs the total-matched FFN, interval from the repeats) marked as the size crossover is."""
+    fig, panels = _layer_axes(frame, "Tokens per joule vs tokens per forward (crossover marked)",
+                              "tokens per joule (tokens/J, log scale)")
+    xos = layer_crossovers(frame, ["inferences_per_joule"])
+    strategies = sorted({str(m.get("strategy")) for m in frame.layers if m["kind"] == "moe"})
+    for ax, f in panels:
+        rows = _facet_rows(frame, f)
+        drawn = 0
+        for name in _layer_order(rows):
+            pts = [(m, v) for m in rows if _base(m["name"]) == name
+                   and (v := value(m, "inferences_per_joule")) is not None and v > 0 and energy_kind(m) != "none"]
+            if pts:
+                colour, marker = _style(name, strategies)
+                drawn += _draw_series(ax, [m["tokens_per_forward"] for m, _ in pts], pts, "inferences_per_joule",
+                                      colour, marker, _pretty(name))
+        if not drawn:
+            _empty(ax, "energy not measured for this layer (meter: none)")
+            continue
+        _token_ticks(ax, rows)
+        ax.set_yscale("log")
+        _mark_crossovers(ax, [c for c in xos if (c.arch, c.routing, c.dtype) == f], strategies)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def layer_experts_touched(frame: Frame) -> Figure:
+    """Experts the routing reached per forward (counted on the device) against tokens per forward, beside what
+    uniform routing would reach and the layer's E: past a few dozen tokens a forward reads nearly every expert."""
+    fig, panels = _layer_axes(frame, "Experts touched per forward vs tokens per forward",
+                              "experts touched per forward (count)")
+    for ax, f in panels:
+        rows = [m for m in _facet_rows(frame, f) if m["kind"] == "moe"]
+        counted = [m for m in rows if finite_pos(m.get("experts_touched"))]
+        if not counted:
+            _empty(ax, "no routing counted (no MoE layer measured here)")
+            continue
+        for i, name in enumerate(_layer_order(counted)):
+            xs, ys = _by_x(*zip(*((m["tokens_per_forward"], m["experts_touched"]) for m in counted
+                                  if _base(m["name"]) == name)))
+            ax.plot(xs, ys, "-o", color=MOE_COLOURS[i % len(MOE_COLOURS)], label=f"{_pretty(name)} (counted)")
+        uniform = [(m["tokens_per_forward"], m["experts_touched_if_uniform"]) for m in rows
+                   if finite_pos(m.get("experts_touched_if_uniform"))]
+        if uniform:
+            ux, uy = _by_x(*zip(*sorted(set(uniform))))
+            ax.plot(ux, uy, "--", color="#8c8c8c", lw=1.2, label="expected if routing were uniform")
+        experts = next((m["point_experts"] for m in rows if m.get("point_experts")), None)
+        if experts:
+            ax.axhline(experts, color="#b00000", ls=":", lw=1.2, label=f"all {experts} experts")
+        _token_ticks(ax, counted)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def finite_pos(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _roof_point(m: dict) -> tuple[float, float] | None:
+    """(FLOPs per weight byte read, achieved GFLOP/s) of one record's forward, or None if not measured."""
+    flops, nbytes, tps = m.get("flops_per_batch"), m.get("weight_bytes_per_batch"), m.get("tokens_per_second")
+    t = m.get("tokens_per_forward")
+    if not (finite_pos(flops) and finite_pos(nbytes) and finite_pos(tps) and isinstance(t, int)):
+        return None
+    return flops / nbytes, flops / (t / tps) / 1e9
+
+
+def _roof(rows: list[dict]) -> tuple[float, float] | None:
+    """(GEMM GFLOP/s, copy GB/s) of the calibration the records were judged against, read back from a record's
+    bounds (bytes / memory-bound time, FLOPs / compute-bound time); None when never calibrated."""
+    for m in rows:
+        mem, comp = m.get("memory_bound_ms"), m.get("compute_bound_ms")
+        if finite_pos(mem) and finite_pos(comp) and finite_pos(m.get("flops_per_batch")) \
+                and finite_pos(m.get("weight_bytes_per_batch")):
+            return m["flops_per_batch"] / comp / 1e6, m["weight_bytes_per_batch"] / mem / 1e6
+    return None
+
+
+def layer_roofline(frame: Frame) -> Figure:
+    """The roofline of each layer's forwards: achieved GFLOP/s against FLOPs per weight byte read, under the
+    calibrated roof min(GEMM rate, copy bandwidth x intensity); each point labelled with its tokens per forward.
+    A decoding step sits on the sloped (memory) part, a prefill chunk under the flat (compute) part."""
+    fig, panels = _layer_axes(frame, "Roofline: achieved vs bound, per forward", "achieved GFLOP/s (log scale)")
+    strategies = sorted({str(m.get("strategy")) for m in frame.layers if m["kind"] == "moe"})
+    for ax, f in panels:
+        ax.set_xlabel("FLOPs per weight byte read (arithmetic intensity, log scale)")
+        rows = _facet_rows(frame, f)
+        pts = [(m, xy) for m in rows if (xy := _roof_point(m)) is not None]
+        if not pts:
+            _empty(ax, "no forward measured here")
+            continue
+        for name in _layer_order([m for m, _ in pts]):
+            mine = [(m, xy) for m, xy in pts if _base(m["name"]) == name]
+            colour, marker = _style(name, strategies)
+            xs, ys, ts = _by_x([xy[0] for _, xy in mine], [xy[1] for _, xy in mine],
+                               [m["tokens_per_forward"] for m, _ in mine])
+            ax.plot(xs, ys, "-" + marker, color=colour, alpha=0.8, label=_pretty(name))
+            for x, y, t in zip(xs, ys, ts):
+                ax.annotate(f"T={t}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=colour)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        roof = _roof(rows)
+        if roof is None:
+            _empty(ax, "roofline not calibrated: run `moe-energy calibrate`, then sweep again")
+        else:
+            peak, bw = roof
+            lo, hi = ax.get_xlim()
+            ridge = peak / bw
+            rx = sorted({lo, min(max(ridge, lo), hi), hi})
+            ax.plot(rx, [min(peak, bw * x) for x in rx], "-", color="#b00000", lw=2.0, alpha=0.7,
+                    label=f"bound: {bw:,.0f} GB/s copy, {peak:,.0f} GFLOP/s GEMM")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 # slug, title, function: the report draws them in this order, one image each
 PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
     ("inferences_per_joule", "Energy efficiency vs model size", inferences_per_joule_vs_params),
@@ -364,4 +540,11 @@ PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
     ("ratio_vs_batch", "MoE/dense ratio vs batch size", ratio_vs_batch_size),
 ]
 
-__all__ = ["METRICS", "PLOTS"]
+# the LLM-layer section's plots, drawn once per arch (on that arch's records), in this order
+LAYER_PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
+    ("layer_tokens_per_joule", "Tokens per joule vs tokens per forward", layer_tokens_per_joule),
+    ("layer_experts_touched", "Experts touched vs tokens per forward", layer_experts_touched),
+    ("layer_roofline", "Roofline: achieved vs bound", layer_roofline),
+]
+
+__all__ = ["LAYER_PLOTS", "METRICS", "PLOTS"]

@@ -1,0 +1,251 @@
+"""Sweeps over LLM layers (issue 14): the grid (--arch / --grid llm x tokens x routing), keys, the fit check, the
+ETA's terms, and end to end through the CLI: rows with the per-token fields, resume, shards + merge, skipped points
+with their reason, export. Tiny custom shapes (d=32, I=16, E=8, k=2), short windows; counts and values asserted."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_energy import memory
+from moe_energy import sweep as sw
+from moe_energy.config import ConfigError
+from moe_energy.energy.select import make_meter
+from moe_energy.llm_pipeline import LayerPlan
+from moe_energy.models.archs import PRESETS as ARCH_PRESETS
+from moe_energy.models.counting import layer_params
+from moe_energy.pipeline import SilentUI
+from moe_energy.roofline import Roofline
+from moe_energy.store import Store, merge
+
+CPU = torch.device("cpu")
+TINY = {"arch": "custom", "d_model": "32", "ffn_dim": "16", "experts": "8", "top_k": "2"}
+TINY_FLAGS = ["--arch", "custom", "--d-model", "32", "--ffn-dim", "16", "--experts", "8", "--top-k", "2"]
+FAST = ["--duration", "0.1", "--warmup", "0", "--repeats", "2", "--idle-seconds", "0", "--cooldown", "0",
+        "--device", "cpu", "--meter", "estimate", "--moe-strategy", "grouped"]
+FAST_CFG = {"duration": 0.1, "warmup": 0.0, "repeats": 2, "idle_seconds": 0.0, "cooldown": 0.0, "device": "cpu",
+            "strategies": "grouped"}  # FAST as the CLI parses it (floats: the key hashes 0.0, not 0)
+GRID = [*TINY_FLAGS, "--tokens", "1,8", "--routing", "random,skewed:1.2", *FAST]
+NAME = "custom-d32-I16-E8-k2"
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "moe_energy", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def rows(db, sql):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+# -- the grid (no models run) ---------------------------------------------------------------------------------
+def test_arch_grid_is_arch_x_routing_x_option_axes_each_point_all_its_tokens():
+    g = sw.build_grid({**TINY, "tokens": "1,8,8", "routing": "random,skewed:1.20,balanced",
+                       "dtype": "float32,bfloat16"})
+    assert len(g.points) == 3 * 2 and all(p.is_layer for p in g.points)
+    assert {(p.routing, p.opts.dtype) for p in g.points} == {(r, d) for r in ("random", "skewed:1.2", "balanced")
+                                                              for d in ("float32", "bfloat16")}
+    assert all(p.tokens == (1, 8) and p.spec.name == NAME and p.label.startswith(NAME) for p in g.points)
+    assert len({p.key("estimate") for p in g.points}) == 6
+    p = g.points[0]
+    assert p.total_params == layer_params(p.spec) == 8 * 32 + 8 * 3 * 32 * 16
+    c = p.config("estimate")
+    assert c["family"] == "llm_layer" and c["tokens"] == [1, 8] and c["spec"]["d_model"] == 32
+    assert "epochs" not in c["options"] and "batch_size" not in c["options"]  # nothing trained: not in the key
+    assert g.source["family"] == "llm_layer" and g.source["tokens"] == [1, 8]
+
+
+def test_a_seed_points_config_and_key_are_unchanged_by_the_llm_family():
+    p = sw.build_grid({"experts": "4", "hidden": "16", "layers": "2", "top_k": "2"}).points[0]
+    assert not p.is_layer and p.tokens == () and p.routing is None
+    assert set(p.config("x")) == {"label", "spec", "options", "meter", "total_params"}  # as before: old keys resume
+
+
+def test_grid_llm_is_every_preset_under_max_params_at_tokens_powers_of_4():
+    g = sw.build_grid({"grid": "llm", "max_params": "1e9"})
+    want = [a.name for a in ARCH_PRESETS.values() if layer_params(a) <= 1e9]
+    assert [p.spec.name for p in g.points] == want and "olmoe-1b-7b" in want and "deepseek-v3" not in want
+    assert all(p.tokens == (1, 4, 16, 64, 256, 1024, 4096) and p.routing == "random" for p in g.points)
+    assert len(sw.build_grid({"grid": "llm"}).points) == len(ARCH_PRESETS)
+    two = sw.build_grid({"arch": "olmoe-1b-7b,qwen3-30b-a3b", "tokens": "1,16", "routing": "balanced"})
+    assert [(p.spec.name, p.tokens) for p in two.points] == [("olmoe-1b-7b", (1, 16)), ("qwen3-30b-a3b", (1, 16))]
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    ({"grid": "llm", "arch": "olmoe-1b-7b"}, "--grid llm fixes the archs"),
+    ({**TINY, "hidden": "16"}, "--hidden: no meaning for LLM layers"),
+    ({**TINY, "batch_size": "8", "epochs": "1"}, "--batch-size, --epochs: no meaning"),
+    ({"tokens": "1,8"}, "--tokens: LLM-layer settings; give --arch"),
+    ({"arch": "olmoe-1b-7b", "d_model": "32"}, "--d-model: shape flags of --arch custom"),
+    ({"arch": "custom", "d_model": "32"}, "--arch custom needs --ffn-dim, --experts, --top-k"),
+    ({"arch": "mixtral"}, "arch 'mixtral' is unknown"),
+    ({**TINY, "top_k": "9"}, "top_k=9 exceeds experts=8"),
+    ({**TINY, "routing": "zipf"}, "--routing 'zipf' is unknown"),
+    ({**TINY, "tokens": "0"}, "--tokens: 0 must be a whole number from 1"),
+    ({**TINY, "tokens": "1,x"}, "--tokens: 'x' is not a whole number"),
+    ({"grid": "llm", "max_params": "10"}, "no arch at or below --max-params"),
+    ({**TINY, "duration": -1.0}, "duration=-1"),
+])
+def test_llm_grid_mistakes_are_one_line_config_errors(cfg, needle):
+    with pytest.raises(ConfigError) as e:
+        sw.build_grid(cfg)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_toml_llm_grid(tmp_path):
+    p = tmp_path / "g.toml"
+    p.write_text('[sweep]\narch = ["custom"]\nd_model = 32\nffn_dim = 16\nexperts = [8, 4]\ntop_k = 2\n'
+                 'tokens = [1, 4]\nrouting = ["balanced"]\n')
+    g = sw.build_grid(sw.load_grid_toml(p))
+    assert sorted(p.spec.experts for p in g.points) == [4, 8] and all(p.tokens == (1, 4) for p in g.points)
+
+
+# -- fit, cost ---------------------------------------------------------------------------------------------------
+def test_a_layer_point_whose_moe_cannot_fit_is_skipped_but_a_big_dense_alone_is_left_to_the_run(monkeypatch):
+    p = sw.build_grid({**TINY, "tokens": "1,8", "duration": 0.2}).points[0]
+    assert sw.fit_problem(p, CPU) is None
+    monkeypatch.setattr(memory, "available_bytes", lambda device: memory.OVERHEAD_BYTES + 30_000)
+    reason = sw.fit_problem(p, CPU)
+    assert reason is not None and reason.startswith("out of memory (building moe") and "GiB free on cpu" in reason
+    moe = LayerPlan.of("moe", p.spec).memory_bytes(1, "float32") - memory.OVERHEAD_BYTES
+    monkeypatch.setattr(memory, "available_bytes", lambda device: memory.OVERHEAD_BYTES + moe + 1)
+    total = LayerPlan.of("dense_total", p.spec).memory_bytes(1, "float32") - memory.OVERHEAD_BYTES
+    assert total > moe  # the total-matched FFN alone does not fit: the run skips it with its reason
+    assert sw.fit_problem(p, CPU) is None
+
+
+def test_a_layer_points_fixed_seconds_work_and_least_time():
+    p = sw.build_grid({**TINY, "tokens": "1,8", "duration": 1.0, "warmup": 0.5, "repeats": 2, "cooldown": 0.25,
+                       "idle_seconds": 3.0}).points[0]
+    assert sw.measured_models(p) == 3 * 2  # three models x two token counts
+    assert sw.fixed_seconds(p) == pytest.approx(6 * (0.5 + 2 * 1.0 + 0.1) + 6 * 0.25 + 3.0)
+    per_token = sum(LayerPlan.of(n, p.spec).flops_per_token for n in ("moe", "dense_total", "dense_active"))
+    assert sw.work_flops(p) == pytest.approx(per_token * (1 + 8) * (2 + 2))
+    assert sw.training_flops(p) == 0
+    # a GEMM rate so slow that every forward takes >= 100 s: each outlasts its 2 windows (1 s) and warm-up (0.5 s),
+    # so the least time is the fixed seconds + per forward (2 (b - 1) + (b - 0.5) + b), b summing to 9 F / rate
+    rate = min(LayerPlan.of(n, p.spec).flops_per_token for n in ("moe", "dense_total", "dense_active")) / 100
+    slow = Roofline("cpu:test", {"float32": rate}, 1e30, 64, 2**20, "2026-01-01T00:00:00+00:00")
+    assert sw.seconds_floor(p, slow) == pytest.approx(sw.fixed_seconds(p) + 4 * per_token * 9 / rate - 6 * 2.5)
+    assert sw.seconds_floor(p, None) is None
+    eta = sw.Eta()
+    eta.record(p, sw.fixed_seconds(p) + 4.0)
+    assert eta.remaining([p, p]) == pytest.approx(2 * (sw.fixed_seconds(p) + 4.0))
+
+
+def test_run_points_stores_one_record_per_model_and_token_count_and_skips_what_cannot_fit(tmp_path, monkeypatch):
+    g = sw.build_grid({**TINY, "experts": "8,16", "tokens": "1,4", "duration": 0.1, "warmup": 0, "repeats": 1,
+                       "idle_seconds": 0, "cooldown": 0, "device": "cpu"})
+    small, big = g.points
+    # ~78 KiB free: each E=8 model fits alone (measured one at a time), the E=16 MoE layer (~100 KiB) cannot
+    monkeypatch.setattr(memory, "available_bytes", lambda device: memory.OVERHEAD_BYTES + 80_000)
+    assert sw.fit_problem(big, CPU) is not None
+    meter = make_meter("none", CPU)
+    with Store(tmp_path / "s.db") as st:
+        run_id = st.new_run("r", g.source, {"device": "cpu"}, {"name": meter.name})
+        out = sw.run_points(g.points, st, run_id, meter, CPU, run=None, ui=SilentUI())  # type: ignore[arg-type]
+        assert (out.done, out.skipped, out.failed) == (1, 1, 0)
+        pts = {p["arch"]: p for p in st.points()}
+        assert pts[big.spec.name]["status"] == "skipped" and pts[big.spec.name]["reason"].startswith("out of memory")
+        assert pts[small.spec.name]["family"] == "llm_layer" and pts[small.spec.name]["batch_size"] is None
+        models = st.model_rows()
+        assert [(m["name"], m["tokens_per_forward"]) for m in models] == [
+            (f"{n}@T={t}", t) for t in (1, 4) for n in ("moe[auto]", "dense_total", "dense_active")]
+        assert all(m["arch"] == small.spec.name and m["routing"] == "random" for m in models)
+        moe1 = next(m for m in models if m["name"] == "moe[auto]@T=1")
+        assert moe1["experts_touched"] == 2 and moe1["weight_bytes_read_per_forward"] == (8 * 32 + 2 * 3 * 32 * 16) * 4
+
+
+# -- end to end through the CLI ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm_db(tmp_path_factory):
+    db = tmp_path_factory.mktemp("llm") / "llm.db"
+    r = cli("sweep", *GRID, "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    return db, r
+
+
+def test_llm_sweep_writes_per_token_rows(llm_db):
+    db, r = llm_db
+    assert "measured 2, skipped 0, failed 0" in r.stdout
+    assert rows(db, "SELECT family, arch, routing, status FROM points ORDER BY id") == [
+        ("llm_layer", NAME, "random", "done"), ("llm_layer", NAME, "skewed:1.2", "done")]
+    assert rows(db, "SELECT COUNT(*) FROM models") == [(2 * 3 * 2,)]  # 2 points x 3 models x 2 token counts
+    assert rows(db, "SELECT COUNT(*) FROM windows") == [(12 * 2,)]  # --repeats 2
+    got = rows(db, "SELECT tokens_per_forward, COUNT(*), SUM(tokens_per_joule > 0), SUM(joules_per_1k_tokens > 0) "
+                   "FROM models GROUP BY tokens_per_forward")
+    assert got == [(1, 6, 6, 6), (8, 6, 6, 6)]
+    assert rows(db, "SELECT COUNT(*) FROM models WHERE kind = 'moe' AND experts_touched BETWEEN 2 AND 8") == [(4,)]
+    assert rows(db, "SELECT COUNT(*) FROM models WHERE kind = 'dense' AND weight_bytes_read_per_forward = params * 4") \
+        == [(8,)]
+    assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_llm_sweep_resumes_and_shards_merge_to_the_same_points(llm_db, tmp_path):
+    db, _ = llm_db
+    again = cli("sweep", *GRID, "--db", str(db), "--resume")
+    assert again.returncode == 0 and "measured 0" in again.stdout and "already complete 2" in again.stdout
+    # the shards through the sweep's own functions (the CLI's shard path is the seed's, tested in test_sweep)
+    g = sw.build_grid({**TINY, "tokens": "1,8", "routing": "random,skewed:1.2", **FAST_CFG})
+    meter = make_meter("estimate", CPU)
+    parts = []
+    for i in (1, 2):
+        part = tmp_path / f"s{i}.db"
+        with Store(part) as st:
+            run_id = st.new_run(f"r{i}", g.source, {"device": "cpu"}, {"name": meter.name}, shard=f"{i}/2")
+            out = sw.run_points(sw.shard(g.points, (i, 2)), st, run_id, meter, CPU, run=None, ui=SilentUI())  # type: ignore[arg-type]
+            assert out.done == 1
+        parts.append(part)
+    out = tmp_path / "merged.db"
+    counts = merge(parts, out)
+    assert counts["points"] == 2 and counts["models"] == 12
+    key = "SELECT point_key FROM points WHERE status='done' ORDER BY point_key"
+    assert rows(out, key) == rows(db, key) and len(rows(out, key)) == 2
+    assert rows(out, "SELECT COUNT(*), COUNT(DISTINCT tokens_per_forward) FROM models") == [(12, 2)]
+
+
+def test_llm_export_csv_and_json_carry_the_new_fields(llm_db, tmp_path):
+    db, _ = llm_db
+    e = cli("export", "--db", str(db), "--format", "csv")
+    assert e.returncode == 0, e.stderr
+    table = list(csv.DictReader(io.StringIO(e.stdout)))
+    assert len(table) == 12
+    for col in ("arch", "tokens_per_forward", "routing", "experts_touched", "weight_bytes_read_per_forward", "bound",
+                "memory_bound_ms", "compute_bound_ms", "fraction_of_roofline", "tokens_per_joule",
+                "joules_per_1k_tokens", "point_family"):
+        assert col in table[0], col
+    moe = [r for r in table if r["name"] == "moe[grouped]@T=1"]
+    assert len(moe) == 2 and {r["routing"] for r in moe} == {"random", "skewed:1.2"}
+    assert moe[0]["experts_touched"] == "2.0"
+    with Store(db, create=False) as st:
+        doc = json.loads(json.dumps(st.export_document(), allow_nan=False))  # what `export --format json` writes
+    recs = [m for p in doc["points"] for m in p["models"]]
+    assert len(recs) == 12 and all(m["arch"] == NAME and "tokens_per_forward" in m for m in recs)
+    assert all("experts_touched" in w for m in recs if m["kind"] == "moe" for w in m["windows"])
+
+
+def test_llm_sweep_dry_run_lists_the_points_and_bad_input_is_one_line(tmp_path, capsys):
+    from moe_energy.cli import main
+
+    assert main(["sweep", *GRID, "--db", str(tmp_path / "d.db"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{NAME} random" in out and "skewed:1.2" in out and "to do" in out
+    assert not (tmp_path / "d.db").exists()
+    for args, needle in ((["--grid", "llm", "--arch", "olmoe-1b-7b"], "--grid llm fixes the archs"),
+                         ([*TINY_FLAGS, "--tokens", "1,x"], "--tokens: 'x' is not a whole number"),
+                         ([*TINY_FLAGS, "--routing", "skewed:0"], "--routing 'skewed:0'"),
+                         (["--tokens", "1,8"], "give --arch (or --grid llm)")):
+        assert main(["sweep", *args, "--db", str(tmp_path / "e.db"), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
