@@ -14,7 +14,7 @@ from moe_energy.cli import main
 from moe_energy.config import ConfigError
 from moe_energy.data import make_dataset
 from moe_energy.results import SCHEMA_VERSION, read
-from moe_energy.store import Store
+from moe_energy.store import MIGRATIONS, Store
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--samples", "400", "--epochs", "1",
         "--duration", "0.3", "--warmup", "0", "--device", "cpu", "--repeats", "1", "--idle-seconds", "0",
@@ -198,7 +198,7 @@ def test_database_from_a_newer_tool_is_refused_never_migrated_down(cmd, tmp_path
     con.close()
     code = main(COMMANDS[cmd](db, tmp_path))
     one_line_error(code, capsys.readouterr().err,
-                   f"--db {db}: schema version 99 is newer than this tool's 1; upgrade moe-energy")
+                   f"--db {db}: schema version 99 is newer than this tool's {len(MIGRATIONS)}; upgrade moe-energy")
     con = sqlite3.connect(db)
     assert con.execute("SELECT version FROM schema_version").fetchall() == [(99,)]
     assert con.execute("SELECT COUNT(*) FROM points").fetchone() == (1,)

@@ -47,6 +47,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def llm_default_dtype(device: torch.device) -> str:
+    """An LLM layer's dtype when none is asked for: bfloat16 where a GPU runs it natively (as served), else float32."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16"
+    return "float32"
+
+
 def sync(device: torch.device) -> None:
     """Wait for all queued work on ``device`` (a no-op on the CPU, whose ops return when done)."""
     if device.type == "cuda":

@@ -441,9 +441,6 @@ class LayerRecord(ModelRecord, total=False):
     expert_load_max_over_mean: float | None
     weight_bytes_read_per_forward: float | None
     # the roofline split (roofline.figures): the bytes above at the copy bandwidth, the FLOPs at the GEMM rate
-    memory_bound_ms: float | None
-    compute_bound_ms: float | None
-    bound: str | None  # "memory" | "compute": the slower of the two, the one that applies
     model_extrapolated: dict[str, Any] | None
 
 
@@ -517,6 +514,11 @@ def layer_records(r: LayerRun, todo: list[LayerPlan], skipped: dict[str, str], m
 # The run
 
 
+def layer_stem(name: str) -> str | None:
+    """The arch's name in a results file's name when it is a plain one (letters, digits, '-', '.')."""
+    return name if name.replace("-", "").replace(".", "").isalnum() else None
+
+
 def run_llm(arch: Arch, opts: RunOptions, tokens: list[int], routing: str | RoutingMode, meter: Meter,
             ui: UI | None = None, save: bool = True, sleep: Callable[[float], None] = time.sleep
             ) -> tuple[dict, Path | None]:
@@ -529,6 +531,6 @@ def run_llm(arch: Arch, opts: RunOptions, tokens: list[int], routing: str | Rout
     idle, doc["idle"] = idle_phase(r) if groups else (None, None)
     measured = measure_groups(r, groups, idle, skipped)
     doc["models"] = layer_records(r, todo, skipped, measured, idle, doc["notices"])
-    stem = run_stem(doc, arch.name if arch.name.replace("-", "").replace(".", "").isalnum() else None)
+    stem = run_stem(doc, layer_stem(arch.name))
     path = save_or_rescue(doc, opts.out, stem) if save else None
     return doc, path

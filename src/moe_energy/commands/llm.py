@@ -20,7 +20,7 @@ from rich.table import Table
 
 from ..capped import run_and_save
 from ..config import RunOptions, load_toml, split_list
-from ..device import resolve_device
+from ..device import llm_default_dtype, resolve_device
 from ..errors import ConfigError
 from ..llm_pipeline import (
     DEFAULT_TOKENS,
@@ -31,6 +31,7 @@ from ..llm_pipeline import (
     extrapolation_note,
     fit_alone,
     layer_plans,
+    layer_stem,
     named,
     run_llm,
     together_problem,
@@ -122,10 +123,7 @@ def default_dtype(args: argparse.Namespace, opts: RunOptions) -> str:
     cfg = load_toml(args.config) if getattr(args, "config", None) else {}
     if getattr(args, "dtype", None) is not None or "dtype" in cfg:
         return opts.dtype
-    device = resolve_device(opts.device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return "bfloat16"
-    return "float32"
+    return llm_default_dtype(resolve_device(opts.device))
 
 
 def resolve_llm(args: argparse.Namespace) -> tuple[Arch, RunOptions, list[int], RoutingMode]:
@@ -238,11 +236,6 @@ def run_llm_command(args: argparse.Namespace) -> int:
         return done
     doc, _path = done
     return restore_status(plan) or _exit_status(doc)
-
-
-def layer_stem(name: str) -> str | None:
-    """The arch's name in the results file's name when it is a plain one (run_llm's rule, kept in step)."""
-    return name if name.replace("-", "").replace(".", "").isalnum() else None
 
 
 def _exit_status(doc: dict) -> int:

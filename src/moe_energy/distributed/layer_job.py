@@ -42,6 +42,7 @@ from ..llm_pipeline import (
     build_one,
     check_tokens,
     layer_plans,
+    layer_stem,
     load_fields,
     start_layer_run,
     token_figures,
@@ -289,6 +290,5 @@ def run_layer_job(arch: Arch, opts: RunOptions, tokens: Any, routing: str | Rout
     barrier(g)
     if not g.is_main:
         return None, None
-    name = arch.name if arch.name.replace("-", "").replace(".", "").isalnum() else None  # as run_llm names it
-    path = write_atomic(doc, opts.out, run_stem(doc, name, f"-ep{g.world_size}")) if save else None
+    path = write_atomic(doc, opts.out, run_stem(doc, layer_stem(arch.name), f"-ep{g.world_size}")) if save else None
     return doc, path

@@ -135,6 +135,9 @@ class ModelRecord(TypedDict, total=False):
     flops_per_batch: float
     weight_bytes_per_batch: float
     roofline_bound_ms: float | None
+    memory_bound_ms: float | None
+    compute_bound_ms: float | None
+    bound: str | None  # "memory" | "compute": the slower of the two, the one that applies
     fraction_of_roofline: float | None
     optimize: dict[str, Any] | None
     parallel: dict[str, Any]
