@@ -15,6 +15,12 @@ from moe_energy.models.kernels import FastLinear, grouped_linear, linear, use_on
 pytestmark = pytest.mark.skipif(not kernels.ONEDNN, reason="this torch build has no oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def any_weight_size(monkeypatch):
+    """Tiny weights here: let oneDNN take them as it takes an LLM expert's (the size rule has its own test)."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_WEIGHT", 0)
+
+
 def _reference(h: torch.Tensor, w: torch.Tensor, ends: list[int], b: torch.Tensor | None) -> torch.Tensor:
     """Each group through its own weight, in float64 with F.linear."""
     out, start = [], 0
@@ -22,6 +28,15 @@ def _reference(h: torch.Tensor, w: torch.Tensor, ends: list[int], b: torch.Tenso
         out.append(F.linear(h[start:end].double(), w[e].double(), None if b is None else b[e].double()))
         start = end
     return torch.cat(out)
+
+
+def test_weights_too_small_to_repay_a_onednn_call_stay_with_the_plain_op(monkeypatch):
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_WEIGHT", 2**18)
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        assert not use_onednn(x, torch.randn(256, 512))  # 2^17 elements
+        assert use_onednn(x, torch.randn(512, 512))  # 2^18
+        assert use_onednn(x, torch.randn(3, 512, 512)[1])  # one expert of a stack
 
 
 @settings(max_examples=25, deadline=None)

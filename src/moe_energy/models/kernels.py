@@ -23,12 +23,17 @@ grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# oneDNN's linear costs ~10-20 us more per call than MKL's, which only a weight of this many elements repays:
+# on the 2-core EPYC, fp32, 8..128 rows, MKL / oneDNN time was 0.4-0.7 at 10x256 and 64x64, 0.67-1.0 at
+# 256x256, 0.97-1.07 at 256x784 (2e5), 1.2-1.5 at 1024x784 and 1024x1024, 1.3-1.8 at 2048x2048.
+ONEDNN_MIN_WEIGHT = 2**18
 
 
 def use_onednn(x: Tensor, w: Tensor) -> bool:
-    """Whether oneDNN's linear takes this GEMM: a CPU inference GEMM in fp32/bf16, outside a compiled graph."""
+    """Whether oneDNN's linear takes this GEMM: a CPU inference GEMM in fp32/bf16 on a weight large enough to
+    repay its call, outside a compiled graph."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and w.dtype == x.dtype
-            and not torch.compiler.is_compiling()
+            and w.shape[-1] * w.shape[-2] >= ONEDNN_MIN_WEIGHT and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
