@@ -39,7 +39,7 @@ def test_crossover_exact_value_and_interval_from_spread():
     # Spread x/÷ sqrt(2) on MoE only: best case log ratios -0.5 log 2, 1.5 log 2 -> a quarter of the way,
     # 10**6.5; worst case -1.5 log 2, 0.5 log 2 -> three quarters, 10**7.5
     ps = [Pair(10**6, rec(1.0, 1 / R2, R2), rec(2.0, 2.0, 2.0)), Pair(10**8, rec(4.0, 4 / R2, 4 * R2), rec(2.0))]
-    c = crossover(ps, "inferences_per_joule", (128, "float32", "grouped", "4"))
+    c = crossover(ps, "inferences_per_joule", (128, "float32", "grouped", "4", None))
     assert c.status == "crossed"
     assert math.isclose(c.params, 1e7, rel_tol=1e-12)
     assert math.isclose(c.low, 10**6.5, rel_tol=1e-12)

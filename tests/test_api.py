@@ -221,3 +221,35 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="ESTIMATE"):
         exec(compile(src, "README example", "exec"), {})
     assert calls == [(10, 3), (5, 3), (5, 3)]
+
+
+def test_benchmark_adds_carbon_and_cost_as_labelled_estimates(monkeypatch):
+    from moe_energy.carbon import ESTIMATED, JOULES_PER_KWH
+
+    monkeypatch.setenv("MOE_ENERGY_PRICE_PER_KWH", "9")  # the API takes only what the script passes
+    meter = me.make_meter("estimate", "cpu", cpu_tdp_watts=10)
+    r = me.benchmark(nn.Linear(8, 8), torch.zeros(4, 8), duration=0.1, repeats=1, warmup=0, meter=meter,
+                     carbon_intensity=400)
+    kwh = 1e6 / r.inferences_per_joule / JOULES_PER_KWH
+    assert r.co2e_g_per_million == pytest.approx(400 * kwh) and r.cost_per_million is None
+    d = r.to_dict()
+    assert (d["carbon_intensity_g_per_kwh"], d["price_per_kwh"], d["carbon_basis"]) == (400.0, None, ESTIMATED)
+    assert "ESTIMATES" in d["carbon_note"] and "400" in d["carbon_note"] and "energy itself an estimate" in d[
+        "carbon_note"]
+    plain = me.benchmark(nn.Linear(8, 8), torch.zeros(4, 8), duration=0.1, repeats=1, warmup=0, meter=meter)
+    assert plain.co2e_g_per_million is None and "co2e_g_per_million" not in plain.to_dict()
+    assert plain.to_dict()["carbon_note"] is None
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"carbon_intensity": -1.0}, "carbon_intensity=-1.0 must be a finite number"),
+    ({"carbon_intensity": 9000.0}, "above any grid's intensity"),
+    ({"price_per_kwh": float("inf")}, "price_per_kwh=inf must be")])
+def test_benchmark_refuses_bad_carbon_figures_as_the_cli_does(kwargs, needle, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=needle) as e:
+        me.benchmark(nn.Linear(4, 4), torch.zeros(2, 4), duration=0.1, repeats=1, **kwargs)
+    assert "\n" not in str(e.value)
+    flag, value = next(iter(kwargs.items()))
+    assert main(["run", "--carbon-intensity" if flag == "carbon_intensity" else "--price-per-kwh", str(value),
+                 "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert str(e.value) in capsys.readouterr().err  # the CLI's own line

@@ -133,7 +133,7 @@ GRID_CONFIGS = [
     ("experts = [nan]", "--experts: nan is not a whole number"),
     ("experts = []", "--experts: empty list; give at least one value"),
     ("experts = [1e30]", "make 3.36e+35 parameters, more than the 1e+13"),
-    ("grid = 5", "--grid 5 is unknown; choose seed or scale"),
+    ("grid = 5", "--grid 5 is unknown; choose seed, scale or llm"),
     ('grid = "seed"\nhidden = [16]', "--grid seed fixes the shapes"),
     ('max_params = "lots"', "--max-params 'lots' is not a number"),
     ("per_decade = 1000", "--per-decade 1000 must be a whole number between 1 and 100"),

@@ -157,7 +157,7 @@ def test_two_rank_layer_run_records_every_token_count(tmp_path, live_rapl):
     out = tmp_path / "results"
     r = torchrun([*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--tokens", "1,8", "--routing",
                   "balanced", "--duration", "0.3", "--repeats", "1", "--idle-seconds", "0.5", "--cooldown", "0",
-                  "--out", str(out)])
+                  "--carbon-intensity", "400", "--price-per-kwh", "0.15", "--out", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     files = list(out.glob("run-*-custom-ep2.json"))
     assert len(files) == 1, list(out.iterdir())
@@ -177,6 +177,11 @@ def test_two_rank_layer_run_records_every_token_count(tmp_path, live_rapl):
         assert m["tokens_per_joule"] == pytest.approx(m["inferences"] / m["energy_j"])
         assert m["joules_per_1k_tokens"] == pytest.approx(1000 / m["tokens_per_joule"])
         assert m["idle_power_w"] == doc["idle"]["power_w"] and m["dynamic_energy_j"] is not None
+        kwh_per_million = 1e6 / m["tokens_per_joule"] / 3.6e6  # carbon and cost per million tokens, as run adds them
+        assert m["co2e_g_per_million"] == pytest.approx(400 * kwh_per_million)
+        assert m["cost_per_million"] == pytest.approx(0.15 * kwh_per_million)
+        assert m["carbon_basis"] == "estimate from measured energy"  # RAPL's counter: measured energy
+    assert doc["carbon"]["per"] == "million tokens" and doc["carbon"]["carbon_intensity_g_per_kwh"] == 400
     arch = custom_arch(D, FFN, E, K)
     for m in doc["models"][::3]:  # the MoE at T = 1 and 8: the job's forward holds 2T tokens, 2TK pairs
         T, p = m["tokens_per_forward"], m["parallel"]
@@ -190,6 +195,9 @@ def test_two_rank_layer_run_records_every_token_count(tmp_path, live_rapl):
     for m in doc["models"][1::3] + doc["models"][2::3]:
         assert m["experts_touched"] is None and "all_to_all_seconds" not in m["parallel"]  # data-parallel
     assert "moe[expert_parallel]" in r.stdout and "all-to-all" in r.stdout and "results written to" in r.stdout
+    assert "CO2e" in r.stdout and "(est.)" in r.stdout  # the table's columns (their headers fold)
+    assert "carbon and cost per million tokens: ESTIMATES" in r.stdout
+    assert "not computed" not in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -92,8 +92,8 @@ def test_layers_are_kept_apart_from_the_seeds_models(llm_report):
     assert frame.models == [] and len(frame.layers) == 2 * 3 * len(TOKENS)
     assert len(frame.points) == 2 and [p["label"] for p in frame.skipped] == ["deepseek-v3 random"]
     groups = layer_pairs(frame)
-    assert sorted(groups) == [("olmoe-1b-7b", "random", "float32", "auto"), ("qwen3-30b-a3b", "random", "float32",
-                                                                             "auto")]
+    assert sorted(groups) == [("olmoe-1b-7b", "random", "float32", "auto", None),
+                              ("qwen3-30b-a3b", "random", "float32", "auto", None)]  # None: no power cap
     assert all([p.at for p in ps] == list(map(float, TOKENS)) for ps in groups.values())
 
 

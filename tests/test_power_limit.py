@@ -285,7 +285,8 @@ def test_no_gpu_here_is_refused(tmp_path, capsys):
 
 def test_parallel_expert_refuses_caps(capsys):
     assert main(["run", *TINY, "--parallel", "expert", "--power-limit", "250"]) == 2
-    assert "do not work with --parallel expert" in _one_line(capsys.readouterr().err)
+    line = _one_line(capsys.readouterr().err)
+    assert "do not work with --parallel expert" in line and "no rank sets or restores for the others" in line
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -161,8 +161,9 @@ def _tiled_page(report_html: str, prefix: str, out: Path) -> list[str]:
 
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium not installed (runs in CI)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
-    """The whole page renders (far from blank), and every LLM-layer plot of a report holding both families, taken
-    from the report's own page, renders as a non-blank image in Chromium."""
+    """The whole page renders (far from blank), and every LLM-layer plot of a report holding both families, and every
+    power-cap plot of a report holding several caps, taken from the report's own page, renders as a non-blank
+    image in Chromium."""
     from matplotlib.image import imread
     from test_llm_report import fill_layers
 
@@ -188,6 +189,29 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         tile = img[:TILE_H, k * TILE_W:(k + 1) * TILE_W].reshape(-1, 3)
         white = float((tile.min(axis=1) > 245).mean())
         assert len(np.unique(tile, axis=0)) > 40 and 0.3 < white < 0.995, (name, white)  # a drawn plot, not blank
+    _cap_plots_render(tmp_path)
+
+
+def _cap_plots_render(tmp_path: Path) -> None:
+    """With power caps in the store, every CAP_PLOTS image of the report's page renders non-blank in Chromium."""
+    from matplotlib.image import imread
+    from test_power_report import fill_caps
+
+    from moe_energy.report import CAP_PLOTS
+
+    fill_caps(tmp_path / "caps.db")
+    capped = build(tmp_path / "caps.db", tmp_path / "caps")
+    slugs = "|".join(slug for slug, _t, _f in CAP_PLOTS)
+    ids = _tiled_page(capped.html.read_text(), f"(?:{slugs})", tmp_path / "cap_tiles.html")
+    assert ids == [slug for slug, _t, _f in CAP_PLOTS], ids
+    tiles = tmp_path / "cap_tiles.png"
+    r = _screenshot(tmp_path / "cap_tiles.html", tiles, f"{TILE_W * len(ids)},{TILE_H}", tmp_path / "profile3")
+    assert tiles.exists(), r.stderr[-2000:]
+    img = (imread(tiles)[..., :3] * 255).astype(np.uint8)
+    for k, name in enumerate(ids):
+        tile = img[:TILE_H, k * TILE_W:(k + 1) * TILE_W].reshape(-1, 3)
+        white = float((tile.min(axis=1) > 245).mean())
+        assert len(np.unique(tile, axis=0)) > 40 and 0.3 < white < 0.995, (name, white)
 
 
 # -- lines are drawn in x order, whatever order the sweep measured the points in ------------------------

@@ -15,6 +15,10 @@ left out and said so.
 LLM layers (issue 14) get the same crossover along another axis: tokens per forward, from a decoding step to a
 prefill chunk, per (arch, routing, dtype, strategy): the same pairs (MoE, total-matched dense FFN), the same
 interpolation in log10(x), the same interval from the repeats; only the axis differs (``Pair.x``).
+
+Power caps (issue 15) are one more grouping: a capped point is a point of its own, so every crossover is per
+cap (``Crossover.power_limit_w``), and ``cap_series`` / ``best_caps`` compare one model's figures across caps
+at an otherwise identical setting (shape, batch, dtype; or arch, routing, dtype, tokens per forward).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ METRICS = {
 ENERGY_METRICS = ("inferences_per_joule", "correct_per_joule")
 TDP_KEYS = ("tdp_w", "tdp_watts", "power_limit_w")
 
-Group = tuple[int, str, str, str]  # (batch_size, dtype, strategy, E/k): one curve along total params
-LayerGroup = tuple[str, str, str, str]  # (arch, routing, dtype, strategy): one curve along tokens per forward
+Group = tuple[int, str, str, str, float | None]  # (batch_size, dtype, strategy, E/k, cap W): one curve along params
+LayerGroup = tuple[str, str, str, str, float | None]  # (arch, routing, dtype, strategy, cap W): one along tokens
 AXIS_UNITS = {"params": "params", "tokens": "tokens per forward"}
 
 
@@ -228,7 +232,7 @@ def pairs(frame: Frame) -> dict[Group, list[Pair]]:
     for m in frame.models:
         if m["kind"] != "moe" or m["point_id"] not in dense_by_point:
             continue
-        g = (m["batch_size"], m["dtype"], m["strategy"], m["ek"])
+        g = (m["batch_size"], m["dtype"], m["strategy"], m["ek"], cap_of(m))
         out.setdefault(g, []).append(Pair(int(m["params"]), m, dense_by_point[m["point_id"]], m.get("label") or ""))
     for g in out:
         out[g].sort(key=lambda p: p.params)
@@ -277,6 +281,7 @@ class Crossover:
     axis: str = "params"  # "params" | "tokens"
     arch: str | None = None  # an LLM layer's crossover: its arch and routing
     routing: str | None = None
+    power_limit_w: float | None = None  # the cap its points ran under (None: the limit in force, untouched)
 
     @property
     def unit(self) -> str:
@@ -306,13 +311,13 @@ def _number(v: float | None) -> str:
     return f"{v:,.0f}" if v >= 10 else f"{v:.2g}"
 
 
-def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, None),  # type: ignore[assignment]
+def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, None, None),  # type: ignore[assignment]
               axis: str = "params") -> Crossover:
     """The crossover of ``metric`` along one group's pairs (``axis``: where each pair sits, ``Pair.at``); see
     the module docstring for the method."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
-    b, dt, s, ek = group
+    b, dt, s, ek, cap = group
     notes: list[str] = []
     usable: list[Pair] = []
     kinds: set[str] = set()
@@ -336,7 +341,7 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
         notes.append(f"{mixed} point(s) left out: an estimated energy figure is not compared with a measured one")
     if unmeasured and usable:
         notes.append(f"{unmeasured} point(s) without this figure left out")
-    c = Crossover(b, dt, s, ek, metric, "not_measured", n_points=len(usable), axis=axis)
+    c = Crossover(b, dt, s, ek, metric, "not_measured", n_points=len(usable), axis=axis, power_limit_w=cap)
     if metric in ENERGY_METRICS and kinds:
         c.energy = "estimate" if kinds == {"estimate"} else "measured"
         if c.energy == "estimate":
@@ -401,7 +406,7 @@ def crossovers(frame: Frame, metrics: Iterable[str] = tuple(METRICS)) -> list[Cr
     """Every group's crossover of each metric; rows left out as damaged are said in each one's notes."""
     out = []
     note = frame.damage_note()
-    for g, ps in sorted(pairs(frame).items(), key=lambda kv: (kv[0][0] or 0, *map(str, kv[0][1:]))):
+    for g, ps in sorted(pairs(frame).items(), key=group_order):
         for metric in metrics:
             c = crossover(ps, metric, g)
             if note:
@@ -419,7 +424,7 @@ def layer_pairs(frame: Frame) -> dict[LayerGroup, list[Pair]]:
         t = m.get("tokens_per_forward")
         if m["kind"] != "moe" or not isinstance(t, int) or (m["point_id"], t) not in dense:
             continue
-        g = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), str(m["strategy"]))
+        g = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), str(m["strategy"]), cap_of(m))
         out.setdefault(g, []).append(Pair(int(m["params"]), m, dense[m["point_id"], t], str(m.get("arch")), float(t)))
     for g in out:
         out[g].sort(key=lambda p: p.at)
@@ -431,9 +436,10 @@ def layer_crossovers(frame: Frame, metrics: Iterable[str] = ("inferences_per_jou
     """Each LLM layer's crossover over tokens per forward (tokens are its inferences: tokens/J, tokens/s)."""
     out = []
     note = frame.damage_note()
-    for (arch, routing, dtype, strategy), ps in sorted(layer_pairs(frame).items()):
+    for (arch, routing, dtype, strategy, cap), ps in sorted(layer_pairs(frame).items(),
+                                                            key=lambda kv: (*kv[0][:4], kv[0][4] or 0.0)):
         for metric in metrics:
-            c = crossover(ps, metric, (None, dtype, strategy, None), axis="tokens")  # type: ignore[arg-type]
+            c = crossover(ps, metric, (None, dtype, strategy, None, cap), axis="tokens")  # type: ignore[arg-type]
             c.arch, c.routing = arch, routing
             if note:
                 c.notes.append(note)
@@ -451,7 +457,7 @@ def ratios(frame: Frame, metric: str = "inferences_per_joule") -> list[dict]:
     """MoE / dense-total for every pair with comparable figures: {label, params, batch_size, dtype,
     strategy, ratio, energy}."""
     out = []
-    for (b, dt, s, ek), ps in pairs(frame).items():
+    for (b, dt, s, ek, cap), ps in pairs(frame).items():
         for p in ps:
             if metric in ENERGY_METRICS and (energy_kind(p.moe) != energy_kind(p.dense)
                                              or energy_kind(p.moe) == "none"):
@@ -460,7 +466,8 @@ def ratios(frame: Frame, metric: str = "inferences_per_joule") -> list[dict]:
             if vm is None or vd is None or vd <= 0:
                 continue
             out.append({"label": p.label, "params": p.params, "batch_size": b, "dtype": dt, "strategy": s, "ek": ek,
-                        "ratio": vm / vd, "energy": energy_kind(p.moe) if metric in ENERGY_METRICS else None})
+                        "power_limit_w": cap, "ratio": vm / vd,
+                        "energy": energy_kind(p.moe) if metric in ENERGY_METRICS else None})
     return sorted(out, key=lambda r: (r["params"], r["batch_size"] or 0))
 
 
@@ -474,3 +481,96 @@ def pareto_front(xy: list[tuple[float, float]]) -> list[int]:
             front.append(i)
             best_y = xy[i][1]
     return front
+
+
+# -- power caps (issue 15) -------------------------------------------------------------------------------
+def cap_of(m: dict) -> float | None:
+    """The cap a record was measured under: the GPU cap asked, else the CPU packages' (None: not capped)."""
+    gpu = finite(m.get("power_limit_requested_w"))
+    return gpu if gpu is not None else finite(m.get("cpu_power_limit_requested_w"))
+
+
+def group_order(kv: tuple[Group, Any]) -> tuple:
+    """Crossover groups in reading order: batch size, then the text fields, then the cap (uncapped first)."""
+    g = kv[0]
+    return (g[0] or 0, *map(str, g[1:4]), g[4] or 0.0)
+
+
+def caps(frame: Frame) -> list[float | None]:
+    """Every cap the store's records ran under, ascending (None first: records measured uncapped)."""
+    found = {cap_of(m) for m in (*frame.models, *frame.layers)}
+    return sorted(found, key=lambda c: -1.0 if c is None else c)
+
+
+def reference_cap(frame: Frame) -> float | None:
+    """The cap the size and token plots are drawn at when there are several: uncapped if measured, else the
+    highest (the closest to the default limit)."""
+    cs = caps(frame)
+    return None if None in cs or not cs else cs[-1]
+
+
+def at_cap(frame: Frame, cap: float | None) -> Frame:
+    """The frame's records measured under ``cap`` only (and their points and windows)."""
+    models = [m for m in frame.models if cap_of(m) == cap]
+    layers = [m for m in frame.layers if cap_of(m) == cap]
+    ids = {m["point_id"] for m in (*models, *layers)}
+    model_ids = {m["model_id"] for m in models}
+    return Frame(runs=frame.runs, points=[p for p in frame.points if p["id"] in ids], models=models, layers=layers,
+                 windows=[w for w in frame.windows if w["model_id"] in model_ids], skipped=frame.skipped,
+                 tdp_w=frame.tdp_w, tdp_source=frame.tdp_source, damaged=frame.damaged)
+
+
+def setting(m: dict) -> str:
+    """Everything but the cap that decides a record's figures, as a title: the same setting at two caps is
+    one comparison."""
+    if m.get("family") == LAYER_FAMILY:
+        return f"{m.get('arch')}, routing {m.get('routing')}, {m.get('dtype')}, T={m.get('tokens_per_forward')}"
+    return f"{m.get('label')}, batch {m.get('batch_size')}, {m.get('dtype')}"
+
+
+def model_name(m: dict) -> str:
+    """The model's name without its token count or cap suffix: one series across caps."""
+    return str(m.get("name", "")).split("@")[0]
+
+
+def cap_series(frame: Frame) -> dict[str, dict[str, list[dict]]]:
+    """{setting: {model: its records ascending by cap}} for capped records with a figure to compare; only
+    settings measured at more than one cap."""
+    out: dict[str, dict[str, list[dict]]] = {}
+    for m in (*frame.models, *frame.layers):
+        if cap_of(m) is not None and m.get("status", "measured") == "measured":
+            out.setdefault(setting(m), {}).setdefault(model_name(m), []).append(m)
+    for models in out.values():
+        for recs in models.values():
+            recs.sort(key=lambda m: cap_of(m) or 0.0)
+    return {k: v for k, v in out.items() if len({cap_of(m) for recs in v.values() for m in recs}) > 1}
+
+
+@dataclass
+class BestCap:
+    """The cap at which one model spends the least energy per inference at one setting."""
+
+    setting: str
+    model: str
+    cap: float
+    record: dict  # the record at that cap
+    highest: dict  # the record at the highest cap measured, the nearest to the default limit
+    n_caps: int
+    energy: str  # 'measured' | 'estimate'
+
+
+def best_caps(frame: Frame) -> list[BestCap]:
+    """Per setting and model, the cap that maximises inferences/J (tokens/J); estimates and measured figures
+    are not compared (measured ones win the choice when both exist)."""
+    out = []
+    for s, models in sorted(cap_series(frame).items()):
+        for name, recs in sorted(models.items(), key=lambda kv: (not kv[0].startswith("moe"), kv[0])):
+            rated = [m for m in recs if energy_kind(m) != "none" and (value(m, "inferences_per_joule") or 0) > 0]
+            kinds = {energy_kind(m) for m in rated}
+            kind = "measured" if "measured" in kinds else "estimate"
+            rated = [m for m in rated if energy_kind(m) == kind]
+            if len(rated) < 2:
+                continue
+            best = max(rated, key=lambda m: value(m, "inferences_per_joule") or 0.0)
+            out.append(BestCap(s, name, cap_of(best) or 0.0, best, rated[-1], len(rated), kind))
+    return out

@@ -18,7 +18,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .carbon import ESTIMATED, carbon_fields
+from .config import ConfigError, resolve_carbon
 from .device import device_arg, device_sync
 from .energy import select
 from .energy.idle import IdlePower, measure_idle
@@ -127,6 +128,16 @@ class BenchmarkResult:
         return bool(self.summary["energy_is_estimate"])
 
     @property
+    def co2e_g_per_million(self) -> float | None:
+        """Estimated g CO2e per million inferences at ``carbon_intensity`` (None when not given or not measured)."""
+        return self.summary.get("co2e_g_per_million")
+
+    @property
+    def cost_per_million(self) -> float | None:
+        """Estimated cost per million inferences at ``price_per_kwh`` (None when not given or not measured)."""
+        return self.summary.get("cost_per_million")
+
+    @property
     def batch_size(self) -> int:
         return self.summary["batch_size"]
 
@@ -154,10 +165,21 @@ class BenchmarkResult:
             "flops_method": self.flops_method,
             "energy_meter_info": self.meter,  # name, method, devices, versions, notice
             "energy_note": ESTIMATE_NOTE if self.is_estimate else None,
+            "carbon_note": self._carbon_note(),
             "idle": self.idle.as_dict() if self.idle is not None else None,
             "idle_power_w": self.idle.power_w if self.idle is not None else None,
             **self.summary,
         }
+
+    def _carbon_note(self) -> str | None:
+        """What the carbon and cost figures are: estimates on the figures given (of an estimate, at times)."""
+        basis = self.summary.get("carbon_basis")
+        if basis is None:
+            return None
+        return (f"carbon and cost per million inferences are ESTIMATES ({basis}): energy per inference x "
+                f"{self.summary.get('carbon_intensity_g_per_kwh')} g CO2e/kWh and price "
+                f"{self.summary.get('price_per_kwh')} per kWh as given" +
+                (", the energy itself an estimate" if basis == ESTIMATED else ""))
 
     def __repr__(self) -> str:
         def f(v: float | None, unit: str) -> str:
@@ -209,6 +231,14 @@ def _positive(name: str, v: Any, integer: bool = False, zero_ok: bool = False) -
         raise TypeError(f"benchmark: {name}={v!r} is {kind_of(v)}; give {what} {bound}")
     if not math.isfinite(v) or v < 0 or (v == 0 and not zero_ok):
         raise ConfigError(f"benchmark: {name}={v!r} must be {what} {bound}")
+
+
+def _check_times(duration: Any, repeats: Any, warmup: Any, idle_seconds: Any, cooldown: Any) -> None:
+    """benchmark's windows, repeats and pauses: each a number of the right kind and sign."""
+    _positive("duration", duration)
+    _positive("repeats", repeats, integer=True)
+    for name, v in (("warmup", warmup), ("idle_seconds", idle_seconds), ("cooldown", cooldown)):
+        _positive(name, v, zero_ok=True)
 
 
 def _device_of(model: Callable[..., Any], batch: Any) -> torch.device:
@@ -267,6 +297,8 @@ def benchmark(
     cooldown: float = 0.0,
     flops_per_inference: int | None = None,
     sync: Callable[[], None] | None = None,
+    carbon_intensity: float | None = None,
+    price_per_kwh: float | None = None,
 ) -> BenchmarkResult:
     """Measure ``model`` on ``example_batch`` in ``repeats`` windows of ``duration`` seconds each.
 
@@ -276,13 +308,13 @@ def benchmark(
     (inferences per call) defaults to the leading dimension of its first tensor. ``meter`` defaults to
     ``auto_meter`` for that device. ``idle_seconds`` > 0 first reads idle power, so each window also gets
     dynamic (raw minus idle) energy. A module is put in eval mode; every call runs under
-    ``torch.inference_mode``.
+    ``torch.inference_mode``. ``carbon_intensity`` (g CO2e/kWh) and ``price_per_kwh`` add estimated g CO2e and
+    cost per million inferences, as `run --carbon-intensity/--price-per-kwh` does (never looked up, never read
+    from the environment here: a script's figures are the ones it passes).
     """
     _check_callables(model, meter, sync)
-    _positive("duration", duration)
-    _positive("repeats", repeats, integer=True)
-    for name, v in (("warmup", warmup), ("idle_seconds", idle_seconds), ("cooldown", cooldown)):
-        _positive(name, v, zero_ok=True)
+    carbon = resolve_carbon({"carbon_intensity": carbon_intensity, "price_per_kwh": price_per_kwh}, environ={})
+    _check_times(duration, repeats, warmup, idle_seconds, cooldown)
     example_batch = _checked_batch(example_batch)
     if batch_size is None:
         batch_size = infer_batch_size(example_batch)
@@ -307,8 +339,11 @@ def benchmark(
         windows.append({"repeat": r, "order": r, "started_utc": started, **res.metrics()})
     info = meter_info(meter)
     info["notice"] = getattr(meter, "notice", None)
-    return result_from_windows(windows, model=_model_name(model), device=str(device), duration_s=duration,
-                               warmup_s=warmup, flops_method=flops_method, meter=info, idle=idle)
+    result = result_from_windows(windows, model=_model_name(model), device=str(device), duration_s=duration,
+                                 warmup_s=warmup, flops_method=flops_method, meter=info, idle=idle)
+    if carbon.given:
+        result.summary.update(carbon_fields(result.summary, carbon))
+    return result
 
 
 def result_from_windows(windows: list[dict[str, Any]], **context: Any) -> BenchmarkResult:

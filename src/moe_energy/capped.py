@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,14 @@ class CapPlan:
     cpu_cap: float | None = None
     announce: Callable[[str], None] = _say_nothing
     restore_failed: list[str] = field(default_factory=list)
+    rename: bool = True  # rows named MODEL@CAPW (a run's several caps); a sweep point's cap is in its key instead
+
+    def at(self, gpu_cap: float | None, cpu_cap: float | None) -> CapPlan:
+        """This plan's checked devices under one sweep point's caps; its restore failures gathered in this plan's."""
+        if (gpu_cap is not None and not self.gpu) or (cpu_cap is not None and not self.cpu):
+            raise ConfigError("a power cap was asked for a device that was not checked (plan_caps): nothing is set")
+        return replace(self, gpu_caps=[] if gpu_cap is None else [gpu_cap], cpu_cap=cpu_cap, rename=False,
+                       restore_failed=self.restore_failed)
 
     def wrap(self, meter: Meter) -> Meter:
         """The run's meter, reading back every capped device's limit after each window."""
@@ -75,7 +83,7 @@ class CapPlan:
         for state in [s for s, _ in runs] + [cpu_state]:
             if state is not None:
                 self.restore_failed += state.restore_failed
-        return merge(runs, cpu_state)
+        return merge(runs, cpu_state, self.rename)
 
 
 def plan_caps(caps: PowerCaps, meter: Meter, device: Any) -> CapPlan:
@@ -111,8 +119,8 @@ def _differs(state: Applied) -> str | None:
     return f"power cap asked {state.requested_w:g} W, read back {got}"
 
 
-def tagged(rec: dict, gpu: Applied | None, cpu: Applied | None) -> dict:
-    """A record of the run at ``gpu``'s cap: named for it, carrying the caps asked and in force."""
+def tagged(rec: dict, gpu: Applied | None, cpu: Applied | None, rename: bool = True) -> dict:
+    """A record of the run at ``gpu``'s cap: named for it (``rename``), carrying the caps asked and in force."""
     rec = dict(rec)
     flags = list(rec.get("flags") or [])
     for state, key in ((gpu, "power_limit_w"), (cpu, "cpu_power_limit_w")):
@@ -124,19 +132,22 @@ def tagged(rec: dict, gpu: Applied | None, cpu: Applied | None) -> dict:
         if flag is not None and flag not in flags:
             flags.append(flag)
     if gpu is not None:
-        rec["name"] = f"{rec['name']}@{gpu.requested_w:g}W"
+        if rename:
+            rec["name"] = f"{rec['name']}@{gpu.requested_w:g}W"
         rec["power_limit_requested_w"] = gpu.requested_w
+    if cpu is not None:
+        rec["cpu_power_limit_requested_w"] = cpu.requested_w
     rec["flags"] = flags
     return rec
 
 
-def merge(runs: list[tuple[Applied | None, dict]], cpu: Applied | None) -> dict:
+def merge(runs: list[tuple[Applied | None, dict]], cpu: Applied | None, rename: bool = True) -> dict:
     """One document of the runs at each cap: the first run's header, every run's records tagged with its cap."""
     first = runs[0][1]
     if len(runs) == 1 and runs[0][0] is None and cpu is None:
         return first
     doc = dict(first)
-    doc["models"] = [tagged(rec, state, cpu) for state, d in runs for rec in d["models"]]
+    doc["models"] = [tagged(rec, state, cpu, rename) for state, d in runs for rec in d["models"]]
     doc["notices"] = list(dict.fromkeys(n for _, d in runs for n in d.get("notices", [])))
     doc["power_limits"] = {
         "gpu": [{**state.as_dict(), "idle": d.get("idle")} for state, d in runs if state is not None],
@@ -147,8 +158,13 @@ def merge(runs: list[tuple[Applied | None, dict]], cpu: Applied | None) -> dict:
     return doc
 
 
+def run_capped(plan: CapPlan, carbon: CarbonPrice, body: Callable[[], dict]) -> dict:
+    """The run (``run``) or sweep point under ``plan``'s caps, its carbon and cost added: the one way both go."""
+    return add_carbon(plan.run(body), carbon)
+
+
 def run_and_save(plan: CapPlan, carbon: CarbonPrice, body: Callable[[], dict], out: str | Path,
                  stem: Callable[[dict], str]) -> tuple[dict, Path]:
     """The run under ``plan``'s caps, carbon and cost added, saved (results.NotSaved if the write fails)."""
-    doc = add_carbon(plan.run(body), carbon)
+    doc = run_capped(plan, carbon, body)
     return doc, save_or_rescue(doc, out, stem(doc))

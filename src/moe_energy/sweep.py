@@ -8,6 +8,11 @@ Two families share this one loop: the seed's classifier (a point = one shape tra
 ``pipeline.run``) and the LLM MoE layer of issue 13 (a point = one arch x one routing x its token counts,
 measured by ``llm_pipeline.run_llm``, one record per (model, token count)). A point knows its family; keys,
 resume, shards, the fit check, the ETA and the store writes are the same code for both.
+
+Power caps (issue 15) are one more axis of either family: each point carries the GPU cap and the CPU cap it is
+measured under (part of its key, so --resume works per cap; an uncapped point's key is what it always was),
+and runs through ``capped.run_capped`` like `run`: set, measured, read back, restored on every way out. The
+carbon intensity and price only price the records (``carbon.add_carbon``): they are not part of any key.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from . import memory
-from .config import PRESETS, ConfigError, ModelSpec, RunOptions, resolve_config
+from .capped import CapPlan, run_capped
+from .config import CAP_KEYS, CARBON_KEYS, PRESETS, CarbonPrice, ConfigError, ModelSpec, RunOptions, resolve_config
 from .device import free
 from .errors import described
 from .fileio import now_utc
@@ -71,6 +77,8 @@ class Point:
     error: str | None = None
     tokens: tuple[int, ...] = ()
     routing: str | None = None
+    power_limit_w: float | None = None  # the GPU cap asked (--power-limit); None: the limit in force, untouched
+    cpu_power_limit_w: float | None = None  # the CPU packages' long-term RAPL cap asked (--cpu-power-limit)
 
     @property
     def is_layer(self) -> bool:
@@ -88,7 +96,17 @@ class Point:
              "total_params": self.total_params}
         if self.is_layer:  # a seed point's config (so its key) stays exactly what it always was
             c.update(family=LAYER_FAMILY, tokens=list(self.tokens), routing=self.routing)
+        for k in ("power_limit_w", "cpu_power_limit_w"):  # only when capped: an uncapped key never changes
+            if getattr(self, k) is not None:
+                c[k] = getattr(self, k)
         return c
+
+    @property
+    def caps_text(self) -> str:
+        """'250 W', 'CPU 15 W', '250 W, CPU 15 W', or '-' when uncapped."""
+        parts = ([f"{self.power_limit_w:g} W"] if self.power_limit_w is not None else []) + \
+            ([f"CPU {self.cpu_power_limit_w:g} W"] if self.cpu_power_limit_w is not None else [])
+        return ", ".join(parts) or "-"
 
     def key(self, meter: str) -> str:
         c = self.config(meter)
@@ -188,11 +206,11 @@ def as_list(key: str, v: Any, kind: type) -> list:
 
 
 def load_grid_toml(path: str | Path) -> dict[str, Any]:
-    """A sweep's --config: run options as in `run`, plus any axis as a list and grid/max_params/per_decade;
-    a [sweep] table is accepted as well as top-level keys."""
+    """A sweep's --config: run options as in `run`, plus any axis as a list and grid/max_params/per_decade, and
+    run's power caps, carbon intensity and price; a [sweep] table is accepted as well as top-level keys."""
     from .config import CONFIG_KEYS, read_toml
 
-    return read_toml(path, CONFIG_KEYS | GRID_KEYS | set(AXES), flatten="sweep")
+    return read_toml(path, CONFIG_KEYS | GRID_KEYS | set(AXES) | set(CAP_KEYS) | set(CARBON_KEYS), flatten="sweep")
 
 
 def _limits(cfg: dict[str, Any]) -> tuple[float | None, int]:
@@ -385,6 +403,17 @@ def build_layer_grid(cfg: dict[str, Any]) -> Grid:
 def _resolve(cfg: dict, fields: dict) -> tuple[ModelSpec, RunOptions]:
     """One point's spec and options: the sweep's settings with this point's axis values."""
     return resolve_config({**cfg, **fields, "preset": None})
+
+
+def with_caps(grid: Grid, gpu_caps: list[float], cpu_cap: float | None) -> Grid:
+    """Every point once per GPU cap (the caps innermost: one shape's caps run back to back), all under the CPU
+    cap; the grid as it is without caps. The caps are the checked ones (``capped.plan_caps``: 'sweep' resolved)."""
+    if not gpu_caps and cpu_cap is None:
+        return grid
+    points = [replace(p, power_limit_w=c, cpu_power_limit_w=cpu_cap) for p in grid.points
+              for c in (gpu_caps or [None])]
+    source = {**grid.source, "power_limit_w": list(gpu_caps) or None, "cpu_power_limit_w": cpu_cap}
+    return Grid(grid.name, points, source)
 
 
 # -- shard and resume --------------------------------------------------------------------------------------
@@ -580,21 +609,36 @@ def oom_reason(p: Point, device: Any, tried: int = 0) -> str:
     return memory.describe_need(max(need, tried), device, f"point {p.label}")
 
 
+@dataclass
+class Levers:
+    """What every point runs under besides its options: the checked power caps (their devices; each point's own
+    caps are on the point) and the carbon intensity and price its records are priced at."""
+
+    plan: CapPlan = field(default_factory=CapPlan)
+    carbon: CarbonPrice = field(default_factory=CarbonPrice)
+
+
 def call_runner(p: Point, meter: Any, ui: Any, run: Callable[..., tuple[dict, Any]],
-                run_layer: Callable[..., tuple[dict, Any]] | None = None) -> dict:
+                run_layer: Callable[..., tuple[dict, Any]] | None = None, levers: Levers | None = None) -> dict:
     """The point's document from its family's runner: ``run`` (pipeline.run) for the seed's shapes,
-    ``run_layer`` (default llm_pipeline.run_llm) for an LLM layer; nothing saved, the store keeps it."""
-    if p.is_layer:
-        if run_layer is None:
-            from .llm_pipeline import run_llm as run_layer
-        doc, _ = run_layer(p.spec, p.opts, list(p.tokens), p.routing, meter, ui, save=False)
-        return doc  # a model that cannot fit alone is a skipped record inside it: the run is not stopped
-    doc, _ = run(p.spec, p.opts, meter, ui, save=False, oom="raise")
-    return doc
+    ``run_layer`` (default llm_pipeline.run_llm) for an LLM layer, under the point's caps with the limits
+    restored whatever ends it, carbon and cost added; nothing saved, the store keeps it."""
+    levers = levers or Levers()
+
+    def body() -> dict:
+        if p.is_layer:
+            layer = run_layer
+            if layer is None:
+                from .llm_pipeline import run_llm as layer
+            # a model that cannot fit alone is a skipped record inside it: the run is not stopped
+            return layer(p.spec, p.opts, list(p.tokens), p.routing, meter, ui, save=False)[0]
+        return run(p.spec, p.opts, meter, ui, save=False, oom="raise")[0]
+
+    return run_capped(levers.plan.at(p.power_limit_w, p.cpu_power_limit_w), levers.carbon, body)
 
 
 def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[dict, Any]],
-                  ui: Any, run_layer: Callable[..., tuple[dict, Any]] | None = None
+                  ui: Any, run_layer: Callable[..., tuple[dict, Any]] | None = None, levers: Levers | None = None
                   ) -> tuple[str, str | None, dict | None]:
     """(status, reason, document) of one point: "done", or "skipped" (out of memory), or "failed" with why.
 
@@ -605,7 +649,7 @@ def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[di
     failure: tuple[str, str] | None = None
     tried = 0
     try:
-        return "done", None, call_runner(p, meter, ui, run, run_layer)
+        return "done", None, call_runner(p, meter, ui, run, run_layer, levers)
     except Refused as e:  # this point's shape or size, not the sweep's options: skip it, measure the rest
         return "skipped", str(e), None
     except (ConfigError, KeyboardInterrupt):
@@ -627,9 +671,9 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
                run: Callable[..., tuple[dict, Any]], ui: Any,
                on_point: Callable[[int, Point, float | None], None] | None = None,
                skip_keys: set[str] | None = None, resume: bool = False,
-               run_layer: Callable[..., tuple[dict, Any]] | None = None) -> Outcome:
+               run_layer: Callable[..., tuple[dict, Any]] | None = None, levers: Levers | None = None) -> Outcome:
     """Measure each point with ``run`` (pipeline.run; an LLM layer's with ``run_layer``, default run_llm) and
-    commit it on its own; one already complete is skipped.
+    commit it on its own; one already complete is skipped. ``levers``: the caps' devices and the carbon figures.
 
     Another sweep may write to the same database: each point is claimed while it is measured (a point
     another process holds is left to it) and, with ``resume``, a point it completed meanwhile is skipped.
@@ -655,7 +699,7 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
                 out.skipped += 1
                 continue
             started, t0 = now_utc(), time.perf_counter()
-            status, reason, doc = measure_point(p, meter, device, run, ui, run_layer)
+            status, reason, doc = measure_point(p, meter, device, run, ui, run_layer, levers)
             elapsed = time.perf_counter() - t0
             _add(store, run_id, key, cfg, status, reason=reason, document=doc, started_utc=started, seconds=elapsed)
             out.count(status, f"{p.label}: {reason}")

@@ -2,8 +2,9 @@
 
 ``add_parallel_arguments`` joins run's flags; run's handler hands over to ``run_parallel`` when
 ``--parallel expert`` is given, with or without ``--arch`` (the seed's trained models, or an LLM layer per
-token count: ``--tokens T`` is each rank's tokens per forward). Every rank runs this; rank 0 prints the table
-and writes the JSON. --repeats, --idle-seconds and --cooldown work as in a single-process run; --compile, a
+token count: ``--tokens T`` is each rank's tokens per forward). Every rank runs this; rank 0 prices the records
+(--carbon-intensity, --price-per-kwh: ``carbon.add_carbon``, as `run` does), prints the table and writes the
+JSON. --repeats, --idle-seconds and --cooldown work as in a single-process run; --compile, a
 --moe-strategy other than grouped or auto, experts that do not split over the ranks and run's own bad flags
 are refused (exit 2, one line) before any rank waits for another.
 """
@@ -20,6 +21,7 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
+from ..carbon import add_carbon
 from ..config import RunOptions
 from ..distributed import (
     DEFAULT_TIMEOUT_S,
@@ -32,9 +34,11 @@ from ..distributed import (
     shutdown,
 )
 from ..energy.meter import Meter
+from ..results import NotSaved, check_writable, run_stem, save_or_rescue
 from . import console, fmt, record_saved
 from .llm import resolve_llm
-from .options import meter_from_args, resolve
+from .options import meter_from_args, resolve, resolve_power
+from .power import power_columns
 from .ui import RichUI
 
 
@@ -54,18 +58,21 @@ def parallel_table(doc: dict) -> Table:
     reps = max((m.get("repeats", 1) for m in doc["models"]), default=1)
     t = Table(title=escape(f"moe-energy expert-parallel results ({par['world_size']} ranks, {par['backend']}, "
                            f"{par['nodes']} node(s), {doc['options']['dtype']}; median of {reps} window(s) per model)"))
+    extra = power_columns(doc)
     for col in ("model", "params", "held-out acc", "inferences/s", "inferences/J", "energy J (per rank)",
-                "energy method", "all-to-all s (share)", "all-to-all MB", "p50 ms/batch"):
-        t.add_column(col, justify="left" if col in ("model", "energy method", "energy J (per rank)") else "right")
+                "energy method", "all-to-all s (share)", "all-to-all MB", "p50 ms/batch", *[h for h, _ in extra]):
+        t.add_column(escape(col), justify="left" if col in ("model", "energy method", "energy J (per rank)")
+                     else "right", overflow="fold")
     for m in doc["models"]:
         if m.get("skipped"):
             t.add_row(escape(m["name"]), f"{m['params']:,}", "-", escape("skipped: " + m["skipped"]),
-                      *["-"] * 6)
+                      *["-"] * (6 + len(extra)))
             continue
         energy, a2a, mb = _parallel_cells(m)
         t.add_row(escape(m["name"]), f"{m['params']:,}", fmt(m["accuracy"], ".1%"),
                   fmt(m["inferences_per_second"]), fmt(m["inferences_per_joule"], ",.1f"), energy,
-                  escape(m["energy_method"]), a2a, mb, fmt(m["latency_p50_ms"], ".3f"))
+                  escape(m["energy_method"]), a2a, mb, fmt(m["latency_p50_ms"], ".3f"),
+                  *[escape(cell(m)) for _, cell in extra])
     return t
 
 
@@ -86,21 +93,22 @@ def parallel_layer_table(doc: dict) -> Table:
     t = Table(title=escape(f"moe-energy {arch['name']}: one layer expert-parallel ({par['world_size']} ranks, "
                            f"{par['backend']}, {par['nodes']} node(s), {doc['options']['dtype']}, routing "
                            f"{doc['routing']['mode']}; T tokens per rank per forward; median of {reps} window(s))"))
+    extra = power_columns(doc)
     for col in ("model", "T", "tokens/s", "tokens/J", "J/1k tokens", "energy J (per rank)", "energy method",
-                "experts touched", "all-to-all s (share)", "all-to-all MB", "p50 ms"):
-        t.add_column(col, justify="left" if col in ("model", "energy method", "energy J (per rank)") else "right",
-                     overflow="fold")
+                "experts touched", "all-to-all s (share)", "all-to-all MB", "p50 ms", *[h for h, _ in extra]):
+        t.add_column(escape(col), justify="left" if col in ("model", "energy method", "energy J (per rank)")
+                     else "right", overflow="fold")
     for m in doc["models"]:
         name, T = escape(m["name"].split("@")[0]), str(m["tokens_per_forward"])
         if m.get("skipped"):
-            t.add_row(name, T, escape("skipped: " + m["skipped"]), *["-"] * 8)
+            t.add_row(name, T, escape("skipped: " + m["skipped"]), *["-"] * (8 + len(extra)))
             continue
         energy, a2a, mb = _parallel_cells(m)
         touched = "all weights" if m.get("kind") != "moe" else \
             "-" if m.get("experts_touched") is None else f"{m['experts_touched']:g} of {arch['experts']}"
         t.add_row(name, T, fmt(m["tokens_per_second"], ",.1f"), fmt(m["tokens_per_joule"], ",.2f"),
                   fmt(m["joules_per_1k_tokens"], ",.3f"), energy, escape(m["energy_method"]), touched, a2a, mb,
-                  fmt(m["latency_p50_ms"], ".3f"))
+                  fmt(m["latency_p50_ms"], ".3f"), *[escape(cell(m)) for _, cell in extra])
     return t
 
 
@@ -126,16 +134,18 @@ def _report(doc: dict, path: object) -> int:
 
 
 def run_parallel(args: argparse.Namespace) -> int:
-    """Every rank: check the flags, join the job, run, leave; rank 0 prints and saves. ``--arch``: an LLM
+    """Every rank: check the flags, join the job, run, leave; rank 0 prices, prints and saves. ``--arch``: an LLM
     layer's job (``run_layer_job``), else the seed's (``run_distributed``).
 
     User mistakes raise ConfigError (exit 2): the flags' before any rendezvous, what only the device can tell
     before any model is built, on every rank alike; a lost peer raises PeerLost (exit 3).
     """
-    job, opts, experts = _job_of(args)
+    carbon = resolve_power(args)[1]
+    job, opts, experts, stem = _job_of(args)
     check_options(opts)  # --compile, --moe-strategy: refused alike on every rank, before any rendezvous
     _, world, _ = launch_env()
     check_divisible(experts, world)  # before any rendezvous: every rank fails alike, none waits
+    check_writable(opts.out)  # the job saves nothing itself (rank 0 adds carbon first): checked here, on every rank
     g = init_group(opts.device, args.collective_timeout)
 
     def meters(dev: torch.device) -> Meter:
@@ -144,17 +154,33 @@ def run_parallel(args: argparse.Namespace) -> int:
 
     ui = RichUI(console) if g.is_main else None
     try:
-        doc, path = job(g, meters, ui=ui, log=_log)
+        doc, _ = job(g, meters, ui=ui, log=_log, save=False)
     finally:
         shutdown()
-    return 0 if doc is None else _report(doc, path)
+    if doc is None:
+        return 0
+    add_carbon(doc, carbon)
+    try:
+        path = save_or_rescue(doc, opts.out, stem(doc, world))
+    except NotSaved as e:
+        if e.rescue is not None:
+            record_saved(str(e.rescue))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return _report(doc, path)
 
 
-def _job_of(args: argparse.Namespace) -> tuple[Callable[..., tuple[dict | None, Path | None]], RunOptions, int]:
-    """(the job the flags describe, waiting for its group and meters; its options; its expert count), every
-    flag checked as the single-process command checks it (--arch: run_llm's, the seed's flags refused)."""
+def _job_of(args: argparse.Namespace) -> tuple[Callable[..., tuple[dict | None, Path | None]], RunOptions, int,
+                                                Callable[[dict, int], str]]:
+    """(the job the flags describe, waiting for its group and meters; its options; its expert count; its results'
+    file stem), every flag checked as the single-process command checks it (--arch: run_llm's, the seed's flags
+    refused)."""
     if getattr(args, "arch", None) is not None:
+        from ..llm_pipeline import layer_stem
+
         arch, opts, tokens, routing = resolve_llm(args)
-        return partial(run_layer_job, arch, opts, tokens, routing), opts, arch.experts
+        return (partial(run_layer_job, arch, opts, tokens, routing), opts, arch.experts,
+                lambda doc, world: run_stem(doc, layer_stem(arch.name), f"-ep{world}"))
     spec, opts = resolve(args)
-    return partial(run_distributed, spec, opts), opts, spec.experts
+    return (partial(run_distributed, spec, opts), opts, spec.experts,
+            lambda doc, world: run_stem(doc, opts.extra.get("preset"), f"-ep{world}"))

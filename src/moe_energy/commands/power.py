@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from ..capped import CapPlan, plan_caps
 from ..carbon import ESTIMATED
-from ..config import CarbonPrice, PowerCaps
+from ..config import PowerCaps
 from ..energy.meter import Meter
 from ..errors import ConfigError
 from . import err_console, fmt
@@ -82,12 +82,13 @@ def check_power(caps: PowerCaps, meter: Meter, device: Any) -> CapPlan:
     return plan
 
 
-def refuse_for_parallel(caps: PowerCaps, carbon: CarbonPrice) -> None:
-    """--parallel expert has no caps yet (refused) and no carbon figures yet (told, not silently dropped)."""
+def refuse_for_parallel(caps: PowerCaps) -> None:
+    """--parallel expert takes no caps (refused, saying why); its carbon and cost are added by run_parallel."""
     if caps.given:
-        raise ConfigError("--power-limit and --cpu-power-limit do not work with --parallel expert yet; drop them")
-    if carbon.given:
-        print("notice: carbon and cost figures are not computed for --parallel expert yet", file=sys.stderr)
+        raise ConfigError("--power-limit and --cpu-power-limit do not work with --parallel expert: a cap is set, read "
+                          "back and restored by the one process that runs every model, and an expert-parallel job "
+                          "runs on every rank's own devices, which no rank sets or restores for the others; drop "
+                          "them, or measure caps with a single-process run or sweep")
 
 
 def restore_status(plan: CapPlan) -> int:

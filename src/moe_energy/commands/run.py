@@ -142,7 +142,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
          _run_args)
 def run(args: argparse.Namespace) -> int:
     if args.parallel == "expert":  # the seed's models, or with --arch an LLM layer: run_parallel runs both
-        refuse_for_parallel(*resolve_power(args))
+        refuse_for_parallel(resolve_power(args)[0])
         return run_parallel(args)
     if args.arch is not None:
         return run_llm_command(args)

@@ -19,12 +19,19 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..config import ConfigError
+from ..config import CAP_KEYS, CARBON_KEYS, ConfigError, resolve_caps, resolve_carbon
 from ..fileio import check_new_file, create_atomic, os_reason, path_exists
 from ..interrupts import exit_code, signal_name, signals_raise
 from ..store import DEFAULT_DB, Store, damaged
 from . import command, console, err_console, record_saved
-from .options import add_energy_arguments, add_run_arguments, add_shape_arguments, meter_from_args
+from .options import (
+    add_energy_arguments,
+    add_power_arguments,
+    add_run_arguments,
+    add_shape_arguments,
+    meter_from_args,
+)
+from .power import restore_status
 
 # Flags of the sweep itself, not run options: kept out of the grid's config.
 SWEEP_FLAGS = {"command", "config", "db", "resume", "shard", "dry_run", "meter", "cpu_tdp_watts"}
@@ -76,6 +83,15 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", help="comma list of measurement windows per model (default 3)")
     g.add_argument("--config", help="TOML with run options and any axis as a list (flags override it)")
     _layer_args(p)
+    add_power_arguments(p)
+    g = p.add_argument_group("power caps as a grid axis")  # replace run's cap flags (conflict: resolve)
+    g.add_argument("--power-limit", dest="power_limit",
+                   help="GPU power cap(s) in W, W[,W...], or 'sweep' (the GPU's maximum down to its minimum in 25 W "
+                        "steps): a grid axis, every point measured at each cap (part of its key: --resume works "
+                        "per cap); needs root or zeusd; the original limit is restored after every point")
+    g.add_argument("--cpu-power-limit", type=float, dest="cpu_power_limit",
+                   help="each CPU package's long-term RAPL limit in W around every point (part of its key; root; "
+                        "restored after every point)")
     s = p.add_argument_group("store")
     s.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB}, or OUT/moe-energy.db)")
     s.add_argument("--out", help="results directory holding the default database (default results/)")
@@ -130,8 +146,9 @@ class SweepProgress:
     def on_point(self, i: int, point, eta_s: float | None) -> None:  # noqa: ANN001 - sweep.Point
         o = point.opts
         what = f"tokens {point.tokens[0]}-{point.tokens[-1]}" if point.is_layer else f"batch {o.batch_size}"
+        cap = "" if point.caps_text == "-" else f", cap {point.caps_text}"
         self.progress.update(self.task, completed=i, info=escape(
-            f"now {point.label} ({point.total_params:,} params, {what}, {o.dtype}) | {_eta(eta_s)}"))
+            f"now {point.label} ({point.total_params:,} params, {what}, {o.dtype}{cap}) | {_eta(eta_s)}"))
 
     def finish(self) -> None:
         self.progress.update(self.task, completed=self.total, info="done")
@@ -163,15 +180,18 @@ def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # 
 
     if points and points[0].is_layer:
         return _layer_points_table(points, meter_name, done, device)
+    capped = any(p.caps_text != "-" for p in points)
     t = Table(title=f"sweep points ({len(points)})")
-    for col in ("#", "point", "E", "H", "L", "k", "total params", "batch", "dtype", "repeats", "status"):
+    for col in ("#", "point", "E", "H", "L", "k", "total params", "batch", "dtype", "repeats",
+                *(("power cap",) if capped else ()), "status"):
         t.add_column(col, justify="left" if col in ("point", "dtype", "status") else "right")
     for i, p in enumerate(points, 1):
         s = p.spec
         status = "invalid: " + p.error if p.error else ("complete" if p.key(meter_name) in done else
                                                          fit_problem(p, device) or "to do")
         t.add_row(str(i), escape(p.label), str(s.experts), str(s.hidden), str(s.layers), str(s.top_k),
-                  f"{p.total_params:,}", str(p.opts.batch_size), p.opts.dtype, str(p.opts.repeats), escape(status))
+                  f"{p.total_params:,}", str(p.opts.batch_size), p.opts.dtype, str(p.opts.repeats),
+                  *((p.caps_text,) if capped else ()), escape(status))
     return t
 
 
@@ -189,55 +209,69 @@ def _layer_points_table(points, meter_name: str, done: set[str], device) -> Tabl
     total = None if None in floors else sum(f for f in floors if f is not None)
     t = Table(title=f"sweep points ({len(points)}); least time here {_minutes(total)}"
               + ("" if roof else " (run `moe-energy calibrate` for the time)"))
-    for col in ("#", "point", "d", "I", "E", "k", "MoE params", "tokens", "routing", "dtype", "repeats", "least time",
-                "status"):
+    capped = any(p.caps_text != "-" for p in points)
+    for col in ("#", "point", "d", "I", "E", "k", "MoE params", "tokens", "routing", "dtype", "repeats",
+                *(("power cap",) if capped else ()), "least time", "status"):
         t.add_column(col, justify="left" if col in ("point", "tokens", "routing", "dtype", "status") else "right")
     for i, (p, floor) in enumerate(zip(points, floors), 1):
         a = p.spec
         status = "complete" if p.key(meter_name) in done else fit_problem(p, device) or "to do"
         t.add_row(str(i), escape(p.label), str(a.d_model), str(a.ffn_dim), str(a.experts), str(a.top_k),
                   f"{p.total_params:,}", ",".join(map(str, p.tokens)), escape(p.routing), p.opts.dtype,
-                  str(p.opts.repeats), _minutes(floor), escape(status))
+                  str(p.opts.repeats), *((p.caps_text,) if capped else ()), _minutes(floor), escape(status))
     return t
 
 
 def _llm_dtype(cfg: dict[str, Any]) -> None:
     """An LLM grid's default dtype, as `run --arch` picks it: bfloat16 on a GPU with native support, else float32."""
-    import torch
-
-    from ..device import resolve_device
+    from ..device import llm_default_dtype, resolve_device
 
     if "dtype" in cfg or not (cfg.get("arch") or cfg.get("grid") == "llm"):
         return
-    device = resolve_device(str(cfg.get("device") or "auto"))
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    cfg["dtype"] = "bfloat16" if native else "float32"
+    cfg["dtype"] = llm_default_dtype(resolve_device(str(cfg.get("device") or "auto")))
 
 
-def _points(args: argparse.Namespace) -> tuple[Any, list, tuple[int, int] | None, Any]:
-    """(grid, this shard's points, shard, device): every point validated, the dtypes and --data checked now."""
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the grid's settings, the power caps' and carbon figures'), each from --config, then the flags."""
     from .. import sweep as sw
-    from ..data import load_npz
-    from ..device import resolve_device
-    from ..pipeline import check_dtype
 
     cfg = sw.load_grid_toml(args.config) if args.config else {}
     cfg.update({k: v for k, v in vars(args).items()
                 if v is not None and not k.startswith("_") and k not in SWEEP_FLAGS})
+    power = {k: cfg.pop(k) for k in (*CAP_KEYS, *CARBON_KEYS) if k in cfg}
+    return cfg, power
+
+
+def _grid(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any], Any]:
+    """(grid, its settings, the power settings, device): every point validated, the dtypes checked now."""
+    from .. import sweep as sw
+    from ..device import resolve_device
+    from ..pipeline import check_dtype
+
+    cfg, power = _settings(args)
     _llm_dtype(cfg)
     grid = sw.build_grid(cfg)
-    which = sw.parse_shard(args.shard)
-    points = sw.shard(grid.points, which)
+    sw.parse_shard(args.shard)  # a bad --shard is told before the hardware is asked anything
     device = resolve_device(grid.points[0].opts.device)
     for dtype in dict.fromkeys(p.opts.dtype for p in grid.points):
         check_dtype(device, dtype, grid.points[0].opts.strategies)
+    return grid, cfg, power, device
+
+
+def _points(args: argparse.Namespace, grid: Any, cfg: dict[str, Any]) -> tuple[list, tuple[int, int] | None]:
+    """(this shard's points, shard) of the grid, caps already on it; --data checked now."""
+    from .. import sweep as sw
+    from ..data import load_npz
+
+    which = sw.parse_shard(args.shard)
+    points = sw.shard(grid.points, which)
     data = grid.points[0].opts.data
     if data:  # a bad file stops the sweep now, not at its first point
         declared = {k: cfg[k] for k in ("classes", "input_dim") if cfg.get(k) is not None}
         load_npz(data, declared.get("classes"), declared.get("input_dim"))
         points = [replace(p, opts=replace(p.opts, extra={**p.opts.extra, "declared_shape": declared}))
                   for p in points]
-    return grid, points, which, device
+    return points, which
 
 
 def _open_run(args: argparse.Namespace, store: Store, grid: Any, points: list, meter: Any, device: Any,
@@ -261,7 +295,7 @@ def _open_run(args: argparse.Namespace, store: Store, grid: Any, points: list, m
 
 
 def _measure(args: argparse.Namespace, store: Store, grid: Any, points: list, meter: Any, device: Any,
-             shard_text: str | None) -> Any:
+             shard_text: str | None, levers: Any) -> Any:
     """Every point of this shard measured into ``store``; the outcome, or an exit code when stopped."""
     from .. import sweep as sw
     from ..pipeline import run as run_models
@@ -274,7 +308,7 @@ def _measure(args: argparse.Namespace, store: Store, grid: Any, points: list, me
     try:
         with SweepProgress(len(points) - len(skip)) as ui:
             outcome = sw.run_points(points, store, run_id, meter, device, run_models, ui, ui.on_point, skip,
-                                    resume=args.resume)
+                                    resume=args.resume, levers=levers)
             ui.finish()
     except KeyboardInterrupt as e:
         saved = store.con.execute("SELECT COUNT(*) FROM points WHERE run_id = ?", (run_id,)).fetchone()[0]
@@ -306,14 +340,20 @@ def _summary(outcome: Any, db: Path, integrity: str) -> int:
          _sweep_args)
 @_db_errors
 def sweep(args: argparse.Namespace) -> int:
+    from .. import sweep as sw
+    from ..capped import plan_caps
     from ..results import probe_write
 
-    grid, points, which, device = _points(args)
+    grid, cfg, power, device = _grid(args)
+    caps, carbon = resolve_caps(power), resolve_carbon(power)
     db = _db_path(args)
     notices: list[str] = []
     meter = meter_from_args(args, device, notice=notices.append)
     for n in notices:
         err_console.print(f"[yellow]{escape(n)}[/yellow]")
+    plan = plan_caps(caps, meter, device)  # a cap the hardware refuses: exit 2 before any point runs
+    grid = sw.with_caps(grid, plan.gpu_caps, plan.cpu_cap)
+    points, which = _points(args, grid, cfg)
     if args.dry_run:
         done: set[str] = set()
         if db.exists():
@@ -329,15 +369,18 @@ def sweep(args: argparse.Namespace) -> int:
     shard_text = f"{which[0]}/{which[1]}" if which else None
     try:
         with signals_raise(), Store(db) as store:
-            outcome = _measure(args, store, grid, points, meter, device, shard_text)
-            if isinstance(outcome, int):
+            outcome = _measure(args, store, grid, points, plan.wrap(meter), device, shard_text,
+                               sw.Levers(plan, carbon))
+            if isinstance(outcome, int):  # interrupted, or the store refused a write: its own status
+                restore_status(plan)
                 return outcome
             integrity = store.integrity()
     except KeyboardInterrupt as e:  # before the first point started (opening or migrating the database)
         print(f"interrupted ({signal_name(e)}) before any point was measured; run the same command again",
               file=sys.stderr)
         return exit_code(e)
-    return _summary(outcome, db, integrity)
+    code = _summary(outcome, db, integrity)
+    return restore_status(plan) or code
 
 
 # -- report, export, merge: reads of the store ------------------------------------------------------------

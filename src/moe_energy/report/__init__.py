@@ -1,6 +1,7 @@
 """The report: reads the store (never runs a model), draws the plots and writes HTML and Markdown.
 
-PLOTS are the seed's (drawn once), LAYER_PLOTS the LLM layers' (drawn once per arch in the store)."""
+PLOTS are the seed's (drawn once), LAYER_PLOTS the LLM layers' (drawn once per arch in the store), CAP_PLOTS the
+power caps' (drawn once, when the store holds more than one cap)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 from ..analysis import load
 from ..store import Store
 from .html import ReportFiles, write_report
-from .plots import LAYER_PLOTS, PLOTS
+from .plots import CAP_PLOTS, LAYER_PLOTS, PLOTS
 
-__all__ = ["LAYER_PLOTS", "PLOTS", "ReportFiles", "build", "write_report"]
+__all__ = ["CAP_PLOTS", "LAYER_PLOTS", "PLOTS", "ReportFiles", "build", "write_report"]
 
 
 def build(db: str | Path, out_dir: str | Path) -> ReportFiles:

@@ -3,7 +3,10 @@ beside its PNGs. Both carry the same tables; the crossover table comes first bec
 
 The page is a list of blocks (heading, table, note, image) rendered twice, as HTML and as Markdown: the seed's
 section (sizes), then, when the store holds LLM layers, their section (tokens per forward) with one
-sub-section of plots per arch, then the skipped points and the runs.
+sub-section of plots per arch, then, when the store holds more than one power cap, the caps' section (the cap
+that maximises each model's inferences/J, and efficiency, speed and the time-energy front against the cap),
+then the skipped points and the runs. Carbon and cost per million inferences (tokens) are columns of the
+tables wherever the records carry them: estimates on the intensity and price given, each cell saying which.
 """
 
 from __future__ import annotations
@@ -20,17 +23,25 @@ from matplotlib.figure import Figure
 
 from ..analysis import (
     METRICS,
+    BestCap,
     Crossover,
     Frame,
+    at_cap,
+    best_caps,
+    cap_of,
+    caps,
     correct_per_joule,
     crossovers,
     energy_kind,
+    group_order,
     layer_crossovers,
     pairs,
+    reference_cap,
     value,
 )
+from ..carbon import ESTIMATED
 from ..fileio import now_utc, replace_atomic
-from .plots import LAYER_PLOTS, PLOTS
+from .plots import CAP_PLOTS, LAYER_PLOTS, PLOTS
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows (already formatted text)
 # A block of the page: ("h2"|"h3", text) | ("table", Table) | ("note", text) | ("image", slug, title)
@@ -53,6 +64,21 @@ LAYER_NOTE = (
     "window) and any shared experts; a dense FFN reads all its weights. Bound: the slower of those bytes at "
     "`calibrate`'s copy bandwidth (memory) and the FLOPs at its GEMM rate (compute); 'of bound' is bound / "
     "achieved time. Whole-model figures would be extrapolated (attention and KV cache left out): none are drawn."
+)
+
+
+CAP_NOTE = (
+    "Power caps: each capped point is measured whole under its cap (set before, read back after every window, "
+    "the original limit restored after the point). The cap column is the cap asked; the records also keep the "
+    "limit read back. Best cap: the one with the most inferences per joule (tokens per joule for LLM layers) for "
+    "that model at that setting; estimated and measured energy are never compared. Time-energy front: energy per "
+    "inference against time per inference over the caps; a point is on the front when no other cap of the same "
+    "model is both faster and cheaper."
+)
+CARBON_NOTE = (
+    "Carbon and cost: ESTIMATES, not measurements: energy per inference (raw, idle included) x the grid carbon "
+    "intensity (g CO2e/kWh) and electricity price per kWh given to the sweep, each cell naming the figure used; "
+    "'estimate of an estimate' where the energy itself is estimated (a TDP model)."
 )
 
 
@@ -85,20 +111,47 @@ def _energy(m: dict, metric: str, spec: str) -> str:
     return text + " (estimate)" if energy_kind(m) == "estimate" and text != "not measured" else text
 
 
+def _cap(w: float | None) -> str:
+    return "-" if w is None else f"{w:g}"
+
+
 def crossover_table(xos: list[Crossover]) -> Table:
-    head = ["batch size", "dtype", "strategy", "E/k", "figure", "crossover (total params)", "energy", "points",
-            "notes"]
+    capped = any(c.power_limit_w is not None for c in xos)
+    head = ["batch size", "dtype", "strategy", "E/k", *(["power cap W"] if capped else []), "figure",
+            "crossover (total params)", "energy", "points", "notes"]
     rows = []
     for c in xos:
         energy = c.energy or ("-" if c.metric not in ("inferences_per_joule", "correct_per_joule") else "not measured")
-        rows.append([str(c.batch_size), str(c.dtype), str(c.strategy), str(c.ek), METRICS[c.metric], c.answer(), energy,
+        rows.append([str(c.batch_size), str(c.dtype), str(c.strategy), str(c.ek),
+                     *([_cap(c.power_limit_w)] if capped else []), METRICS[c.metric], c.answer(), energy,
                      str(c.n_points), "; ".join(c.notes)])
     return "Crossover: where MoE overtakes the total-matched dense model", head, rows
 
 
+def _carbon_cell(m: dict | None, key: str) -> str:
+    """A carbon or cost figure with the intensity or price it was built on, marked as the estimate it is."""
+    v = None if m is None else m.get(key)
+    if v is None:
+        return "-"
+    assert m is not None
+    at = (f"{m.get('carbon_intensity_g_per_kwh'):g} g/kWh" if key == "co2e_g_per_million"
+          else f"{m.get('price_per_kwh'):g}/kWh")
+    return f"{v:.3g} at {at} " + ("(estimate of an estimate)" if m.get("carbon_basis") == ESTIMATED else "(estimate)")
+
+
+def carbon_columns(records: list[dict], per: str) -> list[tuple[str, str]]:
+    """(header, key) of the carbon and cost columns the records carry figures for; none otherwise."""
+    cols = [(f"g CO2e per 1M {per} (estimate)", "co2e_g_per_million"), (f"cost per 1M {per} (estimate)",
+                                                                         "cost_per_million")]
+    return [(h, k) for h, k in cols if any(m.get(k) is not None for m in records)]
+
+
 def points_table(frame: Frame) -> Table:
-    head = ["point", "E/H/L/k", "batch", "dtype", "model", "params", "active params", "held-out acc",
-            "inferences/s", "avg W", "inferences/J", "correct inferences/J", "energy method"]
+    capped = any(cap_of(m) is not None for m in frame.models)
+    carbon = carbon_columns(frame.models, "inferences")
+    head = ["point", "E/H/L/k", "batch", "dtype", *(["power cap W (read back)"] if capped else []), "model", "params",
+            "active params", "held-out acc", "inferences/s", "avg W", "inferences/J", "correct inferences/J",
+            "energy method", *[h for h, _ in carbon]]
     rows = []
     pts = {p["id"]: p for p in frame.points}
     for m in sorted(frame.models, key=lambda m: (m["total_params"] or 0, m["batch_size"] or 0, str(m["dtype"]),
@@ -108,14 +161,26 @@ def points_table(frame: Frame) -> Table:
         cpj = correct_per_joule(m)
         rows.append([
             str(m["label"]), f"{p.get('experts')}/{p.get('hidden')}/{p.get('layers')}/{p.get('top_k')}",
-            str(m["batch_size"]), str(m["dtype"]), str(m["name"]), f"{m['params']:,}", f"{m['active_params']:,}", acc,
+            str(m["batch_size"]), str(m["dtype"]), *([_cap_read(m)] if capped else []), str(m["name"]),
+            f"{m['params']:,}", f"{m['active_params']:,}", acc,
             _spread(m, "inferences_per_second", ",.0f"), _energy(m, "average_power_w", ",.1f"),
             _energy(m, "inferences_per_joule", ",.1f"),
             "not measured" if cpj is None or energy_kind(m) == "none" else
             f"{cpj:,.1f}" + (" (estimate)" if energy_kind(m) == "estimate" else ""),
-            str(m.get("energy_method")),
+            str(m.get("energy_method")), *[_carbon_cell(m, k) for _, k in carbon],
         ])
     return "Every point measured (median of the repeats, spread in brackets)", head, rows
+
+
+def _cap_read(m: dict) -> str:
+    """The cap asked, and the limit read back where it differs (a driver's rounding, a clamp)."""
+    cap = cap_of(m)
+    if cap is None:
+        return "-"
+    key = "power_limit_w" if m.get("power_limit_requested_w") is not None else "cpu_power_limit_w"
+    back = value(m, key)
+    cpu = "" if key == "power_limit_w" else "CPU "
+    return f"{cpu}{cap:g}" + ("" if back is None or abs(back - cap) <= 0.5 else f" (read {back:g})")
 
 
 def comparison_table(frame: Frame) -> Table:
@@ -124,7 +189,7 @@ def comparison_table(frame: Frame) -> Table:
             "ratio", "MoE inferences/s", "dense inferences/s", "ratio", "MoE avg W", "dense avg W",
             "MoE acc", "dense acc"]
     rows = []
-    for (b, dt, st, _ek), ps in sorted(pairs(frame).items(), key=lambda kv: (kv[0][0] or 0, *map(str, kv[0][1:]))):
+    for (b, dt, st, _ek, cap), ps in sorted(pairs(frame).items(), key=group_order):
         for p in ps:
             m, d = p.moe, p.dense
             comparable = energy_kind(m) == energy_kind(d) != "none"
@@ -132,7 +197,7 @@ def comparison_table(frame: Frame) -> Table:
             ips_m, ips_d = value(m, "inferences_per_second"), value(d, "inferences_per_second")
             est = " (estimate)" if comparable and energy_kind(m) == "estimate" else ""
             rows.append([
-                p.label, f"{p.params:,}", str(b), str(dt), str(st),
+                p.label + ("" if cap is None else f" @{_cap_read(m)} W"), f"{p.params:,}", str(b), str(dt), str(st),
                 _energy(m, "inferences_per_joule", ",.1f"), _energy(d, "inferences_per_joule", ",.1f"),
                 (f"{ipj_m / ipj_d:.3f}{est}" if comparable and ipj_m and ipj_d else "not comparable"),
                 _spread(m, "inferences_per_second", ",.0f"), _spread(d, "inferences_per_second", ",.0f"),
@@ -189,13 +254,17 @@ def _bound(m: dict) -> str:
 
 
 def layer_tokens_table(frame: Frame) -> Table:
-    """Per arch, routing, dtype and token count: J per 1,000 tokens of the MoE layer and both dense FFNs."""
-    head = ["arch", "routing", "dtype", "tokens per forward", "MoE", "MoE J/1k tokens", "dense (total) J/1k tokens",
-            "dense (active) J/1k tokens", "experts touched", "MoE MiB read/forward", "MoE bound (of it)",
-            "dense (total) bound (of it)"]
+    """Per arch, routing, dtype, token count (and cap): J per 1,000 tokens of the MoE layer and both dense FFNs."""
+    capped = any(cap_of(m) is not None for m in frame.layers)
+    carbon = carbon_columns(frame.layers, "tokens")
+    head = ["arch", "routing", "dtype", "tokens per forward", *(["power cap W"] if capped else []), "MoE",
+            "MoE J/1k tokens", "dense (total) J/1k tokens", "dense (active) J/1k tokens", "experts touched",
+            "MoE MiB read/forward", "MoE bound (of it)", "dense (total) bound (of it)",
+            *[f"{h}: MoE / dense (total) / dense (active)" for h, _ in carbon]]
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for m in frame.layers:
-        key = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), m.get("tokens_per_forward") or 0)
+        key = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), m.get("tokens_per_forward") or 0,
+               cap_of(m) or 0.0)
         cells.setdefault(key, {}).setdefault("moe" if m["kind"] == "moe" else str(m.get("match")), []).append(m)
     rows = []
     for key in sorted(cells):
@@ -204,10 +273,12 @@ def layer_tokens_table(frame: Frame) -> Table:
         for moe in c.get("moe") or [None]:
             touched = moe.get("experts_touched") if moe else None
             nbytes = moe.get("weight_bytes_read_per_forward") if moe else None
-            rows.append([*key[:3], str(key[3]), _base_name(moe), _j1k(moe), _j1k(total), _j1k(active),
+            rows.append([*key[:3], str(key[3]), *([_cap(key[4] or None)] if capped else []), _base_name(moe),
+                         _j1k(moe), _j1k(total), _j1k(active),
                          "-" if touched is None else f"{touched:g} of {moe.get('point_experts')}",
                          "-" if nbytes is None else f"{nbytes / 2**20:,.4g}", _bound(moe) if moe else "-",
-                         _bound(total) if total else "-"])
+                         _bound(total) if total else "-",
+                         *[" / ".join(_carbon_cell(r, k) for r in (moe, total, active)) for _, k in carbon]])
     return "LLM layers: J per 1,000 tokens per arch and token count (median of the repeats, spread in brackets)", \
         head, rows
 
@@ -215,6 +286,23 @@ def layer_tokens_table(frame: Frame) -> Table:
 def _base_name(m: dict | None) -> str:
     return "-" if m is None else str(m["name"]).split("@")[0]
 
+
+
+def best_cap_table(best: list[BestCap]) -> Table:
+    """One line per model and setting: the cap that maximises its inferences/J (tokens/J), and what it gains."""
+    carbon = carbon_columns([b.record for b in best], "inferences (tokens)")
+    head = ["setting", "model", "best cap W", "inferences/J (tokens/J) there", "inferences/s (tokens/s) there",
+            "vs the highest cap (inferences/J)", "caps compared", "energy", *[h for h, _ in carbon]]
+    rows = []
+    for b in best:
+        ipj, top = value(b.record, "inferences_per_joule"), value(b.highest, "inferences_per_joule")
+        gain = f"x{ipj / top:.3f} vs {cap_of(b.highest):g} W" if ipj and top and b.record is not b.highest else \
+            "it is the highest"
+        est = " (estimate)" if b.energy == "estimate" else ""
+        rows.append([b.setting, b.model, f"{b.cap:g}", _spread(b.record, "inferences_per_joule", ",.4g") + est,
+                     _spread(b.record, "inferences_per_second", ",.4g"), gain, str(b.n_caps), b.energy,
+                     *[_carbon_cell(b.record, k) for _, k in carbon]])
+    return "Power caps: the cap that maximises each model's inferences per joule", head, rows
 
 
 def environment_table(frame: Frame) -> Table:
@@ -251,8 +339,10 @@ def all_tables(frame: Frame) -> list[Table]:
 
 
 def answer_tables(frame: Frame) -> list[Table]:
-    """What `moe-energy report` prints: each section's crossover, and the LLM layers' per-token table."""
-    return seed_tables(frame)[:1] + layer_tables(frame)
+    """What `moe-energy report` prints: each section's crossover, the LLM layers' per-token table, and with
+    several power caps the best cap per model."""
+    return seed_tables(frame)[:1] + layer_tables(frame) + \
+        ([best_cap_table(best_caps(frame))] if len(caps(frame)) > 1 else [])
 
 
 def png(fig: Figure, dpi: int = 110) -> bytes:
@@ -299,28 +389,52 @@ def _slug(text: str) -> str:
 
 
 def _draw(frame: Frame) -> tuple[list[Block], dict[str, bytes]]:
-    """Every plot as a PNG, and the blocks of the page in order (tables and notes between them)."""
+    """Every plot as a PNG, and the blocks of the page in order (tables and notes between them). With several
+    caps the plots along size and tokens are drawn at one (``reference_cap``), the caps' own section compares
+    them; the tables hold every cap."""
     images: dict[str, bytes] = {}
     blocks: list[Block] = []
+    several = len(caps(frame)) > 1
+    drawn = at_cap(frame, reference_cap(frame)) if several else frame
+    at = "" if not several else ("drawn from the uncapped points" if reference_cap(frame) is None else
+                                 f"drawn at the {reference_cap(frame):g} W cap")
+    if any(m.get("carbon_basis") for m in (*frame.models, *frame.layers)):
+        blocks.append(("note", CARBON_NOTE))
     if has_seed(frame):
         t = seed_tables(frame)
         blocks += [("table", t[0]), ("note", METHOD_NOTE), ("table", t[1])]
+        if at:
+            blocks.append(("note", f"The plots along model size are {at}; the power-cap section compares caps."))
         for slug, title, fn in PLOTS:
-            images[slug] = png(fn(frame))
+            images[slug] = png(fn(drawn))
             blocks.append(("image", slug, title))
         blocks.append(("table", t[2]))
     if frame.layers:
         blocks += [("h2", "LLM MoE layers: energy per token against tokens per forward"), ("note", LAYER_NOTE)]
         blocks += [("table", t) for t in layer_tables(frame)]
-        for arch in sorted({str(m.get("arch")) for m in frame.layers}):
-            sub = replace(frame, layers=[m for m in frame.layers if str(m.get("arch")) == arch])
+        if at:
+            blocks.append(("note", f"The plots against tokens per forward are {at}."))
+        for arch in sorted({str(m.get("arch")) for m in drawn.layers}):
+            sub = replace(drawn, layers=[m for m in drawn.layers if str(m.get("arch")) == arch])
             blocks.append(("h3", f"{arch}: " + ", ".join(title.lower() for _s, title, _f in LAYER_PLOTS)))
             for slug, title, fn in LAYER_PLOTS:
                 name = f"{slug}-{_slug(arch)}"
                 images[name] = png(fn(sub))
                 blocks.append(("image", name, f"{arch}: {title}"))
+    if several:
+        blocks += _cap_blocks(frame, images)
     blocks += [("table", skipped_table(frame)), ("table", environment_table(frame))]
     return blocks, images
+
+
+def _cap_blocks(frame: Frame, images: dict[str, bytes]) -> list[Block]:
+    """The power caps' section: the best cap per model, then each of CAP_PLOTS over every capped record."""
+    blocks: list[Block] = [("h2", "Power caps: efficiency, speed and the time-energy trade-off"), ("note", CAP_NOTE),
+                           ("table", best_cap_table(best_caps(frame)))]
+    for slug, title, fn in CAP_PLOTS:
+        images[slug] = png(fn(frame))
+        blocks.append(("image", slug, title))
+    return blocks
 
 
 def _html(block: Block, images: dict[str, bytes]) -> str:

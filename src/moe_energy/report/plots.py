@@ -1,5 +1,6 @@
-"""The report's plots: each one function ``(frame) -> Figure``, listed in PLOTS (the seed's sizes) and
-LAYER_PLOTS (LLM layers against tokens per forward, drawn once per arch) in the order they appear.
+"""The report's plots: each one function ``(frame) -> Figure``, listed in PLOTS (the seed's sizes),
+LAYER_PLOTS (LLM layers against tokens per forward, drawn once per arch) and CAP_PLOTS (every model against the
+power cap, drawn when the store holds more than one cap) in the order they appear.
 
 Every plot has a title and units on its axes; estimated energy is drawn with hollow markers (and dashed
 lines) and '(estimate)' in its legend, measured energy with filled ones. A plot with nothing to show
@@ -25,6 +26,8 @@ from ..analysis import (  # noqa: E402
     METRICS,
     Crossover,
     Frame,
+    cap_of,
+    cap_series,
     crossovers,
     energy_kind,
     layer_crossovers,
@@ -32,6 +35,7 @@ from ..analysis import (  # noqa: E402
     ratios,
     value,
 )
+from ..store import LAYER_FAMILY  # noqa: E402
 
 DENSE_STYLE = {"dense_total": ("#222222", "s"), "dense_active": ("#8c8c8c", "D")}
 MOE_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#bcbd22"]
@@ -529,6 +533,114 @@ def layer_roofline(frame: Frame) -> Figure:
     return fig
 
 
+# -- power caps: every model against the cap -----------------------------------------------------------------
+CapPanel = tuple[Axes, str, dict[str, list[dict]], str]  # axes, setting, {model: records by cap}, 'inferences'|'tokens'
+
+
+def _spaced(keys: list[str]) -> list[str]:
+    """At most MAX_PANELS of ``keys``, evenly spaced, the first and last included."""
+    if len(keys) <= MAX_PANELS:
+        return keys
+    step = (len(keys) - 1) / (MAX_PANELS - 1)
+    return [keys[round(i * step)] for i in range(MAX_PANELS)]
+
+
+def _cap_panels(frame: Frame, title: str) -> tuple[Figure, list[CapPanel]]:
+    """One panel per setting measured at more than one cap (shape, batch, dtype; or an LLM layer's arch, routing,
+    dtype and tokens per forward); an empty frame says so."""
+    series = cap_series(frame)
+    keys = _spaced(sorted(series))
+    if len(keys) < len(series):
+        title += f" ({len(keys)} of {len(series)} settings)"
+    fig, axes = _grid(len(keys), title, height=3.8)
+    if not keys:
+        axes[0].set_xlabel("power cap (W)")
+        _empty(axes[0], "no setting measured at more than one power cap")
+    panels = []
+    for ax, k in zip(axes, keys):
+        layer = any(m.get("family") == LAYER_FAMILY for recs in series[k].values() for m in recs)
+        ax.set_title(k, fontsize=9)
+        panels.append((ax, k, series[k], "tokens" if layer else "inferences"))
+    return fig, panels
+
+
+def _cap_order(models: dict[str, list[dict]]) -> list[str]:
+    return sorted(models, key=lambda n: (not n.startswith("moe"), n))
+
+
+def _per_cap(frame: Frame, metric: str, title: str, what: str) -> Figure:
+    """``metric`` of the MoE and both dense models against the cap; for energy, each model's best cap starred."""
+    fig, panels = _cap_panels(frame, title)
+    order = sorted({n[4:-1] for _, _, ms, _ in panels for n in ms if n.startswith("moe[")})
+    for ax, _s, models, unit in panels:
+        ax.set_xlabel("power cap (W)")
+        ax.set_ylabel(f"{unit} {what}")
+        drawn = 0
+        for name in _cap_order(models):
+            pts = [(m, v) for m in models[name] if (v := value(m, metric)) is not None and v > 0
+                   and (metric not in ENERGY_METRICS or energy_kind(m) != "none")]
+            if not pts:
+                continue
+            colour, marker = _style(name, order)
+            drawn += _draw_series(ax, [cap_of(m) or 0.0 for m, _ in pts], pts, metric, colour, marker,
+                                  _pretty(name))
+            if metric in ENERGY_METRICS and len(pts) > 1:
+                best_m, best_v = max(pts, key=lambda mv: mv[1])
+                ax.scatter([cap_of(best_m)], [best_v], marker="*", s=170, color=colour, edgecolors="#222222",
+                           zorder=4, label=f"best cap {_pretty(name)}: {cap_of(best_m):g} W")
+        if not drawn:
+            _empty(ax, "energy not measured (meter: none)" if metric in ENERGY_METRICS else "no data")
+            continue
+        ax.grid(True, alpha=0.25)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def per_joule_vs_cap(frame: Frame) -> Figure:
+    return _per_cap(frame, "inferences_per_joule", "Energy efficiency vs power cap (best cap starred)",
+                    "per joule (/J)")
+
+
+def per_second_vs_cap(frame: Frame) -> Figure:
+    return _per_cap(frame, "inferences_per_second", "Throughput vs power cap", "per second (/s)")
+
+
+def time_energy_front(frame: Frame) -> Figure:
+    """Energy per inference against time per inference, one point per cap, each model's Pareto front joined
+    (no other cap of that model is both faster and cheaper); hollow markers and dashed fronts for estimates."""
+    fig, panels = _cap_panels(frame, "Time-energy trade-off across power caps, with each model's Pareto front")
+    order = sorted({n[4:-1] for _, _, ms, _ in panels for n in ms if n.startswith("moe[")})
+    for ax, _s, models, unit in panels:
+        ax.set_xlabel(f"time per {unit[:-1]} (ms, log scale)")
+        ax.set_ylabel(f"energy per {unit[:-1]} (mJ, log scale)")
+        drawn = 0
+        for name in _cap_order(models):
+            pts = [(m, 1e3 / ips, 1e3 / ipj) for m in models[name] if energy_kind(m) != "none"
+                   and (ips := value(m, "inferences_per_second")) and (ipj := value(m, "inferences_per_joule"))]
+            colour, marker = _style(name, order)
+            for kind, face, ls in (("measured", colour, "-"), ("estimate", "none", "--")):
+                sub = [(m, t, e) for m, t, e in pts if energy_kind(m) == kind]
+                if not sub:
+                    continue
+                suffix = " (estimate)" if kind == "estimate" else ""
+                ax.scatter([t for _, t, _ in sub], [e for _, _, e in sub], marker=marker, s=40, facecolors=face,
+                           edgecolors=colour, linewidths=1.4, zorder=3, label=_pretty(name) + suffix)
+                for m, t, e in sub:
+                    ax.annotate(f"{cap_of(m):g} W", (t, e), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                                color=colour)
+                fx, fy = _by_x(*zip(*((sub[i][1], sub[i][2]) for i in pareto_front([(t, e) for _, t, e in sub]))))
+                ax.plot(fx, fy, ls, color=colour, lw=1.2, alpha=0.8, zorder=2)
+                drawn += 1
+        if not drawn:
+            _empty(ax, "energy not measured (meter: none)")
+            continue
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 # slug, title, function: the report draws them in this order, one image each
 PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
     ("inferences_per_joule", "Energy efficiency vs model size", inferences_per_joule_vs_params),
@@ -547,4 +659,11 @@ LAYER_PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
     ("layer_roofline", "Roofline: achieved vs bound", layer_roofline),
 ]
 
-__all__ = ["LAYER_PLOTS", "METRICS", "PLOTS"]
+# the power caps' section: drawn once, over every capped record, when the store holds more than one cap
+CAP_PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
+    ("per_joule_vs_cap", "Inferences (tokens) per joule vs power cap", per_joule_vs_cap),
+    ("per_second_vs_cap", "Inferences (tokens) per second vs power cap", per_second_vs_cap),
+    ("time_energy_front", "Time-energy Pareto front across power caps", time_energy_front),
+]
+
+__all__ = ["CAP_PLOTS", "LAYER_PLOTS", "METRICS", "PLOTS"]
