@@ -7,12 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
-import subprocess
-import sys
 
 import pytest
 import torch
+from test_sweep import cli, rows  # tests/ is on sys.path (rootdir import mode)
 
 from moe_energy import memory
 from moe_energy import sweep as sw
@@ -34,19 +32,6 @@ FAST_CFG = {"duration": 0.1, "warmup": 0.0, "repeats": 2, "idle_seconds": 0.0, "
             "strategies": "grouped"}  # FAST as the CLI parses it (floats: the key hashes 0.0, not 0)
 GRID = [*TINY_FLAGS, "--tokens", "1,8", "--routing", "random,skewed:1.2", *FAST]
 NAME = "custom-d32-I16-E8-k2"
-
-
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "moe_energy", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def rows(db, sql):
-    con = sqlite3.connect(db)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 # -- the grid (no models run) ---------------------------------------------------------------------------------
