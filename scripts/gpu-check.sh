@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu-check.sh        # from the repo root, with .whl/ (zeus and its deps) next to it
 #
-# Steps, each under its own timeout and all under one overall budget (GPU_CHECK_BUDGET_S, default 290 s);
+# Steps, each under its own timeout and all under one overall budget (GPU_CHECK_BUDGET_S, default 580 s);
 # a step that fails or times out does not stop the next one:
 #   install   the local wheels into /tmp/site (no index, no deps: the machine's own torch is kept)
 #   meters    which energy meters work here and what --meter auto picks
@@ -12,6 +12,10 @@
 #   xl        bench-strategies --preset xl in bfloat16, batch 128
 #   llm       run --arch qwen3-30b-a3b (one LLM MoE layer, both dense SwiGLU FFNs) at 1, 64 and 4096 tokens in
 #             bfloat16: the GPU build of MoELayer, every strategy under auto, the on-device expert-load counter
+#   caps      run --preset small at two GPU power caps (the maximum and half of it), with carbon and cost:
+#             set through NVML, read back per window, restored at the end (nvidia-smi's limit is logged after)
+#   llmcaps   run --arch qwen3-30b-a3b --tokens 64 at the same two caps
+#   ep        run --arch olmoe-1b-7b --parallel expert on one NCCL rank (torchrun): the LLM-layer EP path
 #   peers     bench-strategies --arch qwen3-30b-a3b at 1, 64 and 4096 tokens in bfloat16: every strategy vs both
 #             dense FFNs and transformers' own block (only if transformers is in .whl/: else its rows say why)
 # Results (JSON, and this script's log) go to $OUT, or ./gpu-check-out when $OUT is unset.
@@ -22,7 +26,7 @@ OUT="${OUT:-$PWD/gpu-check-out}"
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
 : >"$LOG"
-BUDGET="${GPU_CHECK_BUDGET_S:-500}"
+BUDGET="${GPU_CHECK_BUDGET_S:-580}"
 START=$(date +%s)
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"  # cpu only to try this script itself on a host without a GPU
 export MOE_ENERGY_CACHE_DIR=/tmp/moe-energy-cache  # the roofline is calibrated once, reused by the 2nd bench
@@ -73,6 +77,15 @@ step xl 90 python3 -m moe_energy bench-strategies --preset xl --dtype bfloat16 -
   --out "$OUT"
 step llm 100 python3 -m moe_energy run --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 --device "$DEVICE" \
   --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --out "$OUT"
+MAXW=$(timeout 15 nvidia-smi --query-gpu=power.max_limit --format=csv,noheader,nounits 2>/dev/null | head -1 | cut -d. -f1)
+CAPS="${MAXW:-700},$(( ${MAXW:-700} / 2 ))"
+step caps 90 python3 -m moe_energy run --preset small --epochs 1 --power-limit "$CAPS" --carbon-intensity 400 \
+  --price-per-kwh 0.15 --device "$DEVICE" --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --out "$OUT"
+timeout 15 nvidia-smi --query-gpu=power.limit,power.default_limit --format=csv 2>&1 | tee -a "$LOG"  # restored?
+step llmcaps 90 python3 -m moe_energy run --arch qwen3-30b-a3b --tokens 64 --dtype bfloat16 --power-limit "$CAPS" \
+  --device "$DEVICE" --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --out "$OUT"
+step ep 90 python3 -m torch.distributed.run --nproc-per-node 1 -m moe_energy run --parallel expert \
+  --arch olmoe-1b-7b --tokens 1,64 --dtype bfloat16 --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
 step peers 100 python3 -m moe_energy bench-strategies --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 \
   --device "$DEVICE" --seconds 1 --out "$OUT"
 
@@ -97,10 +110,14 @@ for f in sorted(out.glob("selfcheck-*.json")):
 for f in sorted(out.glob("run-*.json")):
     doc = json.loads(f.read_text())
     print(f"  {f.name}: {doc.get('arch', {}).get('name')}, {doc['options']['dtype']}")
+    for cap in doc.get("power_limits") or []:
+        print(f"    cap {cap}")
     for m in doc["models"]:
-        print(f"    {m['name']:<24} {m.get('tokens_per_second') or 0:>14,.0f} tokens/s "
-              f"{m.get('tokens_per_joule') or 0:>10,.1f} tokens/J ({m.get('energy_method')}) "
-              f"experts touched {m.get('experts_touched')}")
+        rate = m.get("tokens_per_second") or m.get("inferences_per_second") or 0
+        per_j = m.get("tokens_per_joule") or m.get("inferences_per_joule") or 0
+        print(f"    {m['name']:<28} {rate:>14,.0f} /s {per_j:>10,.1f} /J ({m.get('energy_method')}) "
+              f"experts touched {m.get('experts_touched')}, cap read back {m.get('power_limit_w')} W, "
+              f"{m.get('co2e_g_per_million')} g CO2e/1M")
 for f in sorted(out.glob("strategies-*.json")):
     doc = json.loads(f.read_text())
     o = doc["options"]
