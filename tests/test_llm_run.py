@@ -358,6 +358,7 @@ def test_run_llm_command_prints_the_table_and_saves(tmp_path, capsys):
     assert run_llm_command(args) == 0
     out = capsys.readouterr().out
     assert "tokens/J" in out and "J/1k tokens" in out and "2 of 8" in out and "results written to" in out
+    assert "dynamic tokens/J needs --idle-seconds > 0" in out and "inferences/J" not in out
     [f] = list(tmp_path.glob("run-*-custom.json"))
     doc = json.loads(f.read_text())
     assert doc["routing"]["mode"] == "balanced" and len(doc["models"]) == 6

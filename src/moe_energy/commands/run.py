@@ -105,7 +105,8 @@ def energy_summary(doc: dict) -> list[str]:
         lines.append(f"idle power: {idle['power_w']:.2f} W ({meter.get('method')}) over {idle['seconds']:.1f} s "
                      "(dynamic = raw minus idle power x window seconds)")
     else:
-        lines.append("idle power: not measured (dynamic inferences/J needs --idle-seconds > 0)")
+        unit = "tokens/J" if doc.get("family") == "llm_layer" else "inferences/J"
+        lines.append(f"idle power: not measured (dynamic {unit} needs --idle-seconds > 0)")
     flagged = sum(1 for m in doc["models"] for w in m.get("windows", []) if w.get("flags"))
     total = sum(len(m.get("windows", [])) for m in doc["models"])
     if flagged:
