@@ -416,7 +416,7 @@ def _token_ticks(ax: Axes, rows: list[dict]) -> None:
 def layer_tokens_per_joule(frame: Frame) -> Figure:
     """Tokens/J of the MoE layer and both dense SwiGLU FFNs against tokens per forward; the crossover over tokens
     (MoE vs the total-matched FFN, interval from the repeats) marked as the size crossover is."""
-    fig, panels = _layer_axes(frame, "Tokens per joule vs tokens per forward (crossover marked)",
+    fig, panels = _layer_axes(frame, "Tokens per joule vs tokens per forward",
                               "tokens per joule (tokens/J, log scale)")
     xos = layer_crossovers(frame, ["inferences_per_joule"])
     strategies = sorted({str(m.get("strategy")) for m in frame.layers if m["kind"] == "moe"})
