@@ -37,11 +37,13 @@ def use_onednn(x: Tensor, w: Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
+def _onednn_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """x [n, in] @ w [out, in]^T (+ b [out]) -> [n, out], any strides of w."""
-    if use_onednn(x, w):
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    return F.linear(x, w, b)
+    return _onednn_linear(x, w, b) if use_onednn(x, w) else F.linear(x, w, b)
 
 
 def grouped_linear(h: Tensor, w: Tensor, ends: Tensor, b: Tensor | None = None,
@@ -56,7 +58,7 @@ def grouped_linear(h: Tensor, w: Tensor, ends: Tensor, b: Tensor | None = None,
     start = 0
     for e, end in enumerate(ends.tolist()):  # a CPU tensor: reading it waits for nothing
         if end > start:
-            out[start:end] = linear(h[start:end], w[e], None if b is None else b[e])
+            out[start:end] = _onednn_linear(h[start:end], w[e], None if b is None else b[e])  # checked once above
         start = end
     return out
 
