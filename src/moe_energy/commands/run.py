@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..capped import run_and_save
+from ..carbon import unit
 from ..config import PRESETS
 from ..device import resolve_device
 from ..models.counting import moe_active_params, moe_params
@@ -105,8 +106,7 @@ def energy_summary(doc: dict) -> list[str]:
         lines.append(f"idle power: {idle['power_w']:.2f} W ({meter.get('method')}) over {idle['seconds']:.1f} s "
                      "(dynamic = raw minus idle power x window seconds)")
     else:
-        unit = "tokens/J" if doc.get("family") == "llm_layer" else "inferences/J"
-        lines.append(f"idle power: not measured (dynamic {unit} needs --idle-seconds > 0)")
+        lines.append(f"idle power: not measured (dynamic {unit(doc)}/J needs --idle-seconds > 0)")
     flagged = sum(1 for m in doc["models"] for w in m.get("windows", []) if w.get("flags"))
     total = sum(len(m.get("windows", [])) for m in doc["models"])
     if flagged:
