@@ -419,3 +419,19 @@ def test_a_full_stdout_is_one_line(tmp_path):
         r = run_cli("export", "--db", str(db), stdout=full)
     err = r.stderr.decode()
     one_line_error(r.returncode, err, "cannot write to standard output (No space left on device)")
+
+
+def test_a_new_store_opened_while_another_process_writes_it_waits_instead_of_failing(tmp_path):
+    """While another process holds a write lock on a new file (the first sweep creating the schema), SQLite
+    refuses the switch to WAL at once, without its busy timeout: two sweeps starting together on a new --db
+    failed in CI with "locked"."""
+    import threading
+
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # a reserved lock on the new, empty file
+    threading.Timer(0.5, lambda: writer.execute("COMMIT")).start()
+    with Store(path) as s:
+        assert s.con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert s.version() == len(store_mod.MIGRATIONS)
+    writer.close()

@@ -17,6 +17,7 @@ import os
 import sqlite3
 import stat
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -345,10 +346,25 @@ class Store:
                 self._to_memory()
                 self._migrate()
             return
-        self.con.execute("PRAGMA journal_mode = WAL")
+        self._use_wal()
         self.con.execute("PRAGMA synchronous = FULL")
         self.con.execute("PRAGMA foreign_keys = ON")
         self._migrate()
+
+    def _use_wal(self) -> None:
+        """Switch to WAL, retrying up to the busy timeout. The switch needs an exclusive lock, and SQLite answers
+        "locked" at once, without its busy handler, while another process has the file open (two sweeps that
+        start together on a new store)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                if str(self.con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    self.con.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _to_memory(self) -> None:
         """Read an older store through a copy in memory, migrated there: a read never upgrades the file."""
