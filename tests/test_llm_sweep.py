@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -118,11 +119,14 @@ def test_a_layer_points_fixed_seconds_work_and_least_time():
     per_token = sum(LayerPlan.of(n, p.spec).flops_per_token for n in ("moe", "dense_total", "dense_active"))
     assert sw.work_flops(p) == pytest.approx(per_token * (1 + 8) * (2 + 2))
     assert sw.training_flops(p) == 0
-    # a GEMM rate so slow that every forward takes >= 100 s: each outlasts its 2 windows (1 s) and warm-up (0.5 s),
-    # so the least time is the fixed seconds + per forward (2 (b - 1) + (b - 0.5) + b), b summing to 9 F / rate
+    # a GEMM rate so slow that every forward takes >= 100 s: its warm-up, window and latency pass are one forward
+    # each, so the least time is idle (3 s + a 0.25 s rest) + 2 repeats x (3 b + 0.25 s rest), b summing to 9 F / rate
     rate = min(LayerPlan.of(n, p.spec).flops_per_token for n in ("moe", "dense_total", "dense_active")) / 100
     slow = Roofline("cpu:test", {"float32": rate}, 1e30, 64, 2**20, "2026-01-01T00:00:00+00:00")
-    assert sw.seconds_floor(p, slow) == pytest.approx(sw.fixed_seconds(p) + 4 * per_token * 9 / rate - 6 * 2.5)
+    assert sw.seconds_floor(p, slow) == pytest.approx(3.25 + 2 * 3 * per_token * 9 / rate + 2 * 6 * 0.25)
+    assert sw.seconds_floor(replace(p, opts=replace(p.opts, max_forward_s=50.0)), slow) == pytest.approx(3.25)
+    fast = Roofline("cpu:test", {"float32": 1e30}, 1e30, 64, 2**20, "2026-01-01T00:00:00+00:00")
+    assert sw.seconds_floor(p, fast) == pytest.approx(3.25 + 2 * 6 * (0.5 + 1.0 + 0.1 + 0.25))
     assert sw.seconds_floor(p, None) is None
     eta = sw.Eta()
     eta.record(p, sw.fixed_seconds(p) + 4.0)

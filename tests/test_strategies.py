@@ -257,3 +257,19 @@ def test_probe_reports_candidates_that_cannot_run():
         del STRATEGIES["_broken"]
     assert c.name == "padded" and set(c.probe_ms) == {"padded"}
     assert c.errors == {"_broken": "RuntimeError: no kernel for this dtype"}
+
+
+@pytest.mark.parametrize("E, k, tried", [(8, 2, False), (6, 2, True), (8, 1, False)])
+def test_probe_skips_every_expert_on_every_token_when_it_is_hopeless(monkeypatch, E, k, tried):
+    from moe_energy.models import strategies
+
+    monkeypatch.setattr(strategies, "HOPELESS_FLOPS", 1.0)  # every batch counts as large here
+    m = make(E=E, k=k)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(16, 20, generator=gen)
+    idx, gate_w = routing("random", 16, E, k, gen)
+    c = probe(x, idx, gate_w, m.stack(), AUTO_CANDIDATES, budget_s=0.0)
+    assert ("dense_experts" in c.probe_ms) is tried
+    if not tried:
+        assert c.errors["dense_experts"].startswith(f"not tried: every expert on every token is {E / k:g}x")
+        assert c.name != "dense_experts" and set(c.probe_ms) == set(AUTO_CANDIDATES) - {"dense_experts"}

@@ -155,3 +155,59 @@ def test_bad_round_bounds_are_refused(kw, msg):
 def test_real_clock_gives_positive_samples():
     t = time_one(lambda: sum(range(1000)), min_rounds=3)
     assert len(t.samples_ms) == 3 and all(ms >= 0 for ms in t.samples_ms)
+
+
+# -- the window's warm-up and latency pass: how many forwards, by the fake clock ----------------------------
+@pytest.fixture
+def window_clock(monkeypatch):
+    from types import SimpleNamespace
+
+    from moe_energy.measure import window
+
+    clock = FakeClock()
+    monkeypatch.setattr(window, "time", SimpleNamespace(perf_counter=clock))
+    return clock
+
+
+@pytest.mark.parametrize("ms, seconds, calls", [(1.0, 0.5, 500), (300.0, 0.5, 2), (5000.0, 0.5, 1),
+                                                (5000.0, 0.0, 3)])
+def test_warm_up_fills_its_seconds_with_one_call_at_least_or_makes_a_fixed_count(window_clock, ms, seconds, calls):
+    from moe_energy.measure.window import warm_up
+
+    warm_up(window_clock.candidate("f", ms), window_clock.sync, seconds)
+    assert len(window_clock.calls()) == calls
+
+
+@pytest.mark.parametrize("ms, budget, at_least, at_most, calls", [
+    (1.0, 0.2, 10, 200, 200),  # fast forwards: the budget, capped at at_most
+    (30.0, 0.2, 10, 200, 10),  # ten of them fit in 2 x the budget
+    (150.0, 0.2, 10, 200, 3),  # a 2 x budget (0.4 s) stretch holds three
+    (5000.0, 0.2, 10, 200, 1),  # a prefill chunk of seconds: one
+    (5000.0, 0.0, 7, 7, 7),  # expert parallelism: a fixed count whatever it costs
+])
+def test_latency_pass_counts(window_clock, ms, budget, at_least, at_most, calls):
+    from moe_energy.measure.window import latency_pass
+
+    lat = latency_pass(window_clock.candidate("f", ms), window_clock.sync, budget, at_least, at_most)
+    assert len(lat) == calls and lat == [pytest.approx(ms)] * calls
+
+
+def test_prune_stops_calling_a_candidate_that_cannot_win():
+    c = FakeClock()
+    fns = {"fast": c.candidate("fast", 10.0), "close": c.candidate("close", 12.0), "slow": c.candidate("slow", 40.0)}
+    t = time_interleaved(fns, sync=c.sync, min_rounds=4, clock=c, prune=3.0)
+    calls = c.calls()
+    assert calls.count("slow") == 2  # its warm-up and the first round: 40 > 3 x 10
+    assert calls.count("fast") == calls.count("close") == 5
+    assert t["slow"].samples_ms == (pytest.approx(40.0),) and len(t["fast"].samples_ms) == 4
+    assert min(t, key=lambda n: t[n].best_ms) == "fast"
+
+
+def test_max_s_ends_long_rounds_before_min_rounds_but_runs_one():
+    c = FakeClock()
+    fns = {"a": c.candidate("a", 3000.0), "b": c.candidate("b", 2000.0)}
+    t = time_interleaved(fns, sync=c.sync, min_rounds=5, clock=c, max_s=4.0)
+    assert [len(x.samples_ms) for x in t.values()] == [1, 1]  # one round took 5 s > 4 s
+    c2 = FakeClock()
+    t2 = time_interleaved({"a": c2.candidate("a", 3000.0)}, sync=c2.sync, min_rounds=5, clock=c2, max_s=7.0)
+    assert len(t2["a"].samples_ms) == 3  # 3 s, 6 s, 9 s: the round that passed 7 s is the last

@@ -232,6 +232,7 @@ class LayerRun:
     ui: UI
     sleep: Callable[[float], None]
     oom: str = "skip"  # a variant out of memory stops with its reason, the others go on
+    roof: roofline.Roofline | None = None  # the host's roofline (layer_roofline), for bounds and --max-forward-s
 
     def batch(self, tokens: int) -> Tensor:
         return self.inputs[:tokens]  # [T, d], contiguous
@@ -360,7 +361,8 @@ def group_variants(r: LayerRun, group: list[LayerPlan], skipped: dict[str, str],
             for label, strategy in variant_labels(plan, r.opts.strategies, tokens):
                 out.windows[label] = []
                 v = layer_variant(r, plan, label, strategy, tokens, model)
-                problem = memory.fit_problem(v.need_bytes, r.device, f"measuring {label}")
+                problem = memory.fit_problem(v.need_bytes, r.device, f"measuring {label}") \
+                    or forward_too_long(r.roof, plan, tokens, r.opts)
                 if problem is not None:
                     out.stopped[label] = problem
                     continue
@@ -380,6 +382,25 @@ def layer_variant(r: LayerRun, plan: LayerPlan, label: str, strategy: str | None
                    before_window=router.reset_load if router is not None else None,
                    after_window=partial(load_fields, router, plan, r.opts.dtype, tokens) if router is not None
                    else None)
+
+
+def forward_bound_s(roof: roofline.Roofline | None, plan: LayerPlan, tokens: int, dtype: str) -> float | None:
+    """Least seconds one forward of ``plan`` at ``tokens`` takes here: its roofline bound (uniform routing's
+    expected experts touched), or None without a calibrated roofline."""
+    if roof is None:
+        return None
+    touched = expected_experts_touched(plan.arch.experts, plan.arch.top_k, tokens) if plan.kind == "moe" else None
+    return roof.bound_s(plan.flops_per_token * tokens, plan.weight_bytes_read(touched, dtype) or 0.0, dtype)
+
+
+def forward_too_long(roof: roofline.Roofline | None, plan: LayerPlan, tokens: int, opts: RunOptions) -> str | None:
+    """Why a (model, token count) is skipped under --max-forward-s, or None. The bound is the least time a
+    forward can take here, so nothing skipped could have come in under the limit."""
+    bound = forward_bound_s(roof, plan, tokens, opts.dtype) if opts.max_forward_s is not None else None
+    if bound is None or bound <= opts.max_forward_s:  # type: ignore[operator]
+        return None
+    return (f"one forward takes at least {bound:.3g} s here (roofline bound), over --max-forward-s "
+            f"{opts.max_forward_s:g}; raise --max-forward-s to measure it")
 
 
 def auto_candidates(r: LayerRun, plan: LayerPlan, tokens: int) -> tuple[str, ...]:
@@ -492,10 +513,10 @@ def layer_record(r: LayerRun, plan: LayerPlan, label: str, strategy: str | None,
     return rec  # type: ignore[return-value]
 
 
-def layer_records(r: LayerRun, todo: list[LayerPlan], skipped: dict[str, str], m: Measured, idle: IdlePower | None,
-                  notices: list[str]) -> list[LayerRecord]:
+def layer_records(r: LayerRun, todo: list[LayerPlan], skipped: dict[str, str], m: Measured,
+                  idle: IdlePower | None) -> list[LayerRecord]:
     """Every row, token count by token count, models in plan order: the skipped with their reason."""
-    roof = roofline.load(r.device, notice=notices.append)
+    roof = r.roof
     out: list[LayerRecord] = []
     for tokens in r.tokens:
         for plan in todo:
@@ -519,6 +540,13 @@ def layer_stem(name: str) -> str | None:
     return name if name.replace("-", "").replace(".", "").isalnum() else None
 
 
+def layer_roofline(r: LayerRun, notices: list[str]) -> roofline.Roofline | None:
+    """The roofline the records' bounds use; calibrated first when --max-forward-s needs it to skip."""
+    if r.opts.max_forward_s is None:
+        return roofline.load(r.device, notice=notices.append)
+    return roofline.load_or_calibrate(r.device, r.opts.dtype, notices.append, say=r.ui.info)
+
+
 def run_llm(arch: Arch, opts: RunOptions, tokens: list[int], routing: str | RoutingMode, meter: Meter,
             ui: UI | None = None, save: bool = True, sleep: Callable[[float], None] = time.sleep
             ) -> tuple[dict, Path | None]:
@@ -528,9 +556,10 @@ def run_llm(arch: Arch, opts: RunOptions, tokens: list[int], routing: str | Rout
     r, doc = start_layer_run(arch, opts, tokens, routing, meter, ui or SilentUI(), sleep)
     todo = layer_plans(arch, opts.models)
     groups, skipped, doc["notices"] = arrange(r, todo)
+    r.roof = layer_roofline(r, doc["notices"])
     idle, doc["idle"] = idle_phase(r) if groups else (None, None)
     measured = measure_groups(r, groups, idle, skipped)
-    doc["models"] = layer_records(r, todo, skipped, measured, idle, doc["notices"])
+    doc["models"] = layer_records(r, todo, skipped, measured, idle)
     stem = run_stem(doc, layer_stem(arch.name))
     path = save_or_rescue(doc, opts.out, stem) if save else None
     return doc, path

@@ -218,3 +218,18 @@ def load(device: torch.device, notice: Callable[[str], None] | None = None) -> R
                    "roofline figures; run `moe-energy calibrate` to rebuild it")
         return None
     return Roofline(**cache[name])
+
+
+def load_or_calibrate(device: torch.device, dtype: str, notice: Callable[[str], None],
+                      say: Callable[[str], None] | None = None) -> Roofline:
+    """The cached roofline of this device, calibrated once first (a few seconds; ``say`` tells it) if it lacks
+    ``dtype``. A cache that cannot be written is a ``notice``, not the end of the run: the figures still hold."""
+    roof = load(device, notice=notice)
+    if roof is None or dtype not in roof.gemm_flops_per_s:
+        (say or notice)(f"no roofline cached for {device_name(device)}: calibrating (once) ...")
+        roof = calibrate(device, save=False)
+        try:
+            _store(roof)
+        except ConfigError as e:
+            notice(f"{e}; calibrated for this run only")
+    return roof

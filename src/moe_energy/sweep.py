@@ -47,6 +47,11 @@ SHAPE_AXES = ("experts", "hidden", "layers", "top_k")
 OPTION_AXES = ("batch_size", "dtype", "repeats")
 AXES = SHAPE_AXES + OPTION_AXES
 BUILTIN_GRIDS = ("seed", "scale", "llm")
+# --grid llm's protocol where the user sets none: 8 presets x 7 token counts x 3 models is 168 rows, so the
+# seed's 3 repeats, 2 s warm-ups and 2 s rests would take over an hour at --duration 2 on a 2-core CPU before any
+# forward outlasts its window. Two windows give each figure its interval; and a forward longer than one window
+# (max_forward_s: --duration) is skipped with its reason. Every one of them is a flag to set otherwise.
+LLM_GRID_PROTOCOL = {"repeats": 2, "warmup": 0.5, "cooldown": 0.0}
 # LLM layers: the axes of their own (a custom shape also takes --experts and --top-k), and the seed's keys that
 # mean nothing for a layer built, not trained (refused, never silently ignored).
 LAYER_AXES = ("arch", "tokens", "routing", "d_model", "ffn_dim", "shared_experts", "router")
@@ -91,7 +96,8 @@ class Point:
 
     def config(self, meter: str) -> dict:
         drop = NOT_IN_KEY + (LAYER_NOT_IN_KEY if self.is_layer else ())
-        opts = {k: v for k, v in self.opts.as_dict().items() if k not in drop}
+        opts = {k: v for k, v in self.opts.as_dict().items()
+                if k not in drop and not (k == "max_forward_s" and v is None)}  # unlimited: keys as before it
         c = {"label": self.label, "spec": asdict(self.spec), "options": opts, "meter": meter,
              "total_params": self.total_params}
         if self.is_layer:  # a seed point's config (so its key) stays exactly what it always was
@@ -295,7 +301,7 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
     cfg = {k: v for k, v in cfg.items() if v is not None}
     if cfg.get("grid") == "llm" or "arch" in cfg:
         return build_layer_grid(cfg)
-    stray = [k for k in LAYER_AXES if k in cfg]
+    stray = [k for k in (*LAYER_AXES, "max_forward_s") if k in cfg]
     if stray:
         raise ConfigError(f"{', '.join(_flag(k) for k in stray)}: LLM-layer settings; give --arch (or --grid llm) "
                           "with them, or drop them")
@@ -371,6 +377,8 @@ def build_layer_grid(cfg: dict[str, Any]) -> Grid:
     from .llm_pipeline import check_tokens
 
     name = cfg.pop("grid", None) or "custom"
+    if name == "llm":
+        cfg = {**LLM_GRID_PROTOCOL, "max_forward_s": cfg.get("duration", RunOptions.duration), **cfg}
     seed_only = [_flag(k) for k in SEED_ONLY_KEYS if k in cfg]
     if seed_only:
         raise ConfigError(f"{', '.join(seed_only)}: no meaning for LLM layers (built, not trained; their shape is "
@@ -481,23 +489,30 @@ def work_flops(p: Point) -> float:
 
 
 def seconds_floor(p: Point, roof: Any) -> float | None:
-    """Least seconds an LLM point can take here: ``fixed_seconds`` plus every forward that outlasts its window or
-    warm-up at the roofline bound (``roof``: roofline.Roofline; None when not calibrated or a seed point)."""
+    """Least seconds an LLM point can take here (``roof``: roofline.Roofline; None when not calibrated or a seed
+    point): per window of each (model, token count) not skipped by --max-forward-s, its warm-up, window and
+    latency pass, each at least one forward at the roofline bound, and the rest before it; plus the idle reading."""
     if not p.is_layer or roof is None:
         return None
-    from .models.counting import expected_experts_touched
+    from .llm_pipeline import forward_bound_s, forward_too_long
+    from .measure.window import latency_budget
 
-    o, arch, extra = p.opts, p.spec, 0.0
-    assert isinstance(arch, Arch)
+    o, total = p.opts, idle_seconds_of(p)
     for pl in layer_plans_of(p):
         n = len(o.strategies) if pl.kind == "moe" else 1
         for t in p.tokens:
-            touched = expected_experts_touched(arch.experts, arch.top_k, t) if pl.kind == "moe" else None
-            b = roof.bound_s(pl.flops_per_token * t, pl.weight_bytes_read(touched, o.dtype) or 0.0, o.dtype)
+            b = forward_bound_s(roof, pl, t, o.dtype)
             if b is None:
                 return None
-            extra += n * (o.repeats * max(0.0, b - o.duration) + max(0.0, b - o.warmup) + b)
-    return fixed_seconds(p) + extra
+            if forward_too_long(roof, pl, t, o) is None:
+                window = max(o.warmup, b) + max(o.duration, b) + max(latency_budget(o.duration), b) + o.cooldown
+                total += n * o.repeats * window
+    return total
+
+
+def idle_seconds_of(p: Point) -> float:
+    """Seconds of the idle reading and the rest before it."""
+    return p.opts.idle_seconds + p.opts.cooldown if p.opts.idle_seconds > 0 else 0.0
 
 
 def _layer_fit_problem(p: Point, device: Any) -> str | None:

@@ -64,6 +64,9 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens", help="comma list of tokens per forward, from a decoding batch to a prefill chunk "
                                     f"(default {','.join(map(str, DEFAULT_TOKENS))})")
     g.add_argument("--routing", help=f"{ROUTING_HELP} (default random: the router's own choice, random weights)")
+    g.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
+                   help="skip a (model, token count) whose one forward takes longer than S seconds at this host's "
+                        "roofline bound (calibrated once if needed), with the reason; default: no limit")
     g.add_argument("--d-model", type=int, dest="d_model", help="hidden size d (custom, or overrides the preset)")
     g.add_argument("--ffn-dim", type=int, dest="ffn_dim", help="each routed expert's SwiGLU width I")
     g.add_argument("--shared-experts", type=int, dest="shared_experts", help="always-on experts (0 for none)")

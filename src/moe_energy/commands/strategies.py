@@ -78,20 +78,8 @@ def strategies_table(doc: dict) -> Table:
 
 
 def _roofline_for(device: torch.device, dtype: str) -> roofline.Roofline:
-    """The cached roofline of this device, calibrated once first if it lacks ``dtype``.
-
-    A cache that cannot be written is a notice, not the end of the benchmark: the figures are still good.
-    """
-    roof = roofline.load(device, notice=_notice)
-    if roof is None or dtype not in roof.gemm_flops_per_s:
-        console.print(escape(f"no roofline cached for {roofline.device_name(device)}: calibrating (once) ..."),
-                      highlight=False)
-        roof = roofline.calibrate(device, save=False)
-        try:
-            roofline._store(roof)
-        except ConfigError as e:
-            _notice(f"{e}; calibrated for this run only")
-    return roof
+    return roofline.load_or_calibrate(device, dtype, _notice,
+                                      say=lambda m: console.print(escape(m), highlight=False))
 
 
 def _notice(msg: str) -> None:

@@ -112,6 +112,9 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
                    "--ffn-dim, --experts, --top-k)")
     g.add_argument("--tokens", help="comma list of tokens per forward (default 1,4,16,64,256,1024,4096)")
     g.add_argument("--routing", help=f"comma list of {ROUTING_HELP} (default random)")
+    g.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
+                   help="skip a (model, token count) whose one forward takes longer than S seconds at this host's "
+                        "roofline bound, with the reason (default: none; --grid llm: 2 x --duration)")
     g.add_argument("--d-model", dest="d_model", help="custom: comma list of hidden sizes d")
     g.add_argument("--ffn-dim", dest="ffn_dim", help="custom: comma list of routed expert widths I")
     g.add_argument("--shared-experts", dest="shared_experts", help="custom: comma list of shared-expert counts")

@@ -60,9 +60,16 @@ def time_interleaved(
     warmup: int = 1,
     errors: dict[K, str] | None = None,
     clock: Clock = time.perf_counter,
+    max_s: float | None = None,
+    prune: float | None = None,
 ) -> dict[K, Timings]:
     """Time every candidate in interleaved rounds until ``budget_s`` has passed after the warm-up (at least
     ``min_rounds``, at most ``max_rounds``); ``sync`` (the device's) runs before and after each timed call.
+
+    ``max_s`` ends the rounds once they took that long, ``min_rounds`` or not (one round at least: calls of
+    seconds each need few rounds to tell apart); ``prune`` drops, after each round, a candidate whose best
+    call is over ``prune`` times the fastest best (it cannot win; each of its calls only costs time). A pruned
+    candidate's timings are still returned, with the rounds it ran.
 
     A candidate that raises propagates the error, unless ``errors`` is given: then it is dropped from the
     result (warm-up or any round) and ``errors[name]`` says why, in one line ("RuntimeError: ..."), e.g. a
@@ -78,16 +85,22 @@ def time_interleaved(
             samples[name] = []
     t_start = clock()
     rnd = 0
-    while samples and (max_rounds is None or rnd < max_rounds):
-        for name in rotation(list(samples), rnd):
+    racing = list(samples)
+    while racing and (max_rounds is None or rnd < max_rounds):
+        for name in rotation(racing, rnd):
             sync()
             t0 = clock()
             if _run(name, candidates[name], 1, sync, errors):
                 samples[name].append((clock() - t0) * 1e3)
             else:
                 del samples[name]
+        racing = [n for n in racing if n in samples]
+        if prune is not None and racing:
+            fastest = min(min(samples[n]) for n in racing)
+            racing = [n for n in racing if min(samples[n]) <= prune * fastest]
         rnd += 1
-        if rnd >= min_rounds and clock() - t_start >= budget_s:
+        elapsed = clock() - t_start
+        if (rnd >= min_rounds and elapsed >= budget_s) or (max_s is not None and elapsed >= max_s):
             break
     return {name: Timings(tuple(ms)) for name, ms in samples.items()}
 

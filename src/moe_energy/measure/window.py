@@ -23,6 +23,7 @@ from ..energy.meter import Measurement, Meter, window
 # Windows shorter than this are flagged: energy counters update too coarsely to trust them.
 MIN_TRUSTED_SECONDS = 1.0
 TICK_S = 0.2  # progress callbacks at most this often
+LATENCY_STRETCH = 2.0  # the latency pass may run this many times its budget to reach its least count
 
 
 def batch_tensors(batch: Any) -> list[Tensor]:
@@ -120,10 +121,13 @@ class BenchResult:
 
 
 def warm_up(forward: Callable[[], Any], sync: Callable[[], None], seconds: float, at_least: int = 3) -> None:
-    """Untimed calls: allocator, kernels' first launch, caches, clocks ramping up."""
+    """Untimed calls: allocator, kernels' first launch, caches, clocks ramping up. With ``seconds`` > 0 they fill
+    that time, one call at least (a forward longer than the warm-up paid its one-off costs in that call: an LLM
+    layer's prefill chunk takes seconds on a CPU); with 0, exactly ``at_least`` (every EP rank makes as many)."""
+    least = 1 if seconds > 0 else at_least
     t0 = time.perf_counter()
     n = 0
-    while n < at_least or time.perf_counter() - t0 < seconds:
+    while n < least or time.perf_counter() - t0 < seconds:
         forward()
         n += 1
     sync()
@@ -160,11 +164,21 @@ def counted_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], 
 
 def latency_pass(forward: Callable[[], Any], sync: Callable[[], None], budget_s: float, at_least: int = 10,
                  at_most: int = 200) -> list[float]:
-    """ms of single synced forwards, outside the counted window: ``at_least`` of them, more while within
-    ``budget_s`` (``at_least == at_most`` gives a fixed count, as collectives need)."""
+    """ms of single synced forwards, outside the counted window: more while within ``budget_s``, ``at_least``
+    of them while within LATENCY_STRETCH x ``budget_s`` (ten forwards of seconds each would outlast the
+    windows), one at least; with ``budget_s`` 0 and ``at_least == at_most``, a fixed count, as collectives need."""
     lat: list[float] = []
     t0 = time.perf_counter()
-    while len(lat) < at_least or (time.perf_counter() - t0 < budget_s and len(lat) < at_most):
+
+    def more() -> bool:
+        elapsed = time.perf_counter() - t0
+        if not lat:
+            return True
+        if len(lat) >= at_most:
+            return False
+        return elapsed < budget_s or (len(lat) < at_least and (budget_s <= 0 or elapsed < LATENCY_STRETCH * budget_s))
+
+    while more():
         sync()
         a = time.perf_counter()
         forward()

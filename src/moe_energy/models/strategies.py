@@ -273,6 +273,24 @@ def dense_experts(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamil
 AUTO_CANDIDATES: tuple[str, ...] = ("grouped", "grouped_fm", "padded", "dense_experts")
 
 
+PROBE_PRUNE = 3.0  # a candidate whose best call is over 3x the fastest's is not called again
+PROBE_MAX_S = 5.0  # rounds of calls that take seconds each (a prefill chunk on a CPU) end after this
+HOPELESS_FLOPS = 1e11  # every expert on every token past this: not tried when it is 4x (or more) the work
+HOPELESS_RATIO = 4
+
+
+def hopeless(x: Tensor, expert_idx: Tensor, ex: ExpertFamily, candidates: Sequence[str]) -> dict[str, str]:
+    """Candidates not worth one call, with the reason: dense_experts when it computes every expert on every
+    token at E/k >= 4 times the routed work and that work is large enough (>= 1e11 FLOPs: ~0.5 s on a CPU,
+    far past any launch overhead it saves). One call of it at a prefill chunk took minutes."""
+    t, k, e = x.shape[0], expert_idx.shape[1], ex.weights[0].shape[0]
+    flops = 2 * t * e * sum(w[0].numel() for w in ex.weights)
+    if "dense_experts" in candidates and e >= HOPELESS_RATIO * k and flops >= HOPELESS_FLOPS:
+        return {"dense_experts": f"not tried: every expert on every token is {e / k:g}x the routed work "
+                                 f"({flops:.3g} FLOPs)"}
+    return {}
+
+
 class AutoChoice(NamedTuple):
     name: str  # the strategy auto runs for this key: the least best_ms
     probe_ms: dict[str, float]  # median ms per forward of each candidate that ran
@@ -300,9 +318,10 @@ def probe(
     def call(name: str) -> Callable[[], Tensor]:
         return lambda: STRATEGIES[name](x, expert_idx, gate_w, ex)  # an unknown name fails as a candidate
 
-    errors: dict[str, str] = {}  # e.g. grouped_mm without a kernel for this device/dtype
-    times = time_interleaved({n: call(n) for n in candidates}, sync=device_sync(x.device), min_rounds=min_rounds,
-                             max_rounds=max_rounds, budget_s=budget_s, errors=errors)
+    errors = hopeless(x, expert_idx, ex, candidates)  # and e.g. grouped_mm without a kernel for this device
+    times = time_interleaved({n: call(n) for n in candidates if n not in errors}, sync=device_sync(x.device),
+                             min_rounds=min_rounds, max_rounds=max_rounds, budget_s=budget_s, errors=errors,
+                             max_s=PROBE_MAX_S, prune=PROBE_PRUNE)
     if not times:
         raise RuntimeError(f"no MoE strategy runs here: {errors}")
     probe_ms = {n: t.median_ms for n, t in times.items()}
