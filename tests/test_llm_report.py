@@ -224,3 +224,18 @@ def test_the_roofline_plot_says_when_nothing_was_calibrated(llm_report):
     fig = dict((s, f) for s, _t, f in LAYER_PLOTS)["layer_roofline"](Frame(layers=bare))
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert any("roofline not calibrated" in t for t in texts)
+
+
+def test_a_skipped_rows_none_is_not_an_energy_method_of_the_report():
+    """A (model, token count) skipped before any window has energy_method 'none'; the report must not then say
+    that some models had no energy meter."""
+    from moe_energy.analysis import Frame
+    from moe_energy.report.html import _warnings
+
+    measured = {"energy_method": "estimate", "repeats": 2}
+    skipped = {"energy_method": "none", "repeats": 0}
+    warn, headline = _warnings(Frame(runs=[], points=[], models=[skipped], layers=[measured, skipped]))
+    assert headline.endswith("energy methods: estimate.")
+    assert len(warn) == 1 and warn[0].startswith("Some energy figures are estimates")
+    warn, headline = _warnings(Frame(runs=[], points=[], models=[], layers=[{**measured, "energy_method": "none"}]))
+    assert headline.endswith("energy methods: none.") and "meter: none" in warn[0]

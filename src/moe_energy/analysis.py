@@ -88,7 +88,8 @@ class Frame:
     damaged: dict[str, int] = field(default_factory=dict)  # table -> rows left out: their stored JSON is damaged
 
     def methods(self) -> set[str]:
-        return {str(m.get("energy_method")) for m in self.models}
+        """Energy methods of the rows measured (a skipped row's 'none' says nothing of the meter)."""
+        return {str(m.get("energy_method")) for m in (*self.models, *self.layers) if m.get("repeats")}
 
     def damage_note(self) -> str | None:
         """One line on the damaged rows left out, for the report's notes; None when there are none."""

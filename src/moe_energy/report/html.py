@@ -63,7 +63,10 @@ LAYER_NOTE = (
     "Bytes read per forward: the router, the experts the routing touched (counted on the device, read after each "
     "window) and any shared experts; a dense FFN reads all its weights. Bound: the slower of those bytes at "
     "`calibrate`'s copy bandwidth (memory) and the FLOPs at its GEMM rate (compute); 'of bound' is bound / "
-    "achieved time. Whole-model figures would be extrapolated (attention and KV cache left out): none are drawn."
+    "achieved time. A copy both reads and writes, so a forward that only reads its weights can stream faster and "
+    "a memory-bound figure can pass 100 %. A (model, token count) whose one forward would outlast --max-forward-s "
+    "is skipped, with its bound in the reason. Whole-model figures would be extrapolated (attention and KV cache "
+    "left out): none are drawn."
 )
 
 
@@ -463,7 +466,7 @@ def _md(block: Block) -> str:
 
 
 def _warnings(frame: Frame) -> tuple[list[str], str]:
-    methods = sorted(frame.methods() | {str(m.get("energy_method")) for m in frame.layers})
+    methods = sorted(frame.methods())
     warn = []
     if "estimate" in methods:
         warn.append("Some energy figures are estimates (a TDP model, not a reading): hollow markers, hatched bars "
