@@ -127,6 +127,32 @@ def test_each_record_says_its_bytes_read_its_two_bounds_which_applies_and_the_fr
     assert bounds["moe[auto]@T=1"] == "memory" and bounds["moe[auto]@T=64"] == "compute"
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_max_forward_s_skips_with_the_reason_what_the_roofline_says_outlasts_it(tmp_path, monkeypatch, cached):
+    """At 1 GFLOP/s a T=64 forward of the total-matched FFN (~1.6 MFLOP) takes >= 1.6 ms: over a 1 ms limit, so
+    skipped with the reason; the MoE and the active-matched FFN (~0.42 ms) and every T=1 forward are measured.
+    Without a cached roofline the run calibrates one first (once), since the limit needs it."""
+    from moe_energy import llm_pipeline, roofline
+
+    roof = roofline.Roofline("cpu:test", {"float32": 1e9}, 1e9, 64, 2**20, "2026-01-01T00:00:00+00:00")
+    calibrated: list[str] = []
+    monkeypatch.setattr(roofline, "load", lambda device, notice=None: roof if cached else None)
+    monkeypatch.setattr(roofline, "calibrate", lambda device, save=True: calibrated.append(str(device)) or roof)
+    monkeypatch.setattr(roofline, "_store", lambda r: None)
+    doc, _ = run(tmp_path, "balanced", tokens=(1, 64), repeats=1, max_forward_s=1e-3)
+    status = {m["name"]: m["status"] for m in doc["models"]}
+    assert status == {"moe[auto]@T=1": "measured", "dense_total@T=1": "measured", "dense_active@T=1": "measured",
+                      "moe[auto]@T=64": "measured", "dense_total@T=64": "skipped", "dense_active@T=64": "measured"}
+    skipped = by_name(doc)["dense_total@T=64"]
+    bound = LayerPlan.of("dense_total", ARCH).flops_per_token * 64 / 1e9
+    assert skipped["skipped"] == (f"one forward takes at least {bound:.3g} s here (roofline bound), over "
+                                  "--max-forward-s 0.001; raise --max-forward-s to measure it")
+    assert skipped["windows"] == [] and skipped["tokens_per_joule"] is None
+    assert calibrated == ([] if cached else ["cpu"])
+    assert doc["options"]["max_forward_s"] == 1e-3
+    assert llm_pipeline.forward_too_long(roof, LayerPlan.of("dense_total", ARCH), 64, opts(tmp_path)) is None
+
+
 def test_a_deepseek_routers_bytes_read_count_it_at_fp32_in_a_half_layer():
     arch = custom_arch(D, INTER, E, K, shared_experts=1, router=RouterSpec("deepseek_v2"))
     moe = LayerPlan.of("moe", arch)

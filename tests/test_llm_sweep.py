@@ -238,3 +238,36 @@ def test_llm_sweep_dry_run_lists_the_points_and_bad_input_is_one_line(tmp_path, 
         assert main(["sweep", *args, "--db", str(tmp_path / "e.db"), "--dry-run"]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_grid_llm_has_its_quick_protocol_unless_the_user_sets_one():
+    g = sw.build_grid({"grid": "llm", "max_params": 1e9, "duration": 2.0})
+    o = g.points[0].opts
+    assert (o.repeats, o.warmup, o.cooldown, o.max_forward_s) == (2, 0.5, 0.0, 2.0)
+    mine = sw.build_grid({"grid": "llm", "max_params": 1e9, "duration": 2.0, "repeats": 3, "cooldown": 2.0,
+                          "max_forward_s": 30.0}).points[0].opts
+    assert (mine.repeats, mine.warmup, mine.cooldown, mine.max_forward_s) == (3, 0.5, 2.0, 30.0)
+    custom = sw.build_grid({**TINY, "tokens": "1"}).points[0]
+    assert custom.opts.max_forward_s is None and "max_forward_s" not in custom.config("none")["options"]
+    limited = sw.build_grid({**TINY, "tokens": "1", "max_forward_s": 5.0}).points[0]
+    assert limited.config("none")["options"]["max_forward_s"] == 5.0 and limited.key("none") != custom.key("none")
+
+
+def test_max_forward_s_is_refused_for_the_seed_and_out_of_range():
+    with pytest.raises(ConfigError, match="--max-forward-s: LLM-layer settings"):
+        sw.build_grid({"grid": "seed", "max_forward_s": 5.0})
+    with pytest.raises(ConfigError, match="max_forward_s=-1.0 must be a finite number > 0"):
+        sw.build_grid({**TINY, "tokens": "1", "max_forward_s": -1.0})
+
+
+def test_dry_run_counts_the_rows_max_forward_s_will_skip():
+    from moe_energy.commands.sweep import _over_limit
+
+    p = sw.build_grid({"grid": "llm", "max_params": 1e9, "duration": 2.0}).points[0]  # mixtral-8x7b is 1.4e9: out
+    assert p.spec.name == "qwen1.5-moe-a2.7b" and p.opts.max_forward_s == 2.0
+    # 100 GFLOP/s, 10 GB/s: the total-matched FFN (~0.55 B params, 1.1 GFLOP a token) passes 2 s from 256 tokens
+    roof = Roofline("cpu:test", {"float32": 1e11}, 1e10, 64, 2**20, "2026-01-01T00:00:00+00:00")
+    bounds = {(pl.name, t): pl.flops_per_token * t / 1e11 for pl in sw.layer_plans_of(p) for t in p.tokens}
+    over = sum(b > 2.0 for b in bounds.values())  # compute-bound there, so the FLOPs alone decide
+    assert over >= 2 and _over_limit(p, roof) == f"{over} of 21"
+    assert _over_limit(replace(p, opts=replace(p.opts, max_forward_s=None)), roof) == "-"

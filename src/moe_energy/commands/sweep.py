@@ -68,7 +68,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sweep grid (comma lists: every combination is one point)")
     g.add_argument("--grid", help="built-in grid: seed (the blog's small, large, xl, xxl), scale (a geometric "
                    "ladder of total sizes through them at E/k = 4) or llm (every LLM layer preset x tokens 1, 4, "
-                   "16, ..., 4096)")
+                   "16, ..., 4096; unless set: --repeats 2 --warmup 0.5 --cooldown 0 --max-forward-s = --duration)")
     g.add_argument("--max-params", dest="max_params", help="leave out shapes above this many total parameters, "
                    "e.g. 5e7 (an LLM layer: the MoE layer's total)")
     g.add_argument("--per-decade", dest="per_decade", type=int, help="scale grid: sizes per decade (default 4)")
@@ -213,16 +213,29 @@ def _layer_points_table(points, meter_name: str, done: set[str], device) -> Tabl
     t = Table(title=f"sweep points ({len(points)}); least time here {_minutes(total)}"
               + ("" if roof else " (run `moe-energy calibrate` for the time)"))
     capped = any(p.caps_text != "-" for p in points)
+    limited = roof is not None and any(p.opts.max_forward_s is not None for p in points)
     for col in ("#", "point", "d", "I", "E", "k", "MoE params", "tokens", "routing", "dtype", "repeats",
-                *(("power cap",) if capped else ()), "least time", "status"):
+                *(("power cap",) if capped else ()), *(("over --max-forward-s",) if limited else ()), "least time",
+                "status"):
         t.add_column(col, justify="left" if col in ("point", "tokens", "routing", "dtype", "status") else "right")
     for i, (p, floor) in enumerate(zip(points, floors), 1):
         a = p.spec
         status = "complete" if p.key(meter_name) in done else fit_problem(p, device) or "to do"
         t.add_row(str(i), escape(p.label), str(a.d_model), str(a.ffn_dim), str(a.experts), str(a.top_k),
                   f"{p.total_params:,}", ",".join(map(str, p.tokens)), escape(p.routing), p.opts.dtype,
-                  str(p.opts.repeats), *((p.caps_text,) if capped else ()), _minutes(floor), escape(status))
+                  str(p.opts.repeats), *((p.caps_text,) if capped else ()),
+                  *((_over_limit(p, roof),) if limited else ()), _minutes(floor), escape(status))
     return t
+
+
+def _over_limit(p: Any, roof: Any) -> str:
+    """'3 of 21': the point's (model, token count) rows that --max-forward-s will skip, by the roofline bound."""
+    from ..llm_pipeline import forward_too_long
+    from ..sweep import layer_plans_of
+
+    rows = [(pl, t) for pl in layer_plans_of(p) for t in p.tokens]
+    over = sum(forward_too_long(roof, pl, t, p.opts) is not None for pl, t in rows)
+    return f"{over} of {len(rows)}" if p.opts.max_forward_s is not None else "-"
 
 
 def _llm_dtype(cfg: dict[str, Any]) -> None:
