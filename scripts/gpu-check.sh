@@ -11,7 +11,8 @@
 #   small     bench-strategies --preset small in bfloat16
 #   xl        bench-strategies --preset xl in bfloat16, batch 128
 #   llm       run --arch qwen3-30b-a3b (one LLM MoE layer, both dense SwiGLU FFNs) at 1, 64 and 4096 tokens in
-#             bfloat16: the GPU build of MoELayer, every strategy under auto, the on-device expert-load counter
+#             bfloat16: the GPU build of MoELayer, every strategy under auto (its probe prunes losers), the
+#             on-device expert-load counter; --max-forward-s calibrates the GPU's roofline once and skips nothing
 #   caps      run --preset small at two GPU power caps (the maximum and half of it), with carbon and cost:
 #             set through NVML, read back per window, restored at the end (nvidia-smi's limit is logged after)
 #   llmcaps   run --arch qwen3-30b-a3b --tokens 64 at the same two caps
@@ -76,7 +77,7 @@ step small 70 python3 -m moe_energy bench-strategies --preset small --dtype bflo
 step xl 90 python3 -m moe_energy bench-strategies --preset xl --dtype bfloat16 --device "$DEVICE" --batch-size 128 \
   --out "$OUT"
 step llm 100 python3 -m moe_energy run --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 --device "$DEVICE" \
-  --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --out "$OUT"
+  --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --max-forward-s 5 --out "$OUT"
 MAXW=$(timeout 15 nvidia-smi --query-gpu=power.max_limit --format=csv,noheader,nounits 2>/dev/null | head -1 | cut -d. -f1)
 CAPS="${MAXW:-700},$(( ${MAXW:-700} / 2 ))"
 step caps 90 python3 -m moe_energy run --preset small --epochs 1 --power-limit "$CAPS" --carbon-intensity 400 \
