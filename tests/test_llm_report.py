@@ -110,7 +110,7 @@ def test_crossover_over_tokens_is_the_size_crossovers_method_with_its_interval(l
     assert math.isclose(q.low, 4 * 4**best, rel_tol=1e-9) and math.isclose(q.high, 4 * 4**worst, rel_tol=1e-9)
     assert q.answer() == "~8 tokens per forward (interval 6.5 to 9.8)"
     o = xos["olmoe-1b-7b", "inferences_per_joule"]
-    assert o.status == "below_grid" and o.answer().startswith("at or below 1 tokens per forward")
+    assert o.status == "below_grid" and o.answer().startswith("at or below 1 token per forward (")
     # behind at 4 and 16, ahead again at 64: the re-crossing half way between 16 and 64 in log10, sqrt(16 x 64)
     assert "MoE falls behind at 4 tokens per forward" in o.notes and "MoE leads again from ~32 tokens per forward" \
         in o.notes

@@ -294,6 +294,7 @@ class Crossover:
         if self.status == "not_measured":
             return "not measured"
         if self.status == "below_grid":
+            u = u.replace("tokens", "token", 1) if self.min_params == 1 else u  # "1 token per forward"
             return f"at or below {n(self.min_params)} {u} (MoE already ahead at the smallest point)"
         if self.status == "not_reached":
             return f"not reached up to {n(self.max_params)} {u}"
