@@ -68,6 +68,10 @@ def test_presets_table():
         (["run", "--batch-size", "0"], "batch_size=0"),
         (["run", "--duration", "-1"], "duration=-1"),
         (["run", "--dtype", "int4"], "dtype='int4' is unknown"),
+        (["run", "--tokens", "1,16"], "--tokens: only with --arch (an LLM MoE layer)"),
+        (["run", "--max-forward-s", "5", "--routing", "balanced"], "--routing, --max-forward-s: only with --arch"),
+        (["run", "--arch", "olmoe-1b-7b", "--max-forward-s", "0"], "max_forward_s=0.0 must be a finite number > 0"),
+        (["bench-strategies", "--max-forward-s", "5"], "unrecognized arguments: --max-forward-s"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, needle, capsys):

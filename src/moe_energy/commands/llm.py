@@ -64,9 +64,6 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens", help="comma list of tokens per forward, from a decoding batch to a prefill chunk "
                                     f"(default {','.join(map(str, DEFAULT_TOKENS))})")
     g.add_argument("--routing", help=f"{ROUTING_HELP} (default random: the router's own choice, random weights)")
-    g.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
-                   help="skip a (model, token count) whose one forward takes longer than S seconds at this host's "
-                        "roofline bound (calibrated once if needed), with the reason; default: no limit")
     g.add_argument("--d-model", type=int, dest="d_model", help="hidden size d (custom, or overrides the preset)")
     g.add_argument("--ffn-dim", type=int, dest="ffn_dim", help="each routed expert's SwiGLU width I")
     g.add_argument("--shared-experts", type=int, dest="shared_experts", help="always-on experts (0 for none)")
@@ -76,6 +73,25 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument("--experts", type=int, help="routed experts E")
     if "--top-k" not in have:
         g.add_argument("--top-k", type=int, dest="top_k", help="experts per token k")
+
+
+def add_forward_limit(p: argparse.ArgumentParser) -> None:
+    """--max-forward-s, for the commands that measure windows (run; sweep has its own, a grid option)."""
+    p.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
+                   help="--arch: skip a (model, token count) whose one forward takes longer than S seconds at this "
+                        "host's roofline bound (calibrated once if needed), with the reason; default: no limit")
+
+
+# Flags that only mean something with --arch: refused on the seed's classifier, never silently ignored.
+LLM_ONLY = (("tokens", "--tokens"), ("routing", "--routing"), ("d_model", "--d-model"), ("ffn_dim", "--ffn-dim"),
+            ("shared_experts", "--shared-experts"), ("router", "--router"), ("max_forward_s", "--max-forward-s"))
+
+
+def refuse_llm_only(args: argparse.Namespace) -> None:
+    """One line for LLM-layer flags given without --arch."""
+    stray = [flag for key, flag in LLM_ONLY if getattr(args, key, None) is not None]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: only with --arch (an LLM MoE layer); add --arch or drop them")
 
 
 # ---------------------------------------------------------------------------------------------------------

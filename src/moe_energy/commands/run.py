@@ -20,7 +20,7 @@ from ..pipeline import check_dtype
 from ..pipeline import run as run_models
 from ..results import check_writable, run_stem
 from . import command, console, err_console, fmt, measured
-from .llm import add_llm_arguments, run_llm_command
+from .llm import add_forward_limit, add_llm_arguments, refuse_llm_only, run_llm_command
 from .options import (
     add_energy_arguments,
     add_power_arguments,
@@ -136,12 +136,15 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_power_arguments(p)
     add_parallel_arguments(p)
     add_llm_arguments(p)  # after add_shape_arguments: reuses its --experts/--top-k
+    add_forward_limit(p)
 
 
 @command("run", "Train the MoE and its matched dense models, measure each, print the table, save JSON "
          "(--arch: an LLM MoE layer per token count, no training).",
          _run_args)
 def run(args: argparse.Namespace) -> int:
+    if args.arch is None:
+        refuse_llm_only(args)
     if args.parallel == "expert":  # the seed's models, or with --arch an LLM layer: run_parallel runs both
         refuse_for_parallel(resolve_power(args)[0])
         return run_parallel(args)

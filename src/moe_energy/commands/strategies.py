@@ -16,12 +16,8 @@ from ..errors import ConfigError
 from ..models.strategies import STRATEGIES
 from ..results import check_writable, stamp
 from . import command, console, err_console, fmt, save_then_show
-from .llm import add_llm_arguments, resolve_llm
+from .llm import add_llm_arguments, refuse_llm_only, resolve_llm
 from .options import add_shape_arguments, device_of, resolve
-
-# Flags that only mean something with --arch: refused on the seed's classifier, never silently ignored.
-LLM_ONLY = (("tokens", "--tokens"), ("routing", "--routing"), ("d_model", "--d-model"), ("ffn_dim", "--ffn-dim"),
-            ("shared_experts", "--shared-experts"), ("router", "--router"))
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -94,9 +90,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
 
     if getattr(args, "arch", None):
         return bench_layer_command(args)
-    stray = [flag for key, flag in LLM_ONLY if getattr(args, key, None) is not None]
-    if stray:
-        raise ConfigError(f"{', '.join(stray)}: only with --arch (an LLM MoE layer); add --arch or drop them")
+    refuse_llm_only(args)
     given = args.strategies
     args.strategies = None  # validated below: the default here is every strategy, not run's default
     spec, opts = resolve(args)
