@@ -396,11 +396,12 @@ def forward_bound_s(roof: roofline.Roofline | None, plan: LayerPlan, tokens: int
 def forward_too_long(roof: roofline.Roofline | None, plan: LayerPlan, tokens: int, opts: RunOptions) -> str | None:
     """Why a (model, token count) is skipped under --max-forward-s, or None. The bound is the least time a
     forward can take here, so nothing skipped could have come in under the limit."""
-    bound = forward_bound_s(roof, plan, tokens, opts.dtype) if opts.max_forward_s is not None else None
-    if bound is None or bound <= opts.max_forward_s:  # type: ignore[operator]
+    limit = opts.max_forward_s
+    bound = forward_bound_s(roof, plan, tokens, opts.dtype) if limit is not None else None
+    if limit is None or bound is None or bound <= limit:
         return None
-    return (f"one forward takes at least {bound:.3g} s here (roofline bound), over --max-forward-s "
-            f"{opts.max_forward_s:g}; raise --max-forward-s to measure it")
+    return (f"one forward takes at least {bound:.3g} s here (roofline bound), over --max-forward-s {limit:g}; "
+            "raise --max-forward-s to measure it")
 
 
 def auto_candidates(r: LayerRun, plan: LayerPlan, tokens: int) -> tuple[str, ...]:

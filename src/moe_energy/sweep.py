@@ -66,6 +66,7 @@ MAX_PER_DECADE = 100  # sizes per decade: more is a typo, and would expand to a 
 ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and in bf16/fp16
 # Options that do not change a point's figures, so they are left out of its key.
 NOT_IN_KEY = ("out", "extra")
+KEY_ONLY_IF_SET = ("max_forward_s",)  # options newer than stored keys: unset, a point's key is what it always was
 # ... and those an LLM layer never reads (nothing is trained): left out of its key too.
 LAYER_NOT_IN_KEY = ("epochs", "lr", "batch_size", "samples", "test_fraction", "data")
 
@@ -97,7 +98,7 @@ class Point:
     def config(self, meter: str) -> dict:
         drop = NOT_IN_KEY + (LAYER_NOT_IN_KEY if self.is_layer else ())
         opts = {k: v for k, v in self.opts.as_dict().items()
-                if k not in drop and not (k == "max_forward_s" and v is None)}  # unlimited: keys as before it
+                if k not in drop and not (k in KEY_ONLY_IF_SET and v is None)}
         c = {"label": self.label, "spec": asdict(self.spec), "options": opts, "meter": meter,
              "total_params": self.total_params}
         if self.is_layer:  # a seed point's config (so its key) stays exactly what it always was
@@ -497,7 +498,8 @@ def seconds_floor(p: Point, roof: Any) -> float | None:
     from .llm_pipeline import forward_bound_s, forward_too_long
     from .measure.window import latency_budget
 
-    o, total = p.opts, idle_seconds_of(p)
+    o = p.opts
+    total = o.idle_seconds + o.cooldown if o.idle_seconds > 0 else 0.0  # the idle reading and the rest before it
     for pl in layer_plans_of(p):
         n = len(o.strategies) if pl.kind == "moe" else 1
         for t in p.tokens:
@@ -509,10 +511,6 @@ def seconds_floor(p: Point, roof: Any) -> float | None:
                 total += n * o.repeats * window
     return total
 
-
-def idle_seconds_of(p: Point) -> float:
-    """Seconds of the idle reading and the rest before it."""
-    return p.opts.idle_seconds + p.opts.cooldown if p.opts.idle_seconds > 0 else 0.0
 
 
 def _layer_fit_problem(p: Point, device: Any) -> str | None:

@@ -114,7 +114,7 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", help=f"comma list of {ROUTING_HELP} (default random)")
     g.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
                    help="skip a (model, token count) whose one forward takes longer than S seconds at this host's "
-                        "roofline bound, with the reason (default: none; --grid llm: 2 x --duration)")
+                        "roofline bound, with the reason (default: none; --grid llm: --duration)")
     g.add_argument("--d-model", dest="d_model", help="custom: comma list of hidden sizes d")
     g.add_argument("--ffn-dim", dest="ffn_dim", help="custom: comma list of routed expert widths I")
     g.add_argument("--shared-experts", dest="shared_experts", help="custom: comma list of shared-expert counts")

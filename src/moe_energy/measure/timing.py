@@ -73,7 +73,7 @@ def time_interleaved(
 
     A candidate that raises propagates the error, unless ``errors`` is given: then it is dropped from the
     result (warm-up or any round) and ``errors[name]`` says why, in one line ("RuntimeError: ..."), e.g. a
-    strategy with no kernel for this device. Returns the timings of each candidate that ran every round.
+    strategy with no kernel for this device. Returns the timings of each candidate that never failed.
     """
     if min_rounds < 1:
         raise ValueError(f"min_rounds={min_rounds}: at least one timed round is needed")
