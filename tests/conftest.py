@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,15 @@ import torch
 
 # Tests must not fight each other (or CI's 2 cores) for threads.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The signal tests send SIGINT/SIGTERM/SIGHUP and expect moe-energy's handlers. moe-energy (rightly) leaves a signal
+# alone that its parent ignores, and an ignored signal stays ignored across exec: under `nohup` (SIGHUP) or as a
+# background job of a script (SIGINT) those tests would test the runner, not the tool. Give them the defaults.
+for _sig in (signal.SIGHUP, signal.SIGTERM):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, signal.SIG_DFL)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
