@@ -68,7 +68,7 @@ def test_point_with_models_windows_traces_and_full_json(db):
     traces = db.traces()
     first = traces[min(traces)]
     assert first[0] == ("cpu:0", [0.0, 0.5, 1.0], [10.0, 11.0, 12.0])
-    assert db.completed_keys() == {"k1"}
+    assert db.completed_keys() == {store_mod.point_key(CONFIG)}  # identity from the stored config
     point = db.points()[0]
     assert json.loads(point["document_json"])["environment"] == {"device": "cpu"}
     assert json.loads(point["config_json"]) == CONFIG
@@ -279,3 +279,31 @@ def test_an_old_and_a_new_store_merge_and_export_with_the_new_columns(tmp_path):
             ("moe[grouped]", "", ""), ("moe[auto]@T=1", "1", "memory"), ("dense_total@T=1", "1", "memory")]
         points = list(csv.DictReader(io.StringIO(m.export_csv("points"))))
         assert [(r["family"], r["arch"]) for r in points] == [("", ""), ("llm_layer", "olmoe-1b-7b")]
+
+
+def test_a_point_key_compares_numbers_by_value_and_ignores_the_label():
+    as_flags = {**CONFIG, "options": {**CONFIG["options"], "warmup": 0.0, "duration": 2.0}}
+    as_toml = {**CONFIG, "label": "other grid", "options": {**CONFIG["options"], "warmup": 0, "duration": 2}}
+    assert store_mod.point_key(as_flags) == store_mod.point_key(as_toml)
+    longer = {**as_flags, "options": {**as_flags["options"], "duration": 2.5}}
+    assert store_mod.point_key(longer) != store_mod.point_key(as_flags)
+    assert store_mod.point_key({**as_flags, "meter": "rapl"}) != store_mod.point_key(as_flags)
+
+
+def test_a_point_stored_under_an_older_key_is_still_complete_and_reported_once(db):
+    from moe_energy.analysis import load
+
+    legacy = {**CONFIG, "options": {**CONFIG["options"], "warmup": 0.0}}  # a flag's float, keyed raw before
+    db.add_point("run1", "an-older-raw-key", legacy, "done", document=doc(model_record(ipj=5.0)))
+    same = {**legacy, "options": {**legacy["options"], "warmup": 0}}  # the same point from a TOML
+    assert db.completed_keys() == {store_mod.point_key(same)}
+    db.add_point("run1", store_mod.point_key(same), same, "done", document=doc(model_record(ipj=7.0)))
+    frame = load(db)
+    assert len(frame.points) == 1 and frame.points[0]["point_key"] == store_mod.point_key(same)  # the latest wins
+    assert [m["inferences_per_joule"] for m in frame.models] == [7.0]
+
+
+def test_a_stored_config_that_no_longer_parses_keeps_its_stored_key(db):
+    db.add_point("run1", "k-damaged", CONFIG, "done", document=doc(model_record()))
+    db.con.execute("UPDATE points SET config_json = '{not json' WHERE point_key = 'k-damaged'")
+    assert db.completed_keys() == {"k-damaged"}

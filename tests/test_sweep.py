@@ -237,3 +237,20 @@ def test_an_axis_value_given_twice_is_one_point():
     assert sorted(p.spec.hidden for p in g.points) == [16, 24]
     assert {p.opts.batch_size for p in g.points} == {32}
     assert len({p.key("none") for p in g.points}) == len(g.points) == 2
+
+
+def test_resume_sees_a_point_whether_its_numbers_came_from_flags_or_a_toml(tmp_path):
+    """``--warmup 0`` on the command line is 0.0, ``warmup = 0`` in a TOML is 0: the same point, not a new one."""
+    db = tmp_path / "k.db"
+    shape = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "1", "--input-dim", "40",
+             "--classes", "4", "--samples", "300", "--epochs", "1", "--device", "cpu", "--meter", "estimate"]
+    first = cli("sweep", *shape, "--duration", "1", "--warmup", "0", "--repeats", "1", "--idle-seconds", "0",
+                "--cooldown", "0", "--db", str(db))
+    assert first.returncode == 0, first.stderr
+    assert "measured 1" in first.stdout
+    toml = tmp_path / "g.toml"
+    toml.write_text("duration = 1\nwarmup = 0\nrepeats = 1\nidle_seconds = 0\ncooldown = 0\n")
+    again = cli("sweep", *shape, "--config", str(toml), "--db", str(db), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "measured 0" in again.stdout and "already complete 1" in again.stdout
+    assert rows(db, "SELECT COUNT(*) FROM points") == [(1,)]

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .store import LAYER_FAMILY, Store, stored_json
+from .store import LAYER_FAMILY, Store, stored_json, stored_key
 
 MEASURED = ("counter", "sampled")
 METRICS = {
@@ -108,9 +108,10 @@ def load(store: Store) -> Frame:
     damaged: Counter[str] = Counter()
     latest: dict[str, dict] = {}
     for p in store.points():  # ascending id: later rows replace earlier ones, a done row is never replaced by a failure
-        prev = latest.get(p["point_key"])
+        key = stored_key(p)
+        prev = latest.get(key)
         if prev is None or p["status"] == "done" or prev["status"] != "done":
-            latest[p["point_key"]] = p
+            latest[key] = p
     done = {p["id"]: p for p in latest.values() if p["status"] == "done"}
     f = Frame(runs=_runs(store, damaged))
     f.points = sorted(done.values(), key=lambda p: (p["total_params"] or 0, p["batch_size"] or 0, p["id"]))

@@ -166,6 +166,36 @@ def dumps(v: Any) -> str:
     return json.dumps(json_safe(v), sort_keys=True, allow_nan=False, default=str)
 
 
+def _by_value(v: Any) -> Any:
+    """Whole floats as ints, all the way down: a TOML ``warmup = 0`` and a flag's ``--warmup 0`` (0 and 0.0)
+    are one setting, so one point."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _by_value(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_by_value(x) for x in v]
+    return v
+
+
+def point_key(config: dict) -> str:
+    """A point's identity: its config (as stored, so a stored one gives the same key) without its label (the
+    same shape reached from two grids is one point), numbers compared by value."""
+    c = json.loads(dumps({k: v for k, v in config.items() if k != "label"}))
+    return hashlib.sha256(dumps(_by_value(c)).encode()).hexdigest()[:20]
+
+
+def stored_key(row: Any) -> str:
+    """A stored point's identity, from its config: stores written before keys compared numbers by value hold
+    other keys in ``point_key``, and resume and the report must still see those points as the same ones.
+    A config that no longer parses keeps its stored key."""
+    try:
+        config = json.loads(row["config_json"])
+    except (TypeError, ValueError):
+        return str(row["point_key"])
+    return point_key(config) if isinstance(config, dict) else str(row["point_key"])
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -548,7 +578,8 @@ class Store:
 
     def completed_keys(self) -> set[str]:
         """Keys of points already finished (measured, or skipped for a reason that will not change)."""
-        return {r[0] for r in self.con.execute("SELECT point_key FROM points WHERE status IN ('done', 'skipped')")}
+        return {stored_key(r) for r in self.con.execute(
+            "SELECT point_key, config_json FROM points WHERE status IN ('done', 'skipped')")}
 
     def points(self) -> list[dict]:
         return [dict(r) for r in self.con.execute("SELECT * FROM points ORDER BY id")]

@@ -40,7 +40,7 @@ from .models.archs import Arch, custom_arch, get_arch
 from .models.counting import layer_params, matched_width, moe_params
 from .models.plan import plans
 from .models.routing import parse_routing
-from .store import LAYER_FAMILY, Store, dumps
+from .store import LAYER_FAMILY, Store, point_key
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
 SHAPE_AXES = ("experts", "hidden", "layers", "top_k")
@@ -116,9 +116,7 @@ class Point:
         return ", ".join(parts) or "-"
 
     def key(self, meter: str) -> str:
-        c = self.config(meter)
-        c.pop("label")  # the same shape reached from two grids is the same point
-        return hashlib.sha256(dumps(c).encode()).hexdigest()[:20]
+        return point_key(self.config(meter))
 
 
 @dataclass
