@@ -3,10 +3,17 @@
     PYTHONPATH=src python benchmarks/cpu_gemm.py --arch qwen3-30b-a3b [--rows 1,2,8,32] [--seconds 2]
 
 For each row count n, every expert's gate_up [2I, d] and down [d, I] GEMM runs on n rows, experts visited in
-turn so each reads its weights from memory as in a real batch; the two libraries are timed round by round,
+turn so each reads its weights from memory as in a real batch; the libraries are timed round by round,
 interleaved (measure.timing), and the weight bytes read per second of the median round are printed. On the
 project's 2-core AMD EPYC (fp32), qwen3-30b-a3b's experts at 1 / 2 / 8 / 32 rows read 18 / 10 / 8 / 5 GB/s
 through MKL and 24 / 21 / 15 / 9 GB/s through oneDNN; a plain copy moves about 34 GB/s there.
+
+The third column turns the GEMM feature-major for oneDNN (the weight as its input, the rows as its weight:
+y^T [out, n] = W x^T). Here its median rounds put it ahead at 2 rows (qwen3-30b-a3b, 128 experts: 24.9
+against 21.7 GB/s) and a little behind from 16 (11.7 against 12.6). Inside a layer's forward it lost at every
+threshold tried (qwen3-30b-a3b, fp32: 109 against 98 ms a forward at 32 tokens with groups of 2 rows or more
+feature-major, 358 against 333 ms at 512 tokens with groups of 8 or more): each output must be copied back
+transposed. kernels.py keeps the token-major call.
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ def expert_gemms(gate_up: torch.Tensor, down: torch.Tensor, n: int,
     return run
 
 
+def feature_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """oneDNN's linear with the roles swapped: w [out, in] as the input, x [n, in] as the weight -> [out, n]."""
+    return linear(w, x)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="qwen3-30b-a3b")
@@ -50,13 +62,14 @@ def main() -> None:
     gate_up, down = torch.randn(E, 2 * i, d), torch.randn(E, d, i)  # transformers 5's storage
     nbytes = (gate_up.numel() + down.numel()) * 4
     print(f"{a.arch}: {E} experts, d={d}, I={i}, fp32, {torch.get_num_threads()} threads; GB/s of weights read")
-    print(f"{'rows':>5s} {'MKL GB/s':>9s} {'oneDNN GB/s':>12s} {'speed-up':>9s}")
+    print(f"{'rows':>5s} {'MKL GB/s':>9s} {'oneDNN GB/s':>12s} {'oneDNN fm GB/s':>15s} {'speed-up':>9s}")
     with torch.inference_mode():
         for n in (int(r) for r in a.rows.split(",")):
-            fns = {"mkl": expert_gemms(gate_up, down, n, F.linear), "onednn": expert_gemms(gate_up, down, n, linear)}
+            fns = {"mkl": expert_gemms(gate_up, down, n, F.linear), "onednn": expert_gemms(gate_up, down, n, linear),
+                   "onednn_fm": expert_gemms(gate_up, down, n, feature_major)}
             t = time_interleaved(fns, sync=lambda: None, min_rounds=3, budget_s=a.seconds)
-            mkl, dnn = (nbytes / (t[k].median_ms / 1e3) / 1e9 for k in ("mkl", "onednn"))
-            print(f"{n:5d} {mkl:9.2f} {dnn:12.2f} {dnn / mkl:8.2f}x")
+            mkl, dnn, fm = (nbytes / (t[k].median_ms / 1e3) / 1e9 for k in fns)
+            print(f"{n:5d} {mkl:9.2f} {dnn:12.2f} {fm:15.2f} {dnn / mkl:8.2f}x")
 
 
 if __name__ == "__main__":

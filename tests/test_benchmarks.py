@@ -39,8 +39,8 @@ def test_cpu_gemm_prints_both_libraries_rate_per_row_count():
     assert out[0].startswith("olmoe-1b-7b: 2 experts, d=2048, I=1024, fp32")
     rows = [line.split() for line in out[2:]]
     assert [r[0] for r in rows] == ["1", "4"]
-    for r in rows:  # rows, MKL GB/s, oneDNN GB/s, speed-up (with its x)
-        mkl, dnn, speedup = float(r[1]), float(r[2]), float(r[3][:-1])
-        assert mkl > 0 and dnn > 0 and r[3].endswith("x")
+    for r in rows:  # rows, MKL GB/s, oneDNN GB/s, oneDNN feature-major GB/s, speed-up (with its x)
+        mkl, dnn, fm, speedup = float(r[1]), float(r[2]), float(r[3]), float(r[4][:-1])
+        assert mkl > 0 and dnn > 0 and fm > 0 and r[4].endswith("x")
         # rates printed to 0.01 GB/s: their ratio carries up to 0.005/mkl + 0.005/dnn of relative rounding
         assert abs(speedup - dnn / mkl) <= 0.006 + speedup * (0.005 / mkl + 0.005 / dnn)
