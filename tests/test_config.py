@@ -81,7 +81,8 @@ from moe_energy.config import CarbonPrice, PowerCaps, resolve_caps, resolve_carb
 ])
 def test_power_limit_from_a_flag_or_a_config_value(value, caps):
     assert resolve_caps({"power_limit": value}) == caps
-    assert resolve_caps({"cpu_power_limit": 15}) == PowerCaps(cpu_w=15.0)
+    assert resolve_caps({"cpu_power_limit": 15}) == PowerCaps(cpu_w=(15.0,))
+    assert resolve_caps({"cpu_power_limit": "25,15"}) == PowerCaps(cpu_w=(25.0, 15.0))
     assert resolve_caps({}) == PowerCaps() and not PowerCaps().given
 
 
@@ -91,9 +92,10 @@ def test_power_limit_from_a_flag_or_a_config_value(value, caps):
     ({"power_limit": [250, True]}, "power_limit=True must be a finite number of watts > 0"),
     ({"power_limit": [0]}, "> 0"),
     ({"power_limit": "300,300"}, "names a cap twice"),
+    ({"cpu_power_limit": "15,x"}, "cpu_power_limit='15,x': 'x' is not a number of watts; give W[,W...]"),
     ({"power_limit": 7e5}, "give watts, not mW"),
     ({"cpu_power_limit": -1}, "cpu_power_limit=-1"),
-    ({"cpu_power_limit": "15"}, "cpu_power_limit='15' must be a finite number"),
+    ({"cpu_power_limit": "15,15"}, "cpu_power_limit='15,15' names a cap twice"),
 ])
 def test_bad_caps_are_one_line(cfg, needle):
     with pytest.raises(ConfigError) as e:
@@ -133,4 +135,4 @@ def test_run_config_file_takes_the_new_keys(tmp_path):
     cfg.write_text('carbon_intensity = 350\nprice_per_kwh = 0.3\npower_limit = [250, 300]\ncpu_power_limit = 20\n')
     doc = load_toml(cfg)
     assert resolve_carbon(doc, {}) == CarbonPrice(350.0, 0.3)
-    assert resolve_caps(doc) == PowerCaps(gpu_w=(250.0, 300.0), cpu_w=20.0)
+    assert resolve_caps(doc) == PowerCaps(gpu_w=(250.0, 300.0), cpu_w=(20.0,))

@@ -304,6 +304,17 @@ def limit_files(zone: Path, limit_w: float = 28, max_w: float | None = 45) -> Pa
     return zone / "constraint_0_power_limit_uw"
 
 
+def test_a_run_refuses_several_cpu_caps_before_setting_any(live_rapl, tmp_path, capsys):
+    pl1 = limit_files(live_rapl / "intel-rapl:0")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("cpu_power_limit = [25, 15]\n")
+    assert main(["run", *TINY, "--meter", "rapl", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "a run holds one CPU cap over all of it, not 2" in err and "sweep --cpu-power-limit 25,15" in err
+    assert "Traceback" not in err and pl1.read_text() == "28000000\n"
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.json"))
+
+
 def test_cpu_cap_set_measured_and_restored(live_rapl, tmp_path, capsys):
     pl1 = limit_files(live_rapl / "intel-rapl:0")
     out = tmp_path / "out"
@@ -406,7 +417,7 @@ def test_cpu_cap_without_root_is_refused():
 
 
 def test_power_caps_config_defaults():
-    assert not PowerCaps().given and PowerCaps(cpu_w=10).given
+    assert not PowerCaps().given and PowerCaps(cpu_w=(10.0,)).given
 
 
 def test_a_set_the_probe_let_pass_is_still_one_line_and_nothing_is_left_set(nvml, tmp_path, capsys, monkeypatch):

@@ -21,6 +21,7 @@ from test_power_limit import LAYER, CappableNVML, limit_files  # noqa: E402
 from moe_energy import sweep as sw  # noqa: E402
 from moe_energy.carbon import ESTIMATED, JOULES_PER_KWH  # noqa: E402
 from moe_energy.cli import main  # noqa: E402
+from moe_energy.config import ConfigError, resolve_caps  # noqa: E402
 
 SHAPE = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
          "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu", "--models", "moe,dense_active",
@@ -59,8 +60,8 @@ def _grid(**extra) -> sw.Grid:
 
 def test_caps_are_an_axis_of_the_key_and_an_uncapped_key_is_unchanged():
     grid = _grid()
-    capped = sw.with_caps(grid, [300.0, 250.0], 15.0)
-    assert sw.with_caps(grid, [], None) is grid
+    capped = sw.with_caps(grid, [300.0, 250.0], [15.0])
+    assert sw.with_caps(grid, [], []) is grid
     assert [(p.label, p.power_limit_w, p.cpu_power_limit_w) for p in capped.points] == [
         ("E4-H16-L2-k2", 300.0, 15.0), ("E4-H16-L2-k2", 250.0, 15.0),
         ("E4-H32-L2-k2", 300.0, 15.0), ("E4-H32-L2-k2", 250.0, 15.0)]  # caps innermost
@@ -70,10 +71,23 @@ def test_caps_are_an_axis_of_the_key_and_an_uncapped_key_is_unchanged():
     assert "power_limit_w" not in plain.config("nvidia") and plain.caps_text == "-"
     assert capped.points[0].config("nvidia")["power_limit_w"] == 300.0
     assert capped.points[0].caps_text == "300 W, CPU 15 W"
-    assert capped.source["power_limit_w"] == [300.0, 250.0] and capped.source["cpu_power_limit_w"] == 15.0
-    cpu_only = sw.with_caps(grid, [], 20.0)
+    assert capped.source["power_limit_w"] == [300.0, 250.0] and capped.source["cpu_power_limit_w"] == [15.0]
+    cpu_only = sw.with_caps(grid, [], [20.0])
     assert [p.power_limit_w for p in cpu_only.points] == [None, None]
     assert [p.caps_text for p in cpu_only.points] == ["CPU 20 W", "CPU 20 W"]
+
+
+def test_cpu_caps_are_an_axis_too_but_one_device_at_a_time():
+    grid = _grid()
+    cpu = sw.with_caps(grid, [], [25.0, 15.0])
+    assert [(p.spec.hidden, p.power_limit_w, p.cpu_power_limit_w) for p in cpu.points] == [
+        (16, None, 25.0), (16, None, 15.0), (32, None, 25.0), (32, None, 15.0)]  # caps innermost, in the order given
+    assert len({p.key("rapl") for p in cpu.points}) == 4
+    assert cpu.source["cpu_power_limit_w"] == [25.0, 15.0] and cpu.source["power_limit_w"] is None
+    for gpu in ("300", "sweep"):
+        with pytest.raises(ConfigError, match="sweep one device's caps at a time"):
+            resolve_caps({"power_limit": gpu, "cpu_power_limit": "25,15"})
+    assert resolve_caps({"power_limit": "300,250", "cpu_power_limit": 15}).cpu_w == (15.0,)  # one CPU cap under each
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,6 +216,32 @@ def test_a_cpu_capped_sweep_sets_and_restores_pl1(live_rapl, tmp_path):
     assert got == [("moe[auto]", 15.0, None), ("dense_active", 15.0, None)]
     [(config,)] = rows(db, "SELECT config_json FROM points")
     assert '"cpu_power_limit_w":15.0' in config.replace(" ", "")
+
+
+def test_a_sweep_of_two_cpu_caps_measures_each_and_restores_pl1(live_rapl, tmp_path):
+    pl1 = limit_files(live_rapl / "intel-rapl:0")
+    db = tmp_path / "s.db"
+    assert main(["sweep", *SHAPE, "--meter", "rapl", "--cpu-power-limit", "25,15", "--db", str(db)]) == 0
+    assert pl1.read_text() == "28000000\n"
+    got = rows(db, "SELECT name, cpu_power_limit_w FROM models ORDER BY id")  # the cap read back
+    assert got == [("moe[auto]", 25.0), ("dense_active", 25.0), ("moe[auto]", 15.0), ("dense_active", 15.0)]
+    assert len({k for (k,) in rows(db, "SELECT point_key FROM points")}) == 2
+    assert main(["sweep", *SHAPE, "--meter", "rapl", "--cpu-power-limit", "25,15", "--db", str(db), "--resume"]) == 0
+    assert rows(db, "SELECT COUNT(*) FROM points") == [(2,)]  # resume works per CPU cap
+    from moe_energy.analysis import best_caps, caps, load
+    from moe_energy.store import Store
+
+    with Store(db, create=False) as st:
+        frame = load(st)
+    assert caps(frame) == [15.0, 25.0]  # the report's cap axis is the CPU's
+    assert {b.model for b in best_caps(frame)} == {"moe[auto]", "dense_active"}
+
+
+def test_several_cpu_caps_beside_gpu_caps_are_one_line(nvml, live_rapl, tmp_path, capsys):
+    limit_files(live_rapl / "intel-rapl:0")
+    assert main(["sweep", *SHAPE, "--meter", "rapl", "--power-limit", "250", "--cpu-power-limit", "25,15",
+                 "--db", str(tmp_path / "s.db")]) == 2
+    assert "sweep one device's caps at a time" in _one_line(capsys.readouterr().err)
 
 
 def test_a_cpu_cap_without_a_writable_tree_is_one_line(tmp_path, monkeypatch, capsys):

@@ -51,7 +51,7 @@ class CapPlan:
     gpu: list[PowerLimit] = field(default_factory=list)
     gpu_caps: list[float] = field(default_factory=list)
     cpu: list[PowerLimit] = field(default_factory=list)
-    cpu_cap: float | None = None
+    cpu_caps: list[float] = field(default_factory=list)  # one for a run (over all of it); a sweep's axis
     announce: Callable[[str], None] = _say_nothing
     restore_failed: list[str] = field(default_factory=list)
     rename: bool = True  # rows named MODEL@CAPW (a run's several caps); a sweep point's cap is in its key instead
@@ -60,13 +60,14 @@ class CapPlan:
         """This plan's checked devices under one sweep point's caps; its restore failures gathered in this plan's."""
         if (gpu_cap is not None and not self.gpu) or (cpu_cap is not None and not self.cpu):
             raise ConfigError("a power cap was asked for a device that was not checked (plan_caps): nothing is set")
-        return replace(self, gpu_caps=[] if gpu_cap is None else [gpu_cap], cpu_cap=cpu_cap, rename=False,
+        return replace(self, gpu_caps=[] if gpu_cap is None else [gpu_cap],
+                       cpu_caps=[] if cpu_cap is None else [cpu_cap], rename=False,
                        restore_failed=self.restore_failed)
 
     def wrap(self, meter: Meter) -> Meter:
         """The run's meter, reading back every capped device's limit after each window."""
         limits = self.gpu + self.cpu
-        return ReadBack(meter, limits) if limits and (self.gpu_caps or self.cpu_cap is not None) else meter
+        return ReadBack(meter, limits) if limits and (self.gpu_caps or self.cpu_caps) else meter
 
     def _told(self, state: Applied) -> None:
         back = ", ".join(f"{d} {'unreadable' if w is None else f'{w:g} W'}" for d, w in state.read_back_w.items())
@@ -74,7 +75,11 @@ class CapPlan:
 
     def run(self, body: Callable[[], dict]) -> dict:
         """``body()`` (a whole run, returning its document) under each cap; one document, limits restored."""
-        cpu_cm = applied(self.cpu, self.cpu_cap) if self.cpu_cap is not None else nullcontext(None)
+        if len(self.cpu_caps) > 1:
+            raise ConfigError(f"--cpu-power-limit: a run holds one CPU cap over all of it, not "
+                              f"{len(self.cpu_caps)}; give one, or sweep them as an axis (moe-energy sweep "
+                              f"--cpu-power-limit {','.join(f'{c:g}' for c in self.cpu_caps)} ...)")
+        cpu_cm = applied(self.cpu, self.cpu_caps[0]) if self.cpu_caps else nullcontext(None)
         with cpu_cm as cpu_state:
             if cpu_state is not None:
                 self._told(cpu_state)
@@ -99,13 +104,13 @@ def plan_caps(caps: PowerCaps, meter: Meter, device: Any) -> CapPlan:
         except Exception as e:  # noqa: BLE001 - a driver that will not give the range: one line
             raise ConfigError(f"--power-limit: cannot read the GPU's power limit range ({e})") from None
         check(plan.gpu, plan.gpu_caps)
-    if caps.cpu_w is not None:
+    if caps.cpu_w:
         try:
             plan.cpu = list(cpu_limits())
         except Unavailable as e:
             raise ConfigError(f"--cpu-power-limit: no writable RAPL power limit here: {e}") from None
-        plan.cpu_cap = caps.cpu_w
-        check(plan.cpu, [caps.cpu_w])
+        plan.cpu_caps = list(caps.cpu_w)
+        check(plan.cpu, plan.cpu_caps)
     return plan
 
 

@@ -307,11 +307,11 @@ class PowerCaps:
 
     gpu_w: tuple[float, ...] = ()  # --power-limit W[,W...], in the order given
     gpu_sweep: bool = False  # --power-limit sweep: the GPU's maximum down to its minimum in 25 W steps
-    cpu_w: float | None = None  # --cpu-power-limit W: each CPU package's long-term RAPL limit
+    cpu_w: tuple[float, ...] = ()  # --cpu-power-limit W[,W...]: each CPU package's long-term RAPL cap (several: sweep)
 
     @property
     def given(self) -> bool:
-        return bool(self.gpu_w) or self.gpu_sweep or self.cpu_w is not None
+        return bool(self.gpu_w) or self.gpu_sweep or bool(self.cpu_w)
 
 
 @dataclass(frozen=True)
@@ -339,13 +339,17 @@ def _watts(key: str, v: Any) -> float:
 
 def _gpu_caps(v: Any) -> tuple[tuple[float, ...], bool]:
     """--power-limit as a flag ('250,300', 'sweep') or a --config value (250, [250, 300], "sweep")."""
-    key = "power_limit"
     if isinstance(v, str) and v.strip().lower() == "sweep":
         return (), True
+    return _caps("power_limit", v, " or 'sweep'"), False
+
+
+def _caps(key: str, v: Any, or_else: str = "") -> tuple[float, ...]:
+    """Caps in W as a flag ('250,300') or a --config value (250, [250, 300]), each checked, none twice."""
     parts: list[Any] = list(split_list(v) or ()) if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) \
         else [v]
     if not parts:
-        raise ConfigError(f"{key}={v!r} is empty; give watts such as 250,300 or 'sweep'")
+        raise ConfigError(f"{key}={v!r} is empty; give watts such as 250,300{or_else}")
     caps: list[float] = []
     for part in parts:
         if isinstance(part, str):
@@ -353,18 +357,21 @@ def _gpu_caps(v: Any) -> tuple[tuple[float, ...], bool]:
                 part = float(part)
             except ValueError:
                 raise ConfigError(f"{key}={v!r}: {part!r} is not a number of watts; give W[,W...] such as "
-                                  "250,300, or 'sweep'") from None
+                                  f"250,300{or_else}") from None
         caps.append(_watts(key, part))
     if len(set(caps)) < len(caps):
         raise ConfigError(f"{key}={v!r} names a cap twice; give each once")
-    return tuple(caps), False
+    return tuple(caps)
 
 
 def resolve_caps(cfg: Mapping[str, Any]) -> PowerCaps:
     """The caps of merged settings (--config, then flags); numbers checked, hardware not asked."""
     gpu, sweep = _gpu_caps(cfg["power_limit"]) if cfg.get("power_limit") is not None else ((), False)
-    cpu = cfg.get("cpu_power_limit")
-    return PowerCaps(gpu, sweep, _watts("cpu_power_limit", cpu) if cpu is not None else None)
+    cpu = _caps("cpu_power_limit", cfg["cpu_power_limit"]) if cfg.get("cpu_power_limit") is not None else ()
+    if (gpu or sweep) and len(cpu) > 1:  # the report reads one cap per record: the GPU's where both are set
+        raise ConfigError("--cpu-power-limit with several caps and --power-limit: sweep one device's caps at a "
+                          "time; give one CPU cap, or drop --power-limit")
+    return PowerCaps(gpu, sweep, cpu)
 
 
 def _figure(key: str, v: Any, source: str, most: float | None) -> float:

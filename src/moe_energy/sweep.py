@@ -412,14 +412,15 @@ def _resolve(cfg: dict, fields: dict) -> tuple[ModelSpec, RunOptions]:
     return resolve_config({**cfg, **fields, "preset": None})
 
 
-def with_caps(grid: Grid, gpu_caps: list[float], cpu_cap: float | None) -> Grid:
-    """Every point once per GPU cap (the caps innermost: one shape's caps run back to back), all under the CPU
-    cap; the grid as it is without caps. The caps are the checked ones (``capped.plan_caps``: 'sweep' resolved)."""
-    if not gpu_caps and cpu_cap is None:
+def with_caps(grid: Grid, gpu_caps: list[float], cpu_caps: list[float]) -> Grid:
+    """Every point once per cap (the caps innermost: one shape's caps run back to back); the grid as it is
+    without caps. The caps are the checked ones (``capped.plan_caps``: 'sweep' resolved; ``resolve_caps``: one
+    device's caps at a time)."""
+    if not gpu_caps and not cpu_caps:
         return grid
-    points = [replace(p, power_limit_w=c, cpu_power_limit_w=cpu_cap) for p in grid.points
-              for c in (gpu_caps or [None])]
-    source = {**grid.source, "power_limit_w": list(gpu_caps) or None, "cpu_power_limit_w": cpu_cap}
+    points = [replace(p, power_limit_w=g, cpu_power_limit_w=c) for p in grid.points
+              for c in (cpu_caps or [None]) for g in (gpu_caps or [None])]
+    source = {**grid.source, "power_limit_w": list(gpu_caps) or None, "cpu_power_limit_w": list(cpu_caps) or None}
     return Grid(grid.name, points, source)
 
 

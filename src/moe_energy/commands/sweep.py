@@ -89,9 +89,10 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
                    help="GPU power cap(s) in W, W[,W...], or 'sweep' (the GPU's maximum down to its minimum in 25 W "
                         "steps): a grid axis, every point measured at each cap (part of its key: --resume works "
                         "per cap); needs root or zeusd; the original limit is restored after every point")
-    g.add_argument("--cpu-power-limit", type=float, dest="cpu_power_limit",
-                   help="each CPU package's long-term RAPL limit in W around every point (part of its key; root; "
-                        "restored after every point)")
+    g.add_argument("--cpu-power-limit", dest="cpu_power_limit",
+                   help="each CPU package's long-term RAPL limit in W, W[,W...]: a grid axis like --power-limit "
+                        "(part of each point's key; root; restored after every point); several CPU caps go "
+                        "without --power-limit, one CPU cap may hold under every GPU cap")
     s = p.add_argument_group("store")
     s.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB}, or OUT/moe-energy.db)")
     s.add_argument("--out", help="results directory holding the default database (default results/)")
@@ -368,7 +369,7 @@ def sweep(args: argparse.Namespace) -> int:
     for n in notices:
         err_console.print(f"[yellow]{escape(n)}[/yellow]")
     plan = plan_caps(caps, meter, device)  # a cap the hardware refuses: exit 2 before any point runs
-    grid = sw.with_caps(grid, plan.gpu_caps, plan.cpu_cap)
+    grid = sw.with_caps(grid, plan.gpu_caps, plan.cpu_caps)
     points, which = _points(args, grid, cfg)
     if args.dry_run:
         done: set[str] = set()
