@@ -132,6 +132,21 @@ def test_a_read_of_a_store_writes_nothing_into_it(tmp_path, capsys):
     assert digest(db) == before
 
 
+def test_a_read_leaves_no_sidecar_files_unless_another_process_has_the_store_open(tmp_path, capsys):
+    db = make_store(tmp_path / "r.db")
+    before, mtime = digest(db), db.stat().st_mtime_ns
+    assert main(["export", "--db", str(db), "--format", "csv"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["r.db"]  # SQLite's empty -wal and -shm removed again
+    assert digest(db) == before and db.stat().st_mtime_ns == mtime
+    with Store(db) as writer:  # another process's sweep, say: its -wal and -shm are in use and must stay
+        assert main(["export", "--db", str(db), "--format", "csv"]) == 0
+        assert {"r.db-wal", "r.db-shm"} <= set(os.listdir(tmp_path))
+        writer.add_point("run1", "k-late", {"label": "late", "spec": {}, "options": {}}, "skipped", reason="x")
+    with Store(db, create=False) as reader:
+        assert len(reader.points()) == 4  # the writer's point landed
+    assert sorted(os.listdir(tmp_path)) == ["r.db"]
+
+
 def test_an_older_store_is_migrated_in_memory_only(tmp_path, monkeypatch):
     db = make_store(tmp_path / "old.db", points=1)
     before = digest(db)

@@ -31,6 +31,7 @@ DEFAULT_DB = "results/moe-energy.db"
 EXPORT_SCHEMA = "moe-energy/export"
 BUSY_TIMEOUT_MS = 30_000
 SQLITE_MAGIC = b"SQLite format 3\x00"
+SIDECARS = ("-wal", "-shm")  # SQLite's files beside a WAL-mode database
 # The tables of schema version 1, kept by every later one: a store lacks none of them.
 CORE_TABLES = ("runs", "points", "models", "windows", "traces")
 
@@ -290,6 +291,9 @@ class Store:
         self.label = label or f"--db {self.path}"
         self.readonly = not create
         self._lock_fd: int | None = None
+        # a read-only connection gives a WAL file its -wal and -shm and cannot remove them: close() tidies
+        # those this store made
+        self._made_sidecars = self.readonly and not any(os.path.lexists(f"{self.path}{s}") for s in SIDECARS)
         self._check_file()
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), one per point
@@ -411,9 +415,27 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------------------
     def close(self) -> None:
         self.con.close()
+        if self._made_sidecars:
+            self._made_sidecars = False
+            self._remove_sidecars()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases this process's point claims
             self._lock_fd = None
+
+    def _remove_sidecars(self) -> None:
+        """The -wal and -shm a read made, removed as SQLite removes them when its last connection closes: a
+        read-write connection (never creating the file) opened and closed, which leaves them if another process
+        has the file open and writes nothing to it (its WAL is empty). Where it cannot, they stay: harmless."""
+        if not any(os.path.lexists(f"{self.path}{s}") for s in SIDECARS):
+            return
+        try:
+            con = sqlite3.connect(self._uri("mode=rw"), uri=True, timeout=0)
+            try:
+                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                con.close()
+        except sqlite3.Error:
+            pass
 
     def __enter__(self) -> Store:
         return self
