@@ -180,6 +180,8 @@ def check_versus(doc: dict) -> None:
         auto = next(r for r in rows if r["name"] == "moe[auto]")
         assert s["auto_ms"] == auto["ms_per_forward"]
         assert s["auto_speedup_vs_transformers"] == pytest.approx(best / auto["ms_per_forward"])
+        dense = next(r for r in rows if r["name"] == "dense_active")
+        assert s["dense_active_fraction_of_roofline"] == dense["fraction_of_roofline"]
         for r in rows:
             assert r["speedup_vs_transformers"] == pytest.approx(best / r["ms_per_forward"])
 
@@ -238,6 +240,8 @@ def test_cli_arch_saves_json_then_prints_table(tmp_path, cached_roof, capsys):
     check_versus(doc)
     text = capsys.readouterr().out
     assert "transformers[grouped_mm]" in text and "moe[auto]" in text and "T=8: moe[auto]" in text
+    dense = doc["summary"][1]["dense_active_fraction_of_roofline"]
+    assert f"(dense_active, the same FLOPs in one dense FFN: {dense:.0%})" in " ".join(text.split())
 
 
 def test_cli_arch_without_calibration_says_so(tmp_path, monkeypatch, capsys):

@@ -413,7 +413,9 @@ def _layer_row(b: _Layer, v: Variant, tokens: int, touched: int, roof: Roofline 
 
 def versus_transformers(rows: list[dict]) -> dict[str, Any]:
     """Fill each row's speed-up over the fastest transformers row (its median / this median) and say how auto
-    fares; every figure None when no transformers row was timed."""
+    fares; every figure None when no transformers row was timed. The active-matched dense FFN's roofline
+    fraction goes beside auto's: the same arithmetic in one dense FFN shows what this host's kernels reach at
+    these rows, so a low fraction reads as the kernels' or the routing's."""
     tf = [r for r in rows if r["kind"] == "transformers"]
     best = min(tf, key=lambda r: r["ms_per_forward"]) if tf else None
     for r in rows:
@@ -423,7 +425,9 @@ def versus_transformers(rows: list[dict]) -> dict[str, Any]:
             "fastest_transformers_ms": best["ms_per_forward"] if best else None,
             "auto_ms": auto["ms_per_forward"] if auto else None,
             "auto_speedup_vs_transformers": auto["speedup_vs_transformers"] if auto else None,
-            "auto_fraction_of_roofline": auto["fraction_of_roofline"] if auto else None}
+            "auto_fraction_of_roofline": auto["fraction_of_roofline"] if auto else None,
+            "dense_active_fraction_of_roofline": next(
+                (r["fraction_of_roofline"] for r in rows if r["name"] == "dense_active"), None)}
 
 
 def _at_tokens(b: _Layer, tokens: int, seed: int, seconds: float, warmup_s: float, roof: Roofline | None,

@@ -180,10 +180,11 @@ def layer_lines(doc: dict) -> list[str]:
         if s["auto_speedup_vs_transformers"] is None:
             lines.append(f"T={s['tokens']}: no transformers row to compare auto with")
             continue
-        frac = s["auto_fraction_of_roofline"]
+        frac, dense = s["auto_fraction_of_roofline"], s.get("dense_active_fraction_of_roofline")
         lines.append(f"T={s['tokens']}: moe[auto] {s['auto_ms']:.3f} ms vs {s['fastest_transformers']} "
                      f"{s['fastest_transformers_ms']:.3f} ms: {s['auto_speedup_vs_transformers']:.2f}x; "
-                     + (f"{frac:.0%} of the roofline" if frac is not None else "roofline not calibrated"))
+                     + (f"{frac:.0%} of the roofline" if frac is not None else "roofline not calibrated")
+                     + (f" (dense_active, the same FLOPs in one dense FFN: {dense:.0%})" if dense is not None else ""))
     if doc["roofline_note"]:
         lines.append(f"roofline: {doc['roofline_note']}")
     return lines
