@@ -81,3 +81,46 @@ def test_figures_say_which_bound_applies_as_tokens_grow():
     assert got[64]["compute_bound_ms"] == pytest.approx(1280.0) and got[64]["memory_bound_ms"] == pytest.approx(100.0)
     assert got[64]["roofline_bound_ms"] == got[64]["compute_bound_ms"]
     assert got[1]["fraction_of_roofline"] == pytest.approx(0.1)
+
+
+@pytest.fixture
+def load_of(monkeypatch):
+    """Set the host's 1-minute load average (the OS figure busy() reads) on a 2-CPU host."""
+    monkeypatch.setattr(roofline.os, "cpu_count", lambda: 2)
+
+    def set_load(load: float) -> None:
+        monkeypatch.setattr(roofline.os, "getloadavg", lambda: (load, 0.0, 0.0))
+
+    return set_load
+
+
+def test_a_busy_host_is_named_before_a_cpu_calibration(load_of):
+    load_of(0.9)
+    assert roofline.busy(torch.device("cpu")) is None  # under half the CPUs: idle enough
+    load_of(3.0)
+    why = roofline.busy(torch.device("cpu"))
+    assert why is not None and "1-minute load 3.0 on 2 CPUs" in why and "calibrate --force" in why
+    assert roofline.busy(torch.device("cuda")) is None  # a GPU's calibration does not share the host's cores
+
+
+def test_calibrating_on_a_busy_host_says_so_and_still_measures(load_of, capsys):
+    from moe_energy.cli import main
+
+    load_of(3.0)
+    assert main(["calibrate", "--device", "cpu", "--dtype", "float32", "--seconds", "0.01", "--force"]) == 0
+    out = capsys.readouterr()
+    assert "notice: this host is busy (1-minute load 3.0 on 2 CPUs)" in " ".join(out.err.split())
+    assert "GEMM float32" in out.out and roofline.load(torch.device("cpu")) is not None
+    notices: list[str] = []
+    roofline.load_or_calibrate(torch.device("cpu"), "float32", notices.append)  # cached now: no calibration
+    assert notices == []
+
+
+def test_a_run_that_calibrates_on_a_busy_host_says_so(load_of):
+    load_of(3.0)
+    notices: list[str] = []
+    said: list[str] = []
+    roof = roofline.load_or_calibrate(torch.device("cpu"), "float32", notices.append, say=said.append)
+    assert said and "calibrating (once)" in said[0]
+    assert len(notices) == 1 and notices[0].startswith("this host is busy (1-minute load 3.0 on 2 CPUs)")
+    assert roof.gemm_flops_per_s["float32"] > 0
