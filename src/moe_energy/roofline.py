@@ -29,7 +29,6 @@ from .models.kernels import linear
 
 CACHE_ENV = "MOE_ENERGY_CACHE_DIR"
 CACHE_FILE = "roofline.json"
-BUSY_LOAD = 0.5  # a 1-minute load average over this share of the CPUs: other work shares the measured cores
 
 
 @dataclass(frozen=True)
@@ -221,19 +220,6 @@ def load(device: torch.device, notice: Callable[[str], None] | None = None) -> R
     return Roofline(**cache[name])
 
 
-def busy(device: torch.device) -> str | None:
-    """Why a CPU calibration now would come out low, or None. A calibration is cached and judges every later
-    run: one taken while other work held the cores puts every roofline fraction too high (and makes
-    --max-forward-s skip early), so it is said before it is measured."""
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
-        return None
-    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    if load <= BUSY_LOAD * cpus:
-        return None
-    return (f"this host is busy (1-minute load {load:.1f} on {cpus} CPUs): a calibration now comes out low and "
-            "every roofline fraction high; run `moe-energy calibrate --force` when it is idle")
-
-
 def load_or_calibrate(device: torch.device, dtype: str, notice: Callable[[str], None],
                       say: Callable[[str], None] | None = None) -> Roofline:
     """The cached roofline of this device, calibrated once first (a few seconds; ``say`` tells it) if it lacks
@@ -241,8 +227,6 @@ def load_or_calibrate(device: torch.device, dtype: str, notice: Callable[[str], 
     roof = load(device, notice=notice)
     if roof is None or dtype not in roof.gemm_flops_per_s:
         (say or notice)(f"no roofline cached for {device_name(device)}: calibrating (once) ...")
-        if (why := busy(device)) is not None:
-            notice(why)
         roof = calibrate(device, save=False)
         try:
             _store(roof)

@@ -213,8 +213,6 @@ def calibrate(args: argparse.Namespace) -> int:
     roof = roofline.load(device, notice=_notice)
     unsaved: ConfigError | None = None
     if roof is None or args.force or any(d not in roof.gemm_flops_per_s for d in dtypes):
-        if (why := roofline.busy(device)) is not None:
-            _notice(why)
         with console.status(escape(f"calibrating {roofline.device_name(device)}")):
             roof = roofline.calibrate(device, tuple(dtypes), args.seconds, save=False)
         try:  # cached before anything is printed; a cache that cannot be written still shows the figures
