@@ -81,3 +81,46 @@ def test_figures_say_which_bound_applies_as_tokens_grow():
     assert got[64]["compute_bound_ms"] == pytest.approx(1280.0) and got[64]["memory_bound_ms"] == pytest.approx(100.0)
     assert got[64]["roofline_bound_ms"] == got[64]["compute_bound_ms"]
     assert got[1]["fraction_of_roofline"] == pytest.approx(0.1)
+
+
+@pytest.fixture
+def load_of(monkeypatch):
+    """Set the host's 1-minute load average (the OS figure host_busy reads) on a 2-CPU host."""
+    monkeypatch.setattr(roofline.os, "cpu_count", lambda: 2)
+
+    def set_load(load: float) -> None:
+        monkeypatch.setattr(roofline.os, "getloadavg", lambda: (load, 0.0, 0.0))
+
+    return set_load
+
+
+def test_a_calibration_on_a_busy_host_is_kept_with_that_said(load_of):
+    cpu = torch.device("cpu")
+    load_of(0.9)  # under half the CPUs: idle enough
+    assert roofline.calibrate(cpu, ("float32",), seconds=0.01, gemm_size=64, copy_bytes=2**20).busy is None
+    assert roofline.host_busy(torch.device("cuda")) is None  # a GPU's figures do not share the host's cores
+    load_of(3.0)
+    r = roofline.calibrate(cpu, ("float32",), seconds=0.01, gemm_size=64, copy_bytes=2**20)
+    assert r.busy == "1-minute load 3.0 on 2 CPUs"
+    assert roofline.load(cpu) == r  # cached with the figures
+
+
+def test_calibrate_shows_a_busy_measurement_in_its_table_and_nothing_on_stderr(load_of, capsys):
+    from moe_energy.cli import main
+
+    load_of(3.0)
+    assert main(["calibrate", "--device", "cpu", "--dtype", "float32", "--seconds", "0.01", "--force"]) == 0
+    out = capsys.readouterr()
+    row = [ln for ln in out.out.splitlines() if "measured while" in ln]  # the table may wrap its cells
+    assert len(row) == 1 and "3.0" in row[0] and "--force" in out.out
+    assert roofline.load(torch.device("cpu")).busy == "1-minute load 3.0 on 2 CPUs"
+    assert out.err == ""
+    load_of(0.0)
+    assert main(["calibrate", "--device", "cpu", "--dtype", "float32", "--seconds", "0.01", "--force"]) == 0
+    assert "measured while" not in capsys.readouterr().out
+
+
+def test_a_busy_field_that_is_not_a_text_is_a_damaged_entry(cache_dir):
+    entry = {**fake().as_dict(), "busy": 5}
+    assert "busy=5 is not a text" in roofline._entry_problem(entry)
+    assert roofline._entry_problem({**fake().as_dict(), "busy": "1-minute load 3.0 on 2 CPUs"}) is None

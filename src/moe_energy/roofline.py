@@ -29,6 +29,7 @@ from .models.kernels import linear
 
 CACHE_ENV = "MOE_ENERGY_CACHE_DIR"
 CACHE_FILE = "roofline.json"
+BUSY_LOAD = 0.5  # a 1-minute load average over this share of the CPUs: other work shares the measured cores
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Roofline:
     measured_utc: str
     method: str = ("measured: best of repeated large matmuls (2n^3 FLOPs; torch.mm or oneDNN's linear, the faster) "
                    "and large copies (2 x size bytes)")
+    busy: str | None = None  # '1-minute load 3.5 on 2 CPUs' when other work shared a CPU's cores as it was measured
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +138,16 @@ def default_sizes(device: torch.device) -> tuple[int, int]:
     return 8192, 2 * 2**30
 
 
+def host_busy(device: torch.device) -> str | None:
+    """The load other work put on the CPUs a CPU calibration is about to measure, when it is high enough to make
+    the figures low (and every fraction judged by them high); None when idle enough, or on a GPU. Kept with the
+    figures: a calibration is cached and judges every later run."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    return f"1-minute load {load:.1f} on {cpus} CPUs" if load > BUSY_LOAD * cpus else None
+
+
 def calibrate(
     device: torch.device,
     dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16"),
@@ -147,10 +159,10 @@ def calibrate(
     """Measure and (``save``) cache this device's roofline; about ``seconds`` per figure."""
     n, nbytes = default_sizes(device)
     n, nbytes = gemm_size or n, copy_bytes or nbytes
+    busy = host_busy(device)
     flops = {name: measure_gemm(device, dtype_of(name), n, seconds) for name in dtypes}
     bw = measure_bandwidth(device, nbytes, seconds)
-    roof = Roofline(device_name(device), flops, bw, n, nbytes,
-                    now_utc())
+    roof = Roofline(device_name(device), flops, bw, n, nbytes, now_utc(), busy=busy)
     if save:
         _store(roof)
     return roof
@@ -198,6 +210,8 @@ def _entry_problem(entry: object) -> str | None:
     unknown = set(entry) - set(Roofline.__dataclass_fields__)
     if unknown or not isinstance(entry.get("measured_utc"), str):
         return f"fields {sorted(unknown) or ['measured_utc']} are not this version's"
+    if not isinstance(entry.get("busy"), (str, type(None))):
+        return f"busy={entry.get('busy')!r:.40} is not a text"
     return None
 
 

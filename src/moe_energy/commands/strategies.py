@@ -239,4 +239,8 @@ def _roofline_table(roof: roofline.Roofline, how: str) -> Table:
         t.add_row(escape(f"GEMM {d}"), f"{f / 1e9:,.1f} GFLOP/s", f"best {roof.gemm_size}^3 matmul")
     t.add_row("memory bandwidth", f"{roof.bandwidth_bytes_per_s / 1e9:,.1f} GB/s",
               f"best copy of {roof.copy_bytes / 2**20:,.0f} MiB (read + write)")
+    if roof.busy:
+        t.add_row("measured while busy", escape(roof.busy),
+                  "other work shared the cores: the figures may be low and every fraction high; run "
+                  "`moe-energy calibrate --force` when the host is idle")
     return t
