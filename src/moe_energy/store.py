@@ -293,7 +293,8 @@ class Store:
         self._lock_fd: int | None = None
         # a read-only connection gives a WAL file its -wal and -shm and cannot remove them: close() tidies
         # those this store made
-        self._made_sidecars = self.readonly and not any(os.path.lexists(f"{self.path}{s}") for s in SIDECARS)
+        self._made_sidecars = self.readonly and not self._sidecars_exist()
+        self._identities: dict[int, str] = {}  # completed point id -> identity, read once (such rows never change)
         self._check_file()
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), one per point
@@ -426,7 +427,7 @@ class Store:
         """The -wal and -shm a read made, removed as SQLite removes them when its last connection closes: a
         read-write connection (never creating the file) opened and closed, which leaves them if another process
         has the file open and writes nothing to it (its WAL is empty). Where it cannot, they stay: harmless."""
-        if not any(os.path.lexists(f"{self.path}{s}") for s in SIDECARS):
+        if not self._sidecars_exist():
             return
         try:
             con = sqlite3.connect(self._uri("mode=rw"), uri=True, timeout=0)
@@ -436,6 +437,9 @@ class Store:
                 con.close()
         except sqlite3.Error:
             pass
+
+    def _sidecars_exist(self) -> bool:
+        return any(os.path.lexists(f"{self.path}{s}") for s in SIDECARS)
 
     def __enter__(self) -> Store:
         return self
@@ -599,9 +603,14 @@ class Store:
         return row[0] if row else None
 
     def completed_keys(self) -> set[str]:
-        """Keys of points already finished (measured, or skipped for a reason that will not change)."""
-        return {stored_key(r) for r in self.con.execute(
-            "SELECT point_key, config_json FROM points WHERE status IN ('done', 'skipped')")}
+        """Keys of points already finished (measured, or skipped for a reason that will not change). A sweep asks
+        before every point: each row's config is parsed once, since a finished row is never changed or removed
+        and ids only grow (AUTOINCREMENT, one writer at a time)."""
+        seen = max(self._identities, default=0)
+        for r in self.con.execute("SELECT id, point_key, config_json FROM points "
+                                  "WHERE status IN ('done', 'skipped') AND id > ?", (seen,)):
+            self._identities[r["id"]] = stored_key(r)
+        return set(self._identities.values())
 
     def points(self) -> list[dict]:
         return [dict(r) for r in self.con.execute("SELECT * FROM points ORDER BY id")]
