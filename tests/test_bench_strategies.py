@@ -264,3 +264,20 @@ def test_cli_arch_bad_input_is_one_line_and_exit_2(tmp_path, cached_roof, capsys
     assert main(["bench-strategies", *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_strategy_that_cannot_run_the_shape_is_a_row_that_says_so(tmp_path, cached_roof, capsys):
+    """Issue 25: --hidden 18 (not a multiple of 4 in fp32) crashed the whole table with grouped_mm's stride rule."""
+    odd = [*TINY[:2], "--hidden", "18", *TINY[4:]]
+    out = tmp_path / "res"
+    assert main(["bench-strategies", *odd, "--moe-strategy", "grouped,grouped_fm,padded", "--out", str(out)]) == 0
+    [path] = out.glob("strategies-custom-*.json")
+    rows = {r["name"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"dense_total", "dense_active", "moe[grouped]", "moe[grouped_fm]", "moe[padded]"}
+    fm = rows["moe[grouped_fm]"]
+    assert fm["status"] == "failed" and "16 bytes" in fm["not_timed"]
+    assert fm["ms_per_batch"] is None and fm["fraction_of_roofline"] is None and fm["rounds"] == 0
+    assert rows["moe[grouped]"]["ms_per_batch"] > 0 and rows["moe[padded]"]["ms_per_batch"] > 0  # grouped: any shape
+    text = capsys.readouterr().out
+    line = next(ln for ln in text.splitlines() if "moe[grouped_fm]" in ln)  # its row, folded over lines
+    assert "not timed:" in line and "results written to" in text

@@ -94,3 +94,44 @@ def test_grouped_linear_without_onednn_is_grouped_mm_plus_the_gathered_bias():
     torch.testing.assert_close(got.detach().double(), _reference(h.detach(), w, ends.tolist(), b), atol=1e-5, rtol=1e-5)
     (got * torch.randn_like(got)).sum().backward()  # not .sum(): grouped_mm's backward refuses a stride-0 grad
     assert h.grad is not None and h.grad.shape == (5, 4) and bool(h.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_grouped_linear_runs_widths_grouped_mm_refuses(grad: bool, monkeypatch):
+    """Issue 25: an odd width (7 in, 5 out in fp32: rows of 28 and 20 bytes) broke grouped_mm's 16-byte rule; on a
+    CPU the plain path now loops over the groups, with or without a gradient."""
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_WEIGHT", 2**30)  # the plain path (oneDNN ran any shape already)
+    counts = [3, 0, 2, 1]
+    w, b = torch.randn(4, 5, 7), torch.randn(4, 5)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    h = torch.randn(6, 7, requires_grad=grad)
+    expert = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    assert not kernels.grouped_mm_ready(h) and not kernels.grouped_mm_ready(w.transpose(1, 2))
+    with torch.set_grad_enabled(grad):
+        got = grouped_linear(h, w, ends, b, expert)
+    torch.testing.assert_close(got.detach().double(), _reference(h.detach(), w, ends.tolist(), b), atol=1e-5,
+                               rtol=1e-5)
+    if grad:
+        got.square().sum().backward()
+        assert h.grad is not None and bool(h.grad.abs().sum() > 0)
+
+
+def test_padded_grouped_mm_equals_each_group_through_its_own_weight():
+    """The path other devices take for such widths, run here through the CPU's grouped_mm: zero columns padded
+    onto ``in`` and rows onto ``out`` change nothing."""
+    counts = [2, 3, 0]
+    w = torch.randn(3, 5, 7)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    h = torch.randn(5, 7)
+    got = kernels.padded_grouped_mm(h, w, ends)
+    assert got.shape == (5, 5)
+    torch.testing.assert_close(got.double(), _reference(h, w, ends.tolist(), None), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_ready_reads_torch_s_own_stride_rule():
+    assert kernels.grouped_mm_ready(torch.randn(3, 8))  # 32-byte rows
+    assert not kernels.grouped_mm_ready(torch.randn(3, 6))  # 24-byte rows
+    assert kernels.grouped_mm_ready(torch.randn(2, 6, 8).transpose(1, 2))  # column-major, 32-byte columns
+    assert not kernels.grouped_mm_ready(torch.randn(2, 8, 6).transpose(1, 2))  # column-major, 24-byte columns
+    assert not kernels.grouped_mm_ready(torch.randn(3, 9)[:, 1:])  # data 4 bytes off 16
+    assert kernels.grouped_mm_ready(torch.randn(3, 8, dtype=torch.bfloat16))  # 16-byte rows in bf16

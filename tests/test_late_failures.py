@@ -41,6 +41,15 @@ def test_a_named_strategy_that_cannot_run_the_shape_is_refused_before_training(t
     assert not list(tmp_path.glob("out/*.json"))  # nothing trained, nothing written
 
 
+@pytest.mark.parametrize("hidden", ["18", "250"])
+def test_grouped_runs_any_shape(tmp_path, capsys, hidden):
+    """Issue 25: grouped refused hidden 250 (grouped_mm's 16-byte rule); only grouped_fm keeps that limit."""
+    assert main(["run", *SHAPE, "--hidden", hidden, "--moe-strategy", "grouped", "--repeats", "1", *FAST,
+                 "--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    rows = {m["name"]: m for m in _doc(tmp_path)["models"]}
+    assert rows["moe[grouped]"]["status"] == "measured" and rows["moe[grouped]"]["inferences_per_second"] > 0
+
+
 def test_auto_still_runs_a_shape_grouped_fm_cannot(tmp_path, capsys):
     assert main(["run", *SHAPE, "--hidden", "18", "--repeats", "1", *FAST, "--out", str(tmp_path)]) == 0
     doc = _doc(tmp_path)

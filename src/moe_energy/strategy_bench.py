@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -132,6 +132,7 @@ class _Bench:
     compile: bool
     on_phase: Callable[[str], None]
     dense: list[Variant]  # one per dense baseline: prepared once, timed in every group (its rounds pooled)
+    failed: dict[str, str] = field(default_factory=dict)  # row name -> why it could not run here (first reason)
 
     def prepare(self, model: nn.Module, compile: bool) -> tuple[Callable[[Tensor], Tensor], dict]:
         """``optimize.prepare`` on this bench's batch, dtype and device (an MoE keeps its current layout)."""
@@ -174,10 +175,21 @@ def _eager_groups(b: _Bench) -> list[list[Variant]]:
             b.moe.set_layout(layout)
             b.moe.strategy = s
             b.on_phase(f"preparing moe[{s}] ({layout})")
-            _, info = b.prepare(b.moe, compile=False)
-            group.append(b.moe_variant(s, b.moe, b.moe.layout, info))
+            prepared = _tried(b, f"moe[{s}]", lambda: b.prepare(b.moe, compile=False))
+            if prepared is not None:
+                group.append(b.moe_variant(s, b.moe, b.moe.layout, prepared[1]))
         groups.append(group)
     return groups
+
+
+def _tried(b: _Bench, name: str, step: Callable[[], Any]) -> Any:
+    """``step()``, or None with ``b.failed[name]`` saying why: a strategy that cannot run this shape (a kernel's
+    alignment rule, a compile failure) is a row that says so, never the end of the whole table."""
+    try:
+        return step()
+    except Exception as e:  # noqa: BLE001 - any failure here means: this strategy cannot run this shape
+        b.failed.setdefault(name, described(e, 160))
+        return None
 
 
 def _compiled_group(b: _Bench) -> list[Variant]:
@@ -191,8 +203,9 @@ def _compiled_group(b: _Bench) -> list[Variant]:
             continue
         moe.strategy = s
         b.on_phase(f"compiling moe[{s}]")
-        fast, info = b.prepare(moe, compile=True)
-        group.append(b.moe_variant(s, fast, layout, info))  # auto: moe.strategy is now the resolved one
+        prepared = _tried(b, f"moe[{s}] compiled", lambda: b.prepare(moe, compile=True))
+        if prepared is not None:  # auto: moe.strategy is now the resolved one
+            group.append(b.moe_variant(s, prepared[0], layout, prepared[1]))
     moe.auto_candidates = AUTO_CANDIDATES
     return group
 
@@ -316,7 +329,17 @@ def _rows(b: _Bench, moe_vs: list[Variant], touched: int, roof: Roofline | None,
         rows.append(_row(key, moe.kind, v.median_ms, v.ms, batch, batch * moe.flops_per_inference,
                          moe.weight_bytes(dname), roof, dname, base_ms, ideal_ms, _moe_extra(v, moe_vs, dropped),
                          iterations=v.iterations))
-    return rows
+    return rows + [_failed_row(name, why) for name, why in b.failed.items() if name not in best]
+
+
+FIGURES = ("ms_per_batch", "ms_per_batch_min", "inferences_per_second", "speedup_vs_active_loop",
+           "efficiency_vs_ideal", "achieved_gflops", "roofline_bound_ms", "fraction_of_roofline")
+
+
+def _failed_row(name: str, why: str) -> dict:
+    """A strategy that could not run this shape here: its row says why, every figure None (never 0)."""
+    return {"name": name, "kind": "moe", "status": "failed", "not_timed": why, "rounds": 0, "iterations": 0,
+            **dict.fromkeys(FIGURES)}
 
 
 def _row(name: str, kind: str, ms: float, samples: list[float], batch: int, flops: int, weight_bytes: int,

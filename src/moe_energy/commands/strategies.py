@@ -56,6 +56,9 @@ def strategies_table(doc: dict) -> Table:
                 "bound ms", "of roofline", "note"):
         t.add_column(col, justify="left" if col in ("model", "layout", "note") else "right")
     for r in doc["rows"]:
+        if r.get("not_timed"):  # a strategy that cannot run this shape here: its row says why
+            t.add_row(escape(r["name"]), "", *["-"] * 7, escape(f"not timed: {r['not_timed']}"))
+            continue
         note = ""
         if r["kind"] == "moe" and r.get("resolved_strategy") not in (None, r.get("strategy")):
             note = f"auto chose {r['resolved_strategy']}"

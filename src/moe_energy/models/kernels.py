@@ -14,6 +14,8 @@ with a faster library. Training (autograd), torch.compile tracing and other devi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,19 +48,52 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     return _onednn_linear(x, w, b) if use_onednn(x, w) else F.linear(x, w, b)
 
 
+def grouped_mm_ready(t: Tensor) -> bool:
+    """Whether ``grouped_mm`` takes ``t`` as an operand: its data 16-byte aligned and, of its two innermost
+    dimensions, one contiguous and the other's stride a multiple of 16 bytes (torch's own check)."""
+    size = t.element_size()
+    inner = [s for s in t.stride()[-2:] if s != 1] or [0]
+    return t.data_ptr() % 16 == 0 and 1 in t.stride()[-2:] and all(s * size % 16 == 0 for s in inner)
+
+
 def grouped_linear(h: Tensor, w: Tensor, ends: Tensor, b: Tensor | None = None,
                    expert: Tensor | None = None) -> Tensor:
     """Rows sorted by group, each group through its own weight: h [R, in], w [E, out, in] (any strides),
     ``ends`` [E] int32 one past each group's last row, b [E, out] with ``expert`` [R] each row's group -> [R, out].
+
+    Any shape runs: where grouped_mm's 16-byte rule does not hold (an odd width such as 250 in fp32), a CPU
+    loops over the groups (as grouped_mm itself does there) and another device pads ``in`` with zeros.
     """
-    if not use_onednn(h, w):
-        y = grouped_mm(h, w.transpose(-2, -1), offs=ends)  # [R, out]
-        return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
+    if use_onednn(h, w):
+        return _group_loop(h, w, ends, b, _onednn_linear)  # checked once, here: the hot path of grouped on a CPU
+    wt = w.transpose(-2, -1)  # [E, in, out]
+    if grouped_mm_ready(h) and grouped_mm_ready(wt):
+        y = grouped_mm(h, wt, offs=ends)  # [R, out]
+    elif h.device.type == "cpu":
+        return _group_loop(h, w, ends, b, F.linear)
+    else:
+        y = padded_grouped_mm(h, w, ends)
+    return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
+
+
+def padded_grouped_mm(h: Tensor, w: Tensor, ends: Tensor) -> Tensor:
+    """grouped_mm for any width: ``in`` padded with zero columns to 16 bytes (they add nothing to a product), and
+    the output's rows to 16 bytes too, then cut back. h [R, in], w [E, out, in] -> [R, out]."""
+    align = 16 // h.element_size()
+    pad_in, pad_out = -h.shape[1] % align, -w.shape[1] % align
+    hp = F.pad(h, (0, pad_in))  # [R, in']
+    wp = F.pad(w, (0, pad_in, 0, pad_out))  # [E, out', in']
+    return grouped_mm(hp, wp.transpose(-2, -1), offs=ends)[:, : w.shape[1]]  # [R, out']  -> [R, out]
+
+
+def _group_loop(h: Tensor, w: Tensor, ends: Tensor, b: Tensor | None,
+                kernel: Callable[[Tensor, Tensor, Tensor | None], Tensor]) -> Tensor:
+    """``kernel(rows, w[e], b[e])`` group by group into one [R, out] (a CPU tensor's values read without a sync)."""
     out = h.new_empty(h.shape[0], w.shape[1])  # [R, out]
     start = 0
-    for e, end in enumerate(ends.tolist()):  # a CPU tensor: reading it waits for nothing
+    for e, end in enumerate(ends.tolist()):
         if end > start:
-            out[start:end] = _onednn_linear(h[start:end], w[e], None if b is None else b[e])  # checked once above
+            out[start:end] = kernel(h[start:end], w[e], None if b is None else b[e])
         start = end
     return out
 
