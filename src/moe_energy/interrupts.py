@@ -35,31 +35,46 @@ def signal_name(e: BaseException) -> str:
     return signal.Signals(getattr(e, "signum", signal.SIGINT)).name
 
 
+# The signal now unwinding the command (empty when none): every later one is dropped until the outermost
+# ``signals_raise`` block ends, so a Ctrl-C then a scheduler's SIGTERM end as quietly as one signal.
+_UNWINDING: list[int] = []
+_DEPTH = [0]
+
+
+def _raise(signum: int, _frame: object) -> None:
+    """The handler: raise ``Interrupted`` for the first signal, return quietly for any later one.
+
+    Never SIG_IGN from inside the handler: a second signal that the C layer caught before this one ran would then
+    find no Python handler and print "OSError: Signal 15 ignored due to race condition" with a traceback."""
+    if _UNWINDING:
+        return
+    _UNWINDING.append(signum)
+    raise Interrupted(signum)
+
+
 @contextmanager
 def signals_raise() -> Iterator[None]:
     """Within the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted``; the previous handlers come back after.
 
     A signal the process was started ignoring stays ignored: ``nohup`` (SIGHUP) and a shell's background job
     (SIGINT) chose that. Only the main thread can install handlers; elsewhere (a library caller's worker) this
-    does nothing.
+    does nothing. Blocks nest (the CLI's around a command's own); a second signal while the first unwinds is
+    dropped until the outermost block ends: the cleanup must finish, not be cut short.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = [s for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-
-    def raise_(signum: int, _frame: object) -> None:
-        # Ignore a second signal while the first unwinds: the cleanup must finish, not be cut short.
-        for s in caught:
-            signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
-
-    old = {s: signal.signal(s, raise_) for s in caught}
+    old = {s: signal.signal(s, _raise) for s in caught}
+    _DEPTH[0] += 1
     try:
         yield
     finally:
+        _DEPTH[0] -= 1
         for s, h in old.items():
             signal.signal(s, h)
+        if not _DEPTH[0]:
+            _UNWINDING.clear()
 
 
 @contextmanager
