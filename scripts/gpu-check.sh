@@ -10,6 +10,8 @@
 #   selfcheck every MoE strategy's output on the GPU (fp32, bf16), 10 s energy windows, idle, trace vs counter
 #   small     bench-strategies --preset small in bfloat16
 #   xl        bench-strategies --preset xl in bfloat16, batch 128
+#   odd       bench-strategies --hidden 250 in bfloat16: grouped's zero-padded grouped_mm for a width the 16-byte
+#             rule refuses; grouped_fm's row says why it cannot run
 #   llm       run --arch qwen3-30b-a3b (one LLM MoE layer, both dense SwiGLU FFNs) at 1, 64 and 4096 tokens in
 #             bfloat16: the GPU build of MoELayer, every strategy under auto (its probe prunes losers), the
 #             on-device expert-load counter; --max-forward-s calibrates the GPU's roofline once and skips nothing
@@ -76,6 +78,8 @@ step selfcheck 120 python3 -m moe_energy selfcheck --device "$DEVICE" --out "$OU
 step small 70 python3 -m moe_energy bench-strategies --preset small --dtype bfloat16 --device "$DEVICE" --out "$OUT"
 step xl 90 python3 -m moe_energy bench-strategies --preset xl --dtype bfloat16 --device "$DEVICE" --batch-size 128 \
   --out "$OUT"
+step odd 40 python3 -m moe_energy bench-strategies --hidden 250 --dtype bfloat16 --device "$DEVICE" --seconds 0.5 \
+  --out "$OUT"
 step llm 100 python3 -m moe_energy run --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 --device "$DEVICE" \
   --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --max-forward-s 5 --out "$OUT"
 MAXW=$(timeout 15 nvidia-smi --query-gpu=power.max_limit --format=csv,noheader,nounits 2>/dev/null | head -1 | cut -d. -f1)
@@ -132,6 +136,9 @@ for f in sorted(out.glob("strategies-*.json")):
     print(f"  {f.name}: {doc['environment'].get('device_name')}, {o['dtype']}, batch {o['batch_size']}")
     for r in doc["rows"]:
         sp = r.get("speedup_vs_active_loop")
+        if r.get("not_timed"):
+            print(f"    {r['name']:<24} not timed: {r['not_timed']}")
+            continue
         print(f"    {r['name']:<24} {r['ms_per_batch']:9.3f} ms/batch {r['inferences_per_second']:>14,.0f} inf/s"
               + (f"  {sp:6.2f}x vs active_loop" if sp else ""))
 PY
