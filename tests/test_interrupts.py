@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
+import threading
 
 import pytest
 
@@ -22,8 +22,9 @@ def test_two_signals_caught_together_unwind_once_without_a_race_traceback(monkey
     with pytest.raises(Interrupted) as e:
         with signals_raise():
             signal.pthread_sigmask(signal.SIG_BLOCK, BOTH)  # both arrive while "inside a C call"
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
+            me = threading.main_thread().ident
+            signal.pthread_kill(me, signal.SIGINT)  # to this thread: no other thread may take them
+            signal.pthread_kill(me, signal.SIGTERM)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, BOTH)  # delivered together here
             for _ in range(1000):  # bytecodes: where Python runs its pending handlers
                 pass
