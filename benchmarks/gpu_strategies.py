@@ -41,12 +41,12 @@ def main() -> None:
     os.environ.setdefault("MOE_ENERGY_CACHE_DIR", str(out / "cache"))
     from rich.console import Console
 
-    from moe_energy import roofline
+    from moe_energy.bench.strategies import bench_strategies
     from moe_energy.commands.strategies import strategies_table
     from moe_energy.config import PRESETS, ModelSpec
+    from moe_energy.measure import roofline
     from moe_energy.models import MoE
     from moe_energy.models.strategies import STRATEGIES
-    from moe_energy.strategy_bench import bench_strategies
 
     console = Console(width=200)
     dev = torch.device("cpu" if dry else "cuda")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from moe_energy import roofline
+from moe_energy.bench.strategies import bench_strategies
 from moe_energy.config import PRESETS
-from moe_energy.strategy_bench import bench_strategies
+from moe_energy.measure import roofline
 
 FAST = ("grouped", "grouped_fm", "padded", "dense_experts", "auto")
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from moe_energy.analysis import Pair, crossing, crossover, pareto_front, sparsity, value
+from moe_energy.report.analysis import Pair, crossing, crossover, pareto_front, sparsity, value
 
 
 def rec(v, lo=None, hi=None, method="counter", acc=0.9, ips=None, diverged=False):

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 import moe_energy as me
-from moe_energy import api, pipeline
+from moe_energy import api
 from moe_energy.cli import main
 from moe_energy.config import ConfigError, ModelSpec
 from moe_energy.energy.rapl import ENV_ROOT, RaplMeter
 from moe_energy.measure import records, window
 from moe_energy.measure.records import MEDIAN_KEYS, SPREAD_KEYS
 from moe_energy.models.counting import moe_flops
+from moe_energy.runner import core as pipeline
 
 
 class UserMoE(nn.Module):
@@ -224,7 +225,7 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 
 
 def test_benchmark_adds_carbon_and_cost_as_labelled_estimates(monkeypatch):
-    from moe_energy.carbon import ESTIMATED, JOULES_PER_KWH
+    from moe_energy.power.carbon import ESTIMATED, JOULES_PER_KWH
 
     monkeypatch.setenv("MOE_ENERGY_PRICE_PER_KWH", "9")  # the API takes only what the script passes
     meter = me.make_meter("estimate", "cpu", cpu_tdp_watts=10)

@@ -13,8 +13,8 @@ import pytest
 from moe_energy.cli import main
 from moe_energy.config import ConfigError
 from moe_energy.data import make_dataset
-from moe_energy.results import SCHEMA_VERSION, read
-from moe_energy.store import MIGRATIONS, Store
+from moe_energy.storage.results import SCHEMA_VERSION, read
+from moe_energy.storage.store import MIGRATIONS, Store
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--samples", "400", "--epochs", "1",
         "--duration", "0.3", "--warmup", "0", "--device", "cpu", "--repeats", "1", "--idle-seconds", "0",

@@ -10,7 +10,7 @@ from test_config_fuzz import toml_value  # tests/ is on sys.path (rootdir import
 
 from moe_energy.cli import main
 from moe_energy.config import CONFIG_KEYS
-from moe_energy.sweep import AXES, GRID_KEYS
+from moe_energy.runner.sweep import AXES, GRID_KEYS
 
 # (flags, what the one line must say); each is tried with run, plan and sweep --dry-run
 COMMON = [
@@ -167,7 +167,7 @@ def test_dtype_the_device_cannot_run_is_refused_before_work(tmp_path, capsys, mo
     PyTorch's did for float16 before 2.1: "addmm_impl_cpu_" not implemented for 'Half')."""
     import torch
 
-    from moe_energy.pipeline import check_dtype
+    from moe_energy.runner.core import check_dtype
 
     for dt in ("float16", "bfloat16"):
         check_dtype(torch.device("cpu"), dt, ("grouped", "padded"))  # runs for real: no error

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from moe_energy import roofline
+from moe_energy.bench.strategies import bench_strategies
 from moe_energy.cli import main
 from moe_energy.config import ModelSpec
+from moe_energy.measure import roofline
+from moe_energy.measure.roofline import Roofline
 from moe_energy.models.strategies import STRATEGIES
-from moe_energy.roofline import Roofline
-from moe_energy.strategy_bench import bench_strategies
 
 SPEC = ModelSpec(experts=4, hidden=16, layers=2, top_k=2, input_dim=12, classes=4)
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "12",
@@ -96,7 +96,7 @@ def test_calibrate_uses_the_cache_unless_forced(cached_roof, capsys):
 def test_time_rounds_records_per_batch_ms_and_iterations_per_variant():
     import torch
 
-    from moe_energy.strategy_bench import Variant, time_rounds
+    from moe_energy.bench.strategies import Variant, time_rounds
 
     calls = {"a": 0, "b": 0}
 
@@ -149,9 +149,9 @@ def test_every_model_is_built_by_its_plan(monkeypatch):
     built: list[str] = []
     real = ModelPlan.build
 
-    def build(self, strategy="padded"):
+    def build(self, *a, **k):
         built.append(self.name)
-        return real(self, strategy)
+        return real(self, *a, **k)
 
     monkeypatch.setattr(ModelPlan, "build", build)
     bench_strategies(SPEC, batch_size=8, seconds=0.01, warmup_s=0, strategies=["padded"], roof=None)
@@ -188,8 +188,8 @@ def check_versus(doc: dict) -> None:
 
 def test_layer_rows_hold_every_strategy_both_dense_ffns_and_transformers():
     pytest.importorskip("transformers", reason="transformers not installed: its rows need it")
+    from moe_energy.bench.strategies import LAYER_SCHEMA, bench_layer
     from moe_energy.models.counting import layer_flops, layer_weight_bytes, swiglu_params
-    from moe_energy.strategy_bench import LAYER_SCHEMA, bench_layer
 
     arch = tiny_arch()
     doc = bench_layer(arch, (1, 8), seconds=0.01, warmup_s=0, roof=fake_roof())
@@ -218,7 +218,7 @@ def test_layer_rows_hold_every_strategy_both_dense_ffns_and_transformers():
 def test_layer_without_transformers_says_why_and_keeps_the_rest(monkeypatch):
     import sys
 
-    from moe_energy.strategy_bench import bench_layer
+    from moe_energy.bench.strategies import bench_layer
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     doc = bench_layer(tiny_arch(), (1,), seconds=0.01, warmup_s=0, strategies=["grouped", "auto"], roof=None)

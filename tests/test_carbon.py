@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moe_energy.carbon import ESTIMATED, MEASURED, add_carbon, carbon_fields, per_million
 from moe_energy.cli import main
 from moe_energy.config import CarbonPrice
+from moe_energy.power.carbon import ESTIMATED, MEASURED, add_carbon, carbon_fields, per_million
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
         "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu", "--models", "moe,dense_active",

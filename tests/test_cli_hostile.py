@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_energy import roofline
 from moe_energy.cli import main
+from moe_energy.measure import roofline
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
         "--samples", "300", "--epochs", "1", "--duration", "0.2", "--warmup", "0", "--repeats", "1", "--cooldown", "0",

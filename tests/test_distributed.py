@@ -189,7 +189,7 @@ def test_a_failed_collective_is_a_lost_peer_not_a_user_mistake():
 
 def test_cli_exits_3_on_a_lost_peer_with_one_line(monkeypatch, capsys):
     from moe_energy import cli
-    from moe_energy.commands import parallel
+    from moe_energy.commands import run as parallel
 
     def lost(*args, **kwargs):
         raise PeerLost("rank 0 of 2: could not join the job (connection refused); check MASTER_ADDR")

@@ -1,7 +1,7 @@
 """Expert parallelism for LLM MoE layers (run --arch X --parallel expert) on real gloo process groups.
 
 Two CPU ranks, tiny custom shapes, started as users start them (``python -m moe_energy run --parallel expert
---arch ...``): run.py hands the pair to ``commands.parallel.run_parallel``.
+--arch ...``): run.py hands the pair to ``distributed.job.run_job``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TINY = ["--arch", "custom", "--d-model", str(D), "--ffn-dim", str(FFN), "--exper
 def test_each_rank_feeds_its_own_block_of_the_fixed_seed_stream():
     import torch
 
-    from moe_energy.distributed.layer_job import rank_inputs
+    from moe_energy.runner.layer import rank_inputs
 
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(7)
@@ -44,13 +44,12 @@ def test_each_rank_feeds_its_own_block_of_the_fixed_seed_stream():
 def test_a_fixed_routing_deals_the_jobs_tokens_once(routing):
     import torch
 
-    from moe_energy.distributed.layer_job import JobRouter
     from moe_energy.models.routers import SoftmaxTopKRouter
     from moe_energy.models.routing import BenchRouter, assignment, parse_routing
 
     mode, world, T, experts = parse_routing(routing), 4, 3, 8
     cpu = torch.device("cpu")
-    ranks = [JobRouter(BenchRouter(SoftmaxTopKRouter(D, experts, K), experts, K, mode, seed=5), r, world)
+    ranks = [BenchRouter(SoftmaxTopKRouter(D, experts, K), experts, K, mode, seed=5, rank=r, world=world)
              for r in range(world)]
     job = assignment(mode, world * T, experts, K, seed=5)  # what run_llm deals one forward of W*T tokens
     if job is None:  # random: the router's own choice on each rank's tokens
@@ -217,7 +216,7 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_combinations_are_refused_before_rendezvous(case, monkeypatch, capsys):
     from moe_energy import cli
-    from moe_energy.commands import parallel
+    from moe_energy.commands import run as parallel
 
     def rendezvous(*args, **kwargs):
         raise AssertionError("reached the rendezvous")

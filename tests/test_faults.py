@@ -20,14 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from moe_energy import sweep as sw
-from moe_energy.commands.run import energy_summary, results_table
+from moe_energy.commands.tables import energy_summary, results_table
 from moe_energy.config import ModelSpec, RunOptions
 from moe_energy.energy.meter import window
 from moe_energy.energy.rapl import RaplMeter
-from moe_energy.pipeline import SilentUI, run
-from moe_energy.results import NotSaved
-from moe_energy.store import Store
+from moe_energy.runner import sweep as sw
+from moe_energy.runner.core import SilentUI
+from moe_energy.runner.seed import run
+from moe_energy.storage.results import NotSaved
+from moe_energy.storage.store import Store
 
 RUN = ["--input-dim", "40", "--classes", "4", "--samples", "300", "--epochs", "1", "--warmup", "0",
        "--repeats", "1", "--idle-seconds", "0", "--cooldown", "0", "--device", "cpu", "--meter", "estimate"]
@@ -420,8 +421,8 @@ def test_database_that_fills_mid_sweep_stops_with_the_point_rescued(tmp_path, mo
     store = Store(tmp_path / "full.db")
     run_id = store.new_run("r1", {}, {})
 
-    def fake_run(spec, o, meter, ui, save=False, oom="raise"):
-        big = [[i / 1000, 10.0] for i in range(20000)] if spec.hidden == 24 else []
+    def fake_run(w, o, team, ui, save=False, oom="raise"):
+        big = [[i / 1000, 10.0] for i in range(20000)] if w.spec.hidden == 24 else []
         return {"models": [{"name": "moe[grouped]", "windows": [{"trace": {"cpu": big}}]}]}, None
 
     calls = []

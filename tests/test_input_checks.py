@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 
 from moe_energy import memory
-from moe_energy import sweep as sw
 from moe_energy.cli import main
 from moe_energy.config import ModelSpec, RunOptions, resolve_config
 from moe_energy.errors import ConfigError
-from moe_energy.pipeline import Refused, check_inputs
+from moe_energy.runner import sweep as sw
+from moe_energy.runner.core import Refused
+from moe_energy.runner.seed import check_inputs
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4"]
 
@@ -60,7 +61,7 @@ def test_a_sweep_point_too_large_for_memory_is_skipped_and_the_rest_measured(mon
         check_inputs(grid.points[1].spec, grid.points[1].opts, torch.device("cpu"))
     assert issubclass(Refused, ConfigError)
     status, reason, doc = sw.measure_point(grid.points[1], None, torch.device("cpu"),
-                                           lambda *a, **k: check_inputs(a[0], a[1], torch.device("cpu")), None)
+                                           lambda *a, **k: check_inputs(a[0].spec, a[1], torch.device("cpu")), None)
     assert (status, doc) == ("skipped", None) and "lower --batch-size" in reason
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from moe_energy import roofline
 from moe_energy.cli import main
+from moe_energy.measure import roofline
 from moe_energy.models.strategies import STRATEGIES, padded
 
 SHAPE = ["--experts", "4", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4"]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from moe_energy.analysis import Frame, layer_crossovers, layer_pairs, load
 from moe_energy.report import LAYER_PLOTS, PLOTS, build
+from moe_energy.report.analysis import Frame, layer_crossovers, layer_pairs, load
 from moe_energy.report.html import layer_tokens_table
-from moe_energy.store import Store
+from moe_energy.storage.store import Store
 
 TOKENS = (1, 4, 16, 64)
 # MoE / total-matched dense tokens/J at each token count, per arch: olmoe leads at 1, falls behind at 4 and 16,
@@ -229,7 +229,7 @@ def test_the_roofline_plot_says_when_nothing_was_calibrated(llm_report):
 def test_a_skipped_rows_none_is_not_an_energy_method_of_the_report():
     """A (model, token count) skipped before any window has energy_method 'none'; the report must not then say
     that some models had no energy meter."""
-    from moe_energy.analysis import Frame
+    from moe_energy.report.analysis import Frame
     from moe_energy.report.html import _warnings
 
     measured = {"energy_method": "estimate", "repeats": 2}

@@ -14,17 +14,17 @@ import torch
 
 import moe_energy as me
 from moe_energy import memory
-from moe_energy.commands.llm import add_llm_arguments, plan_llm_command, resolve_llm, run_llm_command
-from moe_energy.commands.options import add_energy_arguments, add_run_arguments, add_shape_arguments
+from moe_energy.cli import build_parser
+from moe_energy.commands.options import resolve_layer
 from moe_energy.config import RunOptions
 from moe_energy.energy.select import make_meter
 from moe_energy.errors import ConfigError
-from moe_energy.llm_pipeline import LayerPlan, fit_alone, run_llm
 from moe_energy.models.archs import ROUTER_KINDS, RouterSpec, custom_arch
 from moe_energy.models.counting import layer_params, layer_weight_bytes, swiglu_params
 from moe_energy.models.dense import DenseMLP, DenseSwiGLU, matched_dense
 from moe_energy.models.llm import MoELayer
 from moe_energy.models.moe import MoE
+from moe_energy.models.plan import ModelPlan as LayerPlan
 from moe_energy.models.routing import (
     BenchRouter,
     balanced_assignment,
@@ -32,6 +32,7 @@ from moe_energy.models.routing import (
     read_load,
     zipf_assignment,
 )
+from moe_energy.runner.layer import fit_alone, run_llm
 
 D, INTER, E, K = 32, 16, 8, 2
 ARCH = custom_arch(D, INTER, E, K)
@@ -106,7 +107,8 @@ def test_skewed_routing_loads_experts_unevenly(tmp_path):
 def test_each_record_says_its_bytes_read_its_two_bounds_which_applies_and_the_fraction(tmp_path, monkeypatch):
     """Bytes per forward counted per window (router + touched experts + shared), and with a calibrated roofline
     the memory- and compute-bound times, the bound that applies (the slower) and the achieved fraction of it."""
-    from moe_energy import llm_pipeline, roofline
+    from moe_energy.measure import roofline
+    from moe_energy.runner import layer as llm_pipeline
 
     # 1 GB/s and 1 GFLOP/s: a T=1 forward of this layer (13 kB read, ~6 kFLOP) is memory-bound, T=64 compute-bound
     roof = roofline.Roofline("cpu:test", {"float32": 1e9}, 1e9, 64, 2**20, "2026-01-01T00:00:00+00:00")
@@ -132,7 +134,8 @@ def test_max_forward_s_skips_with_the_reason_what_the_roofline_says_outlasts_it(
     """At 1 GFLOP/s a T=64 forward of the total-matched FFN (~1.6 MFLOP) takes >= 1.6 ms: over a 1 ms limit, so
     skipped with the reason; the MoE and the active-matched FFN (~0.42 ms) and every T=1 forward are measured.
     Without a cached roofline the run calibrates one first (once), since the limit needs it."""
-    from moe_energy import llm_pipeline, roofline
+    from moe_energy.measure import roofline
+    from moe_energy.runner import layer as llm_pipeline
 
     roof = roofline.Roofline("cpu:test", {"float32": 1e9}, 1e9, 64, 2**20, "2026-01-01T00:00:00+00:00")
     calibrated: list[str] = []
@@ -157,8 +160,8 @@ def test_a_deepseek_routers_bytes_read_count_it_at_fp32_in_a_half_layer():
     arch = custom_arch(D, INTER, E, K, shared_experts=1, router=RouterSpec("deepseek_v2"))
     moe = LayerPlan.of("moe", arch)
     router = E * D
-    assert moe.weight_bytes_read(3, "bfloat16") == layer_weight_bytes(arch, 3, 2) + 2 * router  # held in fp32
-    assert moe.weight_bytes_read(3, "float32") == layer_weight_bytes(arch, 3, 4)
+    assert moe.weight_bytes_read("bfloat16", 3) == layer_weight_bytes(arch, 3, 2) + 2 * router  # held in fp32
+    assert moe.weight_bytes_read("float32", 3) == layer_weight_bytes(arch, 3, 4)
 
 
 @pytest.mark.parametrize("tokens, experts, k", [(8, 8, 2), (12, 8, 2), (5, 8, 3), (64, 16, 4), (3, 4, 4)])
@@ -329,13 +332,20 @@ def test_benchmark_counts_tokens_as_inferences():
 
 
 # -- the --arch command functions ------------------------------------------------------------------------------
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    add_shape_arguments(p)
-    add_run_arguments(p)
-    add_energy_arguments(p)
-    add_llm_arguments(p)
-    return p
+def parser(cmd: str = "run") -> argparse.ArgumentParser:
+    """The CLI's own parser, its ``cmd`` chosen: parse_args(argv) gives that command's namespace."""
+    p = build_parser()
+
+    class Sub:
+        def parse_args(self, argv: list[str]) -> argparse.Namespace:
+            return p.parse_args([cmd, *argv])
+
+    return Sub()  # type: ignore[return-value]
+
+
+def resolve_llm(args: argparse.Namespace):  # noqa: ANN201
+    w, o = resolve_layer(args)
+    return w.arch, o, w.tokens, w.routing
 
 
 TINY = ["--arch", "custom", "--d-model", "32", "--ffn-dim", "16", "--experts", "8", "--top-k", "2"]
@@ -381,7 +391,7 @@ def test_run_llm_command_prints_the_table_and_saves(tmp_path, capsys):
     args = parser().parse_args([*TINY, "--tokens", "1,8", "--routing", "balanced", "--duration", "0.2", "--warmup",
                                 "0", "--repeats", "1", "--idle-seconds", "0", "--cooldown", "0", "--meter", "none",
                                 "--device", "cpu", "--out", str(tmp_path)])
-    assert run_llm_command(args) == 0
+    assert args._handler(args) == 0
     out = capsys.readouterr().out
     assert "tokens/J" in out and "J/1k tokens" in out and "2 of 8" in out and "results written to" in out
     assert "dynamic tokens/J needs --idle-seconds > 0" in out and "inferences/J" not in out
@@ -392,9 +402,9 @@ def test_run_llm_command_prints_the_table_and_saves(tmp_path, capsys):
 
 def test_plan_llm_command_skips_what_cannot_fit(capsys, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: 8 * memory.GIB)
-    args = parser().parse_args(["--arch", "deepseek-v3", "--tokens", "1,64", "--routing", "balanced",
-                                "--device", "cpu"])
-    assert plan_llm_command(args) == 0
+    args = parser("plan").parse_args(["--arch", "deepseek-v3", "--tokens", "1,64", "--routing", "balanced",
+                                      "--device", "cpu"])
+    assert args._handler(args) == 0
     out = capsys.readouterr().out
     assert "deepseek-v3" in out and "EXTRAPOLATED" in out
     arch, o, tokens, _ = resolve_llm(args)

@@ -14,15 +14,15 @@ import torch
 from test_sweep import cli, rows  # tests/ is on sys.path (rootdir import mode)
 
 from moe_energy import memory
-from moe_energy import sweep as sw
 from moe_energy.config import ConfigError
 from moe_energy.energy.select import make_meter
-from moe_energy.llm_pipeline import LayerPlan
+from moe_energy.measure.roofline import Roofline
 from moe_energy.models.archs import PRESETS as ARCH_PRESETS
 from moe_energy.models.counting import layer_params
-from moe_energy.pipeline import SilentUI
-from moe_energy.roofline import Roofline
-from moe_energy.store import Store, merge
+from moe_energy.models.plan import ModelPlan as LayerPlan
+from moe_energy.runner import sweep as sw
+from moe_energy.runner.core import SilentUI
+from moe_energy.storage.store import Store, merge
 
 CPU = torch.device("cpu")
 TINY = {"arch": "custom", "d_model": "32", "ffn_dim": "16", "experts": "8", "top_k": "2"}
@@ -71,7 +71,7 @@ def test_grid_llm_is_every_preset_under_max_params_at_tokens_powers_of_4():
 @pytest.mark.parametrize("cfg, needle", [
     ({"grid": "llm", "arch": "olmoe-1b-7b"}, "--grid llm fixes the archs"),
     ({**TINY, "hidden": "16"}, "--hidden: no meaning for LLM layers"),
-    ({**TINY, "batch_size": "8", "epochs": "1"}, "--batch-size, --epochs: no meaning"),
+    ({**TINY, "batch_size": "8", "epochs": "1"}, "--epochs, --batch-size: no meaning"),
     ({"tokens": "1,8"}, "--tokens: LLM-layer settings; give --arch"),
     ({"arch": "olmoe-1b-7b", "d_model": "32"}, "--d-model: shape flags of --arch custom"),
     ({"arch": "custom", "d_model": "32"}, "--arch custom needs --ffn-dim, --experts, --top-k"),

@@ -7,7 +7,7 @@ import torch
 
 from moe_energy.config import ConfigError
 from moe_energy.models import DenseMLP, MoE
-from moe_energy.optimize import compile_candidates, prepare
+from moe_energy.runner.prepare import compile_candidates, prepare
 
 
 def tiny_moe(strategy: str) -> MoE:
@@ -63,7 +63,7 @@ def test_compile_resolves_auto_and_matches_eager():
 
 
 def test_best_ms_is_the_least_of_reps_synced_forwards_after_one_untimed():
-    from moe_energy.optimize import best_ms
+    from moe_energy.runner.prepare import best_ms
 
     seen = []
 

@@ -24,7 +24,10 @@ from test_energy_rapl import write_zone  # noqa: E402
 from moe_energy.cli import main  # noqa: E402
 from moe_energy.config import PowerCaps  # noqa: E402
 from moe_energy.energy.gpu import GpuMeter, open_gpus  # noqa: E402
-from moe_energy.energy.power_limit import (  # noqa: E402
+from moe_energy.energy.rapl import ENV_ROOT  # noqa: E402
+from moe_energy.errors import ConfigError  # noqa: E402
+from moe_energy.interrupts import Interrupted  # noqa: E402
+from moe_energy.power.limits import (  # noqa: E402
     GpuPowerLimit,
     RaplPowerLimit,
     applied,
@@ -32,9 +35,6 @@ from moe_energy.energy.power_limit import (  # noqa: E402
     cpu_limits,
     sweep_caps,
 )
-from moe_energy.energy.rapl import ENV_ROOT  # noqa: E402
-from moe_energy.errors import ConfigError  # noqa: E402
-from moe_energy.interrupts import Interrupted  # noqa: E402
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
         "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu", "--models", "moe,dense_active",

@@ -12,12 +12,12 @@ from matplotlib.figure import Figure
 from test_llm_report import layer
 from test_report import model
 
-from moe_energy.analysis import Frame, best_caps, cap_series, caps, crossovers, load, pareto_front
-from moe_energy.carbon import JOULES_PER_KWH
 from moe_energy.cli import main
+from moe_energy.power.carbon import JOULES_PER_KWH
 from moe_energy.report import CAP_PLOTS, PLOTS, build
+from moe_energy.report.analysis import Frame, best_caps, cap_series, caps, crossovers, load, pareto_front
 from moe_energy.report.plots import time_energy_front
-from moe_energy.store import Store
+from moe_energy.storage.store import Store
 
 CAPS = (250.0, 300.0, 350.0)
 # inferences/J at each cap: the MoE best at 300 W, dense (total) at 250 W, dense (active) at 350 W

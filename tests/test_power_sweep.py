@@ -18,10 +18,10 @@ pytest.importorskip("zeus")
 
 from test_power_limit import LAYER, CappableNVML, limit_files  # noqa: E402
 
-from moe_energy import sweep as sw  # noqa: E402
-from moe_energy.carbon import ESTIMATED, JOULES_PER_KWH  # noqa: E402
 from moe_energy.cli import main  # noqa: E402
 from moe_energy.config import ConfigError, resolve_caps  # noqa: E402
+from moe_energy.power.carbon import ESTIMATED, JOULES_PER_KWH  # noqa: E402
+from moe_energy.runner import sweep as sw  # noqa: E402
 
 SHAPE = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
          "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu", "--models", "moe,dense_active",
@@ -132,9 +132,9 @@ def test_an_interrupted_capped_sweep_restores_the_limit(nvml, tmp_path, capsys, 
 
 
 def test_a_failing_point_restores_and_the_sweep_goes_on(nvml, tmp_path, monkeypatch, capsys):
-    import moe_energy.pipeline as pipeline
+    import moe_energy.runner.core as core
 
-    real = pipeline.run
+    real = core.run
     calls = []
 
     def first_fails(*a, **k):
@@ -143,7 +143,7 @@ def test_a_failing_point_restores_and_the_sweep_goes_on(nvml, tmp_path, monkeypa
             raise RuntimeError("boom in the first point")
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline, "run", first_fails)
+    monkeypatch.setattr(core, "run", first_fails)
     db = tmp_path / "s.db"
     assert main(["sweep", *SHAPE, "--meter", "nvidia", "--power-limit", "250,300", "--db", str(db)]) == 1
     assert calls == [250_000, 300_000] and nvml.limit_mw == 700_000
@@ -228,8 +228,8 @@ def test_a_sweep_of_two_cpu_caps_measures_each_and_restores_pl1(live_rapl, tmp_p
     assert len({k for (k,) in rows(db, "SELECT point_key FROM points")}) == 2
     assert main(["sweep", *SHAPE, "--meter", "rapl", "--cpu-power-limit", "25,15", "--db", str(db), "--resume"]) == 0
     assert rows(db, "SELECT COUNT(*) FROM points") == [(2,)]  # resume works per CPU cap
-    from moe_energy.analysis import best_caps, caps, load
-    from moe_energy.store import Store
+    from moe_energy.report.analysis import best_caps, caps, load
+    from moe_energy.storage.store import Store
 
     with Store(db, create=False) as st:
         frame = load(st)

@@ -6,10 +6,10 @@ import pytest
 
 from moe_energy.energy.idle import IdlePower
 from moe_energy.energy.meter import Measurement
-from moe_energy.llm_pipeline import LayerRecord
 from moe_energy.measure.records import (
     MEDIAN_KEYS,
     SPREAD_KEYS,
+    LayerRecord,
     ModelRecord,
     WindowRecord,
     failed_window,
@@ -18,7 +18,7 @@ from moe_energy.measure.records import (
     window_record,
 )
 from moe_energy.measure.window import BenchResult
-from moe_energy.store import CARBON_MODEL_COLUMNS, LAYER_MODEL_COLUMNS, MODEL_COLUMNS, WINDOW_COLUMNS
+from moe_energy.storage.store import CARBON_MODEL_COLUMNS, LAYER_MODEL_COLUMNS, MODEL_COLUMNS, WINDOW_COLUMNS
 from moe_energy.train import TrainResult
 
 BOOKKEEPING = {"repeat", "order", "started_utc", "failed"}  # set by whoever schedules the window

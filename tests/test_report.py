@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from moe_energy.analysis import Frame, load
 from moe_energy.report import LAYER_PLOTS, PLOTS, build
-from moe_energy.store import Store
+from moe_energy.report.analysis import Frame, load
+from moe_energy.storage.store import Store
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from moe_energy.config import ConfigError
-from moe_energy.results import SCHEMA_VERSION, check_writable, new_document, read, write_atomic
+from moe_energy.storage.results import SCHEMA_VERSION, check_writable, new_document, read, write_atomic
 
 
 def test_write_never_overwrites_and_cleans_temp(tmp_path):

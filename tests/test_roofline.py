@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from moe_energy import roofline
-from moe_energy.roofline import Roofline
+from moe_energy.measure import roofline
+from moe_energy.measure.roofline import Roofline
 
 
 @pytest.fixture(autouse=True)

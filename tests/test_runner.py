@@ -9,7 +9,8 @@ import pytest
 
 from moe_energy.config import RunOptions
 from moe_energy.energy import Measurement
-from moe_energy.pipeline import run, window_schedule
+from moe_energy.runner.core import window_schedule
+from moe_energy.runner.seed import run
 
 
 class CountingMeter:

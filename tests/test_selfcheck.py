@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_energy import selfcheck
+from moe_energy.bench import selfcheck
 from moe_energy.cli import main
 from moe_energy.energy.rapl import ENV_ROOT
 from moe_energy.models.strategies import STRATEGIES

@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from moe_energy import store as store_mod
 from moe_energy.config import ConfigError
-from moe_energy.store import Store, merge, normalize_trace
+from moe_energy.storage import store as store_mod
+from moe_energy.storage.store import Store, merge, normalize_trace
 
 
 def model_record(name="moe[grouped]", kind="moe", ipj=10.0, windows=2, trace=True):
@@ -291,7 +291,7 @@ def test_a_point_key_compares_numbers_by_value_and_ignores_the_label():
 
 
 def test_a_point_stored_under_an_older_key_is_still_complete_and_reported_once(db):
-    from moe_energy.analysis import load
+    from moe_energy.report.analysis import load
 
     legacy = {**CONFIG, "options": {**CONFIG["options"], "warmup": 0.0}}  # a flag's float, keyed raw before
     db.add_point("run1", "an-older-raw-key", legacy, "done", document=doc(model_record(ipj=5.0)))

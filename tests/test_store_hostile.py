@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from moe_energy import fileio
-from moe_energy import store as store_mod
-from moe_energy.analysis import crossovers, load
 from moe_energy.cli import main
 from moe_energy.config import ConfigError
 from moe_energy.interrupts import Interrupted, exit_code, signals_raise
-from moe_energy.store import Store
+from moe_energy.report.analysis import crossovers, load
+from moe_energy.storage import fileio
+from moe_energy.storage import store as store_mod
+from moe_energy.storage.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME_MAX = 300 * "n"  # longer than any filesystem's NAME_MAX (255)
@@ -303,7 +303,8 @@ def test_merge_on_a_full_disk_leaves_nothing_and_a_rerun_works(tmp_path, monkeyp
 # -- 4. SIGTERM, SIGHUP and SIGINT clean up the same way ----------------------------------------------------
 DRIVER = textwrap.dedent("""
     import os, sys, time
-    from moe_energy import cli, store
+    from moe_energy import cli
+    from moe_energy.storage import store
 
     def ready():
         print("ready", flush=True)

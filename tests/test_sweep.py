@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from moe_energy import sweep as sw
 from moe_energy.config import PRESETS, ConfigError
 from moe_energy.models.counting import moe_params
+from moe_energy.runner import sweep as sw
 
 TINY_SHAPE = {"experts": "4", "hidden": "16,32", "layers": "2", "top_k": "1,2", "input_dim": 40, "classes": 4}
 RUN = ["--input-dim", "40", "--classes", "4", "--samples", "300", "--epochs", "1", "--duration", "0.3",

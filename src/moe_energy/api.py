@@ -18,20 +18,20 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .carbon import ESTIMATED, carbon_fields
 from .config import ConfigError, resolve_carbon
 from .device import device_arg, device_sync
 from .energy import select
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
 from .errors import kind_of
-from .fileio import now_utc
 from .measure.records import summarize
 from .measure.window import batch_tensors, caller, infer_batch_size, measure
 from .models.counting import dense_flops
 from .models.dense import DenseMLP
 from .models.moe import MoE
 from .models.plan import ModelPlan
+from .power.carbon import ESTIMATED, carbon_fields
+from .storage.fileio import now_utc
 
 SCHEMA = "moe-energy/benchmark"
 SCHEMA_VERSION = 1

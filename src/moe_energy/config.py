@@ -192,6 +192,21 @@ class RunOptions:
         return d
 
 
+# Which options belong to which workload: the one table `run`, `plan`, `bench-strategies` and `sweep` read. A
+# workload's key given to another is refused in one line, never silently ignored; --experts and --top-k (a custom
+# shape's) and every other option are shared. An LLM layer is chosen by --arch (or a sweep's --grid llm).
+WORKLOAD_KEYS: dict[str, tuple[str, ...]] = {
+    "seed": ("preset", "hidden", "layers", "input_dim", "classes", "data", "epochs", "lr", "batch_size", "samples",
+             "test_fraction"),
+    "llm_layer": ("arch", "tokens", "routing", "d_model", "ffn_dim", "shared_experts", "router", "max_forward_s"),
+}
+
+
+def flag(key: str) -> str:
+    """A config key's command-line flag: ``max_forward_s`` -> ``--max-forward-s``."""
+    return "--" + key.replace("_", "-")
+
+
 SPEC_KEYS = {f.name for f in fields(ModelSpec)}
 OPTION_KEYS = {f.name for f in fields(RunOptions)} - {"extra"}
 CONFIG_KEYS = SPEC_KEYS | OPTION_KEYS | {"preset"}

@@ -7,6 +7,7 @@ Unlike the seed, accuracy is measured on a held-out split.
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError
-from .fileio import os_reason
+from .storage.fileio import os_reason
 
 
 @dataclass
@@ -38,6 +39,13 @@ class Dataset:
         if self.num_classes is not None:
             return self.num_classes
         return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+    def fingerprint(self) -> str:
+        """A hash of the data's contents: the ranks of a job (on several machines) must hold the same rows."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def chance_accuracy(self) -> float:

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import described
-from .models.archs import Arch
-from .models.llm import MoELayer, StackedSwiGLU
+from ..errors import described
+from ..models.archs import Arch
+from ..models.llm import MoELayer, StackedSwiGLU
 
 # Implementations that load a hub kernel for a CUDA GPU: never tried elsewhere (no download on a CPU host).
 GPU_ONLY = {"deepgemm": "needs a CUDA GPU and bfloat16 (DeepGEMM hub kernel)",

@@ -16,19 +16,19 @@ from typing import Any
 
 import torch
 
-from .api import benchmark
-from .config import PRESETS, ModelSpec
-from .device import device_sync, dtype_name
-from .energy.idle import IdlePower, measure_idle
-from .energy.meter import Meter, meter_info
-from .energy.select import MeterStatus, auto_meter, survey
-from .environment import describe
-from .errors import ConfigError, described
-from .fileio import now_utc
-from .measure.window import MIN_TRUSTED_SECONDS
-from .models.moe import MoE
-from .models.plan import ModelPlan
-from .models.strategies import STRATEGIES, ExpertStack
+from ..api import benchmark
+from ..config import PRESETS, ModelSpec
+from ..device import device_sync, dtype_name
+from ..energy.idle import IdlePower, measure_idle
+from ..energy.meter import Meter, meter_info
+from ..energy.select import MeterStatus, auto_meter, survey
+from ..errors import ConfigError, described
+from ..measure.environment import describe
+from ..measure.window import MIN_TRUSTED_SECONDS
+from ..models.moe import MoE
+from ..models.plan import ModelPlan
+from ..models.strategies import STRATEGIES, ExpertStack
+from ..storage.fileio import now_utc
 
 SCHEMA = "moe-energy/selfcheck"
 SCHEMA_VERSION = 1
@@ -316,7 +316,7 @@ def check_trace(windows: list[Check]) -> Check:
 def _window(label: str, plan: ModelPlan, strategy: str | None, x: torch.Tensor, meter: Meter, seconds: float,
             sync: Callable[[], None]) -> Check:
     """Build ``plan``'s model (an MoE running ``strategy``) on the batch's device, then check one window of it."""
-    model = plan.build(strategy) if strategy else plan.build()
+    model = plan.build(strategy=strategy)
     return check_window(label, model.to(x.device), x, meter, seconds, sync)
 
 

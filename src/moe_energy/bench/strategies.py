@@ -12,30 +12,30 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import roofline
-from .config import ModelSpec
-from .device import device_sync, dtype_name, dtype_of
-from .environment import describe
-from .errors import described
-from .fileio import now_utc
-from .measure.timing import time_interleaved, time_one
-from .memory import BYTES, fit_problem
-from .models.archs import Arch, get_arch
-from .models.counting import layer_flops, layer_weight_bytes, moe_weight_params_read, swiglu_params
-from .models.dense import MATCHES, matched_dense
-from .models.llm import MoELayer, building
-from .models.moe import LAYOUTS, MoE, StrategyHost
-from .models.plan import ModelPlan, plans
-from .models.strategies import AUTO_CANDIDATES, STRATEGIES
-from .optimize import choose_layout, compile_candidates, prepare
+from ..config import ModelSpec
+from ..device import device_sync, dtype_name, dtype_of
+from ..errors import described
+from ..measure import roofline
+from ..measure.environment import describe
+from ..measure.roofline import Roofline
+from ..measure.timing import time_interleaved, time_one
+from ..memory import BYTES, fit_problem
+from ..models.archs import Arch, get_arch
+from ..models.counting import layer_flops, layer_weight_bytes, swiglu_params
+from ..models.dense import MATCHES, matched_dense
+from ..models.llm import MoELayer, building
+from ..models.moe import LAYOUTS, MoE, StrategyHost
+from ..models.plan import ModelPlan, plans
+from ..models.strategies import AUTO_CANDIDATES, STRATEGIES
+from ..runner.prepare import choose_layout, compile_candidates, prepare
+from ..storage.fileio import now_utc
 from .peers import Peers, build_peers
-from .roofline import Roofline
 
 SCHEMA = "moe-energy/strategy-bench"
 SCHEMA_VERSION = 1
@@ -111,12 +111,6 @@ def experts_touched(moe: MoE, x: Tensor) -> int:
     with torch.inference_mode():
         idx, _ = moe.route(x)
     return int((torch.bincount(idx.flatten(), minlength=moe.experts) > 0).sum())
-
-
-def reached(plan: ModelPlan, touched: int) -> ModelPlan:
-    """The MoE's plan for a batch that reached only ``touched`` experts: a small batch reads only their weights
-    (the plan's own figure assumes every expert gets a token)."""
-    return replace(plan, weight_params_read=moe_weight_params_read(plan.spec, touched))
 
 
 @dataclass
@@ -323,11 +317,12 @@ def _rows(b: _Bench, moe_vs: list[Variant], touched: int, roof: Roofline | None,
         p = v.plan
         assert p is not None
         rows.append(_row(v.name, p.kind, v.median_ms, v.ms, batch, batch * p.flops_per_inference,
-                         p.weight_bytes(dname), roof, dname, base_ms, None, {"width": p.width, **v.info}))
-    moe = reached(b.moe_plan, touched)
+                         p.weight_bytes_read(dname) or 0, roof, dname, base_ms, None, {"width": p.width, **v.info}))
+    moe = b.moe_plan  # a small batch reads only the experts it reached (the plan's default: every expert)
     for key, v in best.items():
         rows.append(_row(key, moe.kind, v.median_ms, v.ms, batch, batch * moe.flops_per_inference,
-                         moe.weight_bytes(dname), roof, dname, base_ms, ideal_ms, _moe_extra(v, moe_vs, dropped),
+                         moe.weight_bytes_read(dname, touched) or 0, roof, dname, base_ms, ideal_ms,
+                         _moe_extra(v, moe_vs, dropped),
                          iterations=v.iterations))
     return rows + [_failed_row(name, why) for name, why in b.failed.items() if name not in best]
 
@@ -342,7 +337,7 @@ def _failed_row(name: str, why: str) -> dict:
             **dict.fromkeys(FIGURES)}
 
 
-def _row(name: str, kind: str, ms: float, samples: list[float], batch: int, flops: int, weight_bytes: int,
+def _row(name: str, kind: str, ms: float, samples: list[float], batch: int, flops: int, weight_bytes: float,
          roof: Roofline | None, dtype: str, base_ms: float | None, ideal_ms: float | None, extra: dict,
          iterations: int | None = None) -> dict:
     """One row: speed, speed-up over the baseline, efficiency against the ideal, and the roofline columns."""

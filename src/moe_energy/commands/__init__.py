@@ -15,10 +15,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
+
+from ..interrupts import exit_code, signal_name, signals_raise
+from ..storage.results import NotSaved, save_or_rescue
 
 # Piped output (CI logs, files) gets a wide console so tables keep whole numbers instead of '…'.
 # (A closed stdout, ``>&-``, is None here: no terminal.)
@@ -36,6 +39,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
+T = TypeVar("T")
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
@@ -150,8 +154,6 @@ def guarded_streams() -> Iterator[GuardedStream | None]:
 def save_then_show(doc: dict, out_dir: str | Path, stem: str, show: Callable[[], None], what: str = "results") -> int:
     """Save ``doc`` first, then print it: a standard output that fails cannot lose it; an unwritable ``--out``
     is rescued to the temp directory (named), still shown, and the command exits 1."""
-    from ..results import NotSaved, save_or_rescue
-
     try:
         path = save_or_rescue(doc, out_dir, stem)
     except NotSaved as e:
@@ -168,19 +170,30 @@ def save_then_show(doc: dict, out_dir: str | Path, stem: str, show: Callable[[],
     return 0
 
 
-def measured(job: Callable[[], tuple[dict, Path | None]], show: Callable[[dict], None]) -> tuple[dict, Path] | int:
-    """Run a measuring job (``run``, ``run --arch``) under the signal guard; (doc, path) once saved.
+def interruptible(body: Callable[[], T], then: Callable[[], str]) -> T | int:
+    """``body()`` with SIGINT, SIGTERM and SIGHUP unwinding it like Ctrl-C (every ``finally`` runs: windows close,
+    points roll back, temp files go); a signal ends it with one line, ``interrupted (SIGNAME): <then()>``, on
+    standard error and exit 128 + N. The one way every command meets a signal (cli.main's own covers start-up)."""
+    try:
+        with signals_raise():
+            return body()
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({signal_name(e)}): {then()}", file=sys.stderr)
+        return exit_code(e)
+
+
+def measured(job: Callable[[], tuple[dict | None, Path | None]], show: Callable[[dict], None]
+             ) -> tuple[dict, Path] | int:
+    """Run a measuring job (``run``, on one process or on every rank of a job) under the signal guard; (doc, path)
+    once saved, 0 on a job's other ranks (rank 0 saves and shows).
 
     A final write that failed still shows what was measured and where it was rescued (exit 1); an interrupted
     job wrote nothing, by design, and says so (128 + N). Saved before anything is printed: a standard output
     that fails afterwards loses nothing.
     """
-    from ..interrupts import exit_code, signal_name, signals_raise
-    from ..results import NotSaved
-
     try:
-        with signals_raise():
-            doc, path = job()
+        done = interruptible(job, lambda: "nothing was saved, a run is written only once complete; run the same "
+                                          "command again to start over")
     except NotSaved as e:
         if e.rescue is not None:
             record_saved(e.rescue)
@@ -189,11 +202,11 @@ def measured(job: Callable[[], tuple[dict, Path | None]], show: Callable[[dict],
         finally:  # the table's stdout may be gone: where the results went is said all the same
             print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
-        print(f"interrupted ({signal_name(e)}): nothing was saved, a run is written only once complete; "
-              "run the same command again to start over", file=sys.stderr)
-        return exit_code(e)
-    assert path is not None
+    if isinstance(done, int):
+        return done
+    doc, path = done
+    if doc is None or path is None:
+        return 0
     record_saved(path)
     show(doc)
     console.print(f"results written to {escape(str(path))}", highlight=False, soft_wrap=True)

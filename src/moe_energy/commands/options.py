@@ -1,4 +1,6 @@
-"""Argument groups shared by commands (shape, run options) and their merge: preset < --config < flags."""
+"""Argument groups shared by commands and their merge (preset < --config < flags), and the one resolver of the
+workload a command runs: the seed's classifiers, or with --arch an LLM MoE layer (each refusing the other's flags,
+from config.WORKLOAD_KEYS)."""
 
 from __future__ import annotations
 
@@ -9,16 +11,28 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import (
     PRESETS,
+    WORKLOAD_KEYS,
     CarbonPrice,
     ModelSpec,
     PowerCaps,
     RunOptions,
+    flag,
     load_toml,
     resolve_caps,
     resolve_carbon,
     resolve_config,
+    split_list,
 )
+from ..device import llm_default_dtype, resolve_device
+from ..distributed.group import DEFAULT_TIMEOUT_S
+from ..errors import ConfigError
+from ..models.archs import PRESETS as ARCH_PRESETS
+from ..models.archs import ROUTER_KINDS, Arch, RouterSpec, custom_arch, get_arch
+from ..models.routing import ROUTING_HELP, parse_routing
 from ..models.strategies import STRATEGIES
+from ..runner.core import Workload
+from ..runner.layer import DEFAULT_TOKENS, Layer, check_tokens
+from ..runner.seed import Seed
 
 if TYPE_CHECKING:
     import torch
@@ -167,3 +181,133 @@ def meter_from_args(args: argparse.Namespace, device: torch.device,
             check_tdp_watts(tdp)  # the one rule (finite, > 0), as make_meter applies it to a named meter
         return auto_meter(device, cpu_tdp_watts=tdp, notice=notice)
     return make_meter(name, device, cpu_tdp_watts=tdp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LLM MoE layers (--arch) and expert parallelism
+
+
+def add_llm_arguments(p: argparse.ArgumentParser) -> None:
+    """--arch, --tokens, --routing and the custom-shape flags; --experts/--top-k only if not there already."""
+    g = p.add_argument_group("LLM MoE layer (--arch: nothing trained; inputs are hidden states [tokens, d_model])")
+    g.add_argument("--arch", help=f"a layer preset ({', '.join(ARCH_PRESETS)}; see 'moe-energy archs') or 'custom' "
+                                  "(with --d-model, --ffn-dim, --experts, --top-k)")
+    g.add_argument("--tokens", help="comma list of tokens per forward, from a decoding batch to a prefill chunk "
+                                    f"(default {','.join(map(str, DEFAULT_TOKENS))})")
+    g.add_argument("--routing", help=f"{ROUTING_HELP} (default random: the router's own choice, random weights)")
+    g.add_argument("--d-model", type=int, dest="d_model", help="hidden size d (custom, or overrides the preset)")
+    g.add_argument("--ffn-dim", type=int, dest="ffn_dim", help="each routed expert's SwiGLU width I")
+    g.add_argument("--shared-experts", type=int, dest="shared_experts", help="always-on experts (0 for none)")
+    g.add_argument("--router", help=f"router kind: {', '.join(ROUTER_KINDS)} (default the preset's)")
+    have = set(p._option_string_actions)  # the seed's shape group may hold them already
+    if "--experts" not in have:
+        g.add_argument("--experts", type=int, help="routed experts E")
+    if "--top-k" not in have:
+        g.add_argument("--top-k", type=int, dest="top_k", help="experts per token k")
+
+
+def add_forward_limit(p: argparse.ArgumentParser) -> None:
+    """--max-forward-s, for the commands that measure windows (run; sweep has its own, a grid option)."""
+    p.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
+                   help="--arch: skip a (model, token count) whose one forward takes longer than S seconds at this "
+                        "host's roofline bound (calibrated once if needed), with the reason; default: no limit")
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (launch every rank with torchrun)")
+    g.add_argument("--parallel", choices=("none", "expert"), default="none",
+                   help="expert: shard the experts over torchrun's ranks (all-to-all), dense baselines "
+                        "data-parallel on the same ranks")
+    g.add_argument("--collective-timeout", type=float, dest="collective_timeout", default=DEFAULT_TIMEOUT_S,
+                   metavar="SECONDS", help="a rank waiting longer than this on another (dead or hung) exits "
+                                           "with a message and status 3")
+
+
+SHAPE_FLAGS = (("d_model", "--d-model"), ("ffn_dim", "--ffn-dim"), ("experts", "--experts"), ("top_k", "--top-k"),
+               ("shared_experts", "--shared-experts"))
+
+
+def refuse_others(args: argparse.Namespace, family: str) -> None:
+    """One line for flags of another workload than ``family`` (config.WORKLOAD_KEYS), never silently ignored."""
+    if family == "seed":
+        stray = [flag(k) for k in WORKLOAD_KEYS["llm_layer"] if k != "arch" and getattr(args, k, None) is not None]
+        if stray:
+            raise ConfigError(f"{', '.join(stray)}: only with --arch (an LLM MoE layer); add --arch or drop them")
+        return
+    given = [flag(k) for k in WORKLOAD_KEYS["seed"] if getattr(args, k, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: no meaning with --arch (an LLM layer is built, not trained, and its "
+                          "shape is --d-model, --ffn-dim, --experts, --top-k); drop "
+                          f"{'it' if len(given) == 1 else 'them'}")
+
+
+def parse_tokens(text: str | None) -> list[int]:
+    """'1,16,128' -> [1, 16, 128], checked (the one check of a command's token counts); one-line ConfigError."""
+    if text is None:
+        return list(DEFAULT_TOKENS)
+    vals: list[int] = []
+    for part in split_list(text) or ():
+        try:
+            vals.append(int(part))
+        except ValueError:
+            raise ConfigError(f"--tokens {text!r}: {part!r} is not a whole number; give a comma list such as "
+                              "1,16,128,1024") from None
+    return check_tokens(vals, "--tokens")
+
+
+def arch_from_args(args: argparse.Namespace) -> Arch:
+    """A preset, a preset with some fields replaced (named NAME-custom), or a custom shape."""
+    over = {k: getattr(args, k) for k, _ in SHAPE_FLAGS if getattr(args, k, None) is not None}
+    router = getattr(args, "router", None)
+    if args.arch == "custom":
+        missing = [f for k, f in SHAPE_FLAGS[:4] if k not in over]
+        if missing:
+            raise ConfigError(f"--arch custom needs {', '.join(missing)} (and optionally --shared-experts, --router)")
+        return custom_arch(over["d_model"], over["ffn_dim"], over["experts"], over["top_k"],
+                           over.get("shared_experts", 0), router or "softmax_topk")
+    base = get_arch(args.arch)
+    if not over and router is None:
+        return base
+    fields: dict[str, Any] = dict(over)
+    if "shared_experts" in fields:  # new shared experts take the routed width (DeepSeek's convention)
+        n = fields["shared_experts"]
+        fields["shared_width"] = (base.shared_width or fields.get("ffn_dim", base.ffn_dim)) if n else 0
+        fields["shared_gate"] = base.shared_gate and bool(n)
+    if router is not None:
+        fields["router"] = RouterSpec(kind=router)
+    what = ", ".join(f"{k}={v}" for k, v in {**over, **({"router": router} if router else {})}.items())
+    return replace(base, name=f"{base.name}-custom", source=f"{base.name} with {what} (from {base.source})",
+                   **fields)
+
+
+def default_dtype(args: argparse.Namespace, opts: RunOptions) -> str:
+    """--dtype (or the --config file's) when given, else bfloat16 on a GPU with native support, float32 elsewhere."""
+    cfg = load_toml(args.config) if getattr(args, "config", None) else {}
+    if getattr(args, "dtype", None) is not None or "dtype" in cfg:
+        return opts.dtype
+    return llm_default_dtype(resolve_device(opts.device))
+
+
+def resolve_layer(args: argparse.Namespace) -> tuple[Layer, RunOptions]:
+    """The LLM layer --arch asks for and its options, checked: one-line ConfigErrors, the seed's flags refused."""
+    if not getattr(args, "arch", None):
+        raise ConfigError(f"--arch is required here: one of {', '.join(ARCH_PRESETS)} or custom")
+    refuse_others(args, "llm_layer")
+    arch = arch_from_args(args)
+    seedless = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("experts", "top_k")})
+    _spec, opts = resolve(seedless)  # the shared options, checked as run checks them
+    opts = replace(opts, dtype=default_dtype(args, opts))
+    routing = parse_routing(args.routing if getattr(args, "routing", None) is not None else "random")
+    return Layer(arch, parse_tokens(getattr(args, "tokens", None)), routing), opts
+
+
+def resolve_workload(args: argparse.Namespace) -> tuple[Workload, RunOptions]:
+    """The workload the flags ask for (an LLM layer with --arch, else the seed's classifiers) and its options,
+    every flag checked and the other workload's refused."""
+    if getattr(args, "arch", None) is not None:
+        return resolve_layer(args)
+    refuse_others(args, "seed")
+    spec, opts = resolve(args)
+    if opts.data:  # the file must agree with a shape the user also gave
+        opts = replace(opts, extra={**opts.extra, "declared_shape": declared_shape(args)})
+    return Seed(spec, opts.extra.get("preset")), opts

@@ -1,20 +1,38 @@
-"""`moe-energy plan`: validate a run's options and show what it would build, without running it."""
+"""`moe-energy plan`: validate a run's options and show what it would build, without running it.
+
+Every check `run` makes before any work (options, device, dtype, inputs, strategies, data), in run's order, then
+each model's size, FLOPs and memory and whether it fits: the seed's classifiers, or with --arch an LLM layer (the
+weights one forward reads at each token count beside them).
+"""
 
 from __future__ import annotations
 
 import argparse
 
+import torch
 from rich.markup import escape
 from rich.table import Table
 
 from .. import memory
+from ..config import RunOptions
 from ..device import resolve_device
 from ..memory import GIB
-from ..models.plan import plans
-from ..pipeline import check_dtype, check_inputs, check_strategies, fit_check
+from ..models.archs import Arch
+from ..models.counting import expected_experts_touched
+from ..models.plan import ModelPlan
+from ..models.routing import RoutingMode, zipf_assignment
+from ..runner.core import Workload, check_dtype, unwrapped
+from ..runner.layer import Layer, extrapolation_note, named
+from ..runner.seed import Seed
 from . import command, console
-from .llm import add_llm_arguments, plan_llm_command
-from .options import add_run_arguments, add_shape_arguments, check_data, declared_shape, resolve
+from .options import (
+    add_llm_arguments,
+    add_run_arguments,
+    add_shape_arguments,
+    check_data,
+    declared_shape,
+    resolve_workload,
+)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -26,31 +44,86 @@ def _args(p: argparse.ArgumentParser) -> None:
 @command("plan", "Check a run's options and list the models it would build, their size and memory; "
          "runs nothing.", _args)
 def plan(args: argparse.Namespace) -> int:
-    """Every check `run` makes before training (options, device, dtype, strategies, data), then the table."""
-    if args.arch is not None:
-        return plan_llm_command(args)
-    spec, opts = resolve(args)
+    """Every check `run` makes before any work, then the tables."""
+    w, opts = resolve_workload(args)
     device = resolve_device(opts.device)
-    check_dtype(device, opts.dtype, opts.strategies)  # in pipeline.start's order, so the first refusal is run's
-    check_inputs(spec, opts, device)  # the data and the bench batch, as `run` checks them
-    if "moe" in opts.models:
-        check_strategies(spec, opts.strategies, device, opts.dtype)
-    spec = check_data(spec, opts, declared_shape(args) if opts.data else {})  # a --data file decides the shape
+    check_dtype(device, opts.dtype, opts.strategies if w.trains else ())  # in run's order: the first refusal is run's
+    w.check(opts, device, opts.strategies)
+    if isinstance(w, Layer):
+        _show_layer(w, opts, device)
+    else:
+        assert isinstance(w, Seed)
+        w.spec = check_data(w.spec, opts, declared_shape(args) if opts.data else {})  # a --data file decides it
+        _show_seed(w, opts, device)
+    return 0
+
+
+def _fits(w: Workload, p: ModelPlan, opts: RunOptions, device: torch.device) -> str:
+    problem = w.fit_problem(p, opts, device)  # the check `run` makes before allocating
+    return "yes" if problem is None else escape(problem)
+
+
+def _show_seed(w: Seed, opts: RunOptions, device: torch.device) -> None:
+    spec = w.spec
     t = Table(title=escape(f"plan: {spec} on {device}"))
-    for col in ("model", "width", "params", "active params", "GFLOP/inference", "train GiB", "infer GiB",
-                "fits"):
+    for col in ("model", "width", "params", "active params", "GFLOP/inference", "train GiB", "infer GiB", "fits"):
         t.add_column(col, justify="left" if col in ("model", "fits") else "right")
-    for m in plans(spec, opts.models):
+    for m in w.plans(opts.models):
         train_b = m.memory_bytes(opts.batch_size, opts.dtype, training=True)
         infer_b = m.memory_bytes(opts.batch_size, opts.dtype, training=False)
-        problem = fit_check(m, opts, device)  # the check `run` makes before allocating
         t.add_row(escape(m.name), f"{m.width:,}", f"{m.params:,}", f"{m.active_params:,}",
                   f"{m.flops_per_inference / 1e9:.4f}", f"{train_b / GIB:.2f}", f"{infer_b / GIB:.2f}",
-                  "yes" if problem is None else escape(problem))
+                  _fits(w, m, opts, device))
     console.print(t)
     data = "from --data" if opts.data else \
         f"~{memory.dataset_bytes(opts.samples, spec.input_dim, spec.classes) / GIB:.2f} GiB on the host"
     batch = memory.batch_bytes(opts.batch_size, spec.input_dim, opts.dtype) / GIB
     console.print(f"inputs: data {data}; bench batch ~{batch:.2f} GiB (checked against free memory like the "
                   "models)", highlight=False)
-    return 0
+
+
+def _show_layer(w: Layer, opts: RunOptions, device: torch.device) -> None:
+    plans, tokens, arch = w.plans(opts.models), w.tokens, w.arch
+    t = Table(title=escape(f"plan: {arch.name} layer on {device}, {opts.dtype}"))
+    for col in ("model", "width", "params", "active params", "GFLOP/token", "weights GiB",
+                f"GiB at T={max(tokens)}", "fits"):
+        t.add_column(col, justify="left" if col in ("model", "fits") else "right", overflow="fold")
+    for p in plans:
+        at_max = p.memory_bytes(max(tokens), opts.dtype, strategies=named(opts.strategies) if p.kind == "moe" else ())
+        t.add_row(escape(p.name), f"{p.width:,}", f"{p.params:,}", f"{p.active_params:,}",
+                  f"{p.flops_per_inference / 1e9:.4f}", f"{p.weight_bytes(opts.dtype) / GIB:.2f}",
+                  f"{at_max / GIB:.2f}", _fits(w, p, opts, device))
+    console.print(t)
+    fits = [p for p in plans if w.fit_problem(p, opts, device) is None]
+    if len(fits) > 1:
+        problem = w.together_problem(fits, opts, device)
+        together = "built and measured together" if problem is None else \
+            f"measured one at a time ({unwrapped(problem)})"
+        console.print(escape(f"models: {together}"), highlight=False, soft_wrap=True)
+    console.print(_traffic(plans, arch, opts, tokens, w.routing))
+    if arch.moe_layers > 1:
+        console.print(escape(f"whole-model figures: {extrapolation_note(arch)}"), highlight=False, soft_wrap=True)
+
+
+def _touched_cell(arch: Arch, routing: RoutingMode, tokens: int, seed: int) -> str:
+    """Experts T tokens reach: exact for balanced, counted for skewed, the uniform expectation for random."""
+    e, k = arch.experts, arch.top_k
+    if routing.kind == "balanced":
+        return f"{min(e, tokens * k)}"
+    if routing.kind == "skewed" and routing.alpha is not None and tokens * e <= 2**22:
+        return f"{zipf_assignment(tokens, e, k, routing.alpha, seed).unique().numel()}"
+    return f"~{expected_experts_touched(e, k, tokens):.1f} if uniform"
+
+
+def _traffic(plans: list[ModelPlan], arch: Arch, opts: RunOptions, tokens: list[int], routing: RoutingMode) -> Table:
+    """Per token count: experts reached and the weight bytes one forward reads, MoE against dense."""
+    t = Table(title=escape(f"weights one forward reads (routing {routing.text})"))
+    t.add_column("T", justify="right")
+    t.add_column("experts touched", justify="right")
+    for p in plans:
+        t.add_column(f"{p.name} MiB", justify="right")
+    for T in tokens:
+        cell = _touched_cell(arch, routing, T, opts.seed)
+        touched = expected_experts_touched(arch.experts, arch.top_k, T) if cell.startswith("~") else float(cell)
+        t.add_row(str(T), cell, *[f"{(p.weight_bytes_read(opts.dtype, touched) or 0) / 2**20:,.1f}" for p in plans])
+    return t

@@ -9,11 +9,11 @@ from typing import Any
 
 from rich.markup import escape
 
-from ..capped import CapPlan, plan_caps
-from ..carbon import ESTIMATED
 from ..config import PowerCaps
 from ..energy.meter import Meter
 from ..errors import ConfigError
+from ..power.capped import CapPlan, plan_caps
+from ..power.carbon import ESTIMATED
 from . import err_console, fmt
 
 Column = tuple[str, Callable[[dict], str]]

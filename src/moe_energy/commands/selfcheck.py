@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ConfigError
-from ..results import check_writable, stamp
+from ..storage.results import check_writable, stamp
 from . import command, console, save_then_show
 from .options import device_of
 
@@ -39,7 +39,7 @@ def selfcheck(args: argparse.Namespace) -> int:
     _seconds("--seconds", args.seconds, zero_ok=False)
     _seconds("--idle-seconds", args.idle_seconds, zero_ok=True)
     check_writable(args.out)
-    from ..selfcheck import run_selfcheck
+    from ..bench.selfcheck import run_selfcheck
 
     with console.status("self-check") as status:
         report = run_selfcheck(device, args.seconds, args.idle_seconds,

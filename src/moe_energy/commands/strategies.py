@@ -9,15 +9,16 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from .. import roofline
 from ..config import split_list
 from ..device import DTYPES, resolve_device
 from ..errors import ConfigError
+from ..measure import roofline
 from ..models.strategies import STRATEGIES
-from ..results import check_writable, stamp
+from ..runner.core import check_dtype
+from ..runner.layer import check_layer_inputs
+from ..storage.results import check_writable, stamp
 from . import command, console, err_console, fmt, save_then_show
-from .llm import add_llm_arguments, refuse_llm_only, resolve_llm
-from .options import add_shape_arguments, device_of, resolve
+from .options import add_llm_arguments, add_shape_arguments, device_of, refuse_others, resolve, resolve_layer
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -89,11 +90,11 @@ def _notice(msg: str) -> None:
          _bench_args)
 def bench_strategies(args: argparse.Namespace) -> int:
     """Check the flags (one-line errors, before any work), time every strategy, print the table, save JSON."""
-    from ..strategy_bench import bench_strategies as run_bench
+    from ..bench.strategies import bench_strategies as run_bench
 
     if getattr(args, "arch", None):
         return bench_layer_command(args)
-    refuse_llm_only(args)
+    refuse_others(args, "seed")
     given = args.strategies
     args.strategies = None  # validated below: the default here is every strategy, not run's default
     spec, opts = resolve(args)
@@ -115,14 +116,13 @@ def bench_strategies(args: argparse.Namespace) -> int:
 def bench_layer_command(args: argparse.Namespace) -> int:
     """`bench-strategies --arch`: the flags checked as `run --arch` checks them (one-line errors, before any
     work), the layer timed at each token count, the JSON saved, then the table printed."""
-    from ..llm_pipeline import check_layer_inputs
-    from ..pipeline import check_dtype
-    from ..strategy_bench import bench_layer
+    from ..bench.strategies import bench_layer
 
     given, args.strategies = args.strategies, None  # validated below: the default is every strategy
     if args.compile:
         raise ConfigError("--compile: not with --arch (every model of a layer is timed eager here); drop it")
-    arch, opts, tokens, routing = resolve_llm(args)
+    w, opts = resolve_layer(args)
+    arch, tokens, routing = w.arch, w.tokens, w.routing
     if routing.kind != "random":
         raise ConfigError(f"--routing {routing.text}: bench-strategies --arch times transformers' own router too, "
                           "which cannot be forced; use --routing random (the default)")

@@ -20,10 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import CAP_KEYS, CARBON_KEYS, ConfigError, resolve_caps, resolve_carbon
-from ..fileio import check_new_file, create_atomic, os_reason, path_exists
-from ..interrupts import exit_code, signal_name, signals_raise
-from ..store import DEFAULT_DB, Store, damaged
-from . import command, console, err_console, record_saved
+from ..storage.fileio import check_new_file, create_atomic, os_reason, path_exists
+from ..storage.store import DEFAULT_DB, Store, damaged
+from . import command, console, err_console, interruptible, record_saved
 from .options import (
     add_energy_arguments,
     add_power_arguments,
@@ -45,18 +44,28 @@ def _db_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpar
         try:
             return handler(args)
         except sqlite3.DatabaseError as e:
-            db = _db_path(args) if args.command == "sweep" else Path(getattr(args, "db", None) or DEFAULT_DB)
-            raise ConfigError(damaged(db, e)) from None
+            raise ConfigError(damaged(db_path(args), e)) from None
 
     return wrapped
 
 
-def _db_path(args: argparse.Namespace) -> Path:
-    """The database path (``--db``, else under ``--out``), refused in one line if the OS cannot use the name."""
-    out = getattr(args, "out", None)
+def db_path(args: argparse.Namespace) -> Path:
+    """The one answer to "which database": ``--db``, else (a sweep's) under ``--out``, else the default; a name
+    the OS cannot use is refused in one line now. (report's --out is the report's folder, not the store's.)"""
+    out = getattr(args, "out", None) if args.command == "sweep" else None
     db = Path(args.db) if getattr(args, "db", None) else Path(out) / "moe-energy.db" if out else Path(DEFAULT_DB)
     path_exists(db, f"--db {db}")  # only to refuse a name the OS cannot use, now
     return db
+
+
+def _interruptible(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """report, export, merge: a signal runs every ``finally`` (so their temp files go), then one line and 128 + N."""
+
+    @functools.wraps(handler)
+    def wrapped(args: argparse.Namespace) -> int:
+        return interruptible(lambda: handler(args), lambda: "no partial file was left behind; run the command again")
+
+    return wrapped
 
 
 # -- sweep -----------------------------------------------------------------------------------------------
@@ -180,7 +189,7 @@ class SweepProgress:
 
 
 def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
-    from ..sweep import fit_problem
+    from ..runner.sweep import fit_problem
 
     if points and points[0].is_layer:
         return _layer_points_table(points, meter_name, done, device)
@@ -205,8 +214,8 @@ def _minutes(seconds: float | None) -> str:
 
 def _layer_points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
     """The LLM points, each with the least time it can take here (fixed seconds + forwards at the roofline)."""
-    from ..roofline import load as load_roofline
-    from ..sweep import fit_problem, seconds_floor
+    from ..measure.roofline import load as load_roofline
+    from ..runner.sweep import fit_problem, seconds_floor
 
     roof = load_roofline(device)
     floors = [seconds_floor(p, roof) for p in points]
@@ -231,8 +240,8 @@ def _layer_points_table(points, meter_name: str, done: set[str], device) -> Tabl
 
 def _over_limit(p: Any, roof: Any) -> str:
     """'3 of 21': the point's (model, token count) rows that --max-forward-s will skip, by the roofline bound."""
-    from ..llm_pipeline import forward_too_long
-    from ..sweep import layer_plans_of
+    from ..runner.layer import forward_too_long
+    from ..runner.sweep import layer_plans_of
 
     rows = [(pl, t) for pl in layer_plans_of(p) for t in p.tokens]
     over = sum(forward_too_long(roof, pl, t, p.opts) is not None for pl, t in rows)
@@ -250,7 +259,7 @@ def _llm_dtype(cfg: dict[str, Any]) -> None:
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the grid's settings, the power caps' and carbon figures'), each from --config, then the flags."""
-    from .. import sweep as sw
+    from ..runner import sweep as sw
 
     cfg = sw.load_grid_toml(args.config) if args.config else {}
     cfg.update({k: v for k, v in vars(args).items()
@@ -261,9 +270,9 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]
 
 def _grid(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any], Any]:
     """(grid, its settings, the power settings, device): every point validated, the dtypes checked now."""
-    from .. import sweep as sw
     from ..device import resolve_device
-    from ..pipeline import check_dtype
+    from ..runner import sweep as sw
+    from ..runner.core import check_dtype
 
     cfg, power = _settings(args)
     _llm_dtype(cfg)
@@ -277,8 +286,8 @@ def _grid(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]
 
 def _points(args: argparse.Namespace, grid: Any, cfg: dict[str, Any]) -> tuple[list, tuple[int, int] | None]:
     """(this shard's points, shard) of the grid, caps already on it; --data checked now."""
-    from .. import sweep as sw
     from ..data import load_npz
+    from ..runner import sweep as sw
 
     which = sw.parse_shard(args.shard)
     points = sw.shard(grid.points, which)
@@ -295,7 +304,7 @@ def _open_run(args: argparse.Namespace, store: Store, grid: Any, points: list, m
               shard_text: str | None) -> tuple[str, set[str]]:
     """(run id, keys to skip): the run to continue with --resume, or a new one."""
     from ..energy.meter import meter_info
-    from ..environment import describe
+    from ..measure.environment import describe
 
     grid_hash = grid.hash(meter.name) + (f"-{shard_text}" if shard_text else "")
     already = {p.key(meter.name) for p in points} & store.completed_keys()
@@ -314,29 +323,31 @@ def _open_run(args: argparse.Namespace, store: Store, grid: Any, points: list, m
 def _measure(args: argparse.Namespace, store: Store, grid: Any, points: list, meter: Any, device: Any,
              shard_text: str | None, levers: Any) -> Any:
     """Every point of this shard measured into ``store``; the outcome, or an exit code when stopped."""
-    from .. import sweep as sw
-    from ..pipeline import run as run_models
+    from ..runner import sweep as sw
 
     run_id, skip = _open_run(args, store, grid, points, meter, device, shard_text)
     console.print(f"sweep {grid.name}: {len(points)} point(s)"
                   + (f" (shard {shard_text} of a {len(grid.points)}-point grid)" if shard_text else "")
                   + (f", {len(skip)} already complete" if skip else "")
                   + f"; meter {meter.name} ({meter.method}); database {store.path}", markup=False, highlight=False)
-    try:
+    def points_run() -> Any:
         with SweepProgress(len(points) - len(skip)) as ui:
-            outcome = sw.run_points(points, store, run_id, meter, device, run_models, ui, ui.on_point, skip,
+            outcome = sw.run_points(points, store, run_id, meter, device, None, ui, ui.on_point, skip,
                                     resume=args.resume, levers=levers)
             ui.finish()
-    except KeyboardInterrupt as e:
-        saved = store.con.execute("SELECT COUNT(*) FROM points WHERE run_id = ?", (run_id,)).fetchone()[0]
+        return outcome
+
+    def saved() -> str:
+        n = store.con.execute("SELECT COUNT(*) FROM points WHERE run_id = ?", (run_id,)).fetchone()[0]
         again = shlex.join(["moe-energy", *sys.argv[1:]] + ([] if args.resume else ["--resume"]))
-        print(f"interrupted ({signal_name(e)}): {saved} finished point(s) of this sweep are saved in {store.path}, "
-              f"the point in flight was discarded; to continue run: {again}", file=sys.stderr)
-        return exit_code(e)
+        return (f"{n} finished point(s) of this sweep are saved in {store.path}, the point in flight was discarded; "
+                f"to continue run: {again}")
+
+    try:
+        return interruptible(points_run, saved)
     except sw.StoreWriteFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return outcome
 
 
 def _summary(outcome: Any, db: Path, integrity: str) -> int:
@@ -357,13 +368,13 @@ def _summary(outcome: Any, db: Path, integrity: str) -> int:
          _sweep_args)
 @_db_errors
 def sweep(args: argparse.Namespace) -> int:
-    from .. import sweep as sw
-    from ..capped import plan_caps
-    from ..results import probe_write
+    from ..power.capped import plan_caps
+    from ..runner import sweep as sw
+    from ..storage.results import probe_write
 
     grid, cfg, power, device = _grid(args)
     caps, carbon = resolve_caps(power), resolve_carbon(power)
-    db = _db_path(args)
+    db = db_path(args)
     notices: list[str] = []
     meter = meter_from_args(args, device, notice=notices.append)
     for n in notices:
@@ -384,40 +395,24 @@ def sweep(args: argparse.Namespace) -> int:
     # A full disk or read-only directory is found now, not when the first point is written an hour from now.
     probe_write(db.parent, f"--db {db}")
     shard_text = f"{which[0]}/{which[1]}" if which else None
-    try:
-        with signals_raise(), Store(db) as store:
+    def in_store() -> tuple[Any, str]:
+        with Store(db) as store:  # opening or migrating it may be interrupted too: before any point
             outcome = _measure(args, store, grid, points, plan.wrap(meter), device, shard_text,
                                sw.Levers(plan, carbon))
-            if isinstance(outcome, int):  # interrupted, or the store refused a write: its own status
-                restore_status(plan)
-                return outcome
-            integrity = store.integrity()
-    except KeyboardInterrupt as e:  # before the first point started (opening or migrating the database)
-        print(f"interrupted ({signal_name(e)}) before any point was measured; run the same command again",
-              file=sys.stderr)
-        return exit_code(e)
+            return outcome, "" if isinstance(outcome, int) else store.integrity()
+
+    done = interruptible(in_store, lambda: "before any point was measured; run the same command again")
+    if isinstance(done, int):
+        return done
+    outcome, integrity = done
+    if isinstance(outcome, int):  # interrupted, or the store refused a write: its own status
+        restore_status(plan)
+        return outcome
     code = _summary(outcome, db, integrity)
     return restore_status(plan) or code
 
 
 # -- report, export, merge: reads of the store ------------------------------------------------------------
-def _interruptible(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """SIGTERM and SIGHUP end these commands as Ctrl-C does: an exception that runs every ``finally`` (so their
-    temp files go), then one line on stderr and exit 128 + the signal's number (130, 143, 129)."""
-
-    @functools.wraps(handler)
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            with signals_raise():
-                return handler(args)
-        except KeyboardInterrupt as e:
-            print(f"interrupted ({signal_name(e)}): no partial file was left behind; run the command again",
-                  file=sys.stderr)
-            return exit_code(e)
-
-    return wrapped
-
-
 def _say(text: str) -> None:
     """A line on stdout printed as it is, never as markup: the paths in it are the user's (``--out '[/z]'``)."""
     console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -433,11 +428,11 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 @_db_errors
 @_interruptible
 def report(args: argparse.Namespace) -> int:
-    from ..analysis import load
     from ..report import write_report
+    from ..report.analysis import load
     from ..report.html import answer_tables
 
-    db = Path(args.db or DEFAULT_DB)
+    db = db_path(args)
     with Store(db, create=False) as store:
         frame = load(store)
     if not frame.points and not frame.skipped:
@@ -507,7 +502,7 @@ def _write_new(out: Path, data: bytes) -> Path:
 @_db_errors
 @_interruptible
 def export(args: argparse.Namespace) -> int:
-    db = Path(args.db or DEFAULT_DB)
+    db = db_path(args)
     to_stdout = not args.out or args.out == "-"
     if not to_stdout:
         check_new_file(Path(args.out), f"--out {args.out}", "choose a new file name")
@@ -530,7 +525,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 @command("merge", "Combine sweep databases (e.g. the shards of one sweep) into a new one.", _merge_args)
 @_interruptible
 def merge(args: argparse.Namespace) -> int:
-    from ..store import merge as merge_dbs
+    from ..storage.store import merge as merge_dbs
 
     counts = merge_dbs(args.inputs, args.out)  # its temp files are removed on every way out, signals included
     record_saved(args.out)

@@ -12,8 +12,7 @@ makes the others fail their next collective within ``--collective-timeout`` seco
 
   group            the process group, collectives as one-line PeerLost, the start-up agreement
   expert_parallel  ExpertParallelMoE (wraps a sharded MoE or LLM MoELayer) and its all-to-all CommStats
-  job              the measured job: run's pipeline on every rank, windows of an agreed batch count
-  layer_job        the same for an LLM layer (run --arch): run_llm's phases and records on every rank
+  job              the run skeleton's team on ranks (``Ranks``): any workload's run, windows of an agreed count
 """
 
 from ..errors import PeerLost
@@ -33,6 +32,7 @@ from .group import (
 from .job import (
     Count,
     RankResult,
+    Ranks,
     check_options,
     job_energy,
     job_idle,
@@ -42,14 +42,13 @@ from .job import (
     median_of,
     rank_batch,
     rank_meter,
-    run_distributed,
+    run_job,
 )
-from .layer_job import run_layer_job
 
 __all__ = [
     "DEFAULT_TIMEOUT_S", "EP_STRATEGY", "MOE_LABEL", "CommStats", "Count", "ExpertParallelMoE", "Group",
-    "PeerLost", "RankResult", "check_agreement", "check_divisible", "check_options", "collective", "config_hash",
-    "init_group", "job_energy", "job_idle", "job_measurement", "job_record", "launch_env", "measure_ranks",
-    "median_of", "parts_of", "rank_batch", "rank_meter", "run_distributed", "run_layer_job", "set_stage",
-    "shard_moe", "shutdown",
+    "PeerLost", "RankResult", "Ranks", "check_agreement", "check_divisible", "check_options", "collective",
+    "config_hash", "init_group", "job_energy", "job_idle", "job_measurement", "job_record", "launch_env",
+    "measure_ranks", "median_of", "parts_of", "rank_batch", "rank_meter", "run_job", "set_stage", "shard_moe",
+    "shutdown",
 ]

@@ -24,7 +24,6 @@ from torch import nn
 
 from .. import __version__
 from ..config import RunOptions
-from ..data import Dataset
 from ..device import resolve_device
 from ..errors import ConfigError, PeerLost, one_line
 
@@ -262,11 +261,3 @@ def check_agreement(seen: list[tuple[str, dict[str, Any], str | None]]) -> None:
 def agree_on_start(g: Group, cfg: dict[str, Any], local_error: str | None) -> None:
     """Every rank checks every rank's config hash and start-up error: all raise the same error, or none does."""
     check_agreement(all_gather_object(g, (config_hash(cfg), cfg, local_error)))
-
-
-def data_fingerprint(data: Dataset) -> str:
-    """A hash of the data's contents: two machines' --data files must hold the same rows."""
-    h = hashlib.sha256()
-    for t in (data.x_train, data.y_train, data.x_test, data.y_test):
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]

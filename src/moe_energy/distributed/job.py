@@ -1,15 +1,17 @@
-"""The measured job of ``run --parallel expert``: run's pipeline (train -> idle -> windows -> records) on
-every rank of a torchrun job, with the collectives that keep the ranks in step.
+"""The measured job of ``run --parallel expert``: the one run skeleton (``runner.core``) on every rank of a
+torchrun job, for any workload whose MoE shards its experts (the seed's classifier, an LLM layer), with the
+collectives that keep the ranks in step (``Ranks``, the skeleton's ``Team``).
 
-Each rank trains every model alone, exactly as a single-process run does (``pipeline.train_all``), then
-rank 0's weights are broadcast: the MoE sharded over the ranks (``ExpertParallelMoE``), each dense baseline
-whole on every rank (data-parallel, each rank its own batch). Idle power is read on every rank at once; the
-windows follow run's shuffled schedule (the same on every rank: it comes from the agreed seed), a rest
-between them. An expert-parallel forward is a collective, so a window is a fixed batch count agreed at the
-model's first window (the slowest rank's pace) instead of a time. Rank 0 gathers each window's per-rank
-figures into one job window (``measure.records.window_record`` over the job's distinct devices) and each
-model's record is ``measure.records.measured_record`` over those windows, its ``parallel`` block the
-medians of theirs.
+Each rank checks and builds (trains) every model exactly as a single process does; the ranks agree on every
+check and skip, so what any rank cannot run is left out on all of them. Then rank 0's weights are broadcast: the
+MoE sharded over the ranks (``ExpertParallelMoE``), each dense baseline whole on every rank (data-parallel, each
+rank its own inputs). Idle power is read on every rank at once; the windows follow the skeleton's shuffled
+schedule (the same on every rank: it comes from the agreed seed), a rest between them. An expert-parallel
+forward is a collective, so a window is a fixed batch count agreed at the model's first window (the slowest
+rank's pace) instead of a time. Rank 0 gathers each window's per-rank figures into one job window
+(``measure.records.window_record`` over the job's distinct devices) and each model's record is the skeleton's
+over those windows, its ``parallel`` block the medians of theirs. No roofline: one device's bound says nothing
+of a job over W of them.
 """
 
 from __future__ import annotations
@@ -23,19 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import pipeline
-from ..config import ModelSpec, RunOptions
-from ..data import Dataset, make_dataset
-from ..device import DTYPES, device_sync, free
+from ..config import RunOptions
+from ..device import device_sync, free
 from ..energy.idle import IdlePower
-from ..energy.meter import Measurement, Meter, NullMeter, meter_info, weakest
-from ..environment import describe
+from ..energy.meter import Measurement, Meter, NullMeter, weakest
 from ..errors import ConfigError
-from ..fileio import now_utc
-from ..measure.guard import GuardedMeter, MeterFailed
-from ..measure.records import ModelRecord, measured_record, skipped_record, window_record
+from ..measure.guard import MeterFailed
+from ..measure.records import WindowRecord, window_record
 from ..measure.window import (
     BenchResult,
     caller,
@@ -45,9 +44,11 @@ from ..measure.window import (
     latency_pass,
     warm_up,
 )
-from ..models.plan import TRAIN_STRATEGY, ModelPlan, plans
-from ..pipeline import UI, Bench, Host, Kinded, Run, SilentUI, Trained, Variant
-from ..results import check_writable, new_document, run_stem, write_atomic
+from ..models.plan import ModelPlan
+from ..runner import core
+from ..runner.core import Built, Measured, Run, Variant, Workload
+from ..storage.fileio import now_utc
+from ..storage.results import check_writable
 from .expert_parallel import EP_STRATEGY, MOE_LABEL, CommStats, ExpertParallelMoE
 from .group import (
     Group,
@@ -57,13 +58,17 @@ from .group import (
     barrier,
     broadcast_module,
     check_divisible,
-    data_fingerprint,
+    collective,
     gather_object,
     job_config,
     set_stage,
 )
 
 SHARED_METHODS = ("counter", "sampled")  # readings of a device itself; an estimate is one process's own
+NOTE = ("MoE: experts sharded (an LLM layer's router and shared experts on every rank), tokens moved by "
+        "all-to-all; dense: data-parallel, each rank its own inputs (an LLM layer's: tokens_per_forward tokens, "
+        "the job's forward tokens_per_forward_job); every rank built or trained identically, rank 0's weights "
+        "broadcast")
 
 
 def check_options(opts: RunOptions) -> None:
@@ -79,52 +84,16 @@ def check_options(opts: RunOptions) -> None:
 
 def rank_meter(device: torch.device) -> Meter:
     """This rank's default meter: every real counter covering its own device (the estimate if none)."""
-    from ..energy.select import auto_meter
+    from ..energy.select import auto_meter  # the meters' hardware libraries load only where a job runs
 
     return auto_meter(device)
 
 
-def rank_batch(data: Dataset, batch_size: int, rank: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Each rank its own batch: held-out rows from offset rank*batch_size, wrapping around. [B, in]"""
-    x = data.x_test
-    idx = (torch.arange(batch_size) + rank * batch_size) % len(x)
-    return x[idx].to(device=device, dtype=dtype).contiguous()
+def rank_batch(data: Any, batch_size: int, rank: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Each rank its own batch (``runner.seed.bench_batch``): held-out rows from offset rank*batch_size."""
+    from ..runner.seed import bench_batch
 
-
-def job_label(plan: Kinded) -> tuple[str, str | None]:
-    """(label, strategy) of a model's row: the MoE runs expert-parallel, a dense model data-parallel."""
-    return (MOE_LABEL, EP_STRATEGY) if plan.kind == "moe" else (plan.name, None)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Start-up: every rank's checks, then one agreement
-
-
-def start(spec: ModelSpec, opts: RunOptions, g: Group, meter_factory: Callable[[torch.device], Meter] | None,
-          ui: UI, sleep: Callable[[float], None], save: bool) -> tuple[Run, Meter]:
-    """This rank's run (run's ``Run``, its own batch); every rank raises the first rank's error, or none does."""
-    set_stage("start-up checks")
-    meter: Meter = NullMeter("start-up failed")
-    data: Dataset | None = None
-    err: str | None = None
-    try:
-        check_options(opts)
-        check_divisible(spec.experts, g.world_size)
-        pipeline.check_dtype(g.device, opts.dtype, (EP_STRATEGY, TRAIN_STRATEGY))
-        pipeline.check_inputs(spec, opts, g.device)
-        meter = (meter_factory or rank_meter)(g.device)
-        data = make_dataset(opts.samples, spec.input_dim, spec.classes, opts.seed, opts.test_fraction, opts.data)
-        if opts.data:
-            spec = replace(spec, input_dim=data.input_dim, classes=data.classes).validate()
-        if g.is_main and save:
-            check_writable(opts.out)
-    except ConfigError as e:
-        err = str(e)
-    agree_on_start(g, job_config(asdict(spec), opts, data_fingerprint(data) if data else "-", g.timeout_s), err)
-    assert data is not None
-    dtype = DTYPES[opts.dtype]
-    batch = rank_batch(data, opts.batch_size, g.rank, g.device, dtype)
-    return Run(spec, opts, g.device, dtype, data, batch, GuardedMeter(meter), ui, sleep, "skip"), meter
+    return bench_batch(data, batch_size, rank, device, dtype)
 
 
 def job_block(g: Group, meter: Meter, device_name: str, note: str) -> dict[str, Any]:
@@ -134,21 +103,6 @@ def job_block(g: Group, meter: Meter, device_name: str, note: str) -> dict[str, 
                                   "device_name": device_name, "meter": meter.name})
     return {"mode": "expert", "world_size": g.world_size, "backend": g.backend, "collective_timeout_s": g.timeout_s,
             "ranks": hosts, "nodes": len({h["hostname"] for h in hosts}), "note": note}
-
-
-def job_document(r: Run, g: Group, meter: Meter) -> dict[str, Any]:
-    """Run's results document plus the job's ranks, hosts and backend (a collective: every rank calls it)."""
-    doc = new_document(spec=asdict(r.spec), options=r.opts.as_dict(), environment=describe(g.device),
-                       dataset=pipeline.dataset_fields(r.data))
-    doc["energy_meter"] = {**meter_info(meter), "notice": getattr(meter, "notice", None)}
-    doc["parallel"] = job_block(g, meter, doc["environment"]["device_name"],
-                                "MoE: experts sharded, tokens moved by all-to-all; dense: data-parallel, each rank "
-                                "its own batch; every rank trained identically, rank 0's weights broadcast")
-    return doc
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Train, then place: rank 0's weights on every rank
 
 
 def agreed_reasons(g: Group, mine: dict[str, str]) -> dict[str, str]:
@@ -161,37 +115,11 @@ def agreed_reasons(g: Group, mine: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def train_agreed(r: Run, g: Group, todo: list[ModelPlan]) -> tuple[list[Trained], dict[str, str]]:
-    """Every model trained on every rank as run trains it (no collective: a slow epoch cannot trip the
-    timeout); a model any rank could not fit is skipped on all of them."""
-    set_stage("training")
-    trained, mine = pipeline.train_all(r, todo)
-    skipped = agreed_reasons(g, mine)
-    return [t for t in trained if t.name not in skipped], skipped
-
-
 def place_model(model: nn.Module, kind: str, g: Group) -> nn.Module:
     """What every rank measures, on its device with rank 0's weights: an MoE sharded, a dense model whole."""
     if kind == "moe":
         return ExpertParallelMoE.from_moe(model, g)
     return broadcast_module(model.to(g.device), g)
-
-
-def place_all(r: Run, trained: list[Trained], g: Group) -> tuple[dict[str, Variant], dict[str, Trained]]:
-    """Every trained model placed, one at a time (the full MoE is dropped as soon as its shard exists): the
-    job's rows on this rank's batch, and each model's training (holding the placed model) by name."""
-    rows: dict[str, Variant] = {}
-    kept: dict[str, Trained] = {}
-    while trained:
-        t = trained.pop(0)
-        set_stage(f"broadcasting {t.name}")
-        label, strategy = job_label(t.plan)
-        t = replace(t, model=place_model(t.model, t.plan.kind, g))  # the full model goes with the old t
-        kept[t.name] = t
-        rows[label] = Variant(label, t.model, strategy, r.batch, t.plan.flops_per_inference,
-                              t.plan.memory_bytes(r.opts.batch_size, r.opts.dtype, training=False), parked=False)
-        free(g.device)
-    return rows, kept
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,14 +161,14 @@ def job_idle(ranks: list[dict[str, Any]]) -> IdlePower:
                      power_by_device_w=None if missing else power, flags=flags)
 
 
-def idle_phase(r: Host, g: Group) -> tuple[IdlePower | None, dict[str, Any] | None]:
+def idle_phase(r: Run, g: Group) -> tuple[IdlePower | None, dict[str, Any] | None]:
     """Idle power read by every rank at once, after run's rest; rank 0 gets the job's (None elsewhere, and
     everywhere with --idle-seconds 0)."""
     if r.opts.idle_seconds <= 0:
         return None, None
     set_stage("reading idle power")
     barrier(g)  # every rank rests and reads together: no rank's training inside another's idle reading
-    _, mine = pipeline.idle_phase(r)
+    _, mine = core.idle_phase(r)
     ranks = gather_object(g, {"rank": g.rank, "hostname": platform.node(), "idle": mine})
     if ranks is None:
         return None, None
@@ -437,7 +365,7 @@ def job_record(ranks: list[dict[str, Any]], flops_per_inference: int, idle: Idle
 # Windows and records
 
 
-def job_window(r: Bench, g: Group, v: Variant, rep: int, order: int, counts: dict[str, Count],
+def job_window(r: Run, g: Group, v: Variant, rep: int, order: int, counts: dict[str, Count],
                idle: IdlePower | None, log: Callable[[str], None]) -> dict[str, Any] | None:
     """One window of ``v`` on every rank; rank 0 gets the job's record of it (None elsewhere). ``v``'s
     before/after hooks run on every rank (the after hook may be a collective: the job's expert load)."""
@@ -456,14 +384,14 @@ def job_window(r: Bench, g: Group, v: Variant, rep: int, order: int, counts: dic
     return {**head, **job_record(ranks, v.flops_per_inference, idle), **after}
 
 
-def measure_all(r: Bench, g: Group, variants: dict[str, Variant], idle: IdlePower | None,
+def measure_all(r: Run, g: Group, variants: dict[str, Variant], idle: IdlePower | None,
                 log: Callable[[str], None], first_order: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Run's schedule (every model once a round, rounds shuffled by the agreed seed: the same on every rank)
     with run's rest between windows on every rank; rank 0 gets each model's windows (empty lists elsewhere).
     Orders count on from ``first_order``: groups measured one after another share one sequence."""
     out: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
     counts: dict[str, Count] = {}
-    schedule = pipeline.window_schedule(list(variants), r.opts.repeats, r.opts.seed)
+    schedule = core.window_schedule(list(variants), r.opts.repeats, r.opts.seed)
     for order, (rep, label) in enumerate(schedule, start=first_order):
         if order > 0:
             r.sleep(r.opts.cooldown)
@@ -493,49 +421,95 @@ def parallel_median(windows: list[dict[str, Any]]) -> dict[str, Any]:
     return median_of([w["parallel"] for w in windows if not w.get("failed")] or [w["parallel"] for w in windows])
 
 
-def job_records(r: Run, todo: list[ModelPlan], trained: dict[str, Trained], skipped: dict[str, str],
-                windows: dict[str, list[dict[str, Any]]], idle: IdlePower | None) -> list[ModelRecord]:
-    """Every row in plan order, as run's records; a measured one's ``parallel`` is its windows' medians."""
-    out: list[ModelRecord] = []
-    for plan in todo:
-        label, strategy = job_label(plan)
-        if plan.name in skipped:
-            out.append(skipped_record(label, plan.fields(), strategy, r.opts.dtype, skipped[plan.name]))
-            continue
-        t, ws = trained[plan.name], windows[label]
-        rec = measured_record(label, plan.fields(), strategy, r.opts.dtype, t.train, t.accuracy_bench_dtype, idle,
-                              ws)  # type: ignore[arg-type]
-        rec["parallel"] = parallel_median(ws)
-        out.append(rec)
-        r.ui.info(label)
-    return out
+# ---------------------------------------------------------------------------------------------------------
+# The team
 
 
-def run_distributed(spec: ModelSpec, opts: RunOptions, g: Group,
-                    meter_factory: Callable[[torch.device], Meter] | None = None, ui: UI | None = None,
-                    log: Callable[[str], None] | None = None, save: bool = True,
-                    sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any] | None, Path | None]:
+class Ranks:
+    """The skeleton's ``Team`` on the ranks of a torchrun job: every check and skip agreed, the MoE sharded, the
+    windows a batch count agreed at the slowest rank's pace; rank 0 gathers the job's figures."""
+
+    parks, bounds = False, False
+
+    def __init__(self, g: Group, meter_factory: Callable[[torch.device], Meter] | None = None,
+                 log: Callable[[str], None] | None = None, save: bool = True) -> None:
+        self.g, self.factory, self.log, self.save = g, meter_factory or rank_meter, log or (lambda s: None), save
+        self.rank, self.world, self.is_main = g.rank, g.world_size, g.is_main
+        self._meter: Meter = NullMeter("start-up failed")
+
+    def strategies(self, opts: RunOptions) -> tuple[str, ...]:
+        return (EP_STRATEGY,)
+
+    def start(self, w: Workload, checks: Callable[[], torch.device], opts: RunOptions) -> torch.device:
+        """Every rank's checks, then one agreement: every rank raises the first rank's error, or none does."""
+        set_stage("start-up checks")
+        err: str | None = None
+        identity: tuple[dict[str, Any], str] = ({}, "-")
+        try:
+            check_options(opts)
+            check_divisible(w.experts, self.world)
+            self._meter = self.factory(self.g.device)
+            checks()
+            identity = w.identity()
+            if self.is_main and self.save:
+                check_writable(opts.out)
+        except ConfigError as e:
+            err = str(e)
+        agree_on_start(self.g, job_config(identity[0], opts, identity[1], self.g.timeout_s), err)
+        return self.g.device
+
+    def meter(self) -> Meter:
+        return self._meter
+
+    def agree(self, reasons: dict[str, str]) -> dict[str, str]:
+        return agreed_reasons(self.g, reasons)
+
+    def label(self, plan: ModelPlan, strategy: str | None) -> tuple[str, str | None]:
+        """(label, strategy) of a model's row: the MoE runs expert-parallel, a dense model data-parallel."""
+        return (MOE_LABEL, EP_STRATEGY) if plan.kind == "moe" else (plan.name, None)
+
+    def place(self, built: Built) -> Built:
+        """``built``'s model placed (the full MoE dropped as soon as its shard exists)."""
+        set_stage(f"broadcasting {built.name}")
+        placed = replace(built, model=place_model(built.model, built.plan.kind, self.g))
+        free(self.g.device)
+        return placed
+
+    def header(self, doc: dict[str, Any]) -> None:
+        doc["parallel"] = job_block(self.g, self._meter, doc["environment"]["device_name"], NOTE)
+
+    def roofline(self, r: Run, notices: list[str]) -> None:
+        return None
+
+    def idle(self, r: Run) -> tuple[IdlePower | None, dict[str, Any] | None]:
+        return idle_phase(r, self.g)
+
+    def measure(self, r: Run, variants: dict[str, Variant], idle: IdlePower | None, out: Measured,
+                first_order: int) -> None:
+        for label, ws in measure_all(r, self.g, variants, idle, self.log, first_order).items():
+            out.windows.setdefault(label, []).extend(ws)  # type: ignore[arg-type]
+
+    def extra(self, windows: list[WindowRecord]) -> dict[str, Any]:
+        return {"parallel": parallel_median(windows) if windows else {}}  # type: ignore[arg-type]
+
+    def sum_(self, t: Tensor) -> None:
+        with collective(self.g, "all-reduce"):
+            dist.all_reduce(t, group=self.g.pg)
+
+    def stem_suffix(self) -> str:
+        return f"-ep{self.world}"
+
+    def finish(self) -> None:
+        free(self.g.device)
+        set_stage("finishing")
+        barrier(self.g)
+
+
+def run_job(w: Workload, opts: RunOptions, g: Group, meter_factory: Callable[[torch.device], Meter] | None = None,
+            ui: core.UI | None = None, log: Callable[[str], None] | None = None, save: bool = True,
+            sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any] | None, Path | None]:
     """Every rank calls this; rank 0 returns the job's document (and its path when saved), others (None, None).
 
-    ``meter_factory(device)`` gives this rank's meter over its own devices (default: ``rank_meter``).
-    """
-    ui = ui if g.is_main and ui is not None else SilentUI()
-    log = log or (lambda s: None)
-    r, meter = start(spec, opts, g, meter_factory, ui, sleep, save)
-    doc = job_document(r, g, meter)
-    todo = list(plans(r.spec, opts.models))
-    log(f"{g.where()}: training {', '.join(p.name for p in todo)} on {g.device}")
-    trained, skipped = train_agreed(r, g, todo)
-    variants, placed = place_all(r, trained, g)
-    idle, doc["idle"] = idle_phase(r, g) if variants else (None, None)
-    windows = measure_all(r, g, variants, idle, log)
-    if g.is_main:
-        doc["models"] = job_records(r, todo, placed, skipped, windows, idle)
-    del variants, placed
-    free(g.device)
-    set_stage("finishing")
-    barrier(g)
-    if not g.is_main:
-        return None, None
-    path = write_atomic(doc, opts.out, run_stem(doc, opts.extra.get("preset"), f"-ep{g.world_size}")) if save else None
-    return doc, path
+    ``meter_factory(device)`` gives this rank's meter over its own devices (default: ``rank_meter``)."""
+    team = Ranks(g, meter_factory, log, save)
+    return core.run(w, opts, team, ui if g.is_main else None, save, sleep)

@@ -154,6 +154,23 @@ class ModelRecord(TypedDict, total=False):
     windows: list[WindowRecord]
 
 
+class LayerRecord(ModelRecord, total=False):
+    """A model record of the LLM-layer workload: inferences are tokens, plus the routing it measured."""
+
+    tokens_per_forward: int
+    arch: str
+    routing: str
+    tokens_per_second: float | None
+    tokens_per_joule: float | None
+    joules_per_1k_tokens: float | None
+    experts_touched: float | None
+    experts_touched_if_uniform: float | None
+    expert_load_max_over_mean: float | None
+    weight_bytes_read_per_forward: float | None
+    # the roofline split (roofline.figures): the bytes above at the copy bandwidth, the FLOPs at the GEMM rate
+    model_extrapolated: dict[str, Any] | None
+
+
 def window_record(res: BenchResult) -> WindowRecord:
     """The figures of one measured window, each named with its unit."""
     e = res.energy

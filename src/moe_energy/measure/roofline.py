@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .device import device_sync, dtype_of
+from ..device import device_sync, dtype_of
+from ..errors import ConfigError
+from ..models.kernels import linear
+from ..storage.fileio import now_utc, replace_atomic
 from .environment import cpu_model
-from .errors import ConfigError
-from .fileio import now_utc, replace_atomic
-from .measure.timing import time_one
-from .models.kernels import linear
+from .timing import time_one
 
 CACHE_ENV = "MOE_ENERGY_CACHE_DIR"
 CACHE_FILE = "roofline.json"

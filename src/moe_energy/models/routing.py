@@ -105,23 +105,29 @@ def assignment(mode: RoutingMode, tokens: int, experts: int, top_k: int, seed: i
 
 class BenchRouter(nn.Module):
     """A router as the benchmark runs it: the wrapped router's forward, its experts replaced by ``mode``'s
-    fixed assignment (balanced, skewed), and the pairs per expert counted on the device."""
+    fixed assignment (balanced, skewed), and the pairs per expert counted on the device.
 
-    def __init__(self, router: nn.Module, experts: int, top_k: int, mode: RoutingMode, seed: int = 0) -> None:
+    On rank ``rank`` of an expert-parallel job of ``world`` ranks, a fixed routing assigns the job's forward of
+    W*T tokens as one process assigns W*T, this rank's T tokens taking rows [rank*T, (rank+1)*T): each rank alone
+    would deal its T tokens to the very experts every other rank deals them to."""
+
+    def __init__(self, router: nn.Module, experts: int, top_k: int, mode: RoutingMode, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
         super().__init__()
         self.router, self.num_experts, self.top_k, self.mode, self.seed = router, experts, top_k, mode, seed
+        self.rank, self.world = rank, world
         self.register_buffer("expert_pairs", torch.zeros(experts, dtype=torch.long), persistent=False)  # [E]
         self.register_buffer("_one", torch.ones(1, dtype=torch.long), persistent=False)  # [1]
         self._fixed: dict[tuple[int, str], Tensor] = {}  # (T, device) -> [T, k]
 
     def fixed_for(self, tokens: int, device: torch.device) -> Tensor | None:
-        """The [T, k] assignment on ``device``, made on first use of ``tokens`` (host work, then cached)."""
+        """This rank's [T, k] assignment on ``device``, made on first use of ``tokens`` (host work, then cached)."""
         key = (tokens, str(device))
         if key not in self._fixed:
-            a = assignment(self.mode, tokens, self.num_experts, self.top_k, self.seed)
-            if a is None:
+            job = assignment(self.mode, self.world * tokens, self.num_experts, self.top_k, self.seed)  # [W*T, k]
+            if job is None:
                 return None
-            self._fixed[key] = a.to(device)
+            self._fixed[key] = job[self.rank * tokens:(self.rank + 1) * tokens].to(device)  # [T, k]
         return self._fixed[key]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,10 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import CarbonPrice, PowerCaps
+from ..energy.meter import Meter
+from ..errors import ConfigError, Unavailable
+from ..storage.results import save_or_rescue
 from .carbon import add_carbon
-from .config import CarbonPrice, PowerCaps
-from .energy.meter import Meter
-from .energy.power_limit import (
+from .limits import (
     READ_BACK_TOLERANCE_W,
     Applied,
     PowerLimit,
@@ -36,8 +38,6 @@ from .energy.power_limit import (
     run_under,
     sweep_caps,
 )
-from .errors import ConfigError, Unavailable
-from .results import save_or_rescue
 
 
 def _say_nothing(msg: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import CarbonPrice
+from ..config import CarbonPrice
 
 JOULES_PER_KWH = 3.6e6
 MEASURED = "estimate from measured energy"

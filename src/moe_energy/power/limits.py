@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..energy.meter import Measurement, Meter, MeterBase, meter_info
+from ..energy.rapl import PACKAGE_MAX_W, _read_text, _zone_dirs, powercap_root
 from ..errors import ConfigError, Unavailable, one_line
 from ..interrupts import signals_held, signals_raise
-from .meter import Measurement, Meter, MeterBase, meter_info
-from .rapl import PACKAGE_MAX_W, _read_text, _zone_dirs, powercap_root
 
 SWEEP_STEP_W = 25.0  # Zeus's GlobalPowerLimitOptimizer default pl_step
 ZEUS_PRIVILEGES = "https://ml.energy/zeus/getting_started/#system-privileges"
@@ -143,7 +143,7 @@ def gpu_limits(meter: Meter, device: Any = None) -> list[GpuPowerLimit]:
     """The limits of the GPUs the run's meter reads (it opened them already); else the run's own CUDA GPU.
 
     Raises Unavailable when there is none: a cap on a GPU nobody measures would change nothing recorded."""
-    from .gpu import GpuMeter, open_gpus
+    from ..energy.gpu import GpuMeter, open_gpus
 
     meters = [m for m in _parts(meter) if isinstance(m, GpuMeter)]
     if meters:

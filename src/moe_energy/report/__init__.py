@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..analysis import load
-from ..store import Store
+from ..storage.store import Store
+from .analysis import load
 from .html import ReportFiles, write_report
 from .plots import CAP_PLOTS, LAYER_PLOTS, PLOTS
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .store import LAYER_FAMILY, Store, stored_json, stored_key
+from ..storage.store import LAYER_FAMILY, Store, stored_json, stored_key
 
 MEASURED = ("counter", "sampled")
 METRICS = {

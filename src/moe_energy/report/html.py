@@ -21,7 +21,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from ..analysis import (
+from ..power.carbon import ESTIMATED
+from ..storage.fileio import now_utc, replace_atomic
+from .analysis import (
     METRICS,
     BestCap,
     Crossover,
@@ -39,8 +41,6 @@ from ..analysis import (
     reference_cap,
     value,
 )
-from ..carbon import ESTIMATED
-from ..fileio import now_utc, replace_atomic
 from .plots import CAP_PLOTS, LAYER_PLOTS, PLOTS
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows (already formatted text)

@@ -21,7 +21,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from ..analysis import (  # noqa: E402
+from ..storage.store import LAYER_FAMILY  # noqa: E402
+from .analysis import (  # noqa: E402
     ENERGY_METRICS,
     METRICS,
     Crossover,
@@ -35,7 +36,6 @@ from ..analysis import (  # noqa: E402
     ratios,
     value,
 )
-from ..store import LAYER_FAMILY  # noqa: E402
 
 DENSE_STYLE = {"dense_total": ("#222222", "s"), "dense_active": ("#8c8c8c", "D")}
 MOE_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#bcbd22"]

@@ -13,11 +13,11 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .device import device_sync, dtype_name, dtype_of, sync
-from .errors import ConfigError, described
-from .measure.timing import time_one
-from .models.moe import LAYOUTS, MoE, StrategyHost
-from .models.strategies import AUTO_CANDIDATES, GROUPED_MM
+from ..device import device_sync, dtype_name, dtype_of, sync
+from ..errors import ConfigError, described
+from ..measure.timing import time_one
+from ..models.moe import LAYOUTS, MoE, StrategyHost
+from ..models.strategies import AUTO_CANDIDATES, GROUPED_MM
 
 
 def compile_candidates(dtype: torch.dtype) -> tuple[str, ...]:

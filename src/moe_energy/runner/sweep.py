@@ -26,21 +26,40 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from . import memory
-from .capped import CapPlan, run_capped
-from .config import CAP_KEYS, CARBON_KEYS, PRESETS, CarbonPrice, ConfigError, ModelSpec, RunOptions, resolve_config
-from .device import free
-from .errors import described
-from .fileio import now_utc
-from .models.archs import PRESETS as ARCH_PRESETS
-from .models.archs import Arch, custom_arch, get_arch
-from .models.counting import layer_params, matched_width, moe_params
-from .models.plan import plans
-from .models.routing import parse_routing
-from .store import LAYER_FAMILY, Store, point_key
+from .. import memory
+from ..config import (
+    CAP_KEYS,
+    CARBON_KEYS,
+    CONFIG_KEYS,
+    PRESETS,
+    WORKLOAD_KEYS,
+    CarbonPrice,
+    ConfigError,
+    ModelSpec,
+    RunOptions,
+    flag,
+    read_toml,
+    resolve_config,
+)
+from ..device import free
+from ..errors import described
+from ..models.archs import PRESETS as ARCH_PRESETS
+from ..models.archs import Arch, custom_arch, get_arch
+from ..models.counting import layer_params, matched_width, moe_params
+from ..models.plan import ModelPlan
+from ..models.routing import parse_routing
+from ..power.capped import CapPlan, run_capped
+from ..storage.fileio import now_utc
+from ..storage.results import write_atomic
+from ..storage.store import LAYER_FAMILY, Store, point_key
+from . import core
+from .core import Workload
+from .layer import Layer, check_tokens
+from .seed import Seed
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
 SHAPE_AXES = ("experts", "hidden", "layers", "top_k")
@@ -54,10 +73,9 @@ BUILTIN_GRIDS = ("seed", "scale", "llm")
 LLM_GRID_PROTOCOL = {"repeats": 2, "warmup": 0.5, "cooldown": 0.0}
 # LLM layers: the axes of their own (a custom shape also takes --experts and --top-k), and the seed's keys that
 # mean nothing for a layer built, not trained (refused, never silently ignored).
-LAYER_AXES = ("arch", "tokens", "routing", "d_model", "ffn_dim", "shared_experts", "router")
+LAYER_AXES = tuple(k for k in WORKLOAD_KEYS["llm_layer"] if k != "max_forward_s")
 LAYER_SHAPE_AXES = ("d_model", "ffn_dim", "experts", "top_k", "shared_experts")
-SEED_ONLY_KEYS = ("hidden", "layers", "preset", "presets", "per_decade", "batch_size", "epochs", "lr", "samples",
-                  "test_fraction", "data", "input_dim", "classes")
+SEED_ONLY_KEYS = (*WORKLOAD_KEYS["seed"], "presets", "per_decade")
 LLM_TOKENS = tuple(4**i for i in range(7))  # 1, 4, ..., 4096: a decoding step up to a prefill chunk
 # Keys a grid TOML may hold besides run options and shape fields.
 GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets", *LAYER_AXES}
@@ -67,8 +85,7 @@ ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and i
 # Options that do not change a point's figures, so they are left out of its key.
 NOT_IN_KEY = ("out", "extra")
 KEY_ONLY_IF_SET = ("max_forward_s",)  # options newer than stored keys: unset, a point's key is what it always was
-# ... and those an LLM layer never reads (nothing is trained): left out of its key too.
-LAYER_NOT_IN_KEY = ("epochs", "lr", "batch_size", "samples", "test_fraction", "data")
+
 
 
 @dataclass(frozen=True)
@@ -90,19 +107,24 @@ class Point:
     def is_layer(self) -> bool:
         return isinstance(self.spec, Arch)
 
+    @cached_property
+    def workload(self) -> Workload:
+        """What the point runs: the seed's classifiers of its shape, or its LLM layer at its tokens and routing
+        (both checked when the grid was built)."""
+        if isinstance(self.spec, Arch):
+            return Layer(self.spec, list(self.tokens), parse_routing(self.routing or "random"))
+        return Seed(self.spec)
+
     @property
     def total_params(self) -> int:
         """The MoE's total parameters (an LLM layer's: router, every expert, shared experts)."""
-        return layer_params(self.spec) if isinstance(self.spec, Arch) else moe_params(self.spec)
+        return ModelPlan.of("moe", self.spec).params
 
     def config(self, meter: str) -> dict:
-        drop = NOT_IN_KEY + (LAYER_NOT_IN_KEY if self.is_layer else ())
-        opts = {k: v for k, v in self.opts.as_dict().items()
-                if k not in drop and not (k in KEY_ONLY_IF_SET and v is None)}
+        opts = {k: v for k, v in self.workload.options(self.opts).items()
+                if k not in NOT_IN_KEY and not (k in KEY_ONLY_IF_SET and v is None)}
         c = {"label": self.label, "spec": asdict(self.spec), "options": opts, "meter": meter,
-             "total_params": self.total_params}
-        if self.is_layer:  # a seed point's config (so its key) stays exactly what it always was
-            c.update(family=LAYER_FAMILY, tokens=list(self.tokens), routing=self.routing)
+             "total_params": self.total_params, **self.workload.key_fields()}
         for k in ("power_limit_w", "cpu_power_limit_w"):  # only when capped: an uncapped key never changes
             if getattr(self, k) is not None:
                 c[k] = getattr(self, k)
@@ -213,8 +235,6 @@ def as_list(key: str, v: Any, kind: type) -> list:
 def load_grid_toml(path: str | Path) -> dict[str, Any]:
     """A sweep's --config: run options as in `run`, plus any axis as a list and grid/max_params/per_decade, and
     run's power caps, carbon intensity and price; a [sweep] table is accepted as well as top-level keys."""
-    from .config import CONFIG_KEYS, read_toml
-
     return read_toml(path, CONFIG_KEYS | GRID_KEYS | set(AXES) | set(CAP_KEYS) | set(CARBON_KEYS), flatten="sweep")
 
 
@@ -302,7 +322,7 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
         return build_layer_grid(cfg)
     stray = [k for k in (*LAYER_AXES, "max_forward_s") if k in cfg]
     if stray:
-        raise ConfigError(f"{', '.join(_flag(k) for k in stray)}: LLM-layer settings; give --arch (or --grid llm) "
+        raise ConfigError(f"{', '.join(flag(k) for k in stray)}: LLM-layer settings; give --arch (or --grid llm) "
                           "with them, or drop them")
     name = cfg.pop("grid", None)
     max_params, per_decade = _limits(cfg)
@@ -328,13 +348,9 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
 
 
 # -- LLM layers ------------------------------------------------------------------------------------------
-def _flag(key: str) -> str:
-    return "--" + key.replace("_", "-")
-
-
 def _custom_archs(shape: dict[str, list[int]], routers: list[str]) -> list[Arch]:
     """Every combination of the custom-shape axes, each named by its shape (so two customs never share a name)."""
-    missing = [_flag(k) for k in LAYER_SHAPE_AXES[:4] if k not in shape]
+    missing = [flag(k) for k in LAYER_SHAPE_AXES[:4] if k not in shape]
     if missing:
         raise ConfigError(f"--arch custom needs {', '.join(missing)} (and optionally --shared-experts, --router)")
     out = []
@@ -362,7 +378,7 @@ def layer_archs(name: str, cfg: dict) -> list[Arch]:
         raise ConfigError(f"--grid {name!r} with --arch: --arch is its own grid; drop --grid")
     names = as_list("arch", cfg.pop("arch"), str)
     if (shape or routers) and "custom" not in names:
-        raise ConfigError(f"{', '.join(_flag(k) for k in (*shape, *(['router'] if routers else [])))}: shape flags "
+        raise ConfigError(f"{', '.join(flag(k) for k in (*shape, *(['router'] if routers else [])))}: shape flags "
                           "of --arch custom; add custom to --arch or drop them")
     archs: list[Arch] = []
     for n in names:
@@ -373,12 +389,10 @@ def layer_archs(name: str, cfg: dict) -> list[Arch]:
 def build_layer_grid(cfg: dict[str, Any]) -> Grid:
     """LLM-layer points: each arch at or below ``max_params`` (the MoE layer's total) x routing x dtype x repeats,
     every point measuring all its token counts (default 1, 4, ..., 4096); options checked as `run` checks them."""
-    from .llm_pipeline import check_tokens
-
     name = cfg.pop("grid", None) or "custom"
     if name == "llm":
         cfg = {**LLM_GRID_PROTOCOL, "max_forward_s": cfg.get("duration", RunOptions.duration), **cfg}
-    seed_only = [_flag(k) for k in SEED_ONLY_KEYS if k in cfg]
+    seed_only = [flag(k) for k in SEED_ONLY_KEYS if k in cfg]
     if seed_only:
         raise ConfigError(f"{', '.join(seed_only)}: no meaning for LLM layers (built, not trained; their shape is "
                           "--arch or --d-model/--ffn-dim/--experts/--top-k); drop "
@@ -463,83 +477,30 @@ def fixed_seconds(p: Point) -> float:
 
 
 def training_flops(p: Point) -> float:
-    """FLOPs of training every model of the point (forward + backward ~ 3 x forward, 2 FLOPs per MAC)."""
-    if p.is_layer:
-        return 0.0
-    train_rows = p.opts.samples * (1 - p.opts.test_fraction)
-    return sum(3 * m.flops_per_inference * train_rows * p.opts.epochs for m in plans(p.spec, p.opts.models))
+    """FLOPs of training every model of the point (0 for a workload that trains nothing)."""
+    return p.workload.work_flops(p.opts) if p.workload.trains else 0.0
 
 
-def layer_plans_of(p: Point) -> list[Any]:
-    """An LLM point's models as llm_pipeline.LayerPlan (imported here: a seed sweep never loads that module)."""
-    from .llm_pipeline import layer_plans
-
-    assert isinstance(p.spec, Arch), "an LLM-layer point"
-    return layer_plans(p.spec, p.opts.models)
+def layer_plans_of(p: Point) -> list[ModelPlan]:
+    """The point's models, planned."""
+    return p.workload.plans(p.opts.models)
 
 
 def work_flops(p: Point) -> float:
     """FLOPs whose time comes on top of ``fixed_seconds``: the seed's training; an LLM layer's forwards that can
     outlast a window (a prefill chunk of a big layer takes seconds on a CPU): warm-up, probe and one per window."""
-    if not p.is_layer:
-        return training_flops(p)
-    per_token = sum(pl.flops_per_token * (len(p.opts.strategies) if pl.kind == "moe" else 1)
-                    for pl in layer_plans_of(p))
-    return float(per_token * sum(p.tokens) * (p.opts.repeats + 2))
+    return p.workload.work_flops(p.opts)
 
 
 def seconds_floor(p: Point, roof: Any) -> float | None:
-    """Least seconds an LLM point can take here (``roof``: roofline.Roofline; None when not calibrated or a seed
-    point): per window of each (model, token count) not skipped by --max-forward-s, its warm-up, window and
-    latency pass, each at least one forward at the roofline bound, and the rest before it; plus the idle reading."""
-    if not p.is_layer or roof is None:
-        return None
-    from .llm_pipeline import forward_bound_s, forward_too_long
-    from .measure.window import latency_budget
-
-    o = p.opts
-    total = o.idle_seconds + o.cooldown if o.idle_seconds > 0 else 0.0  # the idle reading and the rest before it
-    for pl in layer_plans_of(p):
-        n = len(o.strategies) if pl.kind == "moe" else 1
-        for t in p.tokens:
-            b = forward_bound_s(roof, pl, t, o.dtype)
-            if b is None:
-                return None
-            if forward_too_long(roof, pl, t, o) is None:
-                window = max(o.warmup, b) + max(o.duration, b) + max(latency_budget(o.duration), b) + o.cooldown
-                total += n * o.repeats * window
-    return total
-
-
-
-def _layer_fit_problem(p: Point, device: Any) -> str | None:
-    """Why an LLM point cannot run here: its MoE layer (or every model) cannot fit alone. A dense FFN that alone
-    cannot fit is skipped by the run itself, with its reason, and the rest measured."""
-    from .llm_pipeline import fit_alone
-
-    problems = {pl.name: why for pl in layer_plans_of(p)
-                if (why := fit_alone(pl, p.opts, list(p.tokens), device)) is not None}
-    if "moe" in problems or (problems and len(problems) == len(p.opts.models)):
-        return problems.get("moe") or next(iter(problems.values()))
-    return None
+    """Least seconds the point can take here (``roof``: roofline.Roofline; None when not calibrated, or for a
+    workload whose time has no bound here)."""
+    return p.workload.seconds_floor(p.opts, roof)
 
 
 def fit_problem(p: Point, device: Any) -> str | None:
-    """Why the point cannot fit in ``device``'s free memory, or None; checked before anything is built.
-
-    The runner trains one model at a time and keeps the trained ones (parked in host memory, or on the CPU
-    itself), so the need is every model's weights plus the largest one's training state.
-    """
-    if p.is_layer:
-        return _layer_fit_problem(p, device)
-    weights = 0
-    extra = 0
-    for m in plans(p.spec, p.opts.models):
-        need = m.memory_bytes(p.opts.batch_size, p.opts.dtype, training=p.opts.epochs > 0)
-        weights += 4 * m.params
-        extra = max(extra, need - 4 * m.params)
-    return memory.fit_problem(weights + extra, device, "training and keeping this point's models" if p.opts.epochs
-                              else "this point's models")
+    """Why the point cannot fit in ``device``'s free memory, or None; checked before anything is built."""
+    return p.workload.point_problem(p.opts, device)
 
 
 class Eta:
@@ -590,8 +551,6 @@ class StoreWriteFailed(RuntimeError):
 
 def _rescue(key: str, cfg: dict, status: str, reason: str | None, doc: dict | None) -> Path | None:
     """Write a point the store refused to a JSON file in the temp directory, so no measurement is lost."""
-    from .results import write_atomic
-
     try:
         return write_atomic({"schema": "moe-energy/point", "schema_version": 1, "point_key": key, "config": cfg,
                              "status": status, "reason": reason, "document": doc},
@@ -613,12 +572,7 @@ def _add(store: Store, run_id: str, key: str, cfg: dict, status: str, **kw: Any)
 
 def oom_reason(p: Point, device: Any, tried: int = 0) -> str:
     """The skip text for a point whose allocation failed: the estimate (or the failed request) and what is free."""
-    if p.is_layer:
-        need = max(pl.memory_bytes(max(p.tokens), p.opts.dtype) for pl in layer_plans_of(p))
-    else:
-        need = max(m.memory_bytes(p.opts.batch_size, p.opts.dtype, training=p.opts.epochs > 0)
-                   for m in plans(p.spec, p.opts.models))
-    return memory.describe_need(max(need, tried), device, f"point {p.label}")
+    return memory.describe_need(max(p.workload.need_bytes(p.opts), tried), device, f"point {p.label}")
 
 
 @dataclass
@@ -630,45 +584,39 @@ class Levers:
     carbon: CarbonPrice = field(default_factory=CarbonPrice)
 
 
-def call_runner(p: Point, meter: Any, ui: Any, run: Callable[..., tuple[dict, Any]],
-                run_layer: Callable[..., tuple[dict, Any]] | None = None, levers: Levers | None = None) -> dict:
-    """The point's document from its family's runner: ``run`` (pipeline.run) for the seed's shapes,
-    ``run_layer`` (default llm_pipeline.run_llm) for an LLM layer, under the point's caps with the limits
-    restored whatever ends it, carbon and cost added; nothing saved, the store keeps it."""
+def call_runner(p: Point, meter: Any, ui: Any, run: Callable[..., tuple[dict | None, Any]] | None = None,
+                levers: Levers | None = None) -> dict:
+    """The point's document from the one runner (``run``: default ``runner.core.run``), in this process, under the
+    point's caps with the limits restored whatever ends it, carbon and cost added; nothing saved, the store keeps
+    it. A workload whose points are whole (the seed's) ends on a model out of memory; a layer's skips that model."""
     levers = levers or Levers()
+    runner = run or core.run
 
     def body() -> dict:
-        if p.is_layer:
-            layer = run_layer
-            if layer is None:
-                from .llm_pipeline import run_llm as layer
-            # a model that cannot fit alone is a skipped record inside it: the run is not stopped
-            return layer(p.spec, p.opts, list(p.tokens), p.routing, meter, ui, save=False)[0]
-        return run(p.spec, p.opts, meter, ui, save=False, oom="raise")[0]
+        doc = runner(p.workload, p.opts, core.Local(meter), ui, save=False, oom=p.workload.sweep_oom)[0]
+        assert doc is not None
+        return doc
 
     return run_capped(levers.plan.at(p.power_limit_w, p.cpu_power_limit_w), levers.carbon, body)
 
 
-def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[dict, Any]],
-                  ui: Any, run_layer: Callable[..., tuple[dict, Any]] | None = None, levers: Levers | None = None
-                  ) -> tuple[str, str | None, dict | None]:
+def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[dict | None, Any]] | None,
+                  ui: Any, levers: Levers | None = None) -> tuple[str, str | None, dict | None]:
     """(status, reason, document) of one point: "done", or "skipped" (out of memory), or "failed" with why.
 
     A ConfigError or KeyboardInterrupt propagates: the sweep stops, the point in flight is discarded.
     """
-    from .pipeline import Refused
-
     failure: tuple[str, str] | None = None
     tried = 0
     try:
-        return "done", None, call_runner(p, meter, ui, run, run_layer, levers)
-    except Refused as e:  # this point's shape or size, not the sweep's options: skip it, measure the rest
+        return "done", None, call_runner(p, meter, ui, run, levers)
+    except core.Refused as e:  # this point's shape or size, not the sweep's options: skip it, measure the rest
         return "skipped", str(e), None
     except (ConfigError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - one point's failure must not end an hours-long sweep
         if isinstance(e, memory.OutOfMemory):
-            failure = ("skipped", e.reason)  # the pipeline's words, its memory already released
+            failure = ("skipped", e.reason)  # the runner's words, its memory already released
         elif memory.is_oom(e):
             failure, tried = ("skipped", ""), memory.requested_bytes(e) or 0
         else:
@@ -680,12 +628,11 @@ def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[di
 
 
 def run_points(points: list[Point], store: Store, run_id: str, meter: Any, device: Any,
-               run: Callable[..., tuple[dict, Any]], ui: Any,
+               run: Callable[..., tuple[dict | None, Any]] | None, ui: Any,
                on_point: Callable[[int, Point, float | None], None] | None = None,
-               skip_keys: set[str] | None = None, resume: bool = False,
-               run_layer: Callable[..., tuple[dict, Any]] | None = None, levers: Levers | None = None) -> Outcome:
-    """Measure each point with ``run`` (pipeline.run; an LLM layer's with ``run_layer``, default run_llm) and
-    commit it on its own; one already complete is skipped. ``levers``: the caps' devices and the carbon figures.
+               skip_keys: set[str] | None = None, resume: bool = False, levers: Levers | None = None) -> Outcome:
+    """Measure each point with ``run`` (default ``runner.core.run``) and commit it on its own; one already complete
+    is skipped. ``levers``: the caps' devices and the carbon figures.
 
     Another sweep may write to the same database: each point is claimed while it is measured (a point
     another process holds is left to it) and, with ``resume``, a point it completed meanwhile is skipped.
@@ -711,7 +658,7 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
                 out.skipped += 1
                 continue
             started, t0 = now_utc(), time.perf_counter()
-            status, reason, doc = measure_point(p, meter, device, run, ui, run_layer, levers)
+            status, reason, doc = measure_point(p, meter, device, run, ui, levers)
             elapsed = time.perf_counter() - t0
             _add(store, run_id, key, cfg, status, reason=reason, document=doc, started_utc=started, seconds=elapsed)
             out.count(status, f"{p.label}: {reason}")

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, one_line
+from ..errors import ConfigError, one_line
 
 
 def now_utc() -> str:

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .fileio import create_atomic, json_safe, now_utc, os_reason
 
 SCHEMA = "moe-energy/run"

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, one_line
+from ..errors import ConfigError, one_line
 from .fileio import check_new_file, json_safe, now_utc, os_reason
 
 DEFAULT_DB = "results/moe-energy.db"
@@ -36,7 +36,7 @@ SIDECARS = ("-wal", "-shm")  # SQLite's files beside a WAL-mode database
 CORE_TABLES = ("runs", "points", "models", "windows", "traces")
 
 if TYPE_CHECKING:
-    from .measure.records import ModelRecord
+    from ..measure.records import ModelRecord
 
 # Columns copied out of each model and window record: every one a field of measure.records' ModelRecord or
 # WindowRecord, or of the LLM-layer family's LayerRecord (tests/test_records.py holds it), read with .get
@@ -500,7 +500,7 @@ class Store:
     def new_run(self, run_id: str, grid: dict, environment: dict, meter: dict | None = None,
                 command: str | None = None, grid_name: str | None = None, grid_hash: str | None = None,
                 shard: str | None = None) -> str:
-        from . import __version__
+        from .. import __version__
 
         with self.transaction() as c:
             c.execute(
