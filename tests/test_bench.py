@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moe_energy.energy import IdlePower, Measurement, NullMeter
-from moe_energy.measure.records import summarize
+from moe_energy.measure.records import summarize, window_record
 from moe_energy.measure.window import BenchResult, measure
 
 
@@ -39,23 +39,23 @@ def result(joules: float | None, batches: int = 10, seconds: float = 2.0, idle_w
 
 
 def test_inferences_per_joule_never_inf_never_from_zero():
-    assert result(20.0).metrics()["inferences_per_joule"] == pytest.approx(40 / 20.0)
+    assert window_record(result(20.0))["inferences_per_joule"] == pytest.approx(40 / 20.0)
     for j in (0.0, -1.0):
-        met = result(j).metrics()
+        met = window_record(result(j))
         assert met["inferences_per_joule"] is None and "zero" in met["inferences_per_joule_reason"]
-    met = result(None).metrics()
+    met = window_record(result(None))
     assert met["inferences_per_joule"] is None and met["inferences_per_joule_reason"] == "energy not measured"
 
 
 def test_dynamic_energy_subtracts_idle_power():
-    met = result(20.0, seconds=2.0, idle_w=4.0).metrics()
+    met = window_record(result(20.0, seconds=2.0, idle_w=4.0))
     assert met["dynamic_energy_j"] == pytest.approx(12.0)
     assert met["dynamic_inferences_per_joule"] == pytest.approx(40 / 12.0)
     assert met["dynamic_average_power_w"] == pytest.approx(6.0)
-    met = result(20.0, seconds=2.0, idle_w=12.0).metrics()  # idle above the window: no dynamic inferences/J
+    met = window_record(result(20.0, seconds=2.0, idle_w=12.0))  # idle above the window: no dynamic inferences/J
     assert met["dynamic_energy_j"] == pytest.approx(-4.0) and met["dynamic_inferences_per_joule"] is None
     assert any("dynamic energy <= 0" in f for f in met["flags"])
-    met = result(20.0).metrics()
+    met = window_record(result(20.0))
     assert met["dynamic_energy_j"] is None and "idle power not measured" in met["dynamic_inferences_per_joule_reason"]
 
 
@@ -70,12 +70,12 @@ def test_short_window_is_flagged_and_energy_counts():
 
 def test_null_meter_window_reports_not_measured():
     res = measure(nn.Linear(8, 2), torch.zeros(4, 8), 0.05, NullMeter(), 32, warmup=0)
-    met = res.metrics()
+    met = window_record(res)
     assert met["energy_j"] is None and met["inferences_per_joule"] is None and met["average_power_w"] is None
 
 
 def test_summarize_medians_and_spread():
-    wins = [result(j, batches=b).metrics() for j, b in ((10.0, 10), (20.0, 30), (40.0, 20))]
+    wins = [window_record(result(j, batches=b)) for j, b in ((10.0, 10), (20.0, 30), (40.0, 20))]
     s = summarize(wins)
     assert s["repeats"] == 3 and s["windows"] == wins
     assert s["energy_j"] == 20.0 and s["energy_j_min"] == 10.0 and s["energy_j_max"] == 40.0
@@ -87,9 +87,9 @@ def test_summarize_medians_and_spread():
 
 
 def test_summarize_with_unmeasured_windows():
-    s = summarize([result(0.0).metrics(), result(0.0).metrics()])
+    s = summarize([window_record(result(0.0)), window_record(result(0.0))])
     assert s["inferences_per_joule"] is None and s["inferences_per_joule_min"] is None
     assert "zero" in s["inferences_per_joule_reason"]
-    s = summarize([result(0.0).metrics(), result(10.0).metrics()])
+    s = summarize([window_record(result(0.0)), window_record(result(10.0))])
     assert s["inferences_per_joule"] == pytest.approx(4.0)
     assert any("median of 1 of 2 windows" in f for f in s["flags"])

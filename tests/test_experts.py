@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from moe_energy.models.experts import ExpertStack, ReluMLPExperts, SwiGLUExperts
 from moe_energy.models.strategies import STRATEGIES, capacity_for, rank_in_expert
+from moe_energy.runner import prepare  # noqa: F401 - installs strategy auto's timing probe
 
 EXACT = ["masked_loop", "active_loop", "grouped", "grouped_fm", "padded", "dense_experts", "auto"]
 VARIANTS = {  # name: (act, biases, interleaved)

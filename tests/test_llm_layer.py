@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from moe_energy.models.llm import MoELayer, SharedExperts
 from moe_energy.models.strategies import STRATEGIES
+from moe_energy.runner import prepare  # noqa: F401 - installs strategy auto's timing probe
 
 D, INTER, E, K = 16, 8, 4, 2
 

@@ -7,6 +7,7 @@ import torch
 
 from moe_energy.models import MoE
 from moe_energy.models.experts import ReluMLPExperts
+from moe_energy.runner import prepare  # noqa: F401 - installs strategy auto's timing probe
 
 
 def tiny(strategy: str = "grouped", **kw) -> MoE:

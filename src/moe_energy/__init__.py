@@ -63,6 +63,8 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'moe_energy' has no attribute {name!r}")
     module, attr = _EXPORTS[name]
+    if module.startswith("models"):  # an MoE's strategy auto is timed by the runner's probe: install it
+        importlib.import_module(".runner.prepare", __name__)
     value = getattr(importlib.import_module(f".{module}", __name__), attr)
     globals()[name] = value  # later lookups skip this function
     return value

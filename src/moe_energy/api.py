@@ -19,18 +19,20 @@ import torch
 from torch import nn
 
 from .config import ConfigError, resolve_carbon
-from .device import device_arg, device_sync
+from .device import device_sync
+from .dtypes import device_arg
 from .energy import select
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
 from .errors import kind_of
-from .measure.records import summarize
+from .measure.records import summarize, window_record
 from .measure.window import batch_tensors, caller, infer_batch_size, measure
 from .models.counting import dense_flops
 from .models.dense import DenseMLP
 from .models.moe import MoE
 from .models.plan import ModelPlan
 from .power.carbon import ESTIMATED, carbon_fields
+from .runner import prepare as _prepare  # noqa: F401 - installs auto's timing probe for the models measured here
 from .storage.fileio import now_utc
 
 SCHEMA = "moe-energy/benchmark"
@@ -336,7 +338,7 @@ def benchmark(
         started = now_utc()
         res = measure(model, example_batch, duration, meter, flops, warmup, idle=idle, sync=sync,
                       batch_size=batch_size)
-        windows.append({"repeat": r, "order": r, "started_utc": started, **res.metrics()})
+        windows.append({"repeat": r, "order": r, "started_utc": started, **window_record(res)})
     info = meter_info(meter)
     info["notice"] = getattr(meter, "notice", None)
     result = result_from_windows(windows, model=_model_name(model), device=str(device), duration_s=duration,
@@ -347,5 +349,5 @@ def benchmark(
 
 
 def result_from_windows(windows: list[dict[str, Any]], **context: Any) -> BenchmarkResult:
-    """The result of ``BenchResult.metrics()`` windows, reduced by the CLI's own ``measure.records.summarize``."""
+    """The result of windows (``window_record``), reduced by the CLI's own ``measure.records.summarize``."""
     return BenchmarkResult(summary=summarize(windows), **context)

@@ -18,22 +18,16 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from .device import check_device_name
 from .errors import ConfigError, one_line
+from .models.counting import moe_params
+from .models.strategies import STRATEGIES
 
 DTYPES = ("float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 # Largest parameter count we accept: far past any single-host model, well inside float64's exact range.
 MAX_PARAMS = 10**13
 # Longest duration, warm-up, rest or idle reading we accept, in seconds: a day (a typo like 3e10 is not a plan).
 MAX_SECONDS = 86_400.0
-
-
-def check_device_name(name: object) -> None:
-    """A device name this tool runs on (auto, cpu, cuda, cuda:N, mps), or a one-line ConfigError; whether the
-    device is present is ``device.resolve_device``'s question."""
-    kind, _, index = name.partition(":") if isinstance(name, str) else ("", "", "")
-    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
-        raise ConfigError(f"--device {name!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
 
 
 def _positive(name: str, v: Any, integer: bool) -> None:
@@ -74,8 +68,6 @@ class ModelSpec:
             )
         if self.classes < 2:
             raise ConfigError(f"classes={self.classes} must be at least 2")
-        from .models.counting import moe_params  # arithmetic only; no tensors
-
         total = moe_params(self)
         if total > MAX_PARAMS:
             raise ConfigError(
@@ -173,8 +165,6 @@ class RunOptions:
                 raise ConfigError(f"{name.replace('_', '-')}={v!r} is too long; give at most {MAX_SECONDS:.0f} seconds")
 
     def _check_names(self) -> None:
-        from .models.strategies import STRATEGIES
-
         check_device_name(self.device)
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
@@ -259,8 +249,6 @@ def resolve_config(cfg: dict[str, Any]) -> tuple[ModelSpec, RunOptions]:
 
     The one validation path for `run`, `plan`, each sweep point and the API: a typo is a ConfigError here.
     """
-    from .models.strategies import STRATEGIES
-
     spec = resolve_spec(cfg.get("preset"), **{k: cfg.get(k) for k in SPEC_KEYS})
     custom = any(cfg.get(k) is not None for k in ("experts", "hidden", "layers", "top_k"))
     opt_fields = set(RunOptions.__dataclass_fields__) - {"extra"}

@@ -1,17 +1,25 @@
-"""The device helpers every layer shares: pick a device, name a dtype, wait for queued work, free memory."""
+"""The device helpers every layer above the models shares: check and pick a device, wait for queued work, free
+memory. (Naming dtypes and parsing device arguments is ``dtypes``', below the models.)"""
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from .config import check_device_name
-from .errors import ConfigError, kind_of
+from .errors import ConfigError
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def check_device_name(name: object) -> None:
+    """A device name this tool runs on (auto, cpu, cuda, cuda:N, mps), or a one-line ConfigError; whether the
+    device is present is ``resolve_device``'s question."""
+    kind, _, index = name.partition(":") if isinstance(name, str) else ("", "", "")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"--device {name!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
+
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,19 +40,6 @@ def resolve_device(name: str) -> torch.device:
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: Apple MPS is not available here; use --device cpu or auto")
     return torch.device(name)
-
-
-def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from its name (``"bfloat16"``); a torch dtype passes through."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def llm_default_dtype(device: torch.device) -> str:
@@ -72,18 +67,3 @@ def free(device: torch.device | None = None) -> None:
     gc.collect()
     if (device is None or device.type == "cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def device_arg(where: str, device: Any) -> torch.device | None:
-    """A Python API's ``device=`` argument as a torch.device (None stays None): a wrong kind is a TypeError, a
-    name torch cannot parse a one-line ConfigError naming the function."""
-    if device is None or isinstance(device, torch.device):
-        return device
-    if isinstance(device, bool) or not isinstance(device, (str, int)):
-        raise TypeError(f"{where}: device={device!r} is {kind_of(device)}; give a torch.device or a "
-                        "name such as 'cpu' or 'cuda:0'")
-    try:
-        return torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"{where}: device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") \
-            from None

@@ -18,7 +18,8 @@ import torch
 
 from ..api import benchmark
 from ..config import PRESETS, ModelSpec
-from ..device import device_sync, dtype_name
+from ..device import device_sync
+from ..dtypes import dtype_name
 from ..energy.idle import IdlePower, measure_idle
 from ..energy.meter import Meter, meter_info
 from ..energy.select import MeterStatus, auto_meter, survey

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelSpec
-from ..device import device_sync, dtype_name, dtype_of
+from ..device import device_sync
+from ..dtypes import dtype_name, dtype_of
 from ..errors import described
 from ..measure import roofline
 from ..measure.environment import describe

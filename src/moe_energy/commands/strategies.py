@@ -10,7 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import split_list
-from ..device import DTYPES, resolve_device
+from ..device import resolve_device
+from ..dtypes import DTYPES
 from ..errors import ConfigError
 from ..measure import roofline
 from ..models.strategies import STRATEGIES

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..device import device_sync, dtype_of
+from ..device import device_sync
+from ..dtypes import dtype_of
 from ..errors import ConfigError
 from ..models.kernels import linear
 from ..storage.fileio import now_utc, replace_atomic

@@ -113,12 +113,6 @@ class BenchResult:
     def latency_pct(self, q: float) -> float | None:
         return percentile(self.latency_ms, q)
 
-    def metrics(self) -> dict[str, Any]:
-        """Flat figures of this window, each named with its unit (``records.window_record``)."""
-        from .records import window_record
-
-        return dict(window_record(self))
-
 
 def warm_up(forward: Callable[[], Any], sync: Callable[[], None], seconds: float, at_least: int = 3) -> None:
     """Untimed calls: allocator, kernels' first launch, caches, clocks ramping up. With ``seconds`` > 0 they fill

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 from torch import nn
@@ -20,10 +20,8 @@ from .counting import (
     swiglu_params,
 )
 from .kernels import FastLinear
+from .llm import MoELayer
 from .moe import SHAPE_FIELDS, check_shape
-
-if TYPE_CHECKING:
-    from .llm import MoELayer
 
 Match = Literal["total", "active"]
 MATCHES = ("total", "active")
@@ -98,8 +96,6 @@ def matched_dense(spec: Any, match: Match = "total") -> DenseMLP | DenseSwiGLU:
     the layer-for-layer comparison (``swiglu_width``).
     """
     _check_match(match, "matched_dense")
-    from .llm import MoELayer  # here, not at the top: llm.py's routers and presets are not the seed's concern
-
     if isinstance(spec, MoELayer):
         return _matched_swiglu_of(spec, match)
     s = shape_of(spec, "matched_dense")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..device import device_arg
+from ..dtypes import device_arg, dtype_of
 from ..errors import ConfigError, kind_of
 from .archs import PRESETS, Arch, get_arch
 from .counting import LayerShape
@@ -157,8 +157,6 @@ class MoELayer(StrategyHost, nn.Module):
         Random weights are what an energy benchmark needs: the cost of a forward depends on the shapes and the
         routing, not on trained values.
         """
-        from ..device import dtype_of
-
         a = _arch_of("MoELayer.from_arch", arch)
         dt = torch.float32 if dtype is None else dtype_of(dtype)
         dev = device_arg("MoELayer.from_arch", device) or torch.device("cpu")

@@ -19,7 +19,8 @@ The fast ones (after torchtitan's grouped experts, MegaBlocks' padded form and g
   padded_capacity  the same with a fixed C = ceil(factor * T*k / E): static shapes, graph-capturable.
   dense_experts    every expert on every token (one batched GEMM per projection over a stride-0 [E, T, d]
                    view), unchosen experts weighted 0: E/k times the FLOPs, but no routing work at all.
-  auto             measures the exact ones on the first batch of each shape and keeps the fastest.
+  auto             the fastest exact one for each shape, timed on its first batch by the probe ``runner.prepare``
+                   installs (``set_probe``) and cached; the models themselves never time anything.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-from ..device import device_sync
-from ..measure.timing import time_interleaved
 
 # the families and grouped_mm are re-exported: callers (moe.py, selfcheck, distributed, tests) import them here
 from .experts import ExpertFamily, ExpertStack, ReluMLPExperts, SwiGLUExperts, grouped_mm  # noqa: F401
@@ -273,24 +271,6 @@ def dense_experts(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamil
 AUTO_CANDIDATES: tuple[str, ...] = ("grouped", "grouped_fm", "padded", "dense_experts")
 
 
-PROBE_PRUNE = 3.0  # a candidate whose best call is over 3x the fastest's is not called again
-PROBE_MAX_S = 5.0  # rounds of calls that take seconds each (a prefill chunk on a CPU) end after this
-HOPELESS_FLOPS = 1e11  # every expert on every token past this: not tried when it is 4x (or more) the work
-HOPELESS_RATIO = 4
-
-
-def hopeless(x: Tensor, expert_idx: Tensor, ex: ExpertFamily, candidates: Sequence[str]) -> dict[str, str]:
-    """Candidates not worth one call, with the reason: dense_experts when it computes every expert on every
-    token at E/k >= 4 times the routed work and that work is large enough (>= 1e11 FLOPs: ~0.5 s on a CPU,
-    far past any launch overhead it saves). One call of it at a prefill chunk took minutes."""
-    t, k, e = x.shape[0], expert_idx.shape[1], ex.weights[0].shape[0]
-    flops = 2 * t * e * sum(w[0].numel() for w in ex.weights)
-    if "dense_experts" in candidates and e >= HOPELESS_RATIO * k and flops >= HOPELESS_FLOPS:
-        return {"dense_experts": f"not tried: every expert on every token is {e / k:g}x the routed work "
-                                 f"({flops:.3g} FLOPs)"}
-    return {}
-
-
 class AutoChoice(NamedTuple):
     name: str  # the strategy auto runs for this key: the least best_ms
     probe_ms: dict[str, float]  # median ms per forward of each candidate that ran
@@ -308,26 +288,13 @@ def auto_key(x: Tensor, expert_idx: Tensor, ex: ExpertFamily, candidates: Sequen
     return (str(x.device), str(x.dtype), x.shape[0], expert_idx.shape[1], weights, tuple(candidates))
 
 
-def probe(
-    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily, candidates: Sequence[str],
-    budget_s: float = 0.5, min_rounds: int = 5, max_rounds: int = 40,
-) -> AutoChoice:
-    """Time each candidate on this very batch, interleaved round by round so that background load hits all
-    of them alike; the fastest round of each decides (noise from other work only ever adds time)."""
+Probe = Callable[[Tensor, Tensor, Tensor, ExpertFamily, Sequence[str]], AutoChoice]
+_PROBE: list[Probe] = []  # the timing probe: runner.prepare installs it (timing is not the models' concern)
 
-    def call(name: str) -> Callable[[], Tensor]:
-        return lambda: STRATEGIES[name](x, expert_idx, gate_w, ex)  # an unknown name fails as a candidate
 
-    errors = hopeless(x, expert_idx, ex, candidates)  # and e.g. grouped_mm without a kernel for this device
-    times = time_interleaved({n: call(n) for n in candidates if n not in errors}, sync=device_sync(x.device),
-                             min_rounds=min_rounds, max_rounds=max_rounds, budget_s=budget_s, errors=errors,
-                             max_s=PROBE_MAX_S, prune=PROBE_PRUNE)
-    if not times:
-        raise RuntimeError(f"no MoE strategy runs here: {errors}")
-    probe_ms = {n: t.median_ms for n, t in times.items()}
-    best_ms = {n: t.best_ms for n, t in times.items()}
-    name = min(best_ms, key=best_ms.__getitem__)
-    return AutoChoice(name, probe_ms, best_ms, errors, auto_key(x, expert_idx, ex, candidates))
+def set_probe(probe: Probe) -> None:
+    """Install the function that times the candidates on a batch (``runner.prepare.probe``)."""
+    _PROBE[:] = [probe]
 
 
 @torch.compiler.disable  # timing is host-side Python: never traced into a graph
@@ -338,7 +305,10 @@ def choose(
     key = auto_key(x, expert_idx, ex, candidates)
     hit = _AUTO_CACHE.get(key)
     if hit is None:
-        hit = _AUTO_CACHE[key] = probe(x, expert_idx, gate_w, ex, candidates)
+        if not _PROBE:
+            raise RuntimeError("strategy auto has no timing probe installed: import moe_energy.runner.prepare (the "
+                               "runner, the CLI and `import moe_energy`'s API do), or name a strategy")
+        hit = _AUTO_CACHE[key] = _PROBE[0](x, expert_idx, gate_w, ex, candidates)
     return hit
 
 

@@ -26,14 +26,22 @@ from torch import Tensor, nn
 
 from .. import memory
 from ..config import ModelSpec, RunOptions
-from ..device import DTYPES, device_sync, free, resolve_device
+from ..device import device_sync, free, resolve_device
+from ..dtypes import DTYPES
 from ..energy.idle import IdlePower, measure_idle
 from ..energy.meter import Meter, meter_info
 from ..errors import ConfigError, described, one_line
 from ..measure import roofline
 from ..measure.environment import describe
 from ..measure.guard import GuardedMeter, MeterFailed
-from ..measure.records import ModelRecord, WindowRecord, failed_window, measured_record, skipped_record
+from ..measure.records import (
+    ModelRecord,
+    WindowRecord,
+    failed_window,
+    measured_record,
+    skipped_record,
+    window_record,
+)
 from ..measure.window import measure
 from ..memory import OutOfMemory
 from ..models.dense import DenseMLP
@@ -501,7 +509,7 @@ def one_window(r: Run, slot: Slot, v: Variant, rep: int, order: int, idle: IdleP
         with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
             res = measure(fn, v.batch, r.opts.duration, r.meter, v.flops_per_inference, r.opts.warmup,
                           on_tick=tick, idle=idle, sync=device_sync(r.device))
-        rec: dict[str, Any] = {**head, **res.metrics()}
+        rec: dict[str, Any] = {**head, **window_record(res)}
     except MeterFailed as e:
         rec = {**head, **failed_window(str(e), v.batch.shape[0], v.flops_per_inference, r.meter.name)}
     if v.after_window is not None:

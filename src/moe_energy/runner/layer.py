@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from .. import memory
 from ..config import OPTION_KEYS, WORKLOAD_KEYS, RunOptions
-from ..device import DTYPES, free
+from ..device import free
+from ..dtypes import DTYPES
 from ..energy.meter import Meter
 from ..errors import ConfigError, one_line
 from ..measure import roofline

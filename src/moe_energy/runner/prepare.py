@@ -4,20 +4,68 @@
 weight layout) by measuring them, and optionally compiles (``torch.compile``; CUDA graphs via
 mode="reduce-overhead" on a GPU). Everything slow (probes, compilation, graph capture) happens here,
 so it is timed and reported apart from the measured window and never inside it.
+
+``auto``'s timing probe lives here too (``probe``), installed into ``models.strategies`` on import: the models
+choose from the cached timings, they never time anything themselves.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..device import device_sync, dtype_name, dtype_of, sync
+from ..device import device_sync, sync
+from ..dtypes import dtype_name, dtype_of
 from ..errors import ConfigError, described
-from ..measure.timing import time_one
+from ..measure.timing import time_interleaved, time_one
+from ..models.experts import ExpertFamily
 from ..models.moe import LAYOUTS, MoE, StrategyHost
-from ..models.strategies import AUTO_CANDIDATES, GROUPED_MM
+from ..models.strategies import AUTO_CANDIDATES, GROUPED_MM, STRATEGIES, AutoChoice, auto_key, set_probe
+
+PROBE_PRUNE = 3.0  # a candidate whose best call is over 3x the fastest's is not called again
+PROBE_MAX_S = 5.0  # rounds of calls that take seconds each (a prefill chunk on a CPU) end after this
+HOPELESS_FLOPS = 1e11  # every expert on every token past this: not tried when it is 4x (or more) the work
+HOPELESS_RATIO = 4
+
+
+def hopeless(x: Tensor, expert_idx: Tensor, ex: ExpertFamily, candidates: Sequence[str]) -> dict[str, str]:
+    """Candidates not worth one call, with the reason: dense_experts when it computes every expert on every
+    token at E/k >= 4 times the routed work and that work is large enough (>= 1e11 FLOPs: ~0.5 s on a CPU,
+    far past any launch overhead it saves). One call of it at a prefill chunk took minutes."""
+    t, k, e = x.shape[0], expert_idx.shape[1], ex.weights[0].shape[0]
+    flops = 2 * t * e * sum(w[0].numel() for w in ex.weights)
+    if "dense_experts" in candidates and e >= HOPELESS_RATIO * k and flops >= HOPELESS_FLOPS:
+        return {"dense_experts": f"not tried: every expert on every token is {e / k:g}x the routed work "
+                                 f"({flops:.3g} FLOPs)"}
+    return {}
+
+
+def probe(
+    x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily, candidates: Sequence[str],
+    budget_s: float = 0.5, min_rounds: int = 5, max_rounds: int = 40,
+) -> AutoChoice:
+    """Time each candidate on this very batch, interleaved round by round so that background load hits all
+    of them alike; the fastest round of each decides (noise from other work only ever adds time)."""
+
+    def call(name: str) -> Callable[[], Tensor]:
+        return lambda: STRATEGIES[name](x, expert_idx, gate_w, ex)  # an unknown name fails as a candidate
+
+    errors = hopeless(x, expert_idx, ex, candidates)  # and e.g. grouped_mm without a kernel for this device
+    times = time_interleaved({n: call(n) for n in candidates if n not in errors}, sync=device_sync(x.device),
+                             min_rounds=min_rounds, max_rounds=max_rounds, budget_s=budget_s, errors=errors,
+                             max_s=PROBE_MAX_S, prune=PROBE_PRUNE)
+    if not times:
+        raise RuntimeError(f"no MoE strategy runs here: {errors}")
+    probe_ms = {n: t.median_ms for n, t in times.items()}
+    best_ms = {n: t.best_ms for n, t in times.items()}
+    name = min(best_ms, key=best_ms.__getitem__)
+    return AutoChoice(name, probe_ms, best_ms, errors, auto_key(x, expert_idx, ex, candidates))
+
+
+set_probe(probe)
 
 
 def compile_candidates(dtype: torch.dtype) -> tuple[str, ...]:

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from .. import memory
 from ..config import ModelSpec, RunOptions
 from ..data import Dataset, make_dataset
-from ..device import DTYPES, free
+from ..device import free
+from ..dtypes import DTYPES
 from ..energy.meter import Meter
 from ..errors import one_line
 from ..memory import OutOfMemory
