@@ -100,15 +100,15 @@ def test_toml_llm_grid(tmp_path):
 # -- fit, cost ---------------------------------------------------------------------------------------------------
 def test_a_layer_point_whose_moe_cannot_fit_is_skipped_but_a_big_dense_alone_is_left_to_the_run(monkeypatch):
     p = sw.build_grid({**TINY, "tokens": "1,8", "duration": 0.2}).points[0]
-    assert sw.fit_problem(p, CPU) is None
+    assert p.workload.point_problem(p.opts, CPU) is None
     monkeypatch.setattr(memory, "available_bytes", lambda device: memory.OVERHEAD_BYTES + 30_000)
-    reason = sw.fit_problem(p, CPU)
+    reason = p.workload.point_problem(p.opts, CPU)
     assert reason is not None and reason.startswith("out of memory (building moe") and "GiB free on cpu" in reason
     moe = LayerPlan.of("moe", p.spec).memory_bytes(1, "float32") - memory.OVERHEAD_BYTES
     monkeypatch.setattr(memory, "available_bytes", lambda device: memory.OVERHEAD_BYTES + moe + 1)
     total = LayerPlan.of("dense_total", p.spec).memory_bytes(1, "float32") - memory.OVERHEAD_BYTES
     assert total > moe  # the total-matched FFN alone does not fit: the run skips it with its reason
-    assert sw.fit_problem(p, CPU) is None
+    assert p.workload.point_problem(p.opts, CPU) is None
 
 
 def test_a_layer_points_fixed_seconds_work_and_least_time():
@@ -117,17 +117,17 @@ def test_a_layer_points_fixed_seconds_work_and_least_time():
     assert sw.measured_models(p) == 3 * 2  # three models x two token counts
     assert sw.fixed_seconds(p) == pytest.approx(6 * (0.5 + 2 * 1.0 + 0.1) + 6 * 0.25 + 3.0)
     per_token = sum(LayerPlan.of(n, p.spec).flops_per_token for n in ("moe", "dense_total", "dense_active"))
-    assert sw.work_flops(p) == pytest.approx(per_token * (1 + 8) * (2 + 2))
-    assert sw.training_flops(p) == 0
+    assert p.workload.work_flops(p.opts) == pytest.approx(per_token * (1 + 8) * (2 + 2))
+    assert not p.workload.trains  # no training: all of its work is forwards
     # a GEMM rate so slow that every forward takes >= 100 s: its warm-up, window and latency pass are one forward
     # each, so the least time is idle (3 s + a 0.25 s rest) + 2 repeats x (3 b + 0.25 s rest), b summing to 9 F / rate
     rate = min(LayerPlan.of(n, p.spec).flops_per_token for n in ("moe", "dense_total", "dense_active")) / 100
     slow = Roofline("cpu:test", {"float32": rate}, 1e30, 64, 2**20, "2026-01-01T00:00:00+00:00")
-    assert sw.seconds_floor(p, slow) == pytest.approx(3.25 + 2 * 3 * per_token * 9 / rate + 2 * 6 * 0.25)
-    assert sw.seconds_floor(replace(p, opts=replace(p.opts, max_forward_s=50.0)), slow) == pytest.approx(3.25)
+    assert p.workload.seconds_floor(p.opts, slow) == pytest.approx(3.25 + 2 * 3 * per_token * 9 / rate + 2 * 6 * 0.25)
+    assert p.workload.seconds_floor(replace(p.opts, max_forward_s=50.0), slow) == pytest.approx(3.25)
     fast = Roofline("cpu:test", {"float32": 1e30}, 1e30, 64, 2**20, "2026-01-01T00:00:00+00:00")
-    assert sw.seconds_floor(p, fast) == pytest.approx(3.25 + 2 * 6 * (0.5 + 1.0 + 0.1 + 0.25))
-    assert sw.seconds_floor(p, None) is None
+    assert p.workload.seconds_floor(p.opts, fast) == pytest.approx(3.25 + 2 * 6 * (0.5 + 1.0 + 0.1 + 0.25))
+    assert p.workload.seconds_floor(p.opts, None) is None
     eta = sw.Eta()
     eta.record(p, sw.fixed_seconds(p) + 4.0)
     assert eta.remaining([p, p]) == pytest.approx(2 * (sw.fixed_seconds(p) + 4.0))
@@ -139,7 +139,7 @@ def test_run_points_stores_one_record_per_model_and_token_count_and_skips_what_c
     small, big = g.points
     # ~78 KiB free: each E=8 model fits alone (measured one at a time), the E=16 MoE layer (~100 KiB) cannot
     monkeypatch.setattr(memory, "available_bytes", lambda device: memory.OVERHEAD_BYTES + 80_000)
-    assert sw.fit_problem(big, CPU) is not None
+    assert big.workload.point_problem(big.opts, CPU) is not None
     meter = make_meter("none", CPU)
     with Store(tmp_path / "s.db") as st:
         run_id = st.new_run("r", g.source, {"device": "cpu"}, {"name": meter.name})
@@ -267,7 +267,7 @@ def test_dry_run_counts_the_rows_max_forward_s_will_skip():
     assert p.spec.name == "qwen1.5-moe-a2.7b" and p.opts.max_forward_s == 2.0
     # 100 GFLOP/s, 10 GB/s: the total-matched FFN (~0.55 B params, 1.1 GFLOP a token) passes 2 s from 256 tokens
     roof = Roofline("cpu:test", {"float32": 1e11}, 1e10, 64, 2**20, "2026-01-01T00:00:00+00:00")
-    bounds = {(pl.name, t): pl.flops_per_token * t / 1e11 for pl in sw.layer_plans_of(p) for t in p.tokens}
+    bounds = {(pl.name, t): pl.flops_per_token * t / 1e11 for pl in p.workload.plans(p.opts.models) for t in p.tokens}
     over = sum(b > 2.0 for b in bounds.values())  # compute-bound there, so the FLOPs alone decide
     assert over >= 2 and _over_limit(p, roof) == f"{over} of 21"
     assert _over_limit(replace(p, opts=replace(p.opts, max_forward_s=None)), roof) == "-"

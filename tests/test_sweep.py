@@ -95,7 +95,7 @@ def test_shards_partition_the_grid_deterministically():
 
 def test_point_that_cannot_fit_in_memory_is_detected_before_building():
     g = sw.build_grid({"experts": "64", "hidden": "30000", "layers": "3", "top_k": "2"})
-    reason = sw.fit_problem(g.points[0], __import__("torch").device("cpu"))
+    reason = g.points[0].workload.point_problem(g.points[0].opts, __import__("torch").device("cpu"))
     assert reason is not None and reason.startswith("out of memory") and "GiB" in reason
 
 
@@ -117,7 +117,8 @@ def test_eta_uses_the_rate_of_finished_points():
     assert eta.remaining(g.points) is None
     p = g.points[0]
     eta.record(p, sw.fixed_seconds(p) + 2.0)  # 2 s of training for this point's FLOPs
-    expect = sum(sw.fixed_seconds(q) + 2.0 * sw.training_flops(q) / sw.training_flops(p) for q in g.points)
+    expect = sum(sw.fixed_seconds(q) + 2.0 * q.workload.work_flops(q.opts) / p.workload.work_flops(p.opts)
+                 for q in g.points)
     assert eta.remaining(g.points) == pytest.approx(expect)
 
 

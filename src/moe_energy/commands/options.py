@@ -130,24 +130,6 @@ def declared_shape(args: argparse.Namespace) -> dict[str, int]:
     return out
 
 
-def check_data(spec: ModelSpec, opts: RunOptions, declared: dict[str, int]) -> ModelSpec:
-    """The data checks `run` makes (pipeline.start's make_dataset), for a command that trains nothing (plan).
-
-    With --data the file is loaded exactly as a run loads it and decides the shape (the spec returned).
-    Synthetic data is made on few samples: its split leaves no training data only below
-    0.5 / (1 - test_fraction) samples, so that many (or fewer) give every verdict the full run would.
-    """
-    from ..data import make_dataset
-
-    if opts.data:
-        data = make_dataset(opts.samples, spec.input_dim, spec.classes, opts.seed, opts.test_fraction, opts.data,
-                            declared=declared)
-        return replace(spec, input_dim=data.input_dim, classes=data.classes).validate()
-    enough = int(0.5 / (1 - opts.test_fraction)) + 2
-    make_dataset(min(opts.samples, enough), spec.input_dim, spec.classes, opts.seed, opts.test_fraction)
-    return spec
-
-
 def add_energy_arguments(p: argparse.ArgumentParser) -> None:
     """--meter, --idle-seconds, --repeats, --cooldown, --cpu-tdp-watts (issue 3)."""
     from ..energy.select import METER_NAMES

@@ -29,8 +29,6 @@ from .options import (
     add_llm_arguments,
     add_run_arguments,
     add_shape_arguments,
-    check_data,
-    declared_shape,
     resolve_workload,
 )
 
@@ -53,7 +51,7 @@ def plan(args: argparse.Namespace) -> int:
         _show_layer(w, opts, device)
     else:
         assert isinstance(w, Seed)
-        w.spec = check_data(w.spec, opts, declared_shape(args) if opts.data else {})  # a --data file decides it
+        w.load(opts, torch.device("cpu"), torch.float32, 0)  # the data as run loads it: a --data file decides the shape
         _show_seed(w, opts, device)
     return 0
 

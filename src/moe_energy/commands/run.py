@@ -24,7 +24,7 @@ from ..models.counting import moe_active_params, moe_params
 from ..models.dense import dense_width
 from ..power.capped import run_and_save
 from ..power.carbon import add_carbon
-from ..runner.core import Local, Workload, check_dtype
+from ..runner.core import Team, Workload, check_dtype
 from ..runner.core import run as run_workload
 from ..storage.results import check_writable, run_stem, save_or_rescue
 from . import command, console, err_console, measured
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     def job() -> tuple[dict, Path]:
         def body() -> dict:
-            doc, _ = run_workload(w, opts, Local(meter), RichUI(console), save=False)
+            doc, _ = run_workload(w, opts, Team(meter), RichUI(console), save=False)
             assert doc is not None
             return doc
 

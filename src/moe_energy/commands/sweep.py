@@ -189,8 +189,6 @@ class SweepProgress:
 
 
 def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
-    from ..runner.sweep import fit_problem
-
     if points and points[0].is_layer:
         return _layer_points_table(points, meter_name, done, device)
     capped = any(p.caps_text != "-" for p in points)
@@ -201,7 +199,7 @@ def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # 
     for i, p in enumerate(points, 1):
         s = p.spec
         status = "invalid: " + p.error if p.error else ("complete" if p.key(meter_name) in done else
-                                                         fit_problem(p, device) or "to do")
+                                                         p.workload.point_problem(p.opts, device) or "to do")
         t.add_row(str(i), escape(p.label), str(s.experts), str(s.hidden), str(s.layers), str(s.top_k),
                   f"{p.total_params:,}", str(p.opts.batch_size), p.opts.dtype, str(p.opts.repeats),
                   *((p.caps_text,) if capped else ()), escape(status))
@@ -215,10 +213,8 @@ def _minutes(seconds: float | None) -> str:
 def _layer_points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
     """The LLM points, each with the least time it can take here (fixed seconds + forwards at the roofline)."""
     from ..measure.roofline import load as load_roofline
-    from ..runner.sweep import fit_problem, seconds_floor
-
     roof = load_roofline(device)
-    floors = [seconds_floor(p, roof) for p in points]
+    floors = [p.workload.seconds_floor(p.opts, roof) for p in points]
     total = None if None in floors else sum(f for f in floors if f is not None)
     t = Table(title=f"sweep points ({len(points)}); least time here {_minutes(total)}"
               + ("" if roof else " (run `moe-energy calibrate` for the time)"))
@@ -230,7 +226,7 @@ def _layer_points_table(points, meter_name: str, done: set[str], device) -> Tabl
         t.add_column(col, justify="left" if col in ("point", "tokens", "routing", "dtype", "status") else "right")
     for i, (p, floor) in enumerate(zip(points, floors), 1):
         a = p.spec
-        status = "complete" if p.key(meter_name) in done else fit_problem(p, device) or "to do"
+        status = "complete" if p.key(meter_name) in done else p.workload.point_problem(p.opts, device) or "to do"
         t.add_row(str(i), escape(p.label), str(a.d_model), str(a.ffn_dim), str(a.experts), str(a.top_k),
                   f"{p.total_params:,}", ",".join(map(str, p.tokens)), escape(p.routing), p.opts.dtype,
                   str(p.opts.repeats), *((p.caps_text,) if capped else ()),
@@ -241,9 +237,8 @@ def _layer_points_table(points, meter_name: str, done: set[str], device) -> Tabl
 def _over_limit(p: Any, roof: Any) -> str:
     """'3 of 21': the point's (model, token count) rows that --max-forward-s will skip, by the roofline bound."""
     from ..runner.layer import forward_too_long
-    from ..runner.sweep import layer_plans_of
 
-    rows = [(pl, t) for pl in layer_plans_of(p) for t in p.tokens]
+    rows = [(pl, t) for pl in p.workload.plans(p.opts.models) for t in p.tokens]
     over = sum(forward_too_long(roof, pl, t, p.opts) is not None for pl, t in rows)
     return f"{over} of {len(rows)}" if p.opts.max_forward_s is not None else "-"
 

@@ -40,7 +40,6 @@ from .job import (
     job_record,
     measure_ranks,
     median_of,
-    rank_batch,
     rank_meter,
     run_job,
 )
@@ -49,6 +48,6 @@ __all__ = [
     "DEFAULT_TIMEOUT_S", "EP_STRATEGY", "MOE_LABEL", "CommStats", "Count", "ExpertParallelMoE", "Group",
     "PeerLost", "RankResult", "Ranks", "check_agreement", "check_divisible", "check_options", "collective",
     "config_hash", "init_group", "job_energy", "job_idle", "job_measurement", "job_record", "launch_env",
-    "measure_ranks", "median_of", "parts_of", "rank_batch", "rank_meter", "run_job", "set_stage", "shard_moe",
+    "measure_ranks", "median_of", "parts_of", "rank_meter", "run_job", "set_stage", "shard_moe",
     "shutdown",
 ]

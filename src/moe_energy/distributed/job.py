@@ -89,13 +89,6 @@ def rank_meter(device: torch.device) -> Meter:
     return auto_meter(device)
 
 
-def rank_batch(data: Any, batch_size: int, rank: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Each rank its own batch (``runner.seed.bench_batch``): held-out rows from offset rank*batch_size."""
-    from ..runner.seed import bench_batch
-
-    return bench_batch(data, batch_size, rank, device, dtype)
-
-
 def job_block(g: Group, meter: Meter, device_name: str, note: str) -> dict[str, Any]:
     """The results document's ``parallel`` block: the job's ranks, hosts and backend (a collective: every
     rank calls it)."""
@@ -425,8 +418,8 @@ def parallel_median(windows: list[dict[str, Any]]) -> dict[str, Any]:
 # The team
 
 
-class Ranks:
-    """The skeleton's ``Team`` on the ranks of a torchrun job: every check and skip agreed, the MoE sharded, the
+class Ranks(core.Team):
+    """The skeleton's team on the ranks of a torchrun job: every check and skip agreed, the MoE sharded, the
     windows a batch count agreed at the slowest rank's pace; rank 0 gathers the job's figures."""
 
     parks, bounds = False, False

@@ -337,10 +337,6 @@ def layer_tables(frame: Frame) -> list[Table]:
     return [layer_crossover_table(layer_crossovers(frame)), layer_tokens_table(frame)] if frame.layers else []
 
 
-def all_tables(frame: Frame) -> list[Table]:
-    return [*seed_tables(frame), *layer_tables(frame), skipped_table(frame), environment_table(frame)]
-
-
 def answer_tables(frame: Frame) -> list[Table]:
     """What `moe-energy report` prints: each section's crossover, the LLM layers' per-token table, and with
     several power caps the best cap per model."""

@@ -2,7 +2,7 @@
 
 A workload (``Workload``: the seed's trained classifiers in ``seed.py``, an LLM MoE layer in ``layer.py``) says
 what it builds, its inputs and what its records add; this module owns everything else, once. A ``Team`` says
-where the skeleton runs: ``Local`` (one process, below) or the ranks of an expert-parallel job
+where the skeleton runs: one process (``Team`` itself) or the ranks of an expert-parallel job
 (``distributed.job.Ranks``), which agree on every check and skip, shard the MoE and measure fixed batch counts.
 
 Faults stay local: a model that does not fit is skipped (before it is built when the estimate says so, or when
@@ -275,47 +275,6 @@ class Workload(Protocol):
 
     def need_bytes(self, opts: RunOptions) -> int:
         """The largest model's need: a sweep's skip reason when an allocation failed."""
-
-
-class Team(Protocol):
-    """Where the skeleton runs: one process (``Local``) or the ranks of an expert-parallel job."""
-
-    rank: int
-    world: int
-    is_main: bool
-    parks: bool  # trained models wait in host memory between windows (one process only)
-    bounds: bool  # a record's roofline bound applies (one device: a job over W of them has none)
-
-    def strategies(self, opts: RunOptions) -> tuple[str, ...]: ...
-
-    def start(self, w: Workload, checks: Callable[[], torch.device], opts: RunOptions) -> torch.device:
-        """Run ``checks`` (their device; they make the inputs too); ranks agree on the first rank's error."""
-
-    def meter(self) -> Meter: ...
-
-    def agree(self, reasons: dict[str, str]) -> dict[str, str]: ...
-
-    def label(self, plan: ModelPlan, strategy: str | None) -> tuple[str, str | None]: ...
-
-    def place(self, built: Built) -> Built: ...
-
-    def header(self, doc: dict[str, Any]) -> None: ...
-
-    def roofline(self, r: Run, notices: list[str]) -> roofline.Roofline | None: ...
-
-    def idle(self, r: Run) -> tuple[IdlePower | None, dict | None]: ...
-
-    def measure(self, r: Run, variants: dict[str, Variant], idle: IdlePower | None, out: Measured,
-                first_order: int) -> None: ...
-
-    def extra(self, windows: list[WindowRecord]) -> dict[str, Any]: ...
-
-    def sum_(self, t: Tensor) -> None:
-        """``t`` summed in place over the ranks (after a window: the experts' load)."""
-
-    def stem_suffix(self) -> str: ...
-
-    def finish(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -667,10 +626,14 @@ def run(w: Workload, opts: RunOptions, team: Team, ui: UI | None = None, save: b
     return doc, path
 
 
-class Local:
-    """The team of one process: every check its own, models parked in host memory, windows by the clock."""
+class Team:
+    """Where the skeleton runs: this base is one process (every check its own, trained models parked in host memory,
+    windows by the clock); ``distributed.job.Ranks`` overrides it for the ranks of an expert-parallel job (every
+    check and skip agreed, the MoE sharded, windows of an agreed batch count, rank 0 gathering)."""
 
-    rank, world, is_main, parks, bounds = 0, 1, True, True, True
+    rank, world, is_main = 0, 1, True
+    parks = True  # trained models wait in host memory between windows
+    bounds = True  # a record's roofline bound applies (one device: a job over W of them has none)
 
     def __init__(self, meter: Meter) -> None:
         self._meter = meter
@@ -679,6 +642,7 @@ class Local:
         return opts.strategies
 
     def start(self, w: Workload, checks: Callable[[], torch.device], opts: RunOptions) -> torch.device:
+        """Run ``checks`` (their device; they make the inputs too); ranks agree on the first rank's error."""
         return checks()
 
     def meter(self) -> Meter:
@@ -714,7 +678,7 @@ class Local:
         return {}
 
     def sum_(self, t: Tensor) -> None:
-        pass
+        """``t`` summed in place over the ranks (after a window: the experts' load)."""
 
     def stem_suffix(self) -> str:
         return ""

@@ -46,7 +46,6 @@ from .core import (
     STRATEGY_PROBE_BYTES,
     UI,
     Built,
-    Local,
     Point,
     Run,
     Team,
@@ -378,6 +377,6 @@ def run_llm(arch: Arch, opts: RunOptions, tokens: list[int], routing: str | Rout
             ) -> tuple[dict, Path | None]:
     """Measure ``arch``'s MoE layer and its matched dense FFNs at each token count, in shuffled, repeated
     windows; one record per (model, token count) (``core.run`` on the layer's workload, in this process)."""
-    doc, path = run_workload(Layer.of(arch, tokens, routing), opts, Local(meter), ui, save, sleep)
+    doc, path = run_workload(Layer.of(arch, tokens, routing), opts, Team(meter), ui, save, sleep)
     assert doc is not None
     return doc, path

@@ -32,9 +32,9 @@ from .core import (
     STRATEGY_PROBE_BYTES,
     UI,
     Built,
-    Local,
     Point,
     Run,
+    Team,
     Variant,
     check_fits,
     check_named_strategies,
@@ -240,6 +240,6 @@ def run(spec: ModelSpec, opts: RunOptions, meter: Meter, ui: UI | None = None, s
     """Train every model of ``opts.models`` one at a time, then measure them in shuffled, repeated windows
     (``core.run`` on the seed's workload, in this process)."""
     w = Seed(spec, opts.extra.get("preset"))
-    doc, path = run_workload(w, opts, Local(meter), ui, save, **({"sleep": sleep} if sleep else {}), oom=oom)
+    doc, path = run_workload(w, opts, Team(meter), ui, save, **({"sleep": sleep} if sleep else {}), oom=oom)
     assert doc is not None
     return doc, path

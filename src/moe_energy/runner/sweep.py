@@ -476,50 +476,23 @@ def fixed_seconds(p: Point) -> float:
     return measured_models(p) * per_model + max(0, o.repeats - 1) * o.cooldown * measured_models(p) + o.idle_seconds
 
 
-def training_flops(p: Point) -> float:
-    """FLOPs of training every model of the point (0 for a workload that trains nothing)."""
-    return p.workload.work_flops(p.opts) if p.workload.trains else 0.0
-
-
-def layer_plans_of(p: Point) -> list[ModelPlan]:
-    """The point's models, planned."""
-    return p.workload.plans(p.opts.models)
-
-
-def work_flops(p: Point) -> float:
-    """FLOPs whose time comes on top of ``fixed_seconds``: the seed's training; an LLM layer's forwards that can
-    outlast a window (a prefill chunk of a big layer takes seconds on a CPU): warm-up, probe and one per window."""
-    return p.workload.work_flops(p.opts)
-
-
-def seconds_floor(p: Point, roof: Any) -> float | None:
-    """Least seconds the point can take here (``roof``: roofline.Roofline; None when not calibrated, or for a
-    workload whose time has no bound here)."""
-    return p.workload.seconds_floor(p.opts, roof)
-
-
-def fit_problem(p: Point, device: Any) -> str | None:
-    """Why the point cannot fit in ``device``'s free memory, or None; checked before anything is built."""
-    return p.workload.point_problem(p.opts, device)
-
-
 class Eta:
-    """Remaining time: fixed measuring seconds, plus the work FLOPs (``work_flops``) at the rate the finished
-    points ran."""
+    """Remaining time: fixed measuring seconds, plus the work FLOPs (``Workload.work_flops``: training, forwards
+    of seconds) at the rate the finished points ran."""
 
     def __init__(self) -> None:
         self.flops_done = 0.0
         self.train_seconds = 0.0
 
     def record(self, p: Point, elapsed_s: float) -> None:
-        self.flops_done += work_flops(p)
+        self.flops_done += p.workload.work_flops(p.opts)
         self.train_seconds += max(elapsed_s - fixed_seconds(p), 1e-3)
 
     def remaining(self, todo: Iterable[Point]) -> float | None:
         if self.flops_done <= 0:
             return None
         rate = self.flops_done / self.train_seconds
-        return sum(fixed_seconds(p) + work_flops(p) / rate for p in todo)
+        return sum(fixed_seconds(p) + p.workload.work_flops(p.opts) / rate for p in todo)
 
 
 # -- the loop --------------------------------------------------------------------------------------------
@@ -593,7 +566,7 @@ def call_runner(p: Point, meter: Any, ui: Any, run: Callable[..., tuple[dict | N
     runner = run or core.run
 
     def body() -> dict:
-        doc = runner(p.workload, p.opts, core.Local(meter), ui, save=False, oom=p.workload.sweep_oom)[0]
+        doc = runner(p.workload, p.opts, core.Team(meter), ui, save=False, oom=p.workload.sweep_oom)[0]
         assert doc is not None
         return doc
 
@@ -652,7 +625,7 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
             if resume and key in store.completed_keys():  # completed by another sweep since this one started
                 out.already += 1
                 continue
-            reason = p.error or fit_problem(p, device)
+            reason = p.error or p.workload.point_problem(p.opts, device)
             if reason is not None:
                 _add(store, run_id, key, cfg, "skipped", reason=reason, started_utc=now_utc())
                 out.skipped += 1
