@@ -377,23 +377,6 @@ def job_window(r: Run, g: Group, v: Variant, rep: int, order: int, counts: dict[
     return {**head, **job_record(ranks, v.flops_per_inference, idle), **after}
 
 
-def measure_all(r: Run, g: Group, variants: dict[str, Variant], idle: IdlePower | None,
-                log: Callable[[str], None], first_order: int = 0) -> dict[str, list[dict[str, Any]]]:
-    """Run's schedule (every model once a round, rounds shuffled by the agreed seed: the same on every rank)
-    with run's rest between windows on every rank; rank 0 gets each model's windows (empty lists elsewhere).
-    Orders count on from ``first_order``: groups measured one after another share one sequence."""
-    out: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
-    counts: dict[str, Count] = {}
-    schedule = core.window_schedule(list(variants), r.opts.repeats, r.opts.seed)
-    for order, (rep, label) in enumerate(schedule, start=first_order):
-        if order > 0:
-            r.sleep(r.opts.cooldown)
-        w = job_window(r, g, variants[label], rep, order, counts, idle, log)
-        if w is not None:
-            out[label].append(w)
-    return out
-
-
 def median_of(values: list[Any]) -> Any:
     """Element-wise median of like-shaped values (dicts, lists, numbers) over windows; text: the first's."""
     first = values[0]
@@ -479,8 +462,10 @@ class Ranks(core.Team):
 
     def measure(self, r: Run, variants: dict[str, Variant], idle: IdlePower | None, out: Measured,
                 first_order: int) -> None:
-        for label, ws in measure_all(r, self.g, variants, idle, self.log, first_order).items():
-            out.windows.setdefault(label, []).extend(ws)  # type: ignore[arg-type]
+        """Windows of a batch count agreed at each model's first window; any failure ends the job (in step)."""
+        counts: dict[str, Count] = {}
+        core.measure_all(r, variants, out, first_order,
+                         lambda v, rep, order: job_window(r, self.g, v, rep, order, counts, idle, self.log))
 
     def extra(self, windows: list[WindowRecord]) -> dict[str, Any]:
         return {"parallel": parallel_median(windows) if windows else {}}  # type: ignore[arg-type]

@@ -476,17 +476,21 @@ def one_window(r: Run, slot: Slot, v: Variant, rep: int, order: int, idle: IdleP
     return rec  # type: ignore[return-value]
 
 
-def measure_all(r: Run, variants: dict[str, Variant], idle: IdlePower | None, out: Measured,
-                first_order: int = 0) -> None:
-    """Every variant once per round, rounds shuffled, a rest between windows; orders count on from
-    ``first_order`` into ``out``, so groups measured one after another share one sequence.
+Window = Callable[[Variant, int, int], "WindowRecord | None"]  # (variant, repeat, order) -> its record (rank 0's)
 
-    A variant that fails (out of memory, or any error of its strategy or preparation) stops with its
-    reason; the others go on, and every window already measured is kept.
+
+def measure_all(r: Run, variants: dict[str, Variant], out: Measured, first_order: int, window: Window,
+                stop: Callable[[Variant, BaseException], str] | None = None) -> None:
+    """Every variant once per round, rounds shuffled (by the seed: every rank of a job alike), a rest between
+    windows; orders count on from ``first_order`` into ``out``, so groups measured one after another share one
+    sequence. ``window`` measures one (None: another rank's, kept by rank 0).
+
+    With ``stop``, a variant that fails (out of memory, or any error of its strategy or preparation) stops with
+    ``stop``'s reason, the others go on and every window already measured is kept; without, a failure ends the
+    run (a job's ranks must stay in step).
     """
     for label in variants:
         out.windows.setdefault(label, [])
-    slot = Slot(r)
     schedule = window_schedule(list(variants), r.opts.repeats, r.opts.seed)
     for order, (rep, label) in enumerate(schedule, start=first_order):
         if label in out.stopped:
@@ -495,14 +499,17 @@ def measure_all(r: Run, variants: dict[str, Variant], idle: IdlePower | None, ou
             r.sleep(r.opts.cooldown)
         failure: BaseException | None = None
         try:
-            out.windows[label].append(one_window(r, slot, variants[label], rep, order, idle, out.prepared))
+            rec = window(variants[label], rep, order)
+            if rec is not None:
+                out.windows[label].append(rec)
         except Exception as e:  # noqa: BLE001 - one variant's failure must not lose the others' windows
+            if stop is None:
+                raise
             failure = e
         if failure is not None:  # outside the except block: the traceback's tensors are gone
-            out.stopped[label] = stop_reason(r, slot, variants[label], failure)
+            out.stopped[label] = stop(variants[label], failure)
             del failure
             r.ui.info(f"{label}: {out.stopped[label]}")
-    slot.release()
 
 
 def stop_reason(r: Run, slot: Slot, v: Variant, e: BaseException) -> str:
@@ -672,7 +679,12 @@ class Team:
 
     def measure(self, r: Run, variants: dict[str, Variant], idle: IdlePower | None, out: Measured,
                 first_order: int) -> None:
-        measure_all(r, variants, idle, out, first_order)
+        """Windows by the clock, each variant prepared on the device's one slot; a failing variant stops alone."""
+        slot = Slot(r)
+        measure_all(r, variants, out, first_order, lambda v, rep, order: one_window(r, slot, v, rep, order, idle,
+                                                                                    out.prepared),
+                    lambda v, e: stop_reason(r, slot, v, e))
+        slot.release()
 
     def extra(self, windows: list[WindowRecord]) -> dict[str, Any]:
         return {}
