@@ -19,16 +19,9 @@ from pathlib import Path
 import pytest
 
 from moe_energy.config import ConfigError
-from moe_energy.distributed import (
-    PeerLost,
-    check_agreement,
-    check_divisible,
-    config_hash,
-    job_energy,
-    job_idle,
-    job_record,
-    median_of,
-)
+from moe_energy.distributed.group import check_agreement, check_divisible, config_hash
+from moe_energy.distributed.job import job_energy, job_idle, job_record, median_of
+from moe_energy.errors import PeerLost
 
 TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",
         "--classes", "4", "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu"]
@@ -174,7 +167,7 @@ def test_parallel_block_is_the_median_of_the_windows():
 def test_a_failed_collective_is_a_lost_peer_not_a_user_mistake():
     import torch
 
-    from moe_energy.distributed import Group, collective, set_stage
+    from moe_energy.distributed.group import Group, collective, set_stage
 
     assert not issubclass(PeerLost, ConfigError)
     g = Group(0, 2, 0, "gloo", torch.device("cpu"), 10.0)
@@ -242,7 +235,8 @@ def test_a_failed_meter_still_runs_every_batch_of_the_window(fails_at):
 
 EQUALITY = """\
 import copy, torch
-from moe_energy.distributed import ExpertParallelMoE, init_group, shutdown
+from moe_energy.distributed.expert_parallel import ExpertParallelMoE
+from moe_energy.distributed.group import init_group, shutdown
 from moe_energy.models.moe import MoE
 
 torch.set_num_threads(1)

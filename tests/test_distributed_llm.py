@@ -63,7 +63,7 @@ def test_a_fixed_routing_deals_the_jobs_tokens_once(routing):
 
 
 def test_only_moe_modules_are_sharded():
-    from moe_energy.distributed import parts_of
+    from moe_energy.distributed.expert_parallel import parts_of
     from moe_energy.models.dense import DenseSwiGLU
     from moe_energy.models.llm import MoELayer
 
@@ -79,7 +79,8 @@ def test_only_moe_modules_are_sharded():
 
 EQUALITY = """\
 import torch
-from moe_energy.distributed import ExpertParallelMoE, init_group, shutdown
+from moe_energy.distributed.expert_parallel import ExpertParallelMoE
+from moe_energy.distributed.group import init_group, shutdown
 from moe_energy.models.archs import Arch, RouterSpec, custom_arch
 from moe_energy.models.llm import MoELayer
 

@@ -18,7 +18,8 @@ from rich.table import Table
 
 from ..config import PRESETS, RunOptions
 from ..device import resolve_device
-from ..distributed import check_divisible, check_options, init_group, launch_env, run_job, shutdown
+from ..distributed.group import check_divisible, init_group, launch_env, shutdown
+from ..distributed.job import check_options, run_job
 from ..energy.meter import Meter
 from ..models.counting import moe_active_params, moe_params
 from ..models.dense import dense_width

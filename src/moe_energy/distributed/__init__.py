@@ -13,41 +13,6 @@ makes the others fail their next collective within ``--collective-timeout`` seco
   group            the process group, collectives as one-line PeerLost, the start-up agreement
   expert_parallel  ExpertParallelMoE (wraps a sharded MoE or LLM MoELayer) and its all-to-all CommStats
   job              the run skeleton's team on ranks (``Ranks``): any workload's run, windows of an agreed count
+
+Submodules are imported directly.
 """
-
-from ..errors import PeerLost
-from .expert_parallel import EP_STRATEGY, MOE_LABEL, CommStats, ExpertParallelMoE, parts_of, shard_moe
-from .group import (
-    DEFAULT_TIMEOUT_S,
-    Group,
-    check_agreement,
-    check_divisible,
-    collective,
-    config_hash,
-    init_group,
-    launch_env,
-    set_stage,
-    shutdown,
-)
-from .job import (
-    Count,
-    RankResult,
-    Ranks,
-    check_options,
-    job_energy,
-    job_idle,
-    job_measurement,
-    job_record,
-    measure_ranks,
-    median_of,
-    rank_meter,
-    run_job,
-)
-
-__all__ = [
-    "DEFAULT_TIMEOUT_S", "EP_STRATEGY", "MOE_LABEL", "CommStats", "Count", "ExpertParallelMoE", "Group",
-    "PeerLost", "RankResult", "Ranks", "check_agreement", "check_divisible", "check_options", "collective",
-    "config_hash", "init_group", "job_energy", "job_idle", "job_measurement", "job_record", "launch_env",
-    "measure_ranks", "median_of", "parts_of", "rank_meter", "run_job", "set_stage", "shard_moe",
-    "shutdown",
-]
