@@ -1,4 +1,5 @@
-"""Shared fixtures: small shapes that train and measure in seconds on 2 CPU cores."""
+"""Shared fixtures and helpers: the tiny shapes every test runs (train and measure in seconds on 2 CPU cores), the
+checks of a one-line error, and the ``slow`` marker's list (``pytest -m "not slow"`` is the quick loop)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,11 +27,57 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# The tiny seed shape's flags (E, H, L, k) and task (input 40, 4 classes), a quick run of it (one short window, no
+# rest, no idle reading, on the CPU), and a tiny LLM layer: what the CLI tests run (a later flag overrides one of
+# these). Import them: ``from conftest import TINY_SHAPE, TINY_TASK, QUICK``.
+TINY_SHAPE = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2"]
+TINY_TASK = ["--input-dim", "40", "--classes", "4"]
+QUICK = ["--samples", "300", "--epochs", "1", "--duration", "0.3", "--warmup", "0", "--repeats", "1", "--cooldown",
+         "0", "--idle-seconds", "0", "--device", "cpu"]
+TINY_LAYER = ["--arch", "custom", "--d-model", "32", "--ffn-dim", "16", "--experts", "8", "--top-k", "2"]
+
+
 @pytest.fixture
 def tiny_spec():
     from moe_energy.config import ModelSpec
 
     return ModelSpec(experts=4, hidden=16, layers=2, top_k=2, input_dim=40, classes=4)
+
+
+def one_line(msg: str, *needles: str, longest: int | None = None) -> str:
+    """A message the user reads (an exception's, a refusal's): one line, not empty, naming every needle."""
+    assert msg.strip() and "\n" not in msg.strip(), msg
+    assert longest is None or len(msg) < longest, msg
+    for n in needles:
+        assert n in msg, (n, msg)
+    return msg
+
+
+def one_line_error(code: int | None, err: str, *needles: str, expected: int = 2) -> str:
+    """A refused command: exit ``expected`` (2: the user's mistake; ``code`` None: not checked) and, on standard
+    error, nothing but one ``error:`` line naming every needle, no traceback."""
+    assert code is None or code == expected, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    return one_line(err, *needles)
+
+
+def error_line(err: str) -> str:
+    """The one ``error:`` line among what a command printed on standard error (notices may come first), no
+    traceback."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def raises_one_line(exc: type[Exception], fn: Callable[[], Any], *names: str) -> Exception:
+    """``fn()`` raises ``exc`` (and not the other of TypeError/ValueError) with a one-line message naming ``names``."""
+    with pytest.raises(exc) as info:
+        fn()
+    other = ValueError if exc is TypeError else TypeError
+    assert not isinstance(info.value, other), f"{type(info.value).__name__} is also a {other.__name__}"
+    one_line(str(info.value), *names)
+    return info.value
 
 
 FAKE_RAPL = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"

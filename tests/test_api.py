@@ -157,6 +157,7 @@ def test_api_and_cli_share_the_window_and_the_statistics():
     assert api.summarize is records.summarize and pipeline.measured_record is records.measured_record
 
 
+@pytest.mark.slow
 def test_api_reduces_cli_windows_to_the_cli_figures(tmp_path, tiny_spec):
     out = tmp_path / "out"
     spec = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",

@@ -5,13 +5,12 @@ strategy, and benchmark() takes any callable."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import raises_one_line
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -23,37 +22,24 @@ GOOD = {"experts": 4, "hidden": 16, "layers": 2, "top_k": 2, "input_dim": 12, "c
 SHAPE = ("experts", "hidden", "layers", "top_k", "input_dim", "classes")
 
 
-def one_line(exc: type[Exception], fn: Callable[[], Any], *names: str) -> Exception:
-    """``fn()`` raises ``exc`` (and not the other of TypeError/ValueError) with a one-line message naming ``names``."""
-    with pytest.raises(exc) as info:
-        fn()
-    other = ValueError if exc is TypeError else TypeError
-    assert not isinstance(info.value, other), f"{type(info.value).__name__} is also a {other.__name__}"
-    msg = str(info.value)
-    assert msg.strip() and "\n" not in msg, msg
-    for name in names:
-        assert name in msg, (name, msg)
-    return info.value
-
-
 # --- MoE(...) ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("field", SHAPE)
 @pytest.mark.parametrize("bad", [1.5, 2.0, True, False, "4", None, [4], torch.tensor(4.0)])
 def test_moe_shape_of_a_wrong_kind_is_a_type_error(field, bad):
-    one_line(TypeError, lambda: me.MoE(**{**GOOD, field: bad}), f"{field}=", "whole number")
+    raises_one_line(TypeError, lambda: me.MoE(**{**GOOD, field: bad}), f"{field}=", "whole number")
 
 
 @pytest.mark.parametrize("field", SHAPE)
 @pytest.mark.parametrize("bad", [0, -1, -(2**40)])
 def test_moe_shape_below_one_is_a_value_error(field, bad):
-    one_line(ValueError, lambda: me.MoE(**{**GOOD, field: bad}), f"{field}={bad}", ">= 1")
+    raises_one_line(ValueError, lambda: me.MoE(**{**GOOD, field: bad}), f"{field}={bad}", ">= 1")
 
 
 @pytest.mark.parametrize(("experts", "top_k"), [(4, 5), (1, 2), (3, 100)])
 def test_moe_top_k_above_experts_is_a_value_error(experts, top_k):
-    one_line(ValueError, lambda: me.MoE(**{**GOOD, "experts": experts, "top_k": top_k}), f"top_k={top_k}",
+    raises_one_line(ValueError, lambda: me.MoE(**{**GOOD, "experts": experts, "top_k": top_k}), f"top_k={top_k}",
              f"experts={experts}")
 
 
@@ -66,29 +52,29 @@ def test_moe_accepts_integer_kinds_and_stores_plain_ints():
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), -float("inf")])
 def test_moe_capacity_factor_must_be_finite_and_positive(bad):
-    one_line(ValueError, lambda: me.MoE(**GOOD, capacity_factor=bad), "capacity_factor=", "finite number > 0")
+    raises_one_line(ValueError, lambda: me.MoE(**GOOD, capacity_factor=bad), "capacity_factor=", "finite number > 0")
     m = me.MoE(**GOOD)
-    one_line(ValueError, lambda: setattr(m, "capacity_factor", bad), "capacity_factor=")
+    raises_one_line(ValueError, lambda: setattr(m, "capacity_factor", bad), "capacity_factor=")
     assert m.capacity_factor == 1.25  # a refused value leaves the old one
 
 
 @pytest.mark.parametrize("bad", ["1.25", True, None, [1.0]])
 def test_moe_capacity_factor_of_a_wrong_kind_is_a_type_error(bad):
-    one_line(TypeError, lambda: me.MoE(**GOOD, capacity_factor=bad), "capacity_factor=")
+    raises_one_line(TypeError, lambda: me.MoE(**GOOD, capacity_factor=bad), "capacity_factor=")
 
 
 @pytest.mark.parametrize("bad", ["fastest", "", "Grouped", "grouped "])
 def test_moe_unknown_strategy_lists_the_known_ones(bad):
-    msg = str(one_line(ValueError, lambda: me.MoE(**GOOD, strategy=bad), "strategy=", "unknown strategy"))
+    msg = str(raises_one_line(ValueError, lambda: me.MoE(**GOOD, strategy=bad), "strategy=", "unknown strategy"))
     assert all(name in msg for name in STRATEGIES)
     m = me.MoE(**GOOD)
-    one_line(ValueError, lambda: setattr(m, "strategy", bad), "strategy=")
+    raises_one_line(ValueError, lambda: setattr(m, "strategy", bad), "strategy=")
     assert m.strategy == "grouped"
 
 
 @pytest.mark.parametrize("bad", [3, None, ["grouped"], b"grouped"])
 def test_moe_strategy_of_a_wrong_kind_is_a_type_error(bad):
-    assert "grouped_fm" in str(one_line(TypeError, lambda: me.MoE(**GOOD, strategy=bad), "strategy="))
+    assert "grouped_fm" in str(raises_one_line(TypeError, lambda: me.MoE(**GOOD, strategy=bad), "strategy="))
 
 
 @pytest.mark.parametrize(("x", "exc"), [(torch.randn(2, 3, 12), ValueError), (torch.randn(5, 11), ValueError),
@@ -96,7 +82,7 @@ def test_moe_strategy_of_a_wrong_kind_is_a_type_error(bad):
                                         (np.zeros((2, 12), dtype=np.float32), TypeError)])
 def test_moe_input_of_the_wrong_shape_or_kind_says_what_it_needs(x, exc):
     m = me.MoE(**GOOD)
-    one_line(exc, lambda: m(x), "input x", "input_dim=12")
+    raises_one_line(exc, lambda: m(x), "input x", "input_dim=12")
 
 
 # --- empty batches --------------------------------------------------------------------------------
@@ -181,13 +167,13 @@ def test_capacity_of_an_empty_batch_is_zero_else_at_least_one(pairs, E, T, C):
 
 @pytest.mark.parametrize("spec", [nn.Linear(3, 3), None, dict(GOOD), "small", 8, SimpleNamespace(experts=4)])
 def test_matched_dense_of_something_without_a_shape_is_a_type_error(spec):
-    e = one_line(TypeError, lambda: me.matched_dense(spec), "matched_dense", "spec", "MoE", "ModelSpec")
+    e = raises_one_line(TypeError, lambda: me.matched_dense(spec), "matched_dense", "spec", "MoE", "ModelSpec")
     assert all(f in str(e) for f in SHAPE)
 
 
 @pytest.mark.parametrize("match", ["half", "", "TOTAL", None, 1])
 def test_matched_dense_match_must_be_total_or_active(match):
-    one_line(ValueError, lambda: me.matched_dense(me.presets["small"], match), "match=", "'total'", "'active'")
+    raises_one_line(ValueError, lambda: me.matched_dense(me.presets["small"], match), "match=", "'total'", "'active'")
 
 
 def test_matched_dense_takes_an_moe_a_spec_or_any_shaped_object():
@@ -203,14 +189,14 @@ def test_matched_dense_takes_an_moe_a_spec_or_any_shaped_object():
                                                    ("top_k", 9, ValueError), ("classes", 2.5, TypeError),
                                                    ("input_dim", "784", TypeError)])
 def test_matched_dense_checks_a_duck_shape_before_its_arithmetic(field, bad, exc):
-    one_line(exc, lambda: me.matched_dense(SimpleNamespace(**{**GOOD, field: bad})), f"{field}=")
+    raises_one_line(exc, lambda: me.matched_dense(SimpleNamespace(**{**GOOD, field: bad})), f"{field}=")
 
 
 @pytest.mark.parametrize(("kw", "exc"), [({"width": 0}, ValueError), ({"layers": 1.0}, TypeError),
                                          ({"input_dim": -3}, ValueError)])
 def test_dense_mlp_checks_its_sizes(kw, exc):
     args = {"input_dim": 12, "width": 8, "layers": 2, "classes": 3, **kw}
-    one_line(exc, lambda: me.DenseMLP(**args), f"{next(iter(kw))}=")
+    raises_one_line(exc, lambda: me.DenseMLP(**args), f"{next(iter(kw))}=")
 
 
 # --- benchmark, make_meter, auto_meter -----------------------------------------------------------
@@ -248,7 +234,7 @@ def test_benchmark_takes_plain_functions_over_tuples_and_dicts():
 
 @pytest.mark.parametrize("model", [3, None, "model", torch.randn(2, 2)])
 def test_benchmark_of_something_not_callable_is_a_type_error(model):
-    one_line(TypeError, lambda: me.benchmark(model, torch.randn(2, 4), duration=0.1), "model", "callable")
+    raises_one_line(TypeError, lambda: me.benchmark(model, torch.randn(2, 4), duration=0.1), "model", "callable")
 
 
 @pytest.mark.parametrize(("kw", "name"), [({"meter": "estimate"}, "meter="), ({"meter": 3}, "meter="),
@@ -257,13 +243,14 @@ def test_benchmark_of_something_not_callable_is_a_type_error(model):
                                           ({"flops_per_inference": 1e6}, "flops_per_inference="),
                                           ({"batch_size": True}, "batch_size=")])
 def test_benchmark_arguments_of_a_wrong_kind_are_type_errors(kw, name):
-    one_line(TypeError, lambda: me.benchmark(nn.Linear(4, 4), torch.randn(2, 4), **{"duration": 0.1, **kw}), name)
+    raises_one_line(TypeError, lambda: me.benchmark(nn.Linear(4, 4), torch.randn(2, 4), **{"duration": 0.1, **kw}),
+                    name)
 
 
 @pytest.mark.parametrize(("batch", "exc"), [("x", TypeError), (np.zeros((2, 4)), TypeError), (3, TypeError),
                                             ({1: torch.randn(2, 4)}, TypeError)])
 def test_benchmark_batch_of_a_wrong_kind_is_a_type_error(batch, exc):
-    one_line(exc, lambda: me.benchmark(lambda *a, **k: None, batch, duration=0.1), "example_batch")
+    raises_one_line(exc, lambda: me.benchmark(lambda *a, **k: None, batch, duration=0.1), "example_batch")
 
 
 @pytest.mark.parametrize("tdp", [float("inf"), float("nan"), 0, -35.0, -float("inf")])
@@ -271,24 +258,24 @@ def test_benchmark_batch_of_a_wrong_kind_is_a_type_error(batch, exc):
 def test_meters_refuse_a_tdp_that_is_not_finite_and_positive(tdp, which):
     call = (lambda: me.make_meter("estimate", "cpu", cpu_tdp_watts=tdp)) if which == "make" else \
         (lambda: me.auto_meter("cpu", cpu_tdp_watts=tdp, notice=None))
-    assert isinstance(one_line(ValueError, call, "cpu_tdp_watts=", "> 0"), ConfigError)  # as the CLI's
+    assert isinstance(raises_one_line(ValueError, call, "cpu_tdp_watts=", "> 0"), ConfigError)  # as the CLI's
 
 
 @pytest.mark.parametrize("tdp", ["35", True, [35]])
 def test_meters_refuse_a_tdp_of_a_wrong_kind(tdp):
-    one_line(TypeError, lambda: me.make_meter("estimate", "cpu", cpu_tdp_watts=tdp), "cpu_tdp_watts=")
-    one_line(TypeError, lambda: me.auto_meter("cpu", cpu_tdp_watts=tdp, notice=None), "cpu_tdp_watts=")
+    raises_one_line(TypeError, lambda: me.make_meter("estimate", "cpu", cpu_tdp_watts=tdp), "cpu_tdp_watts=")
+    raises_one_line(TypeError, lambda: me.auto_meter("cpu", cpu_tdp_watts=tdp, notice=None), "cpu_tdp_watts=")
 
 
 def test_meter_names_devices_and_notice_are_checked():
-    one_line(ValueError, lambda: me.make_meter("bogus"), "name=", "estimate")
-    one_line(TypeError, lambda: me.make_meter(None), "name=", "estimate")
-    one_line(TypeError, lambda: me.make_meter(["rapl"]), "name=")
+    raises_one_line(ValueError, lambda: me.make_meter("bogus"), "name=", "estimate")
+    raises_one_line(TypeError, lambda: me.make_meter(None), "name=", "estimate")
+    raises_one_line(TypeError, lambda: me.make_meter(["rapl"]), "name=")
     for bad in ("cuda:x", "gpu", ""):
-        one_line(ValueError, lambda bad=bad: me.make_meter("estimate", bad), "device=")
-        one_line(ValueError, lambda bad=bad: me.auto_meter(bad, notice=None), "device=")
+        raises_one_line(ValueError, lambda bad=bad: me.make_meter("estimate", bad), "device=")
+        raises_one_line(ValueError, lambda bad=bad: me.auto_meter(bad, notice=None), "device=")
     for bad in ([0], 1.5, True):
-        one_line(TypeError, lambda bad=bad: me.make_meter("none", bad), "device=")
-    one_line(TypeError, lambda: me.auto_meter("cpu", notice="print"), "notice=")
+        raises_one_line(TypeError, lambda bad=bad: me.make_meter("none", bad), "device=")
+    raises_one_line(TypeError, lambda: me.auto_meter("cpu", notice="print"), "notice=")
     assert me.make_meter("estimate", torch.device("cpu"), cpu_tdp_watts=35).tdp_watts == 35
     assert me.make_meter("estimate", "cpu", cpu_tdp_watts=np.float64(12.5)).tdp_watts == 12.5

@@ -126,6 +126,7 @@ def _small(name: str) -> Arch:
     return replace(a, shared_width=width, **SMALL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_layer_counts_equal_transformers_modules(name):
     """Total and active counts of every router / shared-expert / bias variant, to the parameter."""

@@ -9,6 +9,7 @@ import sqlite3
 
 import numpy as np
 import pytest
+from conftest import QUICK, TINY_SHAPE, one_line_error
 
 from moe_energy.cli import main
 from moe_energy.config import ConfigError
@@ -16,16 +17,7 @@ from moe_energy.data import make_dataset
 from moe_energy.storage.results import SCHEMA_VERSION, read
 from moe_energy.storage.store import MIGRATIONS, Store
 
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--samples", "400", "--epochs", "1",
-        "--duration", "0.3", "--warmup", "0", "--device", "cpu", "--repeats", "1", "--idle-seconds", "0",
-        "--cooldown", "0", "--meter", "none"]
-
-
-def one_line_error(code: int, err: str, needle: str) -> None:
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert needle in err, err
-    assert "Traceback" not in err
+TINY = [*TINY_SHAPE, *QUICK, "--meter", "none"]
 
 
 def digest(path) -> str:
@@ -206,6 +198,7 @@ def test_database_from_a_newer_tool_is_refused_never_migrated_down(cmd, tmp_path
     con.close()
 
 
+@pytest.mark.slow
 def test_database_from_an_older_tool_version_is_read(tmp_path, capsys):
     """Rows written by an earlier version (fewer fields in each record, another tool_version) still report."""
     db = tmp_path / "old.db"

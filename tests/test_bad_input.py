@@ -4,6 +4,7 @@ what is allowed, never a traceback; the sweep's grid TOML is fuzzed like test_co
 from __future__ import annotations
 
 import pytest
+from conftest import one_line_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_config_fuzz import toml_value  # tests/ is on sys.path (rootdir import mode)
@@ -61,13 +62,6 @@ SWEEP_ONLY = [
     (["--max-params", "-1"], "--max-params -1.0 must be a positive number"),
     (["--shard", "3/2"], "--shard 3/2: I must be between 1 and N"),
 ]
-
-
-def one_line_error(code: int, err: str, needle: str) -> None:
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert needle in err, err
-    assert "Traceback" not in err
 
 
 def invoke(cmd: str, flags: list[str], tmp_path) -> int:
@@ -214,6 +208,7 @@ plausible = st.fixed_dictionaries({}, optional={
 OUTCOMES: dict[int, int] = {}
 
 
+@pytest.mark.slow
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cfg=st.one_of(st.dictionaries(keys, values, max_size=6), plausible), table=st.booleans())
 def test_any_grid_toml_dry_runs_or_exits_2(cfg, table, tmp_path, capsys):

@@ -34,6 +34,7 @@ def cached_roof(tmp_path, monkeypatch):
     return r
 
 
+@pytest.mark.slow
 def test_every_strategy_and_both_dense_models_get_a_row():
     doc = bench_strategies(SPEC, batch_size=16, seconds=0.05, warmup_s=0, roof=fake_roof())
     rows = {r["name"]: r for r in doc["rows"]}
@@ -67,6 +68,7 @@ def test_without_roofline_fractions_are_withheld_not_zero():
     assert all(r["fraction_of_roofline"] is None and r["roofline_bound_ms"] is None for r in doc["rows"])
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_writes_json(tmp_path, cached_roof, capsys):
     out = tmp_path / "res"
     assert main(["bench-strategies", *TINY, "--moe-strategy", "active_loop,grouped", "--out", str(out)]) == 0
@@ -186,6 +188,7 @@ def check_versus(doc: dict) -> None:
             assert r["speedup_vs_transformers"] == pytest.approx(best / r["ms_per_forward"])
 
 
+@pytest.mark.slow
 def test_layer_rows_hold_every_strategy_both_dense_ffns_and_transformers():
     pytest.importorskip("transformers", reason="transformers not installed: its rows need it")
     from moe_energy.bench.strategies import LAYER_SCHEMA, bench_layer
@@ -228,6 +231,7 @@ def test_layer_without_transformers_says_why_and_keeps_the_rest(monkeypatch):
     assert doc["summary"][0]["auto_speedup_vs_transformers"] is None and doc["roofline_note"]
 
 
+@pytest.mark.slow
 def test_cli_arch_saves_json_then_prints_table(tmp_path, cached_roof, capsys):
     pytest.importorskip("transformers", reason="transformers not installed: its rows need it")
     out = tmp_path / "res"
@@ -244,6 +248,7 @@ def test_cli_arch_saves_json_then_prints_table(tmp_path, cached_roof, capsys):
     assert f"(dense_active, the same FLOPs in one dense FFN: {dense:.0%})" in " ".join(text.split())
 
 
+@pytest.mark.slow
 def test_cli_arch_without_calibration_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "empty-cache"))
     assert main(["bench-strategies", *LAYER_ARGS, "--tokens", "1", "--moe-strategy", "auto",
@@ -266,6 +271,7 @@ def test_cli_arch_bad_input_is_one_line_and_exit_2(tmp_path, cached_roof, capsys
     assert msg in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_strategy_that_cannot_run_the_shape_is_a_row_that_says_so(tmp_path, cached_roof, capsys):
     """Issue 25: --hidden 18 (not a multiple of 4 in fp32) crashed the whole table with grouped_mm's stride rule."""
     odd = [*TINY[:2], "--hidden", "18", *TINY[4:]]

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gemm_orientation_prints_one_row_per_row_count():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run(
@@ -29,6 +32,7 @@ def test_gemm_orientation_prints_one_row_per_row_count():
         assert abs(per_row - fm * 1e3 / (int(r[0]) * 8)) <= 0.1 + 5.0 / (int(r[0]) * 8) + 0.001 * per_row
 
 
+@pytest.mark.slow
 def test_cpu_gemm_prints_both_libraries_rate_per_row_count():
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run(

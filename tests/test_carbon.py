@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import QUICK, TINY_SHAPE, TINY_TASK
 
 from moe_energy.cli import main
 from moe_energy.config import CarbonPrice
 from moe_energy.power.carbon import ESTIMATED, MEASURED, add_carbon, carbon_fields, per_million
 
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
-        "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu", "--models", "moe,dense_active",
-        "--cooldown", "0", "--idle-seconds", "0", "--repeats", "1", "--duration", "0.3"]
+TINY = [*TINY_SHAPE, *TINY_TASK, *QUICK, "--models", "moe,dense_active"]
 
 
 def test_per_million_is_energy_times_the_figure():

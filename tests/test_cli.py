@@ -6,18 +6,18 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import QUICK, TINY_SHAPE, TINY_TASK
 
 from moe_energy.cli import main
 
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",
-        "--classes", "4", "--samples", "400", "--epochs", "1", "--duration", "0.3", "--warmup", "0",
-        "--device", "cpu", "--repeats", "1", "--idle-seconds", "0", "--cooldown", "0"]
+TINY = [*TINY_SHAPE, *TINY_TASK, *QUICK]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moe_energy", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_run_writes_versioned_json_with_units(tmp_path):
     r = cli("run", *TINY, "--moe-strategy", "masked_loop,active_loop,grouped,padded", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -48,6 +48,7 @@ def test_run_writes_versioned_json_with_units(tmp_path):
     assert "moe[grouped]" in r.stdout and "inferences/s" in r.stdout
 
 
+@pytest.mark.slow
 def test_presets_table():
     r = cli("presets")
     assert r.returncode == 0

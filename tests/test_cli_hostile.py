@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK, TINY_SHAPE, TINY_TASK, one_line_error
 
 from moe_energy.cli import main
 from moe_energy.measure import roofline
 
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
-        "--samples", "300", "--epochs", "1", "--duration", "0.2", "--warmup", "0", "--repeats", "1", "--cooldown", "0",
-        "--idle-seconds", "0", "--meter", "none", "--device", "cpu"]
-SHAPE = TINY[:12]  # the shape flags alone, for plan
+TINY = [*TINY_SHAPE, *TINY_TASK, *QUICK, "--meter", "none"]
+SHAPE = [*TINY_SHAPE, *TINY_TASK]  # the shape flags alone, for plan
 FAST_CAL = ["calibrate", "--device", "cpu", "--dtype", "float32", "--seconds", "0.05"]
 
 
@@ -32,15 +31,6 @@ def cli(*args: str, stdout: int | object = subprocess.PIPE, env: dict | None = N
                           env={**os.environ, **(env or {})})
 
 
-def one_error_line(err: str, *needles: str) -> str:
-    """``err`` is exactly one line starting 'error:' and holding every needle; no traceback."""
-    assert "Traceback" not in err, err
-    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("error: "), err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
-
-
 def results(d: Path) -> list[Path]:
     return sorted(d.glob("run-*.json")) if d.is_dir() else []
 
@@ -49,22 +39,24 @@ def results(d: Path) -> list[Path]:
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this OS")
 
 
+@pytest.mark.slow
 @needs_dev_full
 @pytest.mark.parametrize("args", [["presets"], ["plan", *SHAPE, "--device", "cpu"]])
 def test_a_full_stdout_is_one_error_line_and_exit_2(args):
     with open("/dev/full", "w") as full:
         r = cli(*args, stdout=full)
     assert r.returncode == 2
-    one_error_line(r.stderr, "cannot write to standard output (No space left on device)")
+    one_line_error(None, r.stderr, "cannot write to standard output (No space left on device)")
 
 
+@pytest.mark.slow
 @needs_dev_full
 def test_a_run_whose_stdout_is_full_still_saves_its_results_and_names_them(tmp_path):
     with open("/dev/full", "w") as full:
         r = cli("run", *TINY, "--out", str(tmp_path), stdout=full)
     assert r.returncode == 2
     [saved] = results(tmp_path)
-    one_error_line(r.stderr, "cannot write to standard output", f"results saved to {saved}")
+    one_line_error(None, r.stderr, "cannot write to standard output", f"results saved to {saved}")
     assert json.loads(saved.read_text())["models"]  # a whole document, measured
 
 
@@ -78,11 +70,13 @@ def _with_closed_pipe(*args: str) -> subprocess.CompletedProcess:
         os.close(w)
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly_with_141():
     r = _with_closed_pipe("--help")
     assert r.returncode == 141 and r.stderr == ""
 
 
+@pytest.mark.slow
 def test_a_run_into_a_closed_pipe_is_measured_and_saved_all_the_same(tmp_path):
     r = _with_closed_pipe("run", *TINY, "--out", str(tmp_path))
     assert r.returncode == 141 and r.stderr == ""
@@ -115,16 +109,17 @@ def test_every_write_error_on_stdout_has_its_exit_status(monkeypatch, capsys, er
     if needle is None:
         assert err == ""
     else:
-        one_error_line(err, f"cannot write to standard output ({needle})")
+        one_line_error(None, err, f"cannot write to standard output ({needle})")
 
 
 def test_a_mistake_found_before_any_output_is_the_mistake_even_with_a_dead_stdout(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", _Failing(32))
     assert main(["plan", "--hidden", "0"]) == 2  # the mistake, not the pipe
-    one_error_line(capsys.readouterr().err, "hidden=0")
+    one_line_error(None, capsys.readouterr().err, "hidden=0")
 
 
 # -- class 8: user text is never markup --------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["[/x]", "res [old]", "[bold]b[/bold]"])
 def test_an_out_directory_that_looks_like_markup_is_used_and_printed_as_given(tmp_path, capsys, name):
     out = tmp_path / name
@@ -230,9 +225,9 @@ def test_plan_refuses_what_run_refuses_in_the_same_words(tmp_path, capsys, extra
     extra = [a.format(good=good, bad=bad) for a in extra]
     shape = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2"]
     assert main(["run", *TINY[:8], *TINY[12:], *extra, "--out", str(tmp_path / "r")]) == 2
-    run_err = one_error_line(capsys.readouterr().err)
+    run_err = one_line_error(None, capsys.readouterr().err)
     assert main(["plan", *shape, *extra]) == 2
-    assert one_error_line(capsys.readouterr().err) == run_err
+    assert one_line_error(None, capsys.readouterr().err) == run_err
     assert not results(tmp_path / "r")
 
 
@@ -250,7 +245,7 @@ def test_every_device_flag_is_checked_alike(tmp_path, capsys, cmd, device, needl
         pytest.skip("this host has 8 GPUs")
     out = [] if cmd[0] in ("calibrate", "plan") else ["--out", str(tmp_path)]
     assert main([*cmd, "--device", device, *out]) == 2
-    err = one_error_line(capsys.readouterr().err, needle)
+    err = one_line_error(None, capsys.readouterr().err, needle)
     if device != "cuda:7":
         assert "auto, cpu, cuda" in err  # the choices are listed
     assert list(tmp_path.iterdir()) == []
@@ -299,12 +294,13 @@ def test_a_cache_the_os_refuses_is_one_line_after_the_figures(tmp_path, monkeypa
         monkeypatch.setenv(roofline.CACHE_ENV, str(cache))
     assert main(FAST_CAL) == 2
     captured = capsys.readouterr()
-    one_error_line(captured.err, f"roofline cache {cache / 'roofline.json'}: cannot write it (", "set "
+    one_line_error(None, captured.err, f"roofline cache {cache / 'roofline.json'}: cannot write it (", "set "
                    f"{roofline.CACHE_ENV}")
     assert "GEMM float32" in captured.out and "100.0 GFLOP/s" in captured.out  # the figures are shown all the same
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_bench_strategies_goes_on_when_its_cache_cannot_be_written(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -339,11 +335,12 @@ def test_an_out_the_os_refuses_is_one_line_naming_it_before_any_work(tmp_path, c
         args += ["--out", str(out)]
         needle = f"--out {out}: cannot write results there ("
     assert main(args) == 2
-    one_error_line(capsys.readouterr().err, needle)
+    one_line_error(None, capsys.readouterr().err, needle)
     assert blocker.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) in (["file"], ["c.toml", "file"], ["file", "ro"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [("SIGTERM", 143, "SIGTERM"), ("SIGHUP", 129, "SIGHUP")])
 def test_a_signal_mid_command_unwinds_it_like_ctrl_c(tmp_path, sig, code, word):
     """Every command (here selfcheck, which has no handler of its own) exits 128 + N with one line and no

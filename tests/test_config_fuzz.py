@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +39,7 @@ keys = st.one_of(st.sampled_from(sorted(CONFIG_KEYS - {"data", "out"})),
                  st.from_regex(r"[a-z_]{1,10}", fullmatch=True))
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cfg=st.dictionaries(keys, values, max_size=6))
 def test_any_config_loads_or_exits_2(cfg, tmp_path, capsys):

@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SHAPE, TINY_TASK
 
 from moe_energy.config import ConfigError
 from moe_energy.distributed.group import check_agreement, check_divisible, config_hash
 from moe_energy.distributed.job import job_energy, job_idle, job_record, median_of
 from moe_energy.errors import PeerLost
 
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",
-        "--classes", "4", "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu"]
+TINY = [*TINY_SHAPE, *TINY_TASK, "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu"]
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -194,6 +194,7 @@ def test_cli_exits_3_on_a_lost_peer_with_one_line(monkeypatch, capsys):
                                         "check MASTER_ADDR"]
 
 
+@pytest.mark.slow
 def test_compile_is_refused_with_one_line_before_any_rendezvous(tmp_path):
     # WORLD_SIZE=2 with nobody else started: the refusal must come before any wait for a peer
     r = subprocess.run([sys.executable, *moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY,
@@ -290,6 +291,7 @@ print(f"rank {g.rank} ALL OK", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_two_rank_expert_parallel_equals_single_process(tmp_path):
     script = tmp_path / "equality.py"
     script.write_text(EQUALITY)
@@ -304,6 +306,7 @@ def test_two_rank_expert_parallel_equals_single_process(tmp_path):
 # Two ranks through the CLI: a whole run, a dead rank, a hung rank, disagreeing ranks
 
 
+@pytest.mark.slow
 def test_two_rank_run_records_both_ranks_and_all_to_all(tmp_path):
     out = tmp_path / "results"
     r = torchrun([*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--duration", "0.3",
@@ -344,6 +347,7 @@ def test_two_rank_run_records_both_ranks_and_all_to_all(tmp_path):
     assert "moe[expert_parallel]" in r.stdout and "all-to-all" in r.stdout
 
 
+@pytest.mark.slow
 def test_two_rank_run_honours_repeats_idle_and_cooldown(tmp_path, live_rapl):
     # a fake RAPL package counter at 40 W that both ranks (one host) read: the job counts it once
     out = tmp_path / "results"
@@ -387,6 +391,7 @@ def _wait_for(path: Path, needle: str, timeout: float, procs: list[subprocess.Po
     raise AssertionError(f"never saw {needle!r}: {path.read_text()[-2000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill", "hang"])
 def test_dead_or_hung_rank_makes_the_other_exit_with_a_message(tmp_path, how):
     timeout = 10
@@ -419,6 +424,7 @@ def test_dead_or_hung_rank_makes_the_other_exit_with_a_message(tmp_path, how):
     assert not list((tmp_path / "results").glob("run-*.json"))
 
 
+@pytest.mark.slow
 def test_ranks_with_different_flags_refuse_to_start(tmp_path):
     port = free_port()
     base = [*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--duration", "0.3",
@@ -432,6 +438,7 @@ def test_ranks_with_different_flags_refuse_to_start(tmp_path):
         assert "rank 1's configuration differs from rank 0's in options.seed (7 vs 0)" in text
 
 
+@pytest.mark.slow
 def test_experts_not_divisible_fails_before_rendezvous(tmp_path):
     # WORLD_SIZE=3 with nobody else started: the check must come before any wait for peers
     r = subprocess.run([sys.executable, *moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY],

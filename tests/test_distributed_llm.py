@@ -137,6 +137,7 @@ print(f"rank {g.rank} ALL OK", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_two_rank_expert_parallel_layer_equals_single_process(tmp_path):
     script = tmp_path / "equality.py"
     script.write_text(EQUALITY)
@@ -152,6 +153,7 @@ def test_two_rank_expert_parallel_layer_equals_single_process(tmp_path):
 # Two ranks through the CLI: a whole run of an LLM layer per token count
 
 
+@pytest.mark.slow
 def test_two_rank_layer_run_records_every_token_count(tmp_path, live_rapl):
     # balanced routing: the job's 2T tokens dealt round-robin as one run_llm forward of 2T, so exact counts
     out = tmp_path / "results"
@@ -231,6 +233,7 @@ def test_bad_combinations_are_refused_before_rendezvous(case, monkeypatch, capsy
     assert len(lines) == 1 and lines[0].startswith(message), lines
 
 
+@pytest.mark.slow
 def test_indivisible_experts_exit_before_waiting_for_a_peer(tmp_path):
     # WORLD_SIZE=2 with nobody else started: a rendezvous would wait until the subprocess timeout
     r = subprocess.run([sys.executable, *moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY,

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SHAPE, TINY_TASK
 
 from moe_energy.cli import main
 from moe_energy.energy.rapl import DEFAULT_ROOT, ENV_ROOT
 
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",
-        "--classes", "4", "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu",
+TINY = [*TINY_SHAPE, *TINY_TASK, "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu",
         "--models", "moe,dense_active", "--cooldown", "0"]
 
 
@@ -33,6 +33,7 @@ def only_json(out: Path) -> dict:
     return json.loads(f.read_text())
 
 
+@pytest.mark.slow
 def test_run_with_live_fake_rapl_records_measured_joules(live_rapl, tmp_path):
     out = tmp_path / "out"
     r = cli("run", *TINY, "--duration", "0.6", "--repeats", "2", "--idle-seconds", "0.5", "--out", str(out),
@@ -63,6 +64,7 @@ def test_run_with_live_fake_rapl_records_measured_joules(live_rapl, tmp_path):
     assert "idle power: " in r.stdout and " W (counter) over " in r.stdout  # idle power names its method too
 
 
+@pytest.mark.slow
 def test_run_with_estimate_labels_every_figure(tmp_path):
     out = tmp_path / "out"
     r = cli("run", *TINY, "--duration", "0.3", "--repeats", "1", "--idle-seconds", "0", "--meter", "estimate",
@@ -79,6 +81,7 @@ def test_run_with_estimate_labels_every_figure(tmp_path):
     assert "ESTIMATE, not a measurement" in r.stdout
 
 
+@pytest.mark.slow
 def test_auto_without_counters_falls_back_to_the_estimate_with_a_notice(tmp_path):
     out = tmp_path / "out"
     r = cli("run", *TINY, "--models", "dense_active", "--duration", "0.2", "--repeats", "1", "--idle-seconds", "0",
@@ -96,6 +99,7 @@ def test_meter_rapl_when_absent_exits_2_with_one_line(tmp_path, capsys, monkeypa
     assert err.count("\n") == 1 and "--meter rapl" in err and "no powercap tree" in err
 
 
+@pytest.mark.slow
 def test_meters_lists_rapl_unavailable_on_this_machine():
     zone = Path(DEFAULT_ROOT) / "intel-rapl:0" / "energy_uj"
     if zone.exists() and os.access(zone, os.R_OK):
@@ -108,6 +112,7 @@ def test_meters_lists_rapl_unavailable_on_this_machine():
     assert "estimate" in r.stdout and "--meter auto picks" in r.stdout
 
 
+@pytest.mark.slow
 def test_meters_sees_a_fake_tree(live_rapl):
     r = cli("meters", env={ENV_ROOT: str(live_rapl)})
     assert r.returncode == 0, r.stderr

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import one_line
 
 from moe_energy.energy.rapl import (
     DRAM_MAX_W,
@@ -64,6 +65,7 @@ def write_zone(root: Path, zid: str, name: str, uj: int, max_uj: int = 10**12) -
     return d
 
 
+@pytest.mark.slow
 def test_two_second_window_at_40_w_reads_80_j(fake_rapl):
     f = fake_rapl("--watts", "40")
     meter = RaplMeter(f.root)
@@ -83,6 +85,7 @@ def test_two_second_window_at_40_w_reads_80_j(fake_rapl):
     assert not any("trace integrates" in x for x in m.flags)
 
 
+@pytest.mark.slow
 def test_wraparound_inside_the_window(fake_rapl):
     max_uj = 100_000_000  # 100 J range; starting 20 J below it, 40 W wraps after 0.5 s
     f = fake_rapl("--watts", "40", "--max-range-uj", str(max_uj), "--start-uj", str(max_uj - 20_000_000))
@@ -157,15 +160,11 @@ def test_zero_delta_flagged(tmp_path):
     assert any("did not advance" in x for x in m.flags)
 
 
-def _one_line(msg: str) -> None:
-    assert msg and "\n" not in msg and len(msg) < 400
-
-
 def test_absent_tree_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_ROOT, str(tmp_path / "nowhere"))
     with pytest.raises(RaplUnavailable) as e:
         RaplMeter()
-    _one_line(str(e.value))
+    one_line(str(e.value), longest=400)
     assert "no powercap tree" in str(e.value) and e.value.kind == "absent"
 
 
@@ -175,12 +174,12 @@ def test_energy_file_that_cannot_be_read_gives_one_line(tmp_path):
     (d / "energy_uj").mkdir()  # open() fails with EISDIR even for root
     with pytest.raises(RaplUnavailable) as e:
         RaplMeter(tmp_path)
-    _one_line(str(e.value))
+    one_line(str(e.value), longest=400)
     assert "energy_uj" in str(e.value) and "cannot read" in str(e.value)
     shutil.rmtree(d / "energy_uj")
     with pytest.raises(RaplUnavailable) as e:  # missing file
         RaplMeter(tmp_path)
-    _one_line(str(e.value))
+    one_line(str(e.value), longest=400)
 
 
 def _discover_as_nobody(root: Path) -> str:
@@ -234,7 +233,7 @@ def test_permission_denied_says_how_to_grant_access():
                 out = f"{e.kind}|{e}"
         kind, _, msg = out.partition("|")
         assert kind == "no permission", out
-        _one_line(msg)
+        one_line(msg)
         assert "energy_uj" in msg and "chmod a+r" in msg and "root" in msg
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import QUICK, TINY_TASK
 
 from moe_energy.commands.tables import energy_summary, results_table
 from moe_energy.config import ModelSpec, RunOptions
@@ -30,8 +31,7 @@ from moe_energy.runner.seed import run
 from moe_energy.storage.results import NotSaved
 from moe_energy.storage.store import Store
 
-RUN = ["--input-dim", "40", "--classes", "4", "--samples", "300", "--epochs", "1", "--warmup", "0",
-       "--repeats", "1", "--idle-seconds", "0", "--cooldown", "0", "--device", "cpu", "--meter", "estimate"]
+RUN = [*TINY_TASK, *QUICK, "--meter", "estimate"]
 
 
 def cli_popen(*args: str, **kw) -> subprocess.Popen:
@@ -98,6 +98,7 @@ sys.exit(moe_energy.cli.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_allocation_failure_while_building_skips_the_model_and_the_run_goes_on(tmp_path):
     # E=64, H=2048: 275 M parameters (1.1 GB of fp32 weights) against 0.9 GB of address space.
     r = subprocess.run([sys.executable, "-c", OOM_CHILD, "run", "--experts", "64", "--hidden", "2048",
@@ -113,6 +114,7 @@ def test_allocation_failure_while_building_skips_the_model_and_the_run_goes_on(t
     assert f"moe[auto]: skipped, {moe['skipped']}" in r.stdout
 
 
+@pytest.mark.slow
 def test_allocation_failure_in_a_sweep_skips_the_point_and_the_sweep_goes_on(tmp_path):
     db = tmp_path / "oom.db"
     r = subprocess.run([sys.executable, "-c", OOM_CHILD, "sweep", "--experts", "64", "--hidden", "2048,16",
@@ -214,6 +216,7 @@ class BreakSecondWindow(SilentUI):
         yield tick
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["mid", "start"])
 def test_meter_failure_marks_that_window_failed_and_the_run_goes_on(tmp_path, tiny_spec, when):
     rapl = LiveRapl(tmp_path / "powercap")
@@ -258,6 +261,7 @@ def test_interrupted_window_is_closed_and_discarded(tmp_path):
 
 
 # -- Ctrl-C and SIGTERM ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigterm_mid_sweep_keeps_finished_points_discards_the_one_in_flight_and_says_how_to_resume(tmp_path):
     db = tmp_path / "t.db"
     args = ["sweep", "--experts", "4", "--hidden", "16,24,32", "--layers", "2", "--top-k", "1", *RUN,
@@ -300,6 +304,7 @@ def test_sigterm_mid_sweep_keeps_finished_points_discards_the_one_in_flight_and_
     assert rows(db, "SELECT COUNT(*), COUNT(DISTINCT point_key) FROM points WHERE status='done'") == [(3, 3)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_sigterm_mid_sweep_is_one_line_and_keeps_finished_points(tmp_path):
     """Issue 25: a user's Ctrl-C, then a scheduler's SIGTERM at once: the second signal, caught while the first
     unwinds, is as quiet as the first (it used to print 'Signal 15 ignored due to race condition')."""
@@ -334,6 +339,7 @@ def _points_done(db: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_run_writes_nothing_and_exits_130(tmp_path):
     out = tmp_path / "out"
     proc = cli_popen("run", "--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "1", *RUN,
@@ -360,6 +366,7 @@ def _limit_file_size(nbytes: int):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", ["run", "sweep"])
 def test_full_disk_is_a_clear_error_before_any_work(tmp_path, cmd):
     # RLIMIT_FSIZE: the kernel refuses to grow any file past 256 kB (EFBIG), as a full disk would (ENOSPC).
@@ -448,6 +455,7 @@ def test_database_that_fills_mid_sweep_stops_with_the_point_rescued(tmp_path, mo
 
 
 # -- two sweeps, one database ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_sweeps_on_one_database_share_the_work_and_never_interleave(tmp_path):
     db = tmp_path / "shared.db"
     args = ["sweep", "--experts", "4", "--hidden", "16,24,32,40", "--layers", "2", "--top-k", "1", *RUN,

@@ -4,6 +4,7 @@ value against its kind. One `error:` line and exit 2, never a numpy or allocator
 from __future__ import annotations
 
 import pytest
+from conftest import TINY_SHAPE, TINY_TASK
 
 from moe_energy import memory
 from moe_energy.cli import main
@@ -13,7 +14,7 @@ from moe_energy.runner import sweep as sw
 from moe_energy.runner.core import Refused
 from moe_energy.runner.seed import check_inputs
 
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4"]
+TINY = [*TINY_SHAPE, *TINY_TASK]
 
 
 def _one_error_line(capsys) -> str:

@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_SHAPE, TINY_TASK
 
 from moe_energy.cli import main
 from moe_energy.measure import roofline
 from moe_energy.models.strategies import STRATEGIES, padded
 
-SHAPE = ["--experts", "4", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4"]
+SHAPE = [*TINY_SHAPE, *TINY_TASK]  # tests give their own --hidden after it
 FAST = ["--samples", "300", "--epochs", "1", "--duration", "0.2", "--warmup", "0", "--cooldown", "0",
-        "--idle-seconds", "0", "--meter", "none", "--device", "cpu"]
+        "--idle-seconds", "0", "--meter", "none", "--device", "cpu"]  # no --repeats: tests give their own
 
 
 @pytest.fixture(autouse=True)

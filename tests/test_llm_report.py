@@ -149,6 +149,7 @@ def test_report_has_an_llm_section_with_one_set_of_plots_per_arch(llm_report):
         assert f"### {arch}: tokens per joule vs tokens per forward" in md
 
 
+@pytest.mark.slow
 def test_a_report_of_both_families_draws_both_sections(tmp_path):
     from test_report import fill
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import TINY_LAYER
 
 import moe_energy as me
 from moe_energy import memory
@@ -54,6 +55,7 @@ def by_name(doc: dict) -> dict[str, dict]:
 
 
 # -- runs ------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_gives_one_record_per_model_and_token_count_with_per_token_energy(tmp_path, live_rapl):
     doc, path = run(tmp_path, meter=make_meter("rapl", CPU), save=True)
     names = [m["name"] for m in doc["models"]]
@@ -104,6 +106,7 @@ def test_skewed_routing_loads_experts_unevenly(tmp_path):
     assert skewed["routing"]["zipf_alpha"] == 1.2 and s["routing"] == "skewed:1.2"
 
 
+@pytest.mark.slow
 def test_each_record_says_its_bytes_read_its_two_bounds_which_applies_and_the_fraction(tmp_path, monkeypatch):
     """Bytes per forward counted per window (router + touched experts + shared), and with a calibrated roofline
     the memory- and compute-bound times, the bound that applies (the slower) and the achieved fraction of it."""
@@ -129,6 +132,7 @@ def test_each_record_says_its_bytes_read_its_two_bounds_which_applies_and_the_fr
     assert bounds["moe[auto]@T=1"] == "memory" and bounds["moe[auto]@T=64"] == "compute"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cached", [True, False])
 def test_max_forward_s_skips_with_the_reason_what_the_roofline_says_outlasts_it(tmp_path, monkeypatch, cached):
     """At 1 GFLOP/s a T=64 forward of the total-matched FFN (~1.6 MFLOP) takes >= 1.6 ms: over a 1 ms limit, so
@@ -232,6 +236,7 @@ def test_a_layer_too_big_is_skipped_with_the_reason_before_allocating(tmp_path, 
             assert m["status"] == "measured" and m["repeats"] == 1
 
 
+@pytest.mark.slow
 def test_models_that_fit_alone_but_not_together_are_measured_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: memory.OVERHEAD_BYTES + 80_000)
     plans = [LayerPlan.of(n, ARCH) for n in ("moe", "dense_total", "dense_active")]
@@ -348,7 +353,7 @@ def resolve_llm(args: argparse.Namespace):  # noqa: ANN201
     return w.arch, o, w.tokens, w.routing
 
 
-TINY = ["--arch", "custom", "--d-model", "32", "--ffn-dim", "16", "--experts", "8", "--top-k", "2"]
+TINY = TINY_LAYER
 
 
 def test_resolve_llm_gives_arch_options_tokens_and_routing():
@@ -387,6 +392,7 @@ def test_resolve_llm_needs_an_arch_and_a_whole_custom_shape():
         resolve_llm(parser().parse_args(["--arch", "mixtral"]))
 
 
+@pytest.mark.slow
 def test_run_llm_command_prints_the_table_and_saves(tmp_path, capsys):
     args = parser().parse_args([*TINY, "--tokens", "1,8", "--routing", "balanced", "--duration", "0.2", "--warmup",
                                 "0", "--repeats", "1", "--idle-seconds", "0", "--cooldown", "0", "--meter", "none",

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import TINY_LAYER
 from test_sweep import cli, rows  # tests/ is on sys.path (rootdir import mode)
 
 from moe_energy import memory
@@ -26,7 +27,7 @@ from moe_energy.storage.store import Store, merge
 
 CPU = torch.device("cpu")
 TINY = {"arch": "custom", "d_model": "32", "ffn_dim": "16", "experts": "8", "top_k": "2"}
-TINY_FLAGS = ["--arch", "custom", "--d-model", "32", "--ffn-dim", "16", "--experts", "8", "--top-k", "2"]
+TINY_FLAGS = TINY_LAYER
 FAST = ["--duration", "0.1", "--warmup", "0", "--repeats", "2", "--idle-seconds", "0", "--cooldown", "0",
         "--device", "cpu", "--meter", "estimate", "--moe-strategy", "grouped"]
 FAST_CFG = {"duration": 0.1, "warmup": 0.0, "repeats": 2, "idle_seconds": 0.0, "cooldown": 0.0, "device": "cpu",
@@ -133,6 +134,7 @@ def test_a_layer_points_fixed_seconds_work_and_least_time():
     assert eta.remaining([p, p]) == pytest.approx(2 * (sw.fixed_seconds(p) + 4.0))
 
 
+@pytest.mark.slow
 def test_run_points_stores_one_record_per_model_and_token_count_and_skips_what_cannot_fit(tmp_path, monkeypatch):
     g = sw.build_grid({**TINY, "experts": "8,16", "tokens": "1,4", "duration": 0.1, "warmup": 0, "repeats": 1,
                        "idle_seconds": 0, "cooldown": 0, "device": "cpu"})
@@ -165,6 +167,7 @@ def llm_db(tmp_path_factory):
     return db, r
 
 
+@pytest.mark.slow
 def test_llm_sweep_writes_per_token_rows(llm_db):
     db, r = llm_db
     assert "measured 2, skipped 0, failed 0" in r.stdout
@@ -181,6 +184,7 @@ def test_llm_sweep_writes_per_token_rows(llm_db):
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]
 
 
+@pytest.mark.slow
 def test_llm_sweep_resumes_and_shards_merge_to_the_same_points(llm_db, tmp_path):
     db, _ = llm_db
     again = cli("sweep", *GRID, "--db", str(db), "--resume")
@@ -204,6 +208,7 @@ def test_llm_sweep_resumes_and_shards_merge_to_the_same_points(llm_db, tmp_path)
     assert rows(out, "SELECT COUNT(*), COUNT(DISTINCT tokens_per_forward) FROM models") == [(12, 2)]
 
 
+@pytest.mark.slow
 def test_llm_export_csv_and_json_carry_the_new_fields(llm_db, tmp_path):
     db, _ = llm_db
     e = cli("export", "--db", str(db), "--format", "csv")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import QUICK, TINY_SHAPE, TINY_TASK
 
 from moe_energy.cli import main
 from moe_energy.energy.meter import CounterMeter, ImpossibleReading, impossible
@@ -32,9 +33,7 @@ from moe_energy.measure.guard import GuardedMeter, MeterFailed
 
 FAKE_RAPL = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"
 REAL_RANGE_UJ = 262_143_328_850
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40",
-        "--classes", "4", "--samples", "300", "--epochs", "1", "--duration", "0.3", "--warmup", "0",
-        "--repeats", "2", "--cooldown", "0", "--idle-seconds", "0", "--device", "cpu", "--models", "dense_active"]
+TINY = [*TINY_SHAPE, *TINY_TASK, *QUICK, "--repeats", "2", "--models", "dense_active"]
 
 
 def zone(root: Path, zid: str = "intel-rapl:0", **files: bytes | str | int) -> Path:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import QUICK, TINY_SHAPE, TINY_TASK, error_line
 
 pynvml = pytest.importorskip("pynvml")
 pytest.importorskip("zeus")
@@ -36,9 +37,7 @@ from moe_energy.power.limits import (  # noqa: E402
     sweep_caps,
 )
 
-TINY = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
-        "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu", "--models", "moe,dense_active",
-        "--cooldown", "0", "--idle-seconds", "0", "--repeats", "1", "--duration", "0.3"]
+TINY = [*TINY_SHAPE, *TINY_TASK, *QUICK, "--models", "moe,dense_active"]
 LAYER = ["--arch", "custom", "--d-model", "32", "--ffn-dim", "16", "--experts", "4", "--top-k", "2", "--tokens", "4",
          "--warmup", "0", "--device", "cpu", "--cooldown", "0", "--idle-seconds", "0", "--repeats", "1",
          "--duration", "0.3", "--models", "moe,dense_total"]
@@ -118,16 +117,11 @@ def one_doc(out: Path) -> dict:
     return json.loads(f.read_text())
 
 
-def _one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # NVIDIA: set, measure, read back, restore
 
 
+@pytest.mark.slow
 def test_two_caps_measure_every_model_at_each_and_restore(nvml, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", *TINY, "--meter", "nvidia", "--power-limit", "250,300", "--out", str(out)]) == 0
@@ -167,6 +161,7 @@ def test_sweep_runs_from_the_maximum_down_in_25_w_steps(monkeypatch, tmp_path):
     assert fake.limit_mw == 700_000
 
 
+@pytest.mark.slow
 def test_llm_layers_at_two_caps(nvml, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", *LAYER, "--meter", "nvidia", "--power-limit", "300,250", "--out", str(out)]) == 0
@@ -247,7 +242,7 @@ def test_no_permission_is_refused_before_training(nvml, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["run", *TINY, "--meter", "nvidia", "--power-limit", "250", "--out", str(out)]) == 2
     shown = capsys.readouterr()
-    line = _one_line(shown.err)
+    line = error_line(shown.err)
     assert "no permission" in line.lower() and "allowed range 200-700 W" in line
     assert "run as root" in line and "zeusd" in line and "ZEUSD_SOCK_PATH" in line
     assert "train" not in shown.out and "energy" not in nvml.log and nvml.sets == []
@@ -257,7 +252,7 @@ def test_no_permission_is_refused_before_training(nvml, tmp_path, capsys):
 @pytest.mark.parametrize("caps", ["800", "250,150"])
 def test_a_cap_outside_the_range_is_refused(nvml, tmp_path, capsys, caps):
     assert main(["run", *TINY, "--meter", "nvidia", "--power-limit", caps, "--out", str(tmp_path)]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "outside the allowed range 200-700 W of gpu:0 (Fake H100" in line
     assert nvml.sets == []
 
@@ -265,7 +260,7 @@ def test_a_cap_outside_the_range_is_refused(nvml, tmp_path, capsys, caps):
 def test_an_llm_run_is_refused_before_any_layer_is_built(nvml, tmp_path, capsys):
     nvml.permitted = False
     assert main(["run", *LAYER, "--meter", "nvidia", "--power-limit", "250", "--out", str(tmp_path)]) == 2
-    assert "zeusd" in _one_line(capsys.readouterr().err) and "energy" not in nvml.log
+    assert "zeusd" in error_line(capsys.readouterr().err) and "energy" not in nvml.log
 
 
 @pytest.mark.parametrize("caps, needle", [
@@ -274,18 +269,18 @@ def test_an_llm_run_is_refused_before_any_layer_is_built(nvml, tmp_path, capsys)
 ])
 def test_bad_cap_values_are_one_line(tmp_path, capsys, caps, needle):
     assert main(["run", *TINY, "--power-limit", caps, "--out", str(tmp_path)]) == 2
-    assert needle in _one_line(capsys.readouterr().err)
+    assert needle in error_line(capsys.readouterr().err)
 
 
 def test_no_gpu_here_is_refused(tmp_path, capsys):
     assert main(["run", *TINY, "--meter", "estimate", "--power-limit", "250", "--out", str(tmp_path)]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "--power-limit: no GPU to cap" in line
 
 
 def test_parallel_expert_refuses_caps(capsys):
     assert main(["run", *TINY, "--parallel", "expert", "--power-limit", "250"]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "do not work with --parallel expert" in line and "no rank sets or restores for the others" in line
 
 
@@ -362,15 +357,15 @@ def test_cpu_cap_refusals(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(ENV_ROOT, str(tmp_path / "nowhere"))
     assert main(["run", *TINY, "--cpu-power-limit", "15", "--out", str(tmp_path)]) == 2
     assert "--cpu-power-limit: no writable RAPL power limit here: no powercap tree at" in \
-        _one_line(capsys.readouterr().err)
+        error_line(capsys.readouterr().err)
     write_zone(tmp_path / "pc", "intel-rapl:0", "package-0", 0)  # a tree with no constraint at all
     monkeypatch.setenv(ENV_ROOT, str(tmp_path / "pc"))
     assert main(["run", *TINY, "--cpu-power-limit", "15", "--out", str(tmp_path)]) == 2
-    assert "states a power limit" in _one_line(capsys.readouterr().err)
+    assert "states a power limit" in error_line(capsys.readouterr().err)
     limit_files(tmp_path / "pc" / "intel-rapl:0")
     assert main(["run", *TINY, "--cpu-power-limit", "50", "--out", str(tmp_path)]) == 2
     assert "--cpu-power-limit 50 W is outside the allowed range 0-45 W of cpu:package-0" in \
-        _one_line(capsys.readouterr().err)
+        error_line(capsys.readouterr().err)
     assert (tmp_path / "pc" / "intel-rapl:0" / "constraint_0_power_limit_uw").read_text() == "28000000\n"
 
 
@@ -431,6 +426,6 @@ def test_a_set_the_probe_let_pass_is_still_one_line_and_nothing_is_left_set(nvml
     monkeypatch.setattr(pynvml, "nvmlDeviceSetPowerManagementLimit", only_same_value)
     assert main(["run", *TINY, "--meter", "nvidia", "--power-limit", "250", "--out", str(tmp_path)]) == 2
     shown = capsys.readouterr()
-    line = _one_line(shown.err)
+    line = error_line(shown.err)
     assert "could not set gpu:0's power limit to 250 W" in line and "zeusd" in line
     assert "train" not in shown.out and nvml.limit_mw == 700_000

@@ -79,6 +79,7 @@ def capped(tmp_path_factory):
     return frame_of(tmp / "c.db"), build(tmp / "c.db", tmp / "out")
 
 
+@pytest.mark.slow
 def test_best_cap_per_model_and_setting(capped):
     frame, _ = capped
     assert caps(frame) == list(CAPS)
@@ -134,6 +135,7 @@ def test_the_report_has_the_caps_section_and_carbon_columns(capped):
     assert "| power cap W |" in md  # the crossover table's cap column
 
 
+@pytest.mark.slow
 def test_one_cap_draws_no_caps_section(tmp_path):
     from test_report import fill
 
@@ -143,6 +145,7 @@ def test_one_cap_draws_no_caps_section(tmp_path):
     assert text.count("<img ") == len(PLOTS) and "Power caps" not in text and "CO2e" not in text
 
 
+@pytest.mark.slow
 def test_estimates_are_hollow_and_estimates_of_estimates_said(tmp_path):
     fill_caps(tmp_path / "e.db", method="estimate", layers=False)
     frame = frame_of(tmp_path / "e.db")
@@ -166,6 +169,7 @@ def test_cap_plots_are_titled_with_units_and_handle_an_empty_frame():
         fig.savefig(__import__("io").BytesIO(), format="png")
 
 
+@pytest.mark.slow
 def test_the_report_command_prints_the_best_caps(tmp_path, capsys):
     fill_caps(tmp_path / "c.db", layers=False)
     assert main(["report", "--db", str(tmp_path / "c.db"), "--out", str(tmp_path / "out")]) == 0

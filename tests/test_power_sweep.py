@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import QUICK, TINY_SHAPE, TINY_TASK, error_line
 
 pytest.importorskip("pynvml")
 pytest.importorskip("zeus")
@@ -23,9 +24,7 @@ from moe_energy.config import ConfigError, resolve_caps  # noqa: E402
 from moe_energy.power.carbon import ESTIMATED, JOULES_PER_KWH  # noqa: E402
 from moe_energy.runner import sweep as sw  # noqa: E402
 
-SHAPE = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2", "--input-dim", "40", "--classes", "4",
-         "--samples", "300", "--epochs", "1", "--warmup", "0", "--device", "cpu", "--models", "moe,dense_active",
-         "--cooldown", "0", "--idle-seconds", "0", "--repeats", "1", "--duration", "0.3"]
+SHAPE = [*TINY_SHAPE, *TINY_TASK, *QUICK, "--models", "moe,dense_active"]
 
 
 @pytest.fixture
@@ -41,12 +40,6 @@ def rows(db: Path, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
-
-
-def _one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -94,6 +87,7 @@ def test_cpu_caps_are_an_axis_too_but_one_device_at_a_time():
 # NVIDIA: set around every point, read back, restored
 
 
+@pytest.mark.slow
 def test_a_two_cap_sweep_records_each_cap_read_back_and_restores(nvml, tmp_path, capsys):
     db = tmp_path / "s.db"
     assert main(["sweep", *SHAPE, "--meter", "nvidia", "--power-limit", "250,300", "--db", str(db)]) == 0
@@ -108,6 +102,7 @@ def test_a_two_cap_sweep_records_each_cap_read_back_and_restores(nvml, tmp_path,
     assert "measured 2, skipped 0, failed 0" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_works_per_cap(nvml, tmp_path, capsys):
     db = tmp_path / "s.db"
     assert main(["sweep", *SHAPE, "--meter", "nvidia", "--power-limit", "250", "--db", str(db)]) == 0
@@ -155,7 +150,7 @@ def test_a_failing_point_restores_and_the_sweep_goes_on(nvml, tmp_path, monkeypa
 def test_a_cap_the_gpu_refuses_is_one_line_before_any_point(nvml, tmp_path, capsys, caps, needle):
     db = tmp_path / "s.db"
     assert main(["sweep", *SHAPE, "--meter", "nvidia", "--power-limit", caps, "--db", str(db)]) == 2
-    assert needle in _one_line(capsys.readouterr().err)
+    assert needle in error_line(capsys.readouterr().err)
     assert not db.exists() and nvml.sets == [] and nvml.limit_mw == 700_000
 
 
@@ -163,14 +158,14 @@ def test_no_permission_is_one_line_before_any_point(nvml, tmp_path, capsys):
     nvml.permitted = False
     db = tmp_path / "s.db"
     assert main(["sweep", *SHAPE, "--meter", "nvidia", "--power-limit", "250", "--db", str(db)]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = error_line(capsys.readouterr().err)
     assert "no permission" in line and "zeusd" in line and not db.exists()
 
 
 def test_no_gpu_is_one_line(tmp_path, capsys):
     assert main(["sweep", *SHAPE, "--meter", "estimate", "--power-limit", "250", "--db",
                  str(tmp_path / "s.db")]) == 2
-    assert "no GPU to cap" in _one_line(capsys.readouterr().err)
+    assert "no GPU to cap" in error_line(capsys.readouterr().err)
 
 
 def test_power_limit_sweep_and_dry_run_list_every_cap(nvml, tmp_path, capsys):
@@ -182,6 +177,7 @@ def test_power_limit_sweep_and_dry_run_list_every_cap(nvml, tmp_path, capsys):
     assert nvml.limit_mw == 300_000
 
 
+@pytest.mark.slow
 def test_llm_layer_points_under_two_caps(nvml, tmp_path):
     db = tmp_path / "s.db"
     assert main(["sweep", *LAYER, "--meter", "nvidia", "--power-limit", "300,250", "--db", str(db)]) == 0
@@ -191,6 +187,7 @@ def test_llm_layer_points_under_two_caps(nvml, tmp_path):
     assert nvml.limit_mw == 700_000
 
 
+@pytest.mark.slow
 def test_caps_and_carbon_from_the_sweep_config(nvml, tmp_path):
     cfg = tmp_path / "grid.toml"
     cfg.write_text("power_limit = [250, 300]\ncarbon_intensity = 400\n[sweep]\nexperts = [4]\n")
@@ -218,6 +215,7 @@ def test_a_cpu_capped_sweep_sets_and_restores_pl1(live_rapl, tmp_path):
     assert '"cpu_power_limit_w":15.0' in config.replace(" ", "")
 
 
+@pytest.mark.slow
 def test_a_sweep_of_two_cpu_caps_measures_each_and_restores_pl1(live_rapl, tmp_path):
     pl1 = limit_files(live_rapl / "intel-rapl:0")
     db = tmp_path / "s.db"
@@ -241,7 +239,7 @@ def test_several_cpu_caps_beside_gpu_caps_are_one_line(nvml, live_rapl, tmp_path
     limit_files(live_rapl / "intel-rapl:0")
     assert main(["sweep", *SHAPE, "--meter", "rapl", "--power-limit", "250", "--cpu-power-limit", "25,15",
                  "--db", str(tmp_path / "s.db")]) == 2
-    assert "sweep one device's caps at a time" in _one_line(capsys.readouterr().err)
+    assert "sweep one device's caps at a time" in error_line(capsys.readouterr().err)
 
 
 def test_a_cpu_cap_without_a_writable_tree_is_one_line(tmp_path, monkeypatch, capsys):
@@ -250,7 +248,7 @@ def test_a_cpu_cap_without_a_writable_tree_is_one_line(tmp_path, monkeypatch, ca
     monkeypatch.setenv(ENV_ROOT, str(tmp_path / "absent"))
     assert main(["sweep", *SHAPE, "--meter", "estimate", "--cpu-power-limit", "15", "--db",
                  str(tmp_path / "s.db")]) == 2
-    assert "--cpu-power-limit: no writable RAPL power limit here" in _one_line(capsys.readouterr().err)
+    assert "--cpu-power-limit: no writable RAPL power limit here" in error_line(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,4 +283,4 @@ def test_carbon_and_cost_on_every_record_not_in_the_key_and_exported(tmp_path, m
 def test_bad_carbon_figures_are_one_line(tmp_path, capsys, flag, value, needle):
     db = tmp_path / "s.db"
     assert main(["sweep", *SHAPE, "--meter", "estimate", flag, value, "--db", str(db)]) == 2
-    assert needle in _one_line(capsys.readouterr().err) and not db.exists()
+    assert needle in error_line(capsys.readouterr().err) and not db.exists()

@@ -50,6 +50,7 @@ def test_fp32_compile_never_picks_grouped():
     assert "grouped" in compile_candidates(torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_compile_resolves_auto_and_matches_eager():
     m = tiny_moe("auto")
     x = torch.randn(16, 12)

@@ -69,6 +69,7 @@ def report(tmp_path_factory):
     return db, files
 
 
+@pytest.mark.slow
 def test_html_is_self_contained_with_one_image_per_plot(report):
     _db, files = report
     text = files.html.read_text()
@@ -159,6 +160,7 @@ def _tiled_page(report_html: str, prefix: str, out: Path) -> list[str]:
     return [i for i, _ in figs]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="chromium not installed (runs in CI)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     """The whole page renders (far from blank), and every LLM-layer plot of a report holding both families, and every
@@ -249,6 +251,7 @@ def _lines(frame: Frame) -> dict[tuple[str, int, int], tuple[list[float], list[f
     return out
 
 
+@pytest.mark.slow
 def test_every_line_is_drawn_in_x_order_with_each_y_kept_on_its_x(tmp_path, monkeypatch):
     frame = fill_shuffled(tmp_path / "s.db")
     drawn = _lines(frame)

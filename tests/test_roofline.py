@@ -105,6 +105,7 @@ def test_a_calibration_on_a_busy_host_is_kept_with_that_said(load_of):
     assert roofline.load(cpu) == r  # cached with the figures
 
 
+@pytest.mark.slow
 def test_calibrate_shows_a_busy_measurement_in_its_table_and_nothing_on_stderr(load_of, capsys):
     from moe_energy.cli import main
 

@@ -45,6 +45,7 @@ def test_schedule_interleaves_every_model_each_round():
     assert len(orders) > 1  # shuffled, not a fixed order
 
 
+@pytest.mark.slow
 def test_run_records_windows_medians_spread_and_idle(tiny_spec, tmp_path):
     opts = RunOptions(epochs=1, samples=300, duration=0.15, warmup=0.0, device="cpu", out=str(tmp_path),
                       repeats=3, cooldown=0.0, idle_seconds=0.1,

@@ -27,6 +27,7 @@ def by_name(doc: dict) -> dict[str, dict]:
     return {c["name"]: c for c in doc["checks"]}
 
 
+@pytest.mark.slow
 def test_passes_with_the_estimate_meter_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(ENV_ROOT, str(tmp_path / "no-powercap"))
     out = tmp_path / "out"
@@ -52,6 +53,7 @@ def test_passes_with_the_estimate_meter_and_says_so(tmp_path, monkeypatch, capsy
     assert checks["meter estimate"]["status"] == "info"
 
 
+@pytest.mark.slow
 def test_passes_on_a_live_fake_rapl_tree(live_rapl, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["selfcheck", *FAST, "--seconds", "1", "--out", str(out)]) == 0

@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 
 from moe_energy.cli import main
 from moe_energy.config import ConfigError
@@ -56,13 +57,6 @@ def make_store(path: Path, points: int = 3, samples: int = 3) -> Path:
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def one_line_error(code: int, err: str, needle: str, expected: int = 2) -> None:
-    assert code == expected, err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert needle in err, err
-    assert "Traceback" not in err
 
 
 def run_cli(*args: str, stdout: object = subprocess.PIPE) -> subprocess.CompletedProcess:
@@ -210,6 +204,7 @@ def test_damaged_rows_are_skipped_and_counted_by_export_and_load(kind, tmp_path,
     assert frame.damaged == ({load_table: 1} if load_table else {})
 
 
+@pytest.mark.slow
 def test_report_on_damaged_rows_says_how_many_and_draws_the_rest(tmp_path, capsys):
     kinds = ["record malformed", "trace not a list", "environment malformed", "document not an object"]
     db = _damaged_store(tmp_path, *kinds)
@@ -268,6 +263,7 @@ def test_export_on_a_full_disk_leaves_nothing_and_a_rerun_works(fmt, tmp_path, m
     assert out.read_text() == capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_report_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
     db = make_store(tmp_path / "r.db")
     rep = tmp_path / "rep"
@@ -322,6 +318,7 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd, sig", [pytest.param(c, s, id=f"{c}-{s.name}") for c, s in (
     ("merge", signal.SIGTERM), ("merge", signal.SIGHUP), ("merge", signal.SIGINT), ("export", signal.SIGTERM))])
 def test_a_signal_mid_write_exits_128_plus_n_and_leaves_no_stray_file(cmd, sig, tmp_path):
@@ -400,6 +397,7 @@ def test_an_unreadable_database_is_one_line(tmp_path, capsys):
 
 
 # -- 6. user text is never markup -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_paths_that_look_like_markup_are_printed_as_they_are(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_store(Path("src.db"))
@@ -416,6 +414,7 @@ def test_paths_that_look_like_markup_are_printed_as_they_are(tmp_path, monkeypat
 
 
 # -- 7. output streams that go away ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_closed_pipe_ends_export_quietly(tmp_path):
     db = make_store(tmp_path / "big.db", points=2, samples=10_000)  # megabytes of JSON: far past a pipe's buffer
     proc = subprocess.Popen([sys.executable, "-m", "moe_energy", "export", "--db", str(db), "--format", "json"],
@@ -428,6 +427,7 @@ def test_a_closed_pipe_ends_export_quietly(tmp_path):
     assert err == ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
 def test_a_full_stdout_is_one_line(tmp_path):
     db = make_store(tmp_path / "r.db")

@@ -9,15 +9,14 @@ import sys
 import time
 
 import pytest
+from conftest import QUICK, TINY_TASK
 
 from moe_energy.config import PRESETS, ConfigError
 from moe_energy.models.counting import moe_params
 from moe_energy.runner import sweep as sw
 
 TINY_SHAPE = {"experts": "4", "hidden": "16,32", "layers": "2", "top_k": "1,2", "input_dim": 40, "classes": 4}
-RUN = ["--input-dim", "40", "--classes", "4", "--samples", "300", "--epochs", "1", "--duration", "0.3",
-       "--warmup", "0", "--repeats", "1", "--idle-seconds", "0", "--cooldown", "0", "--device", "cpu",
-       "--meter", "estimate"]
+RUN = [*TINY_TASK, *QUICK, "--meter", "estimate"]
 GRID4 = ["--experts", "4", "--hidden", "16,32", "--layers", "2", "--top-k", "1,2", *RUN]
 
 
@@ -131,6 +130,7 @@ def full_db(tmp_path_factory):
     return db, r
 
 
+@pytest.mark.slow
 def test_tiny_sweep_writes_expected_rows(full_db):
     db, r = full_db
     assert rows(db, "SELECT COUNT(*), COUNT(DISTINCT point_key) FROM points WHERE status='done'") == [(4, 4)]
@@ -146,6 +146,7 @@ def test_tiny_sweep_writes_expected_rows(full_db):
     assert e.returncode == 0 and len(e.stdout.strip().splitlines()) == 1 + 12
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_finishes_without_rerunning(tmp_path):
     db = tmp_path / "k.db"
     args = ["sweep", "--experts", "4", "--hidden", "16,24,32", "--layers", "2", "--top-k", "1,2", *RUN,
@@ -186,6 +187,7 @@ def test_resume_after_sigkill_finishes_without_rerunning(tmp_path):
     assert again.returncode == 0 and "measured 0" in again.stdout and "already complete 6" in again.stdout
 
 
+@pytest.mark.slow
 def test_shards_merge_to_the_unsharded_point_set(full_db, tmp_path):
     db, _ = full_db
     parts = []
@@ -207,6 +209,7 @@ def test_shards_merge_to_the_unsharded_point_set(full_db, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+@pytest.mark.slow
 def test_out_of_memory_point_is_recorded_skipped_and_the_sweep_goes_on(tmp_path):
     db = tmp_path / "oom.db"
     r = cli("sweep", "--experts", "4,64", "--hidden", "16,60000", "--layers", "2", "--top-k", "2", *RUN,
@@ -240,6 +243,7 @@ def test_an_axis_value_given_twice_is_one_point():
     assert len({p.key("none") for p in g.points}) == len(g.points) == 2
 
 
+@pytest.mark.slow
 def test_resume_sees_a_point_whether_its_numbers_came_from_flags_or_a_toml(tmp_path):
     """``--warmup 0`` on the command line is 0.0, ``warmup = 0`` in a TOML is 0: the same point, not a new one."""
     db = tmp_path / "k.db"
