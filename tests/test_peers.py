@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from moe_energy.bench.peers import GPU_ONLY, build_peers, family_for
+from moe_energy.bench.peers import GPU_ONLY, build_peers
 from moe_energy.models.archs import Arch, RouterSpec, custom_arch, get_arch
+from moe_energy.models.families import family_for
 from moe_energy.models.llm import MoELayer
 
 D, INTER, E, K = 64, 32, 8, 2
