@@ -183,13 +183,23 @@ class RunOptions:
 
 
 # Which options belong to which workload: the one table `run`, `plan`, `bench-strategies` and `sweep` read. A
-# workload's key given to another is refused in one line, never silently ignored; --experts and --top-k (a custom
-# shape's) and every other option are shared. An LLM layer is chosen by --arch (or a sweep's --grid llm).
+# workload's key given to another is refused in one line, never silently ignored; a key in two workloads' rows
+# means something to both (--layers: the seed's expert depth, a whole model's layers built), and every other
+# option is shared. An LLM layer is chosen by --arch (or a sweep's --grid llm), a whole model by --model.
 WORKLOAD_KEYS: dict[str, tuple[str, ...]] = {
     "seed": ("preset", "hidden", "layers", "input_dim", "classes", "data", "epochs", "lr", "batch_size", "samples",
-             "test_fraction"),
-    "llm_layer": ("arch", "tokens", "routing", "d_model", "ffn_dim", "shared_experts", "router", "max_forward_s"),
+             "test_fraction", "models"),
+    "llm_layer": ("arch", "tokens", "routing", "d_model", "ffn_dim", "shared_experts", "router", "max_forward_s",
+                  "models"),
+    "whole_model": ("model", "vs", "batch", "context", "layers", "moe_impl", "tiny"),
 }
+
+
+def foreign(family: str) -> list[str]:
+    """The keys of every other workload that mean nothing to ``family``, in the table's order."""
+    mine = WORKLOAD_KEYS[family]
+    return list(dict.fromkeys(k for other, keys in WORKLOAD_KEYS.items() if other != family
+                              for k in keys if k not in mine))
 
 
 def flag(key: str) -> str:

@@ -1,4 +1,4 @@
-"""`moe-energy archs`: the LLM MoE layer presets with their exact per-layer and whole-model counts."""
+"""`moe-energy archs` (the LLM MoE layer presets) and `moe-energy models` (the whole LLMs), with exact counts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..models.archs import PRESETS, Arch
 from ..models.counting import layer_active_params, layer_params
+from ..models.whole import models, param_counts
 from . import command, console
 
 
@@ -49,4 +50,39 @@ def sources_table() -> Table:
 def archs(args: argparse.Namespace) -> int:
     console.print(archs_table())
     console.print(sources_table())
+    return 0
+
+
+def models_table() -> Table:
+    """One row per whole-model preset: its shape, exact parameter counts (meta device) beside the published ones."""
+    t = Table(title="moe-energy models: whole LLMs (transformers' own classes, seeded random weights; nothing "
+                    "downloaded), exact counts beside the publisher's",
+              caption="active: the total less the routed experts a token does not use (embeddings included; some "
+                      "publishers leave the input embedding out)")
+    for col in ("model", "kind", "layers", "d", "heads (KV)", "vocab", "max positions", "MoE layer", "params",
+                "active", "published", "compare with"):
+        t.add_column(col, justify="left" if col in ("model", "kind", "MoE layer", "published", "compare with")
+                     else "right")
+    for m in models().values():
+        total, active = param_counts(m)
+        a = m.arch
+        moe = f"{a.name}: E {a.experts}, k {a.top_k}" + (f", {len(m.dense_layers)} dense" if m.dense_layers else "") \
+            if a else "-"
+        pub = f"{m.published.total} / {m.published.active}" if m.published else "-"
+        t.add_row(escape(m.name), "MoE" if a else "dense", str(m.layers), f"{m.d_model:,}",
+                  f"{m.heads} ({m.kv_heads})", f"{m.vocab:,}", f"{m.max_positions:,}", escape(moe),
+                  f"{total / 1e9:.3f} B", f"{active / 1e9:.3f} B", escape(pub), escape(", ".join(m.siblings) or "-"))
+    return t
+
+
+@command("models", "List the whole-model presets (MoE LLMs and their dense siblings) for `run --model`, with exact "
+         "parameter counts beside the published ones.")
+def models_command(args: argparse.Namespace) -> int:
+    console.print(models_table())
+    t = Table(title="where each model's shape comes from")
+    t.add_column("model", no_wrap=True)
+    t.add_column("source")
+    for m in models().values():
+        t.add_row(escape(m.name), escape(m.source))
+    console.print(t)
     return 0

@@ -30,8 +30,10 @@ from ..models.archs import PRESETS as ARCH_PRESETS
 from ..models.archs import ROUTER_KINDS, Arch, RouterSpec, custom_arch, get_arch
 from ..models.routing import ROUTING_HELP, parse_routing
 from ..models.strategies import STRATEGIES
+from ..models.whole import get_model, tiny
 from ..runner.core import Workload
 from ..runner.layer import DEFAULT_TOKENS, Layer, check_tokens
+from ..runner.model import MOE_IMPLS, Whole
 from ..runner.seed import Seed
 
 if TYPE_CHECKING:
@@ -45,7 +47,7 @@ def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default small)")
     g.add_argument("--experts", type=int, help="number of experts E")
     g.add_argument("--hidden", type=int, help="expert hidden width H")
-    g.add_argument("--layers", type=int, help="hidden layers per expert L")
+    g.add_argument("--layers", type=int, help="hidden layers per expert L (--model: the model's first N layers)")
     g.add_argument("--top-k", type=int, dest="top_k", help="experts per token k")
     g.add_argument("--input-dim", type=int, dest="input_dim", help="input features (default 784)")
     g.add_argument("--classes", type=int, help="output classes (default 10)")
@@ -188,6 +190,24 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
         g.add_argument("--top-k", type=int, dest="top_k", help="experts per token k")
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model and its axes (whole LLMs, issue 23); --layers is the shape group's, read as the model's layers."""
+    g = p.add_argument_group("whole LLMs (--model: prefill and decode per token, an MoE against its dense siblings; "
+                             "see 'moe-energy models')")
+    g.add_argument("--model", help="a whole-model preset (see 'moe-energy models'); with --layers N, its first N "
+                                   "layers (default: the largest N that fits), whole-model figures extrapolated")
+    g.add_argument("--vs", help="comma list of models to compare it with (default its dense siblings)")
+    g.add_argument("--batch", help="comma list of batch sizes: sequences per step (default 1,8)")
+    g.add_argument("--context", help="comma list of context lengths: prompt tokens, and the KV cache's length at "
+                                     "each decode step (default 512)")
+    g.add_argument("--moe-impl", dest="moe_impl", help=f"how the MoE blocks run: {', '.join(MOE_IMPLS)} "
+                   "(transformers: its own default; moe-energy: this tool's layer on the same weights, "
+                   "--moe-strategy inside it; default transformers)")
+    g.add_argument("--tiny", action="store_true", default=None,
+                   help="every model shrunk to a few-KB copy of its shape (router, shared experts, layer pattern "
+                        "kept): tries the command in seconds; the figures are not the model's")
+
+
 def add_forward_limit(p: argparse.ArgumentParser) -> None:
     """--max-forward-s, for the commands that measure windows (run; sweep has its own, a grid option)."""
     p.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
@@ -209,18 +229,24 @@ SHAPE_FLAGS = (("d_model", "--d-model"), ("ffn_dim", "--ffn-dim"), ("experts", "
                ("shared_experts", "--shared-experts"))
 
 
+CHOOSERS = {"llm_layer": ("--arch", "an LLM MoE layer"), "whole_model": ("--model", "a whole LLM")}
+WHY_NOT = {"llm_layer": "an LLM layer is built, not trained, and its shape is --d-model, --ffn-dim, --experts, --top-k",
+           "whole_model": "a whole LLM is built from its preset, not trained; its inputs are --batch and --context"}
+
+
 def refuse_others(args: argparse.Namespace, family: str) -> None:
     """One line for flags of another workload than ``family`` (config.WORKLOAD_KEYS), never silently ignored."""
-    if family == "seed":
-        stray = [flag(k) for k in WORKLOAD_KEYS["llm_layer"] if k != "arch" and getattr(args, k, None) is not None]
-        if stray:
-            raise ConfigError(f"{', '.join(stray)}: only with --arch (an LLM MoE layer); add --arch or drop them")
-        return
-    given = [flag(k) for k in WORKLOAD_KEYS["seed"] if getattr(args, k, None) is not None]
-    if given:
-        raise ConfigError(f"{', '.join(given)}: no meaning with --arch (an LLM layer is built, not trained, and its "
-                          "shape is --d-model, --ffn-dim, --experts, --top-k); drop "
-                          f"{'it' if len(given) == 1 else 'them'}")
+    mine = WORKLOAD_KEYS[family]
+    for other, keys in WORKLOAD_KEYS.items():
+        stray = [flag(k) for k in keys if other != family and k not in mine and k not in ("arch", "model")
+                 and getattr(args, k, None) is not None]
+        if not stray:
+            continue
+        if family == "seed":
+            chooser, what = CHOOSERS[other]
+            raise ConfigError(f"{', '.join(stray)}: only with {chooser} ({what}); add {chooser} or drop them")
+        raise ConfigError(f"{', '.join(stray)}: no meaning with {CHOOSERS[family][0]} ({WHY_NOT[family]}); drop "
+                          f"{'it' if len(stray) == 1 else 'them'}")
 
 
 def parse_tokens(text: str | None) -> list[int]:
@@ -283,9 +309,55 @@ def resolve_layer(args: argparse.Namespace) -> tuple[Layer, RunOptions]:
     return Layer(arch, parse_tokens(getattr(args, "tokens", None)), routing), opts
 
 
+def _whole_numbers(flag_name: str, text: str | None, default: tuple[int, ...]) -> list[int]:
+    """'1,8' -> [1, 8] (duplicates dropped, order kept), each a whole number >= 1; one-line ConfigError."""
+    if text is None:
+        return list(default)
+    vals: list[int] = []
+    for part in split_list(text) or ():
+        if not part.isdigit() or int(part) < 1:
+            raise ConfigError(f"{flag_name} {text!r}: {part!r} is not a whole number >= 1; give a comma list such "
+                              "as 1,8")
+        vals.append(int(part))
+    if not vals:
+        raise ConfigError(f"{flag_name} {text!r}: give at least one value, e.g. 1,8")
+    return list(dict.fromkeys(vals))
+
+
+def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
+    """The whole models --model and --vs name, at --batch x --context, and the options, checked: one-line
+    ConfigErrors, the other workloads' flags refused (before any model is built)."""
+    refuse_others(args, "whole_model")
+    first = get_model(args.model)
+    names = split_list(args.vs) if getattr(args, "vs", None) is not None else first.siblings
+    if not names:
+        raise ConfigError(f"--vs: {first.name} names no dense sibling; give the models to compare it with")
+    ms = [first, *(get_model(n) for n in names)]
+    for m in ms[1:]:
+        if m.moe_arch is not None:
+            raise ConfigError(f"--vs {m.name}: an MoE model; --vs takes dense models to compare {first.name} with")
+    if getattr(args, "tiny", None):
+        ms = [tiny(m) for m in ms]
+    impl = getattr(args, "moe_impl", None) or "transformers"
+    if impl not in MOE_IMPLS:
+        raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")
+    shapeless = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "layers"})
+    _spec, opts = resolve(shapeless)
+    opts = replace(opts, dtype=default_dtype(args, opts))
+    w = Whole(ms, _whole_numbers("--batch", getattr(args, "batch", None), (1, 8)),
+              _whole_numbers("--context", getattr(args, "context", None), (512,)), getattr(args, "layers", None),
+              impl)
+    if w.layers is not None and w.layers < 1:
+        raise ConfigError(f"--layers {w.layers}: give a whole number >= 1 (each model builds min(N, its layers))")
+    w.check_inputs()  # every context a position each model has: refused before anything is asked of the host
+    return w, opts
+
+
 def resolve_workload(args: argparse.Namespace) -> tuple[Workload, RunOptions]:
-    """The workload the flags ask for (an LLM layer with --arch, else the seed's classifiers) and its options,
-    every flag checked and the other workload's refused."""
+    """The workload the flags ask for (an LLM layer with --arch, a whole model with --model, else the seed's
+    classifiers) and its options, every flag checked and the other workloads' refused."""
+    if getattr(args, "model", None) is not None:
+        return resolve_whole(args)
     if getattr(args, "arch", None) is not None:
         return resolve_layer(args)
     refuse_others(args, "seed")

@@ -21,12 +21,15 @@ from ..models.archs import Arch
 from ..models.counting import expected_experts_touched
 from ..models.plan import ModelPlan
 from ..models.routing import RoutingMode, zipf_assignment
+from ..models.whole import memory_bytes
 from ..runner.core import Workload, check_dtype, unwrapped
 from ..runner.layer import Layer, extrapolation_note, named
+from ..runner.model import Whole
 from ..runner.seed import Seed
 from . import command, console
 from .options import (
     add_llm_arguments,
+    add_model_arguments,
     add_run_arguments,
     add_shape_arguments,
     resolve_workload,
@@ -37,6 +40,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     add_shape_arguments(p)
     add_run_arguments(p)
     add_llm_arguments(p)
+    add_model_arguments(p)
 
 
 @command("plan", "Check a run's options and list the models it would build, their size and memory; "
@@ -49,6 +53,8 @@ def plan(args: argparse.Namespace) -> int:
     w.check(opts, device, opts.strategies)
     if isinstance(w, Layer):
         _show_layer(w, opts, device)
+    elif isinstance(w, Whole):
+        _show_whole(w, opts, device)
     else:
         assert isinstance(w, Seed)
         w.load(opts, torch.device("cpu"), torch.float32, 0)  # the data as run loads it: a --data file decides the shape
@@ -101,6 +107,28 @@ def _show_layer(w: Layer, opts: RunOptions, device: torch.device) -> None:
     console.print(_traffic(plans, arch, opts, tokens, w.routing))
     if arch.moe_layers > 1:
         console.print(escape(f"whole-model figures: {extrapolation_note(arch)}"), highlight=False, soft_wrap=True)
+
+
+def _show_whole(w: Whole, opts: RunOptions, device: torch.device) -> None:
+    """Each model's layers built of its total (the largest that fits unless --layers), its weights, the KV caches
+    of its decode points, the largest point's activations, and whether it fits."""
+    t = Table(title=escape(f"plan: whole models on {device}, {opts.dtype}, batch {w.batches} x context "
+                           f"{w.contexts}, MoE blocks: {w.moe_impl}"))
+    for col in ("model", "layers", "params built", "active", "weights GiB", "KV caches GiB", "activations GiB",
+                "fits"):
+        t.add_column(col, justify="left" if col in ("model", "fits") else "right", overflow="fold")
+    points = w.points()
+    for p in w.plans(opts.models):
+        m, n = w._model(p), w.chosen[p.name]
+        needs = [memory_bytes(m, n, opts.dtype, q.head["batch"], q.head["context"]) for q in points]
+        caches = sum(x["kv_cache"] for x, q in zip(needs, points) if q.head["phase"] == "decode")
+        t.add_row(escape(m.name), f"{n} of {m.layers}", f"{p.params:,}", f"{p.active_params:,}",
+                  f"{needs[0]['weights'] / GIB:.2f}", f"{caches / GIB:.2f}",
+                  f"{max(x['activations'] for x in needs) / GIB:.2f}", _fits(w, p, opts, device))
+    console.print(t)
+    if any(w.chosen[m.name] < m.layers for m in w.models):
+        console.print("whole-model figures of a model built in part are EXTRAPOLATED (x its parameters / those "
+                      "built), and labelled so", highlight=False)
 
 
 def _touched_cell(arch: Arch, routing: RoutingMode, tokens: int, seed: int) -> str:

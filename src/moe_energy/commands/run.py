@@ -33,6 +33,7 @@ from .options import (
     add_energy_arguments,
     add_forward_limit,
     add_llm_arguments,
+    add_model_arguments,
     add_parallel_arguments,
     add_power_arguments,
     add_run_arguments,
@@ -45,7 +46,8 @@ from .power import check_power, refuse_for_parallel, restore_status
 from .tables import print_results
 from .ui import RichUI
 
-SMALLER = {"seed": "a smaller shape or batch size", "llm_layer": "a smaller arch or fewer --tokens"}
+SMALLER = {"seed": "a smaller shape or batch size", "llm_layer": "a smaller arch or fewer --tokens",
+           "whole_model": "fewer --layers, or a smaller --batch or --context"}
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_power_arguments(p)
     add_parallel_arguments(p)
     add_llm_arguments(p)  # after add_shape_arguments: reuses its --experts/--top-k
+    add_model_arguments(p)
     add_forward_limit(p)
 
 
@@ -63,7 +66,7 @@ def _notice(msg: str) -> None:
 
 
 @command("run", "Train the MoE and its matched dense models, measure each, print the table, save JSON "
-         "(--arch: an LLM MoE layer per token count, no training).",
+         "(--arch: an LLM MoE layer per token count; --model: whole LLMs, prefill and decode; no training).",
          _run_args)
 def run(args: argparse.Namespace) -> int:
     w, opts = resolve_workload(args)

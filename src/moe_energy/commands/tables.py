@@ -142,12 +142,35 @@ def layer_job_columns(experts: int) -> list[Column]:
     ]
 
 
+def _per_token(m: dict, key: str, spec: str) -> str:
+    return fmt(m.get(key), spec) + (" (estimate)" if m.get("energy_is_estimate") and m.get(key) is not None else "")
+
+
+WHOLE = [
+    Column("model", lambda m: escape(m["model"])), Column("phase", lambda m: m["phase"]),
+    Column("B", lambda m: str(m["batch"])), Column("L", lambda m: str(m["context"])),
+    Column("tokens/s", lambda m: spread(m, "inferences_per_second", ",.1f", _g3)),
+    Column("J/token", lambda m: _per_token(m, "joules_per_token", ".4g")),
+    Column("tokens/J", lambda m: _per_token(m, "tokens_per_joule", ",.2f")),
+    Column("TTFT or ITL p50 ms", lambda m: fmt(m.get("ttft_ms") if m["phase"] == "prefill" else m.get("itl_p50_ms"),
+                                             ",.2f")),
+    Column("ITL p90 ms", lambda m: fmt(m.get("itl_p90_ms"), ",.2f") if m["phase"] == "decode" else "-"),
+    Column("avg W", lambda m: _per_token(m, "average_power_w", ".1f")),
+    Column("energy method", lambda m: escape(m["energy_method"])),
+    Column("layers", lambda m: f"{m['layers_measured']} of {m['layers_total']}"),
+]
+
+
 def columns(doc: dict) -> tuple[str, list[Column], int, int]:
     """(title, columns, leading cells a skipped row keeps, where its reason goes) of a results document: its
     workload's figures, the job's where it ran on ranks, the power caps' and carbon's where it has them."""
     reps = max((m.get("repeats", 1) for m in doc["models"]), default=1)
     env, dtype, par = doc["environment"], doc["options"]["dtype"], doc.get("parallel")
-    if doc.get("family") == "llm_layer":
+    if doc.get("family") == "whole_model":
+        title = (f"moe-energy whole models ({env['device_name']}, {dtype}, MoE blocks: {doc['moe_impl']}); per "
+                 f"token, median [min-max] of {reps} window(s); prefill: prompt tokens, decode: output tokens")
+        cols, lead, at = WHOLE, 4, 4
+    elif doc.get("family") == "llm_layer":
         a, mode = doc["arch"], doc["routing"]["mode"]
         if par:
             title = (f"moe-energy {a['name']}: one layer expert-parallel ({par['world_size']} ranks, {par['backend']}, "
@@ -232,12 +255,33 @@ def energy_summary(doc: dict) -> list[str]:
     return lines
 
 
+def whole_lines(doc: dict) -> list[str]:
+    """Under a whole-model table: the MoE's J/token against each dense sibling's at every point, and any figure
+    extrapolated from the layers built."""
+    rows = [m for m in doc["models"] if m.get("status") == "measured"]
+    moe = [m for m in rows if m.get("kind") == "moe"]
+    lines = []
+    for m in moe:
+        for d in (r for r in rows if r.get("kind") == "dense" and
+                  (r["phase"], r["batch"], r["context"]) == (m["phase"], m["batch"], m["context"])):
+            if m.get("joules_per_token") and d.get("joules_per_token"):
+                est = " (estimates)" if m.get("energy_is_estimate") or d.get("energy_is_estimate") else ""
+                lines.append(f"{m['phase']} B={m['batch']} L={m['context']}: {m['model']} / {d['model']} J per token "
+                             f"= {m['joules_per_token'] / d['joules_per_token']:.3g}{est} "
+                             f"({m['layers_measured']} and {d['layers_measured']} layers measured)")
+    lines += sorted({f"{m['model']}: {m['whole_model_extrapolated']['label']}" for m in rows
+                     if m.get("whole_model_extrapolated")})
+    return lines
+
+
 def print_results(doc: dict) -> None:
-    """The table, an LLM layer's labelled whole-model extrapolation, then the lines under them."""
+    """The table, an LLM layer's labelled whole-model extrapolation or a whole model's MoE/dense ratios, then the
+    lines under them."""
     console.print(results_table(doc))
     if doc.get("family") == "llm_layer" and not doc.get("parallel") and doc["arch"]["moe_layers"] > 1 \
             and any(m.get("model_extrapolated") for m in doc["models"]):
         console.print(model_table(doc))
         console.print(escape(doc.get("extrapolation", "")), highlight=False, soft_wrap=True)
-    for line in energy_summary(doc):
+    lines = whole_lines(doc) if doc.get("family") == "whole_model" else []
+    for line in lines + energy_summary(doc):
         console.print(escape(line), highlight=False, soft_wrap=True)

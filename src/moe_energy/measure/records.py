@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # Flat per-window figures whose median becomes the model's figure, and those whose min/max are kept too.
 MEDIAN_KEYS = (
     "inferences_per_second", "inferences_per_joule", "energy_j", "average_power_w", "dynamic_energy_j",
-    "dynamic_average_power_w", "dynamic_inferences_per_joule", "latency_p50_ms", "latency_p95_ms",
+    "dynamic_average_power_w", "dynamic_inferences_per_joule", "latency_p50_ms", "latency_p90_ms", "latency_p95_ms",
     "latency_mean_ms", "achieved_gflops", "window_s", "batches", "inferences",
 )
 SPREAD_KEYS = ("inferences_per_second", "inferences_per_joule", "dynamic_inferences_per_joule", "energy_j",
@@ -47,6 +47,7 @@ class WindowRecord(TypedDict, total=False):
     window_s: float
     inferences_per_second: float
     latency_p50_ms: float | None
+    latency_p90_ms: float | None
     latency_p95_ms: float | None
     latency_mean_ms: float | None
     flops_per_inference: int | None
@@ -121,6 +122,7 @@ class ModelRecord(TypedDict, total=False):
     dynamic_energy_j: float | None
     dynamic_average_power_w: float | None
     latency_p50_ms: float | None
+    latency_p90_ms: float | None
     latency_p95_ms: float | None
     latency_mean_ms: float | None
     achieved_gflops: float | None
@@ -186,7 +188,7 @@ def window_record(res: BenchResult) -> WindowRecord:
     return WindowRecord(
         batch_size=res.batch_size, batches=res.batches, inferences=res.inferences, window_s=res.seconds,
         inferences_per_second=res.inferences_per_second, latency_p50_ms=res.latency_pct(50),
-        latency_p95_ms=res.latency_pct(95),
+        latency_p90_ms=res.latency_pct(90), latency_p95_ms=res.latency_pct(95),
         latency_mean_ms=statistics.fmean(res.latency_ms) if res.latency_ms else None,
         flops_per_inference=res.flops_per_inference, achieved_gflops=res.achieved_gflops,
         energy_j=e.joules, energy_by_device_j=e.joules_by_device, average_power_w=e.average_power_w,

@@ -43,8 +43,8 @@ def carbon_fields(rec: dict[str, Any], cp: CarbonPrice) -> dict[str, Any]:
 
 
 def unit(doc: dict[str, Any]) -> str:
-    """What a million of is: inferences, or tokens for the LLM-layer family (whose inferences are tokens)."""
-    return "tokens" if doc.get("family") == "llm_layer" else "inferences"
+    """What a million of is: inferences, or tokens for LLM layers and whole models (whose inferences are tokens)."""
+    return "tokens" if doc.get("family") in ("llm_layer", "whole_model") else "inferences"
 
 
 def _extrapolated(x: dict[str, Any], cp: CarbonPrice) -> None:

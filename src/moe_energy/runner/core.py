@@ -176,6 +176,8 @@ class Variant:
     auto_candidates: tuple[str, ...] | None = None  # auto's candidates for these inputs; None: the model's own
     before_window: Callable[[], None] | None = None  # e.g. zero the routing's load counters
     after_window: Callable[[], dict[str, Any]] | None = None  # read after the window (e.g. the expert load)
+    rows: int | None = None  # inferences per call when ``batch`` does not say (a whole model's tokens)
+    ready: bool = False  # ``model`` is the call itself, made ready by its workload (a whole model's step)
 
 
 @dataclass
@@ -233,6 +235,9 @@ class Workload(Protocol):
 
     def points(self) -> list[Point]: ...
 
+    def row_strategies(self, plan: ModelPlan, strategies: tuple[str, ...]) -> tuple[str | None, ...]:
+        """The strategies ``plan``'s rows run, one row each (None: one row, no strategy of its own)."""
+
     def fit_problem(self, plan: ModelPlan, opts: RunOptions, device: torch.device) -> str | None:
         """Why ``plan`` cannot be built (or trained) here even alone, or None; nothing allocated."""
 
@@ -249,8 +254,8 @@ class Workload(Protocol):
     def record(self, r: Run, plan: ModelPlan, point: Point, rec: dict[str, Any]) -> dict[str, Any]:
         """The record's own fields, added to a measured or skipped model record."""
 
-    def bytes_read(self, plan: ModelPlan, point: Point, rec: dict[str, Any], dtype: str) -> float:
-        """Weight bytes one forward of this row read (the roofline's memory traffic)."""
+    def bytes_read(self, plan: ModelPlan, point: Point, rec: dict[str, Any], dtype: str) -> float | None:
+        """Weight bytes one forward of this row read (the roofline's memory traffic); None: no bound applies."""
 
     def stem(self) -> str | None:
         """The results file's name part (a preset or arch name), or None for a custom shape."""
@@ -367,7 +372,7 @@ def variants_of(w: Workload, r: Run, built: Built, out: Measured) -> dict[str, V
     rows: dict[str, Variant] = {}
     mine: dict[str, str] = {}
     for point in w.points():
-        for strategy in (r.strategies if built.plan.kind == "moe" else (None,)):
+        for strategy in w.row_strategies(built.plan, r.strategies):
             label, strategy = r.team.label(built.plan, strategy)
             label += point.suffix
             out.windows.setdefault(label, [])
@@ -423,6 +428,8 @@ class Slot:
 
     def load(self, v: Variant, prepared: dict[str, dict]) -> nn.Module:
         """``v``'s module on the device, ready to call; prepared outside any window."""
+        if v.ready:
+            return v.model
         if v.parked and self.r.device != PARK and self.on_device is not v.model:
             self.release()
             self.on_device = v.model
@@ -467,10 +474,10 @@ def one_window(r: Run, slot: Slot, v: Variant, rep: int, order: int, idle: IdleP
             v.before_window()
         with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
             res = measure(fn, v.batch, r.opts.duration, r.meter, v.flops_per_inference, r.opts.warmup,
-                          on_tick=tick, idle=idle, sync=device_sync(r.device))
+                          on_tick=tick, idle=idle, sync=device_sync(r.device), batch_size=v.rows)
         rec: dict[str, Any] = {**head, **window_record(res)}
     except MeterFailed as e:
-        rec = {**head, **failed_window(str(e), v.batch.shape[0], v.flops_per_inference, r.meter.name)}
+        rec = {**head, **failed_window(str(e), v.rows or v.batch.shape[0], v.flops_per_inference, r.meter.name)}
     if v.after_window is not None:
         rec.update(v.after_window())  # one sync, after the window
     return rec  # type: ignore[return-value]
@@ -566,9 +573,9 @@ def model_record(w: Workload, r: Run, plan: ModelPlan, point: Point, label: str,
     rec.update(r.team.extra(windows))
     rec.update(w.record(r, plan, point, rec))
     ips = rec.get("inferences_per_second")
-    if ips and r.team.bounds:
-        rec.update(roofline.figures(r.roof, point.rows / ips, plan.flops_per_inference * point.rows,
-                                    w.bytes_read(plan, point, rec, dtype), dtype))
+    nbytes = w.bytes_read(plan, point, rec, dtype) if ips and r.team.bounds else None
+    if ips and nbytes is not None:
+        rec.update(roofline.figures(r.roof, point.rows / ips, plan.flops_per_inference * point.rows, nbytes, dtype))
     if label in m.stopped:
         rec["flags"] = [f"stopped after {len(windows)} of {r.opts.repeats} windows: {m.stopped[label]}"] \
             + rec["flags"]
@@ -581,7 +588,7 @@ def records(w: Workload, r: Run, todo: list[ModelPlan], built: dict[str, Built],
     out: list[ModelRecord] = []
     for point in w.points():
         for plan in todo:
-            for strategy in (r.strategies if plan.kind == "moe" else (None,)):
+            for strategy in w.row_strategies(plan, r.strategies):
                 label, strategy = r.team.label(plan, strategy)
                 rec = model_record(w, r, plan, point, label + point.suffix, strategy, m, idle,
                                    built.get(plan.name), skipped.get(plan.name))
@@ -660,7 +667,7 @@ class Team:
 
     def label(self, plan: ModelPlan, strategy: str | None) -> tuple[str, str | None]:
         """(label, strategy) of a row: one per MoE strategy, one for a dense model."""
-        return (f"moe[{strategy}]", strategy) if plan.kind == "moe" else (plan.name, None)
+        return (f"moe[{strategy}]", strategy) if plan.kind == "moe" and strategy else (plan.name, None)
 
     def place(self, built: Built) -> Built:
         return built

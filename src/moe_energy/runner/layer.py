@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import memory
-from ..config import OPTION_KEYS, WORKLOAD_KEYS, RunOptions
+from ..config import OPTION_KEYS, RunOptions, foreign
 from ..device import free
 from ..dtypes import DTYPES
 from ..energy.meter import Meter
@@ -59,7 +59,7 @@ DEFAULT_TOKENS = (1, 16, 128, 1024)
 MAX_TOKENS = 2**20  # tokens per forward: far past any prefill chunk
 INPUTS = "fixed-seed normal hidden states [T, d] (torch.randn on the CPU from --seed, then cast)"
 # The seed's run options (training): a layer's documents and sweep keys leave them out (config.WORKLOAD_KEYS).
-SEED_ONLY_OPTIONS = tuple(k for k in WORKLOAD_KEYS["seed"] if k in OPTION_KEYS)
+SEED_ONLY_OPTIONS = tuple(k for k in foreign("llm_layer") if k in OPTION_KEYS)
 
 
 def extrapolation_note(arch: Arch) -> str:
@@ -235,6 +235,9 @@ class Layer:
 
     def plans(self, models: Sequence[str]) -> list[ModelPlan]:
         return plans(self.arch, models)
+
+    def row_strategies(self, plan: ModelPlan, strategies: tuple[str, ...]) -> tuple[str | None, ...]:
+        return strategies if plan.kind == "moe" else (None,)
 
     def points(self) -> list[Point]:
         return [Point(t, f"@T={t}", {"tokens_per_forward": t}) for t in self.tokens]

@@ -137,6 +137,9 @@ class Seed:
     def plans(self, models: Sequence[str]) -> list[ModelPlan]:
         return plans(self.spec, models)
 
+    def row_strategies(self, plan: ModelPlan, strategies: tuple[str, ...]) -> tuple[str | None, ...]:
+        return strategies if plan.kind == "moe" else (None,)
+
     def points(self) -> list[Point]:
         assert self.batch is not None
         return [Point(self.batch.shape[0])]

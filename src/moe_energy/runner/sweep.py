@@ -42,6 +42,7 @@ from ..config import (
     ModelSpec,
     RunOptions,
     flag,
+    foreign,
     read_toml,
     resolve_config,
 )
@@ -73,9 +74,9 @@ BUILTIN_GRIDS = ("seed", "scale", "llm")
 LLM_GRID_PROTOCOL = {"repeats": 2, "warmup": 0.5, "cooldown": 0.0}
 # LLM layers: the axes of their own (a custom shape also takes --experts and --top-k), and the seed's keys that
 # mean nothing for a layer built, not trained (refused, never silently ignored).
-LAYER_AXES = tuple(k for k in WORKLOAD_KEYS["llm_layer"] if k != "max_forward_s")
+LAYER_AXES = tuple(k for k in WORKLOAD_KEYS["llm_layer"] if k not in ("max_forward_s", "models"))
 LAYER_SHAPE_AXES = ("d_model", "ffn_dim", "experts", "top_k", "shared_experts")
-SEED_ONLY_KEYS = (*WORKLOAD_KEYS["seed"], "presets", "per_decade")
+SEED_ONLY_KEYS = (*foreign("llm_layer"), "presets", "per_decade")
 LLM_TOKENS = tuple(4**i for i in range(7))  # 1, 4, ..., 4096: a decoding step up to a prefill chunk
 # Keys a grid TOML may hold besides run options and shape fields.
 GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets", *LAYER_AXES}

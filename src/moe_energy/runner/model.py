@@ -1,0 +1,207 @@
+"""The whole-model workload: the choice users make (Qwen3-30B-A3B or Qwen3-32B?), an MoE LLM against its dense
+siblings, each at every (phase, batch, context).
+
+Two phases, measured in separate windows: prefill (B prompts of L tokens, one forward: J per prompt token, the time
+to first token) and decode (B sequences, one new token each per step, a static KV cache held at L: J per output
+token, the inter-token latency). The models are transformers' own classes with seeded random weights
+(``models.whole``: nothing downloaded); their MoE blocks run as transformers runs them or, swapped for
+moe-energy's ``MoELayer`` on the same tensors, as this tool does (``--moe-impl``). When a whole model does not fit,
+its first N layers are built (the MoE/dense pattern kept; the default is the largest N that fits) and every
+whole-model figure is extrapolated from them, labelled as such, with N in the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .. import memory
+from ..config import RunOptions
+from ..errors import ConfigError
+from ..memory import OutOfMemory
+from ..models.generate import decode_step, prefill_step
+from ..models.plan import ModelPlan
+from ..models.swap import swap_moe_blocks
+from ..models.whole import WholeModel, build_model, check_context, memory_bytes, param_counts
+from .core import Built, Point, Run, Variant
+
+PHASES = ("prefill", "decode")
+MOE_IMPLS = ("transformers", "moe-energy", "eager", "batched_mm", "grouped_mm")
+EXTRAPOLATION = ("EXTRAPOLATED from the first {n} of {total} layers: the measured figure x (parameters of all "
+                 "{total} layers / of the {n} built), embeddings and LM head included in both")
+
+
+def whole_plan(m: WholeModel, layers: int) -> ModelPlan:
+    """The plan of ``m``'s first ``layers`` layers: its parameters and FLOPs per token (2 x its active parameters:
+    the matrix products a token passes through; attention's context-dependent products are not counted)."""
+    total, active = param_counts(m, layers)
+    return ModelPlan(m.name, "moe" if m.moe_arch is not None else "dense", None, m.d_model, total, active,
+                     2 * active, m)  # type: ignore[arg-type]
+
+
+def inputs_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]) -> int:
+    """Device memory ``m``'s rows need at once: its weights, every decode point's KV cache (each decode step keeps
+    its cache from its build to the end of the model's windows) and the largest point's activations."""
+    needs = [memory_bytes(m, layers, dtype, p.head["batch"], p.head["context"]) for p in points]
+    caches = sum(n["kv_cache"] for n, p in zip(needs, points) if p.head["phase"] == "decode")
+    return needs[0]["weights"] + caches + max(n["activations"] for n in needs) + memory.OVERHEAD_BYTES
+
+
+@dataclass
+class Whole:
+    """The whole-model workload (``core.Workload``): the first model against the others, at every point."""
+
+    models: list[WholeModel]
+    batches: list[int]
+    contexts: list[int]
+    layers: int | None = None  # N of each model's layers (None: the largest that fits)
+    moe_impl: str = "transformers"
+    family = "whole_model"
+    trains = False
+    chosen: dict[str, int] = field(default_factory=dict)  # model -> the N built (check decides it)
+
+    @property
+    def experts(self) -> int:
+        raise ConfigError("--parallel expert does not run whole models yet: run them in one process")
+
+    def check_inputs(self) -> None:
+        """Every context a position each model has (the decoded token sits at position L)."""
+        for m in self.models:
+            for b in self.batches:
+                for c in self.contexts:
+                    check_context(m, b, c)
+
+    def check(self, opts: RunOptions, device: torch.device, strategies: tuple[str, ...]) -> None:
+        """The inputs; the N of layers each model builds (the largest that fits, unless given)."""
+        self.check_inputs()
+        for m in self.models:
+            self.chosen[m.name] = self._layers_for(m, opts.dtype, device)
+
+    def _layers_for(self, m: WholeModel, dtype: str, device: torch.device) -> int:
+        if self.layers is not None:
+            return min(self.layers, m.layers)
+        free = memory.available_bytes(device)
+        points = self.points()
+        n = m.layers
+        while n > 1 and free is not None and inputs_bytes(m, n, dtype, points) > free:
+            n -= 1
+        return n
+
+    def load(self, opts: RunOptions, device: torch.device, dtype: torch.dtype, rank: int) -> None:
+        pass  # each point's token ids are made with its step, from --seed
+
+    def identity(self) -> tuple[dict[str, Any], str]:
+        return {"models": [m.name for m in self.models], "batches": self.batches, "contexts": self.contexts,
+                "layers": self.layers, "moe_impl": self.moe_impl}, "-"
+
+    def options(self, opts: RunOptions) -> dict[str, Any]:
+        drop = ("epochs", "lr", "batch_size", "samples", "test_fraction", "data", "models", "max_forward_s")
+        return {k: v for k, v in opts.as_dict().items() if k not in drop}
+
+    def document(self, opts: RunOptions) -> dict[str, Any]:
+        return {"spec": {"models": [m.name for m in self.models]}, "options": self.options(opts),
+                "dataset": {"source": "random token ids (torch.randint on the CPU from --seed)",
+                            "batches": self.batches, "contexts": self.contexts},
+                "family": self.family, "whole_models": [asdict(m) for m in self.models], "moe_impl": self.moe_impl,
+                "phases": list(PHASES), "layers_built": dict(self.chosen)}
+
+    def plans(self, models: Sequence[str]) -> list[ModelPlan]:
+        return [whole_plan(m, self.chosen.get(m.name, m.layers)) for m in self.models]
+
+    def points(self) -> list[Point]:
+        return [Point(b * c if phase == "prefill" else b, f"@{phase}-B{b}-L{c}",
+                      {"phase": phase, "batch": b, "context": c})
+                for phase in PHASES for b in self.batches for c in self.contexts]
+
+    def row_strategies(self, plan: ModelPlan, strategies: tuple[str, ...]) -> tuple[str | None, ...]:
+        return (None,)  # one row per model and point: --moe-impl (and --moe-strategy inside it) decides how it runs
+
+    def fit_problem(self, plan: ModelPlan, opts: RunOptions, device: torch.device) -> str | None:
+        m = self._model(plan)
+        need = inputs_bytes(m, self.chosen.get(m.name, m.layers), opts.dtype, self.points())
+        return memory.fit_problem(need, device, f"building {m.name} ({self.chosen.get(m.name, m.layers)} of "
+                                                f"{m.layers} layers) and its KV caches")
+
+    def together_problem(self, plans: list[ModelPlan], opts: RunOptions, device: torch.device) -> str | None:
+        need = sum(inputs_bytes(self._model(p), self.chosen.get(p.name, 0) or 1, opts.dtype, self.points())
+                   for p in plans)
+        return memory.fit_problem(need, device, f"holding {', '.join(p.name for p in plans)} together")
+
+    def _model(self, plan: ModelPlan) -> WholeModel:
+        return next(m for m in self.models if m.name == plan.name)
+
+    def build(self, r: Run, plan: ModelPlan) -> Built:
+        """The model's first N layers on the device, its MoE blocks as --moe-impl says; OutOfMemory, released."""
+        m = self._model(plan)
+        problem = self.fit_problem(plan, r.opts, r.device)
+        if problem is not None:
+            raise OutOfMemory(problem)
+        try:
+            r.ui.info(f"building {m.name} ({self.chosen[m.name]} of {m.layers} layers)")
+            model = build_model(m, self.chosen[m.name], r.dtype, r.device, r.opts.seed)
+            if self.moe_impl != "transformers":
+                swap_moe_blocks(model, self.moe_impl, r.strategies[0] if r.strategies else "auto")
+            return Built(plan, model)
+        except Exception as e:
+            if not memory.is_oom(e):
+                raise
+        raise OutOfMemory(memory.describe_need(None, r.device, f"building {m.name}"))
+
+    def variant(self, r: Run, built: Built, point: Point, label: str, strategy: str | None
+                ) -> tuple[Variant, str | None]:
+        """The phase's step at (B, L), made now (a decode step fills its KV cache to L here, outside any window)."""
+        b, c = point.head["batch"], point.head["context"]
+        make = prefill_step if point.head["phase"] == "prefill" else decode_step
+        step, rows = make(built.model, b, c, r.opts.seed)
+        need = memory_bytes(self._model(built.plan), self.chosen[built.name], r.opts.dtype, b, c)["activations"]
+        return Variant(label, step, None, (), built.plan.flops_per_inference, need, parked=False, head=dict(point.head),
+                       rows=rows, ready=True), None
+
+    def record(self, r: Run, plan: ModelPlan, point: Point, rec: dict[str, Any]) -> dict[str, Any]:
+        """The per-token figures of this (model, phase, batch, context), and the whole model's, extrapolated from
+        the N layers built when N is not all of them."""
+        m, n = self._model(plan), self.chosen.get(plan.name, plan.shape.layers)  # type: ignore[union-attr]
+        tps, tpj = rec.get("inferences_per_second"), rec.get("inferences_per_joule")
+        decode = point.head["phase"] == "decode"
+        out: dict[str, Any] = {
+            "model": m.name, **point.head, "tokens_per_call": point.rows, "layers_measured": n,
+            "layers_total": m.layers, "moe_impl": self.moe_impl if m.moe_arch is not None else None,
+            "tokens_per_second": tps, "tokens_per_joule": tpj, "joules_per_token": 1 / tpj if tpj else None,
+            "ttft_ms": None if decode else rec.get("latency_p50_ms"),
+            "itl_p50_ms": rec.get("latency_p50_ms") if decode else None,
+            "itl_p90_ms": rec.get("latency_p90_ms") if decode else None, "whole_model_extrapolated": None,
+        }
+        if n < m.layers and tps:
+            scale = param_counts(m)[0] / param_counts(m, n)[0]
+            out["whole_model_extrapolated"] = {
+                "tokens_per_second": tps / scale, "joules_per_token": out["joules_per_token"] * scale
+                if tpj else None, "label": EXTRAPOLATION.format(n=n, total=m.layers)}
+        return out
+
+    def bytes_read(self, plan: ModelPlan, point: Point, rec: dict[str, Any], dtype: str) -> float | None:
+        return None  # no roofline for a whole model (attention and the KV cache have no bound here yet)
+
+    def stem(self) -> str | None:
+        name = self.models[0].name
+        return name if name.replace("-", "").replace(".", "").isalnum() else None
+
+    # -- a sweep's facts (sweeps of whole models are not built yet: run them one at a time) --------------
+    sweep_oom = "skip"
+
+    def key_fields(self) -> dict[str, Any]:
+        return {"family": self.family, **self.identity()[0]}
+
+    def work_flops(self, opts: RunOptions) -> float:
+        return float(sum(p.flops_per_inference * q.rows for p in self.plans(()) for q in self.points()))
+
+    def seconds_floor(self, opts: RunOptions, roof: Any) -> float | None:
+        return None
+
+    def point_problem(self, opts: RunOptions, device: torch.device) -> str | None:
+        return next((why for p in self.plans(()) if (why := self.fit_problem(p, opts, device))), None)
+
+    def need_bytes(self, opts: RunOptions) -> int:
+        return max(inputs_bytes(m, self.chosen.get(m.name, m.layers), opts.dtype, self.points()) for m in self.models)

@@ -1,0 +1,97 @@
+"""run --model: whole LLMs on the one runner (issue 23), prefill and decode per token, the MoE against its dense
+siblings; `moe-energy models`; `plan --model`; bad input in one line. Tiny copies of the presets (--tiny)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import one_line_error
+
+from moe_energy.cli import main
+from moe_energy.models.whole import models
+
+QUICK = ["--duration", "0.2", "--warmup", "0", "--repeats", "1", "--cooldown", "0", "--idle-seconds", "0",
+         "--device", "cpu", "--meter", "none"]
+
+
+def _doc(out) -> dict:
+    [path] = out.glob("run-*.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow
+def test_prefill_and_decode_of_the_moe_and_its_siblings_per_token(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--model", "olmoe-1b-7b", "--tiny", "--batch", "1,2", "--context", "8", *QUICK,
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    doc = _doc(out)
+    assert doc["family"] == "whole_model" and doc["moe_impl"] == "transformers"
+    names = ["olmoe-1b-7b-tiny", "olmo-2-7b-tiny", "olmo-2-1b-tiny"]  # the MoE first, then its dense siblings
+    assert doc["layers_built"] == dict.fromkeys(names, 2)
+    recs = doc["models"]
+    assert len(recs) == 2 * 2 * 1 * 3  # phases x batches x contexts x models
+    assert {(m["model"], m["phase"], m["batch"], m["context"]) for m in recs} == \
+        {(n, ph, b, 8) for n in names for ph in ("prefill", "decode") for b in (1, 2)}
+    for m in recs:
+        assert m["status"] == "measured" and m["layers_measured"] == m["layers_total"] == 2
+        assert m["tokens_per_call"] == (m["batch"] * 8 if m["phase"] == "prefill" else m["batch"])
+        assert m["tokens_per_second"] > 0 and m["windows"][0]["inferences"] % m["tokens_per_call"] == 0
+        assert m["moe_impl"] == ("transformers" if m["kind"] == "moe" else None)
+        assert (m["ttft_ms"] is None) == (m["phase"] == "decode") and (m["itl_p90_ms"] is None) == \
+            (m["phase"] == "prefill")
+        assert m["whole_model_extrapolated"] is None  # every layer built
+    assert "olmoe-1b-7b-tiny / olmo-2-7b-tiny J per token" not in text  # no meter: no energy, no ratio
+    assert "prefill" in text and "decode" in text and "results written to" in text
+
+
+@pytest.mark.slow
+def test_moe_energy_blocks_a_layer_count_and_the_extrapolation_are_recorded(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--model", "qwen3-30b-a3b", "--vs", "qwen3-4b", "--tiny", "--layers", "1", "--batch", "1",
+                 "--context", "4", "--moe-impl", "moe-energy", "--moe-strategy", "grouped", *QUICK[:-2],
+                 "--meter", "estimate", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    doc = _doc(out)
+    recs = {(m["model"], m["phase"]): m for m in doc["models"]}
+    moe = recs[("qwen3-30b-a3b-tiny", "decode")]
+    assert moe["moe_impl"] == "moe-energy" and moe["layers_measured"] == 1 and moe["layers_total"] == 2
+    x = moe["whole_model_extrapolated"]
+    assert x["label"].startswith("EXTRAPOLATED from the first 1 of 2 layers")
+    assert x["joules_per_token"] > moe["joules_per_token"] and x["tokens_per_second"] < moe["tokens_per_second"]
+    assert "qwen3-30b-a3b-tiny / qwen3-4b-tiny J per token =" in " ".join(text.split())
+    assert "EXTRAPOLATED from the first 1 of 2 layers" in " ".join(text.split())
+
+
+def test_models_lists_every_preset_with_its_counts(capsys):
+    assert main(["models"]) == 0
+    text = capsys.readouterr().out
+    for name in models():
+        assert name in text
+    assert "30.532 B" in text and "3.353 B" in text  # qwen3-30b-a3b's total and active, counted
+
+
+def test_plan_shows_the_layers_each_model_builds_and_whether_it_fits(capsys):
+    assert main(["plan", "--model", "olmoe-1b-7b", "--tiny", "--batch", "1,4", "--context", "16", "--device",
+                 "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "olmoe-1b-7b-tiny" in text and "2 of 2" in text and "yes" in text
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "qwen4-1t"], "model 'qwen4-1t' is unknown; choose from olmoe-1b-7b"),
+    (["--model", "olmoe-1b-7b", "--vs", "mixtral-8x7b"], "--vs mixtral-8x7b: an MoE model"),
+    (["--model", "olmoe-1b-7b", "--context", "5000"], "context=5000 must be a whole number from 1 to 4095"),
+    (["--model", "olmoe-1b-7b", "--batch", "0"], "--batch '0': '0' is not a whole number >= 1"),
+    (["--model", "olmoe-1b-7b", "--layers", "0"], "--layers 0: give a whole number >= 1"),
+    (["--model", "olmoe-1b-7b", "--tokens", "1"], "--tokens: no meaning with --model"),
+    (["--model", "olmoe-1b-7b", "--models", "moe"], "--models: no meaning with --model"),
+    (["--model", "olmoe-1b-7b", "--moe-impl", "fast"], "--moe-impl 'fast' is unknown"),
+    (["--batch", "1"], "--batch: only with --model (a whole LLM); add --model or drop them"),
+    (["--model", "olmoe-1b-7b", "--parallel", "expert"], "--parallel expert does not run whole models yet"),
+])
+def test_bad_input_is_one_line_and_exit_2_before_any_model_is_built(tmp_path, capsys, args, needle):
+    code = main(["run", *args, "--device", "cpu", "--out", str(tmp_path / "out")])
+    one_line_error(code, capsys.readouterr().err, needle)
+    assert not list(tmp_path.glob("out/*.json"))
