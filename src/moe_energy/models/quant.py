@@ -1,0 +1,138 @@
+"""int8 weight-only quantization: symmetric, one scale per output channel, as LLM servers ship MoE experts.
+
+A decoding MoE layer is bound by the bytes of expert weights it reads, so int8 weights halve a bf16 layer's
+memory traffic at the same activations (bf16 or fp32 in and out). w ~= qdata * scale[:, None] with
+qdata in [-127, 127] (symmetric: no zero point, -128 unused) and scale = max|w_row| / 127 in fp32.
+
+The GEMM on a CPU (bf16 rows, up to INT8PACK_MAX_ROWS a call): ``torch._weight_int8pack_mm``, ATen's
+AVX-512 kernel, which converts the int8 weight in registers and never writes a dequantized copy; one-row calls
+see the weight as [out/f, f*in] (``_folded``), which that kernel streams faster. More rows, or fp32/fp16 rows:
+the weight converted to the rows' dtype, one GEMM, scales on the output (``_dequantized``): ATen's kernel has
+no AMX path and falls behind, and it is 3-20x slower for fp32/fp16 rows. On the 2-core Xeon (AMX), olmoe-1b-7b
+shapes: one row reads int8 at ~12-15 GB/s against bf16's 14-19, so a decoding layer runs ~1.5-1.9x faster
+than in bf16; from ~12 rows int8 loses to bf16 (a prefill chunk of 512 tokens: ~0.4x), since the weight is
+read, converted and read again. Elsewhere (GPU, autograd, compile) the weight is dequantized for F.linear /
+grouped_mm. torchao 0.18 (the one for torch 2.13) runs the same plain conversion in eager mode, no faster.
+Measurements: benchmarks/precision_kernels.py.
+
+fp8 on a CPU: float8_e4m3fn / e5m2 tensors exist and ``torch._scaled_mm`` runs, but through oneDNN's reference
+kernel (``ref:any``), ~300x slower than a bf16 GEMM on this Xeon (no fp8 arithmetic before AVX10.2); and
+oneDNN's linear refuses fp8 weights. Nothing reads fp8 weights fast on a CPU here: fp8 is for GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+QMAX = 127  # symmetric int8: [-127, 127]
+# bf16 rows up to which torch._weight_int8pack_mm beats converting the weight to bf16 for one GEMM (measured:
+# 5.7 vs 4.6 GB/s of int8 at 8 rows, 3.9 vs 4.8 at 12; olmoe's gate_up)
+INT8PACK_MAX_ROWS = 8
+_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # as kernels.py: F.grouped_mm in newer torch
+FOLD_MIN_K, FOLD_MAX = 4096, 4  # _folded: one-row GEMMs get weight rows of at least 4096 bytes, by up to 4x
+
+
+class QWeight(NamedTuple):
+    """An int8 weight-only tensor: qdata int8 [..., out, in] (contiguous), scale fp32 [..., out]."""
+
+    qdata: Tensor
+    scale: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.qdata.shape
+
+    def __getitem__(self, e: int) -> QWeight:  # type: ignore[override]
+        """Expert e of a stack: [E, out, in] -> [out, in]."""
+        return QWeight(self.qdata[e], self.scale[e])
+
+
+def quantize(w: Tensor) -> QWeight:
+    """w [..., out, in] (any float dtype, any strides) -> QWeight; a stack is done one expert at a time so the
+    fp32 working copy is one expert's, not the whole stack's."""
+    if w.dim() > 2:
+        parts = [quantize(w[e]) for e in range(w.shape[0])]
+        if not parts:
+            return QWeight(torch.empty(w.shape, dtype=torch.int8, device=w.device),
+                           torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device))
+        return QWeight(torch.stack([p.qdata for p in parts]), torch.stack([p.scale for p in parts]))
+    w32 = w.detach().float()  # [out, in]
+    scale = w32.abs().amax(-1) / QMAX if w32.shape[-1] else w32.new_zeros(w32.shape[:-1])  # [out]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel: any scale is exact
+    qdata = (w32 / scale[:, None]).round_().clamp_(-QMAX, QMAX).to(torch.int8)  # [out, in]
+    return QWeight(qdata.contiguous(), scale)
+
+
+def dequantize(q: QWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """QWeight -> [..., out, in] in ``dtype`` (the reference every kernel here is tested against)."""
+    return (q.qdata.to(torch.float32) * q.scale[..., None]).to(dtype)
+
+
+def fold_factor(rows: int, out: int, k: int) -> int:
+    """How many output channels to lay side by side for ``_folded``: 1 (none) unless one row meets rows shorter
+    than FOLD_MIN_K and a factor up to FOLD_MAX divides ``out``."""
+    f = 1
+    while rows == 1 and f * k < FOLD_MIN_K and f < FOLD_MAX and out % (2 * f) == 0:
+        f *= 2
+    return f if f * k >= FOLD_MIN_K else 1
+
+
+def _int8pack(x: Tensor, q: QWeight) -> Tensor:
+    f = fold_factor(x.shape[0], q.qdata.shape[0], q.qdata.shape[1])
+    if f > 1:
+        return _folded(x, q, f)
+    return torch._weight_int8pack_mm(x, q.qdata, q.scale.to(x.dtype))  # [n, out]; scales in x's dtype
+
+
+def _folded(x: Tensor, q: QWeight, f: int) -> Tensor:
+    """One row through _weight_int8pack_mm with the weight viewed [out/f, f*in] (the same bytes): its kernel
+    streams each weight row separately, and rows of 2 KiB stream ~1.2-1.5x slower than rows of 4 KiB here.
+    Row i of the block-diagonal input [f, f*in] holds x in block i, so output [i, j] is channel f*j + i; the
+    per-channel scales go on afterwards (the folded rows mix channels), at the cost of one more rounding."""
+    n_out, k = q.qdata.shape
+    xs = torch.block_diag(*([x] * f))  # [f, f*in]
+    ones = torch.ones(n_out // f, dtype=x.dtype, device=x.device)  # [out/f]
+    y = torch._weight_int8pack_mm(xs, q.qdata.view(n_out // f, f * k), ones)  # [f, out/f]
+    return torch.mul(y.t(), q.scale.to(x.dtype).view(n_out // f, f)).reshape(1, n_out)  # [1, out]
+
+
+def _dequantized(x: Tensor, q: QWeight) -> Tensor:
+    """The weight converted to x's dtype (int8 values are exact in bf16 and fp16), one GEMM, the scales on the
+    output: what wins from ~12 rows here, and for fp32/fp16 rows, where ATen's int8 kernel is 3-20x slower."""
+    return F.linear(x, q.qdata.to(x.dtype)).mul_(q.scale.to(x.dtype))  # [n, out]
+
+
+def fast_cpu(x: Tensor, q: QWeight) -> bool:
+    """Whether the CPU kernels take this GEMM: a CPU inference call in a float dtype they accept."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def linear(x: Tensor, q: QWeight, b: Tensor | None = None) -> Tensor:
+    """x [n, in] @ dequantize(q)^T (+ b [out]) -> [n, out] in x's dtype."""
+    if not fast_cpu(x, q):
+        return F.linear(x, dequantize(q, x.dtype), b)
+    y = _int8pack(x.contiguous(), q) if x.dtype == torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_ROWS else (
+        _dequantized(x, q))
+    return y if b is None else y.add_(b)
+
+
+def grouped_linear(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None = None,
+                   expert: Tensor | None = None) -> Tensor:
+    """Rows sorted by group, each through its own int8 weight: h [R, in], q [E, out, in], ``ends`` [E] int32
+    one past each group's last row, b [E, out] with ``expert`` [R] each row's group -> [R, out] (as
+    kernels.grouped_linear)."""
+    if not fast_cpu(h, q):  # no sync: one grouped GEMM over the dequantized stack
+        y = _grouped_mm(h, dequantize(q, h.dtype).transpose(-2, -1), offs=ends)  # [R, out]
+        return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
+    out = h.new_empty(h.shape[0], q.qdata.shape[1])  # [R, out]
+    start = 0
+    for e, end in enumerate(ends.tolist()):  # a CPU tensor: reading it waits for nothing
+        if end > start:
+            out[start:end] = linear(h[start:end], q[e], None if b is None else b[e])
+        start = end
+    return out
