@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 # public as F.grouped_mm in recent torch; torch._grouped_mm (same arguments) before that
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -39,8 +40,46 @@ def use_onednn(x: Tensor, w: Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
+# bf16 on AMX/VNNI wants its weights in blocked pairs (oneDNN's AB16b32a2b): given the plain [out, in] layout,
+# oneDNN re-lays every weight on every call. prepack() keeps a packed copy of each bf16 weight it sees (as
+# inductor's freezing and CPU LLM servers do): on the 2-core Xeon (AMX), whole olmoe-1b-7b / qwen3-30b-a3b
+# layers in bf16 ran 1.24x / 1.28x faster at 32 tokens and 1.27x / 1.43x at 512, the same at 1 token
+# (benchmarks/precision_kernels.py). Opt-in: the copy doubles the memory of those weights, which
+# memory.py's estimates do not count. fp32 gains nothing (its kernels read the plain layout).
+PREPACK = False
+PACK_ROWS = 32  # the row count oneDNN is told to pack for; the packed weight serves every row count
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight's root tensor -> {"version": v, view key: packed}
+
+
+def prepack(enabled: bool = True) -> None:
+    """Pack bf16 weights for oneDNN once, on first use, and keep them while the weights live (or drop them)."""
+    global PREPACK
+    PREPACK = enabled
+    if not enabled:
+        _PACKED.clear()
+
+
+def _packed(w: Tensor) -> Tensor:
+    """w's packed copy (made once per weight version), or w itself when not packing or w cannot be tracked."""
+    if not PREPACK or w.dtype != torch.bfloat16:
+        return w
+    root = w if w._base is None else w._base  # an expert's slice or a transposed view: keyed under the stack
+    try:
+        version = root._version  # bumped by every in-place write (load_state_dict, copy_)
+    except RuntimeError:  # an inference tensor tracks no version: a packed copy could go stale unseen
+        return w
+    table = _PACKED.get(root)
+    if table is None or table["version"] != version:
+        table = _PACKED[root] = {"version": version}
+    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))
+    p = table.get(key)
+    if p is None:
+        p = table[key] = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+    return p
+
+
 def _onednn_linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x, _packed(w), b, "none", [], "")
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
