@@ -41,11 +41,13 @@ def use_onednn(x: Tensor, w: Tensor) -> bool:
 
 
 # bf16 on AMX/VNNI wants its weights in blocked pairs (oneDNN's AB16b32a2b): given the plain [out, in] layout,
-# oneDNN re-lays every weight on every call. prepack() keeps a packed copy of each bf16 weight it sees (as
-# inductor's freezing and CPU LLM servers do): on the 2-core Xeon (AMX), whole olmoe-1b-7b / qwen3-30b-a3b
-# layers in bf16 ran 1.24x / 1.28x faster at 32 tokens and 1.27x / 1.43x at 512, the same at 1 token
-# (benchmarks/precision_kernels.py). Opt-in: the copy doubles the memory of those weights, which
-# memory.py's estimates do not count. fp32 gains nothing (its kernels read the plain layout).
+# oneDNN (and aten's F.linear, through oneDNN's matmul) re-lays every weight on every call. prepack() keeps a
+# packed copy of each bf16 weight it meets (as inductor's freezing and CPU LLM servers do). On the 2-core Xeon
+# (AMX; benchmarks/precision_kernels.py, interleaved, best rounds, runs on a shared host): one expert's GEMMs at
+# 1 / 8 / 32 rows read 1.15-1.35x / 1.24-1.28x / 1.04-1.32x faster; whole bf16 layers (olmoe-1b-7b,
+# qwen3-30b-a3b, strategy grouped) ran 1.06-1.35x faster at 1 token, 1.11-1.28x at 32, 1.20-1.25x at 512.
+# Opt-in: the copy doubles those weights' memory, which memory.py's estimates do not count. fp32 gains nothing
+# (its kernels read the plain layout: 21.7 / 10.4 GB/s plain, 21.2 / 10.3 packed at 1 / 32 rows).
 PREPACK = False
 PACK_ROWS = 32  # the row count oneDNN is told to pack for; the packed weight serves every row count
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight's root tensor -> {"version": v, view key: packed}
