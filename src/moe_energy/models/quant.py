@@ -8,11 +8,13 @@ The GEMM on a CPU (bf16 rows, up to INT8PACK_MAX_ROWS a call): ``torch._weight_i
 AVX-512 kernel, which converts the int8 weight in registers and never writes a dequantized copy; one-row calls
 see the weight as [out/f, f*in] (``_folded``), which that kernel streams faster. More rows, or fp32/fp16 rows:
 the weight converted to the rows' dtype, one GEMM, scales on the output (``_dequantized``): ATen's kernel has
-no AMX path and falls behind, and it is 3-20x slower for fp32/fp16 rows. On the 2-core Xeon (AMX), olmoe-1b-7b
-shapes: one row reads int8 at ~12-15 GB/s against bf16's 14-19, so a decoding layer runs ~1.5-1.9x faster
-than in bf16; from ~12 rows int8 loses to bf16 (a prefill chunk of 512 tokens: ~0.4x), since the weight is
-read, converted and read again. Elsewhere (GPU, autograd, compile) the weight is dequantized for F.linear /
-grouped_mm. torchao 0.18 (the one for torch 2.13) runs the same plain conversion in eager mode, no faster.
+no AMX path and falls behind (3.7 GB/s of int8 at 8 rows, 1.6-2.0 at 32), and it is 3-20x slower for fp32/fp16
+rows. On the 2-core Xeon (AMX; olmoe-1b-7b, qwen3-30b-a3b shapes) one row reads int8 at 8-15 GB/s against
+bf16's 10-19, so a decoding layer (1 token) ran 1.1-2.0x faster than the same layer in bf16 (runs on a shared
+host vary); from ~8 rows an expert int8 loses to bf16 (a 512-token chunk: 0.4-0.7x), since the weight is read,
+converted and read again. Elsewhere (GPU, autograd, compile) the weight is dequantized for F.linear /
+grouped_mm. torchao 0.18.0 (imports and runs with torch 2.13) converts the int8 weight to bf16 per call too
+(Int8Tensor, eager), no faster than ``_dequantized``.
 Measurements: benchmarks/precision_kernels.py.
 
 fp8 on a CPU: float8_e4m3fn / e5m2 tensors exist and ``torch._scaled_mm`` runs, but through oneDNN's reference
