@@ -36,6 +36,7 @@ GEMM candidates (``--only`` picks some):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -243,6 +244,7 @@ def layers(a: argparse.Namespace, layer: MoELayer, qs: list[quant.QWeight]) -> N
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="olmoe-1b-7b")
+    p.add_argument("--experts", type=int, default=0, help="fewer experts than the arch's (a quick look; k stays)")
     p.add_argument("--rows", default="1,2,8,32", help="rows per expert (comma list; empty: no GEMM table)")
     p.add_argument("--layer-tokens", default="1,32,512", help="tokens per whole-layer forward (empty: none)")
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row count (at least 5 rounds)")
@@ -252,6 +254,8 @@ def main() -> None:
     a = p.parse_args()
     a.wait_idle = a.wait_idle and _STAT.exists()
     arch = get_arch(a.arch)
+    if a.experts:
+        arch = dataclasses.replace(arch, experts=a.experts)
     cpu = torch.device("cpu")
     layer = MoELayer.from_arch(arch, dtype="bfloat16", device="cpu", strategy="grouped").eval()
     stacks = (layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach())  # [E, 2I, d], [E, d, I]

@@ -1,0 +1,28 @@
+"""benchmarks/precision_kernels.py still runs and prints its tables (their shape only: it measures)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_precision_kernels_prints_a_row_per_candidate_and_a_layer_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "precision_kernels.py"), "--arch", "olmoe-1b-7b", "--experts", "8",
+         "--rows", "1,9", "--layer-tokens", "1", "--seconds", "0", "--no-wait-idle",
+         "--only", "bf16_onednn,int8_pack,int8_quant"],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith("olmoe-1b-7b: 8 experts, d=2048, I=1024")
+    rows = [line.split() for line in out if line[:4].strip().isdigit() and len(line.split()) == 7]
+    assert [(r[0], r[1]) for r in rows] == [(n, c) for n in ("1", "9") for c in ("bf16_onednn", "int8_pack",
+                                                                               "int8_quant")]
+    for r in rows:  # rows, candidate, GB/s, GB/s median, GFLOP/s, of bound, vs bf16_onednn (with its x)
+        assert all(float(v) > 0 for v in r[2:6]) and r[6].endswith("x")
+    layer = [line for line in out if "tokens:" in line]
+    assert len(layer) == 1 and "int8 grouped" in layer[0] and "bf16 grouped+prepack" in layer[0]
