@@ -163,7 +163,7 @@ def test_every_model_is_built_by_its_plan(monkeypatch):
 # --- bench-strategies --arch: one LLM layer, its dense FFNs and transformers' own block --------------------
 
 LAYER_ARGS = ["--arch", "custom", "--d-model", "64", "--ffn-dim", "32", "--experts", "8", "--top-k", "2",
-              "--device", "cpu", "--seconds", "0.01"]
+              "--device", "cpu", "--seconds", "0.01", "--dtype", "float32"]  # any host: not its native bf16
 
 
 def tiny_arch():

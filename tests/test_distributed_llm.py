@@ -18,7 +18,7 @@ from moe_energy.models.counting import expected_experts_touched, layer_weight_by
 
 D, FFN, E, K = 16, 32, 4, 2  # d_model, expert width I, experts, top-k: grouped_mm's alignment holds in fp32
 TINY = ["--arch", "custom", "--d-model", str(D), "--ffn-dim", str(FFN), "--experts", str(E), "--top-k", str(K),
-        "--device", "cpu", "--warmup", "0"]
+        "--device", "cpu", "--warmup", "0", "--dtype", "float32"]  # any host: not its native bf16
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from moe_energy import memory
 from moe_energy.cli import build_parser
 from moe_energy.commands.options import resolve_layer
 from moe_energy.config import RunOptions
+from moe_energy.device import llm_default_dtype
 from moe_energy.energy.select import make_meter
 from moe_energy.errors import ConfigError
 from moe_energy.models.archs import ROUTER_KINDS, RouterSpec, custom_arch
@@ -356,11 +357,25 @@ def resolve_llm(args: argparse.Namespace):  # noqa: ANN201
 TINY = TINY_LAYER
 
 
+@pytest.mark.parametrize("native, dtype", [(True, "bfloat16"), (False, "float32")])
+def test_an_llm_layer_runs_bf16_by_default_where_the_cpu_does_natively_and_says_why(monkeypatch, native, dtype):
+    """Issue 24: bf16 where the CPU runs it natively (avx512_bf16 or AMX), fp32 where it would be emulated; --dtype
+    still decides; the reason travels with the options into the document."""
+    from moe_energy import device
+
+    monkeypatch.setattr(device, "cpu_native_bf16", lambda: (native, "AMX bf16 (oneDNN)" if native else "emulated"))
+    _arch, o, _t, _r = resolve_llm(parser().parse_args([*TINY, "--device", "cpu"]))
+    assert o.dtype == dtype and (("natively" in o.extra["dtype_why"]) is native)
+    _arch, o, _t, _r = resolve_llm(parser().parse_args([*TINY, "--device", "cpu", "--dtype", "float32"]))
+    assert o.dtype == "float32" and o.extra["dtype_why"] == "given (--dtype)"
+
+
 def test_resolve_llm_gives_arch_options_tokens_and_routing():
     arch, o, tokens, routing = resolve_llm(parser().parse_args([*TINY, "--tokens", "1,16,16,4", "--routing",
                                                                 "skewed:2", "--device", "cpu"]))
     assert (arch.d_model, arch.ffn_dim, arch.experts, arch.top_k) == (D, INTER, E, K)
-    assert tokens == [1, 16, 4] and routing.alpha == 2.0 and o.dtype == "float32"  # fp32 on a CPU
+    assert tokens == [1, 16, 4] and routing.alpha == 2.0
+    assert o.dtype == llm_default_dtype(CPU)[0]  # bf16 where this CPU runs it natively, else fp32
     arch, o, tokens, routing = resolve_llm(parser().parse_args(["--arch", "olmoe-1b-7b", "--experts", "16",
                                                                 "--dtype", "bfloat16"]))
     assert arch.name == "olmoe-1b-7b-custom" and arch.experts == 16 and arch.d_model == 2048 and "olmoe" in arch.source

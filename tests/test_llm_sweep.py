@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 TINY = {"arch": "custom", "d_model": "32", "ffn_dim": "16", "experts": "8", "top_k": "2"}
 TINY_FLAGS = TINY_LAYER
 FAST = ["--duration", "0.1", "--warmup", "0", "--repeats", "2", "--idle-seconds", "0", "--cooldown", "0",
-        "--device", "cpu", "--meter", "estimate", "--moe-strategy", "grouped"]
+        "--device", "cpu", "--meter", "estimate", "--moe-strategy", "grouped", "--dtype", "float32"]  # any host
 FAST_CFG = {"duration": 0.1, "warmup": 0.0, "repeats": 2, "idle_seconds": 0.0, "cooldown": 0.0, "device": "cpu",
             "strategies": "grouped"}  # FAST as the CLI parses it (floats: the key hashes 0.0, not 0)
 GRID = [*TINY_FLAGS, "--tokens", "1,8", "--routing", "random,skewed:1.2", *FAST]

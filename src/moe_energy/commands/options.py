@@ -288,12 +288,18 @@ def arch_from_args(args: argparse.Namespace) -> Arch:
                    **fields)
 
 
-def default_dtype(args: argparse.Namespace, opts: RunOptions) -> str:
-    """--dtype (or the --config file's) when given, else bfloat16 on a GPU with native support, float32 elsewhere."""
+def with_dtype(args: argparse.Namespace, opts: RunOptions, llm: bool) -> RunOptions:
+    """``opts`` with its dtype and why in ``extra["dtype_why"]``: --dtype (or the --config file's) when given; else an
+    LLM's (layer or whole model) is bfloat16 where the device runs it natively, float32 elsewhere, and the seed's
+    classifiers keep the seed's float32."""
     cfg = load_toml(args.config) if getattr(args, "config", None) else {}
     if getattr(args, "dtype", None) is not None or "dtype" in cfg:
-        return opts.dtype
-    return llm_default_dtype(resolve_device(opts.device))
+        dtype, why = opts.dtype, "given (--dtype)"
+    elif llm:
+        dtype, why = llm_default_dtype(resolve_device(opts.device))
+    else:
+        dtype, why = opts.dtype, "the seed's default"
+    return replace(opts, dtype=dtype, extra={**opts.extra, "dtype_why": why})
 
 
 def resolve_layer(args: argparse.Namespace) -> tuple[Layer, RunOptions]:
@@ -304,7 +310,7 @@ def resolve_layer(args: argparse.Namespace) -> tuple[Layer, RunOptions]:
     arch = arch_from_args(args)
     seedless = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("experts", "top_k")})
     _spec, opts = resolve(seedless)  # the shared options, checked as run checks them
-    opts = replace(opts, dtype=default_dtype(args, opts))
+    opts = with_dtype(args, opts, llm=True)
     routing = parse_routing(args.routing if getattr(args, "routing", None) is not None else "random")
     return Layer(arch, parse_tokens(getattr(args, "tokens", None)), routing), opts
 
@@ -343,7 +349,7 @@ def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
         raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")
     shapeless = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "layers"})
     _spec, opts = resolve(shapeless)
-    opts = replace(opts, dtype=default_dtype(args, opts))
+    opts = with_dtype(args, opts, llm=True)
     w = Whole(ms, _whole_numbers("--batch", getattr(args, "batch", None), (1, 8)),
               _whole_numbers("--context", getattr(args, "context", None), (512,)), getattr(args, "layers", None),
               impl)
@@ -362,6 +368,7 @@ def resolve_workload(args: argparse.Namespace) -> tuple[Workload, RunOptions]:
         return resolve_layer(args)
     refuse_others(args, "seed")
     spec, opts = resolve(args)
+    opts = with_dtype(args, opts, llm=False)
     if opts.data:  # the file must agree with a shape the user also gave
         opts = replace(opts, extra={**opts.extra, "declared_shape": declared_shape(args)})
     return Seed(spec, opts.extra.get("preset")), opts

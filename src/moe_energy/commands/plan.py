@@ -51,6 +51,7 @@ def plan(args: argparse.Namespace) -> int:
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies if w.trains else ())  # in run's order: the first refusal is run's
     w.check(opts, device, opts.strategies)
+    console.print(escape(f"dtype: {opts.dtype} ({opts.extra.get('dtype_why', 'given')})"), highlight=False)
     if isinstance(w, Layer):
         _show_layer(w, opts, device)
     elif isinstance(w, Whole):

@@ -244,12 +244,13 @@ def _over_limit(p: Any, roof: Any) -> str:
 
 
 def _llm_dtype(cfg: dict[str, Any]) -> None:
-    """An LLM grid's default dtype, as `run --arch` picks it: bfloat16 on a GPU with native support, else float32."""
+    """An LLM grid's default dtype, as `run --arch` picks it: bfloat16 where the device runs it natively, else
+    float32."""
     from ..device import llm_default_dtype, resolve_device
 
     if "dtype" in cfg or not (cfg.get("arch") or cfg.get("grid") == "llm"):
         return
-    cfg["dtype"] = llm_default_dtype(resolve_device(str(cfg.get("device") or "auto")))
+    cfg["dtype"] = llm_default_dtype(resolve_device(str(cfg.get("device") or "auto")))[0]
 
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -223,6 +223,8 @@ def model_table(doc: dict) -> Table:
 def energy_summary(doc: dict) -> list[str]:
     """Lines under the table: which meter, the idle power, and how many windows carry warnings."""
     meter = doc.get("energy_meter") or {}
+    dt = doc.get("dtype") or {}
+    head = [f"dtype: {dt['name']} ({dt['why']})"] if dt.get("why") else []
     lines = [f"energy: meter {meter.get('name')} ({meter.get('method')}), devices "
              f"{', '.join(meter.get('devices') or []) or 'none'}"]
     if meter.get("method") == "estimate":
@@ -252,7 +254,7 @@ def energy_summary(doc: dict) -> list[str]:
             reason = (m.get("train") or {}).get("diverged_reason")
             lines.append(f"{m['name']}: training diverged ({reason}); its accuracy is meaningless, its speed and "
                          "energy are valid")
-    return lines
+    return head + lines
 
 
 def whole_lines(doc: dict) -> list[str]:

@@ -309,6 +309,7 @@ def start(w: Workload, opts: RunOptions, team: Team, ui: UI, sleep: Callable[[fl
     doc = new_document(spec=head.pop("spec"), options=head.pop("options"), environment=describe(device),
                        dataset=head.pop("dataset"))
     doc.update(head)
+    doc["dtype"] = {"name": opts.dtype, "why": opts.extra.get("dtype_why") or "given"}
     doc["energy_meter"] = {**meter_info(meter), "notice": getattr(meter, "notice", None)}
     team.header(doc)
     return r, doc

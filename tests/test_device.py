@@ -1,10 +1,10 @@
-"""precision.cpu_native_bf16: the answer follows the flags torch reports, with a reason for each."""
+"""device.cpu_native_bf16 and llm_default_dtype: the answer follows the flags torch reports, with a reason for each."""
 
 from __future__ import annotations
 
 import pytest
 
-from moe_energy import precision
+from moe_energy import device as precision
 
 
 def test_it_answers_on_this_host():
