@@ -133,11 +133,7 @@ def bench_layer_command(args: argparse.Namespace) -> int:
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype)
     check_layer_inputs(arch, tokens, device, opts.dtype)
-    roof = roofline.load(device, notice=_notice)
-    if roof is None or opts.dtype not in roof.gemm_flops_per_s:
-        _notice(f"no roofline cached for {roofline.device_name(device)} in {opts.dtype}: the roofline columns stay "
-                "empty; run `moe-energy calibrate` first")
-        roof = None
+    roof = _roofline_for(device, opts.dtype)
     with console.status("benchmarking the layer") as status:
         doc = bench_layer(arch, tokens, dtype=opts.dtype, device=device, strategies=strategies, seconds=args.seconds,
                           seed=opts.seed, roof=roof, on_phase=lambda msg: status.update(escape(msg)))

@@ -10,6 +10,7 @@ one entry per device name.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -237,14 +238,21 @@ def load(device: torch.device, notice: Callable[[str], None] | None = None) -> R
 
 def load_or_calibrate(device: torch.device, dtype: str, notice: Callable[[str], None],
                       say: Callable[[str], None] | None = None) -> Roofline:
-    """The cached roofline of this device, calibrated once first (a few seconds; ``say`` tells it) if it lacks
-    ``dtype``. A cache that cannot be written is a ``notice``, not the end of the run: the figures still hold."""
+    """The cached roofline of this device with ``dtype``'s GEMM rate, measured first when it lacks it (a few
+    seconds; ``say`` tells it): the whole calibration when none is cached, the one dtype's rate beside a cached
+    bandwidth otherwise. A cache that cannot be written is a ``notice``, not the end of the run."""
     roof = load(device, notice=notice)
-    if roof is None or dtype not in roof.gemm_flops_per_s:
-        (say or notice)(f"no roofline cached for {device_name(device)}: calibrating (once) ...")
+    if roof is not None and dtype in roof.gemm_flops_per_s:
+        return roof
+    (say or notice)(f"no {dtype} roofline cached for {device_name(device)}: calibrating it (once, a few seconds)")
+    if roof is None:
         roof = calibrate(device, save=False)
-        try:
-            _store(roof)
-        except ConfigError as e:
-            notice(f"{e}; calibrated for this run only")
+    else:
+        n = roof.gemm_size
+        rate = measure_gemm(device, dtype_of(dtype), n, 0.6)
+        roof = dataclasses.replace(roof, gemm_flops_per_s={**roof.gemm_flops_per_s, dtype: rate})
+    try:
+        _store(roof)
+    except ConfigError as e:
+        notice(f"{e}; calibrated for this run only")
     return roof

@@ -629,6 +629,7 @@ def run(w: Workload, opts: RunOptions, team: Team, ui: UI | None = None, save: b
     built = train_all(w, r, groups, skipped)
     groups = [[p for p in g if p.name not in skipped] for g in groups]
     r.roof = team.roofline(r, doc["notices"])
+    doc["roofline"] = r.roof.as_dict() if r.roof is not None else None
     idle, doc["idle"] = team.idle(r) if any(groups) else (None, None)
     measured = measure_groups(w, r, [g for g in groups if g], built, idle, skipped)
     if team.is_main:
@@ -677,10 +678,13 @@ class Team:
         pass
 
     def roofline(self, r: Run, notices: list[str]) -> roofline.Roofline | None:
-        """The roofline the records' bounds use; calibrated first when --max-forward-s needs it to skip."""
-        if r.opts.max_forward_s is None:
-            return roofline.load(r.device, notice=notices.append)
-        return roofline.load_or_calibrate(r.device, r.opts.dtype, notices.append, say=r.ui.info)
+        """The roofline the records' bounds use, for the run's dtype: calibrated first (once, a few seconds, said
+        in a notice) when the cache lacks it, so every run's records carry their bound without a manual step."""
+        def told(msg: str) -> None:
+            notices.append(msg)
+            r.ui.info(msg)
+
+        return roofline.load_or_calibrate(r.device, r.opts.dtype, notices.append, say=told)
 
     def idle(self, r: Run) -> tuple[IdlePower | None, dict | None]:
         return idle_phase(r)
