@@ -33,7 +33,7 @@ from ..models.dense import MATCHES, matched_dense
 from ..models.llm import MoELayer, building
 from ..models.moe import LAYOUTS, MoE, StrategyHost
 from ..models.plan import ModelPlan, plans
-from ..models.strategies import AUTO_CANDIDATES, STRATEGIES
+from ..models.strategies import AUTO_CANDIDATES, STRATEGIES, SYNCING
 from ..runner.prepare import choose_layout, compile_candidates, prepare
 from ..storage.fileio import now_utc
 from .peers import Peers, build_peers
@@ -41,7 +41,7 @@ from .peers import Peers, build_peers
 SCHEMA = "moe-energy/strategy-bench"
 SCHEMA_VERSION = 1
 BASELINE = "active_loop"  # the seed's optimized MoE: speed-ups are over it
-SLOW = ("masked_loop", "active_loop")  # host syncs by design: never compiled
+
 
 
 class Variant:
@@ -160,12 +160,12 @@ def _setup(spec: ModelSpec, batch_size: int, device: torch.device, dt: torch.dty
 def _eager_groups(b: _Bench) -> list[list[Variant]]:
     """One group per weight layout: every eager strategy in that layout, the dense pair alongside.
 
-    With ``compile`` only the strategies that are never compiled (``SLOW``) run eager."""
+    With ``compile`` only the strategies that are never compiled (``SYNCING``) run eager."""
     groups: list[list[Variant]] = []
     for layout in LAYOUTS:
         group = list(b.dense)
         for s in b.strategies:
-            if b.compile and s not in SLOW:
+            if b.compile and s not in SYNCING:
                 continue
             b.moe.set_layout(layout)
             b.moe.strategy = s
@@ -194,7 +194,7 @@ def _compiled_group(b: _Bench) -> list[Variant]:
     layout, _ = choose_layout(moe, b.x)
     group = list(b.dense)
     for s in b.strategies:
-        if s in SLOW:
+        if s in SYNCING:
             continue
         moe.strategy = s
         b.on_phase(f"compiling moe[{s}]")

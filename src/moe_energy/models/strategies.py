@@ -19,8 +19,8 @@ The fast ones (after torchtitan's grouped experts, MegaBlocks' padded form and g
   padded_capacity  the same with a fixed C = ceil(factor * T*k / E): static shapes, graph-capturable.
   dense_experts    every expert on every token (one batched GEMM per projection over a stride-0 [E, T, d]
                    view), unchosen experts weighted 0: E/k times the FLOPs, but no routing work at all.
-  auto             the fastest exact one for each shape, timed on its first batch by the probe ``runner.prepare``
-                   installs (``set_probe``) and cached; the models themselves never time anything.
+  auto             the fastest exact one for each shape (active_loop included), timed on its first batch by the
+                   probe ``runner.prepare`` installs (``set_probe``) and cached; the models never time anything.
 """
 
 from __future__ import annotations
@@ -267,8 +267,11 @@ def dense_experts(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamil
 
 # --- auto: measure, then keep the fastest ---------------------------------------------------------
 
-# Only exact strategies: auto may change the speed, never the answer.
-AUTO_CANDIDATES: tuple[str, ...] = ("grouped", "grouped_fm", "padded", "dense_experts")
+# Only exact strategies: auto may change the speed, never the answer. active_loop (the seed's loop, host syncs and
+# all) is one too: on a CPU in bf16 its per-expert GEMMs beat the grouped chain at some token counts (olmoe-1b-7b at
+# 512 tokens: 86 vs 104 ms), and auto must never be slower than a row of its own table.
+AUTO_CANDIDATES: tuple[str, ...] = ("grouped", "grouped_fm", "padded", "dense_experts", "active_loop")
+SYNCING = ("masked_loop", "active_loop")  # read device values on the host: never inside a captured graph
 
 
 class AutoChoice(NamedTuple):

@@ -23,7 +23,7 @@ from ..errors import ConfigError, described
 from ..measure.timing import time_interleaved, time_one
 from ..models.experts import ExpertFamily
 from ..models.moe import LAYOUTS, MoE, StrategyHost
-from ..models.strategies import AUTO_CANDIDATES, GROUPED_MM, STRATEGIES, AutoChoice, auto_key, set_probe
+from ..models.strategies import AUTO_CANDIDATES, GROUPED_MM, STRATEGIES, SYNCING, AutoChoice, auto_key, set_probe
 
 PROBE_PRUNE = 3.0  # a candidate whose best call is over 3x the fastest's is not called again
 PROBE_MAX_S = 5.0  # rounds of calls that take seconds each (a prefill chunk on a CPU) end after this
@@ -69,8 +69,9 @@ set_probe(probe)
 
 
 def compile_candidates(dtype: torch.dtype) -> tuple[str, ...]:
-    """Strategies torch.compile can trace: grouped_mm's meta kernel accepts bf16 only (torch 2.13)."""
-    return tuple(s for s in AUTO_CANDIDATES if s not in GROUPED_MM or dtype == torch.bfloat16)
+    """Strategies torch.compile can capture: grouped_mm's meta kernel accepts bf16 only (torch 2.13); the loops
+    that read device values on the host (active_loop) break any graph."""
+    return tuple(s for s in AUTO_CANDIDATES if (s not in GROUPED_MM or dtype == torch.bfloat16) and s not in SYNCING)
 
 
 @torch.inference_mode()
