@@ -45,11 +45,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moe_energy.measure.roofline import host_busy, measure_bandwidth, measure_gemm
 from moe_energy.models import kernels, quant
 from moe_energy.models.archs import get_arch
 from moe_energy.models.llm import MoELayer
 from moe_energy.models.strategies import combine, sort_by_expert
-from moe_energy.roofline import host_busy, measure_bandwidth, measure_gemm
 
 Gemm = Callable[[torch.Tensor, int, int], object]  # (rows, expert, projection 0 gate_up / 1 down) -> output
 _lp = torch.ops.mkldnn._linear_pointwise

@@ -109,3 +109,35 @@ def test_grouped_linear_equals_each_group_through_its_own_dequantized_weight(dty
 def test_qweight_indexes_one_expert():
     q = QWeight(torch.zeros(3, 4, 5, dtype=torch.int8), torch.ones(3, 4))
     assert q[1].qdata.shape == (4, 5) and q[1].scale.shape == (4,) and q.shape == (3, 4, 5)
+
+
+@pytest.mark.parametrize("k", [40, 520, 2056])
+def test_widths_the_int8pack_kernel_cannot_read_take_the_dequantized_gemm(monkeypatch, k):
+    """torch's int8pack kernel segfaults on inputs not a multiple of 16 wide: they must never reach it."""
+    calls: list[int] = []
+    real = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: calls.append(x.shape[-1]) or real(x, w, s))
+    q = quantize(_w(32, k))
+    for rows in (1, 4):
+        x = _w(rows, k, seed=1).to(torch.bfloat16)
+        y, ref = linear(x, q).float(), F.linear(x.float(), dequantize(q))
+        assert y.shape == (rows, 32) and float((y - ref).norm() / ref.norm()) < 0.01  # bf16 rounding over k terms
+    assert calls == []
+    x = _w(1, 64, seed=1).to(torch.bfloat16)
+    linear(x, quantize(_w(32, 64)))
+    assert len(calls) == 1  # a width it reads safely still takes it
+
+
+def test_qlinear_and_quantize_linears_replace_every_linear_but_the_skipped():
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Sequential(torch.nn.Linear(32, 16, bias=False)))
+    m.router = torch.nn.Linear(64, 4)
+    x = _w(3, 64, seed=2)
+    with torch.no_grad():
+        ref = m[1](m[0](x))
+        assert quant.quantize_linears_(m, skip=("router",)) == 2
+        assert isinstance(m[0], quant.QLinear) and isinstance(m[1][0], quant.QLinear)
+        assert type(m.router) is torch.nn.Linear
+        assert m[0].qweight.dtype == torch.int8 and m[0].scale.shape == (32,) and m[1][0].bias is None
+        y = m[1](m[0](x.reshape(1, 3, 64)))  # leading dims kept
+    assert y.shape == (1, 3, 16)
+    assert float((y[0] - ref).norm() / ref.norm()) < 0.02

@@ -14,6 +14,7 @@ The public Python API (everything else is private)::
     layer = me.MoELayer.from_arch("mixtral-8x7b", dtype="bfloat16", device="cuda")
     ffn = me.matched_dense(layer, match="active") # the dense SwiGLU FFN of the layer's active params
     me.benchmark(layer, x)                        # x [tokens, d_model]: inferences are tokens
+    me.quantize_weights(layer, "int8")            # experts int8 weight-only in place (router kept); dense FFNs too
 
 Names load on first use, so ``import moe_energy`` stays light (torch is imported only when needed).
 """
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "MoE": ("models.moe", "MoE"),
     "MoELayer": ("models.llm", "MoELayer"),
     "archs": ("models.llm", "archs"),
+    "quantize_weights": ("models.llm", "quantize_weights"),
     "DenseMLP": ("models.dense", "DenseMLP"),
     "matched_dense": ("models.dense", "matched_dense"),
     "ModelSpec": ("config", "ModelSpec"),
@@ -45,7 +47,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
 
 __all__ = [
     "BenchmarkResult", "DenseMLP", "Measurement", "MeterBase", "ModelSpec", "MoE", "MoELayer", "__version__",
-    "archs", "auto_meter", "benchmark", "make_meter", "matched_dense", "presets", "strategies",
+    "archs", "auto_meter", "benchmark", "make_meter", "matched_dense", "presets", "quantize_weights", "strategies",
 ]
 
 if TYPE_CHECKING:

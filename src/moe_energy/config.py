@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .device import check_device_name
 from .errors import ConfigError, one_line
 from .models.counting import moe_params
+from .models.quant import FP8_WHY, WEIGHT_FORMATS
 from .models.strategies import STRATEGIES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -112,6 +113,9 @@ class RunOptions:
     # LLM layers (issue 14): a (model, token count) whose one forward takes at least this long at the roofline
     # bound is skipped with the reason (a prefill chunk of a big dense FFN takes minutes on a CPU); None: no limit
     max_forward_s: float | None = None
+    # LLM layers (issue 24): how the weights are stored: None, the dtype's own; "int8", weight-only int8 with fp32
+    # per-channel scales (models.quant), every model alike, the activations in the dtype
+    weights: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> RunOptions:
@@ -171,6 +175,9 @@ class RunOptions:
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise ConfigError(f"moe-strategy={s!r} is unknown; choose from {', '.join(STRATEGIES)} (or 'all')")
+        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
+            raise ConfigError(f"weights={self.weights!r} is unknown; choose {', '.join(WEIGHT_FORMATS)} "
+                              "(or leave it out: weights in the dtype)" + FP8_WHY.get(self.weights, ""))
         for m in self.models:
             if m not in ("moe", "dense_total", "dense_active"):
                 raise ConfigError(f"model={m!r} is unknown; choose from moe, dense_total, dense_active")
@@ -190,7 +197,7 @@ WORKLOAD_KEYS: dict[str, tuple[str, ...]] = {
     "seed": ("preset", "hidden", "layers", "input_dim", "classes", "data", "epochs", "lr", "batch_size", "samples",
              "test_fraction", "models"),
     "llm_layer": ("arch", "tokens", "routing", "d_model", "ffn_dim", "shared_experts", "router", "max_forward_s",
-                  "models"),
+                  "models", "weights"),
     "whole_model": ("model", "vs", "batch", "context", "layers", "moe_impl", "tiny"),
 }
 

@@ -183,6 +183,9 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ffn-dim", type=int, dest="ffn_dim", help="each routed expert's SwiGLU width I")
     g.add_argument("--shared-experts", type=int, dest="shared_experts", help="always-on experts (0 for none)")
     g.add_argument("--router", help=f"router kind: {', '.join(ROUTER_KINDS)} (default the preset's)")
+    g.add_argument("--weights", help="int8: every model's weights stored int8 weight-only (per-channel fp32 "
+                                     "scales; the MoE's router kept in the dtype), the activations in --dtype; "
+                                     "default: the weights in --dtype")
     have = set(p._option_string_actions)  # the seed's shape group may hold them already
     if "--experts" not in have:
         g.add_argument("--experts", type=int, help="routed experts E")
@@ -312,7 +315,7 @@ def resolve_layer(args: argparse.Namespace) -> tuple[Layer, RunOptions]:
     _spec, opts = resolve(seedless)  # the shared options, checked as run checks them
     opts = with_dtype(args, opts, llm=True)
     routing = parse_routing(args.routing if getattr(args, "routing", None) is not None else "random")
-    return Layer(arch, parse_tokens(getattr(args, "tokens", None)), routing), opts
+    return Layer(arch, parse_tokens(getattr(args, "tokens", None)), routing, opts.weights), opts
 
 
 def _whole_numbers(flag_name: str, text: str | None, default: tuple[int, ...]) -> list[int]:

@@ -52,6 +52,9 @@ def plan(args: argparse.Namespace) -> int:
     check_dtype(device, opts.dtype, opts.strategies if w.trains else ())  # in run's order: the first refusal is run's
     w.check(opts, device, opts.strategies)
     console.print(escape(f"dtype: {opts.dtype} ({opts.extra.get('dtype_why', 'given')})"), highlight=False)
+    if opts.weights:
+        console.print(escape(f"weights: {opts.weights} weight-only (per-channel fp32 scales), activations in "
+                             f"{opts.dtype}"), highlight=False)
     if isinstance(w, Layer):
         _show_layer(w, opts, device)
     elif isinstance(w, Whole):

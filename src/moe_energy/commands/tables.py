@@ -220,11 +220,23 @@ def model_table(doc: dict) -> Table:
     return t
 
 
+def weights_lines(doc: dict) -> list[str]:
+    """--weights int8: how the weights were held, and each model's output error against its dtype's own."""
+    errs = {m["name"].split("@")[0]: m["weights_output_error"] for m in doc.get("models") or []
+            if m.get("weights_output_error") is not None}
+    if not (doc.get("options") or {}).get("weights"):
+        return []
+    measured = ", ".join(f"{n} {e:.2%}" for n, e in errs.items()) or "not measured"
+    return [f"weights: {doc['options']['weights']} weight-only, per-channel fp32 scales (the MoE's router in the "
+            f"dtype); output error vs the dtype's own weights (||y_q - y|| / ||y|| on up to 64 inputs): {measured}"]
+
+
 def energy_summary(doc: dict) -> list[str]:
     """Lines under the table: which meter, the idle power, and how many windows carry warnings."""
     meter = doc.get("energy_meter") or {}
     dt = doc.get("dtype") or {}
     head = [f"dtype: {dt['name']} ({dt['why']})"] if dt.get("why") else []
+    head += weights_lines(doc)
     lines = [f"energy: meter {meter.get('name')} ({meter.get('method')}), devices "
              f"{', '.join(meter.get('devices') or []) or 'none'}"]
     if meter.get("method") == "estimate":

@@ -169,6 +169,8 @@ class LayerRecord(ModelRecord, total=False):
     experts_touched_if_uniform: float | None
     expert_load_max_over_mean: float | None
     weight_bytes_read_per_forward: float | None
+    weights: str | None  # "int8" (--weights): how the weights were stored; None, in the dtype
+    weights_output_error: float | None  # int8: ||y_int8 - y|| / ||y|| on the first inputs, against the dtype's own
     # the roofline split (roofline.figures): the bytes above at the copy bandwidth, the FLOPs at the GEMM rate
     model_extrapolated: dict[str, Any] | None
 

@@ -28,6 +28,7 @@ from .counting import LayerShape
 from .experts import ACTIVATIONS, SwiGLUExperts
 from .kernels import FastLinear
 from .moe import StrategyHost, check_shape, whole_number
+from .quant import WEIGHT_FORMATS, quantize, quantize_linears_
 from .routers import build_router
 from .strategies import AUTO_CANDIDATES, AutoChoice
 
@@ -103,7 +104,16 @@ class StackedSwiGLU(nn.Module):
 
     def family(self, capacity_factor: float = 1.25, counters: Tensor | None = None) -> SwiGLUExperts:
         return SwiGLUExperts(self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias,
-                             self.act, self.limit, self.alpha, self.interleaved, capacity_factor, counters)
+                             self.act, self.limit, self.alpha, self.interleaved, capacity_factor, counters,
+                             getattr(self, "gate_up_scale", None), getattr(self, "down_scale", None))
+
+    def quantize_(self) -> None:
+        """Both stacks int8 with per-channel scales (models.quant), in place: the float weights are dropped."""
+        for name in ("gate_up_proj", "down_proj"):
+            q = quantize(getattr(self, name))
+            delattr(self, name)
+            self.register_buffer(name, q.qdata)  # [E, out, in] int8
+            self.register_buffer(f"{name.removesuffix('_proj')}_scale", q.scale)  # [E, out] fp32
 
 
 class SharedExperts(nn.Module):
@@ -213,3 +223,17 @@ class MoELayer(StrategyHost, nn.Module):
         shared = self.shared.down_proj.in_features if self.shared is not None else 0
         return (f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.num_experts}, "
                 f"shared_intermediate={shared}, act={self.experts.act!r}, strategy={self._strategy!r}")
+
+
+def quantize_weights(model: nn.Module, weights: str = "int8") -> nn.Module:
+    """``model``'s weights stored as ``weights`` (int8 with per-channel scales), in place: an MoELayer's routed and
+    shared experts (its router keeps the dtype: it decides the routing), or every Linear of a dense FFN, so no
+    comparison credits one side with a cheaper format. The activations keep the dtype."""
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"weights={weights!r} is unknown; choose from {', '.join(WEIGHT_FORMATS)}")
+    if isinstance(model, MoELayer):
+        model.experts.quantize_()
+        quantize_linears_(model, skip=("router", "experts"))
+    else:
+        quantize_linears_(model)
+    return model

@@ -9,7 +9,7 @@ inference: a sample of the seed's batch, or a token of a layer's forward (``flop
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -33,7 +33,7 @@ from .counting import (
     swiglu_params,
 )
 from .dense import DenseMLP, DenseSwiGLU, Match, dense_width, swiglu_width
-from .llm import MoELayer, building
+from .llm import MoELayer, building, quantize_weights
 from .moe import MoE
 
 Kind = Literal["moe", "dense"]
@@ -58,6 +58,7 @@ class ModelPlan:
     active_params: int
     flops_per_inference: int
     shape: Shape | Arch  # the MoE's shape: a ModelSpec (the seed's classifiers) or an Arch (an LLM layer)
+    weights: str | None = None  # an LLM layer's weights stored as "int8" (models.quant); None: in the dtype
 
     @classmethod
     def of(cls, name: str, shape: Shape | Arch) -> ModelPlan:
@@ -88,19 +89,41 @@ class ModelPlan:
         """An LLM layer's name for ``flops_per_inference``: its inferences are tokens."""
         return self.flops_per_inference
 
+    def quantized(self, weights: str | None) -> ModelPlan:
+        """This plan with its weights stored as ``weights`` (an LLM layer's only: the seed's models train)."""
+        if weights is not None and not self.is_layer:
+            raise ValueError("int8 weights are built for LLM layers only")
+        return replace(self, weights=weights)
+
+    def _param_bytes(self, dtype: str) -> float:
+        """Bytes one weight parameter is held in: the dtype's, or int8's 1 plus its share of the fp32 scale of
+        its output channel (gate/up rows of d inputs, down rows of I; exact for the routed experts)."""
+        if self.weights is None:
+            return memory.BYTES[dtype]
+        s = self.shape
+        assert isinstance(s, Arch)
+        d, w = s.d_model, self.width
+        return 1 + 4 * (2 * w + d) / (3 * d * w)
+
+    def _router_bytes(self, dtype: str) -> float:
+        """Extra bytes the MoE's router holds beyond ``_param_bytes``: it stays in the dtype (fp32 for DeepSeek's)
+        when the experts are int8."""
+        s = self.shape
+        if self.kind != "moe" or not isinstance(s, Arch):
+            return 0.0
+        b = 4 if s.router.kind in FP32_ROUTERS else memory.BYTES[dtype]
+        return router_params(s) * (b - self._param_bytes(dtype))
+
     def weight_bytes(self, dtype: str) -> int:
-        """Bytes of the weights held (DeepSeek's router at 4 bytes a parameter: it stays fp32)."""
-        b = memory.BYTES[dtype]
-        if self.kind == "moe" and isinstance(self.shape, Arch) and self.shape.router.kind in FP32_ROUTERS:
-            r = router_params(self.shape)
-            return (self.params - r) * b + 4 * r
-        return self.params * b
+        """Bytes of the weights held (DeepSeek's router at 4 bytes a parameter: it stays fp32; int8 weights at
+        about 1 byte, the router in the dtype)."""
+        return round(self.params * self._param_bytes(dtype) + self._router_bytes(dtype))
 
     def weight_bytes_read(self, dtype: str, touched: float | None = None) -> float | None:
         """Weight bytes one forward reads at least: all of a dense model; the MoE's gate or router, the experts
         that got a token (``touched``; the seed's default: every expert) and any shared experts. An LLM layer's
         MoE without ``touched`` is None: its routing decides."""
-        b = memory.BYTES[dtype]
+        b = self._param_bytes(dtype)
         if self.kind == "dense":
             return float(self.params * b)
         s = self.shape
@@ -108,8 +131,7 @@ class ModelPlan:
             return moe_weight_params_read(s, None if touched is None else int(touched)) * b
         if touched is None:
             return None
-        fp32_router = router_params(s) * (4 - b) if s.router.kind in FP32_ROUTERS else 0
-        return layer_weight_bytes(s, touched, b) + fp32_router
+        return layer_weight_bytes(s, touched, b) + self._router_bytes(dtype)
 
     def activation_bytes(self, rows: int, strategies: tuple[str, ...] = ()) -> int:
         """An LLM layer's generous bytes of one forward's intermediates: fp32 worst case, twice for temporaries."""
@@ -128,8 +150,9 @@ class ModelPlan:
         """Bytes this model needs on its device for a forward of ``rows``: training state (the seed's) or
         inference weights, plus the forward's activations."""
         s = self.shape
-        if isinstance(s, Arch):
-            return self.weight_bytes(dtype) + self.activation_bytes(rows, strategies) + memory.OVERHEAD_BYTES
+        if isinstance(s, Arch):  # int8: built in the dtype, then quantized one stack at a time (its peak)
+            held = max(self.weight_bytes(dtype), self.quantized(None).weight_bytes(dtype))
+            return held + self.activation_bytes(rows, strategies) + memory.OVERHEAD_BYTES
         if training:
             return memory.training_bytes(self.params, self.widest, rows, s.layers)
         return memory.inference_bytes(self.params, self.widest, rows, dtype)
@@ -149,10 +172,12 @@ class ModelPlan:
         s = self.shape
         if isinstance(s, Arch):
             if self.kind == "moe":
-                return MoELayer.from_arch(s, dtype=dtype, device=device, strategy=strategy or "auto",
-                                          seed=seed or 0)
-            with building(torch.device(device), dtype or torch.float32, seed or 0):
-                return DenseSwiGLU(s.d_model, self.width)
+                model: nn.Module = MoELayer.from_arch(s, dtype=dtype, device=device, strategy=strategy or "auto",
+                                                      seed=seed or 0)
+            else:
+                with building(torch.device(device), dtype or torch.float32, seed or 0):
+                    model = DenseSwiGLU(s.d_model, self.width)
+            return model if self.weights is None else quantize_weights(model, self.weights)
         if seed is not None:
             torch.manual_seed(seed)
         model = MoE.from_spec(s, strategy=strategy or TRAIN_STRATEGY) if self.kind == "moe" else \
@@ -168,6 +193,6 @@ class ModelPlan:
         return out
 
 
-def plans(shape: Shape | Arch, models: Iterable[str] = MODEL_NAMES) -> list[ModelPlan]:
+def plans(shape: Shape | Arch, models: Iterable[str] = MODEL_NAMES, weights: str | None = None) -> list[ModelPlan]:
     """The plan of each model a run builds, in order, without allocating any."""
-    return [ModelPlan.of(name, shape) for name in models]
+    return [ModelPlan.of(name, shape).quantized(weights) for name in models]

@@ -28,12 +28,18 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 QMAX = 127  # symmetric int8: [-127, 127]
+WEIGHT_FORMATS = ("int8",)  # --weights: besides the dtype's own
+FP8_WHY = {f: "; fp8 weights are not built: a CPU has no fast fp8 kernel (see models/quant.py) and the GPU path "
+              "waits for a GPU to test it on" for f in ("fp8", "float8", "float8_e4m3fn")}
 # bf16 rows up to which torch._weight_int8pack_mm beats converting the weight to bf16 for one GEMM (measured:
 # 5.7 vs 4.6 GB/s of int8 at 8 rows, 3.9 vs 4.8 at 12; olmoe's gate_up)
 INT8PACK_MAX_ROWS = 8
+# ...and only for inputs a multiple of this wide: torch 2.13's kernel reads past the end of a row otherwise (a
+# segfault, measured at in = 520, 2050, 2056; 544, 2064 run), so other widths take the dequantized GEMM
+INT8PACK_K_MULTIPLE = 16
 _grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # as kernels.py: F.grouped_mm in newer torch
 FOLD_MIN_K, FOLD_MAX = 4096, 4  # _folded: one-row GEMMs get weight rows of at least 4096 bytes, by up to 4x
 
@@ -118,8 +124,8 @@ def linear(x: Tensor, q: QWeight, b: Tensor | None = None) -> Tensor:
     """x [n, in] @ dequantize(q)^T (+ b [out]) -> [n, out] in x's dtype."""
     if not fast_cpu(x, q):
         return F.linear(x, dequantize(q, x.dtype), b)
-    y = _int8pack(x.contiguous(), q) if x.dtype == torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_ROWS else (
-        _dequantized(x, q))
+    packable = x.dtype == torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_ROWS and x.shape[1] % INT8PACK_K_MULTIPLE == 0
+    y = _int8pack(x.contiguous(), q) if packable else _dequantized(x, q)
     return y if b is None else y.add_(b)
 
 
@@ -138,3 +144,38 @@ def grouped_linear(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None = None,
             out[start:end] = linear(h[start:end], q[e], None if b is None else b[e])
         start = end
     return out
+
+
+class QLinear(nn.Module):
+    """nn.Linear's place, its weight int8 with per-channel scales: x [..., in] -> [..., out] in x's dtype."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        q = quantize(lin.weight)
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        self.register_buffer("qweight", q.qdata)  # [out, in] int8
+        self.register_buffer("scale", q.scale)  # [out] fp32
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        y = linear(x.reshape(-1, self.in_features), QWeight(self.qweight, self.scale), self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=int8 per channel"
+
+
+def quantize_linears_(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
+    """Every nn.Linear inside ``module`` (its subclasses too: FastLinear) replaced by a QLinear of its weights, but
+    those under a child named in ``skip`` (a router's); the count replaced."""
+    n = 0
+    for name, child in list(module.named_children()):
+        if name in skip:
+            continue
+        if isinstance(child, nn.Linear):
+            setattr(module, name, QLinear(child))
+            n += 1
+        else:
+            n += quantize_linears_(child, skip)
+    return n

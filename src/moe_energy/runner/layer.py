@@ -38,7 +38,7 @@ from ..measure.window import latency_budget
 from ..memory import OutOfMemory
 from ..models.archs import Arch, RouterSpec
 from ..models.counting import expected_experts_touched
-from ..models.llm import MoELayer
+from ..models.llm import MoELayer, quantize_weights
 from ..models.plan import ModelPlan, plans
 from ..models.routing import BenchRouter, RoutingMode, parse_routing, read_load
 from ..models.strategies import AUTO_CANDIDATES
@@ -56,6 +56,7 @@ from .core import (
 from .core import run as run_workload
 
 DEFAULT_TOKENS = (1, 16, 128, 1024)
+ERROR_ROWS = 64  # int8 weights: the inputs (the first of the fixed stream) their output error is measured on
 MAX_TOKENS = 2**20  # tokens per forward: far past any prefill chunk
 INPUTS = "fixed-seed normal hidden states [T, d] (torch.randn on the CPU from --seed, then cast)"
 # The seed's run options (training): a layer's documents and sweep keys leave them out (config.WORKLOAD_KEYS).
@@ -199,17 +200,19 @@ class Layer:
     arch: Arch
     tokens: list[int]
     routing: RoutingMode
+    weights: str | None = None  # every model's weights stored as "int8" (--weights); None, in the dtype
     family = "llm_layer"
     trains = False
     inputs: Tensor | None = field(default=None, repr=False)  # [max T, d] on the device in the bench dtype
+    output_error: dict[str, float] = field(default_factory=dict, repr=False)  # int8 weights: per model
 
     @classmethod
-    def of(cls, arch: Arch, tokens: Any, routing: str | RoutingMode) -> Layer:
+    def of(cls, arch: Arch, tokens: Any, routing: str | RoutingMode, weights: str | None = None) -> Layer:
         """The workload, its token counts and routing checked (one-line ConfigErrors)."""
         if not isinstance(arch, Arch):
             raise TypeError(f"run_llm: arch={arch!r} must be an Arch (models.archs.get_arch or custom_arch)")
         mode = routing if isinstance(routing, RoutingMode) else parse_routing(routing)
-        return cls(arch, check_tokens(tokens), mode)
+        return cls(arch, check_tokens(tokens), mode, weights)
 
     @property
     def experts(self) -> int:
@@ -234,7 +237,7 @@ class Layer:
                 "extrapolation": extrapolation_note(a)}
 
     def plans(self, models: Sequence[str]) -> list[ModelPlan]:
-        return plans(self.arch, models)
+        return plans(self.arch, models, self.weights)
 
     def row_strategies(self, plan: ModelPlan, strategies: tuple[str, ...]) -> tuple[str | None, ...]:
         return strategies if plan.kind == "moe" else (None,)
@@ -257,7 +260,10 @@ class Layer:
         failure: str | None = None
         try:
             r.ui.info(f"building {plan.name} of {params_text(plan.params)}")
-            model = plan.build(r.device, r.dtype, r.opts.seed).eval()
+            model = plan.quantized(None).build(r.device, r.dtype, r.opts.seed).eval()
+            if plan.weights is not None:
+                assert self.inputs is not None
+                self.output_error[plan.name] = quantize_measured(model, plan.weights, self.inputs[:ERROR_ROWS])
             if isinstance(model, MoELayer):
                 model.router = BenchRouter(model.router, self.arch.experts, self.arch.top_k, self.routing,
                                            r.opts.seed, r.team.rank, r.team.world).to(r.device)
@@ -310,6 +316,7 @@ class Layer:
             "expert_load_max_over_mean": _median_of(windows, "expert_load_max_over_mean") if moe else None,
             "weight_bytes_read_per_forward": plan.weight_bytes_read(r.opts.dtype, touched)
             if rec["status"] == "measured" else None,
+            "weights": plan.weights, "weights_output_error": self.output_error.get(plan.name),
             "model_extrapolated": None,
         }
         if tps:
@@ -375,11 +382,26 @@ class Layer:
         return max(pl.memory_bytes(max(self.tokens), opts.dtype) for pl in self.plans(opts.models))
 
 
+def quantize_measured(model: nn.Module, weights: str, x: Tensor) -> float:
+    """``model`` (an MoE layer or a dense FFN in the dtype) stored as ``weights``, in place, and what that costs in
+    accuracy: ||y_q - y|| / ||y|| on ``x`` [n, d] (an MoE layer through grouped: int8's own kernels on a CPU)."""
+    strategy = getattr(model, "strategy", None)
+    if isinstance(model, MoELayer):
+        model.strategy = "grouped"
+    with torch.no_grad():
+        ref = model(x).float()  # [n, d]
+        quantize_weights(model, weights)
+        err = (model(x).float() - ref).norm() / ref.norm().clamp_min(1e-30)
+    if strategy is not None:
+        model.strategy = strategy
+    return float(err)
+
+
 def run_llm(arch: Arch, opts: RunOptions, tokens: list[int], routing: str | RoutingMode, meter: Meter,
             ui: UI | None = None, save: bool = True, sleep: Callable[[float], None] = time.sleep
             ) -> tuple[dict, Path | None]:
     """Measure ``arch``'s MoE layer and its matched dense FFNs at each token count, in shuffled, repeated
     windows; one record per (model, token count) (``core.run`` on the layer's workload, in this process)."""
-    doc, path = run_workload(Layer.of(arch, tokens, routing), opts, Team(meter), ui, save, sleep)
+    doc, path = run_workload(Layer.of(arch, tokens, routing, opts.weights), opts, Team(meter), ui, save, sleep)
     assert doc is not None
     return doc, path

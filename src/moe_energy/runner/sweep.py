@@ -74,7 +74,7 @@ BUILTIN_GRIDS = ("seed", "scale", "llm")
 LLM_GRID_PROTOCOL = {"repeats": 2, "warmup": 0.5, "cooldown": 0.0}
 # LLM layers: the axes of their own (a custom shape also takes --experts and --top-k), and the seed's keys that
 # mean nothing for a layer built, not trained (refused, never silently ignored).
-LAYER_AXES = tuple(k for k in WORKLOAD_KEYS["llm_layer"] if k not in ("max_forward_s", "models"))
+LAYER_AXES = tuple(k for k in WORKLOAD_KEYS["llm_layer"] if k not in ("max_forward_s", "models", "weights"))
 LAYER_SHAPE_AXES = ("d_model", "ffn_dim", "experts", "top_k", "shared_experts")
 SEED_ONLY_KEYS = (*foreign("llm_layer"), "presets", "per_decade")
 LLM_TOKENS = tuple(4**i for i in range(7))  # 1, 4, ..., 4096: a decoding step up to a prefill chunk
@@ -85,7 +85,8 @@ MAX_PER_DECADE = 100  # sizes per decade: more is a typo, and would expand to a 
 ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and in bf16/fp16
 # Options that do not change a point's figures, so they are left out of its key.
 NOT_IN_KEY = ("out", "extra")
-KEY_ONLY_IF_SET = ("max_forward_s",)  # options newer than stored keys: unset, a point's key is what it always was
+# options newer than stored keys: unset, a point's key is what it always was
+KEY_ONLY_IF_SET = ("max_forward_s", "weights")
 
 
 
@@ -113,7 +114,7 @@ class Point:
         """What the point runs: the seed's classifiers of its shape, or its LLM layer at its tokens and routing
         (both checked when the grid was built)."""
         if isinstance(self.spec, Arch):
-            return Layer(self.spec, list(self.tokens), parse_routing(self.routing or "random"))
+            return Layer(self.spec, list(self.tokens), parse_routing(self.routing or "random"), self.opts.weights)
         return Seed(self.spec)
 
     @property

@@ -1,0 +1,119 @@
+"""--weights int8 (issue 24): every model of an LLM-layer run held int8 weight-only, its output error against the
+dtype's own weights recorded, its bytes counted at about one a parameter; refused where it is not built."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import QUICK, TINY_LAYER, error_line
+
+from moe_energy.config import PRESETS, RunOptions
+from moe_energy.energy.select import make_meter
+from moe_energy.errors import ConfigError
+from moe_energy.models.archs import custom_arch
+from moe_energy.models.counting import layer_weight_bytes, router_params
+from moe_energy.models.llm import MoELayer, quantize_weights
+from moe_energy.models.plan import ModelPlan, plans
+from moe_energy.models.quant import QLinear
+from moe_energy.runner.layer import run_llm
+
+ARCH = custom_arch(64, 32, 8, 2)  # widths a multiple of 16: the int8pack kernel's rows on a bf16 CPU too
+SHARED = custom_arch(64, 32, 8, 2, shared_experts=1, shared_gate=True)  # Qwen's gated shared expert
+CPU = torch.device("cpu")
+
+
+def test_a_quantized_layer_holds_int8_experts_and_its_router_in_the_dtype():
+    layer = MoELayer.from_arch(SHARED, dtype="float32", seed=0)
+    x = torch.randn(16, layer.hidden, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = layer(x)
+        quantize_weights(layer, "int8")
+        y = layer(x)
+    assert layer.experts.gate_up_proj.dtype == torch.int8 and layer.experts.down_proj.dtype == torch.int8
+    assert layer.experts.gate_up_scale.shape == layer.experts.gate_up_proj.shape[:2]
+    assert not any(isinstance(m, QLinear) for m in layer.router.modules())
+    assert all(p.dtype == torch.float32 for p in layer.router.parameters())
+    assert isinstance(layer.shared.down_proj, QLinear)  # shared experts int8 too
+    assert 0 < float((y - ref).norm() / ref.norm()) < 0.02  # int8's rounding, no more
+    with pytest.raises(ConfigError, match="weights='fp4' is unknown"):
+        quantize_weights(layer, "fp4")
+
+
+def test_every_strategy_agrees_on_int8_weights():
+    layer = MoELayer.from_arch(ARCH, dtype="bfloat16", seed=0)
+    quantize_weights(layer, "int8")
+    x = torch.randn(12, ARCH.d_model, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    outs = {}
+    with torch.no_grad():
+        for s in ("grouped", "padded", "active_loop", "dense_experts"):
+            layer.strategy = s
+            outs[s] = layer(x).float()
+    for s, y in outs.items():
+        assert float((y - outs["grouped"]).norm() / outs["grouped"].norm()) < 0.02, s
+
+
+def test_int8_plans_count_about_a_byte_a_parameter_and_the_router_in_the_dtype():
+    moe, dense = plans(ARCH, ("moe", "dense_total"), "int8")
+    fp = ModelPlan.of("moe", ARCH)
+    r = router_params(ARCH)
+    d, w = ARCH.d_model, ARCH.ffn_dim
+    per = 1 + 4 * (2 * w + d) / (3 * d * w)  # int8 and its share of the per-row fp32 scale
+    assert moe.weights == "int8" and fp.weights is None
+    assert moe.weight_bytes("bfloat16") == round((moe.params - r) * per + 2 * r)
+    assert moe.weight_bytes_read("bfloat16", 3) == pytest.approx(layer_weight_bytes(ARCH, 3, per) - r * per + 2 * r)
+    assert dense.weight_bytes("float32") < dense.quantized(None).weight_bytes("float32") / 3.5
+    # built in the dtype, then quantized: the float copy is the peak a run must fit
+    assert moe.memory_bytes(1, "float32") == fp.memory_bytes(1, "float32")
+    with pytest.raises(ValueError, match="LLM layers only"):
+        ModelPlan.of("moe", PRESETS["small"]).quantized("int8")
+
+
+def test_run_weights_int8_records_the_format_and_each_models_output_error(tmp_path):
+    opts = RunOptions(duration=0.2, warmup=0.0, repeats=1, idle_seconds=0.0, cooldown=0.0, device="cpu",
+                      out=str(tmp_path), dtype="bfloat16", weights="int8").validate()
+    doc, _ = run_llm(ARCH, opts, [1, 8], "random", make_meter("none", CPU), save=False, sleep=lambda s: None)
+    assert doc["options"]["weights"] == "int8"
+    ms = doc["models"]
+    assert len(ms) == 6 and all(m["status"] == "measured" for m in ms)
+    errs = {m["name"].split("@")[0]: m["weights_output_error"] for m in ms}
+    assert all(0 < e < 0.03 for e in errs.values()) and len(set(errs)) == 3
+    moe = next(m for m in ms if m["kind"] == "moe" and m["tokens_per_forward"] == 8)
+    plan = ModelPlan.of("moe", ARCH).quantized("int8")
+    assert moe["weights"] == "int8"
+    assert moe["weight_bytes_read_per_forward"] == pytest.approx(plan.weight_bytes_read("bfloat16",
+                                                                                        moe["experts_touched"]))
+
+
+def test_cli_weights_int8_runs_and_says_so_under_the_table(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moe_energy", "run", *TINY_LAYER, "--d-model", "64", "--ffn-dim", "32",
+                        "--tokens", "1,4", "--weights", "int8", "--dtype", "bfloat16", "--meter", "none",
+                        *QUICK[QUICK.index("--duration"):], "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "weights: int8 weight-only" in r.stdout and "output error" in r.stdout
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["options"]["weights"] == "int8" and len(doc["models"]) == 6
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--weights", "fp8"], "fp8 weights are not built"),
+    (["--weights", "int4"], "weights='int4' is unknown"),
+])
+def test_unknown_or_unbuilt_weight_formats_are_one_line_errors(argv, needle, capsys):
+    from moe_energy.cli import main
+    assert main(["run", *TINY_LAYER, *argv, *QUICK[QUICK.index("--duration"):]]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert needle in line
+
+
+def test_weights_are_refused_for_the_seed_and_whole_models(capsys):
+    from moe_energy.cli import main
+    assert main(["run", "--preset", "small", "--weights", "int8", *QUICK]) == 2
+    assert "--weights" in error_line(capsys.readouterr().err)
+    assert main(["run", "--model", "olmoe-1b-7b", "--tiny", "--weights", "int8", *QUICK[QUICK.index("--duration"):]]) \
+        == 2
+    assert "--weights" in error_line(capsys.readouterr().err)
