@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import shlex
 import sqlite3
 import sys
@@ -463,6 +464,24 @@ def _say(text: str) -> None:
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB})")
     p.add_argument("--out", default="results/report", help="directory for report.html, report.md and plots/")
+    p.add_argument("--itl-deadline-ms", dest="itl_deadline_ms", default="100,250", metavar="MS[,MS...]",
+                   help="whole models: inter-token latency deadlines (ms) of the selection, the lowest J/token "
+                        "configuration whose decode ITL p90 meets each (default 100,250, ML.ENERGY's)")
+
+
+def deadlines(text: str) -> tuple[float, ...]:
+    """'100,250' -> (100.0, 250.0): each a finite number of ms > 0, each once, ascending; one-line ConfigError."""
+    vals = []
+    for part in (x.strip() for x in str(text).split(",")):
+        try:
+            v = float(part)
+        except ValueError:
+            raise ConfigError(f"--itl-deadline-ms {text!r}: {part!r} is not a number of milliseconds; give e.g. "
+                              "100,250") from None
+        if not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"--itl-deadline-ms {text!r}: {part} must be a finite number of milliseconds > 0")
+        vals.append(v)
+    return tuple(sorted(set(vals)))
 
 
 @command("report", "Write the crossover answer with plots: one self-contained HTML file and a Markdown summary.",
@@ -475,6 +494,7 @@ def report(args: argparse.Namespace) -> int:
     from ..report.html import answer_tables
 
     db = db_path(args)
+    itl = deadlines(args.itl_deadline_ms)  # a typo is told before the store is read
     with Store(db, create=False) as store:
         frame = load(store)
     if not frame.points and not frame.skipped:
@@ -483,13 +503,13 @@ def report(args: argparse.Namespace) -> int:
     if note:
         print(f"warning: --db {db}: {note}; the report is drawn from the rest", file=sys.stderr)
     try:
-        files = write_report(frame, args.out, db)  # each file written whole (fileio.replace_atomic) or not at all
+        files = write_report(frame, args.out, db, itl)  # each file written whole (fileio.replace_atomic) or not at all
     except OSError as e:
         raise ConfigError(f"--out {args.out}: cannot write the report there ({os_reason(e)}); choose another "
                           "directory") from None
     record_saved(files.html)
     record_saved(files.markdown)
-    for title, head, rows in answer_tables(frame):
+    for title, head, rows in answer_tables(frame, itl):
         t = Table(title=escape(title))
         for h in head:
             t.add_column(escape(h), overflow="fold")
