@@ -100,3 +100,27 @@ def test_bad_input_is_one_line(tiny_llm):
     raises_one_line(ConfigError, lambda: me.build_model("qwen4-1t"), "model 'qwen4-1t' is unknown")
     raises_one_line(ConfigError, lambda: me.build_model("olmoe-1b-7b", layers=0, tiny=True), "layers=0")
     raises_one_line(TypeError, lambda: me.build_model("olmoe-1b-7b", tiny="yes"), "tiny='yes'")
+
+
+def test_readme_whole_model_example_runs(monkeypatch):
+    """The README's whole-model Python example on a tiny copy on the CPU, its windows shortened."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Sweeps of whole models, and their report", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code and "me.benchmark_generate(" in code.group(1)
+    src = code.group(1).replace('layers=4, dtype="bfloat16", device="cuda"', "layers=1, tiny=True")
+    assert "tiny=True)" in src
+    real, calls = me.benchmark_generate, []
+
+    def short(model, batch, context, duration=10.0, repeats=3, **kw):
+        calls.append((batch, context, duration, repeats))
+        return real(model, batch=batch, context=context, duration=0.05, repeats=1, warmup=0,
+                    meter=me.make_meter("none"))
+
+    monkeypatch.setattr(me, "benchmark_generate", short)
+    scope: dict = {}
+    exec(compile(src, "README whole-model example", "exec"), scope)
+    assert calls == [(8, 512, 10, 3)] and scope["r"].decode.batch_size == 8
