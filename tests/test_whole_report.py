@@ -19,6 +19,7 @@ from moe_energy.report import WHOLE_PLOTS, build
 from moe_energy.report.analysis import (
     PHASES,
     Frame,
+    as_whole,
     load,
     pareto_front,
     selections,
@@ -185,6 +186,34 @@ def test_the_selection_is_the_lowest_j_per_token_meeting_each_deadline_flagged_r
     d = got[SMALL, "decode", 512, 100.0]  # the estimate's label is not a flag: all three stay
     assert d.record["batch"] in BATCHES and (d.candidates, d.flagged) == (3, 0) and d.energy == "measured"
     assert all(c.record is None for c in selections(frame, (1.0,)) if c.phase == "decode")
+
+
+def partial(model: str, b: int, tpj: float, scale: float) -> dict:
+    """A decode record of a model built on a quarter of its layers, its whole-model figures extrapolated x scale."""
+    m = {**record(model, "decode", b, 512, tpj), "set": MOE, "impl": "transformers", "layers_measured": 12}
+    m["whole_model_extrapolated"] = {"tokens_per_second": m["tokens_per_second"] / scale,
+                                     "joules_per_token": scale / tpj, "label": "EXTRAPOLATED from the first 12 of 48"}
+    return m
+
+
+def test_a_model_built_on_fewer_layers_is_compared_on_its_whole_model_figures():
+    w = as_whole(partial(MOE, 1, 3.0, 3.0))
+    assert value(w, "joules_per_token") == pytest.approx(1.0) and w["inferences_per_joule"] == pytest.approx(1.0)
+    assert w["itl_p90_ms"] == pytest.approx(150.0) and w["itl_p50_ms"] == pytest.approx(75.0)
+    assert w["extrapolated"] == "EXTRAPOLATED from the first 12 of 48"
+    whole = {**record(BIG, "decode", 1, 512, 2.0), "set": MOE, "impl": "transformers"}
+    assert as_whole(whole) is whole  # built whole: as measured
+    # measured on 12 layers the MoE's tokens/J is 3 and 12 (ahead of qwen3-32b's 2 at both batches); for the whole
+    # model 1 and 4: behind at batch 1, ahead at 4, crossing half way (log scale) at exactly 2
+    frame = Frame(wholes=[partial(MOE, 1, 3.0, 3.0), partial(MOE, 4, 12.0, 3.0),
+                          {**record(BIG, "decode", 1, 512, 2.0), "set": MOE, "impl": "transformers"},
+                          {**record(BIG, "decode", 4, 512, 2.0), "set": MOE, "impl": "transformers"}])
+    [c] = whole_crossovers(frame, "batch")
+    assert c.status == "crossed" and math.isclose(c.params, 2.0, rel_tol=1e-12)
+    assert c.notes == [f"{MOE}: EXTRAPOLATED from the first 12 of 48"]
+    got = {(s.model, s.deadline_ms): s for s in selections(frame, (100.0, 400.0))}
+    assert got[MOE, 100.0].record is None  # 50 ms measured on 12 layers is 150 ms for the whole model
+    assert got[MOE, 400.0].record["batch"] == 4 and got[MOE, 400.0].record["extrapolated"]
 
 
 def test_time_energy_front_is_pareto_over_stable_configurations(whole_report):

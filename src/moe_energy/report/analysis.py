@@ -608,6 +608,26 @@ def whole_sets(frame: Frame) -> dict[str, list[dict]]:
     return dict(sorted(out.items()))
 
 
+SCALED_DOWN = ("inferences_per_joule", "inferences_per_joule_min", "inferences_per_joule_max", "inferences_per_second")
+SCALED_UP = ("ttft_ms", "itl_p50_ms", "itl_p90_ms")
+
+
+def as_whole(m: dict) -> dict:
+    """The record's figures for the whole model: as measured when every layer was built; else scaled as its
+    extrapolation scales them (time and energy per token x all layers' parameters / the N built's), with
+    ``extrapolated`` set to its label, so a model built on 8 of 64 layers is never compared with one built whole."""
+    x = m.get("whole_model_extrapolated")
+    tps, tps_x = finite(m.get("inferences_per_second")), finite(x.get("tokens_per_second")) if isinstance(x, dict) \
+        else None
+    if not tps or not tps_x:
+        return m
+    scale = tps / tps_x
+    out = {**m, "extrapolated": str(x.get("label"))}  # type: ignore[union-attr]
+    out.update({k: v / scale for k in SCALED_DOWN if (v := finite(m.get(k))) is not None})
+    out.update({k: v * scale for k in SCALED_UP if (v := finite(m.get(k))) is not None})
+    return out
+
+
 def unstable(m: dict) -> str | None:
     """Why a record is kept out of the answers, or None: not measured, a failed window, or any flag on a window
     or the record (ML.ENERGY's stability rule keeps out windows whose decode batch shrank or whose steady state
@@ -640,11 +660,12 @@ def stable(records: Iterable[dict]) -> tuple[list[dict], int]:
 
 def whole_crossovers(frame: Frame, axis: str = "batch") -> list[Crossover]:
     """Where each MoE passes each dense sibling in tokens/J, along batch (per phase, context, dtype, impl) or along
-    context (per phase, batch, dtype, impl), from stable records only, found as the size crossover is."""
+    context (per phase, batch, dtype, impl), from stable records only, found as the size crossover is; on whole-model
+    figures (``as_whole``: extrapolated where fewer layers were built, said in the notes)."""
     other = "context" if axis == "batch" else "batch"
     out = []
     for name, recs in whole_sets(frame).items():
-        ok, _ = stable(recs)
+        ok, _ = stable(as_whole(m) for m in recs)
         groups: dict[tuple, dict[str, list[dict]]] = {}
         for m in ok:
             g = (str(m.get("phase")), m.get(other), str(m.get("dtype")), str(m.get("impl")))
@@ -658,6 +679,8 @@ def whole_crossovers(frame: Frame, axis: str = "batch") -> list[Crossover]:
                 c = crossover(sorted(ps, key=lambda p: p.at), "inferences_per_joule",
                               (None, dtype, impl, None, None), axis=axis)  # type: ignore[arg-type]
                 c.model, c.vs, c.phase, c.fixed = name, sib, phase, f"{other} {at}"
+                c.notes += sorted({f"{m['model']}: {m['extrapolated']}" for p in ps for m in (p.moe, p.dense)
+                                   if m.get("extrapolated")})
                 out.append(c)
     return out
 
@@ -688,8 +711,8 @@ def _pick(rows: list[dict], deadline: float | None) -> list[dict]:
 
 def selections(frame: Frame, deadlines: Iterable[float] = ITL_DEADLINES_MS) -> list[Choice]:
     """For every model of every set, phase and context: the lowest J/token configuration (batch, dtype, impl)
-    among the stable ones whose decode ITL p90 meets each deadline; measured energy wins over estimates when a
-    store holds both (they are never compared)."""
+    among the stable ones whose decode ITL p90 meets each deadline, on whole-model figures (``as_whole``); measured
+    energy wins over estimates when a store holds both (they are never compared)."""
     out = []
     for name, recs in whole_sets(frame).items():
         cells: dict[tuple, list[dict]] = {}
@@ -697,7 +720,7 @@ def selections(frame: Frame, deadlines: Iterable[float] = ITL_DEADLINES_MS) -> l
             cells.setdefault((str(m.get("model")), str(m.get("phase")), m.get("context")), []).append(m)
         for (model, phase, context), rows in sorted(cells.items(), key=lambda kv: (
                 kv[0][0] != name, kv[0][0], PHASES.index(kv[0][1]), kv[0][2] or 0)):
-            ok, flagged = stable(rows)
+            ok, flagged = stable(as_whole(m) for m in rows)
             kinds = {energy_kind(m) for m in ok}
             kind = "measured" if "measured" in kinds else "estimate" if kinds else "-"
             ok = [m for m in ok if energy_kind(m) == kind]
@@ -710,9 +733,10 @@ def selections(frame: Frame, deadlines: Iterable[float] = ITL_DEADLINES_MS) -> l
 
 
 def time_energy(records: Iterable[dict], phase: str) -> tuple[list[tuple[dict, float, float]], list[int]]:
-    """[(record, latency ms, J/token)] of the stable records of one phase (decode: ITL p90; prefill: TTFT) and the
-    indices of their Pareto front: no other configuration both faster and cheaper per token."""
+    """[(record, latency ms, J/token)] of the stable records of one phase (decode: ITL p90; prefill: TTFT), on
+    whole-model figures (``as_whole``), and the indices of their Pareto front: no other configuration both faster and
+    cheaper per token."""
     key = "itl_p90_ms" if phase == "decode" else "ttft_ms"
-    pts = [(m, t, j) for m in stable(r for r in records if r.get("phase") == phase)[0]
+    pts = [(m, t, j) for m in stable(as_whole(r) for r in records if r.get("phase") == phase)[0]
            if (t := finite(m.get(key))) is not None and (j := value(m, "joules_per_token")) is not None]
     return pts, pareto_front([(t, j) for _, t, j in pts])

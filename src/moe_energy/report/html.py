@@ -311,7 +311,9 @@ WHOLE_NOTE = (
     "as the size crossover is, the interval from the repeats. Selection: for each model, phase and context, the "
     "configuration (batch, dtype, MoE blocks) with the lowest J/token whose decode ITL p90 meets the deadline "
     "(--itl-deadline-ms); a prefill has no inter-token latency, so its row has no deadline. When only the first N "
-    "layers were built, the record's figures are of those N; the whole model's are extrapolated and labelled."
+    "layers of a model were built, its record's figures are of those N; the crossovers, the selection and the plots "
+    "compare whole models, so they use its figures extrapolated (time and energy per token x all layers' parameters "
+    "/ the N built's) and say EXTRAPOLATED."
 )
 
 
@@ -339,7 +341,8 @@ def selection_table(choices: list[Choice]) -> Table:
         m = c.record
         pick = ["none meets it", "-", "-"] if m is None else [str(m.get("batch")), str(m.get("dtype")),
                                                                str(m.get("impl") if m.get("kind") == "moe" else "-")]
-        est = " (estimate)" if m is not None and c.energy == "estimate" else ""
+        est = (" (estimate)" if m is not None and c.energy == "estimate" else "") + \
+            (" (EXTRAPOLATED)" if m is not None and m.get("extrapolated") else "")
         rows.append([c.set, c.model, c.phase, str(c.context), "none (prefill)" if c.deadline_ms is None else
                      f"{c.deadline_ms:g}", *pick, "-" if m is None else f"{value(m, 'joules_per_token'):.4g}{est}",
                      "-" if m is None else _num(value(m, "inferences_per_second"), ",.1f"),

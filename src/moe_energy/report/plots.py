@@ -28,6 +28,7 @@ from .analysis import (  # noqa: E402
     METRICS,
     Crossover,
     Frame,
+    as_whole,
     cap_of,
     cap_series,
     crossovers,
@@ -665,13 +666,13 @@ def _model_style(name: str, order: list[str]) -> tuple[str, str]:
 def _per_batch(frame: Frame, phase: str, title: str) -> Figure:
     """J/token against batch for every model of the set at one phase, one panel per (context, dtype, impl); the
     crossover over batch (MoE vs each sibling, from stable records) named in each panel's corner."""
-    rows = [m for m in frame.wholes if m.get("phase") == phase and m.get("status") == "measured"]
+    rows = [as_whole(m) for m in frame.wholes if m.get("phase") == phase and m.get("status") == "measured"]
     facets: list[WholeFacet] = sorted({(int(m.get("context") or 0), str(m.get("dtype")), str(m.get("impl")))
                                        for m in rows})
     fig, axes = _grid(len(facets), title)
     for ax in axes:
         ax.set_xlabel("batch (sequences per step, log scale)")
-        ax.set_ylabel(f"energy per {'output' if phase == 'decode' else 'prompt'} token (J/token, log scale)")
+        ax.set_ylabel(f"whole model's energy per {'output' if phase == 'decode' else 'prompt'} token (J/token, log)")
     if not facets:
         _empty(axes[0], f"no {phase} measured for this model set")
     order = _set_models(frame.wholes)
@@ -685,7 +686,8 @@ def _per_batch(frame: Frame, phase: str, title: str) -> Figure:
                    and energy_kind(m) != "none"]
             if pts:
                 colour, marker = _model_style(name, order)
-                drawn += _draw_series(ax, [m["batch"] for m, _ in pts], pts, "joules_per_token", colour, marker, name)
+                label = name + (" (EXTRAPOLATED)" if any(m.get("extrapolated") for m, _ in pts) else "")
+                drawn += _draw_series(ax, [m["batch"] for m, _ in pts], pts, "joules_per_token", colour, marker, label)
         if not drawn:
             _empty(ax, "energy not measured here (meter: none)")
             continue
@@ -749,8 +751,10 @@ def _front(ax: Axes, pts: list[tuple[dict, float, float]], front: list[int], nam
     if not pts:
         return 0
     est = all(energy_kind(m) == "estimate" for m, _, _ in pts)
+    label = name + (" (estimate)" if est else "") + (" (EXTRAPOLATED)" if any(m.get("extrapolated") for m, _, _ in pts)
+                                                    else "")
     ax.scatter([t for _, t, _ in pts], [j for _, _, j in pts], marker=marker, s=36, facecolors="none" if est else
-               colour, edgecolors=colour, linewidths=1.3, zorder=3, label=name + (" (estimate)" if est else ""))
+               colour, edgecolors=colour, linewidths=1.3, zorder=3, label=label)
     for m, t, j in pts:
         ax.annotate(f"B{m.get('batch')}", (t, j), textcoords="offset points", xytext=(3, 3),
                     fontsize=6, color=colour)
