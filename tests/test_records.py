@@ -11,6 +11,7 @@ from moe_energy.measure.records import (
     SPREAD_KEYS,
     LayerRecord,
     ModelRecord,
+    WholeRecord,
     WindowRecord,
     failed_window,
     measured_record,
@@ -18,7 +19,13 @@ from moe_energy.measure.records import (
     window_record,
 )
 from moe_energy.measure.window import BenchResult
-from moe_energy.storage.store import CARBON_MODEL_COLUMNS, LAYER_MODEL_COLUMNS, MODEL_COLUMNS, WINDOW_COLUMNS
+from moe_energy.storage.store import (
+    CARBON_MODEL_COLUMNS,
+    LAYER_MODEL_COLUMNS,
+    MODEL_COLUMNS,
+    WHOLE_MODEL_COLUMNS,
+    WINDOW_COLUMNS,
+)
 from moe_energy.train import TrainResult
 
 BOOKKEEPING = {"repeat", "order", "started_utc", "failed"}  # set by whoever schedules the window
@@ -57,8 +64,11 @@ def test_every_store_column_is_a_record_field():
     extends ModelRecord: the per-token figures, the routing's load, the roofline split)."""
     model = set(ModelRecord.__annotations__)
     layer = set(LayerRecord.__annotations__)
+    whole = set(WholeRecord.__annotations__)
     assert set(LAYER_MODEL_COLUMNS) <= model | layer, set(LAYER_MODEL_COLUMNS) - model - layer
-    assert set(MODEL_COLUMNS) - set(LAYER_MODEL_COLUMNS) <= model, set(MODEL_COLUMNS) - set(LAYER_MODEL_COLUMNS) - model
+    assert set(WHOLE_MODEL_COLUMNS) <= model | whole, set(WHOLE_MODEL_COLUMNS) - model - whole
+    rest = set(MODEL_COLUMNS) - set(LAYER_MODEL_COLUMNS) - set(WHOLE_MODEL_COLUMNS)
+    assert rest <= model, rest - model
     assert set(WINDOW_COLUMNS) <= set(WindowRecord.__annotations__)
     # issue 15's power-cap and carbon/cost fields are stored as declared, on the model and on the window
     assert set(CARBON_MODEL_COLUMNS) <= set(MODEL_COLUMNS) and "power_limit_w" in WINDOW_COLUMNS

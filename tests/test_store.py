@@ -239,7 +239,7 @@ def test_the_v1_schema_is_frozen_and_v2_adds_only_columns():
 def test_a_v1_file_migrates_in_place_keeps_its_rows_and_takes_llm_points(tmp_path):
     p = v1_store(tmp_path / "v1.db")
     with Store(p) as s:
-        assert s.version() == 2
+        assert s.version() == len(store_mod.MIGRATIONS)
         cols = {r[1] for r in s.con.execute("PRAGMA table_info(models)")}
         assert set(store_mod.MODEL_COLUMNS) <= cols
         assert {"family", "arch", "routing"} <= {r[1] for r in s.con.execute("PRAGMA table_info(points)")}
@@ -273,7 +273,7 @@ def test_an_old_and_a_new_store_merge_and_export_with_the_new_columns(tmp_path):
     assert old.read_bytes() == before  # an input is only read (migrated in memory)
     assert counts["points"] == 2 and counts["models"] == 3
     with Store(tmp_path / "m.db", create=False) as m:
-        assert m.version() == 2
+        assert m.version() == len(store_mod.MIGRATIONS)
         table = list(csv.DictReader(io.StringIO(m.export_csv("models"))))
         assert [(r["name"], r["tokens_per_forward"], r["bound"]) for r in table] == [
             ("moe[grouped]", "", ""), ("moe[auto]@T=1", "1", "memory"), ("dense_total@T=1", "1", "memory")]

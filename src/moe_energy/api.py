@@ -2,7 +2,8 @@
 
 ``benchmark`` runs ``measure.window.measure`` (warm-up, one time-bound window with energy read at its edges, a
 latency pass apart) once per repeat and reduces the windows with ``measure.records.summarize``, exactly as
-``moe-energy run`` does, so a figure from here and one from the CLI mean the same thing.
+``moe-energy run`` does, so a figure from here and one from the CLI mean the same thing. ``benchmark_generate``
+runs the same loop over a whole LLM's prefill and decode steps (``models.generate``, as `run --model` does).
 """
 
 from __future__ import annotations
@@ -27,16 +28,22 @@ from .energy.meter import Meter, MeterBase, meter_info
 from .errors import kind_of
 from .measure.records import summarize, window_record
 from .measure.window import batch_tensors, caller, infer_batch_size, measure
+from .models import whole
 from .models.counting import dense_flops
 from .models.dense import DenseMLP
+from .models.generate import decode_step, prefill_step
 from .models.moe import MoE
 from .models.plan import ModelPlan
+from .models.whole import WholeModel
 from .power.carbon import ESTIMATED, carbon_fields
 from .runner import prepare as _prepare  # noqa: F401 - installs auto's timing probe for the models measured here
+from .runner.model import PHASES, phase_figures
 from .storage.fileio import now_utc
 
 SCHEMA = "moe-energy/benchmark"
+GENERATE_SCHEMA = "moe-energy/generate"
 SCHEMA_VERSION = 1
+GENERATE_FLOPS = "not counted: a whole model's step (attention over the cache and the LM head included)"
 ESTIMATE_NOTE = "energy figures are an ESTIMATE (CPU TDP x process CPU utilisation), not a measurement"
 
 
@@ -331,23 +338,149 @@ def benchmark(
         model.eval()
     flops, flops_method = count_flops(model, example_batch, batch_size, flops_per_inference)
     idle = measure_idle(meter, idle_seconds, sync)
-    windows: list[dict[str, Any]] = []
-    for r in range(repeats):
-        if r > 0 and cooldown > 0:
-            time.sleep(cooldown)
-        started = now_utc()
-        res = measure(model, example_batch, duration, meter, flops, warmup, idle=idle, sync=sync,
-                      batch_size=batch_size)
-        windows.append({"repeat": r, "order": r, "started_utc": started, **window_record(res)})
-    info = meter_info(meter)
-    info["notice"] = getattr(meter, "notice", None)
+    windows = _windows(model, example_batch, WindowPlan(duration, repeats, warmup, cooldown, meter, sync, idle),
+                       flops, batch_size)
     result = result_from_windows(windows, model=_model_name(model), device=str(device), duration_s=duration,
-                                 warmup_s=warmup, flops_method=flops_method, meter=info, idle=idle)
+                                 warmup_s=warmup, flops_method=flops_method, meter=_meter_facts(meter), idle=idle)
     if carbon.given:
         result.summary.update(carbon_fields(result.summary, carbon))
     return result
 
 
+@dataclass(frozen=True)
+class WindowPlan:
+    """How every window of one call is measured: its seconds, repeats, warm-up, rest, meter, sync and idle power."""
+
+    duration: float
+    repeats: int
+    warmup: float
+    cooldown: float
+    meter: Meter
+    sync: Callable[[], None]
+    idle: IdlePower | None
+
+
+def _windows(model: Callable[..., Any], batch: Any, how: WindowPlan, flops: int | None,
+             batch_size: int) -> list[dict[str, Any]]:
+    """The one window loop of the API (``benchmark``, ``benchmark_generate``): ``how.repeats`` windows of
+    ``measure.window.measure``, a rest between them, each made a record by ``window_record`` as the CLI makes it."""
+    windows: list[dict[str, Any]] = []
+    for r in range(how.repeats):
+        if r > 0 and how.cooldown > 0:
+            time.sleep(how.cooldown)
+        started = now_utc()
+        res = measure(model, batch, how.duration, how.meter, flops, how.warmup, idle=how.idle, sync=how.sync,
+                      batch_size=batch_size)
+        windows.append({"repeat": r, "order": r, "started_utc": started, **window_record(res)})
+    return windows
+
+
+def _meter_facts(meter: Meter) -> dict[str, Any]:
+    info = meter_info(meter)
+    info["notice"] = getattr(meter, "notice", None)
+    return info
+
+
 def result_from_windows(windows: list[dict[str, Any]], **context: Any) -> BenchmarkResult:
     """The result of windows (``window_record``), reduced by the CLI's own ``measure.records.summarize``."""
     return BenchmarkResult(summary=summarize(windows), **context)
+
+
+# -- whole LLMs (issue 23): a model built from a preset (``me.models()``), its prefill and decode figures -----------
+def build_model(name: str | WholeModel, layers: int | None = None, dtype: str | torch.dtype = "float32",
+                device: str | torch.device = "cpu", seed: int = 0, tiny: bool = False) -> nn.Module:
+    """The preset ``name`` as transformers' own ``*ForCausalLM`` with seeded random weights, on ``device`` in
+    ``dtype``: its first ``layers`` layers (None: all), or with ``tiny`` a few-KB copy of its shape (router,
+    shared experts and layer pattern kept) that runs in milliseconds. In eval mode, ready for
+    ``benchmark_generate``."""
+    if not isinstance(tiny, bool):
+        raise TypeError(f"build_model: tiny={tiny!r} is {kind_of(tiny)}; give True or False")
+    m = whole.tiny(name) if tiny else whole.get_model(name)
+    return whole.build_model(m, layers, dtype, device, seed)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """A model's two phases at one batch and context: prefill (B prompts of L tokens, one forward: tokens are prompt
+    tokens, latency the time to first token) and decode (one new token for each of B sequences against a KV cache
+    of L: tokens are output tokens, latency the inter-token latency). Each phase is a ``BenchmarkResult`` whose
+    inferences are tokens."""
+
+    batch: int
+    context: int
+    prefill: BenchmarkResult
+    decode: BenchmarkResult
+
+    def figures(self, phase: str) -> dict[str, Any]:
+        """tokens_per_second, tokens_per_joule, joules_per_token, ttft_ms, itl_p50_ms, itl_p90_ms of ``phase``, as
+        a `run --model` record holds them (medians of the windows; None where not measured)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase={phase!r}: one of {', '.join(PHASES)}")
+        return phase_figures(phase, getattr(self, phase).summary)
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return self.figures("prefill")["ttft_ms"]
+
+    @property
+    def itl_p50_ms(self) -> float | None:
+        return self.figures("decode")["itl_p50_ms"]
+
+    @property
+    def itl_p90_ms(self) -> float | None:
+        return self.figures("decode")["itl_p90_ms"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Both phases' figures and their full results (every window, the method, an estimate labelled)."""
+        return {"schema": GENERATE_SCHEMA, "schema_version": SCHEMA_VERSION, "batch": self.batch,
+                "context": self.context, **{p: {**self.figures(p), "result": getattr(self, p).to_dict()}
+                                            for p in PHASES}}
+
+    def __repr__(self) -> str:
+        def f(v: float | None, spec: str) -> str:
+            return "not measured" if v is None else format(v, spec)
+
+        pre, dec = self.figures("prefill"), self.figures("decode")
+        method = "ESTIMATE" if self.decode.is_estimate else self.decode.method
+        return (f"GenerateResult({self.prefill.model} at B={self.batch}, L={self.context}: prefill "
+                f"{f(pre['joules_per_token'], '.3g')} J/token, TTFT {f(pre['ttft_ms'], '.3g')} ms; decode "
+                f"{f(dec['joules_per_token'], '.3g')} J/token, ITL p50/p90 {f(dec['itl_p50_ms'], '.3g')}/"
+                f"{f(dec['itl_p90_ms'], '.3g')} ms ({method}))")
+
+
+def _check_generate(model: Any, batch: Any, context: Any, seed: Any) -> None:
+    """A transformers causal LM and whole numbers, said up front (the steps check the positions it has)."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"benchmark_generate: model is {kind_of(model)}; give a transformers causal LM (an "
+                        "nn.Module with a config), e.g. me.build_model('qwen3-30b-a3b', layers=2)")
+    for name, v, least in (("batch", batch, 1), ("context", context, 1), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"benchmark_generate: {name}={v!r} is {kind_of(v)}; give a whole number >= {least}")
+
+
+def benchmark_generate(model: nn.Module, batch: int, context: int, duration: float = 10.0, repeats: int = 3, *,
+                       meter: Meter | None = None, warmup: float = 2.0, idle_seconds: float = 0.0,
+                       cooldown: float = 0.0, seed: int = 0) -> GenerateResult:
+    """Measure a causal LM's prefill and decode at ``batch`` sequences and ``context`` tokens, ``repeats`` windows
+    of ``duration`` seconds each, with the steps `run --model` measures (``models.generate``: token ids from
+    ``seed``, a static KV cache held at ``context``) and ``benchmark``'s window loop and statistics. ``meter``
+    defaults to ``auto_meter`` for the model's device; ``idle_seconds`` > 0 reads idle power once, before both
+    phases."""
+    _check_generate(model, batch, context, seed)
+    _check_callables(model, meter, None)
+    _check_times(duration, repeats, warmup, idle_seconds, cooldown)
+    model.eval()
+    # both steps made before any reading: each checks its positions (a decode step needs one past L), and a decode
+    # step fills its cache here, outside the windows
+    steps = {"decode": decode_step(model, batch, context, seed), "prefill": prefill_step(model, batch, context, seed)}
+    device = next(model.parameters()).device
+    meter = meter if meter is not None else auto_meter(device, notice=_warn_at(5))  # ... < benchmark_generate < user
+    sync = device_sync(device)
+    how = WindowPlan(duration, repeats, warmup, cooldown, meter, sync, measure_idle(meter, idle_seconds, sync))
+    phases = {}
+    for phase in PHASES:
+        step, tokens = steps.pop(phase)
+        phases[phase] = result_from_windows(_windows(step, (), how, None, tokens), model=type(model).__name__,
+                                            device=str(device), duration_s=duration, warmup_s=warmup,
+                                            flops_method=GENERATE_FLOPS, meter=_meter_facts(meter), idle=how.idle)
+    return GenerateResult(batch, context, phases["prefill"], phases["decode"])

@@ -30,10 +30,9 @@ from ..models.archs import PRESETS as ARCH_PRESETS
 from ..models.archs import ROUTER_KINDS, Arch, RouterSpec, custom_arch, get_arch
 from ..models.routing import ROUTING_HELP, parse_routing
 from ..models.strategies import STRATEGIES
-from ..models.whole import get_model, tiny
 from ..runner.core import Workload
 from ..runner.layer import DEFAULT_TOKENS, Layer, check_tokens
-from ..runner.model import MOE_IMPLS, Whole
+from ..runner.model import MOE_IMPLS, Whole, model_set
 from ..runner.seed import Seed
 
 if TYPE_CHECKING:
@@ -337,16 +336,8 @@ def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
     """The whole models --model and --vs name, at --batch x --context, and the options, checked: one-line
     ConfigErrors, the other workloads' flags refused (before any model is built)."""
     refuse_others(args, "whole_model")
-    first = get_model(args.model)
-    names = split_list(args.vs) if getattr(args, "vs", None) is not None else first.siblings
-    if not names:
-        raise ConfigError(f"--vs: {first.name} names no dense sibling; give the models to compare it with")
-    ms = [first, *(get_model(n) for n in names)]
-    for m in ms[1:]:
-        if m.moe_arch is not None:
-            raise ConfigError(f"--vs {m.name}: an MoE model; --vs takes dense models to compare {first.name} with")
-    if getattr(args, "tiny", None):
-        ms = [tiny(m) for m in ms]
+    vs = split_list(args.vs) if getattr(args, "vs", None) is not None else None
+    ms = model_set(args.model, vs, bool(getattr(args, "tiny", None)))
     impl = getattr(args, "moe_impl", None) or "transformers"
     if impl not in MOE_IMPLS:
         raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import shlex
 import sqlite3
 import sys
@@ -84,7 +85,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", help="comma list of presets the shape axes start from (default small)")
     g.add_argument("--experts", help="comma list of expert counts E, e.g. 8,16")
     g.add_argument("--hidden", help="comma list of expert hidden widths H, e.g. 256,512,1024")
-    g.add_argument("--layers", help="comma list of hidden layers per expert L")
+    g.add_argument("--layers", help="comma list of hidden layers per expert L (--model: one N, each model's first N "
+                   "layers; default the largest N that fits)")
     g.add_argument("--top-k", dest="top_k", help="comma list of experts per token k, e.g. 1,2")
     g.add_argument("--batch-size", dest="batch_size", help="comma list of batch sizes (training and inference)")
     g.add_argument("--dtype", help="comma list of float32, bfloat16, float16 (benchmark dtype; default float32, "
@@ -92,6 +94,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", help="comma list of measurement windows per model (default 3)")
     g.add_argument("--config", help="TOML with run options and any axis as a list (flags override it)")
     _layer_args(p)
+    _model_args(p)
     add_power_arguments(p)
     g = p.add_argument_group("power caps as a grid axis")  # replace run's cap flags (conflict: resolve)
     g.add_argument("--power-limit", dest="power_limit",
@@ -106,7 +109,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB}, or OUT/moe-energy.db)")
     s.add_argument("--out", help="results directory holding the default database (default results/)")
     s.add_argument("--resume", action="store_true", help="skip points already complete in --db")
-    s.add_argument("--shard", help="run only shard I of N (e.g. 1/4): a deterministic 1/N of the points")
+    s.add_argument("--shard", help="run only shard I of N (e.g. 1/4): a deterministic 1/N of the points; 'auto': I "
+                   "and N from a Slurm array task (SLURM_ARRAY_TASK_ID, _MIN, _COUNT); 'auto/N': I from a Kubernetes "
+                   "Indexed Job's JOB_COMPLETION_INDEX, N its completions")
     s.add_argument("--dry-run", dest="dry_run", action="store_true", help="list the points and exit")
 
 
@@ -129,6 +134,24 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ffn-dim", dest="ffn_dim", help="custom: comma list of routed expert widths I")
     g.add_argument("--shared-experts", dest="shared_experts", help="custom: comma list of shared-expert counts")
     g.add_argument("--router", help=f"custom: comma list of router kinds ({', '.join(ROUTER_KINDS)})")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The whole-model axes (issue 23): one point per model set x --moe-impl x dtype x repeats, each measuring every
+    batch x context in prefill and decode; --layers (one N) builds each model's first N layers."""
+    from ..runner.model import MOE_IMPLS
+
+    g = p.add_argument_group("whole LLMs (--model: prefill and decode per token, each MoE against its dense "
+                             "siblings; one record per model, phase, batch and context)")
+    g.add_argument("--model", help="comma list of MoE presets (see 'moe-energy models'): one point each")
+    g.add_argument("--vs", help="comma list of dense models every --model is compared with (default each one's "
+                   "dense siblings)")
+    g.add_argument("--batch", help="comma list of batch sizes, sequences per step (default 1,8)")
+    g.add_argument("--context", help="comma list of context lengths: prompt tokens, and the KV cache at each decode "
+                   "step (default 512)")
+    g.add_argument("--moe-impl", dest="moe_impl", help=f"comma list of {', '.join(MOE_IMPLS)} (default transformers)")
+    g.add_argument("--tiny", action="store_true", default=None, help="every model shrunk to a few-KB copy of its "
+                   "shape: tries the sweep in seconds; the figures are not the model's")
 
 
 def _eta(seconds: float | None) -> str:
@@ -158,7 +181,9 @@ class SweepProgress:
 
     def on_point(self, i: int, point, eta_s: float | None) -> None:  # noqa: ANN001 - sweep.Point
         o = point.opts
-        what = f"tokens {point.tokens[0]}-{point.tokens[-1]}" if point.is_layer else f"batch {o.batch_size}"
+        what = f"tokens {point.tokens[0]}-{point.tokens[-1]}" if point.is_layer else \
+            f"batch {point.batches[0]}-{point.batches[-1]} x context {point.contexts[0]}-{point.contexts[-1]}" \
+            if point.is_whole else f"batch {o.batch_size}"
         cap = "" if point.caps_text == "-" else f", cap {point.caps_text}"
         self.progress.update(self.task, completed=i, info=escape(
             f"now {point.label} ({point.total_params:,} params, {what}, {o.dtype}{cap}) | {_eta(eta_s)}"))
@@ -191,6 +216,8 @@ class SweepProgress:
 def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
     if points and points[0].is_layer:
         return _layer_points_table(points, meter_name, done, device)
+    if points and points[0].is_whole:
+        return _model_points_table(points, meter_name, done, device)
     capped = any(p.caps_text != "-" for p in points)
     t = Table(title=f"sweep points ({len(points)})")
     for col in ("#", "point", "E", "H", "L", "k", "total params", "batch", "dtype", "repeats",
@@ -203,6 +230,26 @@ def _points_table(points, meter_name: str, done: set[str], device) -> Table:  # 
         t.add_row(str(i), escape(p.label), str(s.experts), str(s.hidden), str(s.layers), str(s.top_k),
                   f"{p.total_params:,}", str(p.opts.batch_size), p.opts.dtype, str(p.opts.repeats),
                   *((p.caps_text,) if capped else ()), escape(status))
+    return t
+
+
+def _model_points_table(points, meter_name: str, done: set[str], device) -> Table:  # noqa: ANN001
+    """The whole-model points: each model set, its batches x contexts, the layers each builds here."""
+    from ..runner.sweep import measured_models
+
+    capped = any(p.caps_text != "-" for p in points)
+    t = Table(title=f"sweep points ({len(points)}): rows of each = models x prefill, decode x batches x contexts")
+    for col in ("#", "point", "models (layers built here)", "MoE params", "batches", "contexts", "moe impl", "dtype",
+                "repeats", "rows", *(("power cap",) if capped else ()), "status"):
+        t.add_column(col, justify="right" if col in ("#", "MoE params", "repeats", "rows") else "left")
+    for i, p in enumerate(points, 1):
+        problem = None if p.key(meter_name) in done else p.workload.point_problem(p.opts, device)
+        status = "complete" if p.key(meter_name) in done else problem or "to do"
+        built = p.workload.chosen  # point_problem chose each model's layers, as the run will
+        names = ", ".join(f"{m.name} ({built.get(m.name, '?')} of {m.layers})" for m in p.workload.models)
+        t.add_row(str(i), escape(p.label), escape(names), f"{p.total_params:,}", ",".join(map(str, p.batches)),
+                  ",".join(map(str, p.contexts)), str(p.moe_impl), p.opts.dtype, str(p.opts.repeats),
+                  str(measured_models(p)), *((p.caps_text,) if capped else ()), escape(status))
     return t
 
 
@@ -244,11 +291,11 @@ def _over_limit(p: Any, roof: Any) -> str:
 
 
 def _llm_dtype(cfg: dict[str, Any]) -> None:
-    """An LLM grid's default dtype, as `run --arch` picks it: bfloat16 where the device runs it natively, else
-    float32."""
+    """An LLM grid's (layers or whole models) default dtype, as `run --arch` and `run --model` pick it: bfloat16
+    where the device runs it natively, else float32."""
     from ..device import llm_default_dtype, resolve_device
 
-    if "dtype" in cfg or not (cfg.get("arch") or cfg.get("grid") == "llm"):
+    if "dtype" in cfg or not (cfg.get("arch") or cfg.get("model") or cfg.get("grid") == "llm"):
         return
     cfg["dtype"] = llm_default_dtype(resolve_device(str(cfg.get("device") or "auto")))[0]
 
@@ -417,6 +464,24 @@ def _say(text: str) -> None:
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB})")
     p.add_argument("--out", default="results/report", help="directory for report.html, report.md and plots/")
+    p.add_argument("--itl-deadline-ms", dest="itl_deadline_ms", default="100,250", metavar="MS[,MS...]",
+                   help="whole models: inter-token latency deadlines (ms) of the selection, the lowest J/token "
+                        "configuration whose decode ITL p90 meets each (default 100,250, ML.ENERGY's)")
+
+
+def deadlines(text: str) -> tuple[float, ...]:
+    """'100,250' -> (100.0, 250.0): each a finite number of ms > 0, each once, ascending; one-line ConfigError."""
+    vals = []
+    for part in (x.strip() for x in str(text).split(",")):
+        try:
+            v = float(part)
+        except ValueError:
+            raise ConfigError(f"--itl-deadline-ms {text!r}: {part!r} is not a number of milliseconds; give e.g. "
+                              "100,250") from None
+        if not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"--itl-deadline-ms {text!r}: {part} must be a finite number of milliseconds > 0")
+        vals.append(v)
+    return tuple(sorted(set(vals)))
 
 
 @command("report", "Write the crossover answer with plots: one self-contained HTML file and a Markdown summary.",
@@ -429,6 +494,7 @@ def report(args: argparse.Namespace) -> int:
     from ..report.html import answer_tables
 
     db = db_path(args)
+    itl = deadlines(args.itl_deadline_ms)  # a typo is told before the store is read
     with Store(db, create=False) as store:
         frame = load(store)
     if not frame.points and not frame.skipped:
@@ -437,13 +503,13 @@ def report(args: argparse.Namespace) -> int:
     if note:
         print(f"warning: --db {db}: {note}; the report is drawn from the rest", file=sys.stderr)
     try:
-        files = write_report(frame, args.out, db)  # each file written whole (fileio.replace_atomic) or not at all
+        files = write_report(frame, args.out, db, itl)  # each file written whole (fileio.replace_atomic) or not at all
     except OSError as e:
         raise ConfigError(f"--out {args.out}: cannot write the report there ({os_reason(e)}); choose another "
                           "directory") from None
     record_saved(files.html)
     record_saved(files.markdown)
-    for title, head, rows in answer_tables(frame):
+    for title, head, rows in answer_tables(frame, itl):
         t = Table(title=escape(title))
         for h in head:
             t.add_column(escape(h), overflow="fold")

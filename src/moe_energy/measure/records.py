@@ -175,6 +175,27 @@ class LayerRecord(ModelRecord, total=False):
     model_extrapolated: dict[str, Any] | None
 
 
+class WholeRecord(ModelRecord, total=False):
+    """A model record of the whole-model workload (issue 23): one model at one (phase, batch, context); tokens are
+    the inferences (prompt tokens for a prefill, new tokens for a decode step)."""
+
+    model: str
+    phase: str  # "prefill" | "decode"
+    batch: int  # sequences per step
+    context: int  # prompt tokens; a decode step's KV cache length
+    tokens_per_call: int  # B x L for a prefill, B for a decode step
+    layers_measured: int  # N of the model's layers built (the first N)
+    layers_total: int
+    moe_impl: str | None  # how the MoE blocks ran (None: a dense model)
+    tokens_per_second: float | None
+    tokens_per_joule: float | None
+    joules_per_token: float | None
+    ttft_ms: float | None  # prefill: time to first token (median forward latency)
+    itl_p50_ms: float | None  # decode: inter-token latency, median and 90th percentile of single steps
+    itl_p90_ms: float | None
+    whole_model_extrapolated: dict[str, Any] | None  # figures x (all layers' params / the N built's), labelled
+
+
 def window_record(res: BenchResult) -> WindowRecord:
     """The figures of one measured window, each named with its unit."""
     e = res.energy

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..storage.store import LAYER_FAMILY, Store, stored_json, stored_key
+from ..storage.store import JSON_COLUMNS, LAYER_FAMILY, WHOLE_FAMILY, Store, stored_json, stored_key
 
 MEASURED = ("counter", "sampled")
 METRICS = {
@@ -37,12 +37,14 @@ METRICS = {
     "inferences_per_second": "inferences/s",
     "correct_per_joule": "correct inferences/J",
 }
-ENERGY_METRICS = ("inferences_per_joule", "correct_per_joule")
+ENERGY_METRICS = ("inferences_per_joule", "correct_per_joule", "joules_per_token")
 TDP_KEYS = ("tdp_w", "tdp_watts", "power_limit_w")
 
 Group = tuple[int, str, str, str, float | None]  # (batch_size, dtype, strategy, E/k, cap W): one curve along params
 LayerGroup = tuple[str, str, str, str, float | None]  # (arch, routing, dtype, strategy, cap W): one along tokens
-AXIS_UNITS = {"params": "params", "tokens": "tokens per forward"}
+AXIS_UNITS = {"params": "params", "tokens": "tokens per forward", "batch": "sequences per batch",
+              "context": "tokens of context"}
+ONE_UNIT = {"tokens": "token per forward", "batch": "sequence per batch", "context": "token of context"}
 
 
 def finite(v: Any) -> float | None:
@@ -53,6 +55,9 @@ def finite(v: Any) -> float | None:
 
 def value(rec: dict, metric: str, bound: str | None = None) -> float | None:
     """A model's figure; ``bound`` 'min'/'max' reads the repeats' spread (the median when there is none)."""
+    if metric == "joules_per_token":  # the inverse of tokens/J: its best case is tokens/J's max
+        ipj = value(rec, "inferences_per_joule", {"min": "max", "max": "min"}.get(bound or ""))
+        return 1 / ipj if ipj else None
     if metric == "correct_per_joule":
         if rec.get("diverged"):  # its accuracy is meaningless, so is any figure weighted by it
             return None
@@ -81,6 +86,7 @@ class Frame:
     points: list[dict] = field(default_factory=list)  # done points, ascending total params
     models: list[dict] = field(default_factory=list)  # one per measured model; with point fields
     layers: list[dict] = field(default_factory=list)  # LLM layers: one per (model, token count); with point fields
+    wholes: list[dict] = field(default_factory=list)  # whole models: one per (model, phase, batch, context)
     windows: list[dict] = field(default_factory=list)  # one per window; 'trace': [(device, t_s, power_w)]
     skipped: list[dict] = field(default_factory=list)  # points that were skipped or failed (latest attempt)
     tdp_w: float | None = None
@@ -89,7 +95,7 @@ class Frame:
 
     def methods(self) -> set[str]:
         """Energy methods of the rows measured (a skipped row's 'none' says nothing of the meter)."""
-        return {str(m.get("energy_method")) for m in (*self.models, *self.layers) if m.get("repeats")}
+        return {str(m.get("energy_method")) for m in (*self.models, *self.layers, *self.wholes) if m.get("repeats")}
 
     def damage_note(self) -> str | None:
         """One line on the damaged rows left out, for the report's notes; None when there are none."""
@@ -116,9 +122,10 @@ def load(store: Store) -> Frame:
     f = Frame(runs=_runs(store, damaged))
     f.points = sorted(done.values(), key=lambda p: (p["total_params"] or 0, p["batch_size"] or 0, p["id"]))
     f.skipped = sorted((p for p in latest.values() if p["status"] != "done"), key=lambda p: p["total_params"] or 0)
-    both = _models(store, done, damaged)
-    f.models = [m for m in both if m.get("family") != LAYER_FAMILY]
-    f.layers = [m for m in both if m.get("family") == LAYER_FAMILY]
+    every = _models(store, done, damaged)
+    f.models = [m for m in every if m.get("family") not in (LAYER_FAMILY, WHOLE_FAMILY)]
+    f.layers = [m for m in every if m.get("family") == LAYER_FAMILY]
+    f.wholes = [m for m in every if m.get("family") == WHOLE_FAMILY]
     model_ids = {m["model_id"] for m in f.models}
     traces = store.traces(damaged)
     for w in store.window_rows():
@@ -161,7 +168,8 @@ def _models(store: Store, done: dict[int, dict], damaged: Counter[str]) -> list[
         if row["point_id"] not in done:
             continue
         rec = stored_json(row["record_json"])
-        m = {**(rec or {}), **{k: v for k, v in row.items() if k != "record_json" and v is not None}}
+        m = {**(rec or {}), **{k: v for k, v in row.items() if k not in ("record_json", *JSON_COLUMNS)
+                               and v is not None}}
         if rec is None or not _usable(m):
             damaged["models"] += 1
             continue
@@ -175,6 +183,8 @@ def _models(store: Store, done: dict[int, dict], damaged: Counter[str]) -> list[
         m["dtype"] = m.get("dtype") or row["point_dtype"]
         m["kind"] = m.get("kind") or ("moe" if str(m.get("name", "")).startswith("moe") else "dense")
         m["family"] = row.get("point_family")
+        if m["family"] == WHOLE_FAMILY:  # the set it was measured in: its MoE (the first model) and how that ran
+            m["set"], m["impl"] = done[row["point_id"]].get("model"), done[row["point_id"]].get("moe_impl")
         out.append(m)
     return out
 
@@ -284,6 +294,10 @@ class Crossover:
     arch: str | None = None  # an LLM layer's crossover: its arch and routing
     routing: str | None = None
     power_limit_w: float | None = None  # the cap its points ran under (None: the limit in force, untouched)
+    model: str | None = None  # a whole model's crossover: its set (the MoE), the dense sibling, the phase and
+    vs: str | None = None  # the other axis's value it holds ("context 512" along batch)
+    phase: str | None = None
+    fixed: str | None = None
 
     @property
     def unit(self) -> str:
@@ -295,7 +309,7 @@ class Crossover:
         if self.status == "not_measured":
             return "not measured"
         if self.status == "below_grid":
-            u = u.replace("tokens", "token", 1) if self.min_params == 1 else u  # "1 token per forward"
+            u = ONE_UNIT.get(self.axis, u) if self.min_params == 1 else u  # "1 token per forward"
             return f"at or below {n(self.min_params)} {u} (MoE already ahead at the smallest point)"
         if self.status == "not_reached":
             return f"not reached up to {n(self.max_params)} {u}"
@@ -516,10 +530,11 @@ def at_cap(frame: Frame, cap: float | None) -> Frame:
     """The frame's records measured under ``cap`` only (and their points and windows)."""
     models = [m for m in frame.models if cap_of(m) == cap]
     layers = [m for m in frame.layers if cap_of(m) == cap]
-    ids = {m["point_id"] for m in (*models, *layers)}
+    wholes = [m for m in frame.wholes if cap_of(m) == cap]
+    ids = {m["point_id"] for m in (*models, *layers, *wholes)}
     model_ids = {m["model_id"] for m in models}
     return Frame(runs=frame.runs, points=[p for p in frame.points if p["id"] in ids], models=models, layers=layers,
-                 windows=[w for w in frame.windows if w["model_id"] in model_ids], skipped=frame.skipped,
+                 wholes=wholes, windows=[w for w in frame.windows if w["model_id"] in model_ids], skipped=frame.skipped,
                  tdp_w=frame.tdp_w, tdp_source=frame.tdp_source, damaged=frame.damaged)
 
 
@@ -577,3 +592,151 @@ def best_caps(frame: Frame) -> list[BestCap]:
             best = max(rated, key=lambda m: value(m, "inferences_per_joule") or 0.0)
             out.append(BestCap(s, name, cap_of(best) or 0.0, best, rated[-1], len(rated), kind))
     return out
+
+
+# -- whole models (issue 23): an MoE LLM against its dense siblings, per phase, batch and context ---------------
+PHASES = ("prefill", "decode")  # runner.model.PHASES, in the order the report reads them
+ITL_DEADLINES_MS = (100.0, 250.0)  # ML.ENERGY's inter-token deadlines: the report's --itl-deadline-ms default
+LABELS = ("estimate:",)  # window flags that name a method, not a fault: an estimate is labelled, never unstable
+
+
+def whole_sets(frame: Frame) -> dict[str, list[dict]]:
+    """{the set's MoE: the records of every point of that set} (its dense siblings' included), sets in name order."""
+    out: dict[str, list[dict]] = {}
+    for m in frame.wholes:
+        out.setdefault(str(m.get("set")), []).append(m)
+    return dict(sorted(out.items()))
+
+
+SCALED_DOWN = ("inferences_per_joule", "inferences_per_joule_min", "inferences_per_joule_max", "inferences_per_second")
+SCALED_UP = ("ttft_ms", "itl_p50_ms", "itl_p90_ms")
+
+
+def as_whole(m: dict) -> dict:
+    """The record's figures for the whole model: as measured when every layer was built; else scaled as its
+    extrapolation scales them (time and energy per token x all layers' parameters / the N built's), with
+    ``extrapolated`` set to its label, so a model built on 8 of 64 layers is never compared with one built whole."""
+    x = m.get("whole_model_extrapolated")
+    tps, tps_x = finite(m.get("inferences_per_second")), finite(x.get("tokens_per_second")) if isinstance(x, dict) \
+        else None
+    if not tps or not tps_x:
+        return m
+    scale = tps / tps_x
+    out = {**m, "extrapolated": str(x.get("label"))}  # type: ignore[union-attr]
+    out.update({k: v / scale for k in SCALED_DOWN if (v := finite(m.get(k))) is not None})
+    out.update({k: v * scale for k in SCALED_UP if (v := finite(m.get(k))) is not None})
+    return out
+
+
+def unstable(m: dict) -> str | None:
+    """Why a record is kept out of the answers, or None: not measured, a failed window, or any flag on a window
+    or the record (ML.ENERGY's stability rule keeps out windows whose decode batch shrank or whose steady state
+    was shorter than the window; here a decode step holds its batch and its KV cache at L by construction, so a
+    window is unstable when the meter or the clock flagged it: too short, a zero or impossible reading, a trace
+    far from its counter). The estimate's label is not a fault: estimates are labelled and compared only with
+    estimates."""
+    if m.get("status") != "measured" or not m.get("repeats"):
+        return str(m.get("skipped") or "not measured")
+    windows = [w for w in m.get("windows") or [] if isinstance(w, dict)]
+    failed = next((w["failed"] for w in windows if w.get("failed")), None)
+    if failed:
+        return f"window failed: {failed}"
+    flags = [f for f in [*(m.get("flags") or []), *(f for w in windows for f in w.get("flags") or [])]
+             if isinstance(f, str) and not f.startswith(LABELS)]
+    return flags[0] if flags else None
+
+
+def stable(records: Iterable[dict]) -> tuple[list[dict], int]:
+    """(the records an answer may use: stable, with a J/token figure; how many measured ones were kept out as
+    flagged)."""
+    ok, flagged = [], 0
+    for m in records:
+        if unstable(m) is not None:
+            flagged += m.get("status") == "measured"
+        elif energy_kind(m) != "none" and value(m, "joules_per_token"):
+            ok.append(m)
+    return ok, flagged
+
+
+def whole_crossovers(frame: Frame, axis: str = "batch") -> list[Crossover]:
+    """Where each MoE passes each dense sibling in tokens/J, along batch (per phase, context, dtype, impl) or along
+    context (per phase, batch, dtype, impl), from stable records only, found as the size crossover is; on whole-model
+    figures (``as_whole``: extrapolated where fewer layers were built, said in the notes)."""
+    other = "context" if axis == "batch" else "batch"
+    out = []
+    for name, recs in whole_sets(frame).items():
+        ok, _ = stable(as_whole(m) for m in recs)
+        groups: dict[tuple, dict[str, list[dict]]] = {}
+        for m in ok:
+            g = (str(m.get("phase")), m.get(other), str(m.get("dtype")), str(m.get("impl")))
+            groups.setdefault(g, {}).setdefault(str(m.get("model")), []).append(m)
+        for (phase, at, dtype, impl), by_model in sorted(groups.items(), key=lambda kv: (PHASES.index(kv[0][0]),
+                                                                                          *kv[0][1:])):
+            moe = {m[axis]: m for m in by_model.get(name, [])}
+            for sib in sorted(n for n in by_model if n != name):
+                ps = [Pair(int(moe[d[axis]]["params"]), moe[d[axis]], d, name, float(d[axis]))
+                      for d in by_model[sib] if d[axis] in moe]
+                c = crossover(sorted(ps, key=lambda p: p.at), "inferences_per_joule",
+                              (None, dtype, impl, None, None), axis=axis)  # type: ignore[arg-type]
+                c.model, c.vs, c.phase, c.fixed = name, sib, phase, f"{other} {at}"
+                c.notes += sorted({f"{m['model']}: {m['extrapolated']}" for p in ps for m in (p.moe, p.dense)
+                                   if m.get("extrapolated")})
+                out.append(c)
+    return out
+
+
+@dataclass
+class Choice:
+    """ML.ENERGY's selection: one model's lowest-J/token configuration at one phase and context meeting a deadline
+    (decode: its ITL p90; prefill: none, a prompt has no inter-token latency)."""
+
+    set: str
+    model: str
+    phase: str
+    context: int
+    deadline_ms: float | None
+    record: dict | None  # None: no stable configuration meets the deadline
+    meeting: int  # stable configurations meeting it
+    candidates: int  # stable configurations measured
+    flagged: int  # configurations kept out: a window flagged or failed
+    energy: str  # 'measured' | 'estimate' | '-' (no stable configuration)
+
+
+def _pick(rows: list[dict], deadline: float | None) -> list[dict]:
+    """The rows meeting ``deadline`` (ITL p90 at or under it), or all of them without one."""
+    if deadline is None:
+        return rows
+    return [m for m in rows if (t := finite(m.get("itl_p90_ms"))) is not None and t <= deadline]
+
+
+def selections(frame: Frame, deadlines: Iterable[float] = ITL_DEADLINES_MS) -> list[Choice]:
+    """For every model of every set, phase and context: the lowest J/token configuration (batch, dtype, impl)
+    among the stable ones whose decode ITL p90 meets each deadline, on whole-model figures (``as_whole``); measured
+    energy wins over estimates when a store holds both (they are never compared)."""
+    out = []
+    for name, recs in whole_sets(frame).items():
+        cells: dict[tuple, list[dict]] = {}
+        for m in recs:
+            cells.setdefault((str(m.get("model")), str(m.get("phase")), m.get("context")), []).append(m)
+        for (model, phase, context), rows in sorted(cells.items(), key=lambda kv: (
+                kv[0][0] != name, kv[0][0], PHASES.index(kv[0][1]), kv[0][2] or 0)):
+            ok, flagged = stable(as_whole(m) for m in rows)
+            kinds = {energy_kind(m) for m in ok}
+            kind = "measured" if "measured" in kinds else "estimate" if kinds else "-"
+            ok = [m for m in ok if energy_kind(m) == kind]
+            for deadline in (list(deadlines) if phase == "decode" else [None]):
+                meet = _pick(ok, deadline)
+                best = min(meet, key=lambda m: value(m, "joules_per_token") or math.inf) if meet else None
+                out.append(Choice(name, model, phase, int(context or 0), deadline, best, len(meet), len(ok),
+                                  flagged, kind))
+    return out
+
+
+def time_energy(records: Iterable[dict], phase: str) -> tuple[list[tuple[dict, float, float]], list[int]]:
+    """[(record, latency ms, J/token)] of the stable records of one phase (decode: ITL p90; prefill: TTFT), on
+    whole-model figures (``as_whole``), and the indices of their Pareto front: no other configuration both faster and
+    cheaper per token."""
+    key = "itl_p90_ms" if phase == "decode" else "ttft_ms"
+    pts = [(m, t, j) for m in stable(as_whole(r) for r in records if r.get("phase") == phase)[0]
+           if (t := finite(m.get(key))) is not None and (j := value(m, "joules_per_token")) is not None]
+    return pts, pareto_front([(t, j) for _, t, j in pts])

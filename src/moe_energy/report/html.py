@@ -3,10 +3,12 @@ beside its PNGs. Both carry the same tables; the crossover table comes first bec
 
 The page is a list of blocks (heading, table, note, image) rendered twice, as HTML and as Markdown: the seed's
 section (sizes), then, when the store holds LLM layers, their section (tokens per forward) with one
-sub-section of plots per arch, then, when the store holds more than one power cap, the caps' section (the cap
-that maximises each model's inferences/J, and efficiency, speed and the time-energy front against the cap),
-then the skipped points and the runs. Carbon and cost per million inferences (tokens) are columns of the
-tables wherever the records carry them: estimates on the intensity and price given, each cell saying which.
+sub-section of plots per arch, then, when it holds whole models, their section (the crossovers over batch and
+context, the deadline selection, and per model set its records and plots), then, when the store holds more than
+one power cap, the caps' section (the cap that maximises each model's inferences/J, and efficiency, speed and the
+time-energy front against the cap), then the skipped points and the runs. Carbon and cost per million inferences
+(tokens) are columns of the tables wherever the records carry them: estimates on the intensity and price given,
+each cell saying which.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from matplotlib.figure import Figure
 from ..power.carbon import ESTIMATED
 from ..storage.fileio import now_utc, replace_atomic
 from .analysis import (
+    ITL_DEADLINES_MS,
     METRICS,
     BestCap,
+    Choice,
     Crossover,
     Frame,
     at_cap,
@@ -39,9 +43,14 @@ from .analysis import (
     layer_crossovers,
     pairs,
     reference_cap,
+    selections,
+    stable,
+    unstable,
     value,
+    whole_crossovers,
+    whole_sets,
 )
-from .plots import CAP_PLOTS, LAYER_PLOTS, PLOTS
+from .plots import CAP_PLOTS, LAYER_PLOTS, PLOTS, WHOLE_PLOTS
 
 Table = tuple[str, list[str], list[list[str]]]  # title, header, rows (already formatted text)
 # A block of the page: ("h2"|"h3", text) | ("table", Table) | ("note", text) | ("image", slug, title)
@@ -290,6 +299,88 @@ def _base_name(m: dict | None) -> str:
     return "-" if m is None else str(m["name"]).split("@")[0]
 
 
+WHOLE_NOTE = (
+    "Whole models: each MoE LLM and the dense models it is compared with, built from their published shapes (random "
+    "weights), at every batch B and context L. Prefill: B prompts of L tokens, one forward; J per prompt token, time "
+    "to first token (TTFT). Decode: B sequences, one new token each per step against a KV cache held at L; J per "
+    "output token, inter-token latency (ITL) p50/p90. Stability (ML.ENERGY's rule): a window whose batch shrank or "
+    "whose steady state was shorter than the window is not an answer; a decode step here holds its batch and its "
+    "cache by construction, so a record is kept out of the crossovers and the selection when any of its windows was "
+    "flagged (too short, a zero or impossible reading, a trace far from its counter) or failed; the estimate's label "
+    "is not a flag. Crossover over batch (or context): where the MoE's tokens/J passes the sibling's, interpolated "
+    "as the size crossover is, the interval from the repeats. Selection: for each model, phase and context, the "
+    "configuration (batch, dtype, MoE blocks) with the lowest J/token whose decode ITL p90 meets the deadline "
+    "(--itl-deadline-ms); a prefill has no inter-token latency, so its row has no deadline. When only the first N "
+    "layers of a model were built, its record's figures are of those N; the crossovers, the selection and the plots "
+    "compare whole models, so they use its figures extrapolated (time and energy per token x all layers' parameters "
+    "/ the N built's) and say EXTRAPOLATED."
+)
+
+
+def whole_crossover_table(xos: list[Crossover]) -> Table:
+    """Each MoE against each sibling, per phase, along batch and along context."""
+    head = ["MoE", "vs", "phase", "along", "at", "dtype", "MoE blocks", "crossover (MoE's tokens/J passes)",
+            "energy", "points", "notes"]
+    rows = [[str(c.model), str(c.vs), str(c.phase), c.axis, str(c.fixed), str(c.dtype), str(c.strategy), c.answer(),
+             c.energy or "not measured", str(c.n_points), "; ".join(c.notes)] for c in xos]
+    return "Whole models: where the MoE uses less energy per token than each dense sibling (stable records)", head, \
+        rows
+
+
+def _ms(v: object) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:,.3g}"
+
+
+def selection_table(choices: list[Choice]) -> Table:
+    """ML.ENERGY's answer: each model's lowest-J/token configuration meeting each ITL deadline."""
+    head = ["MoE set", "model", "phase", "context", "ITL p90 deadline ms", "batch", "dtype", "MoE blocks",
+            "J/token", "tokens/s", "ITL p90 ms", "TTFT ms", "meeting / stable configurations", "flagged (kept out)",
+            "energy"]
+    rows = []
+    for c in choices:
+        m = c.record
+        pick = ["none meets it", "-", "-"] if m is None else [str(m.get("batch")), str(m.get("dtype")),
+                                                               str(m.get("impl") if m.get("kind") == "moe" else "-")]
+        est = (" (estimate)" if m is not None and c.energy == "estimate" else "") + \
+            (" (EXTRAPOLATED)" if m is not None and m.get("extrapolated") else "")
+        rows.append([c.set, c.model, c.phase, str(c.context), "none (prefill)" if c.deadline_ms is None else
+                     f"{c.deadline_ms:g}", *pick, "-" if m is None else f"{value(m, 'joules_per_token'):.4g}{est}",
+                     "-" if m is None else _num(value(m, "inferences_per_second"), ",.1f"),
+                     "-" if m is None else _ms(m.get("itl_p90_ms")), "-" if m is None else _ms(m.get("ttft_ms")),
+                     f"{c.meeting} / {c.candidates}", str(c.flagged), c.energy])
+    return "Whole models: the lowest energy per token meeting each inter-token deadline (ML.ENERGY's selection)", \
+        head, rows
+
+
+def whole_tokens_table(recs: list[dict]) -> Table:
+    """Every record of a set: its per-token figures, its layers, and whether it was kept out."""
+    head = ["phase", "context", "batch", "dtype", "MoE blocks", "model", "layers", "J/token", "tokens/s", "TTFT ms",
+            "ITL p50 ms", "ITL p90 ms", "whole model J/token (extrapolated)", "kept out because"]
+    rows = []
+    order = {"prefill": 0, "decode": 1}
+    for m in sorted(recs, key=lambda m: (order.get(str(m.get("phase")), 2), m.get("context") or 0,
+                                         m.get("batch") or 0, str(m.get("dtype")), str(m.get("impl")),
+                                         m.get("model") != m.get("set"), str(m.get("model")))):
+        x = m.get("whole_model_extrapolated")
+        j = value(m, "joules_per_token")
+        rows.append([str(m.get("phase")), str(m.get("context")), str(m.get("batch")), str(m.get("dtype")),
+                     str(m.get("impl")), str(m.get("model")), f"{m.get('layers_measured')} of {m.get('layers_total')}",
+                     "not measured" if j is None or energy_kind(m) == "none" else
+                     f"{j:.4g}" + (" (estimate)" if energy_kind(m) == "estimate" else ""),
+                     _num(value(m, "inferences_per_second"), ",.1f"), _ms(m.get("ttft_ms")),
+                     _ms(m.get("itl_p50_ms")), _ms(m.get("itl_p90_ms")),
+                     "-" if not isinstance(x, dict) or x.get("joules_per_token") is None else
+                     f"{x['joules_per_token']:.4g} (EXTRAPOLATED)", unstable(m) or "-"])
+    return "Every configuration measured (median of the repeats)", head, rows
+
+
+def whole_tables(frame: Frame, deadlines: tuple[float, ...] = ITL_DEADLINES_MS) -> list[Table]:
+    """The whole-model answers over every set (none without whole models): crossovers, then the selection."""
+    if not frame.wholes:
+        return []
+    return [whole_crossover_table(whole_crossovers(frame, "batch") + whole_crossovers(frame, "context")),
+            selection_table(selections(frame, deadlines))]
+
 
 def best_cap_table(best: list[BestCap]) -> Table:
     """One line per model and setting: the cap that maximises its inferences/J (tokens/J), and what it gains."""
@@ -323,7 +414,7 @@ def environment_table(frame: Frame) -> Table:
 def has_seed(frame: Frame) -> bool:
     """Whether the seed's section is drawn: when it has models, or when nothing else would be (an empty store's
     report still shows every plot, each saying why it is empty)."""
-    return bool(frame.models) or not frame.layers
+    return bool(frame.models) or not (frame.layers or frame.wholes)
 
 
 def seed_tables(frame: Frame) -> list[Table]:
@@ -337,10 +428,10 @@ def layer_tables(frame: Frame) -> list[Table]:
     return [layer_crossover_table(layer_crossovers(frame)), layer_tokens_table(frame)] if frame.layers else []
 
 
-def answer_tables(frame: Frame) -> list[Table]:
-    """What `moe-energy report` prints: each section's crossover, the LLM layers' per-token table, and with
-    several power caps the best cap per model."""
-    return seed_tables(frame)[:1] + layer_tables(frame) + \
+def answer_tables(frame: Frame, deadlines: tuple[float, ...] = ITL_DEADLINES_MS) -> list[Table]:
+    """What `moe-energy report` prints: each section's crossover, the LLM layers' per-token table, the whole models'
+    crossovers and deadline selection, and with several power caps the best cap per model."""
+    return seed_tables(frame)[:1] + layer_tables(frame) + whole_tables(frame, deadlines) + \
         ([best_cap_table(best_caps(frame))] if len(caps(frame)) > 1 else [])
 
 
@@ -387,7 +478,26 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-def _draw(frame: Frame) -> tuple[list[Block], dict[str, bytes]]:
+def _whole_blocks(frame: Frame, drawn: Frame, images: dict[str, bytes], deadlines: tuple[float, ...]) -> list[Block]:
+    """The whole models' section: the answers over every set, then per set (an MoE and its siblings) its records'
+    table and each of WHOLE_PLOTS."""
+    blocks: list[Block] = [("h2", "Whole models: energy per token, the MoE against its dense siblings"),
+                           ("note", WHOLE_NOTE)]
+    blocks += [("table", t) for t in whole_tables(frame, deadlines)]
+    for name, recs in whole_sets(drawn).items():
+        ok, flagged = stable(recs)
+        blocks += [("h3", f"{name} against {', '.join(sorted({str(m['model']) for m in recs} - {name}))}"),
+                   ("note", f"{len(recs)} configuration(s): {len(ok)} stable with energy, {flagged} flagged and kept "
+                            "out of the answers"), ("table", whole_tokens_table(recs))]
+        sub = replace(drawn, wholes=recs)
+        for slug, title, fn in WHOLE_PLOTS:
+            key = f"{slug}-{_slug(name)}"
+            images[key] = png(fn(sub))
+            blocks.append(("image", key, f"{name}: {title}"))
+    return blocks
+
+
+def _draw(frame: Frame, deadlines: tuple[float, ...] = ITL_DEADLINES_MS) -> tuple[list[Block], dict[str, bytes]]:
     """Every plot as a PNG, and the blocks of the page in order (tables and notes between them). With several
     caps the plots along size and tokens are drawn at one (``reference_cap``), the caps' own section compares
     them; the tables hold every cap."""
@@ -420,6 +530,8 @@ def _draw(frame: Frame) -> tuple[list[Block], dict[str, bytes]]:
                 name = f"{slug}-{_slug(arch)}"
                 images[name] = png(fn(sub))
                 blocks.append(("image", name, f"{arch}: {title}"))
+    if frame.wholes:
+        blocks += _whole_blocks(frame, drawn, images, deadlines)
     if several:
         blocks += _cap_blocks(frame, images)
     blocks += [("table", skipped_table(frame)), ("table", environment_table(frame))]
@@ -477,12 +589,14 @@ def _warnings(frame: Frame) -> tuple[list[str], str]:
 TITLE = "moe-energy report: when does a Mixture of Experts use less energy per inference?"
 
 
-def write_report(frame: Frame, out_dir: str | Path, db: str | Path) -> ReportFiles:
-    """Draw every plot, then write report.html (self-contained) and report.md with plots/*.png."""
+def write_report(frame: Frame, out_dir: str | Path, db: str | Path,
+                 deadlines: tuple[float, ...] = ITL_DEADLINES_MS) -> ReportFiles:
+    """Draw every plot, then write report.html (self-contained) and report.md with plots/*.png; ``deadlines`` are
+    the inter-token deadlines (ms) of the whole models' selection."""
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     created = now_utc()
-    blocks, images = _draw(frame)
+    blocks, images = _draw(frame, deadlines)
     warn, headline = _warnings(frame)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>moe-energy report</title>"
              f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(TITLE)}</h1>",

@@ -1,6 +1,7 @@
 """The report's plots: each one function ``(frame) -> Figure``, listed in PLOTS (the seed's sizes),
-LAYER_PLOTS (LLM layers against tokens per forward, drawn once per arch) and CAP_PLOTS (every model against the
-power cap, drawn when the store holds more than one cap) in the order they appear.
+LAYER_PLOTS (LLM layers against tokens per forward, drawn once per arch), WHOLE_PLOTS (whole models against batch
+and latency, drawn once per model set) and CAP_PLOTS (every model against the power cap, drawn when the store holds
+more than one cap) in the order they appear.
 
 Every plot has a title and units on its axes; estimated energy is drawn with hollow markers (and dashed
 lines) and '(estimate)' in its legend, measured energy with filled ones. A plot with nothing to show
@@ -27,6 +28,7 @@ from .analysis import (  # noqa: E402
     METRICS,
     Crossover,
     Frame,
+    as_whole,
     cap_of,
     cap_series,
     crossovers,
@@ -34,7 +36,10 @@ from .analysis import (  # noqa: E402
     layer_crossovers,
     pareto_front,
     ratios,
+    time_energy,
+    unstable,
     value,
+    whole_crossovers,
 )
 
 DENSE_STYLE = {"dense_total": ("#222222", "s"), "dense_active": ("#8c8c8c", "D")}
@@ -641,6 +646,123 @@ def time_energy_front(frame: Frame) -> Figure:
     return fig
 
 
+# -- whole models: an MoE LLM against its dense siblings --------------------------------------------------------
+WholeFacet = tuple[int, str, str]  # (context, dtype, moe impl): one panel of J/token against batch
+SIBLING_STYLES = [("#222222", "s"), ("#8c8c8c", "D"), ("#1f77b4", "^"), ("#2ca02c", "v"), ("#9467bd", "P")]
+
+
+def _set_models(rows: list[dict]) -> list[str]:
+    """The set's models, its MoE first (the set's name), then its siblings by name."""
+    moe = next((str(m.get("set")) for m in rows), "")
+    return sorted({str(m.get("model")) for m in rows}, key=lambda n: (n != moe, n))
+
+
+def _model_style(name: str, order: list[str]) -> tuple[str, str]:
+    """The MoE red circles; each sibling its own colour and marker."""
+    i = order.index(name) if name in order else len(order)
+    return (MOE_COLOURS[0], "o") if i == 0 else SIBLING_STYLES[(i - 1) % len(SIBLING_STYLES)]
+
+
+def _per_batch(frame: Frame, phase: str, title: str) -> Figure:
+    """J/token against batch for every model of the set at one phase, one panel per (context, dtype, impl); the
+    crossover over batch (MoE vs each sibling, from stable records) named in each panel's corner."""
+    rows = [as_whole(m) for m in frame.wholes if m.get("phase") == phase and m.get("status") == "measured"]
+    facets: list[WholeFacet] = sorted({(int(m.get("context") or 0), str(m.get("dtype")), str(m.get("impl")))
+                                       for m in rows})
+    fig, axes = _grid(len(facets), title)
+    for ax in axes:
+        ax.set_xlabel("batch (sequences per step, log scale)")
+        ax.set_ylabel(f"whole model's energy per {'output' if phase == 'decode' else 'prompt'} token (J/token, log)")
+    if not facets:
+        _empty(axes[0], f"no {phase} measured for this model set")
+    order = _set_models(frame.wholes)
+    xos = [c for c in whole_crossovers(frame, "batch") if c.phase == phase]
+    for ax, (context, dtype, impl) in zip(axes, facets):
+        ax.set_title(f"{phase}, context {context}, {dtype}, MoE blocks: {impl}", fontsize=10)
+        mine = [m for m in rows if (m.get("context"), m.get("dtype"), m.get("impl")) == (context, dtype, impl)]
+        drawn = 0
+        for name in order:
+            pts = [(m, v) for m in mine if m.get("model") == name and (v := value(m, "joules_per_token"))
+                   and energy_kind(m) != "none"]
+            if pts:
+                colour, marker = _model_style(name, order)
+                label = name + (" (EXTRAPOLATED)" if any(m.get("extrapolated") for m, _ in pts) else "")
+                drawn += _draw_series(ax, [m["batch"] for m, _ in pts], pts, "joules_per_token", colour, marker, label)
+        if not drawn:
+            _empty(ax, "energy not measured here (meter: none)")
+            continue
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        bs = sorted({m["batch"] for m in mine})
+        ax.set_xticks(bs, [str(b) for b in bs])
+        notes = [f"MoE passes {c.vs}: {c.answer()}" for c in xos if (c.fixed, c.dtype, c.strategy) ==
+                 (f"context {context}", dtype, impl)]
+        ax.text(0.02, 0.02, "\n".join(notes) or "no stable records here: no crossover", transform=ax.transAxes,
+                fontsize=7, va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def whole_decode_joules_per_token(frame: Frame) -> Figure:
+    return _per_batch(frame, "decode", "Decode: energy per output token vs batch, the MoE against its dense siblings")
+
+
+def whole_prefill_joules_per_token(frame: Frame) -> Figure:
+    return _per_batch(frame, "prefill", "Prefill: energy per prompt token vs batch, the MoE against its dense "
+                                        "siblings")
+
+
+def whole_time_energy_front(frame: Frame) -> Figure:
+    """J/token against latency (decode: ITL p90; prefill: TTFT) for every stable configuration (batch, dtype,
+    impl) of every model, one panel per phase and context (the workload), each model's Pareto front joined; flagged
+    configurations drawn as grey crosses, kept out of the fronts."""
+    contexts = sorted({int(m.get("context") or 0) for m in frame.wholes}) or [0]
+    panels = [(phase, c) for phase in ("decode", "prefill") for c in contexts]
+    fig, axes = _grid(len(panels), "Time-energy trade-off per configuration, with each model's Pareto front")
+    order = _set_models(frame.wholes)
+    for ax, (phase, context) in zip(axes, panels):
+        key = "itl_p90_ms" if phase == "decode" else "ttft_ms"
+        ax.set_title(f"{phase}, context {context}", fontsize=10)
+        ax.set_xlabel(("inter-token latency p90" if phase == "decode" else "time to first token") + " (ms, log scale)")
+        ax.set_ylabel("energy per token (J/token, log scale)")
+        here = [m for m in frame.wholes if m.get("phase") == phase and m.get("context") == context]
+        drawn = sum(_front(ax, *time_energy([m for m in here if m.get("model") == name], phase), name,
+                           *_model_style(name, order)) for name in order)
+        flagged = [(t, j) for m in here if unstable(m) is not None and (t := m.get(key)) and
+                   (j := value(m, "joules_per_token"))]
+        if flagged:
+            ax.scatter(*zip(*flagged), marker="x", color="#999999", s=30, zorder=2,
+                       label=f"flagged: kept out ({len(flagged)})")
+        if not drawn and not flagged:
+            _empty(ax, f"no {phase} configuration with energy and latency measured")
+            continue
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def _front(ax: Axes, pts: list[tuple[dict, float, float]], front: list[int], name: str, colour: str,
+           marker: str) -> int:
+    """One model's configurations (hollow for estimates), each labelled with its batch; its front joined; 1 if
+    anything was drawn."""
+    if not pts:
+        return 0
+    est = all(energy_kind(m) == "estimate" for m, _, _ in pts)
+    label = name + (" (estimate)" if est else "") + (" (EXTRAPOLATED)" if any(m.get("extrapolated") for m, _, _ in pts)
+                                                    else "")
+    ax.scatter([t for _, t, _ in pts], [j for _, _, j in pts], marker=marker, s=36, facecolors="none" if est else
+               colour, edgecolors=colour, linewidths=1.3, zorder=3, label=label)
+    for m, t, j in pts:
+        ax.annotate(f"B{m.get('batch')}", (t, j), textcoords="offset points", xytext=(3, 3),
+                    fontsize=6, color=colour)
+    fx, fy = _by_x([pts[i][1] for i in front], [pts[i][2] for i in front])
+    ax.plot(fx, fy, "--" if est else "-", color=colour, lw=1.2, alpha=0.8, zorder=2)
+    return 1
+
+
 # slug, title, function: the report draws them in this order, one image each
 PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
     ("inferences_per_joule", "Energy efficiency vs model size", inferences_per_joule_vs_params),
@@ -666,4 +788,11 @@ CAP_PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
     ("time_energy_front", "Time-energy Pareto front across power caps", time_energy_front),
 ]
 
-__all__ = ["CAP_PLOTS", "LAYER_PLOTS", "METRICS", "PLOTS"]
+# the whole-model section's plots, drawn once per model set (an MoE and its dense siblings), in this order
+WHOLE_PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
+    ("whole_decode_joules_per_token", "Decode: J per output token vs batch", whole_decode_joules_per_token),
+    ("whole_prefill_joules_per_token", "Prefill: J per prompt token vs batch", whole_prefill_joules_per_token),
+    ("whole_time_energy_front", "Time-energy Pareto front per configuration", whole_time_energy_front),
+]
+
+__all__ = ["CAP_PLOTS", "LAYER_PLOTS", "METRICS", "PLOTS", "WHOLE_PLOTS"]

@@ -12,7 +12,7 @@ whole-model figure is extrapolated from them, labelled as such, with N in the re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,13 +25,39 @@ from ..memory import OutOfMemory
 from ..models.generate import decode_step, prefill_step
 from ..models.plan import ModelPlan
 from ..models.swap import swap_moe_blocks
-from ..models.whole import WholeModel, build_model, check_context, memory_bytes, param_counts
+from ..models.whole import WholeModel, build_model, check_context, get_model, memory_bytes, param_counts, tiny
+from ..storage.store import WHOLE_FAMILY
 from .core import Built, Point, Run, Variant
 
 PHASES = ("prefill", "decode")
 MOE_IMPLS = ("transformers", "moe-energy", "eager", "batched_mm", "grouped_mm")
 EXTRAPOLATION = ("EXTRAPOLATED from the first {n} of {total} layers: the measured figure x (parameters of all "
                  "{total} layers / of the {n} built), embeddings and LM head included in both")
+
+
+def model_set(name: str | WholeModel, vs: Sequence[str] | None = None, shrink: bool = False) -> list[WholeModel]:
+    """The MoE ``name`` and the dense models it is compared with (``vs``, default its published siblings), each
+    shrunk with ``shrink`` (--tiny): the one check of a model set, for `run` and `sweep` alike (one-line errors)."""
+    first = get_model(name)
+    names = list(dict.fromkeys(vs)) if vs is not None else list(first.siblings)
+    if not names:
+        raise ConfigError(f"--vs: {first.name} names no dense sibling; give the models to compare it with")
+    ms = [first, *(get_model(n) for n in names)]
+    for m in ms[1:]:
+        if m.moe_arch is not None:
+            raise ConfigError(f"--vs {m.name}: an MoE model; --vs takes dense models to compare {first.name} with")
+    return [tiny(m) for m in ms] if shrink else ms
+
+
+def phase_figures(phase: str, rec: Mapping[str, Any]) -> dict[str, Any]:
+    """A phase's per-token figures from its windows' summary (a record, or ``me.benchmark``'s): tokens are the
+    inferences; a prefill's latency is its time to first token, a decode step's its inter-token latency."""
+    tps, tpj = rec.get("inferences_per_second"), rec.get("inferences_per_joule")
+    decode = phase == "decode"
+    return {"tokens_per_second": tps, "tokens_per_joule": tpj, "joules_per_token": 1 / tpj if tpj else None,
+            "ttft_ms": None if decode else rec.get("latency_p50_ms"),
+            "itl_p50_ms": rec.get("latency_p50_ms") if decode else None,
+            "itl_p90_ms": rec.get("latency_p90_ms") if decode else None}
 
 
 def whole_plan(m: WholeModel, layers: int) -> ModelPlan:
@@ -59,7 +85,7 @@ class Whole:
     contexts: list[int]
     layers: int | None = None  # N of each model's layers (None: the largest that fits)
     moe_impl: str = "transformers"
-    family = "whole_model"
+    family = WHOLE_FAMILY
     trains = False
     chosen: dict[str, int] = field(default_factory=dict)  # model -> the N built (check decides it)
 
@@ -164,16 +190,12 @@ class Whole:
         """The per-token figures of this (model, phase, batch, context), and the whole model's, extrapolated from
         the N layers built when N is not all of them."""
         m, n = self._model(plan), self.chosen.get(plan.name, plan.shape.layers)  # type: ignore[union-attr]
-        tps, tpj = rec.get("inferences_per_second"), rec.get("inferences_per_joule")
-        decode = point.head["phase"] == "decode"
         out: dict[str, Any] = {
             "model": m.name, **point.head, "tokens_per_call": point.rows, "layers_measured": n,
             "layers_total": m.layers, "moe_impl": self.moe_impl if m.moe_arch is not None else None,
-            "tokens_per_second": tps, "tokens_per_joule": tpj, "joules_per_token": 1 / tpj if tpj else None,
-            "ttft_ms": None if decode else rec.get("latency_p50_ms"),
-            "itl_p50_ms": rec.get("latency_p50_ms") if decode else None,
-            "itl_p90_ms": rec.get("latency_p90_ms") if decode else None, "whole_model_extrapolated": None,
+            **phase_figures(point.head["phase"], rec), "whole_model_extrapolated": None,
         }
+        tps, tpj = out["tokens_per_second"], out["tokens_per_joule"]
         if n < m.layers and tps:
             scale = param_counts(m)[0] / param_counts(m, n)[0]
             out["whole_model_extrapolated"] = {
@@ -188,7 +210,7 @@ class Whole:
         name = self.models[0].name
         return name if name.replace("-", "").replace(".", "").isalnum() else None
 
-    # -- a sweep's facts (sweeps of whole models are not built yet: run them one at a time) --------------
+    # -- a sweep's facts: a point is one model set at all its batches x contexts (runner/sweep.py) ------------
     sweep_oom = "skip"
 
     def key_fields(self) -> dict[str, Any]:
@@ -201,6 +223,10 @@ class Whole:
         return None
 
     def point_problem(self, opts: RunOptions, device: torch.device) -> str | None:
+        """Why not even one layer of some model fits here (the layers each builds are chosen first, as ``check``
+        chooses them: a model too large whole is measured on its first N layers, not skipped)."""
+        for m in self.models:
+            self.chosen[m.name] = self._layers_for(m, opts.dtype, device)
         return next((why for p in self.plans(()) if (why := self.fit_problem(p, opts, device))), None)
 
     def need_bytes(self, opts: RunOptions) -> int:

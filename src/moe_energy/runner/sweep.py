@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 import sqlite3
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -53,13 +54,15 @@ from ..models.archs import Arch, custom_arch, get_arch
 from ..models.counting import layer_params, matched_width, moe_params
 from ..models.plan import ModelPlan
 from ..models.routing import parse_routing
+from ..models.whole import WholeModel, param_counts
 from ..power.capped import CapPlan, run_capped
 from ..storage.fileio import now_utc
 from ..storage.results import write_atomic
-from ..storage.store import LAYER_FAMILY, Store, point_key
+from ..storage.store import LAYER_FAMILY, WHOLE_FAMILY, Store, point_key
 from . import core
 from .core import Workload
 from .layer import Layer, check_tokens
+from .model import MOE_IMPLS, PHASES, Whole, model_set
 from .seed import Seed
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
@@ -78,8 +81,12 @@ LAYER_AXES = tuple(k for k in WORKLOAD_KEYS["llm_layer"] if k not in ("max_forwa
 LAYER_SHAPE_AXES = ("d_model", "ffn_dim", "experts", "top_k", "shared_experts")
 SEED_ONLY_KEYS = (*foreign("llm_layer"), "presets", "per_decade")
 LLM_TOKENS = tuple(4**i for i in range(7))  # 1, 4, ..., 4096: a decoding step up to a prefill chunk
+# Whole models (issue 23): their own axes, and what means nothing for a model set (refused, never ignored): the
+# seed's shape and training, a layer's, the size grids' limits, --batch-size (their batches are --batch).
+MODEL_AXES = ("model", "vs", "batch", "context", "moe_impl", "tiny")
+MODEL_REFUSED = ("grid", "max_params", "per_decade", "presets", "preset", "experts", "top_k")
 # Keys a grid TOML may hold besides run options and shape fields.
-GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets", *LAYER_AXES}
+GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets", *LAYER_AXES, *MODEL_AXES}
 DEFAULT_PER_DECADE = 4
 MAX_PER_DECADE = 100  # sizes per decade: more is a typo, and would expand to a grid nobody could run
 ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and in bf16/fp16
@@ -94,32 +101,50 @@ KEY_ONLY_IF_SET = ("max_forward_s", "weights")
 class Point:
     """One cell of the grid: a shape and run options; ``error`` says why it cannot run (kept as skipped).
 
-    An LLM-layer point's ``spec`` is an ``Arch`` and it carries its token counts per forward and its routing."""
+    An LLM-layer point's ``spec`` is an ``Arch`` and it carries its token counts per forward and its routing. A
+    whole-model point's ``spec`` is the MoE's ``WholeModel``; it carries the dense models it is compared with, the
+    batches and contexts every model is measured at, the layers built (None: the largest N that fits) and how the
+    MoE blocks run."""
 
     label: str
-    spec: ModelSpec | Arch
+    spec: ModelSpec | Arch | WholeModel
     opts: RunOptions
     error: str | None = None
     tokens: tuple[int, ...] = ()
     routing: str | None = None
     power_limit_w: float | None = None  # the GPU cap asked (--power-limit); None: the limit in force, untouched
     cpu_power_limit_w: float | None = None  # the CPU packages' long-term RAPL cap asked (--cpu-power-limit)
+    siblings: tuple[WholeModel, ...] = ()
+    batches: tuple[int, ...] = ()
+    contexts: tuple[int, ...] = ()
+    layers: int | None = None
+    moe_impl: str | None = None
 
     @property
     def is_layer(self) -> bool:
         return isinstance(self.spec, Arch)
 
+    @property
+    def is_whole(self) -> bool:
+        return isinstance(self.spec, WholeModel)
+
     @cached_property
     def workload(self) -> Workload:
-        """What the point runs: the seed's classifiers of its shape, or its LLM layer at its tokens and routing
-        (both checked when the grid was built)."""
+        """What the point runs: the seed's classifiers of its shape, its LLM layer at its tokens and routing, or
+        its model set at its batches and contexts (each checked when the grid was built)."""
         if isinstance(self.spec, Arch):
             return Layer(self.spec, list(self.tokens), parse_routing(self.routing or "random"), self.opts.weights)
+        if isinstance(self.spec, WholeModel):
+            return Whole([self.spec, *self.siblings], list(self.batches), list(self.contexts), self.layers,
+                         self.moe_impl or "transformers")
         return Seed(self.spec)
 
     @property
     def total_params(self) -> int:
-        """The MoE's total parameters (an LLM layer's: router, every expert, shared experts)."""
+        """The MoE's total parameters (an LLM layer's: router, every expert, shared experts; a whole model's: all
+        its layers, whatever N a run builds)."""
+        if isinstance(self.spec, WholeModel):
+            return param_counts(self.spec)[0]
         return ModelPlan.of("moe", self.spec).params
 
     def config(self, meter: str) -> dict:
@@ -320,12 +345,18 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
     Each point's spec and options pass the same validation as `run` (``config.resolve_config``).
     """
     cfg = {k: v for k, v in cfg.items() if v is not None}
+    if "model" in cfg:
+        return build_model_grid(cfg)
     if cfg.get("grid") == "llm" or "arch" in cfg:
         return build_layer_grid(cfg)
     stray = [k for k in (*LAYER_AXES, "max_forward_s") if k in cfg]
     if stray:
         raise ConfigError(f"{', '.join(flag(k) for k in stray)}: LLM-layer settings; give --arch (or --grid llm) "
                           "with them, or drop them")
+    stray = [k for k in MODEL_AXES if k in cfg]
+    if stray:
+        raise ConfigError(f"{', '.join(flag(k) for k in stray)}: whole-model settings; give --model with them, or "
+                          "drop them")
     name = cfg.pop("grid", None)
     max_params, per_decade = _limits(cfg)
     presets = cfg.pop("presets", None) or cfg.pop("preset", None)
@@ -423,6 +454,55 @@ def build_layer_grid(cfg: dict[str, Any]) -> Grid:
     return Grid(name, points, source)
 
 
+# -- whole models -----------------------------------------------------------------------------------------
+def _one_layer_count(v: Any) -> int | None:
+    """--layers for whole models: one N (each model builds min(N, its layers)), or None: the largest that fits."""
+    if v is None:
+        return None
+    ns = as_list("layers", v, int)
+    if len(ns) > 1 or ns[0] < 1:
+        raise ConfigError(f"--layers {v!r}: give one whole number >= 1 with --model (each model builds its first N "
+                          "layers, or drop it for the largest N that fits)")
+    return ns[0]
+
+
+def _model_sets(cfg: dict) -> list[list[WholeModel]]:
+    """Each --model with its --vs (default its dense siblings), --tiny applied; taken out of ``cfg``, checked."""
+    names = as_list("model", cfg.pop("model"), str)
+    vs = as_list("vs", cfg.pop("vs"), str) if "vs" in cfg else None
+    shrink = bool(cfg.pop("tiny", False))
+    return [model_set(n, vs, shrink) for n in names]
+
+
+def build_model_grid(cfg: dict[str, Any]) -> Grid:
+    """Whole-model points: each model set (--model and its --vs) x --moe-impl x dtype x repeats, every point
+    measuring all its batches x contexts (default 1,8 x 512); every input checked as `run --model` checks it."""
+    refused = [flag(k) for k in (*MODEL_REFUSED, *foreign(WHOLE_FAMILY)) if k in cfg]
+    if refused:
+        raise ConfigError(f"{', '.join(dict.fromkeys(refused))}: no meaning with --model (a whole LLM is built "
+                          "from its preset, not trained; its inputs are --batch and --context); drop "
+                          f"{'it' if len(set(refused)) == 1 else 'them'}")
+    sets = _model_sets(cfg)
+    batches = tuple(as_list("batch", cfg.pop("batch", "1,8"), int))
+    contexts = tuple(as_list("context", cfg.pop("context", "512"), int))
+    layers = _one_layer_count(cfg.pop("layers", None))
+    impls = as_list("moe_impl", cfg.pop("moe_impl", "transformers"), str)
+    for impl in impls:
+        if impl not in MOE_IMPLS:
+            raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")
+    for ms in sets:  # every context a position each model has, every batch >= 1: before any point runs
+        Whole(ms, list(batches), list(contexts)).check_inputs()
+    option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in ("dtype", "repeats") if k in cfg}
+    combos = [dict(zip(option_axes, c)) for c in itertools.product(*option_axes.values())]
+    points = [Point(f"{ms[0].name} {impl}", ms[0], _resolve(cfg, extra)[1], siblings=tuple(ms[1:]), batches=batches,
+                    contexts=contexts, layers=layers, moe_impl=impl)
+              for ms in sets for impl in impls for extra in combos]
+    source = {"grid": "models", "family": WHOLE_FAMILY, "models": [[m.name for m in ms] for ms in sets],
+              "batches": list(batches), "contexts": list(contexts), "layers": layers, "moe_impl": impls,
+              "axes": option_axes, "options": cfg}
+    return Grid("models", points, source)
+
+
 def _resolve(cfg: dict, fields: dict) -> tuple[ModelSpec, RunOptions]:
     """One point's spec and options: the sweep's settings with this point's axis values."""
     return resolve_config({**cfg, **fields, "preset": None})
@@ -441,10 +521,17 @@ def with_caps(grid: Grid, gpu_caps: list[float], cpu_caps: list[float]) -> Grid:
 
 
 # -- shard and resume --------------------------------------------------------------------------------------
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'2/4' -> (2, 4): shard 2 of 4 (1-based)."""
+SLURM = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN")
+K8S_INDEX = "JOB_COMPLETION_INDEX"
+
+
+def parse_shard(text: str | None, environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """'2/4' -> (2, 4): shard 2 of 4 (1-based); 'auto' and 'auto/N' read the scheduler's environment
+    (``shard_from_env``)."""
     if text is None:
         return None
+    if text == "auto" or text.startswith("auto/"):
+        return shard_from_env(text, os.environ if environ is None else environ)
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
@@ -452,6 +539,46 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if n < 1 or not 1 <= i <= n:
         raise ConfigError(f"--shard {text}: I must be between 1 and N (N >= 1), e.g. --shard 1/{max(n, 2)}")
     return i, n
+
+
+def _env_int(env: Mapping[str, str], name: str, why: str) -> int:
+    """A whole number from the scheduler's environment, or one line naming the variable."""
+    raw = env.get(name)
+    if raw is None:
+        raise ConfigError(f"--shard auto: {name} is not set: {why}")
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"--shard auto: {name}={raw!r} is not a whole number") from None
+
+
+def shard_from_env(text: str, env: Mapping[str, str]) -> tuple[int, int]:
+    """(i, n) of this task: 'auto/N' from a Kubernetes Indexed Job (JOB_COMPLETION_INDEX 0 .. N-1, N its
+    completions, given); 'auto' from a Slurm array (its id counted from SLURM_ARRAY_TASK_MIN in steps of
+    SLURM_ARRAY_TASK_STEP, of SLURM_ARRAY_TASK_COUNT): ids need not start at 0 or 1. Anything missing or
+    inconsistent is one line: a task that guessed its shard would measure another's points, or none."""
+    if text != "auto":
+        n = text.removeprefix("auto/")
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--shard {text!r}: N must be a whole number >= 1 (the Indexed Job's completions)")
+        count = int(n)
+        index = _env_int(env, K8S_INDEX, "each pod of a Kubernetes Indexed Job has it; under a Slurm array give "
+                         "--shard auto")
+        if not 0 <= index < count:
+            raise ConfigError(f"--shard {text}: {K8S_INDEX}={index} is not between 0 and {count - 1}; give the "
+                              "Job's completions as N")
+        return index + 1, count
+    why = "each task of a Slurm array (sbatch --array) has it; in a Kubernetes Indexed Job give --shard auto/N"
+    task, count, low = (_env_int(env, name, why) for name in SLURM)
+    step = _env_int(env, "SLURM_ARRAY_TASK_STEP", why) if "SLURM_ARRAY_TASK_STEP" in env else 1
+    high = _env_int(env, "SLURM_ARRAY_TASK_MAX", why) if "SLURM_ARRAY_TASK_MAX" in env else low + (count - 1) * step
+    if count < 1 or step < 1 or high != low + (count - 1) * step:
+        raise ConfigError(f"--shard auto: the Slurm array is not an evenly spaced range (ids {low} to {high}, "
+                          f"step {step}, {count} tasks); submit it as --array=A-B or A-B:S")
+    if task < low or task > high or (task - low) % step:
+        raise ConfigError(f"--shard auto: SLURM_ARRAY_TASK_ID={task} is not one of the array's ids ({low} to "
+                          f"{high}, step {step})")
+    return (task - low) // step + 1, count
 
 
 def shard(points: list[Point], which: tuple[int, int] | None) -> list[Point]:
@@ -464,7 +591,10 @@ def shard(points: list[Point], which: tuple[int, int] | None) -> list[Point]:
 
 # -- cost, memory and ETA ----------------------------------------------------------------------------------
 def measured_models(p: Point) -> int:
-    """Rows the point measures: each model (the MoE once per strategy), at each token count for an LLM layer."""
+    """Rows the point measures: each model (the MoE once per strategy), at each token count for an LLM layer; a
+    whole model's: each model of its set at each phase, batch and context."""
+    if p.is_whole:
+        return (1 + len(p.siblings)) * len(PHASES) * len(p.batches) * len(p.contexts)
     n = 0
     for m in p.opts.models:
         n += len(p.opts.strategies) if m == "moe" else 1

@@ -75,11 +75,24 @@ CARBON_MODEL_COLUMNS: dict[str, str] = {
 }
 _V2_WINDOW_COLUMNS: dict[str, str] = {"power_limit_w": "REAL", "cpu_power_limit_w": "REAL"}
 _V2_POINT_COLUMNS: dict[str, str] = {"family": "TEXT", "arch": "TEXT", "routing": "TEXT"}
-MODEL_COLUMNS: dict[str, str] = {**_V1_MODEL_COLUMNS, **LAYER_MODEL_COLUMNS, **CARBON_MODEL_COLUMNS}
+# Schema version 3: the whole-model family's fields (issue 23): which model, phase, batch and context a record
+# measured, the layers built, the MoE blocks' implementation, the per-token figures and latencies, and the
+# extrapolation to the whole model (a JSON object: its figures and its label); the point's model set and impl.
+WHOLE_MODEL_COLUMNS: dict[str, str] = {
+    "model": "TEXT", "phase": "TEXT", "batch": "INTEGER", "context": "INTEGER", "tokens_per_call": "INTEGER",
+    "layers_measured": "INTEGER", "layers_total": "INTEGER", "moe_impl": "TEXT", "joules_per_token": "REAL",
+    "ttft_ms": "REAL", "itl_p50_ms": "REAL", "itl_p90_ms": "REAL", "latency_p90_ms": "REAL",
+    "whole_model_extrapolated": "TEXT",
+}
+_V3_POINT_COLUMNS: dict[str, str] = {"model": "TEXT", "moe_impl": "TEXT"}
+JSON_COLUMNS = ("whole_model_extrapolated",)  # a structured field kept as JSON text in its column (for export)
+MODEL_COLUMNS: dict[str, str] = {**_V1_MODEL_COLUMNS, **LAYER_MODEL_COLUMNS, **CARBON_MODEL_COLUMNS,
+                                 **WHOLE_MODEL_COLUMNS}
 WINDOW_COLUMNS: dict[str, str] = {**_V1_WINDOW_COLUMNS, **_V2_WINDOW_COLUMNS}
 POINT_COLUMNS = ("label", "experts", "hidden", "layers", "top_k", "input_dim", "classes", "batch_size",
-                 "dtype", "total_params", *_V2_POINT_COLUMNS)
+                 "dtype", "total_params", *_V2_POINT_COLUMNS, *_V3_POINT_COLUMNS)
 LAYER_FAMILY = "llm_layer"  # points.family of an LLM-layer point; NULL (schema 1's points): the seed's family
+WHOLE_FAMILY = "whole_model"  # points.family of a whole-model point (a model set at its batches x contexts)
 
 _V1 = f"""
 CREATE TABLE runs (
@@ -144,8 +157,11 @@ _V2 = (_add_columns("models", {**LAYER_MODEL_COLUMNS, **CARBON_MODEL_COLUMNS})
        + _add_columns("windows", _V2_WINDOW_COLUMNS) + _add_columns("points", _V2_POINT_COLUMNS)
        + "CREATE INDEX models_arch_tokens ON models(arch, tokens_per_forward);\n")
 
+_V3 = (_add_columns("models", WHOLE_MODEL_COLUMNS) + _add_columns("points", _V3_POINT_COLUMNS)
+       + "CREATE INDEX models_model_phase ON models(model, phase, batch, context);\n")
+
 # MIGRATIONS[i] brings a database from schema version i to i + 1. Append, never edit a shipped one.
-MIGRATIONS: list[str] = [_V1, _V2]
+MIGRATIONS: list[str] = [_V1, _V2, _V3]
 
 
 def schema_version() -> int:
@@ -161,6 +177,13 @@ def _finite(v: Any) -> Any:
     if isinstance(v, (dict, list, tuple)):
         return None  # a structured value lives in the JSON column only
     return v
+
+
+def _cell(key: str, v: Any) -> Any:
+    """A model record's field as its column holds it: a JSON column's object as JSON text, else ``_finite``."""
+    if key in JSON_COLUMNS and isinstance(v, (dict, list)):
+        return dumps(v)
+    return _finite(v)
 
 
 def dumps(v: Any) -> str:
@@ -273,6 +296,19 @@ def normalize_trace(trace: Any) -> list[tuple[str, list[float], list[float]]]:
                 out.append((str(dev), *s))
         return out
     return []
+
+
+def point_columns(config: dict) -> dict[str, Any]:
+    """A point's shape columns, by family: the seed's E, H, L, k, task and batch; an LLM layer's arch (its spec is
+    an Arch: no batch); a whole model's MoE and impl (its spec is the MoE's WholeModel: none of the seed's)."""
+    spec, opts, family = config.get("spec", {}), config.get("options", {}), config.get("family")
+    shape = ("experts", "hidden", "layers", "top_k", "input_dim", "classes")
+    out: dict[str, Any] = {k: None if family == WHOLE_FAMILY else spec.get(k) for k in shape}
+    out.update(batch_size=opts.get("batch_size") if family is None else None, dtype=opts.get("dtype"),
+               total_params=config.get("total_params"), arch=spec.get("name") if family == LAYER_FAMILY else None,
+               model=spec.get("name") if family == WHOLE_FAMILY else None,
+               moe_impl=config.get("moe_impl") if family == WHOLE_FAMILY else None)
+    return out
 
 
 class Store:
@@ -515,24 +551,19 @@ class Store:
                   document: dict | None = None, started_utc: str | None = None,
                   seconds: float | None = None) -> int:
         """Write one point with its models, windows and traces in a single transaction; returns its id."""
-        spec = config.get("spec", {})
-        opts = config.get("options", {})
         models = list((document or {}).get("models", []))
         head = {k: v for k, v in (document or {}).items() if k != "models"}
+        cols = {**point_columns(config), "family": config.get("family"), "routing": config.get("routing")}
         with self.transaction() as c:
             # a point that failed before is retried by --resume within the same run: its new outcome replaces it
             c.execute("DELETE FROM points WHERE run_id = ? AND point_key = ? AND status = 'failed'",
                       (run_id, point_key))
-            layer = config.get("family") == LAYER_FAMILY  # an LLM layer: its spec is an Arch, no batch size
+            names = ["run_id", "point_key", "status", "reason", "label", *cols, "started_utc", "finished_utc",
+                     "seconds", "config_json", "document_json"]
             cur = c.execute(
-                "INSERT INTO points (run_id, point_key, status, reason, label, experts, hidden, layers, top_k, "
-                "input_dim, classes, batch_size, dtype, total_params, family, arch, routing, started_utc, "
-                f"finished_utc, seconds, config_json, document_json) VALUES ({', '.join('?' * 22)})",
-                (run_id, point_key, status, reason, config.get("label"), spec.get("experts"), spec.get("hidden"),
-                 spec.get("layers"), spec.get("top_k"), spec.get("input_dim"), spec.get("classes"),
-                 None if layer else opts.get("batch_size"), opts.get("dtype"), config.get("total_params"),
-                 config.get("family"), spec.get("name") if layer else None, config.get("routing"), started_utc,
-                 now_utc(), _finite(seconds), dumps(config), dumps(head) if document is not None else None),
+                f"INSERT INTO points ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                (run_id, point_key, status, reason, config.get("label"), *cols.values(), started_utc, now_utc(),
+                 _finite(seconds), dumps(config), dumps(head) if document is not None else None),
             )
             point_id = int(cur.lastrowid)
             for i, rec in enumerate(models):
@@ -550,7 +581,7 @@ class Store:
         cur = c.execute(
             f"INSERT INTO models (point_id, ordinal, {', '.join(cols)}, record_json) "
             f"VALUES (?, ?, {', '.join('?' * len(cols))}, ?)",
-            (point_id, ordinal, *[_finite(rec.get(k)) for k in cols], dumps(slim)),
+            (point_id, ordinal, *[_cell(k, rec.get(k)) for k in cols], dumps(slim)),
         )
         model_id = int(cur.lastrowid)
         for j, w in enumerate(windows):
