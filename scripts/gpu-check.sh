@@ -15,6 +15,11 @@
 #   llm       run --arch qwen3-30b-a3b (one LLM MoE layer, both dense SwiGLU FFNs) at 1, 64 and 4096 tokens in
 #             bfloat16: the GPU build of MoELayer, every strategy under auto (its probe prunes losers), the
 #             on-device expert-load counter; --max-forward-s calibrates the GPU's roofline once and skips nothing
+#   whole     run --model qwen3-30b-a3b --vs qwen3-32b on their first 2 layers, batch 1 and 16, context 512, in
+#             bfloat16 with moe-energy's layer in the MoE blocks: whole models' prefill and decode windows, the static
+#             KV cache on the GPU (needs transformers, from .whl/ or the machine; else the step fails and says so)
+#   int8      run --arch olmoe-1b-7b --weights int8 at 1 and 64 tokens: int8 weights dequantized for the GPU GEMMs
+#             (no int8 kernel of its own there yet), their output error against bf16 in each record
 #   caps      run --preset small at two GPU power caps (the maximum and half of it), with carbon and cost:
 #             set through NVML, read back per window, restored at the end (nvidia-smi's limit is logged after)
 #   llmcaps   run --arch qwen3-30b-a3b --tokens 64 at the same two caps
@@ -82,6 +87,11 @@ step odd 40 python3 -m moe_energy bench-strategies --hidden 250 --dtype bfloat16
   --out "$OUT"
 step llm 100 python3 -m moe_energy run --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 --device "$DEVICE" \
   --duration 3 --repeats 1 --idle-seconds 2 --cooldown 0 --max-forward-s 5 --out "$OUT"
+step whole 90 python3 -m moe_energy run --model qwen3-30b-a3b --vs qwen3-32b --layers 2 --batch 1,16 --context 512 \
+  --moe-impl moe-energy --dtype bfloat16 --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 \
+  --out "$OUT"
+step int8 60 python3 -m moe_energy run --arch olmoe-1b-7b --tokens 1,64 --weights int8 --dtype bfloat16 \
+  --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
 MAXW=$(timeout 15 nvidia-smi --query-gpu=power.max_limit --format=csv,noheader,nounits 2>/dev/null | head -1 | cut -d. -f1)
 CAPS="${MAXW:-700},$(( ${MAXW:-700} / 2 ))"
 step caps 90 python3 -m moe_energy run --preset small --epochs 1 --power-limit "$CAPS" --carbon-intensity 400 \
@@ -114,7 +124,8 @@ for f in sorted(out.glob("selfcheck-*.json")):
             print(f"    {c['status']:<4} {c['name']}: {c['detail']}")
 for f in sorted(out.glob("run-*.json")):
     doc = json.loads(f.read_text())
-    print(f"  {f.name}: {doc.get('arch', {}).get('name')}, {doc['options']['dtype']}")
+    print(f"  {f.name}: {(doc.get('arch') or {}).get('name')}, {doc['options']['dtype']}, "
+          f"weights {doc['options'].get('weights')}")
     for cap in doc.get("power_limits") or []:
         print(f"    cap {cap}")
     for m in doc["models"]:
@@ -122,7 +133,7 @@ for f in sorted(out.glob("run-*.json")):
         per_j = m.get("tokens_per_joule") or m.get("inferences_per_joule") or 0
         print(f"    {m['name']:<28} {rate:>14,.0f} /s {per_j:>10,.1f} /J ({m.get('energy_method')}) "
               f"experts touched {m.get('experts_touched')}, cap read back {m.get('power_limit_w')} W, "
-              f"{m.get('co2e_g_per_million')} g CO2e/1M")
+              f"{m.get('co2e_g_per_million')} g CO2e/1M, int8 error {m.get('weights_output_error')}")
 for f in sorted(out.glob("strategies-*.json")):
     doc = json.loads(f.read_text())
     o = doc["options"]
