@@ -6,7 +6,9 @@ Tiny custom shapes (d=32, I=16, E=8, k=2) and short windows; values and counts a
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -34,7 +36,7 @@ from moe_energy.models.routing import (
     read_load,
     zipf_assignment,
 )
-from moe_energy.runner.layer import fit_alone, run_llm
+from moe_energy.runner.layer import Layer, fit_alone, run_llm
 
 D, INTER, E, K = 32, 16, 8, 2
 ARCH = custom_arch(D, INTER, E, K)
@@ -243,7 +245,19 @@ def test_models_that_fit_alone_but_not_together_are_measured_one_at_a_time(tmp_p
     plans = [LayerPlan.of(n, ARCH) for n in ("moe", "dense_total", "dense_active")]
     o = opts(tmp_path)
     assert all(fit_alone(p, o, [1, 8], CPU) is None for p in plans)
+    held: list[weakref.ref] = []
+    real_build = Layer.build
+
+    def build(self, r, plan):  # every model built before this one must be gone: its memory is this one's
+        gc.collect()
+        assert [ref() for ref in held if ref() is not None] == [], f"building {plan.name} with another held"
+        b = real_build(self, r, plan)
+        held.append(weakref.ref(b.model))
+        return b
+
+    monkeypatch.setattr(Layer, "build", build)
     doc, _ = run(tmp_path, repeats=2)
+    assert len(held) == 3
     assert any(n.startswith("measured one at a time") for n in doc["notices"])
     assert all(m["status"] == "measured" for m in doc["models"])
     orders = {}

@@ -546,6 +546,7 @@ def measure_groups(w: Workload, r: Run, groups: list[list[ModelPlan]], built: di
             b = built.get(plan.name) or build_agreed(w, r, plan, skipped)
             if b is not None:
                 rows.update(variants_of(w, r, b, out))
+            b = None  # held by its variants only: the next group's build must not find it still here
         r.team.measure(r, rows, idle, out, order)
         order += r.opts.repeats * len(rows)  # the next group's windows count on
         del rows  # the group's models go with their variants
