@@ -2,7 +2,7 @@
 of L tokens, and a decode step of B sequences, one new token each, against a KV cache holding L.
 
 Everything a call needs (token ids, the cache, positions) is made once, before the first call; a call only
-queues device work (no ``.item()``, no host read of a device value), so a loop can sync at its window's edges
+queues device work (no host read of a device value), so a loop can sync at its window's edges
 only. The calls run under ``torch.inference_mode``. Written against transformers 5.24.0's cache API (read
 from its source): ``forward(input_ids, cache=, position_ids=, use_cache=, logits_to_keep=)``, a StaticLayer's
 write position being its ``cumulative_length`` tensor (no ``cache_position`` argument in 5.x).
