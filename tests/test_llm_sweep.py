@@ -276,3 +276,18 @@ def test_dry_run_counts_the_rows_max_forward_s_will_skip():
     over = sum(b > 2.0 for b in bounds.values())  # compute-bound there, so the FLOPs alone decide
     assert over >= 2 and _over_limit(p, roof) == f"{over} of 21"
     assert _over_limit(replace(p, opts=replace(p.opts, max_forward_s=None)), roof) == "-"
+
+
+def test_int8_weights_are_a_points_option_keyed_only_when_set_and_shown_by_dry_run(tmp_path, capsys):
+    from moe_energy.cli import main
+
+    plain = sw.build_grid({**TINY, "tokens": "1"}).points[0]
+    int8 = sw.build_grid({**TINY, "tokens": "1", "weights": "int8"}).points[0]
+    assert "weights" not in plain.config("none")["options"]  # stored keys stay as they were
+    assert int8.config("none")["options"]["weights"] == "int8" and int8.key("none") != plain.key("none")
+    assert int8.workload.weights == "int8" and all(p.weights == "int8" for p in int8.workload.plans(["moe"]))
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('weights = "int8"\n')
+    assert main(["sweep", *TINY_FLAGS, "--tokens", "1", "--config", str(cfg), "--db", str(tmp_path / "d.db"),
+                 "--dry-run"]) == 0
+    assert "int8 weights" in capsys.readouterr().out
