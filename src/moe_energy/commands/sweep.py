@@ -276,7 +276,8 @@ def _layer_points_table(points, meter_name: str, done: set[str], device) -> Tabl
         status = "complete" if p.key(meter_name) in done else p.workload.point_problem(p.opts, device) or "to do"
         t.add_row(str(i), escape(p.label), str(a.d_model), str(a.ffn_dim), str(a.experts), str(a.top_k),
                   f"{p.total_params:,}", ",".join(map(str, p.tokens)), escape(p.routing),
-                  p.opts.dtype + (f", {p.opts.weights} weights" if p.opts.weights else ""), str(p.opts.repeats), *((p.caps_text,) if capped else ()),
+                  p.opts.dtype + (f", {p.opts.weights} weights" if p.opts.weights else ""), str(p.opts.repeats),
+                  *((p.caps_text,) if capped else ()),
                   *((_over_limit(p, roof),) if limited else ()), _minutes(floor), escape(status))
     return t
 
