@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..power.carbon import unit
+from ..runner.layer import ERROR_ROWS
 from . import console, fmt
 from .power import power_columns, power_lines
 
@@ -228,7 +229,8 @@ def weights_lines(doc: dict) -> list[str]:
         return []
     measured = ", ".join(f"{n} {e:.2%}" for n, e in errs.items()) or "not measured"
     return [f"weights: {doc['options']['weights']} weight-only, per-channel fp32 scales (the MoE's router in the "
-            f"dtype); output error vs the dtype's own weights (||y_q - y|| / ||y|| on up to 64 inputs): {measured}"]
+            f"dtype); output error vs the dtype's own weights (||y_q - y|| / ||y|| on up to {ERROR_ROWS} inputs): "
+            f"{measured}"]
 
 
 def energy_summary(doc: dict) -> list[str]:

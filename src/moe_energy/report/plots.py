@@ -47,6 +47,14 @@ MOE_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf",
 MAX_PANELS = 12
 
 
+def _loglog(ax: Any, legend_size: int) -> None:
+    """Both axes logarithmic, a light grid on every decade, the legend where it fits."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=legend_size, loc="best")
+
+
 def _style(name: str, strategy_order: list[str]) -> tuple[str, str]:
     if name in DENSE_STYLE:
         return DENSE_STYLE[name]
@@ -325,10 +333,7 @@ def energy_latency_scatter(frame: Frame) -> Figure:
             fx, fy = _by_x(*zip(*(sub[i] for i in pareto_front(sub))))
             ax.plot(fx, fy, ls, color="#444444", lw=1.2, zorder=2,
                     label="Pareto front" + (" (estimate)" if kind == "estimate" else ""))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="best")
+    _loglog(ax, 8)
     ax.text(0.99, 0.01, "front: no other model is both faster and cheaper per inference", transform=ax.transAxes,
             ha="right", va="bottom", fontsize=7, color="#555555")
     return fig
@@ -639,10 +644,7 @@ def time_energy_front(frame: Frame) -> Figure:
         if not drawn:
             _empty(ax, "energy not measured (meter: none)")
             continue
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7, loc="best")
+        _loglog(ax, 7)
     return fig
 
 
@@ -737,10 +739,7 @@ def whole_time_energy_front(frame: Frame) -> Figure:
         if not drawn and not flagged:
             _empty(ax, f"no {phase} configuration with energy and latency measured")
             continue
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=7, loc="best")
+        _loglog(ax, 7)
     return fig
 
 
