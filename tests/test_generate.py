@@ -28,10 +28,10 @@ def _model(name: str, swap: bool) -> tuple[torch.nn.Module, object]:
     return model, m
 
 
-def _ids(vocab: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt [B, L] and new token [B, 1] the steps draw for SEED (one generator, in that order)."""
+def _ids(vocab: int, context: int, rows: int = B) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt [rows, L] and new token [B, 1] the steps draw for SEED (one generator, in that order)."""
     g = torch.Generator().manual_seed(SEED)
-    return torch.randint(0, vocab, (B, context), generator=g), torch.randint(0, vocab, (B, 1), generator=g)
+    return torch.randint(0, vocab, (rows, context), generator=g), torch.randint(0, vocab, (B, 1), generator=g)
 
 
 @pytest.mark.parametrize(("name", "swap"), CASES[:3])
@@ -59,10 +59,12 @@ def test_decode_steps_at_position_l_against_a_cache_of_l_plus_1(name, swap, cont
     for layer, sliding in zip(cache.layers, windows):
         want = min(8, context + 1) if sliding else context + 1
         assert layer.max_cache_len == want and layer.keys.shape[-2] == want
+        assert layer.keys.shape[0] == layer.values.shape[0] == B  # the one prompt's cache, a copy per sequence
     assert int(cache.get_seq_length()) == context + 1  # one token written past L, rewound before each call
-    prompt, new = _ids(m.vocab, context)
+    prompt, new = _ids(m.vocab, context, rows=1)  # one prompt, held by every sequence; B new tokens
+    assert not torch.equal(new[0], new[1])
     with torch.inference_mode():
-        full = model(input_ids=torch.cat([prompt, new], dim=1)).logits  # [B, L+1, V]
+        full = model(input_ids=torch.cat([prompt.expand(B, -1), new], dim=1)).logits  # [B, L+1, V]
     assert outs[0].shape == (B, 1, m.vocab)
     torch.testing.assert_close(outs[0][:, 0], full[:, context], atol=1e-5, rtol=1e-5)
     if not any(windows) or context + 1 <= 8:  # a full window rolls each call: same cost, drifting values

@@ -61,8 +61,11 @@ def prefill_step(model: nn.Module, batch: int, context: int, seed: int = 0) -> t
 def decode_step(model: nn.Module, batch: int, context: int, seed: int = 0) -> tuple[Step, int]:
     """(fn, B): fn decodes one new token for each of B sequences whose KV cache holds L tokens.
 
-    The cache is a transformers StaticCache of L + 1 slots, filled once here by a prefill of L random tokens.
-    Every call then writes its token at position L, the same slot each time (the write position is rewound
+    The cache is a transformers StaticCache of L + 1 slots, filled once here by a prefill of one prompt of L
+    random tokens whose keys and values every sequence of the batch then holds (a copy per row): a step costs what
+    it costs whatever the cache holds (its shapes decide), the weights are random, so B different prompts would
+    be no truer, and a B x L prefill the window never measures would cost B times the time (minutes for a dense
+    7B at B 16 on a CPU). Each sequence decodes its own new token. Every call then writes its token at position L, the same slot each time (the write position is rewound
     to L first: one fill of a [layers] counter on the device), so every call costs exactly what a step at
     context L costs, however many times a loop repeats it, and the cache never grows past L + 1. A
     sliding-window layer whose window L fills (gpt-oss's 128 tokens, Mistral-7B's 4096) rolls its window by
@@ -73,11 +76,12 @@ def decode_step(model: nn.Module, batch: int, context: int, seed: int = 0) -> tu
 
     _check(model, batch, context, decode=True)
     whole(type(model).__name__, "seed", seed, least=0)
-    prompt, new = _token_ids(model, [(batch, context), (batch, 1)], seed)  # [B, L] as prefill_step's, [B, 1]
+    prompt, new = _token_ids(model, [(1, context), (batch, 1)], seed)  # [1, L], [B, 1]
     cache = StaticCache(config=model.config, max_cache_len=context + 1)
     positions = torch.full((batch, 1), context, dtype=torch.long, device=new.device)  # [B, 1]
     with torch.inference_mode():
         model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+        _widen(cache, batch)
         rewind = _rewinder(cache, context)
     return DecodeStep(model, new, positions, cache, rewind), batch
 
@@ -94,6 +98,16 @@ class DecodeStep:
             self.rewind()
             out = self.model(input_ids=self.new, cache=self.cache, position_ids=self.positions, use_cache=True)
             return out.logits  # [B, 1, V]
+
+
+def _widen(cache: object, batch: int) -> None:
+    """Every layer's keys and values [1, H, S, D] copied to [B, H, S, D]: B sequences holding the one prompt."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1).contiguous()
+        layer.values = layer.values.expand(batch, -1, -1, -1).contiguous()
+        layer.batch_size = batch
+        torch._dynamo.mark_static_address(layer.keys)  # as the layer's own allocation marks them (compile)
+        torch._dynamo.mark_static_address(layer.values)
 
 
 def _rewinder(cache: object, context: int) -> Callable[[], None]:
