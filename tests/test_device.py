@@ -20,6 +20,6 @@ def test_it_answers_on_this_host():
 ])
 def test_flags_decide(monkeypatch, flags, native, says):
     monkeypatch.setattr(precision, "_cpu_flags", lambda: flags)
-    monkeypatch.setattr(precision, "_onednn_bf16", lambda: True)
+    monkeypatch.setattr(precision, "onednn_bf16", lambda: True)
     got, why = precision.cpu_native_bf16()
     assert got is native and says in why

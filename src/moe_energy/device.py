@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from .dtypes import onednn_bf16
 from .errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -59,21 +60,10 @@ def _cpu_flags() -> dict[str, bool]:
     return {"avx512_bf16": bool(bf16), "amx_bf16": bool(amx), "amx_tile": bool(amx), "bf16": False}
 
 
-def _onednn_bf16() -> bool:
-    """oneDNN's own answer (it needs avx512_core at least; bf16 instructions decide its fast paths)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(probe()) if probe is not None else True
-    except RuntimeError:  # an op the build registered without a CPU kernel
-        return False
-
-
 def cpu_native_bf16() -> tuple[bool, str]:
     """(whether bf16 GEMMs run natively on this CPU, a one-line reason), e.g. (True, "AMX bf16 (oneDNN)")."""
     flags = _cpu_flags()
-    onednn = _onednn_bf16()
+    onednn = onednn_bf16()
     lib = "oneDNN" if onednn else "no oneDNN bf16 path: MKL only"
     if flags["amx_bf16"] and flags["amx_tile"]:
         return True, f"AMX bf16 and avx512_bf16 ({lib})" if flags["avx512_bf16"] else f"AMX bf16 ({lib})"

@@ -38,3 +38,15 @@ def device_arg(where: str, device: Any) -> torch.device | None:
     except (RuntimeError, ValueError):
         raise ConfigError(f"{where}: device={device!r} is not a device; give e.g. 'cpu', 'cuda' or 'cuda:0'") \
             from None
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 on this CPU (it needs avx512_core at least; bf16 instructions decide its fast
+    paths): where it does not, its bf16 linear has no kernel at all ("could not create a primitive descriptor")."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else True
+    except RuntimeError:  # an op the build registered without a CPU kernel
+        return False

@@ -245,8 +245,8 @@ def load_or_calibrate(device: torch.device, dtype: str, notice: Callable[[str], 
     if roof is not None and dtype in roof.gemm_flops_per_s:
         return roof
     (say or notice)(f"no {dtype} roofline cached for {device_name(device)}: calibrating it (once, a few seconds)")
-    if roof is None:
-        roof = calibrate(device, save=False)
+    if roof is None:  # the one dtype in use: bf16 where the CPU emulates it takes minutes, not seconds
+        roof = calibrate(device, (dtype,), save=False)
     else:
         n = roof.gemm_size
         rate = measure_gemm(device, dtype_of(dtype), n, 0.6)

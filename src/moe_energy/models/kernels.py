@@ -21,11 +21,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..dtypes import onednn_bf16
+
 # public as F.grouped_mm in recent torch; torch._grouped_mm (same arguments) before that
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# bf16 only where oneDNN runs it: on a CPU without avx512_core (a 2-core AMD EPYC with AVX2) its bf16 linear has
+# no kernel at all and F.linear's emulation is the only way
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if onednn_bf16() else (torch.float32,)
 # oneDNN's linear costs ~10-20 us more per call than MKL's, which only a weight of this many elements repays:
 # on the 2-core EPYC, fp32, 8..128 rows, MKL / oneDNN time was 0.4-0.7 at 10x256 and 64x64, 0.67-1.0 at
 # 256x256, 0.97-1.07 at 256x784 (2e5), 1.2-1.5 at 1024x784 and 1024x1024, 1.3-1.8 at 2048x2048.
