@@ -16,6 +16,7 @@ from moe_energy.models.whole import (  # noqa: E402
     MODELS,
     build_model,
     config_for,
+    extrapolation_scale,
     get_model,
     kv_bytes_per_token,
     memory_bytes,
@@ -136,6 +137,30 @@ def test_layers_n_counts_what_a_built_model_holds():
         assert sum(p.numel() for p in model.parameters()) == param_counts(m, n)[0]
         mlps = [type(layer.mlp).__name__ for layer in model.model.layers]
         assert mlps == ["DeepseekV2MLP"] + ["DeepseekV2Moe"] * (n - 1)
+
+
+def test_extrapolation_scales_by_each_layers_matrix_work_and_the_head_share_of_the_phase():
+    m = tiny("deepseek-v2-lite", layers=3)  # a dense first layer, then MoE layers
+    model = build_model(m)
+    a = m.arch
+    work = []
+    for layer in model.model.layers:  # each layer's parameters less the routed experts a token skips
+        routed = sum(p.numel() for n_, p in layer.named_parameters() if ".experts." in n_)
+        work.append(sum(p.numel() for p in layer.parameters()) - routed * (a.experts - a.top_k) // a.experts)
+    head = model.lm_head.weight.numel()
+    assert work[0] != work[1]  # the dense layer and an MoE layer weigh differently
+    assert extrapolation_scale(m, 1, "decode", 8) == pytest.approx((sum(work) + head) / (work[0] + head))
+    assert extrapolation_scale(m, 2, "prefill", 8) == pytest.approx((sum(work) + head / 8) / (sum(work[:2]) + head / 8))
+    assert extrapolation_scale(m, 3, "decode", 8) == 1.0
+
+
+def test_a_dense_7b_built_on_one_layer_extrapolates_by_about_its_layer_count():
+    """The embeddings' weight (820 M of a 1-layer olmo-2-7b's 1.03 B parameters) is no work: a parameter ratio
+    (~7x) would understate the whole model's prefill cost by ~4x."""
+    assert 30 < extrapolation_scale("olmo-2-7b", 1, "prefill", 512) < 32
+    assert 10 < extrapolation_scale("olmo-2-7b", 1, "decode", 512) < 32
+    total = param_counts("olmo-2-7b")[0] / param_counts("olmo-2-7b", 1)[0]
+    assert total < 8
 
 
 @pytest.mark.parametrize("name", MOE)

@@ -131,8 +131,8 @@ def _show_whole(w: Whole, opts: RunOptions, device: torch.device) -> None:
                   f"{max(x['activations'] for x in needs) / GIB:.2f}", _fits(w, p, opts, device))
     console.print(t)
     if any(w.chosen[m.name] < m.layers for m in w.models):
-        console.print("whole-model figures of a model built in part are EXTRAPOLATED (x its parameters / those "
-                      "built), and labelled so", highlight=False)
+        console.print("whole-model figures of a model built in part are EXTRAPOLATED (x a token's matrix work in "
+                      "all its layers / in those built, the LM head in both), and labelled so", highlight=False)
 
 
 def _touched_cell(arch: Arch, routing: RoutingMode, tokens: int, seed: int) -> str:

@@ -61,15 +61,15 @@ def prefill_step(model: nn.Module, batch: int, context: int, seed: int = 0) -> t
 def decode_step(model: nn.Module, batch: int, context: int, seed: int = 0) -> tuple[Step, int]:
     """(fn, B): fn decodes one new token for each of B sequences whose KV cache holds L tokens.
 
-    The cache is a transformers StaticCache of L + 1 slots, filled once here by a prefill of one prompt of L
-    random tokens whose keys and values every sequence of the batch then holds (a copy per row): a step costs what
-    it costs whatever the cache holds (its shapes decide), the weights are random, so B different prompts would
-    be no truer, and a B x L prefill the window never measures would cost B times the time (minutes for a dense
-    7B at B 16 on a CPU). Each sequence decodes its own new token. Every call then writes its token at position L, the same slot each time (the write position is rewound
-    to L first: one fill of a [layers] counter on the device), so every call costs exactly what a step at
-    context L costs, however many times a loop repeats it, and the cache never grows past L + 1. A
-    sliding-window layer whose window L fills (gpt-oss's 128 tokens, Mistral-7B's 4096) rolls its window by
-    one each call as a real step does: the cost is the same, its contents drift after the first call.
+    The cache is a transformers StaticCache of L + 1 slots, filled once here by a prefill of one prompt of L random
+    tokens whose keys and values every sequence of the batch then holds (a copy per row): a step costs what it costs
+    whatever the cache holds (its shapes decide), the weights are random, so B different prompts would be no truer,
+    and a B x L prefill the window never measures would cost B times the time (minutes for a dense 7B at B 16 on a
+    CPU). Each sequence decodes its own new token. Every call then writes its token at position L, the same slot
+    each time (the write position is rewound to L first: one fill of a [layers] counter on the device), so every
+    call costs exactly what a step at context L costs, however many times a loop repeats it, and the cache never
+    grows past L + 1. A sliding-window layer whose window L fills (gpt-oss's 128 tokens, Mistral-7B's 4096) rolls
+    its window by one each call as a real step does: the cost is the same, its contents drift after the first call.
     Returns the new tokens' logits [B, 1, V].
     """
     from transformers import StaticCache

@@ -374,6 +374,20 @@ def param_counts(model: str | WholeModel, layers: int | None = None) -> tuple[in
     return total, total - sum(c.unused[:n])
 
 
+def extrapolation_scale(model: str | WholeModel, layers: int | None, phase: str, context: int) -> float:
+    """How many times a token's matrix work in the whole model is that in its first ``layers`` layers: each
+    layer's active parameters, plus the LM head's (vocab x d_model) once per decoded token or once per prompt
+    (1/L of it per prompt token: a prefill keeps only the last position's logits). The embedding lookup is a
+    gather, no matrix work. Parameter counts would credit a few-layer build with the embeddings' weight and
+    understate a dense 7B built on 1 of 32 layers by ~4x."""
+    m = get_model(model)
+    n = check_layers(m, layers)
+    c = _census(m, torch.float32)
+    work = [t - u for t, u in zip(c.layer, c.unused)]  # [layers] active parameters of each layer
+    head = m.vocab * m.d_model * (1.0 if phase == "decode" else 1.0 / context)
+    return (sum(work) + head) / (sum(work[:n]) + head)
+
+
 def kv_bytes_per_token(model: str | WholeModel, dtype: str | torch.dtype = "bfloat16") -> int:
     """Bytes one token's keys and values take in one full-attention layer's cache: 2 x kv_heads x head_dim, or
     MLA's compressed latent and rope key (kv_lora_rank + qk_rope_head_dim), which transformers 5.24 caches."""
@@ -420,4 +434,4 @@ def memory_bytes(model: str | WholeModel, layers: int | None, dtype: str | torch
 
 
 __all__ = ["WholeModel", "Published", "models", "get_model", "config_for", "build_model", "param_counts",
-           "memory_bytes", "kv_bytes_per_token", "tiny"]
+           "extrapolation_scale", "memory_bytes", "kv_bytes_per_token", "tiny"]

@@ -25,14 +25,24 @@ from ..memory import OutOfMemory
 from ..models.generate import decode_step, prefill_step
 from ..models.plan import ModelPlan
 from ..models.swap import swap_moe_blocks
-from ..models.whole import WholeModel, build_model, check_context, get_model, memory_bytes, param_counts, tiny
+from ..models.whole import (
+    WholeModel,
+    build_model,
+    check_context,
+    extrapolation_scale,
+    get_model,
+    memory_bytes,
+    param_counts,
+    tiny,
+)
 from ..storage.store import WHOLE_FAMILY
 from .core import Built, Point, Run, Variant
 
 PHASES = ("prefill", "decode")
 MOE_IMPLS = ("transformers", "moe-energy", "eager", "batched_mm", "grouped_mm")
-EXTRAPOLATION = ("EXTRAPOLATED from the first {n} of {total} layers: the measured figure x (parameters of all "
-                 "{total} layers / of the {n} built), embeddings and LM head included in both")
+EXTRAPOLATION = ("EXTRAPOLATED from the first {n} of {total} layers: the measured figure x {scale:.3g} (a token's "
+                 "matrix work in all {total} layers and the LM head / in the {n} built and the LM head, the head's "
+                 "share per prompt token 1/L in a prefill)")
 
 
 def model_set(name: str | WholeModel, vs: Sequence[str] | None = None, shrink: bool = False) -> list[WholeModel]:
@@ -197,10 +207,10 @@ class Whole:
         }
         tps, tpj = out["tokens_per_second"], out["tokens_per_joule"]
         if n < m.layers and tps:
-            scale = param_counts(m)[0] / param_counts(m, n)[0]
+            scale = extrapolation_scale(m, n, point.head["phase"], point.head["context"])
             out["whole_model_extrapolated"] = {
                 "tokens_per_second": tps / scale, "joules_per_token": out["joules_per_token"] * scale
-                if tpj else None, "label": EXTRAPOLATION.format(n=n, total=m.layers)}
+                if tpj else None, "scale": scale, "label": EXTRAPOLATION.format(n=n, total=m.layers, scale=scale)}
         return out
 
     def bytes_read(self, plan: ModelPlan, point: Point, rec: dict[str, Any], dtype: str) -> float | None:
