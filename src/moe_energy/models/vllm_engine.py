@@ -9,7 +9,7 @@ when an engine is built: the rest of moe-energy runs without it (it is the ``vll
 
 What a call measures:
 - prefill: ``generate`` of B prompts of L tokens with ``max_tokens=1``: B x L prompt tokens. Each call changes
-  its prompts' first token (a call counter), so no call finds a prompt in the prefix cache.
+  its prompts' first tokens (a call counter), so no call finds a prompt in the prefix cache.
 - decode: ``generate`` of B prompts whose L tokens are already in the prefix cache (one warm call when the step
   is made, outside any window; the window's warm-up refreshes it), ``max_tokens=min_tokens=T`` with
   ``ignore_eos``: B x T output tokens. vLLM recomputes at most the prompt's last KV block (it needs the last
@@ -21,10 +21,12 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import itertools
+import json
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .generate import random_token_ids
@@ -39,7 +41,7 @@ GPU_MEMORY_UTILIZATION = 0.9
 INSTALL = "pip install -e '.[vllm]' on a CUDA host"
 METHOD = {
     "prefill": "generate(B prompts of L random token ids, max_tokens=1): B x L prompt tokens per call; each call "
-               "changes the prompts' first token, so nothing is served from the prefix cache",
+               "changes the prompts' first tokens, so nothing is served from the prefix cache",
     "decode": f"generate(the same B prompts, max_tokens=min_tokens={DECODE_TOKENS}, ignore_eos) with the L prompt "
               "tokens already in vLLM's prefix cache (warmed outside the windows): B x T output tokens per call, "
               "at contexts L to L + T - 1; vLLM recomputes at most the prompt's last KV block per sequence; "
@@ -74,6 +76,9 @@ class Engine:
     model: WholeModel
     llm: Any
     folder: tempfile.TemporaryDirectory = field(repr=False)
+    # prefill calls numbered over the engine's life: the same seed makes (1, L)'s prompt the first row of (B, L)'s
+    # and the start of (1, 2L)'s, so a count per step would repeat another step's prompts (a cache hit)
+    prefills: Iterator[int] = field(default_factory=lambda: itertools.count(1), repr=False)
 
     def kv_cache_tokens(self) -> int | None:
         """Tokens vLLM's KV cache holds (blocks x block size), when this vLLM reports it to the caller."""
@@ -89,11 +94,33 @@ def build_engine(model: WholeModel, dtype: str, max_batch: int, max_context: int
     from vllm import LLM
 
     folder = tempfile.TemporaryDirectory(prefix=f"moe-energy-vllm-{model.name}-")
-    config_for(model).save_pretrained(folder.name)
+    write_config(model, Path(folder.name))
     llm = LLM(model=folder.name, load_format="dummy", dtype=dtype, skip_tokenizer_init=True, seed=seed,
               enable_prefix_caching=True, max_model_len=max_context + DECODE_TOKENS, max_num_seqs=max_batch,
               gpu_memory_utilization=GPU_MEMORY_UTILIZATION, generation_config="vllm")
     return Engine(model, llm, folder)
+
+
+def write_config(model: WholeModel, folder: Path) -> dict[str, Any]:
+    """The preset's ``config.json`` in ``folder`` as vLLM reads it: ``save_pretrained``'s file plus what a reader
+    with another transformers needs (vLLM pins its own): ``architectures`` (vLLM picks its model class by it),
+    every ``attribute_map`` alias (5.x writes ``num_local_experts`` where 4.x reads ``num_experts``) and 4.x's
+    ``rope_theta`` / ``rope_scaling`` beside 5.x's ``rope_parameters``. Returns what it wrote."""
+    config = config_for(model)
+    config.save_pretrained(str(folder))
+    path = folder / "config.json"
+    out = json.loads(path.read_text())
+    out["architectures"] = [model.model_class]
+    for alias, name in getattr(config, "attribute_map", {}).items():
+        if name in out:
+            out.setdefault(alias, out[name])
+    rope = out.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        out.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", "default") != "default":
+        out.setdefault("rope_scaling", {**rope, "type": rope["rope_type"]})
+    path.write_text(json.dumps(out, indent=2))
+    return out
 
 
 class Step:
@@ -131,13 +158,16 @@ def _rows(engine: Engine, batch: int, context: int, seed: int) -> list[list[int]
 
 def prefill_step(engine: Engine, batch: int, context: int, seed: int = 0) -> tuple[Step, int]:
     """(fn, B x L): fn prefills B prompts of L tokens and samples one token each; call n's prompts have their
-    first token shifted by n (mod the vocabulary), so no call's blocks are in the prefix cache (a hit would
-    measure a lookup, not a prefill). The decode step's prompts are the unshifted ones (n = 0 never comes)."""
-    rows, vocab, calls = _rows(engine, batch, context, seed), engine.model.vocab, itertools.count(1)
+    first two tokens shifted by n's two digits in base V (the vocabulary; V^2 calls before one repeats), n
+    counting every prefill call of the engine, so no call's blocks are in the prefix cache (a hit would measure
+    a lookup, not a prefill). The decode step's prompts are the unshifted ones (n = 0 never comes)."""
+    rows, vocab = _rows(engine, batch, context, seed), engine.model.vocab
 
     def prompts() -> list[dict[str, Any]]:
-        n = next(calls)
-        return [{"prompt_token_ids": [(row[0] + n) % vocab, *row[1:]]} for row in rows]
+        n = next(engine.prefills)
+        low, high = n % vocab, n // vocab % vocab
+        return [{"prompt_token_ids": [(row[0] + low) % vocab, *[(t + high) % vocab for t in row[1:2]], *row[2:]]}
+                for row in rows]
 
     return Step(engine.llm, prompts, _params(1)), batch * context
 
