@@ -49,7 +49,18 @@ class RequestOutput:
         self.prompt_token_ids, self.outputs, self.num_cached_tokens = prompt_token_ids, [CompletionOutput(made)], cached
 
 
+class _Config:  # what LLMEngine.vllm_config.cache_config reports: 10 blocks of 10 tokens
+    num_gpu_blocks, block_size = 10, 10
+
+
+class _Engine:
+    class vllm_config:
+        cache_config = _Config()
+
+
 class LLM:
+    llm_engine = _Engine()
+
     def __init__(self, model, **kw):
         with open(model + "/config.json") as f:
             config = json.load(f)
@@ -199,6 +210,9 @@ def test_a_run_through_the_vllm_engine_records_both_phases_per_token(fake_vllm, 
             assert r["tokens_per_call"] == r["batch"] * T and r["ttft_ms"] is None
             assert r["itl_p50_ms"] == pytest.approx(r["latency_p50_ms"] / T)
             assert win["prompt_tokens_cached"] == [15, 15] and win["output_tokens"] == [T, T]
+        shrank = [f for f in r["flags"] if f.startswith("batch shrank")]  # the cache holds 100 tokens: 1 of 80 fits
+        assert shrank == ([] if r["phase"] == "prefill" or r["batch"] == 1 else [
+            "batch shrank: vLLM's KV cache holds 100 tokens, 2 sequences of up to 80 need 160; at most 1 ran at once"])
         assert win["inferences"] % r["tokens_per_call"] == 0
         assert r["moe_impl"] == ("vllm" if r["model"].startswith("qwen3-30b") else None)
     json.dumps(doc)  # the document saves as it is

@@ -103,6 +103,7 @@ class Whole:
     family = WHOLE_FAMILY
     trains = False
     chosen: dict[str, int] = field(default_factory=dict)  # model -> the N built (check decides it)
+    kv_tokens: dict[str, int | None] = field(default_factory=dict)  # vLLM: model -> tokens its KV cache holds
 
     @property
     def experts(self) -> int:
@@ -219,8 +220,9 @@ class Whole:
         try:
             if self.vllm:  # Built.model is the engine: variant() asks it for the phases' calls
                 r.ui.info(f"building {m.name} in vLLM (random weights: load_format='dummy')")
-                return Built(plan, build_engine(m, r.opts.dtype, max(self.batches), max(self.contexts),
-                                                r.opts.seed))  # type: ignore[arg-type]
+                engine = build_engine(m, r.opts.dtype, max(self.batches), max(self.contexts), r.opts.seed)
+                self.kv_tokens[m.name] = engine.kv_cache_tokens()
+                return Built(plan, engine)  # type: ignore[arg-type]
             r.ui.info(f"building {m.name} ({self.chosen[m.name]} of {m.layers} layers)")
             model = build_model(m, self.chosen[m.name], r.dtype, r.device, r.opts.seed)
             if self.moe_impl != "transformers":
@@ -254,6 +256,9 @@ class Whole:
             "engine": self.engine, **phase_figures(point.head["phase"], rec, self.decode_tokens),
             "whole_model_extrapolated": None,
         }
+        short = self._kv_short(m, point)
+        if short is not None and rec.get("status") == "measured":
+            out["flags"] = [*rec.get("flags", []), short]
         tps, tpj = out["tokens_per_second"], out["tokens_per_joule"]
         if n < m.layers and tps:
             scale = param_counts(m)[0] / param_counts(m, n)[0]
@@ -261,6 +266,17 @@ class Whole:
                 "tokens_per_second": tps / scale, "joules_per_token": out["joules_per_token"] * scale
                 if tpj else None, "label": EXTRAPOLATION.format(n=n, total=m.layers)}
         return out
+
+    def _kv_short(self, m: WholeModel, point: Point) -> str | None:
+        """Why vLLM cannot have run this point's B sequences at once (its KV cache holds fewer tokens than B x
+        their longest length): the batch shrank, ML.ENERGY's reason to keep a window out. None: it could."""
+        held = self.kv_tokens.get(m.name)
+        b, c = point.head["batch"], point.head["context"]
+        need = b * (c + (self.decode_tokens if point.head["phase"] == "decode" else 1))
+        if not self.vllm or held is None or need <= held:
+            return None
+        return (f"batch shrank: vLLM's KV cache holds {held:,} tokens, {b} sequences of up to {need // b:,} need "
+                f"{need:,}; at most {held // (need // b)} ran at once")
 
     def bytes_read(self, plan: ModelPlan, point: Point, rec: dict[str, Any], dtype: str) -> float | None:
         return None  # no roofline for a whole model (attention and the KV cache have no bound here yet)
