@@ -26,6 +26,12 @@
 #   ep        run --arch olmoe-1b-7b --parallel expert on one NCCL rank (torchrun): the LLM-layer EP path
 #   peers     bench-strategies --arch qwen3-30b-a3b at 1, 64 and 4096 tokens in bfloat16: every strategy vs both
 #             dense FFNs and transformers' own block (only if transformers is in .whl/: else its rows say why)
+#   vllm      run --model qwen3-30b-a3b --vs qwen3-32b --engine vllm at batch 1, 64 and 256, context 512: whole models
+#             through vLLM (dummy weights, its own batching), the decode J/token ratio at batch 64 printed beside
+#             ML.ENERGY's published 3.56x. Last, since installing the vllm extra may replace the machine's torch;
+#             "not run" (not a failure) when vLLM neither imports nor installs (no network). Two engine starts and
+#             12 points take minutes: run it alone, GPU_CHECK_ONLY="install vllm", to give it the whole budget.
+# GPU_CHECK_ONLY="name ..." runs only the named steps (the others are not run, nor listed).
 # Results (JSON, and this script's log) go to $OUT, or ./gpu-check-out when $OUT is unset.
 # Exit code: 0 only if every step passed.
 set -u
@@ -43,14 +49,26 @@ NAMES=()
 RESULTS=()
 SECONDS_TAKEN=()
 
+ONLY="${GPU_CHECK_ONLY:-}"
+
+# chosen NAME: whether GPU_CHECK_ONLY (when set) names this step.
+chosen() { [[ -z $ONLY || " $ONLY " == *" $1 "* ]]; }
+
+# skip NAME WHY [RESULT]: record a step that did not run, and why: "skipped" (the budget: a problem) by default,
+# "not run" for what this machine cannot offer (not a problem).
+skip() {
+  NAMES+=("$1"); RESULTS+=("${3:-skipped} ($2)"); SECONDS_TAKEN+=(0)
+  echo "=== $1: ${3:-skipped}, $2" | tee -a "$LOG"
+}
+
 # step NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left of the budget); record the outcome.
 step() {
   local name=$1 limit=$2
   shift 2
+  chosen "$name" || return 0
   local left=$((BUDGET - ($(date +%s) - START) - 5))
   if ((left < 15)); then
-    NAMES+=("$name"); RESULTS+=("skipped (budget spent)"); SECONDS_TAKEN+=(0)
-    echo "=== $name: skipped, ${BUDGET}s budget spent" | tee -a "$LOG"
+    skip "$name" "budget spent"
     return
   fi
   ((limit > left)) && limit=$left
@@ -103,13 +121,26 @@ step ep 90 python3 -m torch.distributed.run --nproc-per-node 1 -m moe_energy run
   --arch olmoe-1b-7b --tokens 1,64 --dtype bfloat16 --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
 step peers 100 python3 -m moe_energy bench-strategies --arch qwen3-30b-a3b --tokens 1,64,4096 --dtype bfloat16 \
   --device "$DEVICE" --seconds 1 --out "$OUT"
+# vLLM: imported, or its extra installed within what is left of the budget (at most 180 s); else skipped cleanly.
+VLLM_LEFT=$((BUDGET - ($(date +%s) - START) - 60))
+if chosen vllm && ((VLLM_LEFT > 60)); then
+  if timeout 30 python3 -c "import vllm" >>"$LOG" 2>&1 \
+    || timeout $((VLLM_LEFT < 180 ? VLLM_LEFT : 180)) python3 -m pip install -q -e ".[vllm]" >>"$LOG" 2>&1; then
+    step vllm 480 python3 -m moe_energy run --model qwen3-30b-a3b --vs qwen3-32b --engine vllm --batch 1,64,256 \
+      --context 512 --device "$DEVICE" --duration 5 --warmup 2 --repeats 1 --idle-seconds 2 --cooldown 0 --out "$OUT"
+  else
+    skip vllm "vLLM does not import, pip install -e '.[vllm]' failed: no network?" "not run"
+  fi
+elif chosen vllm; then
+  skip vllm "budget spent"
+fi
 
 echo
 echo "=== summary ($(($(date +%s) - START)) s of ${BUDGET}s)" | tee -a "$LOG"
 status=0
 for i in "${!NAMES[@]}"; do
   printf '  %-10s %-28s %4ss\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}" | tee -a "$LOG"
-  [[ ${RESULTS[$i]} == ok ]] || status=1
+  [[ ${RESULTS[$i]} == ok || ${RESULTS[$i]} == "not run"* ]] || status=1
 done
 python3 - "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys
@@ -134,6 +165,19 @@ for f in sorted(out.glob("run-*.json")):
         print(f"    {m['name']:<28} {rate:>14,.0f} /s {per_j:>10,.1f} /J ({m.get('energy_method')}) "
               f"experts touched {m.get('experts_touched')}, cap read back {m.get('power_limit_w')} W, "
               f"{m.get('co2e_g_per_million')} g CO2e/1M, int8 error {m.get('weights_output_error')}")
+for f in sorted(out.glob("run-*.json")):
+    doc = json.loads(f.read_text())
+    if doc.get("engine") != "vllm":
+        continue
+    per = {(m.get("model"), m.get("phase"), m.get("batch")): m.get("joules_per_token") for m in doc["models"]}
+    for b in sorted({m.get("batch") for m in doc["models"]}):
+        moe, dense = per.get(("qwen3-30b-a3b", "decode", b)), per.get(("qwen3-32b", "decode", b))
+        if moe and dense:
+            print(f"  vLLM decode B={b}: qwen3-30b-a3b {moe:.4g} J/token, qwen3-32b {dense:.4g} J/token: MoE/dense "
+                  f"{moe / dense:.3f} (dense/MoE {dense / moe:.2f}x)" + ("; ML.ENERGY published 3.56x (dense/MoE) "
+                                                                         "at batch 64" if b == 64 else ""))
+        else:
+            print(f"  vLLM decode B={b}: no J/token for both models (skipped or unmetered; see the JSON)")
 for f in sorted(out.glob("strategies-*.json")):
     doc = json.loads(f.read_text())
     o = doc["options"]

@@ -30,9 +30,10 @@ from ..models.archs import PRESETS as ARCH_PRESETS
 from ..models.archs import ROUTER_KINDS, Arch, RouterSpec, custom_arch, get_arch
 from ..models.routing import ROUTING_HELP, parse_routing
 from ..models.strategies import STRATEGIES
+from ..models.vllm_engine import INSTALL, missing
 from ..runner.core import Workload
 from ..runner.layer import DEFAULT_TOKENS, Layer, check_tokens
-from ..runner.model import MOE_IMPLS, Whole, model_set
+from ..runner.model import ENGINES, MOE_IMPLS, Whole, model_set
 from ..runner.seed import Seed
 
 if TYPE_CHECKING:
@@ -205,6 +206,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-impl", dest="moe_impl", help=f"how the MoE blocks run: {', '.join(MOE_IMPLS)} "
                    "(transformers: its own default; moe-energy: this tool's layer on the same weights, "
                    "--moe-strategy inside it; default transformers)")
+    g.add_argument("--engine", help="what serves the models: transformers (default; any device) or vllm (vLLM's "
+                                    f"offline API with its own batching; a CUDA GPU and {INSTALL.split(' on ')[0]})")
     g.add_argument("--tiny", action="store_true", default=None,
                    help="every model shrunk to a few-KB copy of its shape (router, shared experts, layer pattern "
                         "kept): tries the command in seconds; the figures are not the model's")
@@ -344,13 +347,43 @@ def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
     shapeless = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "layers"})
     _spec, opts = resolve(shapeless)
     opts = with_dtype(args, opts, llm=True)
+    engine = getattr(args, "engine", None) or "transformers"
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
     w = Whole(ms, _whole_numbers("--batch", getattr(args, "batch", None), (1, 8)),
               _whole_numbers("--context", getattr(args, "context", None), (512,)), getattr(args, "layers", None),
-              impl)
+              impl, engine)
     if w.layers is not None and w.layers < 1:
         raise ConfigError(f"--layers {w.layers}: give a whole number >= 1 (each model builds min(N, its layers))")
     w.check_inputs()  # every context a position each model has: refused before anything is asked of the host
+    if w.vllm:
+        check_vllm(args, opts)
     return w, opts
+
+
+VLLM_REFUSED = (("moe_impl", "--moe-impl", "vLLM runs the MoE blocks with its own fused kernels"),
+                ("layers", "--layers", "vLLM builds the whole model"),
+                ("tiny", "--tiny", "vLLM serves the published shapes on a GPU"),
+                ("compile", "--compile", "vLLM compiles and captures CUDA graphs itself"),
+                ("parallel", "--parallel expert", "vLLM shards a model itself; not offered here yet"))
+
+
+def check_vllm(args: argparse.Namespace, opts: RunOptions) -> None:
+    """--engine vllm's refusals, in one line each before anything is built: flags that mean nothing to vLLM,
+    vLLM not installed, no CUDA GPU (vLLM runs here on CUDA only)."""
+    given = {"moe_impl": getattr(args, "moe_impl", None) not in (None, "transformers"),
+             "layers": getattr(args, "layers", None) is not None, "tiny": bool(getattr(args, "tiny", None)),
+             "compile": opts.compile, "parallel": getattr(args, "parallel", None) == "expert"}
+    for key, name, why in VLLM_REFUSED:
+        if given[key]:
+            raise ConfigError(f"{name}: no meaning with --engine vllm ({why}); drop it")
+    problem = missing()
+    if problem is not None:
+        raise ConfigError(problem)
+    device = resolve_device(opts.device)
+    if device.type != "cuda":
+        raise ConfigError(f"--engine vllm needs a CUDA GPU (the device here is {device.type}); run it on a CUDA "
+                          "host, or use --engine transformers")
 
 
 def resolve_workload(args: argparse.Namespace) -> tuple[Workload, RunOptions]:

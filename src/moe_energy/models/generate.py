@@ -36,10 +36,16 @@ def _check(model: nn.Module, batch: int, context: int, decode: bool) -> None:
                           f"{', one left to decode' if decode else ''})")
 
 
-def _token_ids(model: nn.Module, shapes: list[tuple[int, int]], seed: int) -> list[Tensor]:
-    """Uniform ids from one CPU generator seeded with ``seed`` (the same ids on any device), each moved once."""
+def random_token_ids(vocab: int, shapes: list[tuple[int, int]], seed: int) -> list[Tensor]:
+    """Uniform ids on the CPU from one generator seeded with ``seed``: the same prompts on any device and for
+    any engine (transformers here, vLLM in ``vllm_engine``), so the engines measure the same inputs."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, model.config.vocab_size, s, generator=g).to(_device(model)) for s in shapes]
+    return [torch.randint(0, vocab, s, generator=g) for s in shapes]
+
+
+def _token_ids(model: nn.Module, shapes: list[tuple[int, int]], seed: int) -> list[Tensor]:
+    """``random_token_ids`` for ``model``'s vocabulary, each moved once to its device."""
+    return [t.to(_device(model)) for t in random_token_ids(model.config.vocab_size, shapes, seed)]
 
 
 def prefill_step(model: nn.Module, batch: int, context: int, seed: int = 0) -> tuple[Step, int]:

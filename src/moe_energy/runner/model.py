@@ -8,6 +8,10 @@ token, the inter-token latency). The models are transformers' own classes with s
 moe-energy's ``MoELayer`` on the same tensors, as this tool does (``--moe-impl``). When a whole model does not fit,
 its first N layers are built (the MoE/dense pattern kept; the default is the largest N that fits) and every
 whole-model figure is extrapolated from them, labelled as such, with N in the record.
+
+The engine serving them is transformers (``models.generate``: one forward, one decode step) or, on a CUDA host,
+vLLM (``--engine vllm``, ``models.vllm_engine``: its offline API, its own batching and kernels); either gives each
+phase as a callable and its tokens per call, so the windows, records, store and report are the same.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from ..memory import OutOfMemory
 from ..models.generate import decode_step, prefill_step
 from ..models.plan import ModelPlan
 from ..models.swap import swap_moe_blocks
+from ..models.vllm_engine import DECODE_TOKENS, GPU_MEMORY_UTILIZATION, METHOD, build_engine
+from ..models.vllm_engine import decode_step as vllm_decode
+from ..models.vllm_engine import prefill_step as vllm_prefill
+from ..models.vllm_engine import version as vllm_version
 from ..models.whole import (
     WholeModel,
     build_model,
@@ -40,6 +48,7 @@ from .core import Built, Point, Run, Variant
 
 PHASES = ("prefill", "decode")
 MOE_IMPLS = ("transformers", "moe-energy", "eager", "batched_mm", "grouped_mm")
+ENGINES = ("transformers", "vllm")
 EXTRAPOLATION = ("EXTRAPOLATED from the first {n} of {total} layers: the measured figure x {scale:.3g} (a token's "
                  "matrix work in all {total} layers and the LM head / in the {n} built and the LM head, the head's "
                  "share per prompt token 1/L in a prefill)")
@@ -59,15 +68,20 @@ def model_set(name: str | WholeModel, vs: Sequence[str] | None = None, shrink: b
     return [tiny(m) for m in ms] if shrink else ms
 
 
-def phase_figures(phase: str, rec: Mapping[str, Any]) -> dict[str, Any]:
+def phase_figures(phase: str, rec: Mapping[str, Any], steps: int = 1) -> dict[str, Any]:
     """A phase's per-token figures from its windows' summary (a record, or ``me.benchmark``'s): tokens are the
-    inferences; a prefill's latency is its time to first token, a decode step's its inter-token latency."""
+    inferences; a prefill's latency is its time to first token, a decode call's / its ``steps`` (vLLM's call
+    decodes T tokens per sequence) its inter-token latency."""
     tps, tpj = rec.get("inferences_per_second"), rec.get("inferences_per_joule")
     decode = phase == "decode"
+
+    def per_step(key: str) -> float | None:
+        v = rec.get(key)
+        return v / steps if decode and v is not None else None
+
     return {"tokens_per_second": tps, "tokens_per_joule": tpj, "joules_per_token": 1 / tpj if tpj else None,
             "ttft_ms": None if decode else rec.get("latency_p50_ms"),
-            "itl_p50_ms": rec.get("latency_p50_ms") if decode else None,
-            "itl_p90_ms": rec.get("latency_p90_ms") if decode else None}
+            "itl_p50_ms": per_step("latency_p50_ms"), "itl_p90_ms": per_step("latency_p90_ms")}
 
 
 def whole_plan(m: WholeModel, layers: int) -> ModelPlan:
@@ -95,20 +109,36 @@ class Whole:
     contexts: list[int]
     layers: int | None = None  # N of each model's layers (None: the largest that fits)
     moe_impl: str = "transformers"
+    engine: str = "transformers"  # or "vllm": every model served by vLLM (models.vllm_engine), whole
     family = WHOLE_FAMILY
     trains = False
     chosen: dict[str, int] = field(default_factory=dict)  # model -> the N built (check decides it)
+    kv_tokens: dict[str, int | None] = field(default_factory=dict)  # vLLM: model -> tokens its KV cache holds
 
     @property
     def experts(self) -> int:
         raise ConfigError("--parallel expert does not run whole models yet: run them in one process")
 
+    @property
+    def vllm(self) -> bool:
+        return self.engine == "vllm"
+
+    @property
+    def decode_tokens(self) -> int:
+        """Output tokens per sequence in one decode call: vLLM's call decodes T, transformers' step one."""
+        return DECODE_TOKENS if self.vllm else 1
+
     def check_inputs(self) -> None:
-        """Every context a position each model has (the decoded token sits at position L)."""
+        """Every context a position each model has (the decoded token sits at position L; vLLM's T decoded
+        tokens at L to L + T - 1)."""
         for m in self.models:
             for b in self.batches:
                 for c in self.contexts:
                     check_context(m, b, c)
+                    if self.vllm and c + DECODE_TOKENS > m.max_positions:
+                        raise ConfigError(f"--engine vllm: context {c} + the {DECODE_TOKENS} tokens each decode "
+                                          f"call generates pass {m.name}'s {m.max_positions} positions; give "
+                                          f"--context at most {m.max_positions - DECODE_TOKENS}")
 
     def check(self, opts: RunOptions, device: torch.device, strategies: tuple[str, ...]) -> None:
         """The inputs; the N of layers each model builds (the largest that fits, unless given)."""
@@ -117,6 +147,8 @@ class Whole:
             self.chosen[m.name] = self._layers_for(m, opts.dtype, device)
 
     def _layers_for(self, m: WholeModel, dtype: str, device: torch.device) -> int:
+        if self.vllm:
+            return m.layers  # vLLM builds the whole model and sizes its KV cache from the memory left
         if self.layers is not None:
             return min(self.layers, m.layers)
         free = memory.available_bytes(device)
@@ -130,8 +162,14 @@ class Whole:
         pass  # each point's token ids are made with its step, from --seed
 
     def identity(self) -> tuple[dict[str, Any], str]:
+        engine = {"engine": self.engine} if self.vllm else {}  # unset, a transformers point's key is unchanged
         return {"models": [m.name for m in self.models], "batches": self.batches, "contexts": self.contexts,
-                "layers": self.layers, "moe_impl": self.moe_impl}, "-"
+                "layers": self.layers, "moe_impl": self.impl, **engine}, "-"
+
+    @property
+    def impl(self) -> str:
+        """What runs the MoE blocks: --moe-impl, or vLLM's own fused MoE kernels under vLLM."""
+        return "vllm" if self.vllm else self.moe_impl
 
     def options(self, opts: RunOptions) -> dict[str, Any]:
         drop = ("epochs", "lr", "batch_size", "samples", "test_fraction", "data", "models", "max_forward_s")
@@ -141,14 +179,22 @@ class Whole:
         return {"spec": {"models": [m.name for m in self.models]}, "options": self.options(opts),
                 "dataset": {"source": "random token ids (torch.randint on the CPU from --seed)",
                             "batches": self.batches, "contexts": self.contexts},
-                "family": self.family, "whole_models": [asdict(m) for m in self.models], "moe_impl": self.moe_impl,
-                "phases": list(PHASES), "layers_built": dict(self.chosen)}
+                "family": self.family, "whole_models": [asdict(m) for m in self.models], "moe_impl": self.impl,
+                "phases": list(PHASES), "layers_built": dict(self.chosen), "engine": self.engine,
+                "engine_method": self.method()}
+
+    def method(self) -> dict[str, Any] | None:
+        """What a vLLM call measures, per phase, and the vLLM that measured it (None: transformers' engine)."""
+        if not self.vllm:
+            return None
+        return {**METHOD, "decode_tokens_per_call": DECODE_TOKENS, "vllm_version": vllm_version(),
+                "gpu_memory_utilization": GPU_MEMORY_UTILIZATION, "load_format": "dummy (random weights)"}
 
     def plans(self, models: Sequence[str]) -> list[ModelPlan]:
         return [whole_plan(m, self.chosen.get(m.name, m.layers)) for m in self.models]
 
     def points(self) -> list[Point]:
-        return [Point(b * c if phase == "prefill" else b, f"@{phase}-B{b}-L{c}",
+        return [Point(b * c if phase == "prefill" else b * self.decode_tokens, f"@{phase}-B{b}-L{c}",
                       {"phase": phase, "batch": b, "context": c})
                 for phase in PHASES for b in self.batches for c in self.contexts]
 
@@ -157,11 +203,17 @@ class Whole:
 
     def fit_problem(self, plan: ModelPlan, opts: RunOptions, device: torch.device) -> str | None:
         m = self._model(plan)
+        if self.vllm:  # vLLM sizes its KV cache from what its weights leave: the weights must fit
+            need = memory_bytes(m, m.layers, opts.dtype, 1, 1)["weights"] + memory.OVERHEAD_BYTES
+            return memory.fit_problem(need, device, f"building {m.name} in vLLM (its weights)")
         need = inputs_bytes(m, self.chosen.get(m.name, m.layers), opts.dtype, self.points())
         return memory.fit_problem(need, device, f"building {m.name} ({self.chosen.get(m.name, m.layers)} of "
                                                 f"{m.layers} layers) and its KV caches")
 
     def together_problem(self, plans: list[ModelPlan], opts: RunOptions, device: torch.device) -> str | None:
+        if self.vllm:
+            return (f"vLLM takes {GPU_MEMORY_UTILIZATION:.0%} of the GPU for each model it serves, so one model is "
+                    "served at a time")
         need = sum(inputs_bytes(self._model(p), self.chosen.get(p.name, 0) or 1, opts.dtype, self.points())
                    for p in plans)
         return memory.fit_problem(need, device, f"holding {', '.join(p.name for p in plans)} together")
@@ -176,6 +228,11 @@ class Whole:
         if problem is not None:
             raise OutOfMemory(problem)
         try:
+            if self.vllm:  # Built.model is the engine: variant() asks it for the phases' calls
+                r.ui.info(f"building {m.name} in vLLM (random weights: load_format='dummy')")
+                engine = build_engine(m, r.opts.dtype, max(self.batches), max(self.contexts), r.opts.seed)
+                self.kv_tokens[m.name] = engine.kv_cache_tokens()
+                return Built(plan, engine)  # type: ignore[arg-type]
             r.ui.info(f"building {m.name} ({self.chosen[m.name]} of {m.layers} layers)")
             model = build_model(m, self.chosen[m.name], r.dtype, r.device, r.opts.seed)
             if self.moe_impl != "transformers":
@@ -188,13 +245,16 @@ class Whole:
 
     def variant(self, r: Run, built: Built, point: Point, label: str, strategy: str | None
                 ) -> tuple[Variant, str | None]:
-        """The phase's step at (B, L), made now (a decode step fills its KV cache to L here, outside any window)."""
-        b, c = point.head["batch"], point.head["context"]
-        make = prefill_step if point.head["phase"] == "prefill" else decode_step
-        step, rows = make(built.model, b, c, r.opts.seed)
+        """The phase's step at (B, L), made now (a decode step fills its KV cache to L here, outside any window;
+        vLLM's its prefix cache), and under vLLM what its last call found cached and generated, after each window."""
+        b, c, prefill = point.head["batch"], point.head["context"], point.head["phase"] == "prefill"
+        if self.vllm:
+            step, rows = (vllm_prefill if prefill else vllm_decode)(built.model, b, c, r.opts.seed)  # type: ignore
+        else:
+            step, rows = (prefill_step if prefill else decode_step)(built.model, b, c, r.opts.seed)
         need = memory_bytes(self._model(built.plan), self.chosen[built.name], r.opts.dtype, b, c)["activations"]
         return Variant(label, step, None, (), built.plan.flops_per_inference, need, parked=False, head=dict(point.head),
-                       rows=rows, ready=True), None
+                       rows=rows, ready=True, after_window=getattr(step, "facts", None)), None
 
     def record(self, r: Run, plan: ModelPlan, point: Point, rec: dict[str, Any]) -> dict[str, Any]:
         """The per-token figures of this (model, phase, batch, context), and the whole model's, extrapolated from
@@ -202,9 +262,13 @@ class Whole:
         m, n = self._model(plan), self.chosen.get(plan.name, plan.shape.layers)  # type: ignore[union-attr]
         out: dict[str, Any] = {
             "model": m.name, **point.head, "tokens_per_call": point.rows, "layers_measured": n,
-            "layers_total": m.layers, "moe_impl": self.moe_impl if m.moe_arch is not None else None,
-            **phase_figures(point.head["phase"], rec), "whole_model_extrapolated": None,
+            "layers_total": m.layers, "moe_impl": self.impl if m.moe_arch is not None else None,
+            "engine": self.engine, **phase_figures(point.head["phase"], rec, self.decode_tokens),
+            "whole_model_extrapolated": None,
         }
+        short = self._kv_short(m, point)
+        if short is not None and rec.get("status") == "measured":
+            out["flags"] = [*rec.get("flags", []), short]
         tps, tpj = out["tokens_per_second"], out["tokens_per_joule"]
         if n < m.layers and tps:
             scale = extrapolation_scale(m, n, point.head["phase"], point.head["context"])
@@ -212,6 +276,17 @@ class Whole:
                 "tokens_per_second": tps / scale, "joules_per_token": out["joules_per_token"] * scale
                 if tpj else None, "scale": scale, "label": EXTRAPOLATION.format(n=n, total=m.layers, scale=scale)}
         return out
+
+    def _kv_short(self, m: WholeModel, point: Point) -> str | None:
+        """Why vLLM cannot have run this point's B sequences at once (its KV cache holds fewer tokens than B x
+        their longest length): the batch shrank, ML.ENERGY's reason to keep a window out. None: it could."""
+        held = self.kv_tokens.get(m.name)
+        b, c = point.head["batch"], point.head["context"]
+        need = b * (c + (self.decode_tokens if point.head["phase"] == "decode" else 1))
+        if not self.vllm or held is None or need <= held:
+            return None
+        return (f"batch shrank: vLLM's KV cache holds {held:,} tokens, {b} sequences of up to {need // b:,} need "
+                f"{need:,}; at most {held // (need // b)} ran at once")
 
     def bytes_read(self, plan: ModelPlan, point: Point, rec: dict[str, Any], dtype: str) -> float | None:
         return None  # no roofline for a whole model (attention and the KV cache have no bound here yet)
