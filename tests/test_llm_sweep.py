@@ -322,3 +322,30 @@ def test_sweep_weights_refused_in_one_line(tmp_path, capsys, args, needles):
     code = main(["sweep", *args, "--db", str(tmp_path / "d.db"), "--dry-run"])
     one_line_error(code, capsys.readouterr().err, *needles)
     assert not (tmp_path / "d.db").exists()
+
+
+@pytest.mark.slow
+def test_sweep_weights_axis_end_to_end_into_the_store_and_export(tmp_path, capsys, monkeypatch):
+    """Issue 24: `sweep --weights dtype,int8` measures both formats (float32 here: any host), the store's columns say
+    which rows are int8 and their output error, and `export` carries both fields; --resume finds both complete."""
+    from moe_energy.cli import main
+    from moe_energy.measure import roofline
+
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "cache"))  # a float32 roofline cached: no calibration
+    roofline._store(Roofline(roofline.device_name(CPU), {"float32": 1e11}, 1e10, 64, 2**20, "2026-01-01T00:00:00"))
+
+    db = tmp_path / "w.db"
+    args = ["sweep", *TINY_FLAGS, "--tokens", "1", "--weights", "dtype,int8", *FAST, "--db", str(db)]
+    assert main(args) == 0
+    assert "measured 2, skipped 0, failed 0" in capsys.readouterr().out
+    assert rows(db, "SELECT weights, COUNT(*), COUNT(weights_output_error), MIN(weights_output_error) > 0, "
+                    "MAX(weights_output_error) < 0.05 FROM models GROUP BY weights ORDER BY weights") == [
+        (None, 3, 0, None, None), ("int8", 3, 3, 1, 1)]
+    assert rows(db, "SELECT weights FROM points ORDER BY id") == [(None,), ("int8",)]
+    out = tmp_path / "m.csv"
+    assert main(["export", "--db", str(db), "--out", str(out)]) == 0
+    table = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert sorted((r["weights"], r["weights_output_error"] != "") for r in table) == [("", False)] * 3 + [
+        ("int8", True)] * 3
+    assert main([*args, "--resume"]) == 0
+    assert "already complete 2" in capsys.readouterr().out
