@@ -271,7 +271,9 @@ def test_cli_arch_calibrates_the_dtype_in_use_on_first_use_and_says_so(tmp_path,
                                            ([*LAYER_ARGS, "--routing", "balanced"], "--routing"),
                                            ([*LAYER_ARGS, "--batch-size", "4"], "--batch-size"),
                                            ([*LAYER_ARGS, "--compile"], "--compile"),
-                                           ([*LAYER_ARGS, "--moe-strategy", "fastest"], "fastest")])
+                                           ([*LAYER_ARGS, "--moe-strategy", "fastest"], "fastest"),
+                                           ([*LAYER_ARGS, "--weights", "fp8"], "fp8 weights are not built"),
+                                           ([*TINY, "--weights", "int8"], "--weights: only with --arch")])
 def test_cli_arch_bad_input_is_one_line_and_exit_2(tmp_path, cached_roof, capsys, args, msg):
     assert main(["bench-strategies", *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -294,3 +296,50 @@ def test_a_strategy_that_cannot_run_the_shape_is_a_row_that_says_so(tmp_path, ca
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if "moe[grouped_fm]" in ln)  # its row, folded over lines
     assert "not timed:" in line and "results written to" in text
+
+
+@pytest.mark.slow
+def test_layer_int8_rows_beside_transformers_blocks_in_the_dtype():
+    """Issue 24: --weights int8 times the layer and both dense FFNs holding int8 weights beside transformers' blocks
+    in the dtype; each row says its format, the int8 rows count the stored format's bytes, each model's output
+    error is in the document, and the speed-ups are over the dtype's transformers rows."""
+    pytest.importorskip("transformers", reason="transformers not installed: its rows need it")
+    from moe_energy.bench.strategies import bench_layer
+    from moe_energy.models.counting import layer_weight_bytes
+    from moe_energy.models.plan import ModelPlan
+
+    arch = tiny_arch()
+    doc = bench_layer(arch, (1,), seconds=0.01, warmup_s=0, strategies=["grouped"], roof=fake_roof(),
+                      weights="int8")
+    rows = {r["name"]: r for r in doc["rows"]}
+    touched = doc["summary"][0]["experts_touched"]
+    tf = [r for r in rows.values() if r["kind"] == "transformers"]
+    assert tf and all(r["weights"] == "float32" for r in tf)
+    assert {n: r["weights"] for n, r in rows.items() if r["kind"] != "transformers"} == {
+        "moe[grouped]": "int8", "dense_total": "int8", "dense_active": "int8"}
+    for name in ("moe", "dense_total", "dense_active"):
+        row = rows["moe[grouped]" if name == "moe" else name]
+        want = ModelPlan.of(name, arch).quantized("int8").weight_bytes_read("float32", touched)
+        assert row["weight_bytes_per_batch"] == pytest.approx(want)
+    assert rows["moe[grouped]"]["weight_bytes_per_batch"] < layer_weight_bytes(arch, touched, 4) / 3
+    assert tf[0]["weight_bytes_per_batch"] == layer_weight_bytes(arch, touched, 4)  # theirs: the dtype's bytes
+    errs = doc["weights_output_error"]
+    assert set(errs) == {"moe", "dense_total", "dense_active"} and all(0 < e < 0.05 for e in errs.values())
+    assert doc["options"]["weights"] == "int8"
+    best = min(r["ms_per_forward"] for r in tf)  # the dtype's fastest transformers row is what int8 is measured by
+    moe = rows["moe[grouped]"]
+    assert moe["speedup_vs_transformers"] == pytest.approx(best / moe["ms_per_forward"])
+
+
+@pytest.mark.slow
+def test_cli_arch_weights_int8_labels_the_formats_and_states_the_error(tmp_path, cached_roof, capsys):
+    pytest.importorskip("transformers", reason="transformers not installed: its rows need it")
+    out = tmp_path / "res"
+    assert main(["bench-strategies", *LAYER_ARGS, "--tokens", "1", "--moe-strategy", "auto", "--weights", "int8",
+                 "--out", str(out)]) == 0
+    [path] = out.glob("strategies-custom-float32-int8-t1-*.json")
+    doc = json.loads(path.read_text())
+    assert {r["weights"] for r in doc["rows"]} == {"int8", "float32"}
+    text = " ".join(capsys.readouterr().out.split())
+    assert "weights: int8 weight-only" in text and f"moe {doc['weights_output_error']['moe']:.2%}" in text
+    assert "transformers' blocks hold the weights in float32" in text

@@ -92,8 +92,8 @@ def test_layers_are_kept_apart_from_the_seeds_models(llm_report):
     assert frame.models == [] and len(frame.layers) == 2 * 3 * len(TOKENS)
     assert len(frame.points) == 2 and [p["label"] for p in frame.skipped] == ["deepseek-v3 random"]
     groups = layer_pairs(frame)
-    assert sorted(groups) == [("olmoe-1b-7b", "random", "float32", "auto", None),
-                              ("qwen3-30b-a3b", "random", "float32", "auto", None)]  # None: no power cap
+    assert sorted(groups) == [("olmoe-1b-7b", "random", "float32", "float32", "auto", None),
+                              ("qwen3-30b-a3b", "random", "float32", "float32", "auto", None)]  # None: no cap
     assert all([p.at for p in ps] == list(map(float, TOKENS)) for ps in groups.values())
 
 
@@ -240,3 +240,80 @@ def test_a_skipped_rows_none_is_not_an_energy_method_of_the_report():
     assert len(warn) == 1 and warn[0].startswith("Some energy figures are estimates")
     warn, headline = _warnings(Frame(runs=[], points=[], models=[], layers=[{**measured, "energy_method": "none"}]))
     assert headline.endswith("energy methods: none.") and "meter: none" in warn[0]
+
+
+# -- int8 weights (issue 24) --------------------------------------------------------------------------------------
+INT8_RATIO = (0.25, 0.25, 0.25, 4.0)  # qwen with int8 weights: behind up to 16 tokens, ahead at 64
+
+
+def add_int8_point(db: Path, arch: str = "qwen3-30b-a3b") -> None:
+    """The same arch measured again with int8 weights: every model int8, each with its output error."""
+    errs = {"moe[auto]": 0.0125, "dense_total": 0.02, "dense_active": 0.03}
+    models = []
+    for t, r in zip(TOKENS, INT8_RATIO):
+        for base, tpj in (("moe[auto]", DENSE_TPJ * r), ("dense_total", DENSE_TPJ), ("dense_active", DENSE_TPJ * 3)):
+            models.append({**layer(arch, base, t, tpj), "weights": "int8", "weights_output_error": errs[base]})
+    cfg = {"label": f"{arch} random", "family": "llm_layer", "routing": "random", "tokens": list(TOKENS),
+           "spec": {"name": arch, "experts": E[arch], "top_k": 8, "d_model": 2048},
+           "options": {"dtype": "float32", "weights": "int8"}, "total_params": 400_000_000}
+    with Store(db) as s:
+        s.add_point("llm", f"k-{arch}-int8", cfg, "done", document={"models": models})
+
+
+@pytest.fixture(scope="module")
+def int8_frame(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("int8_report")
+    fill_layers(tmp / "i.db")
+    add_int8_point(tmp / "i.db")
+    return frame_of(tmp / "i.db"), tmp
+
+
+def test_int8_layers_are_compared_only_with_int8_layers(int8_frame):
+    frame, _ = int8_frame
+    groups = layer_pairs(frame)
+    q8 = groups["qwen3-30b-a3b", "random", "float32", "int8", "auto", None]
+    assert [p.at for p in q8] == list(map(float, TOKENS))
+    assert all(p.moe["weights"] == p.dense["weights"] == "int8" for p in q8)
+    assert all(p.dense.get("weights") is None for p in groups["qwen3-30b-a3b", "random", "float32", "float32",
+                                                              "auto", None])
+    xos = {(c.arch, c.weights, c.metric): c for c in layer_crossovers(frame)}
+    # each format's own crossover: the dtype's stays at 8 tokens; int8's is half way between 16 and 64 in log10
+    assert math.isclose(xos["qwen3-30b-a3b", "float32", "inferences_per_joule"].params, 8.0, rel_tol=1e-12)
+    assert math.isclose(xos["qwen3-30b-a3b", "int8", "inferences_per_joule"].params, 32.0, rel_tol=1e-12)
+    assert xos["qwen3-30b-a3b", "int8", "inferences_per_joule"].n_points == 4
+
+
+def test_layer_tables_get_a_weights_column_and_the_int8_output_error(int8_frame):
+    from moe_energy.report.html import ERROR_HEAD, layer_crossover_table
+
+    frame, _ = int8_frame
+    _title, head, rows = layer_tokens_table(frame)
+    assert head[:5] == ["arch", "routing", "dtype", "weights", "tokens per forward"]
+    err = f"{ERROR_HEAD}: MoE / dense (total) / dense (active)"
+    assert len(rows) == 3 * len(TOKENS)
+    by = {(r[0], r[3], r[4]): dict(zip(head, r)) for r in rows}
+    assert by["qwen3-30b-a3b", "int8", "16"][err] == "1.25% / 2.00% / 3.00%"
+    assert by["qwen3-30b-a3b", "float32", "16"][err] == "- / - / -"
+    assert by["qwen3-30b-a3b", "int8", "16"]["MoE J/1k tokens"].startswith("40 (")  # 25 tokens/J, not averaged
+    _t, xhead, xrows = layer_crossover_table(layer_crossovers(frame))
+    assert xhead[3] == "weights" and sorted({r[3] for r in xrows}) == ["float32", "int8"]
+
+
+@pytest.mark.slow
+def test_the_report_shows_int8_rows_their_error_and_panels_of_their_own(int8_frame):
+    from moe_energy.report.plots import _layer_facets
+
+    frame, tmp = int8_frame
+    assert ("qwen3-30b-a3b", "random", "float32", "int8") in _layer_facets(frame) and len(_layer_facets(frame)) == 3
+    files = build(tmp / "i.db", tmp / "out")
+    html = files.html.read_text()
+    assert "1.25% / 2.00% / 3.00%" in files.markdown.read_text() and "1.25% / 2.00% / 3.00%" in html
+    assert "int8 rows are compared among themselves only" in html
+
+
+def test_without_int8_the_layer_tables_keep_their_columns(llm_report):
+    from moe_energy.report.html import layer_crossover_table
+
+    frame, _ = llm_report
+    assert "weights" not in layer_tokens_table(frame)[1]
+    assert "weights" not in layer_crossover_table(layer_crossovers(frame))[1]

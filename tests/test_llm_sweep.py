@@ -291,3 +291,61 @@ def test_int8_weights_are_a_points_option_keyed_only_when_set_and_shown_by_dry_r
     assert main(["sweep", *TINY_FLAGS, "--tokens", "1", "--config", str(cfg), "--db", str(tmp_path / "d.db"),
                  "--dry-run"]) == 0
     assert "int8 weights" in capsys.readouterr().out
+
+
+def test_weights_is_an_axis_each_value_a_point_the_default_keyed_as_before():
+    """Issue 24: --weights dtype,int8 gives one point per format per (arch, routing, dtype); 'dtype' is the default
+    spelled out, so its point keeps the key a store written before the axis holds (--resume skips it)."""
+    before = sw.build_grid({**TINY, "tokens": "1", "dtype": "float32,bfloat16"})
+    grid = sw.build_grid({**TINY, "tokens": "1", "dtype": "float32,bfloat16", "weights": "dtype,int8"})
+    assert [(p.opts.dtype, p.opts.weights) for p in grid.points] == [
+        ("float32", None), ("float32", "int8"), ("bfloat16", None), ("bfloat16", "int8")]
+    keys = [p.key("none") for p in grid.points]
+    assert len(set(keys)) == 4 and [keys[0], keys[2]] == [p.key("none") for p in before.points]
+    assert grid.source["axes"]["weights"] == ["dtype", "int8"]
+    assert [p.workload.weights for p in grid.points] == [None, "int8", None, "int8"]
+    toml = sw.build_grid({**TINY, "tokens": "1", "weights": ["int8", "dtype", "int8"]})  # a TOML list, deduplicated
+    assert [p.opts.weights for p in toml.points] == ["int8", None]
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    ([*TINY_FLAGS, "--weights", "bf16,int8"], ("weights='bf16' is unknown", "int8 or dtype")),
+    ([*TINY_FLAGS, "--weights", "int8,fp8"], ("weights='fp8'", "fp8 weights are not built")),
+    (["--grid", "seed", "--weights", "int8"], ("--weights: LLM-layer settings",)),
+    (["--model", "olmoe-1b-7b", "--tiny", "--weights", "int8"], ("--weights: no meaning with --model",)),
+])
+def test_sweep_weights_refused_in_one_line(tmp_path, capsys, args, needles):
+    from conftest import one_line_error
+
+    from moe_energy.cli import main
+
+    code = main(["sweep", *args, "--db", str(tmp_path / "d.db"), "--dry-run"])
+    one_line_error(code, capsys.readouterr().err, *needles)
+    assert not (tmp_path / "d.db").exists()
+
+
+@pytest.mark.slow
+def test_sweep_weights_axis_end_to_end_into_the_store_and_export(tmp_path, capsys, monkeypatch):
+    """Issue 24: `sweep --weights dtype,int8` measures both formats (float32 here: any host), the store's columns say
+    which rows are int8 and their output error, and `export` carries both fields; --resume finds both complete."""
+    from moe_energy.cli import main
+    from moe_energy.measure import roofline
+
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "cache"))  # a float32 roofline cached: no calibration
+    roofline._store(Roofline(roofline.device_name(CPU), {"float32": 1e11}, 1e10, 64, 2**20, "2026-01-01T00:00:00"))
+
+    db = tmp_path / "w.db"
+    args = ["sweep", *TINY_FLAGS, "--tokens", "1", "--weights", "dtype,int8", *FAST, "--db", str(db)]
+    assert main(args) == 0
+    assert "measured 2, skipped 0, failed 0" in capsys.readouterr().out
+    assert rows(db, "SELECT weights, COUNT(*), COUNT(weights_output_error), MIN(weights_output_error) > 0, "
+                    "MAX(weights_output_error) < 0.05 FROM models GROUP BY weights ORDER BY weights") == [
+        (None, 3, 0, None, None), ("int8", 3, 3, 1, 1)]
+    assert rows(db, "SELECT weights FROM points ORDER BY id") == [(None,), ("int8",)]
+    out = tmp_path / "m.csv"
+    assert main(["export", "--db", str(db), "--out", str(out)]) == 0
+    table = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert sorted((r["weights"], r["weights_output_error"] != "") for r in table) == [("", False)] * 3 + [
+        ("int8", True)] * 3
+    assert main([*args, "--resume"]) == 0
+    assert "already complete 2" in capsys.readouterr().out

@@ -23,6 +23,7 @@ from moe_energy.storage.store import (
     CARBON_MODEL_COLUMNS,
     LAYER_MODEL_COLUMNS,
     MODEL_COLUMNS,
+    WEIGHTS_MODEL_COLUMNS,
     WHOLE_MODEL_COLUMNS,
     WINDOW_COLUMNS,
 )
@@ -67,7 +68,8 @@ def test_every_store_column_is_a_record_field():
     whole = set(WholeRecord.__annotations__)
     assert set(LAYER_MODEL_COLUMNS) <= model | layer, set(LAYER_MODEL_COLUMNS) - model - layer
     assert set(WHOLE_MODEL_COLUMNS) <= model | whole, set(WHOLE_MODEL_COLUMNS) - model - whole
-    rest = set(MODEL_COLUMNS) - set(LAYER_MODEL_COLUMNS) - set(WHOLE_MODEL_COLUMNS)
+    assert set(WEIGHTS_MODEL_COLUMNS) <= layer, set(WEIGHTS_MODEL_COLUMNS) - layer  # issue 24: int8 layers
+    rest = set(MODEL_COLUMNS) - set(LAYER_MODEL_COLUMNS) - set(WHOLE_MODEL_COLUMNS) - set(WEIGHTS_MODEL_COLUMNS)
     assert rest <= model, rest - model
     assert set(WINDOW_COLUMNS) <= set(WindowRecord.__annotations__)
     # issue 15's power-cap and carbon/cost fields are stored as declared, on the model and on the window

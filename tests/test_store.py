@@ -307,3 +307,64 @@ def test_a_stored_config_that_no_longer_parses_keeps_its_stored_key(db):
     db.add_point("run1", "k-damaged", CONFIG, "done", document=doc(model_record()))
     db.con.execute("UPDATE points SET config_json = '{not json' WHERE point_key = 'k-damaged'")
     assert db.completed_keys() == {"k-damaged"}
+
+
+def v3_store(path):
+    """A store as schema version 3 shipped it, holding an int8 layer point (its format in its JSON only), a point
+    in the dtype, and a model row whose JSON is damaged."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:3])
+    int8 = {**LAYER_CONFIG, "options": {**LAYER_CONFIG["options"], "weights": "int8"}}
+    try:
+        with Store(path) as s:
+            assert s.version() == 3
+            s.new_run("old", {"grid": "custom"}, {"device": "cpu"}, None)
+            s.con.execute("BEGIN IMMEDIATE")
+            for pid, cfg in ((1, int8), (2, LAYER_CONFIG)):
+                s.con.execute("INSERT INTO points (run_id, point_key, status, label, family, arch, config_json) "
+                              "VALUES ('old', ?, 'done', 'l', 'llm_layer', 'olmoe-1b-7b', ?)",
+                              (f"k{pid}", store_mod.dumps(cfg)))
+                rec = {**layer_record(), "weights": cfg["options"].get("weights"),
+                       "weights_output_error": 0.0125 if pid == 1 else None}
+                s.con.execute("INSERT INTO models (point_id, ordinal, name, kind, params, active_params, "
+                              "record_json) VALUES (?, 0, 'moe[auto]@T=8', 'moe', 1000, 500, ?)",
+                              (pid, store_mod.dumps(rec)))
+            s.con.execute("INSERT INTO models (point_id, ordinal, name, record_json) VALUES (1, 1, 'x', '{bad')")
+            s.con.execute("COMMIT")
+    finally:
+        mp.undo()
+    return path
+
+
+def test_v4_takes_the_weights_format_and_error_from_a_v3_stores_json_read_or_written(tmp_path):
+    """Issue 24: int8 records written before the columns existed get them filled from their JSON, whether the store
+    is read (migrated in memory: the file untouched) or opened to write (migrated in place)."""
+    p = v3_store(tmp_path / "v3.db")
+    before = p.read_bytes()
+    want_models = [("moe[auto]@T=8", "int8", 0.0125), ("x", None, None), ("moe[auto]@T=8", None, None)]
+    with Store(p, create=False) as s:
+        assert s.version() == len(store_mod.MIGRATIONS) == 4
+        assert [(r["name"], r["weights"], r["weights_output_error"]) for r in s.model_rows()] == want_models
+        assert [(r["point_key"], r["weights"]) for r in s.points()] == [("k1", "int8"), ("k2", None)]
+    assert p.read_bytes() == before
+    with Store(p) as s:
+        assert [(r["name"], r["weights"], r["weights_output_error"]) for r in s.model_rows()] == want_models
+        table = list(csv.DictReader(io.StringIO(s.export_csv("models"))))
+        assert [(r["weights"], r["weights_output_error"]) for r in table] == [("int8", "0.0125"), ("", ""), ("", "")]
+        assert [r["weights"] for r in csv.DictReader(io.StringIO(s.export_csv("points")))] == ["int8", ""]
+
+
+def test_a_new_int8_point_fills_its_weights_columns_and_the_seeds_stay_null(tmp_path):
+    with Store(tmp_path / "n.db") as s:
+        s.new_run("r", {"grid": "custom"}, {"device": "cpu"}, None)
+        int8 = {**LAYER_CONFIG, "options": {**LAYER_CONFIG["options"], "weights": "int8"}}
+        rec = {**layer_record(), "weights": "int8", "weights_output_error": 0.02}
+        s.add_point("r", "l1", int8, "done", document=doc(rec, {**layer_record(kind="dense"), "weights": "int8",
+                                                                "weights_output_error": 0.01}))
+        s.add_point("r", "s1", {**CONFIG, "options": {**CONFIG.get("options", {}), "weights": "int8"}}, "done",
+                    document=doc(model_record()))
+        assert [(r["weights"], r["weights_output_error"]) for r in s.model_rows()] == [
+            ("int8", 0.02), ("int8", 0.01), (None, None)]
+        assert [p["weights"] for p in s.points()] == ["int8", None]  # the seed's family has no weights format
+        exported = [m for p in s.export_document()["points"] for m in p["models"]]
+        assert [m.get("weights") for m in exported] == ["int8", "int8", None]

@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 from .device import check_device_name
 from .errors import ConfigError, one_line
 from .models.counting import moe_params
-from .models.quant import FP8_WHY, WEIGHT_FORMATS
+from .models.quant import FP8_WHY, IN_DTYPE, WEIGHT_FORMATS
 from .models.strategies import STRATEGIES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -176,8 +176,9 @@ class RunOptions:
             if s not in STRATEGIES:
                 raise ConfigError(f"moe-strategy={s!r} is unknown; choose from {', '.join(STRATEGIES)} (or 'all')")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
-            raise ConfigError(f"weights={self.weights!r} is unknown; choose {', '.join(WEIGHT_FORMATS)} "
-                              "(or leave it out: weights in the dtype)" + FP8_WHY.get(self.weights, ""))
+            raise ConfigError(f"weights={self.weights!r} is unknown; choose {', '.join(WEIGHT_FORMATS)} or "
+                              f"{IN_DTYPE} (the weights in the dtype, the default; --dtype sets it)"
+                              + FP8_WHY.get(self.weights, ""))
         for m in self.models:
             if m not in ("moe", "dense_total", "dense_active"):
                 raise ConfigError(f"model={m!r} is unknown; choose from moe, dense_total, dense_active")
@@ -278,6 +279,8 @@ def resolve_config(cfg: dict[str, Any]) -> tuple[ModelSpec, RunOptions]:
     for k in ("data", "out"):
         if k in given:
             given[k] = _path(k, given[k])
+    if given.get("weights") == IN_DTYPE:  # the default spelled out (a sweep's --weights dtype,int8): keyed as unset
+        del given["weights"]
     extra = {"preset": None if custom else (cfg.get("preset") or "small")}
     try:
         opts = RunOptions(**given, extra=extra)

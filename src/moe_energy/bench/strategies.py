@@ -34,6 +34,7 @@ from ..models.llm import MoELayer, building
 from ..models.moe import LAYOUTS, MoE, StrategyHost
 from ..models.plan import ModelPlan, plans
 from ..models.strategies import AUTO_CANDIDATES, STRATEGIES, SYNCING
+from ..runner.layer import ERROR_ROWS, quantize_measured
 from ..runner.prepare import choose_layout, compile_candidates, prepare
 from ..storage.fileio import now_utc
 from .peers import Peers, build_peers
@@ -375,12 +376,20 @@ class _Layer:
     peers: Peers
     dt: torch.dtype
     strategies: list[str]
+    weights: str | None = None  # the layer's and both dense FFNs' weights stored as "int8"; None: in the dtype
+    output_error: dict[str, float] = field(default_factory=dict)  # int8: per model, against its dtype weights
+
+    def weights_of(self, kind: str) -> str:
+        """A row's weights format: int8 for the layer and the dense FFNs when asked; transformers' blocks always
+        hold the dtype's (they are the reference a user serves today)."""
+        return self.weights if self.weights and kind != "transformers" else dtype_name(self.dt)
 
 
 def _build_layer(arch: Arch, device: torch.device, dt: torch.dtype, seed: int, strategies: list[str],
-                 on_phase: Callable[[str], None]) -> _Layer:
+                 on_phase: Callable[[str], None], weights: str | None = None) -> _Layer:
     """The layer (seeded random weights, made where it runs), both dense FFNs, and transformers' blocks holding
-    a copy of the layer's weights (one copy shared by every experts implementation)."""
+    a copy of the layer's weights (one copy shared by every experts implementation), taken before ``weights``
+    (int8) stores the layer's and the dense FFNs' weights, as a run does, each model's output error measured."""
     on_phase(f"building the {arch.name} layer and its dense FFNs")
     layer = MoELayer.from_arch(arch, dtype=dt, device=device, strategy="auto", seed=seed).eval()
     dense: dict[str, nn.Module] = {}
@@ -388,7 +397,14 @@ def _build_layer(arch: Arch, device: torch.device, dt: torch.dtype, seed: int, s
         with building(device, dt, seed + 1 + i):
             dense[f"dense_{match}"] = matched_dense(layer, match).eval()
     on_phase("building transformers' MoE blocks")
-    return _Layer(arch, layer, dense, build_peers(layer), dt, strategies)
+    b = _Layer(arch, layer, dense, build_peers(layer), dt, strategies, weights)
+    if weights is not None:
+        on_phase(f"storing the layer's and the dense FFNs' weights as {weights}")
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + ERROR_ROWS)
+        x = torch.randn(ERROR_ROWS, arch.d_model, generator=gen).to(device=device, dtype=dt)
+        for name, model in (("moe", layer), *dense.items()):
+            b.output_error[name] = quantize_measured(model, weights, x)
+    return b
 
 
 def _layer_variants(b: _Layer) -> list[Variant]:
@@ -423,11 +439,15 @@ def _layer_row(b: _Layer, v: Variant, tokens: int, touched: int, roof: Roofline 
         flops, nbytes = tokens * 2 * params, params * bpp
     else:
         flops, nbytes = tokens * layer_flops(b.arch), layer_weight_bytes(b.arch, touched, bpp)
+    if b.weights is not None and v.kind != "transformers":  # the stored format's bytes, as a run counts them
+        nbytes = ModelPlan.of("moe" if v.kind == "moe" else v.name, b.arch).quantized(b.weights) \
+            .weight_bytes_read(dname, touched) or nbytes
     ms = v.median_ms
     return {"name": v.name, "kind": v.kind, "tokens": tokens, "ms_per_forward": ms, "ms_per_forward_min": min(v.ms),
             "rounds": len(v.ms), "iterations": v.iterations, "tokens_per_second": tokens / (ms / 1e3),
             "speedup_vs_transformers": None, "achieved_gflops": flops / (ms / 1e3) / 1e9,
-            **roofline.figures(roof, ms / 1e3, flops, nbytes, dname), **v.info, **extra}
+            "weights": b.weights_of(v.kind), **roofline.figures(roof, ms / 1e3, flops, nbytes, dname), **v.info,
+            **extra}
 
 
 def versus_transformers(rows: list[dict]) -> dict[str, Any]:
@@ -498,15 +518,18 @@ def bench_layer(
     warmup_s: float = 0.2,
     roof: Roofline | None = None,
     on_phase: Callable[[str], None] = lambda msg: None,
+    weights: str | None = None,
 ) -> dict:
     """Time one LLM MoE layer under every strategy, both dense SwiGLU FFNs (total- and active-matched) and
     transformers' own block under each experts implementation it offers, all in one process, interleaved;
-    ``seconds`` of timed rounds per token count. Routing: the router's own choice (random router weights)."""
+    ``seconds`` of timed rounds per token count. Routing: the router's own choice (random router weights).
+    ``weights`` "int8": the layer and the dense FFNs hold int8 weights, transformers' blocks the dtype's (each row
+    says its format), so the speed-ups read int8 against what transformers serves."""
     a = get_arch(arch) if isinstance(arch, str) else arch
     device = torch.device(device)
     strategies = list(strategies or STRATEGIES)
     load_before = _load_average()
-    b = _build_layer(a, device, dtype_of(dtype), seed, strategies, on_phase)
+    b = _build_layer(a, device, dtype_of(dtype), seed, strategies, on_phase, weights)
     rows: list[dict] = []
     summary: list[dict] = []
     for t in tokens:
@@ -514,7 +537,7 @@ def bench_layer(
         rows += r
         summary.append(s)
     options = {"tokens": list(tokens), "dtype": dtype, "device": str(device), "seconds_per_token_count": seconds,
-               "warmup_s": warmup_s, "seed": seed, "strategies": strategies}
+               "warmup_s": warmup_s, "seed": seed, "strategies": strategies, "weights": weights}
     return _layer_document(b, device, options, load_before, roof, rows, summary)
 
 
@@ -536,6 +559,7 @@ def _layer_document(b: _Layer, device: torch.device, options: dict, load_before:
         "host_load_average_1m": {"before": load_before, "after": _load_average()},
         "roofline": roof.as_dict() if roof else None,
         "roofline_note": None if roof else NO_ROOFLINE,
+        "weights_output_error": b.output_error or None,
         "summary": summary,
         "rows": rows,
     }

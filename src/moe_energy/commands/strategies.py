@@ -20,6 +20,7 @@ from ..runner.layer import check_layer_inputs
 from ..storage.results import check_writable, stamp
 from . import command, console, err_console, fmt, save_then_show
 from .options import add_llm_arguments, add_shape_arguments, device_of, refuse_others, resolve, resolve_layer
+from .tables import weights_lines
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +117,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
 
 def bench_layer_command(args: argparse.Namespace) -> int:
     """`bench-strategies --arch`: the flags checked as `run --arch` checks them (one-line errors, before any
-    work), the layer timed at each token count, the JSON saved, then the table printed."""
+    work; --weights as run's), the layer timed at each token count, the JSON saved, then the table printed."""
     from ..bench.strategies import bench_layer
 
     given, args.strategies = args.strategies, None  # validated below: the default is every strategy
@@ -136,8 +137,10 @@ def bench_layer_command(args: argparse.Namespace) -> int:
     roof = _roofline_for(device, opts.dtype)
     with console.status("benchmarking the layer") as status:
         doc = bench_layer(arch, tokens, dtype=opts.dtype, device=device, strategies=strategies, seconds=args.seconds,
-                          seed=opts.seed, roof=roof, on_phase=lambda msg: status.update(escape(msg)))
-    stem = f"strategies-{arch.name}-{opts.dtype}-t{'-'.join(map(str, tokens))}-{stamp(doc)}"
+                          seed=opts.seed, roof=roof, on_phase=lambda msg: status.update(escape(msg)),
+                          weights=w.weights)
+    fmt_tag = f"-{w.weights}" if w.weights else ""
+    stem = f"strategies-{arch.name}-{opts.dtype}{fmt_tag}-t{'-'.join(map(str, tokens))}-{stamp(doc)}"
     return save_then_show(doc, opts.out, stem, lambda: show_layer(doc))
 
 
@@ -152,17 +155,19 @@ def _layer_note(r: dict) -> str:
 def layer_table(doc: dict) -> Table:
     """One line per (token count, model): ms per forward, tokens/s, speed-up over transformers' fastest, roofline."""
     a, env = doc["arch"], doc["environment"]
+    int8 = bool(doc["options"].get("weights"))  # then each row says its weights format: int8 beside the dtype's
     t = Table(title=escape(f"{a['name']} layer: moe-energy strategies vs dense FFNs vs transformers "
                            f"({env['device_name']}, {doc['options']['dtype']}, routing random): median of "
                            "interleaved rounds"))
-    for col in ("T", "model", "ms/forward", "best ms", "tokens/s", "vs transformers", "GFLOP/s", "bound ms",
-                "of roofline", "note"):
-        t.add_column(col, justify="left" if col in ("model", "note") else "right")
+    for col in ("T", "model", *(("weights",) if int8 else ()), "ms/forward", "best ms", "tokens/s", "vs transformers",
+                "GFLOP/s", "bound ms", "of roofline", "note"):
+        t.add_column(col, justify="left" if col in ("model", "weights", "note") else "right")
     calibrated = doc["roofline"] is not None
     for r in doc["rows"]:
         roof = [fmt(r["roofline_bound_ms"], ".3g"), fmt(r["fraction_of_roofline"], ".0%")] if calibrated \
             else ["not calibrated"] * 2
-        t.add_row(str(r["tokens"]), escape(r["name"]), fmt(r["ms_per_forward"], ".3f"),
+        t.add_row(str(r["tokens"]), escape(r["name"]), *((escape(str(r.get("weights"))),) if int8 else ()),
+                  fmt(r["ms_per_forward"], ".3f"),
                   fmt(r["ms_per_forward_min"], ".3f"), fmt(r["tokens_per_second"], ",.0f"),
                   fmt(r["speedup_vs_transformers"], ".2f", "x") if r["speedup_vs_transformers"] else "-",
                   fmt(r["achieved_gflops"], ".1f"), *roof, escape(_layer_note(r)))
@@ -187,6 +192,12 @@ def layer_lines(doc: dict) -> list[str]:
                      + (f" (dense_active, the same FLOPs in one dense FFN: {dense:.0%})" if dense is not None else ""))
     if doc["roofline_note"]:
         lines.append(f"roofline: {doc['roofline_note']}")
+    errs = doc.get("weights_output_error") or {}
+    lines += weights_lines({"options": doc["options"], "models": [{"name": n, "weights_output_error": e}
+                                                                 for n, e in errs.items()]})
+    if errs:
+        lines.append(f"transformers' blocks hold the weights in {doc['options']['dtype']}: the speed-ups are "
+                     f"{doc['options']['weights']} moe-energy against them")
     return lines
 
 

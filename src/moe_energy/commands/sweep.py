@@ -116,8 +116,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def _layer_args(p: argparse.ArgumentParser) -> None:
-    """The LLM-layer axes (issue 14): one point per arch x routing x dtype x repeats, each measuring every
-    token count; a custom shape also takes --experts and --top-k (comma lists, as above)."""
+    """The LLM-layer axes (issue 14): one point per arch x routing x dtype x weights x repeats, each measuring
+    every token count; a custom shape also takes --experts and --top-k (comma lists, as above)."""
     from ..models.archs import PRESETS, ROUTER_KINDS
     from ..models.routing import ROUTING_HELP
 
@@ -127,6 +127,8 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
                    "--ffn-dim, --experts, --top-k)")
     g.add_argument("--tokens", help="comma list of tokens per forward (default 1,4,16,64,256,1024,4096)")
     g.add_argument("--routing", help=f"comma list of {ROUTING_HELP} (default random)")
+    g.add_argument("--weights", help="comma list of dtype (the weights in the point's dtype: the default) and int8 "
+                   "(every model's weights int8 weight-only, per-channel fp32 scales): one point each")
     g.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
                    help="skip a (model, token count) whose one forward takes longer than S seconds at this host's "
                         "roofline bound, with the reason (default: none; --grid llm: --duration)")
@@ -186,7 +188,8 @@ class SweepProgress:
             if point.is_whole else f"batch {o.batch_size}"
         cap = "" if point.caps_text == "-" else f", cap {point.caps_text}"
         self.progress.update(self.task, completed=i, info=escape(
-            f"now {point.label} ({point.total_params:,} params, {what}, {o.dtype}{cap}) | {_eta(eta_s)}"))
+            f"now {point.label} ({point.total_params:,} params, {what}, {o.dtype}"
+            f"{f', {o.weights} weights' if o.weights else ''}{cap}) | {_eta(eta_s)}"))
 
     def finish(self) -> None:
         self.progress.update(self.task, completed=self.total, info="done")

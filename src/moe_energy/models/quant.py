@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 QMAX = 127  # symmetric int8: [-127, 127]
 WEIGHT_FORMATS = ("int8",)  # --weights: besides the dtype's own
+IN_DTYPE = "dtype"  # --weights dtype: the weights in the dtype (the default; a sweep axis value beside int8)
 FP8_WHY = {f: "; fp8 weights are not built: a CPU has no fast fp8 kernel (see models/quant.py) and the GPU path "
               "waits for a GPU to test it on" for f in ("fp8", "float8", "float8_e4m3fn")}
 # bf16 rows up to which torch._weight_int8pack_mm beats converting the weight to bf16 for one GEMM (measured:

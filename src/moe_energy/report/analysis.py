@@ -13,8 +13,10 @@ Energy figures of different kinds are never silently compared: an estimate again
 left out and said so.
 
 LLM layers (issue 14) get the same crossover along another axis: tokens per forward, from a decoding step to a
-prefill chunk, per (arch, routing, dtype, strategy): the same pairs (MoE, total-matched dense FFN), the same
-interpolation in log10(x), the same interval from the repeats; only the axis differs (``Pair.x``).
+prefill chunk, per (arch, routing, dtype, weights format, strategy): the same pairs (MoE, total-matched dense FFN),
+the same interpolation in log10(x), the same interval from the repeats; only the axis differs (``Pair.x``). A layer
+run with int8 weights (issue 24) is a group of its own: every model of its point holds int8, so an int8 MoE is only
+ever compared with int8 dense FFNs, never with the dtype's.
 
 Power caps (issue 15) are one more grouping: a capped point is a point of its own, so every crossover is per
 cap (``Crossover.power_limit_w``), and ``cap_series`` / ``best_caps`` compare one model's figures across caps
@@ -41,7 +43,8 @@ ENERGY_METRICS = ("inferences_per_joule", "correct_per_joule", "joules_per_token
 TDP_KEYS = ("tdp_w", "tdp_watts", "power_limit_w")
 
 Group = tuple[int, str, str, str, float | None]  # (batch_size, dtype, strategy, E/k, cap W): one curve along params
-LayerGroup = tuple[str, str, str, str, float | None]  # (arch, routing, dtype, strategy, cap W): one along tokens
+# (arch, routing, dtype, weights format, strategy, cap W): one curve along tokens
+LayerGroup = tuple[str, str, str, str, str, float | None]
 AXIS_UNITS = {"params": "params", "tokens": "tokens per forward", "batch": "sequences per batch",
               "context": "tokens of context"}
 ONE_UNIT = {"tokens": "token per forward", "batch": "sequence per batch", "context": "token of context"}
@@ -65,6 +68,12 @@ def value(rec: dict, metric: str, bound: str | None = None) -> float | None:
         return None if ipj is None or acc is None else acc * ipj
     v = finite(rec.get(f"{metric}_{bound}")) if bound else None
     return v if v is not None else finite(rec.get(metric))
+
+
+def weights_format(m: dict) -> str:
+    """How a record's weights were stored: 'int8' (--weights), else its dtype: the format that decides its bytes
+    read, so records of two formats are never one comparison."""
+    return str(m.get("weights") or m.get("dtype"))
 
 
 def energy_kind(rec: dict) -> str:
@@ -291,8 +300,9 @@ class Crossover:
     energy: str | None = None  # 'measured' | 'estimate' for energy metrics
     notes: list[str] = field(default_factory=list)
     axis: str = "params"  # "params" | "tokens"
-    arch: str | None = None  # an LLM layer's crossover: its arch and routing
+    arch: str | None = None  # an LLM layer's crossover: its arch, routing and weights format (weights_format)
     routing: str | None = None
+    weights: str | None = None
     power_limit_w: float | None = None  # the cap its points ran under (None: the limit in force, untouched)
     model: str | None = None  # a whole model's crossover: its set (the MoE), the dense sibling, the phase and
     vs: str | None = None  # the other axis's value it holds ("context 512" along batch)
@@ -433,7 +443,8 @@ def crossovers(frame: Frame, metrics: Iterable[str] = tuple(METRICS)) -> list[Cr
 
 
 def layer_pairs(frame: Frame) -> dict[LayerGroup, list[Pair]]:
-    """Per (arch, routing, dtype, strategy): (MoE, dense-total) pairs at each token count, ascending tokens."""
+    """Per (arch, routing, dtype, weights format, strategy): (MoE, dense-total) pairs at each token count, ascending
+    tokens (a point's models share one weights format)."""
     dense = {(m["point_id"], m.get("tokens_per_forward")): m for m in frame.layers
              if m["kind"] == "dense" and m.get("match") == "total"}
     out: dict[LayerGroup, list[Pair]] = {}
@@ -441,7 +452,8 @@ def layer_pairs(frame: Frame) -> dict[LayerGroup, list[Pair]]:
         t = m.get("tokens_per_forward")
         if m["kind"] != "moe" or not isinstance(t, int) or (m["point_id"], t) not in dense:
             continue
-        g = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), str(m["strategy"]), cap_of(m))
+        g = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), weights_format(m), str(m["strategy"]),
+             cap_of(m))
         out.setdefault(g, []).append(Pair(int(m["params"]), m, dense[m["point_id"], t], str(m.get("arch")), float(t)))
     for g in out:
         out[g].sort(key=lambda p: p.at)
@@ -453,11 +465,11 @@ def layer_crossovers(frame: Frame, metrics: Iterable[str] = ("inferences_per_jou
     """Each LLM layer's crossover over tokens per forward (tokens are its inferences: tokens/J, tokens/s)."""
     out = []
     note = frame.damage_note()
-    for (arch, routing, dtype, strategy, cap), ps in sorted(layer_pairs(frame).items(),
-                                                            key=lambda kv: (*kv[0][:4], kv[0][4] or 0.0)):
+    for (arch, routing, dtype, weights, strategy, cap), ps in sorted(layer_pairs(frame).items(),
+                                                                     key=lambda kv: (*kv[0][:5], kv[0][5] or 0.0)):
         for metric in metrics:
             c = crossover(ps, metric, (None, dtype, strategy, None, cap), axis="tokens")  # type: ignore[arg-type]
-            c.arch, c.routing = arch, routing
+            c.arch, c.routing, c.weights = arch, routing, weights
             if note:
                 c.notes.append(note)
             out.append(c)
@@ -542,7 +554,8 @@ def setting(m: dict) -> str:
     """Everything but the cap that decides a record's figures, as a title: the same setting at two caps is
     one comparison."""
     if m.get("family") == LAYER_FAMILY:
-        return f"{m.get('arch')}, routing {m.get('routing')}, {m.get('dtype')}, T={m.get('tokens_per_forward')}"
+        int8 = f", {m['weights']} weights" if m.get("weights") else ""
+        return f"{m.get('arch')}, routing {m.get('routing')}, {m.get('dtype')}{int8}, T={m.get('tokens_per_forward')}"
     return f"{m.get('label')}, batch {m.get('batch_size')}, {m.get('dtype')}"
 
 

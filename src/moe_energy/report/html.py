@@ -47,6 +47,7 @@ from .analysis import (
     stable,
     unstable,
     value,
+    weights_format,
     whole_crossovers,
     whole_sets,
 )
@@ -75,7 +76,10 @@ LAYER_NOTE = (
     "achieved time. A copy both reads and writes, so a forward that only reads its weights can stream faster and "
     "a memory-bound figure can pass 100 %. A (model, token count) whose one forward would outlast --max-forward-s "
     "is skipped, with its bound in the reason. Whole-model figures would be extrapolated (attention and KV cache "
-    "left out): none are drawn."
+    "left out): none are drawn. Weights int8 (--weights int8): every model of the point holds int8 weight-only "
+    "weights (per-channel fp32 scales, activations in the dtype; bytes read count 1 byte a weight), so int8 rows are "
+    "compared among themselves only, never with the dtype's; their output error is ||y_int8 - y|| / ||y|| against "
+    "the same weights in the dtype."
 )
 
 
@@ -231,14 +235,16 @@ def skipped_table(frame: Frame) -> Table:
 
 # -- LLM layers -------------------------------------------------------------------------------------------
 def layer_crossover_table(xos: list[Crossover]) -> Table:
-    head = ["arch", "routing", "dtype", "strategy", "figure", "crossover (tokens per forward)", "energy",
-            "token counts", "notes"]
+    """Each layer group's crossover; a weights column where any group ran int8 (each within its own format)."""
+    int8 = any(c.weights not in (None, c.dtype) for c in xos)
+    head = ["arch", "routing", "dtype", *(["weights"] if int8 else []), "strategy", "figure",
+            "crossover (tokens per forward)", "energy", "token counts", "notes"]
     rows = []
     for c in xos:
         energy = c.energy or ("-" if c.metric != "inferences_per_joule" else "not measured")
         figure = METRICS[c.metric].replace("inferences", "tokens")
-        rows.append([str(c.arch), str(c.routing), str(c.dtype), str(c.strategy), figure, c.answer(), energy,
-                     str(c.n_points), "; ".join(c.notes)])
+        rows.append([str(c.arch), str(c.routing), str(c.dtype), *([str(c.weights)] if int8 else []), str(c.strategy),
+                     figure, c.answer(), energy, str(c.n_points), "; ".join(c.notes)])
     return "LLM layers: where the MoE passes the total-matched dense FFN, over tokens per forward", head, rows
 
 
@@ -266,17 +272,20 @@ def _bound(m: dict) -> str:
 
 
 def layer_tokens_table(frame: Frame) -> Table:
-    """Per arch, routing, dtype, token count (and cap): J per 1,000 tokens of the MoE layer and both dense FFNs."""
+    """Per arch, routing, dtype, weights format, token count (and cap): J per 1,000 tokens of the MoE layer and
+    both dense FFNs of that format; where any ran int8, a weights column and each model's output error."""
     capped = any(cap_of(m) is not None for m in frame.layers)
+    int8 = any(m.get("weights") for m in frame.layers)
     carbon = carbon_columns(frame.layers, "tokens")
-    head = ["arch", "routing", "dtype", "tokens per forward", *(["power cap W"] if capped else []), "MoE",
-            "MoE J/1k tokens", "dense (total) J/1k tokens", "dense (active) J/1k tokens", "experts touched",
-            "MoE MiB read/forward", "MoE bound (of it)", "dense (total) bound (of it)",
+    head = ["arch", "routing", "dtype", *(["weights"] if int8 else []), "tokens per forward",
+            *(["power cap W"] if capped else []), "MoE", "MoE J/1k tokens", "dense (total) J/1k tokens",
+            "dense (active) J/1k tokens", "experts touched", "MoE MiB read/forward", "MoE bound (of it)",
+            "dense (total) bound (of it)", *([f"{ERROR_HEAD}: MoE / dense (total) / dense (active)"] if int8 else []),
             *[f"{h}: MoE / dense (total) / dense (active)" for h, _ in carbon]]
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for m in frame.layers:
-        key = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), m.get("tokens_per_forward") or 0,
-               cap_of(m) or 0.0)
+        key = (str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), weights_format(m),
+               m.get("tokens_per_forward") or 0, cap_of(m) or 0.0)
         cells.setdefault(key, {}).setdefault("moe" if m["kind"] == "moe" else str(m.get("match")), []).append(m)
     rows = []
     for key in sorted(cells):
@@ -285,14 +294,25 @@ def layer_tokens_table(frame: Frame) -> Table:
         for moe in c.get("moe") or [None]:
             touched = moe.get("experts_touched") if moe else None
             nbytes = moe.get("weight_bytes_read_per_forward") if moe else None
-            rows.append([*key[:3], str(key[3]), *([_cap(key[4] or None)] if capped else []), _base_name(moe),
+            rows.append([*key[:3], *([key[3]] if int8 else []), str(key[4]),
+                         *([_cap(key[5] or None)] if capped else []), _base_name(moe),
                          _j1k(moe), _j1k(total), _j1k(active),
                          "-" if touched is None else f"{touched:g} of {moe.get('point_experts')}",
                          "-" if nbytes is None else f"{nbytes / 2**20:,.4g}", _bound(moe) if moe else "-",
                          _bound(total) if total else "-",
+                         *([" / ".join(_output_error(r) for r in (moe, total, active))] if int8 else []),
                          *[" / ".join(_carbon_cell(r, k) for r in (moe, total, active)) for _, k in carbon]])
     return "LLM layers: J per 1,000 tokens per arch and token count (median of the repeats, spread in brackets)", \
         head, rows
+
+
+ERROR_HEAD = "weights output error vs the dtype's"
+
+
+def _output_error(m: dict | None) -> str:
+    """An int8 record's output error against the same weights in the dtype, as a percentage; '-' for the dtype's."""
+    err = None if m is None else value(m, "weights_output_error")
+    return "-" if err is None else f"{err:.2%}"
 
 
 def _base_name(m: dict | None) -> str:

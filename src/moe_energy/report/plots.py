@@ -39,6 +39,7 @@ from .analysis import (  # noqa: E402
     time_energy,
     unstable,
     value,
+    weights_format,
     whole_crossovers,
 )
 
@@ -379,16 +380,20 @@ def ratio_vs_batch_size(frame: Frame) -> Figure:
 
 
 # -- LLM layers: against tokens per forward ---------------------------------------------------------------
-LayerFacet = tuple[str, str, str]  # (arch, routing, dtype): one panel
+LayerFacet = tuple[str, str, str, str]  # (arch, routing, dtype, weights format): one panel
+
+
+def _facet(m: dict) -> LayerFacet:
+    """The panel a layer record is drawn in: int8 weights get panels of their own, never the dtype's."""
+    return str(m.get("arch")), str(m.get("routing")), str(m["dtype"]), weights_format(m)
 
 
 def _layer_facets(frame: Frame) -> list[LayerFacet]:
-    return sorted({(str(m.get("arch")), str(m.get("routing")), str(m["dtype"])) for m in frame.layers})
+    return sorted({_facet(m) for m in frame.layers})
 
 
 def _facet_rows(frame: Frame, f: LayerFacet) -> list[dict]:
-    return [m for m in frame.layers if (str(m.get("arch")), str(m.get("routing")), str(m["dtype"])) == f
-            and isinstance(m.get("tokens_per_forward"), int)]
+    return [m for m in frame.layers if _facet(m) == f and isinstance(m.get("tokens_per_forward"), int)]
 
 
 def _base(name: str) -> str:
@@ -401,7 +406,8 @@ def _layer_order(rows: list[dict]) -> list[str]:
 
 
 def _layer_axes(frame: Frame, title: str, ylabel: str) -> tuple[Figure, list[tuple[Axes, LayerFacet]]]:
-    """One panel per (arch, routing, dtype), tokens per forward on a log2 x axis; an empty frame says so."""
+    """One panel per (arch, routing, dtype, weights format), tokens per forward on a log2 x axis; an empty frame says
+    so."""
     facets = _layer_facets(frame)
     fig, axes = _grid(len(facets), title)
     for ax in axes:
@@ -409,8 +415,9 @@ def _layer_axes(frame: Frame, title: str, ylabel: str) -> tuple[Figure, list[tup
         ax.set_ylabel(ylabel)
     if not facets:
         _empty(axes[0], "no LLM layer measured in the database")
-    for ax, (arch, routing, dtype) in zip(axes, facets):
-        ax.set_title(f"{arch}, routing {routing}, {dtype}", fontsize=10)
+    for ax, (arch, routing, dtype, weights) in zip(axes, facets):
+        ax.set_title(f"{arch}, routing {routing}, {dtype}" + (f", {weights} weights" if weights != dtype else ""),
+                     fontsize=10)
     return fig, list(zip(axes, facets))
 
 
@@ -445,7 +452,7 @@ def layer_tokens_per_joule(frame: Frame) -> Figure:
             continue
         _token_ticks(ax, rows)
         ax.set_yscale("log")
-        _mark_crossovers(ax, [c for c in xos if (c.arch, c.routing, c.dtype) == f], strategies)
+        _mark_crossovers(ax, [c for c in xos if (c.arch, c.routing, c.dtype, c.weights) == f], strategies)
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(fontsize=8, loc="best")
     return fig

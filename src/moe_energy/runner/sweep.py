@@ -69,6 +69,7 @@ SEED_PRESETS = ("small", "large", "xl", "xxl")
 SHAPE_AXES = ("experts", "hidden", "layers", "top_k")
 OPTION_AXES = ("batch_size", "dtype", "repeats")
 AXES = SHAPE_AXES + OPTION_AXES
+TEXT_AXES = ("dtype", "weights")  # axes of names; the others are whole numbers
 BUILTIN_GRIDS = ("seed", "scale", "llm")
 # --grid llm's protocol where the user sets none: 8 presets x 7 token counts x 3 models is 168 rows, so the
 # seed's 3 repeats, 2 s warm-ups and 2 s rests would take over an hour at --duration 2 on a 2-core CPU before any
@@ -79,6 +80,8 @@ LLM_GRID_PROTOCOL = {"repeats": 2, "warmup": 0.5, "cooldown": 0.0}
 # mean nothing for a layer built, not trained (refused, never silently ignored).
 LAYER_AXES = tuple(k for k in WORKLOAD_KEYS["llm_layer"] if k not in ("max_forward_s", "models", "weights"))
 LAYER_SHAPE_AXES = ("d_model", "ffn_dim", "experts", "top_k", "shared_experts")
+# a layer point's options that are axes: the seed's, and how the weights are stored (dtype, int8: issue 24)
+LAYER_OPTION_AXES = (*OPTION_AXES, "weights")
 SEED_ONLY_KEYS = (*foreign("llm_layer"), "presets", "per_decade")
 LLM_TOKENS = tuple(4**i for i in range(7))  # 1, 4, ..., 4096: a decoding step up to a prefill chunk
 # Whole models (issue 23): their own axes, and what means nothing for a model set (refused, never ignored): the
@@ -349,7 +352,7 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
         return build_model_grid(cfg)
     if cfg.get("grid") == "llm" or "arch" in cfg:
         return build_layer_grid(cfg)
-    stray = [k for k in (*LAYER_AXES, "max_forward_s") if k in cfg]
+    stray = [k for k in (*LAYER_AXES, "max_forward_s", "weights") if k in cfg]
     if stray:
         raise ConfigError(f"{', '.join(flag(k) for k in stray)}: LLM-layer settings; give --arch (or --grid llm) "
                           "with them, or drop them")
@@ -362,7 +365,7 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
     presets = cfg.pop("presets", None) or cfg.pop("preset", None)
     cfg.pop("preset", None)
     shape_axes = {k: as_list(k, cfg.pop(k), int) for k in SHAPE_AXES if k in cfg}
-    option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in OPTION_AXES if k in cfg}
+    option_axes = {k: as_list(k, cfg.pop(k), str if k in TEXT_AXES else int) for k in OPTION_AXES if k in cfg}
     errors: dict[int, str] = {}
     if name is not None:
         shapes = _builtin_shapes(name, cfg, shape_axes, presets, per_decade)
@@ -436,7 +439,7 @@ def build_layer_grid(cfg: dict[str, Any]) -> Grid:
                    else LLM_TOKENS)
     routings = list(dict.fromkeys(parse_routing(r).text for r in as_list("routing", cfg.pop("routing", "random"),
                                                                           str)))
-    option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in OPTION_AXES if k in cfg}
+    option_axes = {k: as_list(k, cfg.pop(k), str if k in TEXT_AXES else int) for k in LAYER_OPTION_AXES if k in cfg}
     combos = [dict(zip(option_axes, c)) for c in itertools.product(*option_axes.values())]
     points = []
     for arch in archs:
@@ -492,7 +495,7 @@ def build_model_grid(cfg: dict[str, Any]) -> Grid:
             raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")
     for ms in sets:  # every context a position each model has, every batch >= 1: before any point runs
         Whole(ms, list(batches), list(contexts)).check_inputs()
-    option_axes = {k: as_list(k, cfg.pop(k), str if k == "dtype" else int) for k in ("dtype", "repeats") if k in cfg}
+    option_axes = {k: as_list(k, cfg.pop(k), str if k in TEXT_AXES else int) for k in ("dtype", "repeats") if k in cfg}
     combos = [dict(zip(option_axes, c)) for c in itertools.product(*option_axes.values())]
     points = [Point(f"{ms[0].name} {impl}", ms[0], _resolve(cfg, extra)[1], siblings=tuple(ms[1:]), batches=batches,
                     contexts=contexts, layers=layers, moe_impl=impl)

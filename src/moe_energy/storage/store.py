@@ -85,12 +85,16 @@ WHOLE_MODEL_COLUMNS: dict[str, str] = {
     "whole_model_extrapolated": "TEXT",
 }
 _V3_POINT_COLUMNS: dict[str, str] = {"model": "TEXT", "moe_impl": "TEXT"}
+# Schema version 4 (issue 24): how an LLM layer's weights were stored ('int8'; NULL: in the dtype) and what that
+# cost in output error, per record; the point's weights (a sweep axis).
+WEIGHTS_MODEL_COLUMNS: dict[str, str] = {"weights": "TEXT", "weights_output_error": "REAL"}
+_V4_POINT_COLUMNS: dict[str, str] = {"weights": "TEXT"}
 JSON_COLUMNS = ("whole_model_extrapolated",)  # a structured field kept as JSON text in its column (for export)
 MODEL_COLUMNS: dict[str, str] = {**_V1_MODEL_COLUMNS, **LAYER_MODEL_COLUMNS, **CARBON_MODEL_COLUMNS,
-                                 **WHOLE_MODEL_COLUMNS}
+                                 **WHOLE_MODEL_COLUMNS, **WEIGHTS_MODEL_COLUMNS}
 WINDOW_COLUMNS: dict[str, str] = {**_V1_WINDOW_COLUMNS, **_V2_WINDOW_COLUMNS}
 POINT_COLUMNS = ("label", "experts", "hidden", "layers", "top_k", "input_dim", "classes", "batch_size",
-                 "dtype", "total_params", *_V2_POINT_COLUMNS, *_V3_POINT_COLUMNS)
+                 "dtype", "total_params", *_V2_POINT_COLUMNS, *_V3_POINT_COLUMNS, *_V4_POINT_COLUMNS)
 LAYER_FAMILY = "llm_layer"  # points.family of an LLM-layer point; NULL (schema 1's points): the seed's family
 WHOLE_FAMILY = "whole_model"  # points.family of a whole-model point (a model set at its batches x contexts)
 
@@ -160,8 +164,16 @@ _V2 = (_add_columns("models", {**LAYER_MODEL_COLUMNS, **CARBON_MODEL_COLUMNS})
 _V3 = (_add_columns("models", WHOLE_MODEL_COLUMNS) + _add_columns("points", _V3_POINT_COLUMNS)
        + "CREATE INDEX models_model_phase ON models(model, phase, batch, context);\n")
 
+# int8 records written before version 4 hold their format in their JSON only: copied into the new columns (a row
+# whose JSON is damaged keeps NULL, as a reader skips it)
+_V4 = (_add_columns("models", WEIGHTS_MODEL_COLUMNS) + _add_columns("points", _V4_POINT_COLUMNS)
+       + "UPDATE models SET weights = json_extract(record_json, '$.weights'), weights_output_error = "
+         "json_extract(record_json, '$.weights_output_error') WHERE json_valid(record_json);\n"
+       + "UPDATE points SET weights = json_extract(config_json, '$.options.weights') WHERE json_valid(config_json) "
+         "AND family = 'llm_layer';\n")
+
 # MIGRATIONS[i] brings a database from schema version i to i + 1. Append, never edit a shipped one.
-MIGRATIONS: list[str] = [_V1, _V2, _V3]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 
 
 def schema_version() -> int:
@@ -299,15 +311,17 @@ def normalize_trace(trace: Any) -> list[tuple[str, list[float], list[float]]]:
 
 
 def point_columns(config: dict) -> dict[str, Any]:
-    """A point's shape columns, by family: the seed's E, H, L, k, task and batch; an LLM layer's arch (its spec is
-    an Arch: no batch); a whole model's MoE and impl (its spec is the MoE's WholeModel: none of the seed's)."""
+    """A point's shape columns, by family: the seed's E, H, L, k, task and batch; an LLM layer's arch and weights
+    format (its spec is an Arch: no batch); a whole model's MoE and impl (its spec is the MoE's WholeModel: none of
+    the seed's)."""
     spec, opts, family = config.get("spec", {}), config.get("options", {}), config.get("family")
     shape = ("experts", "hidden", "layers", "top_k", "input_dim", "classes")
     out: dict[str, Any] = {k: None if family == WHOLE_FAMILY else spec.get(k) for k in shape}
     out.update(batch_size=opts.get("batch_size") if family is None else None, dtype=opts.get("dtype"),
                total_params=config.get("total_params"), arch=spec.get("name") if family == LAYER_FAMILY else None,
                model=spec.get("name") if family == WHOLE_FAMILY else None,
-               moe_impl=config.get("moe_impl") if family == WHOLE_FAMILY else None)
+               moe_impl=config.get("moe_impl") if family == WHOLE_FAMILY else None,
+               weights=opts.get("weights") if family == LAYER_FAMILY else None)
     return out
 
 
