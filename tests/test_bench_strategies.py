@@ -249,7 +249,6 @@ def test_cli_arch_saves_json_then_prints_table(tmp_path, cached_roof, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_cli_arch_calibrates_the_dtype_in_use_on_first_use_and_says_so(tmp_path, monkeypatch, capsys):
     """Issue 24: no manual `calibrate` step: the first run that needs its dtype's roofline takes it (a few
     seconds, said), caches it, and fills the fractions; the next run reads the cache."""

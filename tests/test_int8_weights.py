@@ -72,6 +72,7 @@ def test_int8_plans_count_about_a_byte_a_parameter_and_the_router_in_the_dtype()
         ModelPlan.of("moe", PRESETS["small"]).quantized("int8")
 
 
+@pytest.mark.slow
 def test_run_weights_int8_records_the_format_and_each_models_output_error(tmp_path):
     opts = RunOptions(duration=0.2, warmup=0.0, repeats=1, idle_seconds=0.0, cooldown=0.0, device="cpu",
                       out=str(tmp_path), dtype="bfloat16", weights="int8").validate()
@@ -88,6 +89,7 @@ def test_run_weights_int8_records_the_format_and_each_models_output_error(tmp_pa
                                                                                         moe["experts_touched"]))
 
 
+@pytest.mark.slow
 def test_cli_weights_int8_runs_and_says_so_under_the_table(tmp_path):
     r = subprocess.run([sys.executable, "-m", "moe_energy", "run", *TINY_LAYER, "--d-model", "64", "--ffn-dim", "32",
                         "--tokens", "1,4", "--weights", "int8", "--dtype", "bfloat16", "--meter", "none",
