@@ -95,3 +95,70 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_is_built(tmp_path, ca
     code = main(["run", *args, "--device", "cpu", "--out", str(tmp_path / "out")])
     one_line_error(code, capsys.readouterr().err, needle)
     assert not list(tmp_path.glob("out/*.json"))
+
+
+def _roofline_cache(tmp_path, monkeypatch, gemm_flops_per_s: float) -> None:
+    """A roofline cache (a real file in $MOE_ENERGY_CACHE_DIR) saying this CPU multiplies at ``gemm_flops_per_s``."""
+    import torch
+
+    from moe_energy.measure import roofline
+
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "cache"))
+    roofline._store(roofline.Roofline(roofline.device_name(torch.device("cpu")), {"float32": gemm_flops_per_s},
+                                      1e10, 1536, 2**28, "2026-12-07T00:00:00Z"))
+
+
+def _plan_lines(capsys, *extra: str) -> dict[str, str]:
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--vs", "qwen3-4b", "--tiny", "--batch", "1,4", "--context", "8",
+                 "--device", "cpu", "--dtype", "float32", *extra]) == 0
+    text = capsys.readouterr().out
+    return {line.split(":")[0]: line for line in text.splitlines() if " layers: " in line}
+
+
+def test_the_default_layers_keep_the_longest_call_within_the_time_limit(tmp_path, monkeypatch, capsys):
+    """Memory alone would build every layer; at 1 MFLOP/s a layer of the 4 x 8-token prefill takes seconds, so the
+    default builds the N whose longest call's bound is within --max-forward-s (default --duration), 1 at least."""
+    from moe_energy.models.whole import forward_flops, tiny
+
+    _roofline_cache(tmp_path, monkeypatch, 1e6)
+    moe, dense = tiny("qwen3-30b-a3b"), tiny("qwen3-4b")
+    per_layer = [forward_flops(m, 2, "prefill", 4, 8) - forward_flops(m, 1, "prefill", 4, 8) for m in (moe, dense)]
+    one = [forward_flops(m, 1, "prefill", 4, 8) / 1e6 for m in (moe, dense)]  # seconds of one layer's longest call
+    lines = _plan_lines(capsys, "--max-forward-s", f"{max(one) * 1.01 + max(per_layer) / 1e6 * 0.5:.6g}")
+    assert "1 of 2 layers: all fit in free memory; 1 keep the longest call under" in lines["qwen3-30b-a3b-tiny"]
+    assert "1 of 2 layers" in lines["qwen3-4b-tiny"]
+    lines = _plan_lines(capsys, "--max-forward-s", "86400")
+    assert all(line.endswith("2 of 2 layers: all fit in free memory") for line in lines.values())
+    lines = _plan_lines(capsys, "--duration", f"{max(one) / 2:.6g}")  # under even one layer: 1, the least
+    assert all("1 of 2 layers" in line and "under" in line for line in lines.values())
+    lines = _plan_lines(capsys, "--layers", "2", "--max-forward-s", "0.001")
+    assert all(line.endswith("2 of 2 layers: --layers") for line in lines.values())
+
+
+def test_a_whole_model_run_takes_its_own_protocol_unless_told(tmp_path, monkeypatch):
+    from moe_energy.cli import build_parser
+    from moe_energy.commands.options import WHOLE_PROTOCOL, resolve_whole
+
+    base = ["run", "--model", "olmoe-1b-7b", "--tiny", "--device", "cpu"]
+    _w, opts = resolve_whole(build_parser().parse_args(base))
+    assert (opts.duration, opts.repeats, opts.warmup, opts.cooldown) == (10.0, 2, 0.5, 0.0) == \
+        tuple(WHOLE_PROTOCOL.values())
+    _w, opts = resolve_whole(build_parser().parse_args([*base, "--duration", "3", "--repeats", "4"]))
+    assert (opts.duration, opts.repeats, opts.warmup, opts.cooldown) == (3.0, 4, 0.5, 0.0)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("warmup = 1.5\n")
+    _w, opts = resolve_whole(build_parser().parse_args([*base, "--config", str(cfg)]))
+    assert (opts.duration, opts.warmup) == (10.0, 1.5)
+
+
+def test_the_ratio_under_the_table_compares_whole_models_when_built_in_part():
+    from moe_energy.commands.tables import whole_lines
+
+    def row(name: str, kind: str, j: float, x: float | None) -> dict:
+        return {"status": "measured", "kind": kind, "model": name, "phase": "decode", "batch": 1, "context": 8,
+                "joules_per_token": j, "layers_measured": 1, "layers_total": 4 if x else 1,
+                "whole_model_extrapolated": {"joules_per_token": x, "label": "EXTRAPOLATED x"} if x else None}
+
+    [line, label] = whole_lines({"models": [row("moe", "moe", 2.0, 5.0), row("dense", "dense", 1.0, None)]})
+    assert "moe / dense J per token = 5 (whole models, EXTRAPOLATED: 1 of 4 and 1 of 1 layers measured)" in line
+    assert label == "moe: EXTRAPOLATED x"

@@ -199,7 +199,7 @@ WORKLOAD_KEYS: dict[str, tuple[str, ...]] = {
              "test_fraction", "models"),
     "llm_layer": ("arch", "tokens", "routing", "d_model", "ffn_dim", "shared_experts", "router", "max_forward_s",
                   "models", "weights"),
-    "whole_model": ("model", "vs", "batch", "context", "layers", "moe_impl", "tiny", "engine"),
+    "whole_model": ("model", "vs", "batch", "context", "layers", "moe_impl", "tiny", "engine", "max_forward_s"),
 }
 
 

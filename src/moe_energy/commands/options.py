@@ -217,7 +217,9 @@ def add_forward_limit(p: argparse.ArgumentParser) -> None:
     """--max-forward-s, for the commands that measure windows (run; sweep has its own, a grid option)."""
     p.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
                    help="--arch: skip a (model, token count) whose one forward takes longer than S seconds at this "
-                        "host's roofline bound (calibrated once if needed), with the reason; default: no limit")
+                        "host's roofline bound (calibrated once if needed), with the reason; default: no limit. "
+                        "--model: the largest N of layers whose longest call is within S at that bound is built "
+                        "(without --layers); default --duration")
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
@@ -335,6 +337,13 @@ def _whole_numbers(flag_name: str, text: str | None, default: tuple[int, ...]) -
     return list(dict.fromkeys(vals))
 
 
+# `run --model`'s windows unless --duration, --repeats, --warmup or --cooldown (flag or --config) say otherwise: a
+# model set at every phase x batch x context is many rows, each call of which can take seconds, so the LLM
+# grids' repeats, warm-up and cool-down, in 10 s windows: `--model olmoe-1b-7b --vs olmo-2-7b --batch 1,16` is 8
+# rows, 16 windows, 3 minutes of them instead of 12. A sweep sets its own.
+WHOLE_PROTOCOL = {"duration": 10.0, "repeats": 2, "warmup": 0.5, "cooldown": 0.0}
+
+
 def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
     """The whole models --model and --vs name, at --batch x --context, and the options, checked: one-line
     ConfigErrors, the other workloads' flags refused (before any model is built)."""
@@ -346,6 +355,8 @@ def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
         raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")
     shapeless = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "layers"})
     _spec, opts = resolve(shapeless)
+    given = settings(shapeless)
+    opts = replace(opts, **{k: v for k, v in WHOLE_PROTOCOL.items() if k not in given})
     opts = with_dtype(args, opts, llm=True)
     engine = getattr(args, "engine", None) or "transformers"
     if engine not in ENGINES:

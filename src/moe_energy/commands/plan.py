@@ -28,6 +28,7 @@ from ..runner.model import Whole
 from ..runner.seed import Seed
 from . import command, console
 from .options import (
+    add_forward_limit,
     add_llm_arguments,
     add_model_arguments,
     add_run_arguments,
@@ -41,6 +42,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
     add_llm_arguments(p)
     add_model_arguments(p)
+    add_forward_limit(p)
 
 
 @command("plan", "Check a run's options and list the models it would build, their size and memory; "
@@ -130,6 +132,8 @@ def _show_whole(w: Whole, opts: RunOptions, device: torch.device) -> None:
                   f"{needs[0]['weights'] / GIB:.2f}", f"{caches / GIB:.2f}",
                   f"{max(x['activations'] for x in needs) / GIB:.2f}", _fits(w, p, opts, device))
     console.print(t)
+    for m in w.models:
+        console.print(escape(f"{m.name}: {w.chosen[m.name]} of {m.layers} layers: {w.why[m.name]}"), highlight=False)
     if any(w.chosen[m.name] < m.layers for m in w.models):
         console.print("whole-model figures of a model built in part are EXTRAPOLATED (x a token's matrix work in "
                       "all its layers / in those built, the LM head in both), and labelled so", highlight=False)

@@ -271,6 +271,13 @@ def energy_summary(doc: dict) -> list[str]:
     return head + lines
 
 
+def _whole_joules(m: dict) -> float | None:
+    """A row's J per token for the whole model: its extrapolation's when only N of its layers were built (a
+    ratio of two N-layer figures would weigh the LM head and embeddings of each model by its own N)."""
+    x = m.get("whole_model_extrapolated")
+    return x.get("joules_per_token") if isinstance(x, dict) else m.get("joules_per_token")
+
+
 def whole_lines(doc: dict) -> list[str]:
     """Under a whole-model table: the MoE's J/token against each dense sibling's at every point, and any figure
     extrapolated from the layers built."""
@@ -280,11 +287,13 @@ def whole_lines(doc: dict) -> list[str]:
     for m in moe:
         for d in (r for r in rows if r.get("kind") == "dense" and
                   (r["phase"], r["batch"], r["context"]) == (m["phase"], m["batch"], m["context"])):
-            if m.get("joules_per_token") and d.get("joules_per_token"):
+            jm, jd = _whole_joules(m), _whole_joules(d)
+            if jm and jd:
                 est = " (estimates)" if m.get("energy_is_estimate") or d.get("energy_is_estimate") else ""
+                x = ", EXTRAPOLATED" if m.get("whole_model_extrapolated") or d.get("whole_model_extrapolated") else ""
                 lines.append(f"{m['phase']} B={m['batch']} L={m['context']}: {m['model']} / {d['model']} J per token "
-                             f"= {m['joules_per_token'] / d['joules_per_token']:.3g}{est} "
-                             f"({m['layers_measured']} and {d['layers_measured']} layers measured)")
+                             f"= {jm / jd:.3g}{est} (whole models{x}: {m['layers_measured']} of {m['layers_total']} "
+                             f"and {d['layers_measured']} of {d['layers_total']} layers measured)")
     lines += sorted({f"{m['model']}: {m['whole_model_extrapolated']['label']}" for m in rows
                      if m.get("whole_model_extrapolated")})
     return lines

@@ -374,18 +374,25 @@ def param_counts(model: str | WholeModel, layers: int | None = None) -> tuple[in
     return total, total - sum(c.unused[:n])
 
 
-def extrapolation_scale(model: str | WholeModel, layers: int | None, phase: str, context: int) -> float:
-    """How many times a token's matrix work in the whole model is that in its first ``layers`` layers: each
-    layer's active parameters, plus the LM head's (vocab x d_model) once per decoded token or once per prompt
-    (1/L of it per prompt token: a prefill keeps only the last position's logits). The embedding lookup is a
-    gather, no matrix work. Parameter counts would credit a few-layer build with the embeddings' weight and
-    understate a dense 7B built on 1 of 32 layers by ~4x."""
+def forward_flops(model: str | WholeModel, layers: int | None, phase: str, batch: int, context: int) -> float:
+    """The matrix FLOPs of one call of ``phase`` at (B, L) on the first ``layers`` layers: 2 x each token's active
+    parameters in those layers (B x L tokens in a prefill, B in a decode step) and the LM head's (vocab x d_model)
+    for the B positions whose logits are kept. The embedding lookup is a gather, no matrix work; attention's
+    context-dependent products are not counted."""
     m = get_model(model)
     n = check_layers(m, layers)
     c = _census(m, torch.float32)
-    work = [t - u for t, u in zip(c.layer, c.unused)]  # [layers] active parameters of each layer
-    head = m.vocab * m.d_model * (1.0 if phase == "decode" else 1.0 / context)
-    return (sum(work) + head) / (sum(work[:n]) + head)
+    work = sum(t - u for t, u in zip(c.layer[:n], c.unused[:n]))  # active parameters of the layers built
+    tokens = batch * context if phase == "prefill" else batch
+    return 2.0 * (work * tokens + m.vocab * m.d_model * batch)
+
+
+def extrapolation_scale(model: str | WholeModel, layers: int | None, phase: str, context: int) -> float:
+    """How many times a token's matrix work in the whole model is that in its first ``layers`` layers
+    (``forward_flops``: the LM head counted once per decoded token, 1/L of it per prompt token). A parameter ratio
+    would credit a few-layer build with the embeddings' weight and understate a dense 7B built on 1 of 32 layers
+    ~4x."""
+    return forward_flops(model, None, phase, 1, context) / forward_flops(model, layers, phase, 1, context)
 
 
 def kv_bytes_per_token(model: str | WholeModel, dtype: str | torch.dtype = "bfloat16") -> int:
@@ -434,4 +441,4 @@ def memory_bytes(model: str | WholeModel, layers: int | None, dtype: str | torch
 
 
 __all__ = ["WholeModel", "Published", "models", "get_model", "config_for", "build_model", "param_counts",
-           "extrapolation_scale", "memory_bytes", "kv_bytes_per_token", "tiny"]
+           "extrapolation_scale", "forward_flops", "memory_bytes", "kv_bytes_per_token", "tiny"]

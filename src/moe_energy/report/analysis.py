@@ -627,8 +627,9 @@ SCALED_UP = ("ttft_ms", "itl_p50_ms", "itl_p90_ms")
 
 def as_whole(m: dict) -> dict:
     """The record's figures for the whole model: as measured when every layer was built; else scaled as its
-    extrapolation scales them (time and energy per token x all layers' parameters / the N built's), with
-    ``extrapolated`` set to its label, so a model built on 8 of 64 layers is never compared with one built whole."""
+    extrapolation scales them (time and energy per token x its scale: a token's matrix work in all layers / in
+    the N built), with ``extrapolated`` set to its label, so a model built on 8 of 64 layers is never compared
+    with one built whole."""
     x = m.get("whole_model_extrapolated")
     tps, tps_x = finite(m.get("inferences_per_second")), finite(x.get("tokens_per_second")) if isinstance(x, dict) \
         else None

@@ -25,6 +25,7 @@ import torch
 from .. import memory
 from ..config import RunOptions
 from ..errors import ConfigError
+from ..measure import roofline
 from ..memory import OutOfMemory
 from ..models.generate import decode_step, prefill_step
 from ..models.plan import ModelPlan
@@ -38,6 +39,7 @@ from ..models.whole import (
     build_model,
     check_context,
     extrapolation_scale,
+    forward_flops,
     get_model,
     memory_bytes,
     param_counts,
@@ -113,6 +115,8 @@ class Whole:
     family = WHOLE_FAMILY
     trains = False
     chosen: dict[str, int] = field(default_factory=dict)  # model -> the N built (check decides it)
+    why: dict[str, str] = field(default_factory=dict)  # model -> why that N
+    notices: list[str] = field(default_factory=list)  # the roofline's calibration, when choosing N needed it
     kv_tokens: dict[str, int | None] = field(default_factory=dict)  # vLLM: model -> tokens its KV cache holds
 
     @property
@@ -143,20 +147,50 @@ class Whole:
     def check(self, opts: RunOptions, device: torch.device, strategies: tuple[str, ...]) -> None:
         """The inputs; the N of layers each model builds (the largest that fits, unless given)."""
         self.check_inputs()
-        for m in self.models:
-            self.chosen[m.name] = self._layers_for(m, opts.dtype, device)
+        self.choose_layers(opts, device)
 
-    def _layers_for(self, m: WholeModel, dtype: str, device: torch.device) -> int:
-        if self.vllm:
-            return m.layers  # vLLM builds the whole model and sizes its KV cache from the memory left
-        if self.layers is not None:
-            return min(self.layers, m.layers)
+    def choose_layers(self, opts: RunOptions, device: torch.device) -> None:
+        """Each model's N and why: --layers; else the largest N whose weights, KV caches and activations fit in
+        free memory and whose longest call (the largest prefill) takes at most --max-forward-s (default
+        --duration) at this host's roofline bound, so a window holds a call or more: a dense 7B's 32 layers fit
+        a 24 GiB CPU host, but one prefill of 16 x 512 tokens through them takes ~25 minutes on 2 cores."""
+        limit = opts.max_forward_s if opts.max_forward_s is not None else opts.duration
+        roof = None
+        for m in self.models:
+            if self.vllm:  # vLLM builds the whole model and sizes its KV cache from the memory left
+                self.chosen[m.name], self.why[m.name] = m.layers, "vLLM serves the whole model"
+                continue
+            if self.layers is not None:
+                self.chosen[m.name], self.why[m.name] = min(self.layers, m.layers), "--layers"
+                continue
+            n = self._fitting(m, opts.dtype, device)
+            roof = roof or roofline.load_or_calibrate(device, opts.dtype, self.notices.append)
+            self.chosen[m.name], self.why[m.name] = self._in_time(m, n, roof, opts.dtype, limit)
+
+    def _fitting(self, m: WholeModel, dtype: str, device: torch.device) -> int:
         free = memory.available_bytes(device)
         points = self.points()
         n = m.layers
         while n > 1 and free is not None and inputs_bytes(m, n, dtype, points) > free:
             n -= 1
         return n
+
+    def _in_time(self, m: WholeModel, fits: int, roof: roofline.Roofline, dtype: str, limit: float
+                 ) -> tuple[int, str]:
+        """(the largest N <= ``fits`` whose longest call's bound is within ``limit`` (1 at least), why)."""
+        def bound(n: int) -> float:
+            return max(roof.bound_s(forward_flops(m, n, p.head["phase"], p.head["batch"], p.head["context"]),
+                                    memory_bytes(m, n, dtype, 1, 1)["weights"], dtype) or 0.0
+                       for p in self.points())
+
+        n = fits
+        while n > 1 and bound(n) > limit:
+            n -= 1
+        why = f"{fits} fit in free memory" if fits < m.layers else "all fit in free memory"
+        if n < fits:
+            why += (f"; {n} keep the longest call under {limit:g} s (--max-forward-s, default --duration) at this "
+                    f"host's roofline bound ({bound(n):.3g} s)")
+        return n, why
 
     def load(self, opts: RunOptions, device: torch.device, dtype: torch.dtype, rank: int) -> None:
         pass  # each point's token ids are made with its step, from --seed
@@ -172,7 +206,7 @@ class Whole:
         return "vllm" if self.vllm else self.moe_impl
 
     def options(self, opts: RunOptions) -> dict[str, Any]:
-        drop = ("epochs", "lr", "batch_size", "samples", "test_fraction", "data", "models", "max_forward_s")
+        drop = ("epochs", "lr", "batch_size", "samples", "test_fraction", "data", "models")
         return {k: v for k, v in opts.as_dict().items() if k not in drop}
 
     def document(self, opts: RunOptions) -> dict[str, Any]:
@@ -180,7 +214,8 @@ class Whole:
                 "dataset": {"source": "random token ids (torch.randint on the CPU from --seed)",
                             "batches": self.batches, "contexts": self.contexts},
                 "family": self.family, "whole_models": [asdict(m) for m in self.models], "moe_impl": self.impl,
-                "phases": list(PHASES), "layers_built": dict(self.chosen), "engine": self.engine,
+                "phases": list(PHASES), "layers_built": dict(self.chosen), "layers_why": dict(self.why),
+                "engine": self.engine,
                 "engine_method": self.method()}
 
     def method(self) -> dict[str, Any] | None:
@@ -310,8 +345,7 @@ class Whole:
     def point_problem(self, opts: RunOptions, device: torch.device) -> str | None:
         """Why not even one layer of some model fits here (the layers each builds are chosen first, as ``check``
         chooses them: a model too large whole is measured on its first N layers, not skipped)."""
-        for m in self.models:
-            self.chosen[m.name] = self._layers_for(m, opts.dtype, device)
+        self.choose_layers(opts, device)
         return next((why for p in self.plans(()) if (why := self.fit_problem(p, opts, device))), None)
 
     def need_bytes(self, opts: RunOptions) -> int:
