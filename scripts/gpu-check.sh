@@ -108,6 +108,8 @@ step llm 100 python3 -m moe_energy run --arch qwen3-30b-a3b --tokens 1,64,4096 -
 step whole 90 python3 -m moe_energy run --model qwen3-30b-a3b --vs qwen3-32b --layers 2 --batch 1,16 --context 512 \
   --moe-impl moe-energy --dtype bfloat16 --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 \
   --out "$OUT"
+step wholeimpls 60 python3 benchmarks/whole_moe_impls.py --model qwen3-30b-a3b --layers 2 --batch 1,16 \
+  --dtype bfloat16 --device "$DEVICE" --seconds 5
 step int8 60 python3 -m moe_energy run --arch olmoe-1b-7b --tokens 1,64 --weights int8 --dtype bfloat16 \
   --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
 MAXW=$(timeout 15 nvidia-smi --query-gpu=power.max_limit --format=csv,noheader,nounits 2>/dev/null | head -1 | cut -d. -f1)
