@@ -192,6 +192,20 @@ def test_latency_pass_counts(window_clock, ms, budget, at_least, at_most, calls)
     assert len(lat) == calls and lat == [pytest.approx(ms)] * calls
 
 
+@pytest.mark.parametrize("ms, calls, batches, latencies", [
+    (5000.0, 2, 1, 1),  # a call of 5 s: its warm-up call and the window's one call, which is its latency sample too
+    (300.0, 7, 4, 1),  # 0.3 s calls: 2 to warm up, 4 in the window (not one call's latency), 1 timed after
+])
+def test_a_one_call_window_is_its_own_latency_sample(window_clock, ms, calls, batches, latencies):
+    from moe_energy.energy.meter import NullMeter
+    from moe_energy.measure.window import measure
+
+    res = measure(window_clock.candidate("f", ms), (), 1.0, NullMeter(), None, warmup=0.5, sync=window_clock.sync,
+                  batch_size=1)
+    assert len(window_clock.calls()) == calls and res.batches == batches
+    assert res.latency_ms == [pytest.approx(ms)] * latencies
+
+
 def test_prune_stops_calling_a_candidate_that_cannot_win():
     c = FakeClock()
     fns = {"fast": c.candidate("fast", 10.0), "close": c.candidate("close", 12.0), "slow": c.candidate("slow", 40.0)}
