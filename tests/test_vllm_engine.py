@@ -216,3 +216,20 @@ def test_a_run_through_the_vllm_engine_records_both_phases_per_token(fake_vllm, 
         assert win["inferences"] % r["tokens_per_call"] == 0
         assert r["moe_impl"] == ("vllm" if r["model"].startswith("qwen3-30b") else None)
     json.dumps(doc)  # the document saves as it is
+
+
+def test_plan_shows_vllm_sizing_its_own_cache_not_transformers_tables(capsys):
+    """plan's table for --engine vllm: the whole model's weights, vLLM's own KV cache and activations (no static
+    cache of transformers' to count), and why the models are served one at a time."""
+    import torch
+
+    from moe_energy.commands.plan import _show_whole
+
+    w = Whole([tiny("qwen3-30b-a3b"), tiny("qwen3-4b")], [1, 2], [16], engine="vllm")
+    opts = RunOptions(device="cpu").validate()
+    w.choose_layers(opts, torch.device("cpu"))
+    _show_whole(w, opts, torch.device("cpu"))
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MoE blocks: vllm, engine: vllm" in text and text.count("vLLM's") == 4  # two cells a model
+    assert "qwen3-30b-a3b-tiny: 2 of 2 layers: vLLM serves the whole model" in text
+    assert "one model is served at a time; it sizes its KV cache and activations from what its weights leave" in text

@@ -119,7 +119,7 @@ def _show_whole(w: Whole, opts: RunOptions, device: torch.device) -> None:
     """Each model's layers built of its total (the largest that fits unless --layers), its weights, the KV caches
     of its decode points, the largest point's activations, and whether it fits."""
     t = Table(title=escape(f"plan: whole models on {device}, {opts.dtype}, batch {w.batches} x context "
-                           f"{w.contexts}, MoE blocks: {w.moe_impl}"))
+                           f"{w.contexts}, MoE blocks: {w.impl}, engine: {w.engine}"))
     for col in ("model", "layers", "params built", "active", "weights GiB", "KV caches GiB", "activations GiB",
                 "fits"):
         t.add_column(col, justify="left" if col in ("model", "fits") else "right", overflow="fold")
@@ -128,12 +128,16 @@ def _show_whole(w: Whole, opts: RunOptions, device: torch.device) -> None:
         m, n = w._model(p), w.chosen[p.name]
         needs = [memory_bytes(m, n, opts.dtype, q.head["batch"], q.head["context"]) for q in points]
         caches = sum(x["kv_cache"] for x, q in zip(needs, points) if q.head["phase"] == "decode")
+        runtime = ("vLLM's", "vLLM's") if w.vllm else (f"{caches / GIB:.2f}",
+                                                       f"{max(x['activations'] for x in needs) / GIB:.2f}")
         t.add_row(escape(m.name), f"{n} of {m.layers}", f"{p.params:,}", f"{p.active_params:,}",
-                  f"{needs[0]['weights'] / GIB:.2f}", f"{caches / GIB:.2f}",
-                  f"{max(x['activations'] for x in needs) / GIB:.2f}", _fits(w, p, opts, device))
+                  f"{needs[0]['weights'] / GIB:.2f}", *runtime, _fits(w, p, opts, device))
     console.print(t)
     for m in w.models:
         console.print(escape(f"{m.name}: {w.chosen[m.name]} of {m.layers} layers: {w.why[m.name]}"), highlight=False)
+    if w.vllm:
+        console.print(w.together_problem(w.plans(opts.models), opts, device) + "; it sizes its KV cache and "
+                      "activations from what its weights leave", highlight=False)
     if any(w.chosen[m.name] < m.layers for m in w.models):
         console.print("whole-model figures of a model built in part are EXTRAPOLATED (x a token's matrix work in "
                       "all its layers / in those built, the LM head in both), and labelled so", highlight=False)
