@@ -147,7 +147,8 @@ def test_max_forward_s_skips_with_the_reason_what_the_roofline_says_outlasts_it(
     roof = roofline.Roofline("cpu:test", {"float32": 1e9}, 1e9, 64, 2**20, "2026-01-01T00:00:00+00:00")
     calibrated: list[str] = []
     monkeypatch.setattr(roofline, "load", lambda device, notice=None: roof if cached else None)
-    monkeypatch.setattr(roofline, "calibrate", lambda device, save=True: calibrated.append(str(device)) or roof)
+    monkeypatch.setattr(roofline, "calibrate",
+                        lambda device, dtypes=(), save=True: calibrated.append((str(device), dtypes)) or roof)
     monkeypatch.setattr(roofline, "_store", lambda r: None)
     doc, _ = run(tmp_path, "balanced", tokens=(1, 64), repeats=1, max_forward_s=1e-3)
     status = {m["name"]: m["status"] for m in doc["models"]}
@@ -158,7 +159,7 @@ def test_max_forward_s_skips_with_the_reason_what_the_roofline_says_outlasts_it(
     assert skipped["skipped"] == (f"one forward takes at least {bound:.3g} s here (roofline bound), over "
                                   "--max-forward-s 0.001; raise --max-forward-s to measure it")
     assert skipped["windows"] == [] and skipped["tokens_per_joule"] is None
-    assert calibrated == ([] if cached else ["cpu"])
+    assert calibrated == ([] if cached else [("cpu", ("float32",))])  # the dtype in use only
     assert doc["options"]["max_forward_s"] == 1e-3
     assert llm_pipeline.forward_too_long(roof, LayerPlan.of("dense_total", ARCH), 64, opts(tmp_path)) is None
 

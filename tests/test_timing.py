@@ -206,6 +206,37 @@ def test_a_one_call_window_is_its_own_latency_sample(window_clock, ms, calls, ba
     assert res.latency_ms == [pytest.approx(ms)] * latencies
 
 
+@pytest.mark.parametrize("warmup, last, want", [(0.5, None, 0.5), (0.5, 54.0, None), (0.5, 0.1, 0.5), (0.0, 54.0, 0.0)])
+def test_a_window_after_one_whose_call_outlasted_the_warm_up_takes_none(warmup, last, want):
+    from moe_energy.measure.window import warm_up_for
+
+    assert warm_up_for(warmup, last) == want
+
+
+def test_no_warm_up_is_no_warm_up_call(window_clock):
+    from moe_energy.energy.meter import NullMeter
+    from moe_energy.measure.window import measure
+
+    res = measure(window_clock.candidate("f", 5000.0), (), 1.0, NullMeter(), None, warmup=None,
+                  sync=window_clock.sync, batch_size=1)
+    assert len(window_clock.calls()) == 1 and res.batches == 1 and res.latency_ms == [pytest.approx(5000.0)]
+
+
+def test_the_api_warms_a_slow_model_once_over_its_windows():
+    """Calls of 30 ms against a 10 ms warm-up and 10 ms windows: the first window's warm-up call, then one call a
+    window (each its own latency sample): 4 calls for 3 windows, where every window warming up made 6."""
+    import time
+
+    from moe_energy.api import WindowPlan, _windows
+    from moe_energy.energy.meter import NullMeter
+
+    calls = []
+    how = WindowPlan(duration=0.01, repeats=3, warmup=0.01, cooldown=0.0, meter=NullMeter(), sync=lambda: None,
+                     idle=None)
+    windows = _windows(lambda: (calls.append(1), time.sleep(0.03)), (), how, None, 1)
+    assert len(calls) == 4 and [w["batches"] for w in windows] == [1, 1, 1]
+
+
 def test_prune_stops_calling_a_candidate_that_cannot_win():
     c = FakeClock()
     fns = {"fast": c.candidate("fast", 10.0), "close": c.candidate("close", 12.0), "slow": c.candidate("slow", 40.0)}

@@ -27,7 +27,7 @@ from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
 from .errors import kind_of
 from .measure.records import summarize, window_record
-from .measure.window import batch_tensors, caller, infer_batch_size, measure
+from .measure.window import batch_tensors, caller, infer_batch_size, measure, warm_up_for
 from .models import whole
 from .models.counting import dense_flops
 from .models.dense import DenseMLP
@@ -365,12 +365,14 @@ def _windows(model: Callable[..., Any], batch: Any, how: WindowPlan, flops: int 
     """The one window loop of the API (``benchmark``, ``benchmark_generate``): ``how.repeats`` windows of
     ``measure.window.measure``, a rest between them, each made a record by ``window_record`` as the CLI makes it."""
     windows: list[dict[str, Any]] = []
+    call_s = None
     for r in range(how.repeats):
         if r > 0 and how.cooldown > 0:
             time.sleep(how.cooldown)
         started = now_utc()
-        res = measure(model, batch, how.duration, how.meter, flops, how.warmup, idle=how.idle, sync=how.sync,
-                      batch_size=batch_size)
+        res = measure(model, batch, how.duration, how.meter, flops, warm_up_for(how.warmup, call_s), idle=how.idle,
+                      sync=how.sync, batch_size=batch_size)
+        call_s = res.seconds / res.batches
         windows.append({"repeat": r, "order": r, "started_utc": started, **window_record(res)})
     return windows
 

@@ -127,6 +127,13 @@ def warm_up(forward: Callable[[], Any], sync: Callable[[], None], seconds: float
     sync()
 
 
+def warm_up_for(warmup: float, last_call_s: float | None) -> float | None:
+    """A window's warm-up: none (None) when an earlier window's call of the same model outlasted ``warmup``, whose
+    one-off costs (allocation, first launch) that window's warm-up paid: another call, a minute for a dense prefill
+    on a CPU, would only cost time. Else ``warmup`` (0: the fixed count every rank of a job makes)."""
+    return None if last_call_s is not None and 0 < warmup <= last_call_s else warmup
+
+
 def counted_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], None], duration: float,
                    batches: int | None = None, on_tick: Callable[[float], None] | None = None
                    ) -> tuple[int, float, Measurement, list[str]]:
@@ -193,7 +200,7 @@ def measure(
     duration: float,
     meter: Meter,
     flops_per_inference: int | None,
-    warmup: float = 2.0,
+    warmup: float | None = 2.0,
     latency_seconds: float | None = None,
     on_tick: Callable[[float], None] | None = None,
     idle: IdlePower | None = None,
@@ -205,13 +212,15 @@ def measure(
     ``batch`` is a tensor, or a tuple/list (``model(*batch)``) or dict (``model(**batch)``) of inputs;
     ``batch_size`` (inferences per call) defaults to its first tensor's leading dimension.
     ``sync`` defaults to the batch's device sync; it runs at the window's edges only, never inside.
+    ``warmup`` None: no warm-up call (``warm_up_for``).
     """
     if isinstance(model, nn.Module):
         model.eval()
     forward = caller(model, batch)
     batch_size = infer_batch_size(batch) if batch_size is None else batch_size
     sync = batch_sync(batch) if sync is None else sync
-    warm_up(forward, sync, warmup)
+    if warmup is not None:
+        warm_up(forward, sync, warmup)
     n, seconds, energy, flags = counted_window(forward, meter, sync, duration, on_tick=on_tick)
     budget = latency_seconds if latency_seconds is not None else latency_budget(duration)
     # A window of one call that outlasted the latency budget (a prefill of seconds) is itself that call's latency,

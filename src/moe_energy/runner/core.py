@@ -42,7 +42,7 @@ from ..measure.records import (
     skipped_record,
     window_record,
 )
-from ..measure.window import measure
+from ..measure.window import measure, warm_up_for
 from ..memory import OutOfMemory
 from ..models.dense import DenseMLP
 from ..models.moe import MoE
@@ -178,6 +178,7 @@ class Variant:
     after_window: Callable[[], dict[str, Any]] | None = None  # read after the window (e.g. the expert load)
     rows: int | None = None  # inferences per call when ``batch`` does not say (a whole model's tokens)
     ready: bool = False  # ``model`` is the call itself, made ready by its workload (a whole model's step)
+    call_s: float | None = None  # one call's seconds in its last window (window.warm_up_for)
 
 
 @dataclass
@@ -474,8 +475,10 @@ def one_window(r: Run, slot: Slot, v: Variant, rep: int, order: int, idle: IdleP
         if v.before_window is not None:
             v.before_window()
         with r.ui.measuring(f"{v.label} ({rep + 1}/{r.opts.repeats})", r.opts.duration) as tick:
-            res = measure(fn, v.batch, r.opts.duration, r.meter, v.flops_per_inference, r.opts.warmup,
-                          on_tick=tick, idle=idle, sync=device_sync(r.device), batch_size=v.rows)
+            res = measure(fn, v.batch, r.opts.duration, r.meter, v.flops_per_inference,
+                          warm_up_for(r.opts.warmup, v.call_s), on_tick=tick, idle=idle, sync=device_sync(r.device),
+                          batch_size=v.rows)
+        v.call_s = res.seconds / res.batches
         rec: dict[str, Any] = {**head, **window_record(res)}
     except MeterFailed as e:
         rec = {**head, **failed_window(str(e), v.rows or v.batch.shape[0], v.flops_per_inference, r.meter.name)}
