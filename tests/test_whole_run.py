@@ -162,3 +162,18 @@ def test_the_ratio_under_the_table_compares_whole_models_when_built_in_part():
     [line, label] = whole_lines({"models": [row("moe", "moe", 2.0, 5.0), row("dense", "dense", 1.0, None)]})
     assert "moe / dense J per token = 5 (whole models, EXTRAPOLATED: 1 of 4 and 1 of 1 layers measured)" in line
     assert label == "moe: EXTRAPOLATED x"
+
+
+@pytest.mark.slow
+def test_a_roofline_calibrated_to_choose_the_layers_is_a_notice_in_the_document(tmp_path, monkeypatch):
+    """Choosing N needs the dtype's roofline; with none cached it is calibrated then, and the document says so
+    (the run's own notices follow it)."""
+    from moe_energy.measure import roofline
+
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "empty-cache"))
+    out = tmp_path / "out"
+    assert main(["run", "--model", "olmoe-1b-7b", "--tiny", "--batch", "1", "--context", "4", *QUICK,
+                 "--dtype", "float32", "--out", str(out)]) == 0
+    notices = _doc(out)["notices"]
+    assert notices[0].startswith("no float32 roofline cached for cpu") and "calibrating it" in notices[0]
+    assert (tmp_path / "empty-cache" / roofline.CACHE_FILE).exists()

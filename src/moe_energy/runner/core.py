@@ -629,7 +629,8 @@ def run(w: Workload, opts: RunOptions, team: Team, ui: UI | None = None, save: b
     """
     r, doc = start(w, opts, team, ui or SilentUI(), sleep, oom)
     todo = w.plans(opts.models)
-    groups, skipped, doc["notices"] = arrange(w, r, todo)
+    groups, skipped, notices = arrange(w, r, todo)
+    doc["notices"] = [*doc.pop("notices", []), *notices]  # a workload's own (from its checks) first
     built = train_all(w, r, groups, skipped)
     groups = [[p for p in g if p.name not in skipped] for g in groups]
     r.roof = team.roofline(r, doc["notices"])

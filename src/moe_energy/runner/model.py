@@ -153,7 +153,7 @@ class Whole:
         """Each model's N and why: --layers; else the largest N whose weights, KV caches and activations fit in
         free memory and whose longest call (the largest prefill) takes at most --max-forward-s (default
         --duration) at this host's roofline bound, so a window holds a call or more: a dense 7B's 32 layers fit
-        a 24 GiB CPU host, but one prefill of 16 x 512 tokens through them takes ~25 minutes on 2 cores."""
+        a 24 GiB CPU host, but one prefill of 16 x 512 tokens through them takes ~15 minutes on 2 cores."""
         limit = opts.max_forward_s if opts.max_forward_s is not None else opts.duration
         roof = None
         for m in self.models:
@@ -215,6 +215,7 @@ class Whole:
                             "batches": self.batches, "contexts": self.contexts},
                 "family": self.family, "whole_models": [asdict(m) for m in self.models], "moe_impl": self.impl,
                 "phases": list(PHASES), "layers_built": dict(self.chosen), "layers_why": dict(self.why),
+                "notices": list(self.notices),
                 "engine": self.engine,
                 "engine_method": self.method()}
 
