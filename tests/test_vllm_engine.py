@@ -233,3 +233,77 @@ def test_plan_shows_vllm_sizing_its_own_cache_not_transformers_tables(capsys):
     assert "MoE blocks: vllm, engine: vllm" in text and text.count("vLLM's") == 4  # two cells a model
     assert "qwen3-30b-a3b-tiny: 2 of 2 layers: vLLM serves the whole model" in text
     assert "one model is served at a time; it sizes its KV cache and activations from what its weights leave" in text
+
+
+# -- sweep --engine: an axis of whole-model grids ---------------------------------------------------------------
+SWEEP = ["sweep", "--model", "qwen3-30b-a3b", "--vs", "qwen3-32b", "--batch", "1,64", "--context", "512"]
+
+
+def test_sweep_engine_is_an_axis_and_keeps_transformers_points_keys(fake_vllm, monkeypatch):
+    from moe_energy.runner import sweep as sw
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    cfg = {"model": "qwen3-30b-a3b", "vs": "qwen3-32b", "batch": "1,64", "context": "512"}
+    g = sw.build_grid({**cfg, "engine": "transformers,vllm"})
+    assert [(p.label, p.engine, p.workload.engine, p.workload.impl) for p in g.points] == [
+        ("qwen3-30b-a3b transformers", "transformers", "transformers", "transformers"),
+        ("qwen3-30b-a3b vllm", "vllm", "vllm", "vllm")]
+    assert g.source["engine"] == ["transformers", "vllm"]
+    plain = sw.build_grid(dict(cfg)).points
+    assert len(plain) == 1 and "engine" not in sw.build_grid(dict(cfg)).source
+    assert g.points[0].key("none") == plain[0].key("none")  # a store's transformers points are still complete
+    c = g.points[1].config("none")
+    assert (c["engine"], c["moe_impl"], c["models"]) == ("vllm", "vllm", ["qwen3-30b-a3b", "qwen3-32b"])
+    assert g.points[1].key("none") != plain[0].key("none")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--engine", "vllm", "--tiny"], "--tiny: no meaning with --engine vllm"),
+    (["--engine", "transformers,vllm", "--layers", "2"], "--layers: no meaning with --engine vllm"),
+    (["--engine", "vllm", "--moe-impl", "transformers,moe-energy"], "--moe-impl: no meaning with --engine vllm"),
+    (["--engine", "vllm", "--compile"], "--compile: no meaning with --engine vllm"),
+    (["--engine", "vllm", "--device", "cpu"], "--engine vllm needs a CUDA GPU (the device here is cpu)"),
+    (["--engine", "transformers,tgi"], "--engine 'tgi' is unknown; choose from transformers, vllm"),
+    (["--engine", "vllm", "--context", "40900"], "--engine vllm: context 40900 + the 64 tokens"),
+])
+def test_sweep_engine_refusals_are_one_line_before_anything(tmp_path, capsys, fake_vllm, args, needle):
+    code = main([*SWEEP[:-2], *(["--context", "512"] if "--context" not in args else []), *args,
+                 "--db", str(tmp_path / "s.db")])
+    one_line_error(code, capsys.readouterr().err, needle)
+    assert fake_vllm == [] and not (tmp_path / "s.db").exists()
+
+
+def test_sweep_engine_vllm_without_vllm_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    code = main([*SWEEP, "--engine", "vllm", "--db", str(tmp_path / "s.db")])
+    one_line_error(code, capsys.readouterr().err, "--engine vllm: vLLM is not installed here")
+    assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_over_both_engines_stores_them_apart_and_the_report_never_mixes_them(fake_vllm, tmp_path):
+    """One store, the same model set served by transformers and by vLLM (the stand-in): the points' moe_impl
+    tells them apart, and so do the report's records (its crossovers and selections group by it)."""
+    import torch
+
+    from moe_energy.report import analysis
+    from moe_energy.runner import sweep as sw
+    from moe_energy.runner.core import SilentUI
+    from moe_energy.storage.store import Store
+
+    ms = (tiny("qwen3-30b-a3b"), tiny("qwen3-4b"))
+    opts = RunOptions(duration=0.05, warmup=0.0, repeats=1, cooldown=0.0, idle_seconds=0.0, device="cpu").validate()
+    points = [sw.Point(f"{ms[0].name} {e}", ms[0], opts, siblings=ms[1:], batches=(1, 2), contexts=(16,),
+                       layers=None if e == "vllm" else 1, engine=e) for e in ("transformers", "vllm")]
+    meter = make_meter("estimate", torch.device("cpu"))
+    with Store(tmp_path / "s.db") as st:
+        run_id = st.new_run("r", {"grid": "models"}, {"device": "cpu"}, {"name": meter.name})
+        out = sw.run_points(points, st, run_id, meter, torch.device("cpu"), run=None, ui=SilentUI())
+        assert (out.done, out.skipped, out.failed) == (2, 0, 0)
+        assert sorted(p["moe_impl"] for p in st.points()) == ["transformers", "vllm"]
+        frame = analysis.load(st)
+    assert len(frame.wholes) == 2 * 2 * 2 * 2  # two points x two models x two phases x two batches
+    assert {(m["impl"], m["engine"]) for m in frame.wholes} == {("transformers", "transformers"), ("vllm", "vllm")}
+    (name, recs), = analysis.whole_sets(frame).items()  # one set; the report's answers group it by impl
+    assert name == ms[0].name and sorted(m["impl"] for m in recs) == ["transformers"] * 8 + ["vllm"] * 8
+

@@ -30,10 +30,10 @@ from ..models.archs import PRESETS as ARCH_PRESETS
 from ..models.archs import ROUTER_KINDS, Arch, RouterSpec, custom_arch, get_arch
 from ..models.routing import ROUTING_HELP, parse_routing
 from ..models.strategies import STRATEGIES
-from ..models.vllm_engine import INSTALL, missing
+from ..models.vllm_engine import INSTALL
 from ..runner.core import Workload
 from ..runner.layer import DEFAULT_TOKENS, Layer, check_tokens
-from ..runner.model import ENGINES, MOE_IMPLS, Whole, model_set
+from ..runner.model import MOE_IMPLS, Whole, check_engine, check_vllm, model_set
 from ..runner.seed import Seed
 
 if TYPE_CHECKING:
@@ -359,8 +359,7 @@ def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
     opts = replace(opts, **{k: v for k, v in WHOLE_PROTOCOL.items() if k not in given})
     opts = with_dtype(args, opts, llm=True)
     engine = getattr(args, "engine", None) or "transformers"
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
+    check_engine(engine)
     w = Whole(ms, _whole_numbers("--batch", getattr(args, "batch", None), (1, 8)),
               _whole_numbers("--context", getattr(args, "context", None), (512,)), getattr(args, "layers", None),
               impl, engine)
@@ -368,33 +367,16 @@ def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
         raise ConfigError(f"--layers {w.layers}: give a whole number >= 1 (each model builds min(N, its layers))")
     w.check_inputs()  # every context a position each model has: refused before anything is asked of the host
     if w.vllm:
-        check_vllm(args, opts)
+        check_vllm_flags(args, opts)
     return w, opts
 
 
-VLLM_REFUSED = (("moe_impl", "--moe-impl", "vLLM runs the MoE blocks with its own fused kernels"),
-                ("layers", "--layers", "vLLM builds the whole model"),
-                ("tiny", "--tiny", "vLLM serves the published shapes on a GPU"),
-                ("compile", "--compile", "vLLM compiles and captures CUDA graphs itself"),
-                ("parallel", "--parallel expert", "vLLM shards a model itself; not offered here yet"))
-
-
-def check_vllm(args: argparse.Namespace, opts: RunOptions) -> None:
-    """--engine vllm's refusals, in one line each before anything is built: flags that mean nothing to vLLM,
-    vLLM not installed, no CUDA GPU (vLLM runs here on CUDA only)."""
+def check_vllm_flags(args: argparse.Namespace, opts: RunOptions) -> None:
+    """`run --model --engine vllm`'s refusals (``runner.model.check_vllm``), from the flags given."""
     given = {"moe_impl": getattr(args, "moe_impl", None) not in (None, "transformers"),
              "layers": getattr(args, "layers", None) is not None, "tiny": bool(getattr(args, "tiny", None)),
              "compile": opts.compile, "parallel": getattr(args, "parallel", None) == "expert"}
-    for key, name, why in VLLM_REFUSED:
-        if given[key]:
-            raise ConfigError(f"{name}: no meaning with --engine vllm ({why}); drop it")
-    problem = missing()
-    if problem is not None:
-        raise ConfigError(problem)
-    device = resolve_device(opts.device)
-    if device.type != "cuda":
-        raise ConfigError(f"--engine vllm needs a CUDA GPU (the device here is {device.type}); run it on a CUDA "
-                          "host, or use --engine transformers")
+    check_vllm([k for k, v in given.items() if v], opts.device)
 
 
 def resolve_workload(args: argparse.Namespace) -> tuple[Workload, RunOptions]:

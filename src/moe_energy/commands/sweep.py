@@ -139,8 +139,8 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    """The whole-model axes (issue 23): one point per model set x --moe-impl x dtype x repeats, each measuring every
-    batch x context in prefill and decode; --layers (one N) builds each model's first N layers."""
+    """The whole-model axes (issue 23): one point per model set x --engine x --moe-impl x dtype x repeats, each
+    measuring every batch x context in prefill and decode; --layers (one N) builds each model's first N layers."""
     from ..runner.model import MOE_IMPLS
 
     g = p.add_argument_group("whole LLMs (--model: prefill and decode per token, each MoE against its dense "
@@ -152,6 +152,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", help="comma list of context lengths: prompt tokens, and the KV cache at each decode "
                    "step (default 512)")
     g.add_argument("--moe-impl", dest="moe_impl", help=f"comma list of {', '.join(MOE_IMPLS)} (default transformers)")
+    g.add_argument("--engine", help="comma list of what serves the models: transformers (default), vllm (a CUDA GPU "
+                   "and vLLM: one point each, the whole model in vLLM's offline API, --moe-impl transformers only)")
     g.add_argument("--tiny", action="store_true", default=None, help="every model shrunk to a few-KB copy of its "
                    "shape: tries the sweep in seconds; the figures are not the model's")
 
@@ -246,12 +248,13 @@ def _model_points_table(points, meter_name: str, done: set[str], device) -> Tabl
                 "repeats", "rows", *(("power cap",) if capped else ()), "status"):
         t.add_column(col, justify="right" if col in ("#", "MoE params", "repeats", "rows") else "left")
     for i, p in enumerate(points, 1):
+        impl = str(p.moe_impl) if p.engine == "transformers" else f"{p.engine} engine"
         problem = None if p.key(meter_name) in done else p.workload.point_problem(p.opts, device)
         status = "complete" if p.key(meter_name) in done else problem or "to do"
         built = p.workload.chosen  # point_problem chose each model's layers, as the run will
         names = ", ".join(f"{m.name} ({built.get(m.name, '?')} of {m.layers})" for m in p.workload.models)
         t.add_row(str(i), escape(p.label), escape(names), f"{p.total_params:,}", ",".join(map(str, p.batches)),
-                  ",".join(map(str, p.contexts)), str(p.moe_impl), p.opts.dtype, str(p.opts.repeats),
+                  ",".join(map(str, p.contexts)), impl, p.opts.dtype, str(p.opts.repeats),
                   str(measured_models(p)), *((p.caps_text,) if capped else ()), escape(status))
     return t
 

@@ -24,13 +24,14 @@ import torch
 
 from .. import memory
 from ..config import RunOptions
+from ..device import resolve_device
 from ..errors import ConfigError
 from ..measure import roofline
 from ..memory import OutOfMemory
 from ..models.generate import decode_step, prefill_step
 from ..models.plan import ModelPlan
 from ..models.swap import swap_moe_blocks
-from ..models.vllm_engine import DECODE_TOKENS, GPU_MEMORY_UTILIZATION, METHOD, build_engine
+from ..models.vllm_engine import DECODE_TOKENS, GPU_MEMORY_UTILIZATION, METHOD, build_engine, missing
 from ..models.vllm_engine import decode_step as vllm_decode
 from ..models.vllm_engine import prefill_step as vllm_prefill
 from ..models.vllm_engine import version as vllm_version
@@ -51,6 +52,12 @@ from .core import Built, Point, Run, Variant
 PHASES = ("prefill", "decode")
 MOE_IMPLS = ("transformers", "moe-energy", "eager", "batched_mm", "grouped_mm")
 ENGINES = ("transformers", "vllm")
+# flags that mean nothing to vLLM: key -> (the flag, why), refused in one line when given with --engine vllm
+VLLM_REFUSED = {"moe_impl": ("--moe-impl", "vLLM runs the MoE blocks with its own fused kernels"),
+                "layers": ("--layers", "vLLM builds the whole model"),
+                "tiny": ("--tiny", "vLLM serves the published shapes on a GPU"),
+                "compile": ("--compile", "vLLM compiles and captures CUDA graphs itself"),
+                "parallel": ("--parallel expert", "vLLM shards a model itself; not offered here yet")}
 EXTRAPOLATION = ("EXTRAPOLATED from the first {n} of {total} layers: the measured figure x {scale:.3g} (a token's "
                  "matrix work in all {total} layers and the LM head / in the {n} built and the LM head, the head's "
                  "share per prompt token 1/L in a prefill)")
@@ -100,6 +107,26 @@ def inputs_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]
     needs = [memory_bytes(m, layers, dtype, p.head["batch"], p.head["context"]) for p in points]
     caches = sum(n["kv_cache"] for n, p in zip(needs, points) if p.head["phase"] == "decode")
     return needs[0]["weights"] + caches + max(n["activations"] for n in needs) + memory.OVERHEAD_BYTES
+
+
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
+
+
+def check_vllm(given: Sequence[str], device: str) -> None:
+    """--engine vllm's refusals, in one line each before anything is built (`run` and `sweep` alike): the
+    ``VLLM_REFUSED`` keys given, vLLM not installed, no CUDA GPU (vLLM runs here on CUDA only)."""
+    for key in (k for k in VLLM_REFUSED if k in given):
+        name, why = VLLM_REFUSED[key]
+        raise ConfigError(f"{name}: no meaning with --engine vllm ({why}); drop it")
+    problem = missing()
+    if problem is not None:
+        raise ConfigError(problem)
+    kind = resolve_device(device).type
+    if kind != "cuda":
+        raise ConfigError(f"--engine vllm needs a CUDA GPU (the device here is {kind}); run it on a CUDA "
+                          "host, or use --engine transformers")
 
 
 @dataclass

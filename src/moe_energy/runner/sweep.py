@@ -62,7 +62,7 @@ from ..storage.store import LAYER_FAMILY, WHOLE_FAMILY, Store, point_key
 from . import core
 from .core import Workload
 from .layer import Layer, check_tokens
-from .model import MOE_IMPLS, PHASES, Whole, model_set
+from .model import MOE_IMPLS, PHASES, Whole, check_engine, check_vllm, model_set
 from .seed import Seed
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
@@ -86,7 +86,7 @@ SEED_ONLY_KEYS = (*foreign("llm_layer"), "presets", "per_decade")
 LLM_TOKENS = tuple(4**i for i in range(7))  # 1, 4, ..., 4096: a decoding step up to a prefill chunk
 # Whole models (issue 23): their own axes, and what means nothing for a model set (refused, never ignored): the
 # seed's shape and training, a layer's, the size grids' limits, --batch-size (their batches are --batch).
-MODEL_AXES = ("model", "vs", "batch", "context", "moe_impl", "tiny")
+MODEL_AXES = ("model", "vs", "batch", "context", "moe_impl", "engine", "tiny")
 MODEL_REFUSED = ("grid", "max_params", "per_decade", "presets", "preset", "experts", "top_k")
 # Keys a grid TOML may hold besides run options and shape fields.
 GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets", *LAYER_AXES, *MODEL_AXES}
@@ -122,6 +122,7 @@ class Point:
     contexts: tuple[int, ...] = ()
     layers: int | None = None
     moe_impl: str | None = None
+    engine: str = "transformers"
 
     @property
     def is_layer(self) -> bool:
@@ -139,7 +140,7 @@ class Point:
             return Layer(self.spec, list(self.tokens), parse_routing(self.routing or "random"), self.opts.weights)
         if isinstance(self.spec, WholeModel):
             return Whole([self.spec, *self.siblings], list(self.batches), list(self.contexts), self.layers,
-                         self.moe_impl or "transformers")
+                         self.moe_impl or "transformers", self.engine)
         return Seed(self.spec)
 
     @property
@@ -469,23 +470,33 @@ def _one_layer_count(v: Any) -> int | None:
     return ns[0]
 
 
-def _model_sets(cfg: dict) -> list[list[WholeModel]]:
+def _model_sets(cfg: dict, shrink: bool) -> list[list[WholeModel]]:
     """Each --model with its --vs (default its dense siblings), --tiny applied; taken out of ``cfg``, checked."""
     names = as_list("model", cfg.pop("model"), str)
     vs = as_list("vs", cfg.pop("vs"), str) if "vs" in cfg else None
-    shrink = bool(cfg.pop("tiny", False))
     return [model_set(n, vs, shrink) for n in names]
 
 
+def _vllm_refusals(engines: list[str], cfg: dict, impls: list[str], layers: int | None, shrink: bool) -> None:
+    """With vllm among --engine, `run --engine vllm`'s refusals (a vLLM point runs its own kernels on the whole
+    model, so --moe-impl other than transformers, --layers and --tiny mean nothing; vLLM and a CUDA GPU needed)."""
+    if "vllm" in engines:
+        given = {"moe_impl": impls != ["transformers"], "layers": layers is not None, "tiny": shrink,
+                 "compile": bool(cfg.get("compile"))}
+        check_vllm([k for k, v in given.items() if v], str(cfg.get("device") or "auto"))
+
+
 def build_model_grid(cfg: dict[str, Any]) -> Grid:
-    """Whole-model points: each model set (--model and its --vs) x --moe-impl x dtype x repeats, every point
-    measuring all its batches x contexts (default 1,8 x 512); every input checked as `run --model` checks it."""
+    """Whole-model points: each model set (--model and its --vs) x --engine x --moe-impl x dtype x repeats, every
+    point measuring all its batches x contexts (default 1,8 x 512); every input checked as `run --model` checks
+    it."""
     refused = [flag(k) for k in (*MODEL_REFUSED, *foreign(WHOLE_FAMILY)) if k in cfg]
     if refused:
         raise ConfigError(f"{', '.join(dict.fromkeys(refused))}: no meaning with --model (a whole LLM is built "
                           "from its preset, not trained; its inputs are --batch and --context); drop "
                           f"{'it' if len(set(refused)) == 1 else 'them'}")
-    sets = _model_sets(cfg)
+    shrink = bool(cfg.pop("tiny", False))
+    sets = _model_sets(cfg, shrink)
     batches = tuple(as_list("batch", cfg.pop("batch", "1,8"), int))
     contexts = tuple(as_list("context", cfg.pop("context", "512"), int))
     layers = _one_layer_count(cfg.pop("layers", None))
@@ -493,16 +504,22 @@ def build_model_grid(cfg: dict[str, Any]) -> Grid:
     for impl in impls:
         if impl not in MOE_IMPLS:
             raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")
+    engines = as_list("engine", cfg.pop("engine", "transformers"), str)
+    for engine in engines:
+        check_engine(engine)
     for ms in sets:  # every context a position each model has, every batch >= 1: before any point runs
-        Whole(ms, list(batches), list(contexts)).check_inputs()
+        for engine in engines:
+            Whole(ms, list(batches), list(contexts), engine=engine).check_inputs()
+    _vllm_refusals(engines, cfg, impls, layers, shrink)
     option_axes = {k: as_list(k, cfg.pop(k), str if k in TEXT_AXES else int) for k in ("dtype", "repeats") if k in cfg}
     combos = [dict(zip(option_axes, c)) for c in itertools.product(*option_axes.values())]
-    points = [Point(f"{ms[0].name} {impl}", ms[0], _resolve(cfg, extra)[1], siblings=tuple(ms[1:]), batches=batches,
-                    contexts=contexts, layers=layers, moe_impl=impl)
-              for ms in sets for impl in impls for extra in combos]
+    points = [Point(f"{ms[0].name} {impl if engine == 'transformers' else engine}", ms[0], _resolve(cfg, extra)[1],
+                    siblings=tuple(ms[1:]), batches=batches, contexts=contexts, layers=layers, moe_impl=impl,
+                    engine=engine)
+              for ms in sets for engine in engines for impl in impls for extra in combos]
     source = {"grid": "models", "family": WHOLE_FAMILY, "models": [[m.name for m in ms] for ms in sets],
               "batches": list(batches), "contexts": list(contexts), "layers": layers, "moe_impl": impls,
-              "axes": option_axes, "options": cfg}
+              **({"engine": engines} if engines != ["transformers"] else {}), "axes": option_axes, "options": cfg}
     return Grid("models", points, source)
 
 
