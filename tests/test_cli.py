@@ -108,3 +108,14 @@ def test_config_file_drives_the_run(tmp_path):
     assert main(["run", "--config", str(cfg), "--out", str(tmp_path)]) == 0
     doc = json.loads(next(tmp_path.glob("run-*.json")).read_text())
     assert doc["spec"]["hidden"] == 8 and [m["kind"] for m in doc["models"]] == ["moe"]
+
+
+def test_the_cli_starts_without_the_compiler_stack_transformers_or_matplotlib():
+    """Every command's start imports torch, not what only some commands use: torch._dynamo (~2 s on a small CPU,
+    comes in when a run compiles or probes auto), transformers (peers, whole models) and matplotlib (report)."""
+    code = ("import contextlib, io, sys; from moe_energy.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): main(['run', '--help'])\n"
+            "print(*(m in sys.modules for m in ('torch', 'torch._dynamo', 'transformers', 'matplotlib')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False", "False", "False"]

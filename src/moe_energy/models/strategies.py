@@ -25,9 +25,10 @@ The fast ones (after torchtitan's grouped experts, MegaBlocks' padded form and g
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -300,7 +301,21 @@ def set_probe(probe: Probe) -> None:
     _PROBE[:] = [probe]
 
 
-@torch.compiler.disable  # timing is host-side Python: never traced into a graph
+def untraced(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, applied on the first call: applying it at import imports torch._dynamo,
+    ~2 s of every command's start-up on a small CPU (a probe first called while compiling still runs eagerly)."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
+@untraced  # timing is host-side Python: never traced into a graph
 def choose(
     x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily, candidates: Sequence[str] = AUTO_CANDIDATES
 ) -> AutoChoice:
