@@ -18,6 +18,7 @@ silently: there is nowhere left to tell.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import sys
@@ -62,10 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _say(line: str) -> None:
     """One line on standard error; a standard error that cannot take it is not a second failure."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 def _dispatch(argv: list[str] | None) -> int:

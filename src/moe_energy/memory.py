@@ -7,6 +7,7 @@ Estimates are deliberately simple and a little generous: parameters x bytes, x4 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -86,12 +87,10 @@ def available_bytes(device: torch.device) -> int | None:
         return int(free)
     if device.type == "cpu":
         found: list[int] = []
-        try:
+        with contextlib.suppress(OSError, ValueError):
             for line in Path("/proc/meminfo").read_text().splitlines():
                 if line.startswith("MemAvailable:"):
                     found.append(int(line.split()[1]) * 1024)
-        except (OSError, ValueError):
-            pass
         for extra in (_cgroup_free(), _address_space_free()):
             if extra is not None:
                 found.append(extra)

@@ -8,6 +8,7 @@ cli.main runs it inside ``guarded_streams``: a standard output that fails raises
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -110,13 +111,11 @@ class GuardedStream:
         self.lost = e
         if self._stream not in (sys.__stdout__, sys.__stderr__):
             return  # not this process's stream (a test's capture): no descriptor to silence
-        try:
+        with contextlib.suppress(OSError, ValueError):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
             os.close(devnull)
             self._stream.flush()  # what is still buffered drains into /dev/null
-        except (OSError, ValueError):
-            pass
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -64,7 +65,5 @@ class RichUI:
 
 def _quietly(step: Callable[[], object]) -> None:
     """Run a progress display's start or stop; its output lost is no reason to lose the measurement."""
-    try:
+    with contextlib.suppress(StdoutLost):
         step()
-    except StdoutLost:
-        pass

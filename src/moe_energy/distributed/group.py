@@ -8,6 +8,7 @@ alike (same error, same exit code) or none does, before any rank waits on a coll
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -126,10 +127,8 @@ def init_group(device_opt: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
 def shutdown() -> None:
     """Leave the process group; never raises (the peers may already be gone)."""
     if dist.is_initialized():
-        try:
+        with contextlib.suppress(Exception):  # a dead peer can make teardown fail; we are exiting anyway
             dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - a dead peer can make teardown fail; we are exiting anyway
-            pass
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ inferred polling period misbehaves in Zeus 0.16. Zeus is imported lazily, so the
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from ..errors import Unavailable
@@ -139,38 +140,28 @@ class GpuMeter(CounterMeter):
     def state(self) -> dict[str, Any]:
         """Temperature, SM clock and power limit now; a reading the GPU refuses is None."""
         out: dict[str, Any] = {"temperature_c": None, "sm_clock_mhz": None, "power_limit_w": None}
-        try:
+        with contextlib.suppress(Exception):
             out["temperature_c"] = self.gpus.get_gpu_temperature(self.index)
-        except Exception:
-            pass
-        try:
+        with contextlib.suppress(Exception):
             out["power_limit_w"] = self.gpus.get_power_management_limit(self.index) / 1000.0
-        except Exception:
-            pass
         if self.vendor == "nvidia":  # Zeus has no clock getter; NVML's is one call on Zeus's handle
-            try:
+            with contextlib.suppress(Exception):
                 import pynvml
 
                 handle = self.gpus.gpus[self.index].handle
                 out["sm_clock_mhz"] = pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
-            except Exception:
-                pass
         return out
 
     def _versions(self) -> dict[str, Any]:
         versions: dict[str, Any] = {"zeus": zeus_version()}
-        try:
+        with contextlib.suppress(Exception):
             versions["gpu_name"] = self.gpus.get_name(self.index)
-        except Exception:
-            pass
         if self.vendor == "nvidia":
-            try:
+            with contextlib.suppress(Exception):
                 import pynvml
 
                 drv = pynvml.nvmlSystemGetDriverVersion()
                 versions["nvidia_driver"] = drv.decode() if isinstance(drv, bytes) else drv
                 nv = pynvml.nvmlSystemGetNVMLVersion()
                 versions["nvml"] = nv.decode() if isinstance(nv, bytes) else nv
-            except Exception:
-                pass
         return versions

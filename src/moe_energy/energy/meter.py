@@ -15,6 +15,7 @@ The window and model records built from Measurements are declared in ``measure/r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -292,17 +293,13 @@ def abort(meter: Meter) -> None:
     for part in getattr(meter, "meters", []) or []:
         abort(part)
     trace = getattr(meter, "_trace", None)
-    try:
+    with contextlib.suppress(Exception):  # cleanup after a failure must not raise a second one
         if trace is not None:
             trace.stop()
-    except Exception:  # noqa: BLE001 - cleanup after a failure must not raise a second one
-        pass
     for attr in ("_trace", "_t0"):
         if hasattr(meter, attr):
-            try:
+            with contextlib.suppress(AttributeError):
                 setattr(meter, attr, None)
-            except AttributeError:
-                pass
 
 
 def sync_accelerators(meter: Meter | None = None) -> None:

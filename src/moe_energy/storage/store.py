@@ -8,6 +8,7 @@ Every model record is also kept whole as JSON, so fields added later by other mo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -479,14 +480,12 @@ class Store:
         has the file open and writes nothing to it (its WAL is empty). Where it cannot, they stay: harmless."""
         if not self._sidecars_exist():
             return
-        try:
+        with contextlib.suppress(sqlite3.Error):
             con = sqlite3.connect(self._uri("mode=rw"), uri=True, timeout=0)
             try:
                 con.execute("SELECT count(*) FROM sqlite_master").fetchone()
             finally:
                 con.close()
-        except sqlite3.Error:
-            pass
 
     def _sidecars_exist(self) -> bool:
         return any(os.path.lexists(f"{self.path}{s}") for s in SIDECARS)
@@ -512,10 +511,8 @@ class Store:
         """Undo the open transaction. SQLite has already rolled it back itself after some errors (a full disk,
         SQLITE_FULL): then there is nothing to undo, and the original error is the one to report."""
         if self.con.in_transaction:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 self.con.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
 
     def version(self) -> int:
         row = self.con.execute("SELECT version FROM schema_version").fetchone()
