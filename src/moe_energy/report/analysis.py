@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..storage.store import JSON_COLUMNS, LAYER_FAMILY, WHOLE_FAMILY, Store, stored_json, stored_key
@@ -61,7 +61,7 @@ def value(rec: dict, metric: str, bound: str | None = None) -> float | None:
     if metric == "joules_per_token":  # the inverse of tokens/J: its best case is tokens/J's max
         ipj = value(rec, "inferences_per_joule", {"min": "max", "max": "min"}.get(bound or ""))
         return 1 / ipj if ipj else None
-    if metric == "correct_per_joule":
+    if metric == "correct_per_joule":  # correct answers per joule: a fast but worse model does not win by default
         if rec.get("diverged"):  # its accuracy is meaningless, so is any figure weighted by it
             return None
         ipj, acc = value(rec, "inferences_per_joule", bound), finite(rec.get("accuracy"))
@@ -218,16 +218,8 @@ def find_tdp(obj: Any) -> tuple[float, str] | None:
             v = finite(obj.get(k))
             if v is not None and v > 0:
                 return v, k
-        for v in obj.values():
-            found = find_tdp(v)
-            if found is not None:
-                return found
-    elif isinstance(obj, list):
-        for v in obj:
-            found = find_tdp(v)
-            if found is not None:
-                return found
-    return None
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    return next((found for v in children if (found := find_tdp(v)) is not None), None)
 
 
 # -- crossover -------------------------------------------------------------------------------------------
@@ -477,11 +469,6 @@ def layer_crossovers(frame: Frame, metrics: Iterable[str] = ("inferences_per_jou
 
 
 # -- other derived figures -------------------------------------------------------------------------------
-def correct_per_joule(rec: dict) -> float | None:
-    """Accuracy x inferences/J: correct answers per joule, so a fast but worse model does not win by default."""
-    return value(rec, "correct_per_joule")
-
-
 def ratios(frame: Frame, metric: str = "inferences_per_joule") -> list[dict]:
     """MoE / dense-total for every pair with comparable figures: {label, params, batch_size, dtype,
     strategy, ratio, energy}."""
@@ -545,9 +532,8 @@ def at_cap(frame: Frame, cap: float | None) -> Frame:
     wholes = [m for m in frame.wholes if cap_of(m) == cap]
     ids = {m["point_id"] for m in (*models, *layers, *wholes)}
     model_ids = {m["model_id"] for m in models}
-    return Frame(runs=frame.runs, points=[p for p in frame.points if p["id"] in ids], models=models, layers=layers,
-                 wholes=wholes, windows=[w for w in frame.windows if w["model_id"] in model_ids], skipped=frame.skipped,
-                 tdp_w=frame.tdp_w, tdp_source=frame.tdp_source, damaged=frame.damaged)
+    return replace(frame, points=[p for p in frame.points if p["id"] in ids], models=models, layers=layers,
+                   wholes=wholes, windows=[w for w in frame.windows if w["model_id"] in model_ids])
 
 
 def setting(m: dict) -> str:

@@ -36,7 +36,6 @@ from .analysis import (
     best_caps,
     cap_of,
     caps,
-    correct_per_joule,
     crossovers,
     energy_kind,
     group_order,
@@ -174,7 +173,7 @@ def points_table(frame: Frame) -> Table:
                                                   m["point_id"], m.get("ordinal", 0))):
         p = pts.get(m["point_id"], {})
         acc = _num(value(m, "accuracy"), ".1%") + (" (diverged: accuracy meaningless)" if m.get("diverged") else "")
-        cpj = correct_per_joule(m)
+        cpj = value(m, "correct_per_joule")
         rows.append([
             str(m["label"]), f"{p.get('experts')}/{p.get('hidden')}/{p.get('layers')}/{p.get('top_k')}",
             str(m["batch_size"]), str(m["dtype"]), *([_cap_read(m)] if capped else []), str(m["name"]),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import matplotlib
@@ -108,9 +109,8 @@ def _fmt_params(p: float) -> str:
     return f"{p:.0f}"
 
 
-def _series_plot(frame: Frame, metric: str, ylabel: str, title: str,
-                 xo_metric: str | None = None) -> Figure:
-    """``metric`` vs each model's total params (log-log), one panel per (batch, dtype), crossovers marked."""
+def _series_plot(frame: Frame, metric: str, ylabel: str, title: str) -> Figure:
+    """``metric`` vs each model's total params (log-log), one panel per (batch, dtype), its crossovers marked."""
     facets = _facets(frame)
     fig, axes = _grid(len(facets), title)
     if not facets:
@@ -120,7 +120,7 @@ def _series_plot(frame: Frame, metric: str, ylabel: str, title: str,
         _empty(axes[0], "no completed sweep points in the database")
         return fig
     order = _strategies(frame)
-    xos = [c for c in crossovers(frame, [xo_metric])] if xo_metric else []
+    xos = crossovers(frame, [metric])
     for ax, (b, dt) in zip(axes, facets):
         ax.set_title(f"batch {b}, {dt}", fontsize=10)
         ax.set_xlabel("total parameters (count, log scale)")
@@ -193,21 +193,6 @@ def _mark_crossovers(ax: Axes, xos: list[Crossover], order: list[str], show_ek: 
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
 
 
-def inferences_per_joule_vs_params(frame: Frame) -> Figure:
-    return _series_plot(frame, "inferences_per_joule", "inferences per joule (inferences/J, log scale)",
-                        "Energy efficiency vs model size (crossover marked)", "inferences_per_joule")
-
-
-def inferences_per_second_vs_params(frame: Frame) -> Figure:
-    return _series_plot(frame, "inferences_per_second", "inferences per second (inferences/s, log scale)",
-                        "Throughput vs model size (crossover marked)", "inferences_per_second")
-
-
-def correct_per_joule_vs_params(frame: Frame) -> Figure:
-    return _series_plot(frame, "correct_per_joule", "correct inferences per joule (accuracy x inferences/J)",
-                        "Accuracy per joule vs model size (crossover marked)", "correct_per_joule")
-
-
 def average_power_per_model(frame: Frame) -> Figure:
     """Bars: each model's average power during its windows, per point; TDP line when the meter knows it."""
     fig, (ax,) = _grid(1, "Average power per model during the measurement windows", width=9.0, height=4.8)
@@ -264,10 +249,7 @@ def power_traces(frame: Frame) -> Figure:
     for m in frame.models:
         if any(w["model_id"] == m["model_id"] for w in with_trace) and m["point_id"] not in point_ids:
             point_ids.append(m["point_id"])
-    shown = point_ids
-    if len(point_ids) > MAX_PANELS:  # evenly spaced points across the sweep, smallest and largest included
-        step = (len(point_ids) - 1) / (MAX_PANELS - 1)
-        shown = [point_ids[round(i * step)] for i in range(MAX_PANELS)]
+    shown = _spaced(point_ids)
     title = "Power trace over time in each measurement window"
     if len(shown) < len(point_ids):
         title += f" ({len(shown)} of {len(point_ids)} points)"
@@ -554,7 +536,7 @@ def layer_roofline(frame: Frame) -> Figure:
 CapPanel = tuple[Axes, str, dict[str, list[dict]], str]  # axes, setting, {model: records by cap}, 'inferences'|'tokens'
 
 
-def _spaced(keys: list[str]) -> list[str]:
+def _spaced(keys: list[Any]) -> list[Any]:
     """At most MAX_PANELS of ``keys``, evenly spaced, the first and last included."""
     if len(keys) <= MAX_PANELS:
         return keys
@@ -771,9 +753,15 @@ def _front(ax: Axes, pts: list[tuple[dict, float, float]], front: list[int], nam
 
 # slug, title, function: the report draws them in this order, one image each
 PLOTS: list[tuple[str, str, Callable[[Frame], Figure]]] = [
-    ("inferences_per_joule", "Energy efficiency vs model size", inferences_per_joule_vs_params),
-    ("inferences_per_second", "Throughput vs model size", inferences_per_second_vs_params),
-    ("correct_per_joule", "Accuracy per joule vs model size", correct_per_joule_vs_params),
+    ("inferences_per_joule", "Energy efficiency vs model size",
+     partial(_series_plot, metric="inferences_per_joule", ylabel="inferences per joule (inferences/J, log scale)",
+             title="Energy efficiency vs model size (crossover marked)")),
+    ("inferences_per_second", "Throughput vs model size",
+     partial(_series_plot, metric="inferences_per_second", ylabel="inferences per second (inferences/s, log scale)",
+             title="Throughput vs model size (crossover marked)")),
+    ("correct_per_joule", "Accuracy per joule vs model size",
+     partial(_series_plot, metric="correct_per_joule", ylabel="correct inferences per joule (accuracy x inferences/J)",
+             title="Accuracy per joule vs model size (crossover marked)")),
     ("average_power", "Average power per model", average_power_per_model),
     ("power_traces", "Power traces", power_traces),
     ("energy_latency", "Energy vs latency", energy_latency_scatter),
