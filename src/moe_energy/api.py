@@ -93,6 +93,13 @@ def make_meter(name: str, device: Any = None, cpu_tdp_watts: float | None = None
     return cast(MeterBase, select.make_meter(name, device, cpu_tdp_watts))
 
 
+def figure_text(v: float | None, unit: str) -> str:
+    """3 significant figures, thousands separated; 'not measured' for None."""
+    if v is None:
+        return "not measured"
+    return f"{v:,.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
+
+
 @dataclass(frozen=True)
 class BenchmarkResult:
     """A model's figures over its repeated windows: medians, spread, every window, and how they were got."""
@@ -191,14 +198,10 @@ class BenchmarkResult:
                 (", the energy itself an estimate" if basis == ESTIMATED else ""))
 
     def __repr__(self) -> str:
-        def f(v: float | None, unit: str) -> str:
-            if v is None:
-                return "not measured"
-            return f"{v:,.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
-
         method = "ESTIMATE" if self.is_estimate else self.method
-        return (f"BenchmarkResult({self.model} on {self.device}: {f(self.inferences_per_second, 'inferences/s')}, "
-                f"{f(self.inferences_per_joule, 'inferences/J')} ({method}), "
+        return (f"BenchmarkResult({self.model} on {self.device}: "
+                f"{figure_text(self.inferences_per_second, 'inferences/s')}, "
+                f"{figure_text(self.inferences_per_joule, 'inferences/J')} ({method}), "
                 f"median of {self.repeats} window(s))")
 
 
@@ -341,7 +344,7 @@ def benchmark(
     windows = _windows(model, example_batch, WindowPlan(duration, repeats, warmup, cooldown, meter, sync, idle),
                        flops, batch_size)
     result = result_from_windows(windows, model=_model_name(model), device=str(device), duration_s=duration,
-                                 warmup_s=warmup, flops_method=flops_method, meter=_meter_facts(meter), idle=idle)
+                                 warmup_s=warmup, flops_method=flops_method, meter=meter_facts(meter), idle=idle)
     if carbon.given:
         result.summary.update(carbon_fields(result.summary, carbon))
     return result
@@ -377,10 +380,9 @@ def _windows(model: Callable[..., Any], batch: Any, how: WindowPlan, flops: int 
     return windows
 
 
-def _meter_facts(meter: Meter) -> dict[str, Any]:
-    info = meter_info(meter)
-    info["notice"] = getattr(meter, "notice", None)
-    return info
+def meter_facts(meter: Meter) -> dict[str, Any]:
+    """``meter_info`` with the meter's notice (auto's fallback or partial coverage), as results record it."""
+    return {**meter_info(meter), "notice": getattr(meter, "notice", None)}
 
 
 def result_from_windows(windows: list[dict[str, Any]], **context: Any) -> BenchmarkResult:
@@ -484,5 +486,5 @@ def benchmark_generate(model: nn.Module, batch: int, context: int, duration: flo
         step, tokens = steps.pop(phase)
         phases[phase] = result_from_windows(_windows(step, (), how, None, tokens), model=type(model).__name__,
                                             device=str(device), duration_s=duration, warmup_s=warmup,
-                                            flops_method=GENERATE_FLOPS, meter=_meter_facts(meter), idle=how.idle)
+                                            flops_method=GENERATE_FLOPS, meter=meter_facts(meter), idle=how.idle)
     return GenerateResult(batch, context, phases["prefill"], phases["decode"])

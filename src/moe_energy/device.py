@@ -22,7 +22,6 @@ def check_device_name(name: object) -> None:
         raise ConfigError(f"--device {name!r} is unknown; choose auto, cpu, cuda, cuda:N or mps")
 
 
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks cuda > mps > cpu; ``cuda:N`` one GPU. A device that is not there, or a name torch does not
     run here, is the user's error to fix: one line, never torch's own parse error."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..api import benchmark
+from ..api import benchmark, figure_text, meter_facts
 from ..config import PRESETS, ModelSpec
 from ..device import device_sync
 from ..dtypes import dtype_name
@@ -235,13 +235,6 @@ def check_strategies(device: torch.device) -> list[Check]:
 # --- energy ---------------------------------------------------------------------------------------
 
 
-def _fmt(v: float | None, unit: str) -> str:
-    """3 significant figures, thousands separated; 'not measured' for None."""
-    if v is None:
-        return "not measured"
-    return f"{v:,.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
-
-
 def check_idle(meter: Meter, seconds: float, sync: Callable[[], None]) -> tuple[Check, IdlePower | None]:
     """The idle window: power must be measured and possible (finite, not negative) on every device."""
     idle = measure_idle(meter, seconds, sync)
@@ -253,7 +246,7 @@ def check_idle(meter: Meter, seconds: float, sync: Callable[[], None]) -> tuple[
         return Check("energy", "idle window", "FAIL", f"{idle.seconds:.1f} s: idle power not measured",
                      idle.as_dict()), idle
     bad = {d: w for d, w in pw.items() if not (math.isfinite(w) and w >= 0)}
-    detail = f"{idle.seconds:.1f} s, {_fmt(idle.power_w, 'W')}{label}"
+    detail = f"{idle.seconds:.1f} s, {figure_text(idle.power_w, 'W')}{label}"
     if bad:
         return Check("energy", "idle window", "FAIL", f"{detail}; impossible power {bad}", idle.as_dict()), idle
     return Check("energy", "idle window", "ok", detail, idle.as_dict()), idle
@@ -279,9 +272,9 @@ def check_window(label: str, model: torch.nn.Module, x: torch.Tensor, meter: Met
     if res.inferences_per_joule is None:
         problems.append(f"no inferences/J ({w['inferences_per_joule_reason']})")
     method = "ESTIMATE" if res.is_estimate else res.method
-    detail = (f"{w['window_s']:.1f} s, {w['inferences']:,} inferences, {_fmt(w['energy_j'], 'J')}, "
-              f"{_fmt(w['average_power_w'], 'W')}, {_fmt(res.inferences_per_joule, 'inferences/J')}, "
-              f"{_fmt(res.inferences_per_second, 'inferences/s')} ({method})")
+    detail = (f"{w['window_s']:.1f} s, {w['inferences']:,} inferences, {figure_text(w['energy_j'], 'J')}, "
+              f"{figure_text(w['average_power_w'], 'W')}, {figure_text(res.inferences_per_joule, 'inferences/J')}, "
+              f"{figure_text(res.inferences_per_second, 'inferences/s')} ({method})")
     if isinstance(model, MoE) and d["strategy_info"]["resolved_strategy"] != model.strategy:
         detail += f"; auto chose {d['strategy_info']['resolved_strategy']}"
     if problems:
@@ -355,8 +348,7 @@ def run_selfcheck(device: torch.device, seconds: float = 10.0, idle_seconds: flo
                           "coarsely below that")
     t0 = time.perf_counter()
     meter = auto_meter(device)
-    info = meter_info(meter)
-    info["notice"] = getattr(meter, "notice", None)
+    info = meter_facts(meter)
     checks: list[Check] = []
     on_phase("meters")
     statuses = survey(device)

@@ -44,7 +44,6 @@ SCHEMA_VERSION = 1
 BASELINE = "active_loop"  # the seed's optimized MoE: speed-ups are over it
 
 
-
 class Variant:
     """One thing to time: a callable on the batch, plus the MoE strategy/layout it needs set first.
 

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -51,8 +52,6 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
         return handler
 
     return deco
-
-
 
 
 def fmt(v: float | int | None, spec: str = ",.0f", unit: str = "") -> str:
@@ -156,17 +155,22 @@ def save_then_show(doc: dict, out_dir: str | Path, stem: str, show: Callable[[],
     try:
         path = save_or_rescue(doc, out_dir, stem)
     except NotSaved as e:
-        if e.rescue is not None:
-            record_saved(e.rescue)
-        try:
-            show()
-        finally:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _rescued(e, show)
     record_saved(path)
     show()
     console.print(f"{what} written to {escape(str(path))}", highlight=False, soft_wrap=True)
     return 0
+
+
+def _rescued(e: NotSaved, show: Callable[[], None]) -> int:
+    """A final write that failed: its rescue recorded, what was measured still shown, the error said; exit 1."""
+    if e.rescue is not None:
+        record_saved(e.rescue)
+    try:
+        show()
+    finally:  # the table's stdout may be gone: where the results went is said all the same
+        print(f"error: {e}", file=sys.stderr)
+    return 1
 
 
 def interruptible(body: Callable[[], T], then: Callable[[], str]) -> T | int:
@@ -194,13 +198,7 @@ def measured(job: Callable[[], tuple[dict | None, Path | None]], show: Callable[
         done = interruptible(job, lambda: "nothing was saved, a run is written only once complete; run the same "
                                           "command again to start over")
     except NotSaved as e:
-        if e.rescue is not None:
-            record_saved(e.rescue)
-        try:
-            show(e.doc)
-        finally:  # the table's stdout may be gone: where the results went is said all the same
-            print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _rescued(e, partial(show, e.doc))
     if isinstance(done, int):
         return done
     doc, path = done

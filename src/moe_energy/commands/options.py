@@ -115,8 +115,6 @@ def resolve_power(args: argparse.Namespace) -> tuple[PowerCaps, CarbonPrice]:
 def device_of(name: str) -> torch.device:
     """The device a command without run's options (calibrate, selfcheck) names by ``--device``, checked exactly
     as run checks its own: RunOptions' name check (config), then resolve_device (is it here?)."""
-    from ..device import resolve_device
-
     return resolve_device(RunOptions(device=name).validate().device)
 
 

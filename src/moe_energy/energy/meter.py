@@ -192,7 +192,6 @@ class MeterBase:
         return secs
 
 
-
 class CounterMeter(MeterBase):
     """A cumulative counter read at the window's edges, with a power trace sampled in between.
 

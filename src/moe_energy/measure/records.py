@@ -285,19 +285,11 @@ def summarize(windows: Sequence[WindowRecord]) -> dict[str, Any]:
     for k in ("inferences_per_joule", "dynamic_inferences_per_joule"):
         out[f"{k}_reason"] = None if out[k] is not None else windows[0].get(f"{k}_reason")
     first = windows[0]
-    out["batch_size"] = first["batch_size"]
-    out["flops_per_inference"] = first["flops_per_inference"]
-    out["energy_method"] = weakest([w["energy_method"] for w in windows])
-    out["energy_meter"] = first["energy_meter"]
-    out["energy_devices"] = first["energy_devices"]
-    out["energy_is_estimate"] = any(w["energy_is_estimate"] for w in windows)
-    out["repeats"] = len(windows)
-    for w in windows:
-        for f in w["flags"]:
-            if f not in flags:
-                flags.append(f)
-    out["flags"] = flags
-    out["windows"] = list(windows)
+    out.update(batch_size=first["batch_size"], flops_per_inference=first["flops_per_inference"],
+               energy_method=weakest([w["energy_method"] for w in windows]), energy_meter=first["energy_meter"],
+               energy_devices=first["energy_devices"], energy_is_estimate=any(w["energy_is_estimate"] for w in windows),
+               repeats=len(windows), flags=list(dict.fromkeys([*flags, *(f for w in windows for f in w["flags"])])),
+               windows=list(windows))
     return out
 
 

@@ -50,17 +50,14 @@ class PowerLimit(Protocol):
 
     def probe(self) -> None:
         """Raise Unavailable (kind "no permission", "read-only", "not supported") if setting would fail."""
-        ...
 
     def describe(self) -> str:
         """What the limit is and where its range comes from, for messages."""
-        ...
 
     def permission_hint(self) -> str: ...
 
     def restore_hint(self, watts: float) -> str:
         """The shell command that puts ``watts`` back by hand."""
-        ...
 
 
 # ---------------------------------------------------------------------------------------------------------
