@@ -1,7 +1,7 @@
 """The expert-parallel MoE: an MoE module (the seed's ``MoE`` or an LLM ``MoELayer``) with its experts sharded
 over the ranks, tokens moved by all-to-all. Routing is the module's own (``MoE.route``, the layer's router),
 the local experts run the ``grouped`` strategy's chain over the module's own expert family
-(``strategies.grouped_chain``) and the outputs come back through the strategies' ``combine``: only the
+(``ExpertFamily.run_grouped``) and the outputs come back through the strategies' ``combine``: only the
 exchange of tokens is this module's own. What the path reads of each kind of MoE module is one small class
 (``SeedParts``, ``LayerParts``), so a new kind of MoE module is one class here, not a second path.
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..models.experts import ExpertFamily
 from ..models.llm import MoELayer
 from ..models.moe import MoE
-from ..models.strategies import combine, grouped_chain, sort_by_expert
+from ..models.strategies import combine, sort_by_expert
 from .group import Group, broadcast_module, broadcast_rows, check_divisible, collective
 
 M = TypeVar("M", bound=nn.Module)
@@ -190,10 +190,6 @@ class ExpertParallelMoE(nn.Module):
         """Rank 0's weights on every rank (broadcast), each rank keeping its own experts' slice."""
         return cls(shard_moe(moe, g), g)
 
-    def local_stack(self) -> ExpertFamily:
-        """This rank's experts as the module's family: its stacked tensors are [E_local, ...]."""
-        return self.parts.stack()
-
     def _all_to_all(self, out: Tensor, inp: Tensor, out_splits: list[int] | None = None,
                     in_splits: list[int] | None = None) -> None:
         """One timed all_to_all_single; bytes counted from the host-side split sizes."""
@@ -221,7 +217,7 @@ class ExpertParallelMoE(nn.Module):
         ids = torch.arange(El, device=rows.device).repeat(self.g.world_size)  # [W*E_local] expert of each count
         local = ids.repeat_interleave(counts.reshape(-1), output_size=R)  # [R], sizes known: no sync
         r = sort_by_expert(local[:, None], rows.new_ones(R, 1), El)  # rows regrouped by local expert
-        h = grouped_chain(rows.index_select(0, r.token), r, self.local_stack())  # [R, out] in expert order
+        h = self.parts.stack().run_grouped(rows.index_select(0, r.token), r)  # this rank's experts: [R, out] by expert
         return torch.empty_like(h).index_copy_(0, r.token, h)  # back to arrival order
 
     def forward(self, x: Tensor) -> Tensor:

@@ -132,22 +132,13 @@ def capacity_for(num_pairs: int, num_experts: int, num_tokens: int, factor: floa
 # --- fast strategies -------------------------------------------------------------------------------
 
 
-def grouped_chain(h: Tensor, r: Routing, ex: ExpertFamily) -> Tensor:
-    """Every expert over rows already sorted by expert: h [R, in] -> [R, out] (the family's ``run_grouped``).
-
-    The local-experts step shared by ``grouped`` and expert parallelism (``distributed``), which sorts the
-    rows other ranks sent it the same way; ``r.ends`` are the groups' ends, ``r.expert`` each row's expert.
-    """
-    return ex.run_grouped(h, r)
-
-
 @register("grouped")
 def grouped(x: Tensor, expert_idx: Tensor, gate_w: Tensor, ex: ExpertFamily) -> Tensor:
     """Sorted pairs, one grouped GEMM per projection, one scatter-add: no Python loop over experts, no sync."""
     if x.shape[0] == 0:  # a shape test, not a sync: no work, and no empty grouped_mm for a backend to trip on
         return dense_experts(x, expert_idx, gate_w, ex)
     r = sort_by_expert(expert_idx, gate_w, ex.num_experts)
-    h = grouped_chain(x.index_select(0, r.token), r, ex)  # [T*k, d] -> [T*k, out]
+    h = ex.run_grouped(x.index_select(0, r.token), r)  # [T*k, d] -> [T*k, out]
     return combine(h, r, x.shape[0])
 
 
