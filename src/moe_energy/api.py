@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ SCHEMA = "moe-energy/benchmark"
 GENERATE_SCHEMA = "moe-energy/generate"
 SCHEMA_VERSION = 1
 GENERATE_FLOPS = "not counted: a whole model's step (attention over the cache and the LM head included)"
+T = TypeVar("T")
 ESTIMATE_NOTE = "energy figures are an ESTIMATE (CPU TDP x process CPU utilisation), not a measurement"
 
 
@@ -100,6 +101,18 @@ def figure_text(v: float | None, unit: str) -> str:
     return f"{v:,.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
 
 
+class _Figure(Generic[T]):
+    """A field of ``BenchmarkResult.summary`` read as an attribute; ``optional``: None where the summary lacks it."""
+
+    def __init__(self, key: str, optional: bool = False) -> None:
+        self.key, self.optional = key, optional
+
+    def __get__(self, result: BenchmarkResult | None, owner: type) -> T:
+        if result is None:  # looked up on the class: the descriptor itself
+            return self  # type: ignore[return-value]
+        return result.summary.get(self.key) if self.optional else result.summary[self.key]
+
+
 @dataclass(frozen=True)
 class BenchmarkResult:
     """A model's figures over its repeated windows: medians, spread, every window, and how they were got."""
@@ -113,61 +126,24 @@ class BenchmarkResult:
     meter: dict[str, Any] = field(default_factory=dict)
     idle: IdlePower | None = None
 
-    @property
-    def inferences_per_joule(self) -> float | None:
-        """Median over the windows; None (never inf or 0) when energy was not measured."""
-        return self.summary["inferences_per_joule"]
-
-    @property
-    def inferences_per_second(self) -> float | None:
-        return self.summary["inferences_per_second"]
-
-    @property
-    def energy_j(self) -> float | None:
-        return self.summary["energy_j"]
-
-    @property
-    def average_power_w(self) -> float | None:
-        return self.summary["average_power_w"]
-
-    @property
-    def latency_p50_ms(self) -> float | None:
-        return self.summary["latency_p50_ms"]
-
-    @property
-    def method(self) -> str:
-        """counter | sampled | estimate | none: the weakest method among the windows' devices."""
-        return self.summary["energy_method"]
+    # the summary's figures as attributes (measure.records.summarize names them)
+    inferences_per_joule = _Figure[float | None]("inferences_per_joule")  # median; None (never inf or 0): no energy
+    inferences_per_second = _Figure[float | None]("inferences_per_second")
+    energy_j = _Figure[float | None]("energy_j")
+    average_power_w = _Figure[float | None]("average_power_w")
+    latency_p50_ms = _Figure[float | None]("latency_p50_ms")
+    method = _Figure[str]("energy_method")  # counter | sampled | estimate | none: the weakest among the devices
+    # estimated g CO2e and cost per million inferences at carbon_intensity and price_per_kwh (None: not given)
+    co2e_g_per_million = _Figure[float | None]("co2e_g_per_million", optional=True)
+    cost_per_million = _Figure[float | None]("cost_per_million", optional=True)
+    batch_size = _Figure[int]("batch_size")
+    repeats = _Figure[int]("repeats")
+    windows = _Figure[list[dict[str, Any]]]("windows")
+    flags = _Figure[list[str]]("flags")
 
     @property
     def is_estimate(self) -> bool:
         return bool(self.summary["energy_is_estimate"])
-
-    @property
-    def co2e_g_per_million(self) -> float | None:
-        """Estimated g CO2e per million inferences at ``carbon_intensity`` (None when not given or not measured)."""
-        return self.summary.get("co2e_g_per_million")
-
-    @property
-    def cost_per_million(self) -> float | None:
-        """Estimated cost per million inferences at ``price_per_kwh`` (None when not given or not measured)."""
-        return self.summary.get("cost_per_million")
-
-    @property
-    def batch_size(self) -> int:
-        return self.summary["batch_size"]
-
-    @property
-    def repeats(self) -> int:
-        return self.summary["repeats"]
-
-    @property
-    def windows(self) -> list[dict[str, Any]]:
-        return self.summary["windows"]
-
-    @property
-    def flags(self) -> list[str]:
-        return self.summary["flags"]
 
     def to_dict(self) -> dict[str, Any]:
         """Every figure named with its unit, the method stated, an estimate labelled (JSON-ready)."""
