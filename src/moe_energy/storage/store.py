@@ -20,7 +20,7 @@ import stat
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -571,12 +571,9 @@ class Store:
                       (run_id, point_key))
             names = ["run_id", "point_key", "status", "reason", "label", *cols, "started_utc", "finished_utc",
                      "seconds", "config_json", "document_json"]
-            cur = c.execute(
-                f"INSERT INTO points ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                (run_id, point_key, status, reason, config.get("label"), *cols.values(), started_utc, now_utc(),
-                 _finite(seconds), dumps(config), dumps(head) if document is not None else None),
-            )
-            point_id = int(cur.lastrowid)
+            point_id = _insert(c, "points", names, (run_id, point_key, status, reason, config.get("label"),
+                                                    *cols.values(), started_utc, now_utc(), _finite(seconds),
+                                                    dumps(config), dumps(head) if document is not None else None))
             for i, rec in enumerate(models):
                 self._add_model(c, point_id, i, rec)
         return point_id
@@ -588,26 +585,17 @@ class Store:
         if windows:
             slim["windows"] = [{k: v for k, v in w.items() if k != "trace"} if isinstance(w, dict) else w
                                for w in windows]
-        cols = list(MODEL_COLUMNS)
-        cur = c.execute(
-            f"INSERT INTO models (point_id, ordinal, {', '.join(cols)}, record_json) "
-            f"VALUES (?, ?, {', '.join('?' * len(cols))}, ?)",
-            (point_id, ordinal, *[_cell(k, rec.get(k)) for k in cols], dumps(slim)),
-        )
-        model_id = int(cur.lastrowid)
+        model_id = _insert(c, "models", ["point_id", "ordinal", *MODEL_COLUMNS, "record_json"],
+                           (point_id, ordinal, *[_cell(k, rec.get(k)) for k in MODEL_COLUMNS], dumps(slim)))
         for j, w in enumerate(windows):
             if not isinstance(w, dict):
                 continue
-            wcols = list(WINDOW_COLUMNS)
-            vals = [_finite(w.get(k, w.get("seconds") if k == "window_s" else None)) for k in wcols]
-            wcur = c.execute(
-                f"INSERT INTO windows (model_id, ordinal, {', '.join(wcols)}, metrics_json) "
-                f"VALUES (?, ?, {', '.join('?' * len(wcols))}, ?)",
-                (model_id, j, *vals, dumps({k: v for k, v in w.items() if k != "trace"})),
-            )
+            vals = [_finite(w.get(k, w.get("seconds") if k == "window_s" else None)) for k in WINDOW_COLUMNS]
+            window_id = _insert(c, "windows", ["model_id", "ordinal", *WINDOW_COLUMNS, "metrics_json"],
+                                (model_id, j, *vals, dumps({k: v for k, v in w.items() if k != "trace"})))
             for dev, ts, ws in normalize_trace(w.get("trace")):
-                c.execute("INSERT INTO traces (window_id, device, samples, t_s_json, power_w_json) VALUES (?,?,?,?,?)",
-                          (int(wcur.lastrowid), dev, len(ts), dumps(ts), dumps(ws)))
+                _insert(c, "traces", ["window_id", "device", "samples", "t_s_json", "power_w_json"],
+                        (window_id, dev, len(ts), dumps(ts), dumps(ws)))
 
     @contextmanager
     def claim(self, point_key: str) -> Iterator[bool]:
@@ -817,6 +805,12 @@ def identify(con: sqlite3.Connection, label: str, allow_empty: bool) -> int:
     return version
 
 
+def _insert(c: sqlite3.Connection, table: str, cols: list[str], values: Sequence[Any]) -> int:
+    """One row of ``values`` into ``table``'s ``cols``; its rowid."""
+    return int(c.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                         tuple(values)).lastrowid)
+
+
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
@@ -924,20 +918,15 @@ def _copy_into(src: Store, dst: Store, counts: dict[str, int]) -> None:
             if seen:
                 counts["duplicate_points"] += 1
                 continue
-            pid = c.execute(f"INSERT INTO points ({', '.join(pcols)}) VALUES ({', '.join('?' * len(pcols))})",
-                            tuple(p[k] for k in pcols)).lastrowid
+            pid = _insert(c, "points", pcols, [p[k] for k in pcols])
             counts["points"] += 1
             for m in src.con.execute("SELECT * FROM models WHERE point_id = ? ORDER BY ordinal", (p["id"],)).fetchall():
-                mid = c.execute(f"INSERT INTO models (point_id, {', '.join(mcols)}) "
-                                f"VALUES (?, {', '.join('?' * len(mcols))})", (pid, *[m[k] for k in mcols])).lastrowid
+                mid = _insert(c, "models", ["point_id", *mcols], [pid, *[m[k] for k in mcols]])
                 counts["models"] += 1
                 for w in src.con.execute("SELECT * FROM windows WHERE model_id = ? ORDER BY ordinal",
                                          (m["id"],)).fetchall():
-                    wid = c.execute(f"INSERT INTO windows (model_id, {', '.join(wcols)}) "
-                                    f"VALUES (?, {', '.join('?' * len(wcols))})",
-                                    (mid, *[w[k] for k in wcols])).lastrowid
+                    wid = _insert(c, "windows", ["model_id", *wcols], [mid, *[w[k] for k in wcols]])
                     counts["windows"] += 1
                     for t in src.con.execute("SELECT * FROM traces WHERE window_id = ? ORDER BY id",
                                              (w["id"],)).fetchall():
-                        c.execute(f"INSERT INTO traces (window_id, {', '.join(tcols)}) "
-                                  f"VALUES (?, {', '.join('?' * len(tcols))})", (wid, *[t[k] for k in tcols]))
+                        _insert(c, "traces", ["window_id", *tcols], [wid, *[t[k] for k in tcols]])
