@@ -91,9 +91,7 @@ def available_bytes(device: torch.device) -> int | None:
             for line in Path("/proc/meminfo").read_text().splitlines():
                 if line.startswith("MemAvailable:"):
                     found.append(int(line.split()[1]) * 1024)
-        for extra in (_cgroup_free(), _address_space_free()):
-            if extra is not None:
-                found.append(extra)
+        found += [extra for extra in (_cgroup_free(), _address_space_free()) if extra is not None]
         return min(found) if found else None
     return None
 

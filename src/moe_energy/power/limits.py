@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -303,8 +303,7 @@ class Applied:
         return min(vals) if vals else None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"requested_w": self.requested_w, "read_back_w": self.read_back_w, "original_w": self.original_w,
-                "restored_w": self.restored_w, "restore_failed": self.restore_failed}
+        return asdict(self)
 
 
 def read_back(lim: PowerLimit) -> float | None:
