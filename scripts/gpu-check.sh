@@ -31,6 +31,8 @@
 #             ML.ENERGY's published 3.56x. Last, since installing the vllm extra may replace the machine's torch;
 #             "not run" (not a failure) when vLLM neither imports nor installs (no network). Two engine starts and
 #             12 points take minutes: run it alone, GPU_CHECK_ONLY="install vllm", to give it the whole budget.
+#             Then (in the same step group) sweep --engine transformers,vllm --dry-run: the engine axis's points and
+#             its refusals on a host that really has vLLM and CUDA.
 # GPU_CHECK_ONLY="name ..." runs only the named steps (the others are not run, nor listed).
 # Results (JSON, and this script's log) go to $OUT, or ./gpu-check-out when $OUT is unset.
 # Exit code: 0 only if every step passed.
@@ -51,8 +53,12 @@ SECONDS_TAKEN=()
 
 ONLY="${GPU_CHECK_ONLY:-}"
 
-# chosen NAME: whether GPU_CHECK_ONLY (when set) names this step.
-chosen() { [[ -z $ONLY || " $ONLY " == *" $1 "* ]]; }
+# chosen NAME: whether GPU_CHECK_ONLY (when set) names this step (vllmsweep goes with vllm: it needs vLLM installed).
+chosen() {
+  local name=$1
+  [[ $name == vllmsweep ]] && name=vllm
+  [[ -z $ONLY || " $ONLY " == *" $name "* ]]
+}
 
 # skip NAME WHY [RESULT]: record a step that did not run, and why: "skipped" (the budget: a problem) by default,
 # "not run" for what this machine cannot offer (not a problem).
@@ -130,6 +136,8 @@ if chosen vllm && ((VLLM_LEFT > 60)); then
     || timeout $((VLLM_LEFT < 180 ? VLLM_LEFT : 180)) python3 -m pip install -q -e ".[vllm]" >>"$LOG" 2>&1; then
     step vllm 480 python3 -m moe_energy run --model qwen3-30b-a3b --vs qwen3-32b --engine vllm --batch 1,64,256 \
       --context 512 --device "$DEVICE" --duration 5 --warmup 2 --repeats 1 --idle-seconds 2 --cooldown 0 --out "$OUT"
+    step vllmsweep 60 python3 -m moe_energy sweep --model qwen3-30b-a3b --vs qwen3-32b --engine transformers,vllm \
+      --batch 1,64 --context 512 --device "$DEVICE" --dry-run --db "$OUT/vllm-sweep.db"
   else
     skip vllm "vLLM does not import, pip install -e '.[vllm]' failed: no network?" "not run"
   fi
