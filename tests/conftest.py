@@ -3,6 +3,8 @@ checks of a one-line error, and the ``slow`` marker's list (``pytest -m "not slo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -78,6 +80,27 @@ def raises_one_line(exc: type[Exception], fn: Callable[[], Any], *names: str) ->
     assert not isinstance(info.value, other), f"{type(info.value).__name__} is also a {other.__name__}"
     one_line(str(info.value), *names)
     return info.value
+
+
+def in_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI run by ``moe_energy.cli.main`` in this process, ``env`` added to the environment for the call: what
+    ``python -m moe_energy`` would return, without a process start (3-8 s of imports on a small CPU). For tests of
+    what a command does; tests of what a process does (signals, pipes, exit on a lost peer) start one."""
+    from moe_energy.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["moe-energy", *args], code, out.getvalue(), err.getvalue())
 
 
 FAKE_RAPL = Path(__file__).resolve().parents[1] / "scripts" / "fake_rapl.py"

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import QUICK, TINY_TASK
+from conftest import QUICK, TINY_TASK, in_process
 
 from moe_energy.config import PRESETS, ConfigError
 from moe_energy.models.counting import moe_params
@@ -20,9 +20,7 @@ RUN = [*TINY_TASK, *QUICK, "--meter", "estimate"]
 GRID4 = ["--experts", "4", "--hidden", "16,32", "--layers", "2", "--top-k", "1,2", *RUN]
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "moe_energy", *args], capture_output=True, text=True,
-                          timeout=timeout)
+cli = in_process  # what each command does; the sweep killed mid-way below is a process of its own
 
 
 def rows(db, sql):

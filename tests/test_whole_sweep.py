@@ -8,13 +8,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import in_process, one_line_error
 from test_sweep import rows  # tests/ is on sys.path (rootdir import mode)
 
 from moe_energy import memory
@@ -34,10 +31,7 @@ NAMES = ("olmoe-1b-7b-tiny", "olmo-2-7b-tiny", "olmo-2-1b-tiny")
 TINY = {"model": "olmoe-1b-7b", "tiny": True, "batch": "1,2", "context": "4,8"}
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """The CLI in a process of its own, with ``env`` added to this one's (a scheduler's variables)."""
-    return subprocess.run([sys.executable, "-m", "moe_energy", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+cli = in_process  # with ``env`` added for the call (a scheduler's variables)
 
 
 # -- the grid (no model runs) ---------------------------------------------------------------------------------
