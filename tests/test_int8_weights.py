@@ -4,12 +4,10 @@ dtype's own weights recorded, its bytes counted at about one a parameter; refuse
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import QUICK, TINY_LAYER, error_line
+from conftest import QUICK, TINY_LAYER, error_line, in_process
 
 from moe_energy.config import PRESETS, RunOptions
 from moe_energy.energy.select import make_meter
@@ -91,10 +89,8 @@ def test_run_weights_int8_records_the_format_and_each_models_output_error(tmp_pa
 
 @pytest.mark.slow
 def test_cli_weights_int8_runs_and_says_so_under_the_table(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "moe_energy", "run", *TINY_LAYER, "--d-model", "64", "--ffn-dim", "32",
-                        "--tokens", "1,4", "--weights", "int8", "--dtype", "bfloat16", "--meter", "none",
-                        *QUICK[QUICK.index("--duration"):], "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    r = in_process("run", *TINY_LAYER, "--d-model", "64", "--ffn-dim", "32", "--tokens", "1,4", "--weights", "int8",
+                   "--dtype", "bfloat16", "--meter", "none", *QUICK[QUICK.index("--duration"):], "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "weights: int8 weight-only" in r.stdout and "output error" in r.stdout
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
