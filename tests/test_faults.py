@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, TINY_TASK
+from conftest import QUICK, TINY_TASK, in_process
 
 from moe_energy.commands.tables import energy_summary, results_table
 from moe_energy.config import ModelSpec, RunOptions
@@ -297,8 +297,7 @@ def test_sigterm_mid_sweep_keeps_finished_points_discards_the_one_in_flight_and_
     # the line's own command finishes the sweep without measuring a finished point again
     resume = shlex.split(last.split("to continue run: ", 1)[1])
     assert resume[:2] == ["moe-energy", "sweep"] and resume[-1] == "--resume"
-    r = subprocess.run([sys.executable, "-m", "moe_energy", *resume[1:]], capture_output=True, text=True,
-                       timeout=120)
+    r = in_process(*resume[1:])
     assert r.returncode == 0, r.stderr
     assert f"measured {3 - saved}, skipped 0, failed 0, already complete {saved}" in r.stdout
     assert rows(db, "SELECT COUNT(*), COUNT(DISTINCT point_key) FROM points WHERE status='done'") == [(3, 3)]
