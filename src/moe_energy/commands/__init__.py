@@ -54,6 +54,11 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return deco
 
 
+def notice(msg: str) -> None:
+    """A notice on standard error: the user's text in it printed as it is, never as markup."""
+    err_console.print(f"notice: {escape(msg)}", highlight=False, soft_wrap=True)
+
+
 def fmt(v: float | int | None, spec: str = ",.0f", unit: str = "") -> str:
     """A figure for a table: 'not measured' rather than 0, inf or NaN."""
     if v is None:

@@ -7,14 +7,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from rich.markup import escape
-
 from ..config import PowerCaps
 from ..energy.meter import Meter
 from ..errors import ConfigError
 from ..power.capped import CapPlan, plan_caps
 from ..power.carbon import ESTIMATED
-from . import err_console, fmt
+from . import fmt, notice
 
 Column = tuple[str, Callable[[dict], str]]
 
@@ -78,7 +76,7 @@ def power_lines(doc: dict) -> list[str]:
 def check_power(caps: PowerCaps, meter: Meter, device: Any) -> CapPlan:
     """The caps checked against the hardware (exit 2 before anything runs), announcing each cap as it is set."""
     plan = plan_caps(caps, meter, device)
-    plan.announce = lambda msg: err_console.print(f"notice: {escape(msg)}", highlight=False, soft_wrap=True)
+    plan.announce = notice
     return plan
 
 

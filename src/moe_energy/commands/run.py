@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import PRESETS, RunOptions
@@ -28,7 +27,7 @@ from ..power.carbon import add_carbon
 from ..runner.core import Team, Workload, check_dtype
 from ..runner.core import run as run_workload
 from ..storage.results import check_writable, run_stem, save_or_rescue
-from . import command, console, err_console, measured
+from . import command, console, measured, notice
 from .options import (
     add_energy_arguments,
     add_forward_limit,
@@ -61,10 +60,6 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_forward_limit(p)
 
 
-def _notice(msg: str) -> None:
-    err_console.print(f"notice: {escape(msg)}", highlight=False, soft_wrap=True)
-
-
 @command("run", "Train the MoE and its matched dense models, measure each, print the table, save JSON "
          "(--arch: an LLM MoE layer per token count; --model: whole LLMs, prefill and decode; no training).",
          _run_args)
@@ -78,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(opts.out)
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies if w.trains else ())
-    meter = meter_from_args(args, device, notice=_notice)
+    meter = meter_from_args(args, device, notice=notice)
     plan = check_power(caps, meter, device)  # before any work: a cap the hardware refuses is exit 2 now
     meter = plan.wrap(meter)
 

@@ -18,7 +18,7 @@ from ..models.strategies import STRATEGIES
 from ..runner.core import check_dtype
 from ..runner.layer import check_layer_inputs
 from ..storage.results import check_writable, stamp
-from . import command, console, err_console, fmt, save_then_show
+from . import command, console, fmt, notice, save_then_show
 from .options import add_llm_arguments, add_shape_arguments, device_of, refuse_others, resolve, resolve_layer
 from .tables import weights_lines
 
@@ -80,12 +80,8 @@ def strategies_table(doc: dict) -> Table:
 
 
 def _roofline_for(device: torch.device, dtype: str) -> roofline.Roofline:
-    return roofline.load_or_calibrate(device, dtype, _notice,
+    return roofline.load_or_calibrate(device, dtype, notice,
                                       say=lambda m: console.print(escape(m), highlight=False))
-
-
-def _notice(msg: str) -> None:
-    err_console.print(f"notice: {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 @command("bench-strategies", "Time every MoE strategy and both dense baselines on one batch; print and save JSON.",
@@ -221,7 +217,7 @@ def calibrate(args: argparse.Namespace) -> int:
     dtypes = split_list(args.dtype) or tuple(DTYPES)
     _check_flags("--dtype", dtypes, tuple(DTYPES), args.seconds, 1e4)
     device = device_of(args.device)
-    roof = roofline.load(device, notice=_notice)
+    roof = roofline.load(device, notice=notice)
     unsaved: ConfigError | None = None
     if roof is None or args.force or any(d not in roof.gemm_flops_per_s for d in dtypes):
         with console.status(escape(f"calibrating {roofline.device_name(device)}")):

@@ -118,9 +118,7 @@ def layer_columns(experts: int) -> list[Column]:
         NAME, TOKENS, Column("tokens/s", lambda m: spread(m, "inferences_per_second", ",.1f", _g3)),
         Column("tokens/J", lambda m: spread(m, "inferences_per_joule", ",.2f", _g3)
                + (" (estimate)" if m.get("energy_is_estimate") and m.get("inferences_per_joule") else "")),
-        Column("J/1k tokens", lambda m: fmt(m.get("joules_per_1k_tokens"), ",.3f")
-               + (" (estimate)" if m.get("energy_is_estimate") and m.get("joules_per_1k_tokens") is not None
-                  else "")),
+        Column("J/1k tokens", lambda m: _per_token(m, "joules_per_1k_tokens", ",.3f")),
         Column("avg W", lambda m: fmt(m.get("average_power_w"), ".1f")
                + (" (estimate)" if m.get("energy_is_estimate") and m.get("average_power_w") else "")),
         Column("method", lambda m: escape(m["energy_method"])),
@@ -249,14 +247,13 @@ def energy_summary(doc: dict) -> list[str]:
                      "(dynamic = raw minus idle power x window seconds)")
     else:
         lines.append(f"idle power: not measured (dynamic {unit(doc)}/J needs --idle-seconds > 0)")
-    flagged = sum(1 for m in doc["models"] for w in m.get("windows", []) if w.get("flags"))
-    total = sum(len(m.get("windows", [])) for m in doc["models"])
+    windows = [w for m in doc["models"] for w in m.get("windows", [])]
+    flagged = sum(1 for w in windows if w.get("flags"))
     if flagged:
-        lines.append(f"{flagged} of {total} windows carry warnings (see 'flags' in the JSON)")
-    failed = sum(1 for m in doc["models"] for w in m.get("windows", []) if w.get("failed"))
+        lines.append(f"{flagged} of {len(windows)} windows carry warnings (see 'flags' in the JSON)")
+    failed = [w["failed"] for w in windows if w.get("failed")]
     if failed:
-        first = next(w["failed"] for m in doc["models"] for w in m.get("windows", []) if w.get("failed"))
-        lines.append(f"{failed} of {total} windows FAILED and were left out of the figures: {first}")
+        lines.append(f"{len(failed)} of {len(windows)} windows FAILED and were left out of the figures: {failed[0]}")
     if isinstance(idle, dict) and idle.get("failed"):
         lines[1] = f"idle power: not measured ({idle['failed']})"
     lines += power_lines(doc)

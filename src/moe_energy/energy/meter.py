@@ -207,8 +207,6 @@ class CounterMeter(MeterBase):
 
     def __init__(self, trace_period_s: float = DEFAULT_PERIOD_S) -> None:
         self.trace_period_s = trace_period_s
-        self._trace = None
-        self._t0 = None
         self._e0: dict[str, float] = {}
         self._state0: dict[str, dict[str, Any]] = {}
 
@@ -330,7 +328,6 @@ class NullMeter(MeterBase):
 
     def __init__(self, reason: str = "no meter selected") -> None:
         self.reason = reason
-        self._t0: float | None = None
 
     def begin(self) -> None:
         self._start_clock()
@@ -356,7 +353,6 @@ class CompositeMeter(MeterBase):
         self.name = "+".join(m.name for m in meters)
         self.method = weakest([m.method for m in meters])
         self.devices = [d for m in meters for d in getattr(m, "devices", [])]
-        self._t0: float | None = None
 
     def begin(self) -> None:
         for m in self.meters:
@@ -390,9 +386,7 @@ class CompositeMeter(MeterBase):
 
     def info(self) -> dict[str, Any]:
         parts = [meter_info(m) for m in self.meters]
-        versions: dict[str, Any] = {}
-        for p in parts:
-            versions.update(p.get("versions", {}))
+        versions = {k: v for p in parts for k, v in p.get("versions", {}).items()}
         return {"name": self.name, "method": self.method, "devices": self.devices, "versions": versions,
                 "parts": parts}
 

@@ -29,7 +29,6 @@ from .llm import building
 
 # transformers' decoder-layer kwarg that makes the listed layers dense, per family (others have no dense layers)
 _DENSE_KWARG = {"deepseek_v2": "first_k_dense_replace", "qwen3_moe": "mlp_only_layers"}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HF = "huggingface.co/"
 _READ = "; values written from the published config.json (not downloaded), defaults from transformers 5.24.0's "
 

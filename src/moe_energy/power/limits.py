@@ -390,7 +390,6 @@ class ReadBack(MeterBase):
         self.meters = [meter]  # energy.meter.abort() closes the real meter through this
         self.name, self.method = meter.name, meter.method
         self.devices = list(getattr(meter, "devices", []))
-        self._t0 = None
 
     @property
     def notice(self) -> str | None:

@@ -88,10 +88,9 @@ def check_tokens(tokens: Any, where: str = "tokens") -> list[int]:
 def check_layer_inputs(arch: Arch, tokens: list[int], device: torch.device, dtype: str) -> None:
     """Refuse, before allocating, hidden states that cannot fit (made in fp32 on the host, then cast)."""
     rows = max(tokens)
-    check_fits(rows * arch.d_model * 4, [torch.device("cpu")], f"the hidden states ({rows:,} x {arch.d_model})",
-               "give fewer --tokens")
-    check_fits(rows * arch.d_model * memory.BYTES[dtype], [device], f"the hidden states ({rows:,} x {arch.d_model})",
-               "give fewer --tokens")
+    for nbytes, where in ((4, torch.device("cpu")), (memory.BYTES[dtype], device)):
+        check_fits(rows * arch.d_model * nbytes, [where], f"the hidden states ({rows:,} x {arch.d_model})",
+                   "give fewer --tokens")
 
 
 def check_layer_strategies(arch: Arch, strategies: tuple[str, ...], device: torch.device, dtype: str) -> None:

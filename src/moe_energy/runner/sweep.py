@@ -49,6 +49,7 @@ from ..config import (
 )
 from ..device import free
 from ..errors import described
+from ..measure.window import latency_budget
 from ..models.archs import PRESETS as ARCH_PRESETS
 from ..models.archs import Arch, custom_arch, get_arch
 from ..models.counting import layer_params, matched_width, moe_params
@@ -97,7 +98,6 @@ ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and i
 NOT_IN_KEY = ("out", "extra")
 # options newer than stored keys: unset, a point's key is what it always was
 KEY_ONLY_IF_SET = ("max_forward_s", "weights")
-
 
 
 @dataclass(frozen=True)
@@ -154,12 +154,10 @@ class Point:
     def config(self, meter: str) -> dict:
         opts = {k: v for k, v in self.workload.options(self.opts).items()
                 if k not in NOT_IN_KEY and not (k in KEY_ONLY_IF_SET and v is None)}
-        c = {"label": self.label, "spec": asdict(self.spec), "options": opts, "meter": meter,
-             "total_params": self.total_params, **self.workload.key_fields()}
-        for k in ("power_limit_w", "cpu_power_limit_w"):  # only when capped: an uncapped key never changes
-            if getattr(self, k) is not None:
-                c[k] = getattr(self, k)
-        return c
+        # the caps only when capped: an uncapped point's key never changes
+        caps = {k: getattr(self, k) for k in ("power_limit_w", "cpu_power_limit_w") if getattr(self, k) is not None}
+        return {"label": self.label, "spec": asdict(self.spec), "options": opts, "meter": meter,
+                "total_params": self.total_params, **self.workload.key_fields(), **caps}
 
     @property
     def caps_text(self) -> str:
@@ -615,16 +613,14 @@ def measured_models(p: Point) -> int:
     whole model's: each model of its set at each phase, batch and context."""
     if p.is_whole:
         return (1 + len(p.siblings)) * len(PHASES) * len(p.batches) * len(p.contexts)
-    n = 0
-    for m in p.opts.models:
-        n += len(p.opts.strategies) if m == "moe" else 1
+    n = sum(len(p.opts.strategies) if m == "moe" else 1 for m in p.opts.models)
     return n * max(1, len(p.tokens))
 
 
 def fixed_seconds(p: Point) -> float:
     """Seconds the point spends measuring whatever the hardware's speed: windows, warm-ups, rests, idle."""
     o = p.opts
-    per_model = o.warmup + o.repeats * o.duration + min(2.0, 0.1 * o.duration)
+    per_model = o.warmup + o.repeats * o.duration + latency_budget(o.duration)
     return measured_models(p) * per_model + max(0, o.repeats - 1) * o.cooldown * measured_models(p) + o.idle_seconds
 
 
