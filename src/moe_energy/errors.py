@@ -8,11 +8,18 @@ distributed job gone (not the user's mistake: its own exit code).
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A mistake in the user's input; its message is one line saying what is wrong and how to fix it."""
+
+
+def check_choice(flag: str, value: Any, choices: Collection[str]) -> None:
+    """A one-line ConfigError naming the choices when ``value`` is none of them."""
+    if value not in choices:
+        raise ConfigError(f"{flag} {value!r} is unknown; choose from {', '.join(choices)}")
 
 
 class Unavailable(RuntimeError):

@@ -25,7 +25,7 @@ from ..config import (
 )
 from ..device import llm_default_dtype, resolve_device
 from ..distributed.group import DEFAULT_TIMEOUT_S
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from ..models.archs import PRESETS as ARCH_PRESETS
 from ..models.archs import ROUTER_KINDS, Arch, RouterSpec, custom_arch, get_arch
 from ..models.routing import ROUTING_HELP, parse_routing
@@ -33,7 +33,7 @@ from ..models.strategies import STRATEGIES
 from ..models.vllm_engine import INSTALL
 from ..runner.core import Workload
 from ..runner.layer import DEFAULT_TOKENS, Layer, check_tokens
-from ..runner.model import MOE_IMPLS, Whole, check_engine, check_vllm, model_set
+from ..runner.model import ENGINES, MOE_IMPLS, Whole, check_vllm, model_set
 from ..runner.seed import Seed
 
 if TYPE_CHECKING:
@@ -77,9 +77,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The --config file's settings, then the explicit flags over them."""
     cfg: dict[str, Any] = load_toml(args.config) if getattr(args, "config", None) else {}
-    for k, v in vars(args).items():
-        if v is not None and not k.startswith("_") and k not in ("command", "config"):
-            cfg[k] = v
+    cfg.update({k: v for k, v in vars(args).items() if v is not None and not k.startswith("_")
+                and k not in ("command", "config")})
     return cfg
 
 
@@ -121,13 +120,8 @@ def device_of(name: str) -> torch.device:
 def declared_shape(args: argparse.Namespace) -> dict[str, int]:
     """``classes``/``input_dim`` the user gave by flag or --config: with --data the file must agree with them."""
     cfg = load_toml(args.config) if getattr(args, "config", None) else {}
-    out = {}
-    for k in ("classes", "input_dim"):
-        v = getattr(args, k, None)
-        v = v if v is not None else cfg.get(k)
-        if v is not None:
-            out[k] = v
-    return out
+    given = {k: cfg.get(k) if getattr(args, k, None) is None else getattr(args, k) for k in ("classes", "input_dim")}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def add_energy_arguments(p: argparse.ArgumentParser) -> None:
@@ -349,15 +343,14 @@ def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
     vs = split_list(args.vs) if getattr(args, "vs", None) is not None else None
     ms = model_set(args.model, vs, bool(getattr(args, "tiny", None)))
     impl = getattr(args, "moe_impl", None) or "transformers"
-    if impl not in MOE_IMPLS:
-        raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")
+    check_choice("--moe-impl", impl, MOE_IMPLS)
     shapeless = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "layers"})
     _spec, opts = resolve(shapeless)
     given = settings(shapeless)
     opts = replace(opts, **{k: v for k, v in WHOLE_PROTOCOL.items() if k not in given})
     opts = with_dtype(args, opts, llm=True)
     engine = getattr(args, "engine", None) or "transformers"
-    check_engine(engine)
+    check_choice("--engine", engine, ENGINES)
     w = Whole(ms, _whole_numbers("--batch", getattr(args, "batch", None), (1, 8)),
               _whole_numbers("--context", getattr(args, "context", None), (512,)), getattr(args, "layers", None),
               impl, engine)

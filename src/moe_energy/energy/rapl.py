@@ -38,8 +38,6 @@ DEFAULT_ROOT = "/sys/class/powercap"
 # under load, 360 W, so above 500 W is no memory.
 PACKAGE_MAX_W = 1000.0
 DRAM_MAX_W = 500.0
-# A window longer than the counter's range at this power could wrap twice, which no reader can see.
-MAX_PLAUSIBLE_W = PACKAGE_MAX_W
 # Where a zone states its power limits (constraint_N_max_power_uw / _power_limit_uw), a window above this
 # many times the largest of them is impossible: the short-term limit (PL2) bounds every window's average
 # power, and twice it still allows a PL2 missing from the tree (laptops run PL2 at 2-3x a 15 W TDP).

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_choice
 from .counting import layer_params
 
 # softmax_topk: softmax (fp32) -> top-k [-> renormalise]          Mixtral, Qwen2/3-MoE, OLMoE
@@ -199,6 +199,5 @@ PRESETS: dict[str, Arch] = {a.name: a for a in (
 
 def get_arch(name: str) -> Arch:
     """A preset by name, or a one-line ConfigError naming the choices."""
-    if name not in PRESETS:
-        raise ConfigError(f"arch {name!r} is unknown; choose from {', '.join(PRESETS)}")
+    check_choice("arch", name, PRESETS)
     return PRESETS[name]

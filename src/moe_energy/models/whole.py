@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..dtypes import dtype_of
-from ..errors import ConfigError, kind_of
+from ..errors import ConfigError, check_choice, kind_of
 from .archs import Arch, get_arch, whole
 from .families import FAMILIES
 from .llm import building
@@ -203,8 +203,7 @@ def get_model(name: str | WholeModel) -> WholeModel:
         return name
     if not isinstance(name, str):
         raise TypeError(f"model={name!r} is {kind_of(name)}; give a preset's name or a WholeModel")
-    if name not in MODELS:
-        raise ConfigError(f"model {name!r} is unknown; choose from {', '.join(MODELS)}")
+    check_choice("model", name, MODELS)
     return MODELS[name]
 
 

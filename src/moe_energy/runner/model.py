@@ -109,11 +109,6 @@ def inputs_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]
     return needs[0]["weights"] + caches + max(n["activations"] for n in needs) + memory.OVERHEAD_BYTES
 
 
-def check_engine(engine: str) -> None:
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r} is unknown; choose from {', '.join(ENGINES)}")
-
-
 def check_vllm(given: Sequence[str], device: str) -> None:
     """--engine vllm's refusals, in one line each before anything is built (`run` and `sweep` alike): the
     ``VLLM_REFUSED`` keys given, vLLM not installed, no CUDA GPU (vLLM runs here on CUDA only)."""

@@ -48,7 +48,7 @@ from ..config import (
     resolve_config,
 )
 from ..device import free
-from ..errors import described
+from ..errors import check_choice, described
 from ..measure.window import latency_budget
 from ..models.archs import PRESETS as ARCH_PRESETS
 from ..models.archs import Arch, custom_arch, get_arch
@@ -63,7 +63,7 @@ from ..storage.store import LAYER_FAMILY, WHOLE_FAMILY, Store, point_key
 from . import core
 from .core import Workload
 from .layer import Layer, check_tokens
-from .model import MOE_IMPLS, PHASES, Whole, check_engine, check_vllm, model_set
+from .model import ENGINES, MOE_IMPLS, PHASES, Whole, check_vllm, model_set
 from .seed import Seed
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
@@ -299,8 +299,7 @@ def _axis_shapes(cfg: dict, shape_axes: dict, presets: Any) -> tuple[list[ModelS
     """Each preset x the product of the shape axes; an invalid shape is kept with its reason (index -> why)."""
     preset_names = as_list("preset", presets, str) if presets else ["small"]
     for pn in preset_names:
-        if pn not in PRESETS:
-            raise ConfigError(f"--preset {pn!r} is unknown; choose from {', '.join(PRESETS)}")
+        check_choice("--preset", pn, PRESETS)
     shapes: list[ModelSpec] = []
     errors: dict[int, str] = {}
     keys = list(shape_axes)
@@ -500,11 +499,10 @@ def build_model_grid(cfg: dict[str, Any]) -> Grid:
     layers = _one_layer_count(cfg.pop("layers", None))
     impls = as_list("moe_impl", cfg.pop("moe_impl", "transformers"), str)
     for impl in impls:
-        if impl not in MOE_IMPLS:
-            raise ConfigError(f"--moe-impl {impl!r} is unknown; choose from {', '.join(MOE_IMPLS)}")
+        check_choice("--moe-impl", impl, MOE_IMPLS)
     engines = as_list("engine", cfg.pop("engine", "transformers"), str)
     for engine in engines:
-        check_engine(engine)
+        check_choice("--engine", engine, ENGINES)
     for ms in sets:  # every context a position each model has, every batch >= 1: before any point runs
         for engine in engines:
             Whole(ms, list(batches), list(contexts), engine=engine).check_inputs()

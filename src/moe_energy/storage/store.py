@@ -94,8 +94,6 @@ JSON_COLUMNS = ("whole_model_extrapolated",)  # a structured field kept as JSON 
 MODEL_COLUMNS: dict[str, str] = {**_V1_MODEL_COLUMNS, **LAYER_MODEL_COLUMNS, **CARBON_MODEL_COLUMNS,
                                  **WHOLE_MODEL_COLUMNS, **WEIGHTS_MODEL_COLUMNS}
 WINDOW_COLUMNS: dict[str, str] = {**_V1_WINDOW_COLUMNS, **_V2_WINDOW_COLUMNS}
-POINT_COLUMNS = ("label", "experts", "hidden", "layers", "top_k", "input_dim", "classes", "batch_size",
-                 "dtype", "total_params", *_V2_POINT_COLUMNS, *_V3_POINT_COLUMNS, *_V4_POINT_COLUMNS)
 LAYER_FAMILY = "llm_layer"  # points.family of an LLM-layer point; NULL (schema 1's points): the seed's family
 WHOLE_FAMILY = "whole_model"  # points.family of a whole-model point (a model set at its batches x contexts)
 
@@ -268,12 +266,9 @@ def _series(trace: Any) -> tuple[list[float], list[float]] | None:
     if isinstance(trace, dict):
         t = next((trace[k] for k in t_keys if k in trace), None)
         w = next((trace[k] for k in w_keys if k in trace), None)
-        if isinstance(t, list) and isinstance(w, list) and t and len(t) == len(w):
-            try:
-                return [float(x) for x in t], [float(x) for x in w]
-            except (TypeError, ValueError):
-                return None
-        return None
+        if not (isinstance(t, list) and isinstance(w, list) and len(t) == len(w)):
+            return None
+        trace = list(zip(t, w))  # the same (t, w) pairs as the list form
     if not isinstance(trace, list) or not trace:
         return None
     ts: list[float] = []
@@ -302,12 +297,7 @@ def normalize_trace(trace: Any) -> list[tuple[str, list[float], list[float]]]:
     if one is not None:
         return [("all", *one)]
     if isinstance(trace, dict):
-        out = []
-        for dev, samples in trace.items():
-            s = _series(samples)
-            if s is not None:
-                out.append((str(dev), *s))
-        return out
+        return [(str(dev), *s) for dev, samples in trace.items() if (s := _series(samples)) is not None]
     return []
 
 
