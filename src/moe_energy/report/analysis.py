@@ -137,9 +137,7 @@ def load(store: Store) -> Frame:
     f.wholes = [m for m in every if m.get("family") == WHOLE_FAMILY]
     model_ids = {m["model_id"] for m in f.models}
     traces = store.traces(damaged)
-    for w in store.window_rows():
-        if w["model_id"] in model_ids:
-            f.windows.append({**w, "trace": traces.get(w["id"], [])})
+    f.windows = [{**w, "trace": traces.get(w["id"], [])} for w in store.window_rows() if w["model_id"] in model_ids]
     documents = []
     for p in f.points:
         doc = stored_json(p["document_json"]) if p.get("document_json") is not None else {}
@@ -182,12 +180,8 @@ def _models(store: Store, done: dict[int, dict], damaged: Counter[str]) -> list[
         if rec is None or not _usable(m):
             damaged["models"] += 1
             continue
-        m["record"] = rec
-        m["point_id"] = row["point_id"]
-        m["model_id"] = row["id"]
-        m["label"] = row["point_label"]
-        m["total_params"] = row["point_total_params"]
-        m["ek"] = sparsity(row["point_experts"], row["point_top_k"])
+        m.update(record=rec, point_id=row["point_id"], model_id=row["id"], label=row["point_label"],
+                 total_params=row["point_total_params"], ek=sparsity(row["point_experts"], row["point_top_k"]))
         m["batch_size"] = m.get("batch_size") or row["point_batch_size"]
         m["dtype"] = m.get("dtype") or row["point_dtype"]
         m["kind"] = m.get("kind") or ("moe" if str(m.get("name", "")).startswith("moe") else "dense")

@@ -245,10 +245,8 @@ def average_power_per_model(frame: Frame) -> Figure:
 def power_traces(frame: Frame) -> Figure:
     """Power over time inside every window, one panel per sweep point, one line per window."""
     with_trace = [w for w in frame.windows if w.get("trace")]
-    point_ids = []
-    for m in frame.models:
-        if any(w["model_id"] == m["model_id"] for w in with_trace) and m["point_id"] not in point_ids:
-            point_ids.append(m["point_id"])
+    point_ids = list(dict.fromkeys(m["point_id"] for m in frame.models
+                                   if any(w["model_id"] == m["model_id"] for w in with_trace)))
     shown = _spaced(point_ids)
     title = "Power trace over time in each measurement window"
     if len(shown) < len(point_ids):

@@ -226,11 +226,7 @@ def scale_shapes(per_decade: int = DEFAULT_PER_DECADE) -> list[ModelSpec]:
             hidden = ALIGN * math.ceil(hidden / ALIGN)
             out.append(replace(shape, hidden=hidden).validate())
     out.append(anchors[-1])
-    unique: list[ModelSpec] = []
-    for s in sorted(out, key=moe_params):
-        if s not in unique:
-            unique.append(s)
-    return unique
+    return list(dict.fromkeys(sorted(out, key=moe_params)))  # a shape reached twice is one point
 
 
 # -- grid from flags / TOML --------------------------------------------------------------------------------
