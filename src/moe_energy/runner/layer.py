@@ -124,15 +124,6 @@ def fit_alone(plan: ModelPlan, opts: RunOptions, tokens: list[int], device: torc
     return memory.fit_problem(need, device, f"building {plan.name} of {params_text(plan.params)}")
 
 
-def together_problem(plans: list[ModelPlan], opts: RunOptions, tokens: list[int], device: torch.device) -> str | None:
-    """Why ``plans`` cannot all be held at once (weights of all, activations of the largest), or None."""
-    if len(plans) < 2:
-        return None
-    need = sum(p.weight_bytes(opts.dtype) for p in plans) + memory.OVERHEAD_BYTES \
-        + max(p.activation_bytes(max(tokens), named(opts.strategies)) for p in plans)
-    return memory.fit_problem(need, device, f"holding {', '.join(p.name for p in plans)} together")
-
-
 def forward_bound_s(roof: roofline.Roofline | None, plan: ModelPlan, tokens: int, dtype: str) -> float | None:
     """Least seconds one forward of ``plan`` at ``tokens`` takes here: its roofline bound (uniform routing's
     expected experts touched), or None without a calibrated roofline."""
@@ -248,7 +239,12 @@ class Layer:
         return fit_alone(plan, opts, self.tokens, device)
 
     def together_problem(self, plans: list[ModelPlan], opts: RunOptions, device: torch.device) -> str | None:
-        return together_problem(plans, opts, self.tokens, device)
+        """Why ``plans`` cannot all be held at once (weights of all, activations of the largest), or None."""
+        if len(plans) < 2:
+            return None
+        need = sum(p.weight_bytes(opts.dtype) for p in plans) + memory.OVERHEAD_BYTES \
+            + max(p.activation_bytes(max(self.tokens), named(opts.strategies)) for p in plans)
+        return memory.fit_problem(need, device, f"holding {', '.join(p.name for p in plans)} together")
 
     def build(self, r: Run, plan: ModelPlan) -> Built:
         """``plan``'s model on the device (memory checked again first), its router counting the routing's load;

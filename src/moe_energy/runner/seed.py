@@ -83,15 +83,6 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def fit_check(plan: ModelPlan, opts: RunOptions, device: torch.device) -> str | None:
-    """Why ``plan`` cannot be trained (or built) and parked here, or None: checked before allocating."""
-    need = plan.memory_bytes(opts.batch_size, opts.dtype, training=opts.epochs > 0)
-    problem = memory.fit_problem(need, device, f"{'training' if opts.epochs else 'building'} {plan.name}")
-    if problem is None and device != PARK:
-        problem = memory.fit_problem(4 * plan.params, PARK, f"parking {plan.name} in host memory")
-    return problem
-
-
 def dataset_fields(data: Dataset) -> dict[str, Any]:
     """The results document's description of the data the models learned."""
     return {"source": data.source, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
@@ -145,14 +136,19 @@ class Seed:
         return [Point(self.batch.shape[0])]
 
     def fit_problem(self, plan: ModelPlan, opts: RunOptions, device: torch.device) -> str | None:
-        return fit_check(plan, opts, device)
+        """Why ``plan`` cannot be trained (or built) and parked here, or None: checked before allocating."""
+        need = plan.memory_bytes(opts.batch_size, opts.dtype, training=opts.epochs > 0)
+        problem = memory.fit_problem(need, device, f"{'training' if opts.epochs else 'building'} {plan.name}")
+        if problem is None and device != PARK:
+            problem = memory.fit_problem(4 * plan.params, PARK, f"parking {plan.name} in host memory")
+        return problem
 
     def together_problem(self, plans: list[ModelPlan], opts: RunOptions, device: torch.device) -> str | None:
         return None  # parked in host memory: one model at a time on the device
 
     def build(self, r: Run, plan: ModelPlan) -> Built:
         """Build, train, convert and park one model; OutOfMemory (memory already released) if it cannot fit."""
-        problem = fit_check(plan, r.opts, r.device)
+        problem = self.fit_problem(plan, r.opts, r.device)
         if problem is not None:
             raise OutOfMemory(problem)  # nothing was allocated
         o = r.opts
