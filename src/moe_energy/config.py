@@ -269,8 +269,7 @@ def resolve_config(cfg: dict[str, Any]) -> tuple[ModelSpec, RunOptions]:
     """
     spec = resolve_spec(cfg.get("preset"), **{k: cfg.get(k) for k in SPEC_KEYS})
     custom = any(cfg.get(k) is not None for k in ("experts", "hidden", "layers", "top_k"))
-    opt_fields = set(RunOptions.__dataclass_fields__) - {"extra"}
-    given = {k: v for k, v in cfg.items() if k in opt_fields and v is not None}
+    given = {k: v for k, v in cfg.items() if k in OPTION_KEYS and v is not None}
     for k in ("strategies", "models"):
         if isinstance(given.get(k), str):
             given[k] = split_list(given[k])

@@ -425,10 +425,7 @@ def sweep(args: argparse.Namespace) -> int:
     grid, cfg, power, device = _grid(args)
     caps, carbon = resolve_caps(power), resolve_carbon(power)
     db = db_path(args)
-    notices: list[str] = []
-    meter = meter_from_args(args, device, notice=notices.append)
-    for n in notices:
-        err_console.print(f"[yellow]{escape(n)}[/yellow]")
+    meter = meter_from_args(args, device, notice=lambda n: err_console.print(f"[yellow]{escape(n)}[/yellow]"))
     plan = plan_caps(caps, meter, device)  # a cap the hardware refuses: exit 2 before any point runs
     grid = sw.with_caps(grid, plan.gpu_caps, plan.cpu_caps)
     points, which = _points(args, grid, cfg)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..energy.idle import dynamic_joules
 from ..energy.meter import weakest
-from .window import BenchResult, per_joule
+from .window import BenchResult, per_joule, percentile
 
 if TYPE_CHECKING:
     from ..energy.idle import IdlePower
@@ -205,14 +205,14 @@ def window_record(res: BenchResult) -> WindowRecord:
     dipj, dipj_reason = per_joule(res.inferences, dyn, "dynamic energy (raw minus idle)")
     if dyn_by_dev is None and e.joules_by_device is not None:
         dipj_reason = "idle power not measured (--idle-seconds 0)"
-    flags = res.flags + e.flags
+    flags, lat = res.flags + e.flags, res.latency_ms
     if dyn is not None and dyn <= 0:
         flags = flags + ["dynamic energy <= 0: the window drew no more than idle power"]
     return WindowRecord(
         batch_size=res.batch_size, batches=res.batches, inferences=res.inferences, window_s=res.seconds,
-        inferences_per_second=res.inferences_per_second, latency_p50_ms=res.latency_pct(50),
-        latency_p90_ms=res.latency_pct(90), latency_p95_ms=res.latency_pct(95),
-        latency_mean_ms=statistics.fmean(res.latency_ms) if res.latency_ms else None,
+        inferences_per_second=res.inferences_per_second, latency_p50_ms=percentile(lat, 50),
+        latency_p90_ms=percentile(lat, 90), latency_p95_ms=percentile(lat, 95),
+        latency_mean_ms=statistics.fmean(lat) if lat else None,
         flops_per_inference=res.flops_per_inference, achieved_gflops=res.achieved_gflops,
         energy_j=e.joules, energy_by_device_j=e.joules_by_device, average_power_w=e.average_power_w,
         inferences_per_joule=ipj, inferences_per_joule_reason=ipj_reason, dynamic_energy_j=dyn,

@@ -110,9 +110,6 @@ class BenchResult:
         """None (never inf) when energy was not measured or reads as zero."""
         return per_joule(self.inferences, self.energy.joules, "energy")[0]
 
-    def latency_pct(self, q: float) -> float | None:
-        return percentile(self.latency_ms, q)
-
 
 def warm_up(forward: Callable[[], Any], sync: Callable[[], None], seconds: float, at_least: int = 3) -> None:
     """Untimed calls: allocator, kernels' first launch, caches, clocks ramping up. With ``seconds`` > 0 they fill

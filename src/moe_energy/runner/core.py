@@ -293,7 +293,6 @@ def start(w: Workload, opts: RunOptions, team: Team, ui: UI, sleep: Callable[[fl
     if oom not in ("skip", "raise"):
         raise ValueError(f"oom must be 'skip' or 'raise', not {oom!r}")
     strategies = team.strategies(opts)
-
     dtype = DTYPES[opts.dtype]
 
     def checks() -> torch.device:

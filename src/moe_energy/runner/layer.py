@@ -359,9 +359,8 @@ class Layer:
                 if b is None:
                     return None
                 if forward_too_long(roof, pl, t, opts) is None:
-                    o = opts
-                    window = max(o.warmup, b) + max(o.duration, b) + max(latency_budget(o.duration), b) + o.cooldown
-                    total += n * o.repeats * window
+                    total += n * opts.repeats * (max(opts.warmup, b) + max(opts.duration, b)
+                                                 + max(latency_budget(opts.duration), b) + opts.cooldown)
         return total
 
     def point_problem(self, opts: RunOptions, device: torch.device) -> str | None:

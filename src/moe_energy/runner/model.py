@@ -237,9 +237,7 @@ class Whole:
                             "batches": self.batches, "contexts": self.contexts},
                 "family": self.family, "whole_models": [asdict(m) for m in self.models], "moe_impl": self.impl,
                 "phases": list(PHASES), "layers_built": dict(self.chosen), "layers_why": dict(self.why),
-                "notices": list(self.notices),
-                "engine": self.engine,
-                "engine_method": self.method()}
+                "notices": list(self.notices), "engine": self.engine, "engine_method": self.method()}
 
     def method(self) -> dict[str, Any] | None:
         """What a vLLM call measures, per phase, and the vLLM that measured it (None: transformers' engine)."""
