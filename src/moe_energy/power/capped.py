@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +155,7 @@ def merge(runs: list[tuple[Applied | None, dict]], cpu: Applied | None, rename: 
     doc["models"] = [tagged(rec, state, cpu, rename) for state, d in runs for rec in d["models"]]
     doc["notices"] = list(dict.fromkeys(n for _, d in runs for n in d.get("notices", [])))
     doc["power_limits"] = {
-        "gpu": [{**state.as_dict(), "idle": d.get("idle")} for state, d in runs if state is not None],
+        "gpu": [{**asdict(state), "idle": d.get("idle")} for state, d in runs if state is not None],
         "cpu": cpu.as_dict() if cpu is not None else None,
         "how": "each GPU cap is a whole run (train or build, idle, windows) under that cap; the CPU cap holds "
                "over all of them; limits read back after every window and restored at the end",

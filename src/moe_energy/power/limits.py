@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -301,9 +301,6 @@ class Applied:
         """The cap the devices enforced (the lowest, when several differ)."""
         vals = [w for w in self.read_back_w.values() if w is not None]
         return min(vals) if vals else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def read_back(lim: PowerLimit) -> float | None:
