@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 
 from rich.markup import escape
 from rich.table import Table
 
 from ..models.archs import PRESETS, Arch
 from ..models.counting import layer_active_params, layer_params
-from ..models.whole import models, param_counts
+from ..models.whole import WholeModel, models, param_counts
 from . import command, console
 
 
@@ -36,11 +37,12 @@ def archs_table() -> Table:
     return t
 
 
-def sources_table() -> Table:
-    t = Table(title="where each preset's shape comes from")
-    t.add_column("arch", no_wrap=True)
+def sources_table(title: str, head: str, presets: Iterable[Arch | WholeModel]) -> Table:
+    """Each preset's name beside where its shape comes from."""
+    t = Table(title=title)
+    t.add_column(head, no_wrap=True)
     t.add_column("source")
-    for a in PRESETS.values():
+    for a in presets:
         t.add_row(escape(a.name), escape(a.source))
     return t
 
@@ -49,7 +51,7 @@ def sources_table() -> Table:
          "parameter counts and their sources.")
 def archs(args: argparse.Namespace) -> int:
     console.print(archs_table())
-    console.print(sources_table())
+    console.print(sources_table("where each preset's shape comes from", "arch", PRESETS.values()))
     return 0
 
 
@@ -79,10 +81,5 @@ def models_table() -> Table:
          "parameter counts beside the published ones.")
 def models_command(args: argparse.Namespace) -> int:
     console.print(models_table())
-    t = Table(title="where each model's shape comes from")
-    t.add_column("model", no_wrap=True)
-    t.add_column("source")
-    for m in models().values():
-        t.add_row(escape(m.name), escape(m.source))
-    console.print(t)
+    console.print(sources_table("where each model's shape comes from", "model", models().values()))
     return 0
