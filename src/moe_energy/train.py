@@ -84,9 +84,7 @@ def train(
             break
     res.test_accuracy = evaluate(model, data.x_test, data.y_test, batch_size, device)
     if epochs > 0 and not res.diverged and res.test_accuracy <= data.chance_accuracy + CHANCE_MARGIN:
-        res.diverged = True
-        res.diverged_reason = (
-            f"held-out accuracy {res.test_accuracy:.3f} is at chance ({data.chance_accuracy:.3f})"
-        )
+        res.diverged, res.diverged_reason = True, (f"held-out accuracy {res.test_accuracy:.3f} is at chance "
+                                                   f"({data.chance_accuracy:.3f})")
     res.seconds = time.perf_counter() - t0
     return res

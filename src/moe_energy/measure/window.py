@@ -198,7 +198,6 @@ def measure(
     meter: Meter,
     flops_per_inference: int | None,
     warmup: float | None = 2.0,
-    latency_seconds: float | None = None,
     on_tick: Callable[[float], None] | None = None,
     idle: IdlePower | None = None,
     sync: Callable[[], None] | None = None,
@@ -219,7 +218,7 @@ def measure(
     if warmup is not None:
         warm_up(forward, sync, warmup)
     n, seconds, energy, flags = counted_window(forward, meter, sync, duration, on_tick=on_tick)
-    budget = latency_seconds if latency_seconds is not None else latency_budget(duration)
+    budget = latency_budget(duration)
     # A window of one call that outlasted the latency budget (a prefill of seconds) is itself that call's latency,
     # synced at both edges: a pass to time it again would cost as much once more.
     lat = [seconds * 1e3] if n == 1 and seconds >= budget else latency_pass(forward, sync, budget)

@@ -156,7 +156,7 @@ def merge(runs: list[tuple[Applied | None, dict]], cpu: Applied | None, rename: 
     doc["notices"] = list(dict.fromkeys(n for _, d in runs for n in d.get("notices", [])))
     doc["power_limits"] = {
         "gpu": [{**asdict(state), "idle": d.get("idle")} for state, d in runs if state is not None],
-        "cpu": cpu.as_dict() if cpu is not None else None,
+        "cpu": asdict(cpu) if cpu is not None else None,
         "how": "each GPU cap is a whole run (train or build, idle, windows) under that cap; the CPU cap holds "
                "over all of them; limits read back after every window and restored at the end",
     }

@@ -182,10 +182,9 @@ class Grid:
 
 # -- shapes ----------------------------------------------------------------------------------------------
 def label_for(spec: ModelSpec) -> str:
-    for name, p in PRESETS.items():
-        if p == spec:
-            return name
-    return f"E{spec.experts}-H{spec.hidden}-L{spec.layers}-k{spec.top_k}"
+    """The preset's name of a preset's shape, else the shape written out."""
+    return next((name for name, p in PRESETS.items() if p == spec),
+                f"E{spec.experts}-H{spec.hidden}-L{spec.layers}-k{spec.top_k}")
 
 
 def seed_shapes() -> list[ModelSpec]:
@@ -250,10 +249,9 @@ def as_list(key: str, v: Any, kind: type) -> list:
             else:
                 out.append(str(x))
         except (TypeError, ValueError):
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"{flag}: {x!r} is not a whole number; give a comma list such as 8,16") from None
+            raise ConfigError(f"{flag(key)}: {x!r} is not a whole number; give a comma list such as 8,16") from None
     if not out:
-        raise ConfigError(f"--{key.replace('_', '-')}: empty list; give at least one value")
+        raise ConfigError(f"{flag(key)}: empty list; give at least one value")
     return list(dict.fromkeys(out))
 
 
@@ -346,14 +344,11 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
         return build_model_grid(cfg)
     if cfg.get("grid") == "llm" or "arch" in cfg:
         return build_layer_grid(cfg)
-    stray = [k for k in (*LAYER_AXES, "max_forward_s", "weights") if k in cfg]
-    if stray:
-        raise ConfigError(f"{', '.join(flag(k) for k in stray)}: LLM-layer settings; give --arch (or --grid llm) "
-                          "with them, or drop them")
-    stray = [k for k in MODEL_AXES if k in cfg]
-    if stray:
-        raise ConfigError(f"{', '.join(flag(k) for k in stray)}: whole-model settings; give --model with them, or "
-                          "drop them")
+    for keys, what in (((*LAYER_AXES, "max_forward_s", "weights"), "LLM-layer settings; give --arch (or --grid llm)"),
+                       (MODEL_AXES, "whole-model settings; give --model")):
+        stray = [k for k in keys if k in cfg]
+        if stray:
+            raise ConfigError(f"{', '.join(flag(k) for k in stray)}: {what} with them, or drop them")
     name = cfg.pop("grid", None)
     max_params, per_decade = _limits(cfg)
     presets = cfg.pop("presets", None) or cfg.pop("preset", None)
