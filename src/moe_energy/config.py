@@ -184,10 +184,7 @@ class RunOptions:
                 raise ConfigError(f"model={m!r} is unknown; choose from moe, dense_total, dense_active")
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["strategies"] = list(self.strategies)
-        d["models"] = list(self.models)
-        return d
+        return {**asdict(self), "strategies": list(self.strategies), "models": list(self.models)}
 
 
 # Which options belong to which workload: the one table `run`, `plan`, `bench-strategies` and `sweep` read. A

@@ -249,8 +249,7 @@ def _model_points_table(points, meter_name: str, done: set[str], device) -> Tabl
         t.add_column(col, justify="right" if col in ("#", "MoE params", "repeats", "rows") else "left")
     for i, p in enumerate(points, 1):
         impl = str(p.moe_impl) if p.engine == "transformers" else f"{p.engine} engine"
-        problem = None if p.key(meter_name) in done else p.workload.point_problem(p.opts, device)
-        status = "complete" if p.key(meter_name) in done else problem or "to do"
+        status = "complete" if p.key(meter_name) in done else p.workload.point_problem(p.opts, device) or "to do"
         built = p.workload.chosen  # point_problem chose each model's layers, as the run will
         names = ", ".join(f"{m.name} ({built.get(m.name, '?')} of {m.layers})" for m in p.workload.models)
         t.add_row(str(i), escape(p.label), escape(names), f"{p.total_params:,}", ",".join(map(str, p.batches)),

@@ -200,9 +200,7 @@ class RankResult:
     failed: str | None = None  # the meter's failure: the window ran, its energy was not read
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["energy"] = self.energy.as_dict()
-        return d
+        return {**asdict(self), "energy": self.energy.as_dict()}
 
 
 def timed(forward: Callable[[], Any], sync: Callable[[], None], n: int) -> float:

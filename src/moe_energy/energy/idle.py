@@ -25,9 +25,7 @@ class IdlePower:
         return float(sum(self.power_by_device_w.values()))
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["power_w"] = self.power_w
-        return d
+        return {**asdict(self), "power_w": self.power_w}
 
 
 def measure_idle(meter: Meter, seconds: float, sync: Callable[[], None] | None = None,

@@ -115,10 +115,8 @@ class Measurement:
             return
         for dev, tj in te.items():
             cj = self.joules_by_device.get(dev)
-            if cj is None or self.method_by_device.get(dev, self.method) != "counter":
-                continue
-            if cj <= 0:
-                continue  # the zero-joule flag already says it
+            if cj is None or cj <= 0 or self.method_by_device.get(dev, self.method) != "counter":
+                continue  # cj <= 0: the zero-joule flag already says it
             if abs(tj - cj) / cj > TRACE_TOLERANCE:
                 self.flags.append(
                     f"{dev}: power trace integrates to {tj:.2f} J but the counter says {cj:.2f} J "
@@ -126,11 +124,8 @@ class Measurement:
                 )
 
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["energy_j"] = self.joules
-        d["average_power_w"] = self.average_power_w
-        d["trace_energy_j"] = self.trace_energy_j()
-        return d
+        return {**asdict(self), "energy_j": self.joules, "average_power_w": self.average_power_w,
+                "trace_energy_j": self.trace_energy_j()}
 
 
 def integrate(points: list[list[float]], seconds: float) -> float:

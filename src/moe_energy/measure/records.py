@@ -298,9 +298,7 @@ def summarize_windows(windows: list[WindowRecord]) -> dict[str, Any]:
     ok = [w for w in windows if not w.get("failed")]
     out = summarize(ok or windows)
     failed = len(windows) - len(ok)
-    out["windows"] = list(windows)
-    out["failed_windows"] = failed
-    out["repeats"] = len(ok)
+    out.update(windows=list(windows), failed_windows=failed, repeats=len(ok))
     if failed:
         first = next(w["failed"] for w in windows if w.get("failed"))
         note = (f"{failed} of {len(windows)} windows failed ({first}); the figures are from the other {len(ok)}"

@@ -151,16 +151,13 @@ def merge(runs: list[tuple[Applied | None, dict]], cpu: Applied | None, rename: 
     first = runs[0][1]
     if len(runs) == 1 and runs[0][0] is None and cpu is None:
         return first
-    doc = dict(first)
-    doc["models"] = [tagged(rec, state, cpu, rename) for state, d in runs for rec in d["models"]]
-    doc["notices"] = list(dict.fromkeys(n for _, d in runs for n in d.get("notices", [])))
-    doc["power_limits"] = {
-        "gpu": [{**asdict(state), "idle": d.get("idle")} for state, d in runs if state is not None],
-        "cpu": asdict(cpu) if cpu is not None else None,
-        "how": "each GPU cap is a whole run (train or build, idle, windows) under that cap; the CPU cap holds "
-               "over all of them; limits read back after every window and restored at the end",
-    }
-    return doc
+    return {**first, "models": [tagged(rec, state, cpu, rename) for state, d in runs for rec in d["models"]],
+            "notices": list(dict.fromkeys(n for _, d in runs for n in d.get("notices", []))),
+            "power_limits": {
+                "gpu": [{**asdict(state), "idle": d.get("idle")} for state, d in runs if state is not None],
+                "cpu": asdict(cpu) if cpu is not None else None,
+                "how": "each GPU cap is a whole run (train or build, idle, windows) under that cap; the CPU cap "
+                       "holds over all of them; limits read back after every window and restored at the end"}}
 
 
 def run_capped(plan: CapPlan, carbon: CarbonPrice, body: Callable[[], dict]) -> dict:
