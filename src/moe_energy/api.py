@@ -304,8 +304,7 @@ def benchmark(
     carbon = resolve_carbon({"carbon_intensity": carbon_intensity, "price_per_kwh": price_per_kwh}, environ={})
     _check_times(duration, repeats, warmup, idle_seconds, cooldown)
     example_batch = _checked_batch(example_batch)
-    if batch_size is None:
-        batch_size = infer_batch_size(example_batch)
+    batch_size = infer_batch_size(example_batch) if batch_size is None else batch_size
     _positive("batch_size", batch_size, integer=True)
     if flops_per_inference is not None:
         _positive("flops_per_inference", flops_per_inference, integer=True)

@@ -245,9 +245,7 @@ def resolve_spec(preset: str | None, **overrides: int | None) -> ModelSpec:
 
 def split_list(value: str | None) -> tuple[str, ...] | None:
     """'a, b,c' -> ('a', 'b', 'c'); None stays None."""
-    if value is None:
-        return None
-    return tuple(s.strip() for s in value.split(",") if s.strip())
+    return None if value is None else tuple(s.strip() for s in value.split(",") if s.strip())
 
 
 def _path(key: str, v: Any) -> str:

@@ -130,9 +130,7 @@ _UNITS = {"bytes": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb"
 def requested_bytes(e: BaseException) -> int | None:
     """The size of the allocation that failed, when the error message says it (CUDA and CPU allocators do)."""
     m = _TRIED.search(str(e))
-    if not m:
-        return None
-    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1))
+    return int(float(m.group(1)) * _UNITS.get(m.group(2).lower(), 1)) if m else None
 
 
 class OutOfMemory(RuntimeError):

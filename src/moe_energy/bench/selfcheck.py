@@ -203,10 +203,8 @@ def check_strategy(name: str, device: torch.device, dtypes: list[torch.dtype]) -
             bound = FP32_ATOL if dt == torch.float32 else BF16_ATOL + BF16_RTOL * ref.abs()
             if bool((err > bound).any()):
                 problems.append(f"{dname} {kind}: max error {float(err.max()):.2e} over tolerance")
-    detail = ", ".join(f"{d} max err {e:.1e}" for d, e in worst.items())
-    if problems:
-        return Check("strategies", f"strategy {name}", "FAIL", "; ".join(problems), {"max_abs_error": worst})
-    return Check("strategies", f"strategy {name}", "ok", f"{detail} over {len(ROUTINGS)} routings",
+    detail = ", ".join(f"{d} max err {e:.1e}" for d, e in worst.items()) + f" over {len(ROUTINGS)} routings"
+    return Check("strategies", f"strategy {name}", "FAIL" if problems else "ok", "; ".join(problems) or detail,
                  {"max_abs_error": worst})
 
 

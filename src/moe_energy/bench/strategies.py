@@ -529,12 +529,8 @@ def bench_layer(
     strategies = list(strategies or STRATEGIES)
     load_before = _load_average()
     b = _build_layer(a, device, dtype_of(dtype), seed, strategies, on_phase, weights)
-    rows: list[dict] = []
-    summary: list[dict] = []
-    for t in tokens:
-        r, s = _at_tokens(b, t, seed, seconds, warmup_s, roof, on_phase)
-        rows += r
-        summary.append(s)
+    done = [_at_tokens(b, t, seed, seconds, warmup_s, roof, on_phase) for t in tokens]
+    rows, summary = [r for rs, _ in done for r in rs], [s for _, s in done]
     options = {"tokens": list(tokens), "dtype": dtype, "device": str(device), "seconds_per_token_count": seconds,
                "warmup_s": warmup_s, "seed": seed, "strategies": strategies, "weights": weights}
     return _layer_document(b, device, options, load_before, roof, rows, summary)

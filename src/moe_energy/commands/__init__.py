@@ -61,9 +61,7 @@ def notice(msg: str) -> None:
 
 def fmt(v: float | int | None, spec: str = ",.0f", unit: str = "") -> str:
     """A figure for a table: 'not measured' rather than 0, inf or NaN."""
-    if v is None:
-        return "not measured"
-    return f"{v:{spec}}{unit}"
+    return "not measured" if v is None else f"{v:{spec}}{unit}"
 
 
 # -- standard output that can go away --------------------------------------------------------------------

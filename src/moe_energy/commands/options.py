@@ -119,9 +119,8 @@ def device_of(name: str) -> torch.device:
 
 def declared_shape(args: argparse.Namespace) -> dict[str, int]:
     """``classes``/``input_dim`` the user gave by flag or --config: with --data the file must agree with them."""
-    cfg = load_toml(args.config) if getattr(args, "config", None) else {}
-    given = {k: cfg.get(k) if getattr(args, k, None) is None else getattr(args, k) for k in ("classes", "input_dim")}
-    return {k: v for k, v in given.items() if v is not None}
+    given = settings(args)
+    return {k: given[k] for k in ("classes", "input_dim") if given.get(k) is not None}
 
 
 def add_energy_arguments(p: argparse.ArgumentParser) -> None:
@@ -291,8 +290,7 @@ def with_dtype(args: argparse.Namespace, opts: RunOptions, llm: bool) -> RunOpti
     """``opts`` with its dtype and why in ``extra["dtype_why"]``: --dtype (or the --config file's) when given; else an
     LLM's (layer or whole model) is bfloat16 where the device runs it natively, float32 elsewhere, and the seed's
     classifiers keep the seed's float32."""
-    cfg = load_toml(args.config) if getattr(args, "config", None) else {}
-    if getattr(args, "dtype", None) is not None or "dtype" in cfg:
+    if "dtype" in settings(args):
         dtype, why = opts.dtype, "given (--dtype)"
     elif llm:
         dtype, why = llm_default_dtype(resolve_device(opts.device))

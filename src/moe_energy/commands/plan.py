@@ -156,10 +156,8 @@ def _touched_cell(arch: Arch, routing: RoutingMode, tokens: int, seed: int) -> s
 def _traffic(plans: list[ModelPlan], arch: Arch, opts: RunOptions, tokens: list[int], routing: RoutingMode) -> Table:
     """Per token count: experts reached and the weight bytes one forward reads, MoE against dense."""
     t = Table(title=escape(f"weights one forward reads (routing {routing.text})"))
-    t.add_column("T", justify="right")
-    t.add_column("experts touched", justify="right")
-    for p in plans:
-        t.add_column(f"{p.name} MiB", justify="right")
+    for col in ("T", "experts touched", *(f"{p.name} MiB" for p in plans)):
+        t.add_column(col, justify="right")
     for T in tokens:
         cell = _touched_cell(arch, routing, T, opts.seed)
         touched = expected_experts_touched(arch.experts, arch.top_k, T) if cell.startswith("~") else float(cell)

@@ -4,6 +4,7 @@ and transformers' own block) and `moe-energy calibrate`."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 
 import torch
 from rich.markup import escape
@@ -39,14 +40,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", help="directory for the JSON results (default results/)")
 
 
-def _check_flags(flag: str, given: tuple[str, ...], choices: tuple[str, ...], seconds: float, most_s: float) -> None:
-    """One-line errors, before any work: a name in ``flag``'s comma list that is not a choice, or ``--seconds``
-    not in (0, ``most_s``) (NaN included)."""
+def _names(flag: str, text: str | None, choices: Collection[str], seconds: float, most_s: float) -> tuple[str, ...]:
+    """``flag``'s comma list (default every choice), checked with ``--seconds`` before any work: one-line errors
+    for a name that is not a choice, or ``--seconds`` not in (0, ``most_s``) (NaN included)."""
+    given = split_list(text) or tuple(choices)
     unknown = [g for g in given if g not in choices]
     if unknown:
         raise ConfigError(f"{flag} {','.join(unknown)} is unknown; choose from {', '.join(choices)}")
     if not 0 < seconds < most_s:
         raise ConfigError(f"--seconds {seconds} must be a positive number of seconds")
+    return given
 
 
 def strategies_table(doc: dict) -> Table:
@@ -96,8 +99,7 @@ def bench_strategies(args: argparse.Namespace) -> int:
     given = args.strategies
     args.strategies = None  # validated below: the default here is every strategy, not run's default
     spec, opts = resolve(args)
-    strategies = split_list(given) if given else tuple(STRATEGIES)
-    _check_flags("--moe-strategy", strategies, tuple(STRATEGIES), args.seconds, 1e6)
+    strategies = _names("--moe-strategy", given, STRATEGIES, args.seconds, 1e6)
     check_writable(opts.out)
     device = resolve_device(opts.device)
     roof = _roofline_for(device, opts.dtype)
@@ -124,8 +126,7 @@ def bench_layer_command(args: argparse.Namespace) -> int:
     if routing.kind != "random":
         raise ConfigError(f"--routing {routing.text}: bench-strategies --arch times transformers' own router too, "
                           "which cannot be forced; use --routing random (the default)")
-    strategies = split_list(given) if given else tuple(STRATEGIES)
-    _check_flags("--moe-strategy", strategies, tuple(STRATEGIES), args.seconds, 1e6)
+    strategies = _names("--moe-strategy", given, STRATEGIES, args.seconds, 1e6)
     check_writable(opts.out)
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype)
@@ -214,8 +215,7 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
          _calibrate_args)
 def calibrate(args: argparse.Namespace) -> int:
     """Measure (or show the cached) GEMM FLOP/s and memory bandwidth the roofline columns are judged against."""
-    dtypes = split_list(args.dtype) or tuple(DTYPES)
-    _check_flags("--dtype", dtypes, tuple(DTYPES), args.seconds, 1e4)
+    dtypes = _names("--dtype", args.dtype, DTYPES, args.seconds, 1e4)
     device = device_of(args.device)
     roof = roofline.load(device, notice=notice)
     unsaved: ConfigError | None = None
@@ -239,9 +239,8 @@ def calibrate(args: argparse.Namespace) -> int:
 def _roofline_table(roof: roofline.Roofline, how: str) -> Table:
     """calibrate's table; every text from the cache file escaped (a hand-edited file is the user's text)."""
     t = Table(title=escape(f"roofline of {roof.device_name} ({how})"))
-    t.add_column("figure")
-    t.add_column("value", justify="right")
-    t.add_column("method")
+    for col in ("figure", "value", "method"):
+        t.add_column(col, justify="right" if col == "value" else "left")
     for d, f in roof.gemm_flops_per_s.items():
         t.add_row(escape(f"GEMM {d}"), f"{f / 1e9:,.1f} GFLOP/s", f"best {roof.gemm_size}^3 matmul")
     t.add_row("memory bandwidth", f"{roof.bandwidth_bytes_per_s / 1e9:,.1f} GB/s",

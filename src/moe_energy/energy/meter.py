@@ -26,7 +26,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
-# Methods, strongest first. "estimate" is a model, not a reading; "none" means nothing was measured.
 METHODS = ("counter", "sampled", "estimate", "none")
 
 # A trace integral further than this from the counter's joules is flagged.
@@ -87,9 +86,7 @@ class Measurement:
     @property
     def joules(self) -> float | None:
         """Total energy in J over every covered device, or None if not measured."""
-        if self.joules_by_device is None:
-            return None
-        return float(sum(self.joules_by_device.values()))
+        return None if self.joules_by_device is None else float(sum(self.joules_by_device.values()))
 
     @property
     def average_power_w(self) -> float | None:

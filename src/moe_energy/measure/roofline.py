@@ -65,9 +65,7 @@ class Roofline:
     def fraction_of_bound(self, seconds: float, flops: float, bytes_moved: float, dtype: str) -> float | None:
         """bound / measured, in (0, 1] for a sane measurement; None when not computable."""
         bound = self.bound_s(flops, bytes_moved, dtype)
-        if bound is None or seconds <= 0:
-            return None
-        return bound / seconds
+        return bound / seconds if bound is not None and seconds > 0 else None
 
 
 def figures(roof: Roofline | None, seconds_per_batch: float, flops_per_batch: float, weight_bytes_per_batch: float,
@@ -135,9 +133,7 @@ def measure_bandwidth(device: torch.device, nbytes: int, seconds: float) -> floa
 
 def default_sizes(device: torch.device) -> tuple[int, int]:
     """(matmul n, copy bytes): big enough to leave caches and launch overhead behind, short on a CPU."""
-    if device.type == "cpu":
-        return 1536, 256 * 2**20
-    return 8192, 2 * 2**30
+    return (1536, 256 * 2**20) if device.type == "cpu" else (8192, 2 * 2**30)
 
 
 def host_busy(device: torch.device) -> str | None:

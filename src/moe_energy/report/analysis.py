@@ -200,9 +200,7 @@ def _usable(m: dict) -> bool:
 
 def sparsity(experts: int | None, top_k: int | None) -> str:
     """E/k as text ('4', '2.67'): the label of one curve along total params."""
-    if not experts or not top_k:
-        return "?"
-    return f"{round(experts / top_k, 2):g}"
+    return f"{round(experts / top_k, 2):g}" if experts and top_k else "?"
 
 
 def find_tdp(obj: Any) -> tuple[float, str] | None:

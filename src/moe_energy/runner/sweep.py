@@ -613,13 +613,13 @@ def fixed_seconds(p: Point) -> float:
     return measured_models(p) * per_model + max(0, o.repeats - 1) * o.cooldown * measured_models(p) + o.idle_seconds
 
 
+@dataclass
 class Eta:
     """Remaining time: fixed measuring seconds, plus the work FLOPs (``Workload.work_flops``: training, forwards
     of seconds) at the rate the finished points ran."""
 
-    def __init__(self) -> None:
-        self.flops_done = 0.0
-        self.train_seconds = 0.0
+    flops_done: float = 0.0
+    train_seconds: float = 0.0
 
     def record(self, p: Point, elapsed_s: float) -> None:
         self.flops_done += p.workload.work_flops(p.opts)
