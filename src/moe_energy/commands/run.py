@@ -127,10 +127,9 @@ def _exit_status(doc: dict | None, w: Workload, parallel: bool) -> int:
     if doc is None:
         return 0
     measured_rows = [m for m in doc["models"] if m.get("status") == "measured"]
-    smaller = SMALLER[w.family or "seed"]
     if not measured_rows:
         where = ": each was skipped on at least one rank (reasons above)" if parallel else " (see the reasons above)"
-        print(f"error: no model was measured{where}; choose {smaller}", file=sys.stderr)
+        print(f"error: no model was measured{where}; choose {SMALLER[w.family or 'seed']}", file=sys.stderr)
         return 1
     if not any(m.get("repeats") for m in measured_rows):
         print("error: every measurement window failed (each window's reason is in the JSON); run 'moe-energy "

@@ -91,9 +91,7 @@ class Measurement:
     @property
     def average_power_w(self) -> float | None:
         j = self.joules
-        if j is None or self.seconds <= 0:
-            return None
-        return j / self.seconds
+        return None if j is None or self.seconds <= 0 else j / self.seconds
 
     @property
     def is_estimate(self) -> bool:

@@ -304,10 +304,8 @@ class Whole:
         """The phase's step at (B, L), made now (a decode step fills its KV cache to L here, outside any window;
         vLLM's its prefix cache), and under vLLM what its last call found cached and generated, after each window."""
         b, c, prefill = point.head["batch"], point.head["context"], point.head["phase"] == "prefill"
-        if self.vllm:
-            step, rows = (vllm_prefill if prefill else vllm_decode)(built.model, b, c, r.opts.seed)  # type: ignore
-        else:
-            step, rows = (prefill_step if prefill else decode_step)(built.model, b, c, r.opts.seed)
+        prefill_fn, decode_fn = (vllm_prefill, vllm_decode) if self.vllm else (prefill_step, decode_step)
+        step, rows = (prefill_fn if prefill else decode_fn)(built.model, b, c, r.opts.seed)  # type: ignore
         need = memory_bytes(self._model(built.plan), self.chosen[built.name], r.opts.dtype, b, c)["activations"]
         return Variant(label, step, None, (), built.plan.flops_per_inference, need, parked=False, head=dict(point.head),
                        rows=rows, ready=True, after_window=getattr(step, "facts", None)), None

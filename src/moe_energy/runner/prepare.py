@@ -134,9 +134,7 @@ def prepare(
     if isinstance(model, StrategyHost):
         info.update(_prepare_host(model, example, dt, compile, layout))
     info["prepare_s"] = time.perf_counter() - t_start
-    if not compile:
-        return model, info
-    return _compiled(model, example, device, info)
+    return _compiled(model, example, device, info) if compile else (model, info)
 
 
 def _prepare_host(moe: StrategyHost, example: Tensor, dt: torch.dtype, compile: bool, layout: str) -> dict:

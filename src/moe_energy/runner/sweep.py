@@ -430,14 +430,9 @@ def build_layer_grid(cfg: dict[str, Any]) -> Grid:
                                                                           str)))
     option_axes = {k: as_list(k, cfg.pop(k), str if k in TEXT_AXES else int) for k in LAYER_OPTION_AXES if k in cfg}
     combos = [dict(zip(option_axes, c)) for c in itertools.product(*option_axes.values())]
-    points = []
-    for arch in archs:
-        if max_params is not None and layer_params(arch) > max_params:
-            continue
-        for routing in routings:
-            for extra in combos:
-                opts = _resolve(cfg, extra)[1]
-                points.append(Point(f"{arch.name} {routing}", arch, opts, tokens=tokens, routing=routing))
+    points = [Point(f"{arch.name} {routing}", arch, _resolve(cfg, extra)[1], tokens=tokens, routing=routing)
+              for arch in archs if max_params is None or layer_params(arch) <= max_params
+              for routing in routings for extra in combos]
     if not points:
         why = f": no arch at or below --max-params {max_params:.3g} (the MoE layer's total params); raise it"
         raise ConfigError("the grid has no points" + (why if max_params else ""))

@@ -192,9 +192,7 @@ def _finite(v: Any) -> Any:
 
 def _cell(key: str, v: Any) -> Any:
     """A model record's field as its column holds it: a JSON column's object as JSON text, else ``_finite``."""
-    if key in JSON_COLUMNS and isinstance(v, (dict, list)):
-        return dumps(v)
-    return _finite(v)
+    return dumps(v) if key in JSON_COLUMNS and isinstance(v, (dict, list)) else _finite(v)
 
 
 def dumps(v: Any) -> str:
