@@ -115,8 +115,7 @@ def check_vllm(given: Sequence[str], device: str) -> None:
     for key in (k for k in VLLM_REFUSED if k in given):
         name, why = VLLM_REFUSED[key]
         raise ConfigError(f"{name}: no meaning with --engine vllm ({why}); drop it")
-    problem = missing()
-    if problem is not None:
+    if (problem := missing()) is not None:
         raise ConfigError(problem)
     kind = resolve_device(device).type
     if kind != "cuda":

@@ -92,27 +92,38 @@ def replace_atomic(path: str | Path, data: bytes) -> Path:
     return p
 
 
+def link_new(tmp: str | Path, path: Path) -> bool:
+    """Put the finished file ``tmp`` at ``path``, or False when a file is there already: never over one. A hard
+    link; on a filesystem without them, the name claimed exclusively, then ``tmp`` renamed over it (the empty
+    placeholder removed again if that fails)."""
+    try:
+        os.link(tmp, path)  # fails if the name exists: never replaces a result
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        pass
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return True
+
+
 def create_atomic(d: str | Path, name: Callable[[int], str], data: bytes) -> Path:
     """Write ``data`` under the first free name ``name(0)``, ``name(1)``, ... in ``d``: never over a file."""
     d = Path(d)
     tmp = _temp_with(d, f".{name(0)}-", data)
     try:
         n = 0
-        while True:
-            path = d / name(n)
-            try:
-                os.link(tmp, path)  # fails if the name exists: never replaces a result
-                return path
-            except FileExistsError:
-                n += 1
-            except OSError:  # filesystems without hard links: exclusive create, then rename over it
-                try:
-                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    n += 1
-                    continue
-                os.replace(tmp, path)
-                return path
+        while not link_new(tmp, d / name(n)):
+            n += 1
+        return d / name(n)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

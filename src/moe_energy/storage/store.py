@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, one_line
-from .fileio import check_new_file, json_safe, now_utc, os_reason
+from .fileio import check_new_file, json_safe, link_new, now_utc, os_reason
 
 DEFAULT_DB = "results/moe-energy.db"
 EXPORT_SCHEMA = "moe-energy/export"
@@ -865,27 +865,12 @@ def _merge_into(inputs: list[str | Path], tmp: str, label: str, counts: dict[str
 
 def _publish(tmp: str, out: Path, label: str) -> None:
     """Put the finished ``tmp`` at ``out``, never over a file someone created meanwhile."""
-    appeared = f"{label} appeared while merging; choose another name"
     try:
-        os.link(tmp, out)
-        return
-    except FileExistsError:
-        raise ConfigError(appeared) from None
-    except OSError:  # a filesystem without hard links: claim the name exclusively, then rename over it
-        pass
-    try:
-        os.close(os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        raise ConfigError(appeared) from None
+        placed = link_new(tmp, out)
     except OSError as e:
         raise ConfigError(f"{label}: cannot write it ({os_reason(e)}); choose another path") from None
-    try:
-        os.replace(tmp, out)
-    except BaseException as e:
-        os.unlink(out)  # the empty placeholder claimed above
-        if isinstance(e, OSError):
-            raise ConfigError(f"{label}: cannot write it ({os_reason(e)}); choose another path") from None
-        raise
+    if not placed:
+        raise ConfigError(f"{label} appeared while merging; choose another name")
 
 
 def _copy_into(src: Store, dst: Store, counts: dict[str, int]) -> None:
