@@ -10,9 +10,10 @@ work only ever adds time) and the median's GB/s; "of bound": the bound's time ov
 being the weight bytes at the copy bandwidth measured here (roofline.measure_bandwidth: read + write bytes of a
 large copy, so a kernel that only reads can pass 1.0) or the FLOPs at the measured bf16 GEMM rate, the longer.
 
-Layer (``--layer-tokens``): the whole MoELayer.from_arch in bf16 (router, sort, gather, combine and all) at
+Layer (``--layer-tokens``): the whole MoELayer.from_arch in ``--dtype`` (router, sort, gather, combine and all) at
 each token count: strategy ``grouped`` as kernels.py runs it, the same with ``kernels.prepack``, ``active_loop``,
-and the same grouped steps with int8 weight-only experts (models/quant.py), in ms and tokens/s.
+and ``grouped`` on the same layer with its weights stored in each --weights format (int8, w8a8: quantize_weights,
+as a run holds them), in ms and the speed-up.
 
 Candidates are timed round by round, interleaved, each round starting one further along the list. On a shared
 host each call first waits (up to 4 s) for the CPUs to be idle for 0.25 s (/proc/stat), so that rounds run
@@ -29,6 +30,7 @@ GEMM candidates (``--only`` picks some):
   int8_deq_onednn  the same through oneDNN's linear
   int8_torchao   torchao's Int8WeightOnlyConfig tensor (Int8Tensor, PerRow) through F.linear, when importable
   int8_quant     quant.linear: what models/quant.py ships
+  w8a8_fbgemm    quant.linear on a w8a8 weight: rows rounded to int8 per row, fbgemm's int8 GEMM (--weights w8a8)
   w8a8_int_mm    not weight-only, for reference: rows quantized per row, torch._int_mm (int8 x int8 -> int32)
   fp8_scaled_mm  only with --only (oneDNN's reference kernel: minutes): weights and rows float8_e4m3fn
 """
@@ -47,9 +49,8 @@ import torch.nn.functional as F
 
 from moe_energy.measure.roofline import host_busy, measure_bandwidth, measure_gemm
 from moe_energy.models import kernels, quant
-from moe_energy.models.archs import get_arch
-from moe_energy.models.llm import MoELayer
-from moe_energy.models.strategies import combine, sort_by_expert
+from moe_energy.models.archs import Arch, get_arch
+from moe_energy.models.llm import MoELayer, quantize_weights
 
 Gemm = Callable[[torch.Tensor, int, int], object]  # (rows, expert, projection 0 gate_up / 1 down) -> output
 _lp = torch.ops.mkldnn._linear_pointwise
@@ -152,6 +153,9 @@ def candidates(stacks: tuple[torch.Tensor, torch.Tensor], qs: list[quant.QWeight
             add("int8_torchao", lambda x, e, p: F.linear(x, ao[p][e]), 1)
     if want("int8_quant"):
         add("int8_quant", lambda x, e, p: quant.linear(x, qs[p][e]), 1)
+    if want("w8a8_fbgemm"):
+        qa = [quant.with_acts(q) for q in qs]
+        add("w8a8_fbgemm", lambda x, e, p: quant.linear(x, qa[p][e]), 1)
     if want("w8a8_int_mm"):
         wt = [q.qdata.transpose(1, 2) for q in qs]  # [E, in, out] views of the int8 weights
 
@@ -200,41 +204,36 @@ def gemms(a: argparse.Namespace, stacks: tuple[torch.Tensor, torch.Tensor], qs: 
         del cands
 
 
-def int8_grouped(layer: MoELayer, qs: list[quant.QWeight]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The ``grouped`` strategy's steps with int8 weight-only experts: route, sort, gather, two grouped GEMMs
-    (quant.grouped_linear), combine."""
-    ex = layer.stack()
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        idx, w = layer.route(x)
-        r = sort_by_expert(idx, w, ex.num_experts)
-        h = quant.grouped_linear(x.index_select(0, r.token), qs[0], r.ends)  # [T*k, 2I]
-        return combine(quant.grouped_linear(ex.glu(h), qs[1], r.ends), r, x.shape[0])  # [T, d]
-
-    return forward
+def quantized(arch: Arch, dt: str, weights: str) -> MoELayer:
+    """The same seeded layer with its experts stored as ``weights`` (int8, w8a8), run as a run runs it."""
+    return quantize_weights(MoELayer.from_arch(arch, dtype=dt, device="cpu", strategy="grouped", seed=0).eval(),
+                            weights)
 
 
-def layers(a: argparse.Namespace, layer: MoELayer, qs: list[quant.QWeight]) -> None:
-    def strategy(name: str, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def layers(a: argparse.Namespace, arch: Arch, layer: MoELayer) -> None:
+    def strategy(name: str, pack: bool, model: MoELayer = layer) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
             kernels.PREPACK = pack  # the packed copies stay cached while it is off
-            layer.strategy = name
-            return layer(x)
+            model.strategy = name
+            return model(x)
 
         return forward
 
-    fwd = {"bf16 grouped": strategy("grouped", False), "bf16 grouped+prepack": strategy("grouped", True),
-           "bf16 active_loop": strategy("active_loop", False), "int8 grouped": int8_grouped(layer, qs)}
-    print(f"\nwhole layer ({a.arch}, bf16 activations): ms per forward, best (median) of interleaved rounds")
+    dt = a.dtype.replace("bfloat16", "bf16").replace("float32", "fp32")
+    fwd = {f"{dt} grouped": strategy("grouped", False), f"{dt} grouped+prepack": strategy("grouped", True),
+           f"{dt} active_loop": strategy("active_loop", False),
+           **{f"{w} grouped": strategy("grouped", False, quantized(arch, a.dtype, w)) for w in quant.WEIGHT_FORMATS}}
+    print(f"\nwhole layer ({a.arch}, {a.dtype} activations): ms per forward, best (median) of interleaved rounds, "
+          f"speed-up over {dt} grouped")
     for T in (int(t) for t in a.layer_tokens.split(",")):
-        x = torch.randn(T, layer.hidden, generator=torch.Generator().manual_seed(T)).bfloat16()
-        ref = fwd["bf16 grouped"](x).float()
+        x = torch.randn(T, layer.hidden, generator=torch.Generator().manual_seed(T)).to(getattr(torch, a.dtype))
+        ref = fwd[f"{dt} grouped"](x).float()
         for name, f in fwd.items():  # every variant computes the same layer (bf16 / int8 rounding apart)
             err = float((f(x).float() - ref).abs().max())
             if err > 0.05 * float(ref.abs().max()) + 1e-3:
                 raise SystemExit(f"{name} at {T} tokens is off by {err:.3g}")
         t, how = timed({k: (lambda f=f, x=x: f(x)) for k, f in fwd.items()}, a.seconds, a.wait_idle)
-        base = min(t["bf16 grouped"])
+        base = min(t[f"{dt} grouped"])
         row = "  ".join(f"{k} {min(v) * 1e3:.1f} ({statistics.median(v) * 1e3:.1f}) {base / min(v):.2f}x"
                         for k, v in t.items())
         print(f"{T:4d} tokens: {row}  [{how}]", flush=True)
@@ -247,6 +246,8 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=0, help="fewer experts than the arch's (a quick look; k stays)")
     p.add_argument("--rows", default="1,2,8,32", help="rows per expert (comma list; empty: no GEMM table)")
     p.add_argument("--layer-tokens", default="1,32,512", help="tokens per whole-layer forward (empty: none)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="the whole layer's weights and activations (the GEMM table runs bf16 rows)")
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row count (at least 5 rounds)")
     p.add_argument("--only", default="", help="comma list of GEMM candidates (default: all but fp8)")
     p.add_argument("--no-wait-idle", dest="wait_idle", action="store_false",
@@ -257,8 +258,9 @@ def main() -> None:
     if a.experts:
         arch = dataclasses.replace(arch, experts=a.experts)
     cpu = torch.device("cpu")
-    layer = MoELayer.from_arch(arch, dtype="bfloat16", device="cpu", strategy="grouped").eval()
-    stacks = (layer.experts.gate_up_proj.detach(), layer.experts.down_proj.detach())  # [E, 2I, d], [E, d, I]
+    layer = MoELayer.from_arch(arch, dtype=a.dtype, device="cpu", strategy="grouped", seed=0).eval()
+    ex = layer.experts
+    stacks = (ex.gate_up_proj.detach().bfloat16(), ex.down_proj.detach().bfloat16())  # [E, 2I, d], [E, d, I]
     qs = [quant.quantize(s) for s in stacks]
     if a.wait_idle:
         wait_idle()
@@ -271,7 +273,7 @@ def main() -> None:
         if a.rows:
             gemms(a, stacks, qs, bw, peak, {s for s in a.only.split(",") if s})
         if a.layer_tokens:
-            layers(a, layer, qs)
+            layers(a, arch, layer)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,18 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import QUICK, TINY_LAYER, error_line, in_process
 
 from moe_energy.config import PRESETS, RunOptions
 from moe_energy.energy.select import make_meter
 from moe_energy.errors import ConfigError
+from moe_energy.models import quant
 from moe_energy.models.archs import custom_arch
 from moe_energy.models.counting import layer_weight_bytes, router_params
 from moe_energy.models.llm import MoELayer, quantize_weights
 from moe_energy.models.plan import ModelPlan, plans
-from moe_energy.models.quant import QLinear
+from moe_energy.models.quant import QLinear, QWeight
 from moe_energy.runner.layer import run_llm
 
 ARCH = custom_arch(64, 32, 8, 2)  # widths a multiple of 16: the int8pack kernel's rows on a bf16 CPU too
@@ -115,3 +117,82 @@ def test_weights_are_refused_for_the_seed_and_whole_models(capsys):
     assert main(["run", "--model", "olmoe-1b-7b", "--tiny", "--weights", "int8", *QUICK[QUICK.index("--duration"):]]) \
         == 2
     assert "--weights" in error_line(capsys.readouterr().err)
+
+
+# -- w8a8: int8 weights and int8 activations, each row on its own scale ------------------------------------------
+def _weight(out: int = 48, k: int = 64) -> QWeight:
+    return quant.quantize(torch.randn(out, k, generator=torch.Generator().manual_seed(3)) * 0.1)
+
+
+def _rows(n: int) -> torch.Tensor:
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(n))
+    x[0] *= 40  # rows of very different ranges: a per-call scale would crush the small ones
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_w8a8_fbgemm_reproduces_each_rows_rounding(n):
+    q = quant.with_acts(_weight())
+    assert q.packed is not None  # this torch has fbgemm: the kernel under test runs
+    x = _rows(n)
+    y = quant.linear(x, q)
+    s = x.abs().amax(-1, keepdim=True) / quant.ACT_LEVELS
+    xq = (x / s).round()
+    assert xq.abs().max() == quant.ACT_LEVELS
+    ref = F.linear(xq * s, quant.dequantize(q))  # the rounding spelled out, no kernel of ours
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    reference = quant.linear(x, q._replace(packed=None))  # the path a GPU, autograd or compile takes
+    assert torch.allclose(y, reference, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    alone = torch.cat([quant.linear(x[i:i + 1], q) for i in range(n)])  # a row's numbers depend on it alone
+    assert torch.allclose(y, alone, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+    err = float((y - F.linear(x, quant.dequantize(q))).norm(dim=1).div(F.linear(x, quant.dequantize(q)).norm(dim=1))
+                .max())
+    assert 0 < err < 0.03  # 7-bit rows: about 1-2 % per row, the large row's and the small rows' alike
+
+
+def test_w8a8_zero_rows_stay_zero_and_bf16_rows_come_back_bf16():
+    q = quant.with_acts(_weight())
+    x = torch.zeros(2, 64)
+    x[1] = 1.0
+    y = quant.linear(x, q, b=torch.ones(48))
+    assert torch.equal(y[0], torch.ones(48)) and torch.isfinite(y).all()
+    yb = quant.linear(_rows(4).bfloat16(), q)
+    assert yb.dtype == torch.bfloat16
+    assert float((yb.float() - quant.linear(_rows(4), q)).norm() / yb.float().norm()) < 0.01
+
+
+def test_w8a8_layers_agree_across_strategies_and_hold_packed_copies():
+    layer = MoELayer.from_arch(SHARED, dtype="float32", seed=0, strategy="grouped")
+    x = torch.randn(12, SHARED.d_model, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = layer(x)
+        quantize_weights(layer, "w8a8")
+        outs = {}
+        for s in ("grouped", "padded", "active_loop", "masked_loop", "dense_experts", "grouped_fm"):
+            layer.strategy = s
+            outs[s] = layer(x)
+    assert layer.experts.acts and len(layer.experts.packs) == 2 and len(layer.experts.packs[0]) == SHARED.experts
+    assert layer.shared.down_proj.acts and layer.shared.down_proj.packed is not None
+    assert not any(isinstance(m, QLinear) for m in layer.router.modules())
+    for s, y in outs.items():  # per-row rounding: the padded rows, every-token experts and sorted groups agree
+        assert float((y - outs["grouped"]).norm() / outs["grouped"].norm()) < 1e-5, s
+    assert 0.005 < float((outs["grouped"] - ref).norm() / ref.norm()) < 0.05
+
+
+def test_w8a8_plans_read_a_byte_a_weight_and_hold_the_packed_copy_too():
+    moe8, dense8 = plans(ARCH, ("moe", "dense_total"), "int8")
+    moe, dense = plans(ARCH, ("moe", "dense_total"), "w8a8")
+    assert moe.weight_bytes_read("float32", 3) == moe8.weight_bytes_read("float32", 3)
+    assert moe.weight_bytes("float32") == moe8.weight_bytes("float32") + moe.params - router_params(ARCH)
+    assert dense.weight_bytes("float32") == dense8.weight_bytes("float32") + dense.params
+
+
+@pytest.mark.slow
+def test_cli_weights_w8a8_runs_and_states_both_roundings(tmp_path):
+    r = in_process("run", *TINY_LAYER, "--d-model", "64", "--ffn-dim", "32", "--tokens", "1,4", "--weights", "w8a8",
+                   "--meter", "none", *QUICK[QUICK.index("--duration"):], "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "int8 activations (each row rounded" in r.stdout and "output error" in r.stdout
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["options"]["weights"] == "w8a8" and len(doc["models"]) == 6
+    assert all(m["weights"] == "w8a8" and 0 < m["weights_output_error"] < 0.05 for m in doc["models"])

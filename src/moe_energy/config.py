@@ -114,7 +114,8 @@ class RunOptions:
     # bound is skipped with the reason (a prefill chunk of a big dense FFN takes minutes on a CPU); None: no limit
     max_forward_s: float | None = None
     # LLM layers (issue 24): how the weights are stored: None, the dtype's own; "int8", weight-only int8 with fp32
-    # per-channel scales (models.quant), every model alike, the activations in the dtype
+    # per-channel scales (models.quant), every model alike, the activations in the dtype; "w8a8", the same weights
+    # with each row of activations rounded to int8 too
     weights: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

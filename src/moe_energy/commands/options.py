@@ -176,7 +176,8 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--router", help=f"router kind: {', '.join(ROUTER_KINDS)} (default the preset's)")
     g.add_argument("--weights", help="int8: every model's weights stored int8 weight-only (per-channel fp32 "
                                      "scales; the MoE's router kept in the dtype), the activations in --dtype; "
-                                     "default: the weights in --dtype")
+                                     "w8a8: the same weights, and each row of activations rounded to int8 before "
+                                     "each projection (fbgemm's int8 GEMM on a CPU); default: the weights in --dtype")
     have = set(p._option_string_actions)  # the seed's shape group may hold them already
     if "--experts" not in have:
         g.add_argument("--experts", type=int, help="routed experts E")

@@ -127,8 +127,9 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
                    "--ffn-dim, --experts, --top-k)")
     g.add_argument("--tokens", help="comma list of tokens per forward (default 1,4,16,64,256,1024,4096)")
     g.add_argument("--routing", help=f"comma list of {ROUTING_HELP} (default random)")
-    g.add_argument("--weights", help="comma list of dtype (the weights in the point's dtype: the default) and int8 "
-                   "(every model's weights int8 weight-only, per-channel fp32 scales): one point each")
+    g.add_argument("--weights", help="comma list of dtype (the weights in the point's dtype: the default), int8 "
+                   "(every model's weights int8 weight-only, per-channel fp32 scales) and w8a8 (int8 weights and "
+                   "int8 activations, per row): one point each")
     g.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
                    help="skip a (model, token count) whose one forward takes longer than S seconds at this host's "
                         "roofline bound, with the reason (default: none; --grid llm: --duration)")

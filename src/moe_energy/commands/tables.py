@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from rich.markup import escape
 from rich.table import Table
 
+from ..models.quant import DESCRIBED
 from ..power.carbon import unit
 from ..runner.layer import ERROR_ROWS
 from . import console, fmt
@@ -226,9 +227,9 @@ def weights_lines(doc: dict) -> list[str]:
     if not (doc.get("options") or {}).get("weights"):
         return []
     measured = ", ".join(f"{n} {e:.2%}" for n, e in errs.items()) or "not measured"
-    return [f"weights: {doc['options']['weights']} weight-only, per-channel fp32 scales (the MoE's router in the "
-            f"dtype); output error vs the dtype's own weights (||y_q - y|| / ||y|| on up to {ERROR_ROWS} inputs): "
-            f"{measured}"]
+    w = doc["options"]["weights"]
+    return [f"weights: {DESCRIBED.get(w, w)} (the MoE's router in the dtype); output error vs the dtype's own "
+            f"weights (||y_q - y|| / ||y|| on up to {ERROR_ROWS} inputs): {measured}"]
 
 
 def energy_summary(doc: dict) -> list[str]:

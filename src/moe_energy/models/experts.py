@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # strategies.py imports this module: the routing types are on
     from .strategies import AlignedRouting, Routing
 
 from .kernels import grouped_linear, grouped_mm
-from .quant import QWeight, dequantize
+from .quant import QWeight, dequantize, round_rows
 from .quant import grouped_linear as qgrouped_linear
 from .quant import linear as qlinear
 
@@ -149,6 +149,8 @@ class SwiGLUExperts(NamedTuple):
     counters: Tensor | None = None
     gate_up_scale: Tensor | None = None  # int8 weights (models.quant): gate_up, down int8, these [E, 2I], [E, d]
     down_scale: Tensor | None = None
+    acts: bool = False  # w8a8: each row of activations rounded to int8 before each projection (models.quant)
+    packs: tuple | None = None  # w8a8 on a CPU: fbgemm's packed (gate_up, down), one per expert each
 
     @property
     def num_experts(self) -> int:
@@ -173,6 +175,16 @@ class SwiGLUExperts(NamedTuple):
             return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         raise ValueError(f"unknown SwiGLU activation {self.act!r}; choose from {', '.join(ACTIVATIONS)}")
 
+    def _q(self, i: int) -> QWeight:
+        """Projection i (0: gate_up, 1: down) as int8 weights."""
+        w, s = (self.gate_up, self.gate_up_scale) if i == 0 else (self.down, self.down_scale)
+        assert s is not None
+        return QWeight(w, s, self.acts, None if self.packs is None else self.packs[i])
+
+    def _rows(self, h: Tensor, dim: int = -1) -> Tensor:
+        """h as a projection reads it: w8a8 rounds each row (along ``dim``), else h itself."""
+        return round_rows(h, dim) if self.acts else h
+
     def _dense(self) -> tuple[Tensor, Tensor]:
         """(gate_up, down) as float weights in the activations' dtype: int8 ones dequantized (paths with no int8
         kernel of their own: the batched GEMMs, grouped_mm feature-major)."""
@@ -184,33 +196,33 @@ class SwiGLUExperts(NamedTuple):
         """Expert e on its tokens: h [n, d] -> [n, d]."""
         gb, db = self.gate_up_bias, self.down_bias
         if self.gate_up_scale is not None and self.down_scale is not None:
-            h = qlinear(h, QWeight(self.gate_up[e], self.gate_up_scale[e]), None if gb is None else gb[e])  # [n, 2I]
-            return qlinear(self.glu(h), QWeight(self.down[e], self.down_scale[e]), None if db is None else db[e])
+            h = qlinear(h, self._q(0)[e], None if gb is None else gb[e])  # [n, 2I]
+            return qlinear(self.glu(h), self._q(1)[e], None if db is None else db[e])  # [n, d]
         h = F.linear(h, self.gate_up[e], None if gb is None else gb[e])  # [n, 2I]
         return F.linear(self.glu(h), self.down[e], None if db is None else db[e])  # [n, d]
 
     def run_batched(self, h: Tensor) -> Tensor:
         """Every expert on its own rows: h [E, C, d] -> [E, C, d], two batched GEMMs."""
         gate_up, down = self._dense()
-        h = bmm_bias(h, gate_up.to(h.dtype).transpose(-2, -1), self.gate_up_bias)  # [E, C, 2I]
-        return bmm_bias(self.glu(h), down.to(h.dtype).transpose(-2, -1), self.down_bias)  # [E, C, d]
+        h = bmm_bias(self._rows(h), gate_up.to(h.dtype).transpose(-2, -1), self.gate_up_bias)  # [E, C, 2I]
+        return bmm_bias(self._rows(self.glu(h)), down.to(h.dtype).transpose(-2, -1), self.down_bias)  # [E, C, d]
 
     def run_grouped(self, h: Tensor, r: Routing) -> Tensor:
         """Rows sorted by expert: h [R, d] -> [R, d], two grouped GEMMs (``kernels.grouped_linear``; int8 weights:
         ``quant.grouped_linear``)."""
         if self.gate_up_scale is not None and self.down_scale is not None:
-            h = qgrouped_linear(h, QWeight(self.gate_up, self.gate_up_scale), r.ends, self.gate_up_bias, r.expert)
-            return qgrouped_linear(self.glu(h), QWeight(self.down, self.down_scale), r.ends, self.down_bias, r.expert)
+            h = qgrouped_linear(h, self._q(0), r.ends, self.gate_up_bias, r.expert)  # [R, 2I]
+            return qgrouped_linear(self.glu(h), self._q(1), r.ends, self.down_bias, r.expert)  # [R, d]
         h = grouped_linear(h, self.gate_up, r.ends, self.gate_up_bias, r.expert)  # [R, 2I]
         return grouped_linear(self.glu(h), self.down, r.ends, self.down_bias, r.expert)  # [R, I] -> [R, d]
 
     def run_grouped_fm(self, h: Tensor, a: AlignedRouting, onehot: Tensor) -> Tensor:
         """Feature-major: h [d, P] -> [d, P]; ``onehot`` [E, P] is each column's expert, for the biases."""
         gate_up, down = self._dense()
-        h = grouped_mm(gate_up.to(h.dtype), h, offs=a.offs)  # [E, 2I, d] x [d, P] -> [2I, P]
+        h = grouped_mm(gate_up.to(h.dtype), self._rows(h, 0), offs=a.offs)  # [E, 2I, d] x [d, P] -> [2I, P]
         if self.gate_up_bias is not None:
             h = h.addmm_(self.gate_up_bias.t(), onehot)  # [2I, E] @ [E, P]
-        h = grouped_mm(down.to(h.dtype), self.glu(h, dim=0), offs=a.offs)  # [E, d, I] x [I, P] -> [d, P]
+        h = grouped_mm(down.to(h.dtype), self._rows(self.glu(h, dim=0), 0), offs=a.offs)  # [E, d, I] x [I, P] -> [d, P]
         if self.down_bias is not None:
             h = h.addmm_(self.down_bias.t(), onehot)  # [d, E] @ [E, P]
         return h

@@ -28,7 +28,7 @@ from .counting import LayerShape
 from .experts import ACTIVATIONS, SwiGLUExperts
 from .kernels import FastLinear
 from .moe import StrategyHost, check_shape, whole_number
-from .quant import WEIGHT_FORMATS, quantize, quantize_linears_
+from .quant import ACTIVATION_FORMATS, WEIGHT_FORMATS, quantize, quantize_linears_, with_acts
 from .routers import build_router
 from .strategies import AUTO_CANDIDATES, AutoChoice
 
@@ -105,15 +105,21 @@ class StackedSwiGLU(nn.Module):
     def family(self, capacity_factor: float = 1.25, counters: Tensor | None = None) -> SwiGLUExperts:
         return SwiGLUExperts(self.gate_up_proj, self.down_proj, self.gate_up_proj_bias, self.down_proj_bias,
                              self.act, self.limit, self.alpha, self.interleaved, capacity_factor, counters,
-                             getattr(self, "gate_up_scale", None), getattr(self, "down_scale", None))
+                             getattr(self, "gate_up_scale", None), getattr(self, "down_scale", None),
+                             getattr(self, "acts", False), getattr(self, "packs", None))
 
-    def quantize_(self) -> None:
-        """Both stacks int8 with per-channel scales (models.quant), in place: the float weights are dropped."""
+    def quantize_(self, acts: bool = False) -> None:
+        """Both stacks int8 with per-channel scales (models.quant), in place: the float weights are dropped; with
+        ``acts`` (w8a8) the activations are rounded to int8 too, through fbgemm's packed copies on a CPU."""
+        packs = []
         for name in ("gate_up_proj", "down_proj"):
             q = quantize(getattr(self, name))
             delattr(self, name)
             self.register_buffer(name, q.qdata)  # [E, out, in] int8
             self.register_buffer(f"{name.removesuffix('_proj')}_scale", q.scale)  # [E, out] fp32
+            packs.append(with_acts(q).packed if acts else None)
+        self.acts = acts
+        self.packs = None if None in packs else tuple(packs)
 
 
 class SharedExperts(nn.Module):
@@ -228,12 +234,14 @@ class MoELayer(StrategyHost, nn.Module):
 def quantize_weights(model: nn.Module, weights: str = "int8") -> nn.Module:
     """``model``'s weights stored as ``weights`` (int8 with per-channel scales), in place: an MoELayer's routed and
     shared experts (its router keeps the dtype: it decides the routing), or every Linear of a dense FFN, so no
-    comparison credits one side with a cheaper format. The activations keep the dtype."""
+    comparison credits one side with a cheaper format. The activations keep the dtype (int8), or are rounded to
+    int8 per row before each projection (w8a8)."""
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"weights={weights!r} is unknown; choose from {', '.join(WEIGHT_FORMATS)}")
+    acts = weights in ACTIVATION_FORMATS
     if isinstance(model, MoELayer):
-        model.experts.quantize_()
-        quantize_linears_(model, skip=("router", "experts"))
+        model.experts.quantize_(acts)
+        quantize_linears_(model, skip=("router", "experts"), acts=acts)
     else:
-        quantize_linears_(model)
+        quantize_linears_(model, acts=acts)
     return model

@@ -35,6 +35,7 @@ from .counting import (
 from .dense import DenseMLP, DenseSwiGLU, Match, dense_width, swiglu_width
 from .llm import MoELayer, building, quantize_weights
 from .moe import MoE
+from .quant import ACTIVATION_FORMATS
 
 Kind = Literal["moe", "dense"]
 MODEL_NAMES = ("moe", "dense_total", "dense_active")
@@ -116,8 +117,11 @@ class ModelPlan:
 
     def weight_bytes(self, dtype: str) -> int:
         """Bytes of the weights held (DeepSeek's router at 4 bytes a parameter: it stays fp32; int8 weights at
-        about 1 byte, the router in the dtype)."""
-        return round(self.params * self._param_bytes(dtype) + self._router_bytes(dtype))
+        about 1 byte, the router in the dtype; w8a8 also holds fbgemm's packed copy, 1 byte more, on a CPU)."""
+        packed = 0.0
+        if self.weights in ACTIVATION_FORMATS:
+            packed = self.params - (router_params(self.shape) if self.kind == "moe" else 0)  # type: ignore[arg-type]
+        return round(self.params * self._param_bytes(dtype) + self._router_bytes(dtype) + packed)
 
     def weight_bytes_read(self, dtype: str, touched: float | None = None) -> float | None:
         """Weight bytes one forward reads at least: all of a dense model; the MoE's gate or router, the experts

@@ -17,6 +17,20 @@ grouped_mm. torchao 0.18.0 (imports and runs with torch 2.13) converts the int8 
 (Int8Tensor, eager), no faster than ``_dequantized``.
 Measurements: benchmarks/precision_kernels.py.
 
+w8a8 (``--weights w8a8``): the same int8 weights, and each row of activations rounded to integers in
+[-ACT_LEVELS, ACT_LEVELS] on its own scale (max|x_row| / ACT_LEVELS) per call, as LLM servers' int8 "w8a8" runs
+experts (SGLang's CPU backend, per-token dynamic activations). A row's rounding depends on that row alone, so every
+strategy, batch and token count computes the same numbers. On a CPU the GEMM is fbgemm's int8 kernel in PyTorch
+(``quantized::linear_dynamic`` on a weight packed once, ``pack``): it multiplies int8 by int8 in registers and
+reads each weight byte once. That kernel quantizes its input per call, not per row, so each row goes in already
+rounded, with EDGE columns holding -ACT_LEVELS and ACT_LEVELS + 1 (the packed weight is zero there): the call's
+range is then exactly 128 integers, its scale 1, and it reproduces the integers exactly; the row scales go on the
+output. Measured here (2-core AMD EPYC, AVX2, olmoe-1b-7b expert shapes, all 64 experts in turn): one row read
+int8 at 16 GB/s (fp32 F.linear: 16 GB/s of its 4-byte weights, so 4x the rows per second; ATen's int8 weight-only
+kernel on bf16 rows: 7.7 GB/s), and it stays ahead of fp32 up to 64 rows an expert (1.5x). Elsewhere (GPU,
+autograd, compile, or a torch without fbgemm) the same rounding is applied to the rows and the weight dequantized:
+the same numbers, no int8 speed.
+
 fp8 on a CPU: float8_e4m3fn / e5m2 tensors exist and ``torch._scaled_mm`` runs, but through oneDNN's reference
 kernel (``ref:any``), ~300x slower than a bf16 GEMM on this Xeon (no fp8 arithmetic before AVX10.2); and
 oneDNN's linear refuses fp8 weights. Nothing reads fp8 weights fast on a CPU here: fp8 is for GPUs.
@@ -24,14 +38,24 @@ oneDNN's linear refuses fp8 weights. Nothing reads fp8 weights fast on a CPU her
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 QMAX = 127  # symmetric int8: [-127, 127]
-WEIGHT_FORMATS = ("int8",)  # --weights: besides the dtype's own
+WEIGHT_FORMATS = ("int8", "w8a8")  # --weights: besides the dtype's own
+ACTIVATION_FORMATS = ("w8a8",)  # formats whose activations are rounded to int8 too
+# w8a8: a row's activations as integers in [-63, 63]: x86's fbgemm multiplies uint8 by int8 pairs into int16
+# without VNNI, which 7-bit activations cannot overflow (PyTorch's reduce_range)
+ACT_LEVELS = 63
+# how each format holds the numbers, for tables and reports
+DESCRIBED = {"int8": "int8 weight-only, per-channel fp32 scales",
+             "w8a8": "int8 weights (per-channel fp32 scales) and int8 activations (each row rounded on its own scale "
+                     f"to integers in [-{ACT_LEVELS}, {ACT_LEVELS}])"}
+EDGE = 8  # w8a8: columns after each row (and zeros after each packed weight row) that pin the kernel's range
 IN_DTYPE = "dtype"  # --weights dtype: the weights in the dtype (the default; a sweep axis value beside int8)
 FP8_WHY = {f: "; fp8 weights are not built: a CPU has no fast fp8 kernel (see models/quant.py) and the GPU path "
               "waits for a GPU to test it on" for f in ("fp8", "float8", "float8_e4m3fn")}
@@ -46,10 +70,14 @@ FOLD_MIN_K, FOLD_MAX = 4096, 4  # _folded: one-row GEMMs get weight rows of at l
 
 
 class QWeight(NamedTuple):
-    """An int8 weight-only tensor: qdata int8 [..., out, in] (contiguous), scale fp32 [..., out]."""
+    """An int8 tensor: qdata int8 [..., out, in] (contiguous), scale fp32 [..., out]; ``acts``: the rows it meets
+    are rounded to int8 too (w8a8), through ``packed`` (fbgemm's packed weight, a tuple of them for a stack) on a
+    CPU."""
 
     qdata: Tensor
     scale: Tensor
+    acts: bool = False
+    packed: Any = None
 
     @property
     def shape(self) -> torch.Size:
@@ -57,7 +85,7 @@ class QWeight(NamedTuple):
 
     def __getitem__(self, e: int) -> QWeight:  # type: ignore[override]
         """Expert e of a stack: [E, out, in] -> [out, in]."""
-        return QWeight(self.qdata[e], self.scale[e])
+        return QWeight(self.qdata[e], self.scale[e], self.acts, None if self.packed is None else self.packed[e])
 
 
 def quantize(w: Tensor) -> QWeight:
@@ -79,6 +107,67 @@ def quantize(w: Tensor) -> QWeight:
 def dequantize(q: QWeight, dtype: torch.dtype = torch.float32) -> Tensor:
     """QWeight -> [..., out, in] in ``dtype`` (the reference every kernel here is tested against)."""
     return (q.qdata.to(torch.float32) * q.scale[..., None]).to(dtype)
+
+
+def can_pack(q: QWeight) -> bool:
+    """Whether this torch runs fbgemm's int8 GEMM for ``q`` (a CPU weight; x86 and Arm builds have fbgemm)."""
+    return (q.qdata.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+            and hasattr(torch, "_make_per_channel_quantized_tensor"))
+
+
+def pack(q: QWeight) -> Any:
+    """fbgemm's packed copy of q [out, in] with EDGE zero columns after each row (a stack [E, out, in]: a tuple,
+    one per expert). PyTorch warns that quantized tensors are deprecated: the one made here only feeds the
+    packing and is dropped."""
+    if q.qdata.dim() > 2:
+        return tuple(pack(q[e]) for e in range(q.qdata.shape[0]))
+    qd = F.pad(q.qdata, (0, EDGE))  # [out, in + EDGE]
+    zeros = torch.zeros(qd.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        qt = torch._make_per_channel_quantized_tensor(qd, q.scale.double(), zeros, 0)
+    return torch.ops.quantized.linear_prepack(qt, None)
+
+
+def with_acts(q: QWeight) -> QWeight:
+    """q as w8a8: activations rounded too, packed for fbgemm where this torch has it."""
+    return QWeight(q.qdata, q.scale, True, pack(q) if can_pack(q) else None)
+
+
+def row_scales(x: Tensor, dim: int = -1) -> Tensor:
+    """Each row's w8a8 scale: max|x| / ACT_LEVELS along ``dim`` (kept), fp32; an all-zero row's is tiny, not 0."""
+    return x.float().abs().amax(dim, keepdim=True).div_(ACT_LEVELS).clamp_min_(1e-30)
+
+
+def round_rows(x: Tensor, dim: int = -1) -> Tensor:
+    """x with each row (along ``dim``) on w8a8's integer grid, back in x's dtype: the numbers every w8a8 path
+    computes with (the reference; fbgemm's kernel reproduces them)."""
+    if x.numel() == 0:
+        return x
+    s = row_scales(x, dim)
+    return x.float().div(s).round_().mul_(s).to(x.dtype)
+
+
+def _edged(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [n, in] -> (integers [n, in + EDGE] fp32, the EDGE columns -ACT_LEVELS, ACT_LEVELS + 1, 0...; scales
+    [n, 1]): fbgemm's per-call range is then exactly 128 integers, so it keeps each row's rounding."""
+    s = row_scales(x)
+    xq = F.pad(x.float().div(s).round_(), (0, EDGE))  # [n, in + EDGE]
+    xq[:, -EDGE] = -ACT_LEVELS
+    xq[:, 1 - EDGE] = ACT_LEVELS + 1
+    return xq, s
+
+
+def _fbgemm(xq: Tensor, packed: Any) -> Tensor:
+    return torch.ops.quantized.linear_dynamic(xq, packed, True)  # [n, out] fp32; reduce_range: 7-bit rows
+
+
+def _w8a8(x: Tensor, q: QWeight) -> Tensor:
+    """x [n, in] rounded per row, @ dequantize(q)^T -> [n, out] in x's dtype: fbgemm where packed."""
+    if q.packed is None or not fast_cpu(x, q) or x.shape[0] == 0:
+        return F.linear(round_rows(x), dequantize(q, x.dtype))
+    xq, s = _edged(x)
+    return _fbgemm(xq, q.packed).mul_(s).to(x.dtype)
 
 
 def fold_factor(rows: int, out: int, k: int) -> int:
@@ -122,11 +211,15 @@ def fast_cpu(x: Tensor, q: QWeight) -> bool:
 
 
 def linear(x: Tensor, q: QWeight, b: Tensor | None = None) -> Tensor:
-    """x [n, in] @ dequantize(q)^T (+ b [out]) -> [n, out] in x's dtype."""
-    if not fast_cpu(x, q):
+    """x [n, in] @ dequantize(q)^T (+ b [out]) -> [n, out] in x's dtype (w8a8: x rounded per row first)."""
+    if q.acts:
+        y = _w8a8(x, q)
+    elif not fast_cpu(x, q):
         return F.linear(x, dequantize(q, x.dtype), b)
-    packable = x.dtype == torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_ROWS and x.shape[1] % INT8PACK_K_MULTIPLE == 0
-    y = _int8pack(x.contiguous(), q) if packable else _dequantized(x, q)
+    else:
+        packable = (x.dtype == torch.bfloat16 and x.shape[0] <= INT8PACK_MAX_ROWS
+                    and x.shape[1] % INT8PACK_K_MULTIPLE == 0)
+        y = _int8pack(x.contiguous(), q) if packable else _dequantized(x, q)
     return y if b is None else y.add_(b)
 
 
@@ -135,7 +228,10 @@ def grouped_linear(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None = None,
     """Rows sorted by group, each through its own int8 weight: h [R, in], q [E, out, in], ``ends`` [E] int32
     one past each group's last row, b [E, out] with ``expert`` [R] each row's group -> [R, out] (as
     kernels.grouped_linear)."""
+    if q.acts and q.packed is not None and fast_cpu(h, q):
+        return _grouped_w8a8(h, q, ends, b, expert)
     if not fast_cpu(h, q):  # no sync: one grouped GEMM over the dequantized stack
+        h = round_rows(h) if q.acts else h
         y = _grouped_mm(h, dequantize(q, h.dtype).transpose(-2, -1), offs=ends)  # [R, out]
         return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
     out = h.new_empty(h.shape[0], q.qdata.shape[1])  # [R, out]
@@ -147,36 +243,54 @@ def grouped_linear(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None = None,
     return out
 
 
+def _grouped_w8a8(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None, expert: Tensor | None) -> Tensor:
+    """grouped_linear through fbgemm: every row rounded once, each group's rows through its expert's packed
+    weight, the row scales applied once."""
+    xq, s = _edged(h)  # [R, in + EDGE], [R, 1]
+    out = xq.new_empty(h.shape[0], q.qdata.shape[1])  # [R, out] fp32
+    start = 0
+    for e, end in enumerate(ends.tolist()):  # a CPU tensor: reading it waits for nothing
+        if end > start:
+            out[start:end] = _fbgemm(xq[start:end], q.packed[e])
+        start = end
+    y = out.mul_(s).to(h.dtype)
+    return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
+
+
 class QLinear(nn.Module):
     """nn.Linear's place, its weight int8 with per-channel scales: x [..., in] -> [..., out] in x's dtype."""
 
-    def __init__(self, lin: nn.Linear) -> None:
+    def __init__(self, lin: nn.Linear, acts: bool = False) -> None:
         super().__init__()
         q = quantize(lin.weight)
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.register_buffer("qweight", q.qdata)  # [out, in] int8
         self.register_buffer("scale", q.scale)  # [out] fp32
         self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
+        self.acts = acts  # w8a8: the rows rounded to int8 too
+        self.packed = with_acts(q).packed if acts else None  # fbgemm's copy (a CPU's)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        y = linear(x.reshape(-1, self.in_features), QWeight(self.qweight, self.scale), self.bias)
+        q = QWeight(self.qweight, self.scale, self.acts, self.packed)
+        y = linear(x.reshape(-1, self.in_features), q, self.bias)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weights=int8 per channel"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weights=int8 per channel"
+                + (", activations int8 per row" if self.acts else ""))
 
 
-def quantize_linears_(module: nn.Module, skip: tuple[str, ...] = ()) -> int:
-    """Every nn.Linear inside ``module`` (its subclasses too: FastLinear) replaced by a QLinear of its weights, but
-    those under a child named in ``skip`` (a router's); the count replaced."""
+def quantize_linears_(module: nn.Module, skip: tuple[str, ...] = (), acts: bool = False) -> int:
+    """Every nn.Linear inside ``module`` (its subclasses too: FastLinear) replaced by a QLinear of its weights (w8a8
+    with ``acts``), but those under a child named in ``skip`` (a router's); the count replaced."""
     n = 0
     for name, child in list(module.named_children()):
         if name in skip:
             continue
         if isinstance(child, nn.Linear):
-            setattr(module, name, QLinear(child))
+            setattr(module, name, QLinear(child, acts))
             n += 1
         else:
-            n += quantize_linears_(child, skip)
+            n += quantize_linears_(child, skip, acts)
     return n

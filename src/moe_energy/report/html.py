@@ -78,7 +78,8 @@ LAYER_NOTE = (
     "left out): none are drawn. Weights int8 (--weights int8): every model of the point holds int8 weight-only "
     "weights (per-channel fp32 scales, activations in the dtype; bytes read count 1 byte a weight), so int8 rows are "
     "compared among themselves only, never with the dtype's; their output error is ||y_int8 - y|| / ||y|| against "
-    "the same weights in the dtype."
+    "the same weights in the dtype. Weights w8a8 (--weights w8a8): the same int8 weights, and each row of "
+    "activations rounded to int8 on its own scale before each projection; a format of its own, compared likewise."
 )
 
 
