@@ -13,13 +13,14 @@ from conftest import QUICK, TINY_LAYER, error_line, in_process
 from moe_energy.config import PRESETS, RunOptions
 from moe_energy.energy.select import make_meter
 from moe_energy.errors import ConfigError
+from moe_energy.measure import roofline
 from moe_energy.models import quant
 from moe_energy.models.archs import custom_arch
-from moe_energy.models.counting import layer_weight_bytes, router_params
+from moe_energy.models.counting import expected_experts_touched, layer_weight_bytes, router_params
 from moe_energy.models.llm import MoELayer, quantize_weights
 from moe_energy.models.plan import ModelPlan, plans
 from moe_energy.models.quant import QLinear, QWeight
-from moe_energy.runner.layer import run_llm
+from moe_energy.runner.layer import forward_bound_s, run_llm
 
 ARCH = custom_arch(64, 32, 8, 2)  # widths a multiple of 16: the int8pack kernel's rows on a bf16 CPU too
 SHARED = custom_arch(64, 32, 8, 2, shared_experts=1, shared_gate=True)  # Qwen's gated shared expert
@@ -136,9 +137,9 @@ def test_w8a8_fbgemm_reproduces_each_rows_rounding(n):
     assert q.packed is not None  # this torch has fbgemm: the kernel under test runs
     x = _rows(n)
     y = quant.linear(x, q)
-    s = x.abs().amax(-1, keepdim=True) / quant.ACT_LEVELS
+    s = x.abs().amax(-1, keepdim=True) / quant.act_levels()
     xq = (x / s).round()
-    assert xq.abs().max() == quant.ACT_LEVELS
+    assert xq.abs().max() == quant.act_levels()
     ref = F.linear(xq * s, quant.dequantize(q))  # the rounding spelled out, no kernel of ours
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     reference = quant.linear(x, q._replace(packed=None))  # the path a GPU, autograd or compile takes
@@ -148,6 +149,25 @@ def test_w8a8_fbgemm_reproduces_each_rows_rounding(n):
     err = float((y - F.linear(x, quant.dequantize(q))).norm(dim=1).div(F.linear(x, quant.dequantize(q)).norm(dim=1))
                 .max())
     assert 0 < err < 0.03  # 7-bit rows: about 1-2 % per row, the large row's and the small rows' alike
+
+
+def test_w8a8_rows_are_8_bit_exactly_where_fbgemm_multiplies_8_bit_rows_without_overflow():
+    """act_levels' probe against the kernel itself: full-range integer rows through a full-range weight, exact (int32
+    sums) or not; 7-bit rows where not (x86 without VNNI), and then 7-bit rows are exact."""
+    g = torch.Generator().manual_seed(0)
+    qd = torch.randint(-127, 128, (64, 256), dtype=torch.int8, generator=g)
+    q = QWeight(qd, torch.ones(64))
+    packed = quant.pack(q)
+    for n in (127, 63):
+        xq = F.pad(torch.randint(-n, n + 1, (4, 256), generator=g).float(), (0, quant.EDGE))
+        xq = quant._edges(xq, n)
+        y = torch.ops.quantized.linear_dynamic(xq, packed, n == 63)
+        exact = torch.equal(y, xq[:, :256] @ qd.float().t())
+        if n == 127:
+            assert exact == (quant.act_levels() == 127)
+        else:
+            assert exact
+    assert quant.act_levels() in quant.ACT_LEVELS and f"[-{quant.act_levels()}, " in quant.describe("w8a8")
 
 
 def test_w8a8_zero_rows_stay_zero_and_bf16_rows_come_back_bf16():
@@ -196,3 +216,23 @@ def test_cli_weights_w8a8_runs_and_states_both_roundings(tmp_path):
     doc = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert doc["options"]["weights"] == "w8a8" and len(doc["models"]) == 6
     assert all(m["weights"] == "w8a8" and 0 < m["weights_output_error"] < 0.05 for m in doc["models"])
+
+
+def test_w8a8_bounds_use_the_int8_kernels_rate_calibrated_on_first_use(tmp_path, monkeypatch):
+    """A w8a8 model's FLOPs run on int8 arithmetic: its compute bound is that kernel's rate, measured the first
+    time a run needs it (beside the cached dtype's), not the dtype's GEMM rate."""
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path))
+    roofline.calibrate(CPU, ("float32",), seconds=0.01, gemm_size=64, copy_bytes=2**20)
+    said: list[str] = []
+    roof = roofline.load_or_calibrate(CPU, "float32", said.append, weights="w8a8")
+    assert len(said) == 1 and said[0].startswith("no w8a8 roofline cached for cpu")
+    assert set(roof.gemm_flops_per_s) == {"float32", "w8a8"} and roof.gemm_flops_per_s["w8a8"] > 0
+    again = roofline.load_or_calibrate(CPU, "float32", said.append, weights="w8a8")  # cached now: nothing said
+    assert len(said) == 1 and again.gemm_flops_per_s == roof.gemm_flops_per_s
+    plan = ModelPlan.of("moe", ARCH).quantized("w8a8")
+    assert plan.rate_key("float32") == "w8a8" and plan.quantized("int8").rate_key("float32") == "float32"
+    flops = plan.flops_per_inference * 64
+    touched = expected_experts_touched(ARCH.experts, ARCH.top_k, 64)
+    want = max(plan.weight_bytes_read("float32", touched) / roof.bandwidth_bytes_per_s,
+               flops / roof.gemm_flops_per_s["w8a8"])
+    assert forward_bound_s(roof, plan, 64, "float32") == pytest.approx(want)

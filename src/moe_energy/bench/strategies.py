@@ -432,20 +432,20 @@ def _layer_row(b: _Layer, v: Variant, tokens: int, touched: int, roof: Roofline 
     """One row: ms per forward (median, best), tokens/s and the roofline columns. The MoE and transformers' block
     compute one function: the same FLOPs and the same least bytes (router, the experts reached, shared)."""
     dname = dtype_name(b.dt)
-    bpp = BYTES[dname]
+    bpp, rate = BYTES[dname], dname  # rate: the roofline GEMM rate the row's FLOPs run at
     if v.kind == "dense":
         params = swiglu_params(b.arch.d_model, v.info["width"])
         flops, nbytes = tokens * 2 * params, params * bpp
     else:
         flops, nbytes = tokens * layer_flops(b.arch), layer_weight_bytes(b.arch, touched, bpp)
     if b.weights is not None and v.kind != "transformers":  # the stored format's bytes, as a run counts them
-        nbytes = ModelPlan.of("moe" if v.kind == "moe" else v.name, b.arch).quantized(b.weights) \
-            .weight_bytes_read(dname, touched) or nbytes
+        plan = ModelPlan.of("moe" if v.kind == "moe" else v.name, b.arch).quantized(b.weights)
+        nbytes, rate = plan.weight_bytes_read(dname, touched) or nbytes, plan.rate_key(dname)
     ms = v.median_ms
     return {"name": v.name, "kind": v.kind, "tokens": tokens, "ms_per_forward": ms, "ms_per_forward_min": min(v.ms),
             "rounds": len(v.ms), "iterations": v.iterations, "tokens_per_second": tokens / (ms / 1e3),
             "speedup_vs_transformers": None, "achieved_gflops": flops / (ms / 1e3) / 1e9,
-            "weights": b.weights_of(v.kind), **roofline.figures(roof, ms / 1e3, flops, nbytes, dname), **v.info,
+            "weights": b.weights_of(v.kind), **roofline.figures(roof, ms / 1e3, flops, nbytes, rate), **v.info,
             **extra}
 
 

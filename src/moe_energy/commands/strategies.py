@@ -82,9 +82,9 @@ def strategies_table(doc: dict) -> Table:
     return t
 
 
-def _roofline_for(device: torch.device, dtype: str) -> roofline.Roofline:
+def _roofline_for(device: torch.device, dtype: str, weights: str | None = None) -> roofline.Roofline:
     return roofline.load_or_calibrate(device, dtype, notice,
-                                      say=lambda m: console.print(escape(m), highlight=False))
+                                      say=lambda m: console.print(escape(m), highlight=False), weights=weights)
 
 
 @command("bench-strategies", "Time every MoE strategy and both dense baselines on one batch; print and save JSON.",
@@ -131,7 +131,7 @@ def bench_layer_command(args: argparse.Namespace) -> int:
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype)
     check_layer_inputs(arch, tokens, device, opts.dtype)
-    roof = _roofline_for(device, opts.dtype)
+    roof = _roofline_for(device, opts.dtype, w.weights)
     with console.status("benchmarking the layer") as status:
         doc = bench_layer(arch, tokens, dtype=opts.dtype, device=device, strategies=strategies, seconds=args.seconds,
                           seed=opts.seed, roof=roof, on_phase=lambda msg: status.update(escape(msg)),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from rich.markup import escape
 from rich.table import Table
 
-from ..models.quant import DESCRIBED
+from ..models.quant import describe
 from ..power.carbon import unit
 from ..runner.layer import ERROR_ROWS
 from . import console, fmt
@@ -228,7 +228,7 @@ def weights_lines(doc: dict) -> list[str]:
         return []
     measured = ", ".join(f"{n} {e:.2%}" for n, e in errs.items()) or "not measured"
     w = doc["options"]["weights"]
-    return [f"weights: {DESCRIBED.get(w, w)} (the MoE's router in the dtype); output error vs the dtype's own "
+    return [f"weights: {describe(w)} (the MoE's router in the dtype); output error vs the dtype's own "
             f"weights (||y_q - y|| / ||y|| on up to {ERROR_ROWS} inputs): {measured}"]
 
 

@@ -24,6 +24,7 @@ import torch
 from ..device import device_sync
 from ..dtypes import dtype_of
 from ..errors import ConfigError
+from ..models import quant
 from ..models.kernels import linear
 from ..storage.fileio import now_utc, replace_atomic
 from .environment import cpu_model
@@ -37,7 +38,7 @@ BUSY_LOAD = 0.5  # a 1-minute load average over this share of the CPUs: other wo
 @dataclass(frozen=True)
 class Roofline:
     device_name: str
-    gemm_flops_per_s: dict[str, float]  # dtype name -> best measured FLOP/s of a large square matmul
+    gemm_flops_per_s: dict[str, float]  # dtype name (or w8a8: its int8 kernel) -> best FLOP/s of a large square matmul
     bandwidth_bytes_per_s: float  # best measured (read + write) bytes/s of a large tensor copy
     gemm_size: int
     copy_bytes: int
@@ -125,6 +126,22 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, n: int, seconds: floa
                    _best_rate(lambda: linear(a, b), 2.0 * n**3, device, seconds / 2))
 
 
+def measure_rate(device: torch.device, key: str, n: int, seconds: float) -> float:
+    """The GEMM rate a roofline keeps under ``key``: a dtype's (measure_gemm), or w8a8's: fp32 rows rounded to int8
+    per row through an int8 weight (fbgemm on a CPU), the work a --weights w8a8 layer's FLOPs are done with."""
+    if key not in quant.ACTIVATION_FORMATS:
+        return measure_gemm(device, dtype_of(key), n, seconds)
+    a = torch.randn(n, n, device=device)
+    q = quant.with_acts(quant.quantize(torch.randn(n, n, device=device)))
+    with torch.inference_mode():
+        return _best_rate(lambda: quant.linear(a, q), 2.0 * n**3, device, seconds)
+
+
+def rate_keys(dtype: str, weights: str | None = None) -> tuple[str, ...]:
+    """The GEMM rates a run's bounds need: its dtype's, and w8a8's int8 kernel's when its weights are w8a8."""
+    return (dtype, weights) if weights in quant.ACTIVATION_FORMATS else (dtype,)
+
+
 def measure_bandwidth(device: torch.device, nbytes: int, seconds: float) -> float:
     src = torch.empty(nbytes // 4, device=device, dtype=torch.float32).uniform_()
     dst = torch.empty_like(src)
@@ -158,7 +175,7 @@ def calibrate(
     n, nbytes = default_sizes(device)
     n, nbytes = gemm_size or n, copy_bytes or nbytes
     busy = host_busy(device)
-    flops = {name: measure_gemm(device, dtype_of(name), n, seconds) for name in dtypes}
+    flops = {name: measure_rate(device, name, n, seconds) for name in dtypes}
     bw = measure_bandwidth(device, nbytes, seconds)
     roof = Roofline(device_name(device), flops, bw, n, nbytes, now_utc(), busy=busy)
     if save:
@@ -233,20 +250,23 @@ def load(device: torch.device, notice: Callable[[str], None] | None = None) -> R
 
 
 def load_or_calibrate(device: torch.device, dtype: str, notice: Callable[[str], None],
-                      say: Callable[[str], None] | None = None) -> Roofline:
-    """The cached roofline of this device with ``dtype``'s GEMM rate, measured first when it lacks it (a few
-    seconds; ``say`` tells it): the whole calibration when none is cached, the one dtype's rate beside a cached
-    bandwidth otherwise. A cache that cannot be written is a ``notice``, not the end of the run."""
+                      say: Callable[[str], None] | None = None, weights: str | None = None) -> Roofline:
+    """The cached roofline of this device with the GEMM rates a run in ``dtype`` (and ``weights``) needs
+    (rate_keys), measured first when it lacks them (a few seconds; ``say`` tells it): the whole calibration when
+    none is cached, the missing rates beside a cached bandwidth otherwise. A cache that cannot be written is a
+    ``notice``, not the end of the run."""
     roof = load(device, notice=notice)
-    if roof is not None and dtype in roof.gemm_flops_per_s:
+    missing = [k for k in rate_keys(dtype, weights) if roof is None or k not in roof.gemm_flops_per_s]
+    if not missing:
+        assert roof is not None
         return roof
-    (say or notice)(f"no {dtype} roofline cached for {device_name(device)}: calibrating it (once, a few seconds)")
-    if roof is None:  # the one dtype in use: bf16 where the CPU emulates it takes minutes, not seconds
-        roof = calibrate(device, (dtype,), save=False)
+    (say or notice)(f"no {' or '.join(missing)} roofline cached for {device_name(device)}: calibrating it (once, "
+                    "a few seconds)")
+    if roof is None:  # the rates in use only: bf16 where the CPU emulates it takes minutes, not seconds
+        roof = calibrate(device, tuple(missing), save=False)
     else:
-        n = roof.gemm_size
-        rate = measure_gemm(device, dtype_of(dtype), n, 0.6)
-        roof = dataclasses.replace(roof, gemm_flops_per_s={**roof.gemm_flops_per_s, dtype: rate})
+        rates = {k: measure_rate(device, k, roof.gemm_size, 0.6) for k in missing}
+        roof = dataclasses.replace(roof, gemm_flops_per_s={**roof.gemm_flops_per_s, **rates})
     try:
         _store(roof)
     except ConfigError as e:

@@ -96,6 +96,10 @@ class ModelPlan:
             raise ValueError("int8 weights are built for LLM layers only")
         return replace(self, weights=weights)
 
+    def rate_key(self, dtype: str) -> str:
+        """The roofline GEMM rate this model's FLOPs run at: w8a8's int8 kernel's, else the dtype's."""
+        return self.weights if self.weights in ACTIVATION_FORMATS else dtype  # type: ignore[return-value]
+
     def _param_bytes(self, dtype: str) -> float:
         """Bytes one weight parameter is held in: the dtype's, or int8's 1 plus its share of the fp32 scale of
         its output channel (gate/up rows of d inputs, down rows of I; exact for the routed experts)."""

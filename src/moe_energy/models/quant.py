@@ -17,19 +17,20 @@ grouped_mm. torchao 0.18.0 (imports and runs with torch 2.13) converts the int8 
 (Int8Tensor, eager), no faster than ``_dequantized``.
 Measurements: benchmarks/precision_kernels.py.
 
-w8a8 (``--weights w8a8``): the same int8 weights, and each row of activations rounded to integers in
-[-ACT_LEVELS, ACT_LEVELS] on its own scale (max|x_row| / ACT_LEVELS) per call, as LLM servers' int8 "w8a8" runs
-experts (SGLang's CPU backend, per-token dynamic activations). A row's rounding depends on that row alone, so every
-strategy, batch and token count computes the same numbers. On a CPU the GEMM is fbgemm's int8 kernel in PyTorch
-(``quantized::linear_dynamic`` on a weight packed once, ``pack``): it multiplies int8 by int8 in registers and
-reads each weight byte once. That kernel quantizes its input per call, not per row, so each row goes in already
-rounded, with EDGE columns holding -ACT_LEVELS and ACT_LEVELS + 1 (the packed weight is zero there): the call's
-range is then exactly 128 integers, its scale 1, and it reproduces the integers exactly; the row scales go on the
-output. Measured here (2-core AMD EPYC, AVX2, olmoe-1b-7b expert shapes, all 64 experts in turn): one row read
-int8 at 16 GB/s (fp32 F.linear: 16 GB/s of its 4-byte weights, so 4x the rows per second; ATen's int8 weight-only
-kernel on bf16 rows: 7.7 GB/s), and it stays ahead of fp32 up to 64 rows an expert (1.5x). Elsewhere (GPU,
-autograd, compile, or a torch without fbgemm) the same rounding is applied to the rows and the weight dequantized:
-the same numbers, no int8 speed.
+w8a8 (``--weights w8a8``): the same int8 weights, and each row of activations rounded to integers in [-n, n] on
+its own scale (max|x_row| / n) per call, as LLM servers' int8 "w8a8" runs experts (SGLang's CPU backend,
+per-token dynamic activations); n = 127 (8 bits), or 63 on CPUs where fbgemm's kernel would overflow 8-bit rows
+(x86 without VNNI adds uint8 x int8 pairs in int16; ``act_levels`` runs the case that overflows). A row's
+rounding depends on that row alone, so every strategy, batch and token count computes the same numbers.
+On a CPU the GEMM is fbgemm's int8 kernel in PyTorch (``quantized::linear_dynamic`` on a weight packed once,
+``pack``): it multiplies int8 by int8 in registers and reads each weight byte once. That kernel quantizes its
+input per call, not per row, so each row goes in already rounded, with EDGE columns holding -n and n + 1 (the
+packed weight is zero there): the call's range is then exactly 2n + 2 integers, its scale 1, and it reproduces
+the integers exactly; the row scales go on the output. Measured here (2-core AMD EPYC, AVX2 without VNNI, so
+n = 63; olmoe-1b-7b expert shapes, all 64 experts in turn): one row read int8 at 16 GB/s (fp32 F.linear: 16 GB/s
+of its 4-byte weights, so 4x the rows per second; ATen's int8 weight-only kernel on bf16 rows: 7.7 GB/s), and it
+stays ahead of fp32 up to 64 rows an expert (1.5x). Elsewhere (GPU, autograd, compile, or a torch without
+fbgemm) the same rounding is applied to the rows and the weight dequantized: the same numbers, no int8 speed.
 
 fp8 on a CPU: float8_e4m3fn / e5m2 tensors exist and ``torch._scaled_mm`` runs, but through oneDNN's reference
 kernel (``ref:any``), ~300x slower than a bf16 GEMM on this Xeon (no fp8 arithmetic before AVX10.2); and
@@ -38,6 +39,7 @@ oneDNN's linear refuses fp8 weights. Nothing reads fp8 weights fast on a CPU her
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -48,13 +50,9 @@ from torch import Tensor, nn
 QMAX = 127  # symmetric int8: [-127, 127]
 WEIGHT_FORMATS = ("int8", "w8a8")  # --weights: besides the dtype's own
 ACTIVATION_FORMATS = ("w8a8",)  # formats whose activations are rounded to int8 too
-# w8a8: a row's activations as integers in [-63, 63]: x86's fbgemm multiplies uint8 by int8 pairs into int16
-# without VNNI, which 7-bit activations cannot overflow (PyTorch's reduce_range)
-ACT_LEVELS = 63
-# how each format holds the numbers, for tables and reports
-DESCRIBED = {"int8": "int8 weight-only, per-channel fp32 scales",
-             "w8a8": "int8 weights (per-channel fp32 scales) and int8 activations (each row rounded on its own scale "
-                     f"to integers in [-{ACT_LEVELS}, {ACT_LEVELS}])"}
+# w8a8: a row's activations as integers in [-127, 127], or [-63, 63] where fbgemm's kernel would overflow 8-bit
+# rows: without VNNI it adds uint8 x int8 pairs in int16 (PyTorch's reduce_range); act_levels() finds out
+ACT_LEVELS = (127, 63)
 EDGE = 8  # w8a8: columns after each row (and zeros after each packed weight row) that pin the kernel's range
 IN_DTYPE = "dtype"  # --weights dtype: the weights in the dtype (the default; a sweep axis value beside int8)
 FP8_WHY = {f: "; fp8 weights are not built: a CPU has no fast fp8 kernel (see models/quant.py) and the GPU path "
@@ -109,10 +107,38 @@ def dequantize(q: QWeight, dtype: torch.dtype = torch.float32) -> Tensor:
     return (q.qdata.to(torch.float32) * q.scale[..., None]).to(dtype)
 
 
+def describe(weights: str) -> str:
+    """How a format holds the numbers, for tables and reports (w8a8's row grid is this host's)."""
+    if weights == "int8":
+        return "int8 weight-only, per-channel fp32 scales"
+    if weights == "w8a8":
+        n = act_levels()
+        return (f"int8 weights (per-channel fp32 scales) and int8 activations (each row rounded on its own scale to "
+                f"integers in [-{n}, {n}])")
+    return weights
+
+
+@functools.cache
+def act_levels() -> int:
+    """127 (8-bit rows), or 63 where this host's fbgemm kernel saturates 8-bit rows: found by running the case
+    that saturates (rows and weights at +127, whose pair sums pass int16) and checking the exact answer."""
+    if not _has_fbgemm():
+        return ACT_LEVELS[0]  # no int8 kernel here: the reference rounding has no pair sums to overflow
+    k = 64
+    packed = pack(QWeight(torch.full((8, k), QMAX, dtype=torch.int8), torch.ones(8)))
+    xq = _edges(torch.full((1, k + EDGE), float(ACT_LEVELS[0])), ACT_LEVELS[0])
+    y = torch.ops.quantized.linear_dynamic(xq, packed, False)  # [1, 8]
+    return ACT_LEVELS[0] if bool((y == QMAX * ACT_LEVELS[0] * k).all()) else ACT_LEVELS[1]
+
+
+def _has_fbgemm() -> bool:
+    engines = torch.backends.quantized.supported_engines
+    return "fbgemm" in engines and hasattr(torch, "_make_per_channel_quantized_tensor")
+
+
 def can_pack(q: QWeight) -> bool:
     """Whether this torch runs fbgemm's int8 GEMM for ``q`` (a CPU weight; x86 and Arm builds have fbgemm)."""
-    return (q.qdata.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
-            and hasattr(torch, "_make_per_channel_quantized_tensor"))
+    return q.qdata.device.type == "cpu" and _has_fbgemm()
 
 
 def pack(q: QWeight) -> Any:
@@ -135,8 +161,8 @@ def with_acts(q: QWeight) -> QWeight:
 
 
 def row_scales(x: Tensor, dim: int = -1) -> Tensor:
-    """Each row's w8a8 scale: max|x| / ACT_LEVELS along ``dim`` (kept), fp32; an all-zero row's is tiny, not 0."""
-    return x.float().abs().amax(dim, keepdim=True).div_(ACT_LEVELS).clamp_min_(1e-30)
+    """Each row's w8a8 scale: max|x| / act_levels() along ``dim`` (kept), fp32; an all-zero row's is tiny, not 0."""
+    return x.float().abs().amax(dim, keepdim=True).div_(act_levels()).clamp_min_(1e-30)
 
 
 def round_rows(x: Tensor, dim: int = -1) -> Tensor:
@@ -148,18 +174,24 @@ def round_rows(x: Tensor, dim: int = -1) -> Tensor:
     return x.float().div(s).round_().mul_(s).to(x.dtype)
 
 
+def _edges(xq: Tensor, n: int) -> Tensor:
+    """xq [rows, in + EDGE] with its EDGE columns set to -n, n + 1, 0, ...: fbgemm's per-call range is then
+    exactly 2n + 2 integers, its scale 1, so it keeps each row's rounding."""
+    xq[:, -EDGE:] = 0
+    xq[:, -EDGE] = -n
+    xq[:, 1 - EDGE] = n + 1
+    return xq
+
+
 def _edged(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [n, in] -> (integers [n, in + EDGE] fp32, the EDGE columns -ACT_LEVELS, ACT_LEVELS + 1, 0...; scales
-    [n, 1]): fbgemm's per-call range is then exactly 128 integers, so it keeps each row's rounding."""
+    """x [n, in] -> (its rows' integers [n, in + EDGE] fp32 with the edge columns, scales [n, 1])."""
     s = row_scales(x)
-    xq = F.pad(x.float().div(s).round_(), (0, EDGE))  # [n, in + EDGE]
-    xq[:, -EDGE] = -ACT_LEVELS
-    xq[:, 1 - EDGE] = ACT_LEVELS + 1
-    return xq, s
+    return _edges(F.pad(x.float().div(s).round_(), (0, EDGE)), act_levels()), s
 
 
 def _fbgemm(xq: Tensor, packed: Any) -> Tensor:
-    return torch.ops.quantized.linear_dynamic(xq, packed, True)  # [n, out] fp32; reduce_range: 7-bit rows
+    """[n, out] fp32; 7-bit rows ask for reduce_range (a 127-wide range), 8-bit rows for the full one."""
+    return torch.ops.quantized.linear_dynamic(xq, packed, act_levels() == ACT_LEVELS[1])
 
 
 def _w8a8(x: Tensor, q: QWeight) -> Tensor:

@@ -579,7 +579,8 @@ def model_record(w: Workload, r: Run, plan: ModelPlan, point: Point, label: str,
     ips = rec.get("inferences_per_second")
     nbytes = w.bytes_read(plan, point, rec, dtype) if ips and r.team.bounds else None
     if ips and nbytes is not None:
-        rec.update(roofline.figures(r.roof, point.rows / ips, plan.flops_per_inference * point.rows, nbytes, dtype))
+        rec.update(roofline.figures(r.roof, point.rows / ips, plan.flops_per_inference * point.rows, nbytes,
+                                    plan.rate_key(dtype)))
     if label in m.stopped:
         rec["flags"] = [f"stopped after {len(windows)} of {r.opts.repeats} windows: {m.stopped[label]}"] \
             + rec["flags"]
@@ -688,7 +689,7 @@ class Team:
             notices.append(msg)
             r.ui.info(msg)
 
-        return roofline.load_or_calibrate(r.device, r.opts.dtype, notices.append, say=told)
+        return roofline.load_or_calibrate(r.device, r.opts.dtype, notices.append, say=told, weights=r.opts.weights)
 
     def idle(self, r: Run) -> tuple[IdlePower | None, dict | None]:
         return idle_phase(r)

@@ -132,7 +132,8 @@ def forward_bound_s(roof: roofline.Roofline | None, plan: ModelPlan, tokens: int
     a = plan.shape
     assert isinstance(a, Arch)
     touched = expected_experts_touched(a.experts, a.top_k, tokens) if plan.kind == "moe" else None
-    return roof.bound_s(plan.flops_per_inference * tokens, plan.weight_bytes_read(dtype, touched) or 0.0, dtype)
+    return roof.bound_s(plan.flops_per_inference * tokens, plan.weight_bytes_read(dtype, touched) or 0.0,
+                        plan.rate_key(dtype))
 
 
 def forward_too_long(roof: roofline.Roofline | None, plan: ModelPlan, tokens: int, opts: RunOptions) -> str | None:
