@@ -15,6 +15,7 @@ The public Python API (everything else is private)::
     ffn = me.matched_dense(layer, match="active") # the dense SwiGLU FFN of the layer's active params
     me.benchmark(layer, x)                        # x [tokens, d_model]: inferences are tokens
     me.quantize_weights(layer, "int8")            # experts int8 weight-only in place (router kept); dense FFNs too
+                                                  # ("w8a8": int8 activations too, per row; fbgemm on a CPU)
     me.models()                                   # whole-LLM presets: name -> WholeModel
     llm = me.build_model("qwen3-30b-a3b", layers=4, dtype="bfloat16", device="cuda")
     r = me.benchmark_generate(llm, batch=8, context=512)  # prefill and decode: J/token, TTFT, ITL p50/p90

@@ -15,8 +15,8 @@ left out and said so.
 LLM layers (issue 14) get the same crossover along another axis: tokens per forward, from a decoding step to a
 prefill chunk, per (arch, routing, dtype, weights format, strategy): the same pairs (MoE, total-matched dense FFN),
 the same interpolation in log10(x), the same interval from the repeats; only the axis differs (``Pair.x``). A layer
-run with int8 weights (issue 24) is a group of its own: every model of its point holds int8, so an int8 MoE is only
-ever compared with int8 dense FFNs, never with the dtype's.
+run with int8 weights (issue 24; w8a8 likewise) is a group of its own: every model of its point holds that format,
+so an int8 MoE is only ever compared with int8 dense FFNs, never with the dtype's.
 
 Power caps (issue 15) are one more grouping: a capped point is a point of its own, so every crossover is per
 cap (``Crossover.power_limit_w``), and ``cap_series`` / ``best_caps`` compare one model's figures across caps
@@ -71,8 +71,8 @@ def value(rec: dict, metric: str, bound: str | None = None) -> float | None:
 
 
 def weights_format(m: dict) -> str:
-    """How a record's weights were stored: 'int8' (--weights), else its dtype: the format that decides its bytes
-    read, so records of two formats are never one comparison."""
+    """How a record's weights were stored: 'int8' or 'w8a8' (--weights), else its dtype: the format that decides
+    its bytes read, so records of two formats are never one comparison."""
     return str(m.get("weights") or m.get("dtype"))
 
 
