@@ -229,9 +229,9 @@ def layers(a: argparse.Namespace, arch: Arch, layer: MoELayer) -> None:
         x = torch.randn(T, layer.hidden, generator=torch.Generator().manual_seed(T)).to(getattr(torch, a.dtype))
         ref = fwd[f"{dt} grouped"](x).float()
         for name, f in fwd.items():  # every variant computes the same layer (bf16 / int8 rounding apart)
-            err = float((f(x).float() - ref).abs().max())
-            if err > 0.05 * float(ref.abs().max()) + 1e-3:
-                raise SystemExit(f"{name} at {T} tokens is off by {err:.3g}")
+            err = float((f(x).float() - ref).norm() / ref.norm())
+            if err > 0.1:  # a wrong kernel, not rounding (w8a8's 7-bit rows: ~5 %)
+                raise SystemExit(f"{name} at {T} tokens is off by {err:.1%} (||y - y_ref|| / ||y_ref||)")
         t, how = timed({k: (lambda f=f, x=x: f(x)) for k, f in fwd.items()}, a.seconds, a.wait_idle)
         base = min(t[f"{dt} grouped"])
         row = "  ".join(f"{k} {min(v) * 1e3:.1f} ({statistics.median(v) * 1e3:.1f}) {base / min(v):.2f}x"

@@ -20,6 +20,8 @@
 #             KV cache on the GPU (needs transformers, from .whl/ or the machine; else the step fails and says so)
 #   int8      run --arch olmoe-1b-7b --weights int8 at 1 and 64 tokens: int8 weights dequantized for the GPU GEMMs
 #             (no int8 kernel of its own there yet), their output error against bf16 in each record
+#   w8a8      the same with --weights w8a8: each row rounded to int8 too (on the GPU the rounding is applied and the
+#             weight dequantized: no int8 kernel there yet), and the w8a8 roofline rate calibrated on first use
 #   caps      run --preset small at two GPU power caps (the maximum and half of it), with carbon and cost:
 #             set through NVML, read back per window, restored at the end (nvidia-smi's limit is logged after)
 #   llmcaps   run --arch qwen3-30b-a3b --tokens 64 at the same two caps
@@ -117,6 +119,8 @@ step whole 90 python3 -m moe_energy run --model qwen3-30b-a3b --vs qwen3-32b --l
 step wholeimpls 60 python3 benchmarks/whole_moe_impls.py --model qwen3-30b-a3b --layers 2 --batch 1,16 \
   --dtype bfloat16 --device "$DEVICE" --seconds 5
 step int8 60 python3 -m moe_energy run --arch olmoe-1b-7b --tokens 1,64 --weights int8 --dtype bfloat16 \
+  --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
+step w8a8 45 python3 -m moe_energy run --arch olmoe-1b-7b --tokens 1,64 --weights w8a8 --dtype bfloat16 \
   --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
 MAXW=$(timeout 15 nvidia-smi --query-gpu=power.max_limit --format=csv,noheader,nounits 2>/dev/null | head -1 | cut -d. -f1)
 CAPS="${MAXW:-700},$(( ${MAXW:-700} / 2 ))"
