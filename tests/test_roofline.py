@@ -105,6 +105,16 @@ def test_a_calibration_on_a_busy_host_is_kept_with_that_said(load_of):
     assert roofline.load(cpu) == r  # cached with the figures
 
 
+def test_a_rate_added_on_a_busy_host_marks_the_cached_entry_busy(load_of):
+    cpu = torch.device("cpu")
+    load_of(0.9)
+    roofline.calibrate(cpu, ("float32",), seconds=0.01, gemm_size=64, copy_bytes=2**20)
+    load_of(3.0)  # the run that needs another rate finds the host busy
+    r = roofline.load_or_calibrate(cpu, "float16", lambda m: None)
+    assert set(r.gemm_flops_per_s) == {"float32", "float16"} and r.busy == "1-minute load 3.0 on 2 CPUs"
+    assert roofline.load(cpu) == r
+
+
 @pytest.mark.slow
 def test_calibrate_shows_a_busy_measurement_in_its_table_and_nothing_on_stderr(load_of, capsys):
     from moe_energy.cli import main

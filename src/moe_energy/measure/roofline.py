@@ -265,8 +265,9 @@ def load_or_calibrate(device: torch.device, dtype: str, notice: Callable[[str], 
     if roof is None:  # the rates in use only: bf16 where the CPU emulates it takes minutes, not seconds
         roof = calibrate(device, tuple(missing), save=False)
     else:
+        busy = host_busy(device)  # rates added on a busy host mark the entry busy, as a whole calibration would
         rates = {k: measure_rate(device, k, roof.gemm_size, 0.6) for k in missing}
-        roof = dataclasses.replace(roof, gemm_flops_per_s={**roof.gemm_flops_per_s, **rates})
+        roof = dataclasses.replace(roof, gemm_flops_per_s={**roof.gemm_flops_per_s, **rates}, busy=roof.busy or busy)
     try:
         _store(roof)
     except ConfigError as e:
