@@ -8,7 +8,7 @@ visited in turn (all of the arch's experts: more weight bytes than any cache), t
 per candidate: GB/s of its own weight bytes (int8: 1 byte an element) and GFLOP/s of its best round (other
 work only ever adds time) and the median's GB/s; "of bound": the bound's time over the best round's, the bound
 being the weight bytes at the copy bandwidth measured here (roofline.measure_bandwidth: read + write bytes of a
-large copy, so a kernel that only reads can pass 1.0) or the FLOPs at the measured bf16 GEMM rate, the longer.
+large copy, so a kernel that only reads can pass 1.0) or the FLOPs at the measured --dtype GEMM rate, the longer.
 
 Layer (``--layer-tokens``): the whole MoELayer.from_arch in ``--dtype`` (router, sort, gather, combine and all) at
 each token count: strategy ``grouped`` as kernels.py runs it, the same with ``kernels.prepack``, ``active_loop``,
@@ -265,9 +265,9 @@ def main() -> None:
     if a.wait_idle:
         wait_idle()
     bw = measure_bandwidth(cpu, 256 * 2**20, 1.0)
-    peak = measure_gemm(cpu, torch.bfloat16, 1536, 1.0)
+    peak = measure_gemm(cpu, getattr(torch, a.dtype), 1536, 1.0)  # the dtype's rate (bf16's emulated one is slow)
     print(f"{a.arch}: {arch.experts} experts, d={arch.d_model}, I={arch.ffn_dim}, {torch.get_num_threads()} threads; "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s, bf16 GEMM {peak / 1e9:.0f} GFLOP/s (n=1536); "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s, {a.dtype} GEMM {peak / 1e9:.0f} GFLOP/s (n=1536); "
           f"host: {host_busy(cpu) or 'idle'}")
     with torch.inference_mode():
         if a.rows:
