@@ -22,11 +22,11 @@ its own scale (max|x_row| / n) per call, as LLM servers' int8 "w8a8" runs expert
 per-token dynamic activations); n = 127 (8 bits), or 63 on CPUs where fbgemm's kernel would overflow 8-bit rows
 (x86 without VNNI adds uint8 x int8 pairs in int16; ``act_levels`` runs the case that overflows). A row's
 rounding depends on that row alone, so every strategy, batch and token count computes the same numbers.
-On a CPU the GEMM is fbgemm's int8 kernel in PyTorch (``quantized::linear_dynamic`` on a weight packed once,
-``pack``): it multiplies int8 by int8 in registers and reads each weight byte once. That kernel quantizes its
-input per call, not per row, so each row goes in already rounded, with EDGE columns holding -n and n + 1 (the
-packed weight is zero there): the call's range is then exactly 2n + 2 integers, its scale 1, and it reproduces
-the integers exactly; the row scales go on the output. Measured here (2-core AMD EPYC, AVX2 without VNNI, so
+On a CPU the GEMM is fbgemm's int8 kernel in PyTorch (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``,
+the x86 inductor's static int8 linear, on a weight packed once, ``pack``): it multiplies int8 by int8 in
+registers and reads each weight byte once. Its input quantization is given, not measured per call, so each row
+goes in already rounded to integers with scale 1 and zero point n, which it takes exactly; the row scales go on
+the output. Measured here (2-core AMD EPYC, AVX2 without VNNI, so
 n = 63; olmoe-1b-7b expert shapes, all 64 experts in turn): one row read int8 at 16 GB/s (fp32 F.linear: 16 GB/s
 of its 4-byte weights, so 4x the rows per second; ATen's int8 weight-only kernel on bf16 rows: 7.7 GB/s), and it
 stays ahead of fp32 up to 64 rows an expert (1.5x). Elsewhere (GPU, autograd, compile, or a torch without
@@ -53,7 +53,7 @@ ACTIVATION_FORMATS = ("w8a8",)  # formats whose activations are rounded to int8 
 # w8a8: a row's activations as integers in [-127, 127], or [-63, 63] where fbgemm's kernel would overflow 8-bit
 # rows: without VNNI it adds uint8 x int8 pairs in int16 (PyTorch's reduce_range); act_levels() finds out
 ACT_LEVELS = (127, 63)
-EDGE = 8  # w8a8: columns after each row (and zeros after each packed weight row) that pin the kernel's range
+_INT8_LINEAR = "linear_with_input_q_dq_qweight_dq_output_fp32"  # fbgemm: fp32 rows in, given qparams, fp32 out
 IN_DTYPE = "dtype"  # --weights dtype: the weights in the dtype (the default; a sweep axis value beside int8)
 FP8_WHY = {f: "; fp8 weights are not built: a CPU has no fast fp8 kernel (see models/quant.py) and the GPU path "
               "waits for a GPU to test it on" for f in ("fp8", "float8", "float8_e4m3fn")}
@@ -124,16 +124,16 @@ def act_levels() -> int:
     that saturates (rows and weights at +127, whose pair sums pass int16) and checking the exact answer."""
     if not _has_fbgemm():
         return ACT_LEVELS[0]  # no int8 kernel here: the reference rounding has no pair sums to overflow
-    k = 64
+    k, n = 64, ACT_LEVELS[0]
     packed = pack(QWeight(torch.full((8, k), QMAX, dtype=torch.int8), torch.ones(8)))
-    xq = _edges(torch.full((1, k + EDGE), float(ACT_LEVELS[0])), ACT_LEVELS[0])
-    y = torch.ops.quantized.linear_dynamic(xq, packed, False)  # [1, 8]
-    return ACT_LEVELS[0] if bool((y == QMAX * ACT_LEVELS[0] * k).all()) else ACT_LEVELS[1]
+    y = int8_gemm(torch.full((1, k), float(n)), packed, n)  # [1, 8]
+    return n if bool((y == QMAX * n * k).all()) else ACT_LEVELS[1]
 
 
 def _has_fbgemm() -> bool:
     engines = torch.backends.quantized.supported_engines
-    return "fbgemm" in engines and hasattr(torch, "_make_per_channel_quantized_tensor")
+    return ("fbgemm" in engines and hasattr(torch, "_make_per_channel_quantized_tensor")
+            and hasattr(torch.ops.quantized, _INT8_LINEAR))
 
 
 def can_pack(q: QWeight) -> bool:
@@ -142,16 +142,14 @@ def can_pack(q: QWeight) -> bool:
 
 
 def pack(q: QWeight) -> Any:
-    """fbgemm's packed copy of q [out, in] with EDGE zero columns after each row (a stack [E, out, in]: a tuple,
-    one per expert). PyTorch warns that quantized tensors are deprecated: the one made here only feeds the
-    packing and is dropped."""
+    """fbgemm's packed copy of q [out, in] (a stack [E, out, in]: a tuple, one per expert). PyTorch warns that
+    quantized tensors are deprecated: the one made here only feeds the packing and is dropped."""
     if q.qdata.dim() > 2:
         return tuple(pack(q[e]) for e in range(q.qdata.shape[0]))
-    qd = F.pad(q.qdata, (0, EDGE))  # [out, in + EDGE]
-    zeros = torch.zeros(qd.shape[0], dtype=torch.long)
+    zeros = torch.zeros(q.qdata.shape[0], dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        qt = torch._make_per_channel_quantized_tensor(qd, q.scale.double(), zeros, 0)
+        qt = torch._make_per_channel_quantized_tensor(q.qdata, q.scale.double(), zeros, 0)
     return torch.ops.quantized.linear_prepack(qt, None)
 
 
@@ -174,32 +172,24 @@ def round_rows(x: Tensor, dim: int = -1) -> Tensor:
     return x.float().div(s).round_().mul_(s).to(x.dtype)
 
 
-def _edges(xq: Tensor, n: int) -> Tensor:
-    """xq [rows, in + EDGE] with its EDGE columns set to -n, n + 1, 0, ...: fbgemm's per-call range is then
-    exactly 2n + 2 integers, its scale 1, so it keeps each row's rounding."""
-    xq[:, -EDGE:] = 0
-    xq[:, -EDGE] = -n
-    xq[:, 1 - EDGE] = n + 1
-    return xq
-
-
-def _edged(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x [n, in] -> (its rows' integers [n, in + EDGE] fp32 with the edge columns, scales [n, 1])."""
+def _integers(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [n, in] -> (its rows as integers in [-levels, levels], fp32 [n, in]; their scales [n, 1])."""
     s = row_scales(x)
-    return _edges(F.pad(x.float().div(s).round_(), (0, EDGE)), act_levels()), s
+    return x.float().div(s).round_(), s
 
 
-def _fbgemm(xq: Tensor, packed: Any) -> Tensor:
-    """[n, out] fp32; 7-bit rows ask for reduce_range (a 127-wide range), 8-bit rows for the full one."""
-    return torch.ops.quantized.linear_dynamic(xq, packed, act_levels() == ACT_LEVELS[1])
+def int8_gemm(xq: Tensor, packed: Any, levels: int) -> Tensor:
+    """Integer rows xq [n, in] (fp32, in [-levels, levels]) @ the packed weight^T -> [n, out] fp32: fbgemm takes
+    them with scale 1 and zero point ``levels``, so it quantizes nothing and the int32 sums are exact."""
+    return getattr(torch.ops.quantized, _INT8_LINEAR)(xq, 1.0, levels, packed)
 
 
 def _w8a8(x: Tensor, q: QWeight) -> Tensor:
     """x [n, in] rounded per row, @ dequantize(q)^T -> [n, out] in x's dtype: fbgemm where packed."""
     if q.packed is None or not fast_cpu(x, q) or x.shape[0] == 0:
         return F.linear(round_rows(x), dequantize(q, x.dtype))
-    xq, s = _edged(x)
-    return _fbgemm(xq, q.packed).mul_(s).to(x.dtype)
+    xq, s = _integers(x)
+    return int8_gemm(xq, q.packed, act_levels()).mul_(s).to(x.dtype)
 
 
 def fold_factor(rows: int, out: int, k: int) -> int:
@@ -278,12 +268,12 @@ def grouped_linear(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None = None,
 def _grouped_w8a8(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None, expert: Tensor | None) -> Tensor:
     """grouped_linear through fbgemm: every row rounded once, each group's rows through its expert's packed
     weight, the row scales applied once."""
-    xq, s = _edged(h)  # [R, in + EDGE], [R, 1]
+    xq, s, n = *_integers(h), act_levels()  # [R, in], [R, 1]
     out = xq.new_empty(h.shape[0], q.qdata.shape[1])  # [R, out] fp32
     start = 0
     for e, end in enumerate(ends.tolist()):  # a CPU tensor: reading it waits for nothing
         if end > start:
-            out[start:end] = _fbgemm(xq[start:end], q.packed[e])
+            out[start:end] = int8_gemm(xq[start:end], q.packed[e], n)
         start = end
     y = out.mul_(s).to(h.dtype)
     return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
