@@ -22,6 +22,10 @@
 #             (no int8 kernel of its own there yet), their output error against bf16 in each record
 #   w8a8      the same with --weights w8a8: each row rounded to int8 too (on the GPU the rounding is applied and the
 #             weight dequantized: no int8 kernel there yet), and the w8a8 roofline rate calibrated on first use
+#   fp8       run --arch olmoe-1b-7b --weights fp8 at 1, 64 and 4096 tokens: e4m3 weights and rows through
+#             torch._scaled_mm (the shared experts, dense FFNs) and torch._scaled_grouped_mm (the routed experts; Hopper),
+#             never run on a GPU before: compare its tokens/s with the llm step's bf16 rows and its output error
+#             (~2-4 %) with the int8 step's
 #   caps      run --preset small at two GPU power caps (the maximum and half of it), with carbon and cost:
 #             set through NVML, read back per window, restored at the end (nvidia-smi's limit is logged after)
 #   llmcaps   run --arch qwen3-30b-a3b --tokens 64 at the same two caps
@@ -121,6 +125,8 @@ step wholeimpls 60 python3 benchmarks/whole_moe_impls.py --model qwen3-30b-a3b -
 step int8 60 python3 -m moe_energy run --arch olmoe-1b-7b --tokens 1,64 --weights int8 --dtype bfloat16 \
   --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
 step w8a8 45 python3 -m moe_energy run --arch olmoe-1b-7b --tokens 1,64 --weights w8a8 --dtype bfloat16 \
+  --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
+step fp8 60 python3 -m moe_energy run --arch olmoe-1b-7b --tokens 1,64,4096 --weights fp8 --dtype bfloat16 \
   --device "$DEVICE" --duration 2 --repeats 1 --idle-seconds 1 --cooldown 0 --out "$OUT"
 MAXW=$(timeout 15 nvidia-smi --query-gpu=power.max_limit --format=csv,noheader,nounits 2>/dev/null | head -1 | cut -d. -f1)
 CAPS="${MAXW:-700},$(( ${MAXW:-700} / 2 ))"

@@ -271,7 +271,7 @@ def test_cli_arch_calibrates_the_dtype_in_use_on_first_use_and_says_so(tmp_path,
                                            ([*LAYER_ARGS, "--batch-size", "4"], "--batch-size"),
                                            ([*LAYER_ARGS, "--compile"], "--compile"),
                                            ([*LAYER_ARGS, "--moe-strategy", "fastest"], "fastest"),
-                                           ([*LAYER_ARGS, "--weights", "fp8"], "fp8 weights are not built"),
+                                           ([*LAYER_ARGS, "--weights", "fp8"], "--weights fp8: fp8 weights run"),
                                            ([*TINY, "--weights", "int8"], "--weights: only with --arch")])
 def test_cli_arch_bad_input_is_one_line_and_exit_2(tmp_path, cached_roof, capsys, args, msg):
     assert main(["bench-strategies", *args, "--out", str(tmp_path)]) == 2

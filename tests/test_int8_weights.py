@@ -101,7 +101,8 @@ def test_cli_weights_int8_runs_and_says_so_under_the_table(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--weights", "fp8"], "fp8 weights are not built"),
+    (["--weights", "fp8"], "--weights fp8: fp8 weights run on CUDA GPUs with fp8 arithmetic"),  # not on a CPU
+    (["--weights", "float8"], "fp8 weights are spelled fp8"),
     (["--weights", "int4"], "weights='int4' is unknown"),
 ])
 def test_unknown_or_unbuilt_weight_formats_are_one_line_errors(argv, needle, capsys):

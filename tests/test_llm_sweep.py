@@ -309,8 +309,8 @@ def test_weights_is_an_axis_each_value_a_point_the_default_keyed_as_before():
 
 
 @pytest.mark.parametrize(("args", "needles"), [
-    ([*TINY_FLAGS, "--weights", "bf16,int8"], ("weights='bf16' is unknown", "int8, w8a8 or dtype")),
-    ([*TINY_FLAGS, "--weights", "int8,fp8"], ("weights='fp8'", "fp8 weights are not built")),
+    ([*TINY_FLAGS, "--weights", "bf16,int8"], ("weights='bf16' is unknown", "int8, w8a8, fp8 or dtype")),
+    ([*TINY_FLAGS, "--weights", "int8,fp8"], ("--weights fp8:", "run on CUDA GPUs with fp8 arithmetic")),
     (["--grid", "seed", "--weights", "int8"], ("--weights: LLM-layer settings",)),
     (["--model", "olmoe-1b-7b", "--tiny", "--weights", "int8"], ("--weights: no meaning with --model",)),
 ])

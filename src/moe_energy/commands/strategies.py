@@ -130,7 +130,7 @@ def bench_layer_command(args: argparse.Namespace) -> int:
     check_writable(opts.out)
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype)
-    check_layer_inputs(arch, tokens, device, opts.dtype)
+    check_layer_inputs(arch, tokens, device, opts.dtype, w.weights)
     roof = _roofline_for(device, opts.dtype, w.weights)
     with console.status("benchmarking the layer") as status:
         doc = bench_layer(arch, tokens, dtype=opts.dtype, device=device, strategies=strategies, seconds=args.seconds,

@@ -127,12 +127,14 @@ def measure_gemm(device: torch.device, dtype: torch.dtype, n: int, seconds: floa
 
 
 def measure_rate(device: torch.device, key: str, n: int, seconds: float) -> float:
-    """The GEMM rate a roofline keeps under ``key``: a dtype's (measure_gemm), or w8a8's: fp32 rows rounded to int8
-    per row through an int8 weight (fbgemm on a CPU), the work a --weights w8a8 layer's FLOPs are done with."""
+    """The GEMM rate a roofline keeps under ``key``: a dtype's (measure_gemm), or a format's whose activations are
+    rounded too (w8a8: int8 rows through fbgemm on a CPU; fp8: e4m3 rows through torch._scaled_mm on a GPU), the
+    work such a layer's FLOPs are done with."""
     if key not in quant.ACTIVATION_FORMATS:
         return measure_gemm(device, dtype_of(key), n, seconds)
-    a = torch.randn(n, n, device=device)
-    q = quant.with_acts(quant.quantize(torch.randn(n, n, device=device)))
+    dt = torch.bfloat16 if key == "fp8" else torch.float32  # the rows fp8 runs with on the GPUs it runs on
+    a = torch.randn(n, n, device=device).to(dt)
+    q = quant.with_acts(quant.quantize(torch.randn(n, n, device=device), key))
     with torch.inference_mode():
         return _best_rate(lambda: quant.linear(a, q), 2.0 * n**3, device, seconds)
 

@@ -147,7 +147,7 @@ class SwiGLUExperts(NamedTuple):
     interleaved: bool = False  # gate/up rows alternate (gpt-oss) rather than [gate; up]
     capacity_factor: float = 1.25
     counters: Tensor | None = None
-    gate_up_scale: Tensor | None = None  # int8 weights (models.quant): gate_up, down int8, these [E, 2I], [E, d]
+    gate_up_scale: Tensor | None = None  # int8/fp8 weights (models.quant): gate_up, down, these [E, 2I], [E, d]
     down_scale: Tensor | None = None
     acts: bool = False  # w8a8: each row of activations rounded to int8 before each projection (models.quant)
     packs: tuple | None = None  # w8a8 on a CPU: fbgemm's packed (gate_up, down), one per expert each
@@ -183,7 +183,7 @@ class SwiGLUExperts(NamedTuple):
 
     def _rows(self, h: Tensor, dim: int = -1) -> Tensor:
         """h as a projection reads it: w8a8 rounds each row (along ``dim``), else h itself."""
-        return round_rows(h, dim) if self.acts else h
+        return round_rows(h, dim, like=self.gate_up) if self.acts else h
 
     def _dense(self) -> tuple[Tensor, Tensor]:
         """(gate_up, down) as float weights in the activations' dtype: int8 ones dequantized (paths with no int8

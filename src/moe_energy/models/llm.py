@@ -108,17 +108,18 @@ class StackedSwiGLU(nn.Module):
                              getattr(self, "gate_up_scale", None), getattr(self, "down_scale", None),
                              getattr(self, "acts", False), getattr(self, "packs", None))
 
-    def quantize_(self, acts: bool = False) -> None:
-        """Both stacks int8 with per-channel scales (models.quant), in place: the float weights are dropped; with
-        ``acts`` (w8a8) the activations are rounded to int8 too, through fbgemm's packed copies on a CPU."""
+    def quantize_(self, weights: str = "int8") -> None:
+        """Both stacks int8 (e4m3 for fp8) with per-channel scales (models.quant), in place: the float weights are
+        dropped; w8a8 and fp8 round the activations too (w8a8 through fbgemm's packed copies on a CPU)."""
         packs = []
         for name in ("gate_up_proj", "down_proj"):
-            q = quantize(getattr(self, name))
+            q = quantize(getattr(self, name), weights)
+            q = with_acts(q) if weights in ACTIVATION_FORMATS else q
             delattr(self, name)
-            self.register_buffer(name, q.qdata)  # [E, out, in] int8
+            self.register_buffer(name, q.qdata)  # [E, out, in] int8 (e4m3)
             self.register_buffer(f"{name.removesuffix('_proj')}_scale", q.scale)  # [E, out] fp32
-            packs.append(with_acts(q).packed if acts else None)
-        self.acts = acts
+            packs.append(q.packed)
+        self.acts = weights in ACTIVATION_FORMATS
         self.packs = None if None in packs else tuple(packs)
 
 
@@ -234,14 +235,13 @@ class MoELayer(StrategyHost, nn.Module):
 def quantize_weights(model: nn.Module, weights: str = "int8") -> nn.Module:
     """``model``'s weights stored as ``weights`` (int8 with per-channel scales), in place: an MoELayer's routed and
     shared experts (its router keeps the dtype: it decides the routing), or every Linear of a dense FFN, so no
-    comparison credits one side with a cheaper format. The activations keep the dtype (int8), or are rounded to
-    int8 per row before each projection (w8a8)."""
+    comparison credits one side with a cheaper format. The activations keep the dtype (int8), or are rounded per
+    row before each projection (w8a8 to int8, fp8 to e4m3: models.fp8)."""
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"weights={weights!r} is unknown; choose from {', '.join(WEIGHT_FORMATS)}")
-    acts = weights in ACTIVATION_FORMATS
     if isinstance(model, MoELayer):
-        model.experts.quantize_(acts)
-        quantize_linears_(model, skip=("router", "experts"), acts=acts)
+        model.experts.quantize_(weights)
+        quantize_linears_(model, skip=("router", "experts"), weights=weights)
     else:
-        quantize_linears_(model, acts=acts)
+        quantize_linears_(model, weights=weights)
     return model

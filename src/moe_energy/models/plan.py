@@ -35,7 +35,7 @@ from .counting import (
 from .dense import DenseMLP, DenseSwiGLU, Match, dense_width, swiglu_width
 from .llm import MoELayer, building, quantize_weights
 from .moe import MoE
-from .quant import ACTIVATION_FORMATS
+from .quant import ACTIVATION_FORMATS, W8A8
 
 Kind = Literal["moe", "dense"]
 MODEL_NAMES = ("moe", "dense_total", "dense_active")
@@ -123,7 +123,7 @@ class ModelPlan:
         """Bytes of the weights held (DeepSeek's router at 4 bytes a parameter: it stays fp32; int8 weights at
         about 1 byte, the router in the dtype; w8a8 also holds fbgemm's packed copy, 1 byte more, on a CPU)."""
         packed = 0.0
-        if self.weights in ACTIVATION_FORMATS:
+        if self.weights == W8A8:
             packed = self.params - (router_params(self.shape) if self.kind == "moe" else 0)  # type: ignore[arg-type]
         return round(self.params * self._param_bytes(dtype) + self._router_bytes(dtype) + packed)
 

@@ -34,7 +34,8 @@ fbgemm) the same rounding is applied to the rows and the weight dequantized: the
 
 fp8 on a CPU: float8_e4m3fn / e5m2 tensors exist and ``torch._scaled_mm`` runs, but through oneDNN's reference
 kernel (``ref:any``), ~300x slower than a bf16 GEMM on this Xeon (no fp8 arithmetic before AVX10.2); and
-oneDNN's linear refuses fp8 weights. Nothing reads fp8 weights fast on a CPU here: fp8 is for GPUs.
+oneDNN's linear refuses fp8 weights. Nothing reads fp8 weights fast on a CPU here: fp8 is for GPUs
+(``--weights fp8``: models/fp8.py, refused on a CPU).
 """
 
 from __future__ import annotations
@@ -47,16 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fp8
+
 QMAX = 127  # symmetric int8: [-127, 127]
-WEIGHT_FORMATS = ("int8", "w8a8")  # --weights: besides the dtype's own
-ACTIVATION_FORMATS = ("w8a8",)  # formats whose activations are rounded to int8 too
+WEIGHT_FORMATS = ("int8", "w8a8", "fp8")  # --weights: besides the dtype's own
+ACTIVATION_FORMATS = ("w8a8", "fp8")  # formats whose activations are rounded too (to int8, to e4m3)
+W8A8 = "w8a8"  # the format whose CPU kernel holds a packed copy beside the int8 weights
 # w8a8: a row's activations as integers in [-127, 127], or [-63, 63] where fbgemm's kernel would overflow 8-bit
 # rows: without VNNI it adds uint8 x int8 pairs in int16 (PyTorch's reduce_range); act_levels() finds out
 ACT_LEVELS = (127, 63)
 _INT8_LINEAR = "linear_with_input_q_dq_qweight_dq_output_fp32"  # fbgemm: fp32 rows in, given qparams, fp32 out
 IN_DTYPE = "dtype"  # --weights dtype: the weights in the dtype (the default; a sweep axis value beside int8)
-FP8_WHY = {f: "; fp8 weights are not built: a CPU has no fast fp8 kernel (see models/quant.py) and the GPU path "
-              "waits for a GPU to test it on" for f in ("fp8", "float8", "float8_e4m3fn")}
+FP8_WHY = {f: "; fp8 weights are spelled fp8" for f in ("float8", "float8_e4m3fn", "e4m3")}
 # bf16 rows up to which torch._weight_int8pack_mm beats converting the weight to bf16 for one GEMM (measured:
 # 5.7 vs 4.6 GB/s of int8 at 8 rows, 3.9 vs 4.8 at 12; olmoe's gate_up)
 INT8PACK_MAX_ROWS = 8
@@ -86,15 +89,17 @@ class QWeight(NamedTuple):
         return QWeight(self.qdata[e], self.scale[e], self.acts, None if self.packed is None else self.packed[e])
 
 
-def quantize(w: Tensor) -> QWeight:
-    """w [..., out, in] (any float dtype, any strides) -> QWeight; a stack is done one expert at a time so the
-    fp32 working copy is one expert's, not the whole stack's."""
+def quantize(w: Tensor, weights: str = "int8") -> QWeight:
+    """w [..., out, in] (any float dtype, any strides) -> QWeight in ``weights``' format (int8 for int8 and
+    w8a8, e4m3 for fp8); a stack is done one expert at a time so the fp32 working copy is one expert's."""
     if w.dim() > 2:
-        parts = [quantize(w[e]) for e in range(w.shape[0])]
+        parts = [quantize(w[e], weights) for e in range(w.shape[0])]
         if not parts:
-            return QWeight(torch.empty(w.shape, dtype=torch.int8, device=w.device),
-                           torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device))
-        return QWeight(torch.stack([p.qdata for p in parts]), torch.stack([p.scale for p in parts]))
+            return QWeight(torch.empty(w.shape, dtype=fp8.FP8 if weights == "fp8" else torch.int8, device=w.device),
+                           torch.empty(w.shape[:-1], dtype=torch.float32, device=w.device), weights == "fp8")
+        return QWeight(torch.stack([p.qdata for p in parts]), torch.stack([p.scale for p in parts]), parts[0].acts)
+    if weights == "fp8":
+        return QWeight(*fp8.quantize(w), True)
     w32 = w.detach().float()  # [out, in]
     scale = w32.abs().amax(-1) / QMAX if w32.shape[-1] else w32.new_zeros(w32.shape[:-1])  # [out]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero channel: any scale is exact
@@ -115,6 +120,8 @@ def describe(weights: str) -> str:
         n = act_levels()
         return (f"int8 weights (per-channel fp32 scales) and int8 activations (each row rounded on its own scale to "
                 f"integers in [-{n}, {n}])")
+    if weights == "fp8":
+        return "fp8 e4m3 weights (per-channel fp32 scales) and fp8 e4m3 activations (each row on its own scale)"
     return weights
 
 
@@ -154,8 +161,10 @@ def pack(q: QWeight) -> Any:
 
 
 def with_acts(q: QWeight) -> QWeight:
-    """q as w8a8: activations rounded too, packed for fbgemm where this torch has it."""
-    return QWeight(q.qdata, q.scale, True, pack(q) if can_pack(q) else None)
+    """q as w8a8 (an int8 q) or fp8: activations rounded too; an int8 one packed for fbgemm where this torch has
+    it."""
+    int8 = q.qdata.dtype == torch.int8
+    return QWeight(q.qdata, q.scale, True, pack(q) if int8 and can_pack(q) else None)
 
 
 def row_scales(x: Tensor, dim: int = -1) -> Tensor:
@@ -163,9 +172,11 @@ def row_scales(x: Tensor, dim: int = -1) -> Tensor:
     return x.float().abs().amax(dim, keepdim=True).div_(act_levels()).clamp_min_(1e-30)
 
 
-def round_rows(x: Tensor, dim: int = -1) -> Tensor:
-    """x with each row (along ``dim``) on w8a8's integer grid, back in x's dtype: the numbers every w8a8 path
-    computes with (the reference; fbgemm's kernel reproduces them)."""
+def round_rows(x: Tensor, dim: int = -1, like: Tensor | None = None) -> Tensor:
+    """x with each row (along ``dim``) on w8a8's integer grid (or fp8's, when the weight ``like`` is e4m3), back
+    in x's dtype: the numbers every w8a8 path computes with (the reference; fbgemm's kernel reproduces them)."""
+    if like is not None and like.dtype == fp8.FP8:
+        return fp8.round_rows(x, dim)
     if x.numel() == 0:
         return x
     s = row_scales(x, dim)
@@ -235,7 +246,7 @@ def fast_cpu(x: Tensor, q: QWeight) -> bool:
 def linear(x: Tensor, q: QWeight, b: Tensor | None = None) -> Tensor:
     """x [n, in] @ dequantize(q)^T (+ b [out]) -> [n, out] in x's dtype (w8a8: x rounded per row first)."""
     if q.acts:
-        y = _w8a8(x, q)
+        y = fp8.linear(x, q.qdata, q.scale) if q.qdata.dtype == fp8.FP8 else _w8a8(x, q)
     elif not fast_cpu(x, q):
         return F.linear(x, dequantize(q, x.dtype), b)
     else:
@@ -252,6 +263,9 @@ def grouped_linear(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None = None,
     kernels.grouped_linear)."""
     if q.acts and q.packed is not None and fast_cpu(h, q):
         return _grouped_w8a8(h, q, ends, b, expert)
+    if q.qdata.dtype == fp8.FP8:  # no sync: one grouped fp8 GEMM, or the same rounding on the dequantized stack
+        y = fp8.grouped_linear(h, q.qdata, q.scale, ends)
+        return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
     if not fast_cpu(h, q):  # no sync: one grouped GEMM over the dequantized stack
         h = round_rows(h) if q.acts else h
         y = _grouped_mm(h, dequantize(q, h.dtype).transpose(-2, -1), offs=ends)  # [R, out]
@@ -280,39 +294,45 @@ def _grouped_w8a8(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None, expert:
 
 
 class QLinear(nn.Module):
-    """nn.Linear's place, its weight int8 with per-channel scales: x [..., in] -> [..., out] in x's dtype."""
+    """nn.Linear's place, its weight int8 (or e4m3) with per-channel scales: x [..., in] -> [..., out] in x's
+    dtype. An fp8 weight is held zero-padded to widths the fp8 kernels take (a dense FFN matched to a layer's
+    parameters has any width): the padding adds zeros, and the output is cut back to ``out``."""
 
-    def __init__(self, lin: nn.Linear, acts: bool = False) -> None:
+    def __init__(self, lin: nn.Linear, weights: str = "int8") -> None:
         super().__init__()
-        q = quantize(lin.weight)
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.register_buffer("qweight", q.qdata)  # [out, in] int8
-        self.register_buffer("scale", q.scale)  # [out] fp32
-        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach(), requires_grad=False)
-        self.acts = acts  # w8a8: the rows rounded to int8 too
-        self.packed = with_acts(q).packed if acts else None  # fbgemm's copy (a CPU's)
+        pad = (lambda n: -n % fp8.ALIGN) if weights == "fp8" else (lambda n: 0)
+        self.pad_in = pad(lin.in_features)
+        w = F.pad(lin.weight.detach(), (0, self.pad_in, 0, pad(lin.out_features)))  # [out', in']
+        q = quantize(w, weights)
+        q = with_acts(q) if weights in ACTIVATION_FORMATS else q
+        self.in_features, self.out_features, self.weights = lin.in_features, lin.out_features, weights
+        self.register_buffer("qweight", q.qdata)  # [out', in'] int8 (e4m3 for fp8)
+        self.register_buffer("scale", q.scale)  # [out'] fp32
+        b = None if lin.bias is None else F.pad(lin.bias.detach(), (0, w.shape[0] - lin.out_features))
+        self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+        self.acts = q.acts  # w8a8, fp8: the rows rounded too
+        self.packed = q.packed  # w8a8: fbgemm's copy (a CPU's)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         q = QWeight(self.qweight, self.scale, self.acts, self.packed)
-        y = linear(x.reshape(-1, self.in_features), q, self.bias)
-        return y.reshape(*lead, self.out_features)
+        y = linear(F.pad(x.reshape(-1, self.in_features), (0, self.pad_in)), q, self.bias)  # [n, out']
+        return y[:, : self.out_features].reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, weights=int8 per channel"
-                + (", activations int8 per row" if self.acts else ""))
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.weights}"
 
 
-def quantize_linears_(module: nn.Module, skip: tuple[str, ...] = (), acts: bool = False) -> int:
-    """Every nn.Linear inside ``module`` (its subclasses too: FastLinear) replaced by a QLinear of its weights (w8a8
-    with ``acts``), but those under a child named in ``skip`` (a router's); the count replaced."""
+def quantize_linears_(module: nn.Module, skip: tuple[str, ...] = (), weights: str = "int8") -> int:
+    """Every nn.Linear inside ``module`` (its subclasses too: FastLinear) replaced by a QLinear of its weights in
+    format ``weights``, but those under a child named in ``skip`` (a router's); the count replaced."""
     n = 0
     for name, child in list(module.named_children()):
         if name in skip:
             continue
         if isinstance(child, nn.Linear):
-            setattr(module, name, QLinear(child, acts))
+            setattr(module, name, QLinear(child, weights))
             n += 1
         else:
-            n += quantize_linears_(child, skip, acts)
+            n += quantize_linears_(child, skip, weights)
     return n

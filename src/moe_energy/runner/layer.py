@@ -36,6 +36,7 @@ from ..measure import roofline
 from ..measure.records import WindowRecord
 from ..measure.window import latency_budget
 from ..memory import OutOfMemory
+from ..models import fp8
 from ..models.archs import Arch, RouterSpec
 from ..models.counting import expected_experts_touched
 from ..models.llm import MoELayer, quantize_weights
@@ -85,8 +86,19 @@ def check_tokens(tokens: Any, where: str = "tokens") -> list[int]:
     return out
 
 
-def check_layer_inputs(arch: Arch, tokens: list[int], device: torch.device, dtype: str) -> None:
-    """Refuse, before allocating, hidden states that cannot fit (made in fp32 on the host, then cast)."""
+def check_weights(arch: Arch, weights: str | None, device: torch.device) -> None:
+    """Refuse, before any work, a weights format this device has no fast kernel for (fp8 off an fp8 GPU)."""
+    why = fp8.problem(device, arch.d_model, arch.ffn_dim) if weights == "fp8" else None  # the routed experts'
+    # widths: the shared experts' and dense FFNs' Linears are padded to the kernels' widths (quant.QLinear)
+    if why:
+        raise ConfigError(f"--weights fp8: {why}")
+
+
+def check_layer_inputs(arch: Arch, tokens: list[int], device: torch.device, dtype: str,
+                       weights: str | None = None) -> None:
+    """Refuse, before allocating, hidden states that cannot fit (made in fp32 on the host, then cast), and a
+    weights format the device cannot run fast."""
+    check_weights(arch, weights, device)
     rows = max(tokens)
     for nbytes, where in ((4, torch.device("cpu")), (memory.BYTES[dtype], device)):
         check_fits(rows * arch.d_model * nbytes, [where], f"the hidden states ({rows:,} x {arch.d_model})",
@@ -210,7 +222,7 @@ class Layer:
         return self.arch.experts
 
     def check(self, opts: RunOptions, device: torch.device, strategies: tuple[str, ...]) -> None:
-        check_layer_inputs(self.arch, self.tokens, device, opts.dtype)
+        check_layer_inputs(self.arch, self.tokens, device, opts.dtype, opts.weights)
         if "moe" in opts.models:
             check_layer_strategies(self.arch, strategies, device, opts.dtype)
 
