@@ -26,10 +26,10 @@ On a CPU the GEMM is fbgemm's int8 kernel in PyTorch (``quantized::linear_with_i
 the x86 inductor's static int8 linear, on a weight packed once, ``pack``): it multiplies int8 by int8 in
 registers and reads each weight byte once. Its input quantization is given, not measured per call, so each row
 goes in already rounded to integers with scale 1 and zero point n, which it takes exactly; the row scales go on
-the output. Measured here (2-core AMD EPYC, AVX2 without VNNI, so
-n = 63; olmoe-1b-7b expert shapes, all 64 experts in turn): one row read int8 at 16 GB/s (fp32 F.linear: 16 GB/s
-of its 4-byte weights, so 4x the rows per second; ATen's int8 weight-only kernel on bf16 rows: 7.7 GB/s), and it
-stays ahead of fp32 up to 64 rows an expert (1.5x). Elsewhere (GPU, autograd, compile, or a torch without
+the output. Measured here (2-core AMD EPYC, AVX2 without VNNI, so n = 63; olmoe-1b-7b expert shapes, all 64
+experts in turn): one row read int8 at 16 GB/s (fp32 F.linear: 16 GB/s of its 4-byte weights, so 4x the rows
+per second; ATen's int8 weight-only kernel on bf16 rows: 7.7 GB/s), and it stays ahead of fp32 up to 64 rows an
+expert (1.5x). Elsewhere (GPU, autograd, compile, or a torch without
 fbgemm) the same rounding is applied to the rows and the weight dequantized: the same numbers, no int8 speed.
 
 fp8 on a CPU: float8_e4m3fn / e5m2 tensors exist and ``torch._scaled_mm`` runs, but through oneDNN's reference
@@ -71,9 +71,9 @@ FOLD_MIN_K, FOLD_MAX = 4096, 4  # _folded: one-row GEMMs get weight rows of at l
 
 
 class QWeight(NamedTuple):
-    """An int8 tensor: qdata int8 [..., out, in] (contiguous), scale fp32 [..., out]; ``acts``: the rows it meets
-    are rounded to int8 too (w8a8), through ``packed`` (fbgemm's packed weight, a tuple of them for a stack) on a
-    CPU."""
+    """A quantized weight: qdata int8 (e4m3 for fp8) [..., out, in] (contiguous), scale fp32 [..., out]; ``acts``:
+    the rows it meets are rounded too (w8a8, fp8), w8a8's through ``packed`` (fbgemm's packed weight, a tuple of
+    them for a stack) on a CPU."""
 
     qdata: Tensor
     scale: Tensor
@@ -144,7 +144,7 @@ def _has_fbgemm() -> bool:
 
 
 def can_pack(q: QWeight) -> bool:
-    """Whether this torch runs fbgemm's int8 GEMM for ``q`` (a CPU weight; x86 and Arm builds have fbgemm)."""
+    """Whether this torch runs fbgemm's int8 GEMM for ``q`` (a CPU weight, on an x86 build: they have fbgemm)."""
     return q.qdata.device.type == "cpu" and _has_fbgemm()
 
 
