@@ -38,7 +38,7 @@ BUSY_LOAD = 0.5  # a 1-minute load average over this share of the CPUs: other wo
 @dataclass(frozen=True)
 class Roofline:
     device_name: str
-    gemm_flops_per_s: dict[str, float]  # dtype name (or w8a8: its int8 kernel) -> best FLOP/s of a large square matmul
+    gemm_flops_per_s: dict[str, float]  # dtype name (or w8a8, fp8: its kernel) -> best FLOP/s of a large square matmul
     bandwidth_bytes_per_s: float  # best measured (read + write) bytes/s of a large tensor copy
     gemm_size: int
     copy_bytes: int
@@ -140,7 +140,8 @@ def measure_rate(device: torch.device, key: str, n: int, seconds: float) -> floa
 
 
 def rate_keys(dtype: str, weights: str | None = None) -> tuple[str, ...]:
-    """The GEMM rates a run's bounds need: its dtype's, and w8a8's int8 kernel's when its weights are w8a8."""
+    """The GEMM rates a run's bounds need: its dtype's, and its weights format's kernel's when that format rounds
+    the activations too (w8a8, fp8: their FLOPs are int8 or fp8 ones)."""
     return (dtype, weights) if weights in quant.ACTIVATION_FORMATS else (dtype,)
 
 

@@ -149,7 +149,7 @@ class SwiGLUExperts(NamedTuple):
     counters: Tensor | None = None
     gate_up_scale: Tensor | None = None  # int8/fp8 weights (models.quant): gate_up, down, these [E, 2I], [E, d]
     down_scale: Tensor | None = None
-    acts: bool = False  # w8a8: each row of activations rounded to int8 before each projection (models.quant)
+    acts: bool = False  # w8a8, fp8: each row of activations rounded before each projection (models.quant)
     packs: tuple | None = None  # w8a8 on a CPU: fbgemm's packed (gate_up, down), one per expert each
 
     @property
@@ -176,13 +176,13 @@ class SwiGLUExperts(NamedTuple):
         raise ValueError(f"unknown SwiGLU activation {self.act!r}; choose from {', '.join(ACTIVATIONS)}")
 
     def _q(self, i: int) -> QWeight:
-        """Projection i (0: gate_up, 1: down) as int8 weights."""
+        """Projection i (0: gate_up, 1: down) as quantized weights."""
         w, s = (self.gate_up, self.gate_up_scale) if i == 0 else (self.down, self.down_scale)
         assert s is not None
         return QWeight(w, s, self.acts, None if self.packs is None else self.packs[i])
 
     def _rows(self, h: Tensor, dim: int = -1) -> Tensor:
-        """h as a projection reads it: w8a8 rounds each row (along ``dim``), else h itself."""
+        """h as a projection reads it: w8a8 and fp8 round each row (along ``dim``), else h itself."""
         return round_rows(h, dim, like=self.gate_up) if self.acts else h
 
     def _dense(self) -> tuple[Tensor, Tensor]:
