@@ -244,6 +244,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="olmoe-1b-7b")
     p.add_argument("--experts", type=int, default=0, help="fewer experts than the arch's (a quick look; k stays)")
+    p.add_argument("--d-model", type=int, default=0, help="another hidden size (a quick look)")
+    p.add_argument("--ffn-dim", type=int, default=0, help="another expert width I (a quick look)")
     p.add_argument("--rows", default="1,2,8,32", help="rows per expert (comma list; empty: no GEMM table)")
     p.add_argument("--layer-tokens", default="1,32,512", help="tokens per whole-layer forward (empty: none)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -255,8 +257,8 @@ def main() -> None:
     a = p.parse_args()
     a.wait_idle = a.wait_idle and _STAT.exists()
     arch = get_arch(a.arch)
-    if a.experts:
-        arch = dataclasses.replace(arch, experts=a.experts)
+    shape = {"experts": a.experts, "d_model": a.d_model, "ffn_dim": a.ffn_dim}
+    arch = dataclasses.replace(arch, **{k: v for k, v in shape.items() if v})
     cpu = torch.device("cpu")
     layer = MoELayer.from_arch(arch, dtype=a.dtype, device="cpu", strategy="grouped", seed=0).eval()
     ex = layer.experts

@@ -40,7 +40,7 @@ def test_precision_kernels_prints_a_row_per_candidate_and_a_layer_line():
 
 @pytest.mark.slow
 def test_precision_kernels_times_w8a8_and_each_weight_formats_whole_layer_in_fp32():
-    out = _run("--dtype", "float32", "--rows", "1", "--layer-tokens", "1,3",
+    out = _run("--dtype", "float32", "--d-model", "256", "--ffn-dim", "128", "--rows", "1", "--layer-tokens", "1,3",
                "--only", "fp32_onednn,w8a8_fbgemm")
     rows = [line.split() for line in out if line[:4].strip().isdigit() and len(line.split()) == 6]
     assert [(r[0], r[1]) for r in rows] == [("1", "fp32_onednn"), ("1", "w8a8_fbgemm")]
