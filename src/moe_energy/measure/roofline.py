@@ -140,9 +140,9 @@ def measure_rate(device: torch.device, key: str, n: int, seconds: float) -> floa
 
 
 def rate_keys(dtype: str, weights: str | None = None) -> tuple[str, ...]:
-    """The GEMM rates a run's bounds need: its dtype's, and its weights format's kernel's when that format rounds
-    the activations too (w8a8, fp8: their FLOPs are int8 or fp8 ones)."""
-    return (dtype, weights) if weights in quant.ACTIVATION_FORMATS else (dtype,)
+    """The GEMM rates a run's bounds need: its dtype's (the routers, transformers' blocks), and its models'
+    (quant.rate_key)."""
+    return tuple(dict.fromkeys((dtype, quant.rate_key(weights, dtype))))
 
 
 def measure_bandwidth(device: torch.device, nbytes: int, seconds: float) -> float:

@@ -16,7 +16,6 @@ and the CLI refuses fp8 there rather than time an emulation.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 FP8 = torch.float8_e4m3fn
@@ -24,7 +23,6 @@ FP8_MAX = float(torch.finfo(FP8).max)  # 448
 MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and later
 GROUPED_CAPABILITY = (9, 0)  # torch._scaled_grouped_mm's kernels
 ALIGN = 16  # _scaled_mm: every width a multiple of 16
-_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm  # as kernels.py
 _scaled_grouped_mm = getattr(torch, "_scaled_grouped_mm", None)
 
 
@@ -68,25 +66,26 @@ def _aligned(*widths: int) -> bool:
     return all(w % ALIGN == 0 for w in widths)
 
 
+def takes(x: Tensor, qdata: Tensor, grouped: bool = False) -> bool:
+    """Whether ``linear`` (``grouped_linear``) runs this call: the kernels here, rows, widths they take. Otherwise
+    models.quant applies the same rounding to the dequantized weight, as for w8a8."""
+    return kernels_for(x, grouped) and _aligned(*qdata.shape[-2:]) and x.shape[0] > 0
+
+
 def linear(x: Tensor, qdata: Tensor, scale: Tensor) -> Tensor:
-    """x [n, in] rounded per row @ (qdata * scale)^T -> [n, out] in x's dtype."""
-    if kernels_for(x) and _aligned(*qdata.shape) and x.shape[0] > 0:
-        xq, s = _rows(x)
-        y = torch._scaled_mm(xq, qdata.t(), scale_a=s, scale_b=scale[None, :], out_dtype=torch.bfloat16)
-        return y.to(x.dtype)  # [n, out]
-    return F.linear(round_rows(x), (qdata.float() * scale[:, None]).to(x.dtype))
+    """x [n, in] rounded per row @ (qdata * scale)^T -> [n, out] in x's dtype, through torch._scaled_mm."""
+    xq, s = _rows(x)
+    y = torch._scaled_mm(xq, qdata.t(), scale_a=s, scale_b=scale[None, :], out_dtype=torch.bfloat16)
+    return y.to(x.dtype)  # [n, out]
 
 
 def grouped_linear(h: Tensor, qdata: Tensor, scale: Tensor, ends: Tensor) -> Tensor:
     """Rows sorted by group, each through its expert: h [R, in], qdata [E, out, in], scale [E, out], ``ends``
-    [E] int32 one past each group's last row -> [R, out] in h's dtype (no host sync on either path)."""
-    if kernels_for(h, grouped=True) and _aligned(*qdata.shape[1:]):
-        xq, s = _rows(h)
-        y = _scaled_grouped_mm(xq, qdata.transpose(-2, -1), scale_a=s.squeeze(-1), scale_b=scale,  # type: ignore[misc]
-                               offs=ends, out_dtype=torch.bfloat16)
-        return y.to(h.dtype)  # [R, out]
-    w = (qdata.float() * scale[..., None]).to(h.dtype).transpose(-2, -1)  # [E, in, out]
-    return _grouped_mm(round_rows(h), w, offs=ends)
+    [E] int32 one past each group's last row -> [R, out] in h's dtype: one torch._scaled_grouped_mm, no sync."""
+    xq, s = _rows(h)
+    y = _scaled_grouped_mm(xq, qdata.transpose(-2, -1), scale_a=s.squeeze(-1), scale_b=scale,  # type: ignore[misc]
+                           offs=ends, out_dtype=torch.bfloat16)
+    return y.to(h.dtype)  # [R, out]
 
 
 def problem(device: torch.device, *widths: int) -> str | None:

@@ -35,7 +35,7 @@ from .counting import (
 from .dense import DenseMLP, DenseSwiGLU, Match, dense_width, swiglu_width
 from .llm import MoELayer, building, quantize_weights
 from .moe import MoE
-from .quant import ACTIVATION_FORMATS, W8A8
+from .quant import W8A8, rate_key
 
 Kind = Literal["moe", "dense"]
 MODEL_NAMES = ("moe", "dense_total", "dense_active")
@@ -97,8 +97,8 @@ class ModelPlan:
         return replace(self, weights=weights)
 
     def rate_key(self, dtype: str) -> str:
-        """The roofline GEMM rate this model's FLOPs run at: w8a8's int8 kernel's, else the dtype's."""
-        return self.weights if self.weights in ACTIVATION_FORMATS else dtype  # type: ignore[return-value]
+        """The roofline GEMM rate this model's FLOPs run at (quant.rate_key)."""
+        return rate_key(self.weights, dtype)
 
     def _param_bytes(self, dtype: str) -> float:
         """Bytes one weight parameter is held in: the dtype's, or int8's 1 plus its share of the fp32 scale of

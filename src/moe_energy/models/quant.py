@@ -112,6 +112,12 @@ def dequantize(q: QWeight, dtype: torch.dtype = torch.float32) -> Tensor:
     return (q.qdata.to(torch.float32) * q.scale[..., None]).to(dtype)
 
 
+def rate_key(weights: str | None, dtype: str) -> str:
+    """The roofline GEMM rate a model's FLOPs run at: its format's kernel's where that format rounds the
+    activations too (w8a8, fp8: int8 or fp8 FLOPs), else the dtype's."""
+    return weights if weights in ACTIVATION_FORMATS else dtype  # type: ignore[return-value]
+
+
 def describe(weights: str) -> str:
     """How a format holds the numbers, for tables and reports (w8a8's row grid is this host's)."""
     if weights == "int8":
@@ -195,10 +201,14 @@ def int8_gemm(xq: Tensor, packed: Any, levels: int) -> Tensor:
     return getattr(torch.ops.quantized, _INT8_LINEAR)(xq, 1.0, levels, packed)
 
 
-def _w8a8(x: Tensor, q: QWeight) -> Tensor:
-    """x [n, in] rounded per row, @ dequantize(q)^T -> [n, out] in x's dtype: fbgemm where packed."""
+def _rounded_rows(x: Tensor, q: QWeight) -> Tensor:
+    """w8a8 and fp8: x [n, in] rounded per row, @ dequantize(q)^T -> [n, out] in x's dtype: the format's kernel
+    where it takes the call (fbgemm for a packed w8a8 weight, fp8's on an fp8 GPU), else the same rounding on the
+    dequantized weight."""
+    if q.qdata.dtype == fp8.FP8 and fp8.takes(x, q.qdata):
+        return fp8.linear(x, q.qdata, q.scale)
     if q.packed is None or not fast_cpu(x, q) or x.shape[0] == 0:
-        return F.linear(round_rows(x), dequantize(q, x.dtype))
+        return F.linear(round_rows(x, like=q.qdata), dequantize(q, x.dtype))
     xq, s = _integers(x)
     return int8_gemm(xq, q.packed, act_levels()).mul_(s).to(x.dtype)
 
@@ -244,9 +254,9 @@ def fast_cpu(x: Tensor, q: QWeight) -> bool:
 
 
 def linear(x: Tensor, q: QWeight, b: Tensor | None = None) -> Tensor:
-    """x [n, in] @ dequantize(q)^T (+ b [out]) -> [n, out] in x's dtype (w8a8: x rounded per row first)."""
+    """x [n, in] @ dequantize(q)^T (+ b [out]) -> [n, out] in x's dtype (w8a8, fp8: x rounded per row first)."""
     if q.acts:
-        y = fp8.linear(x, q.qdata, q.scale) if q.qdata.dtype == fp8.FP8 else _w8a8(x, q)
+        y = _rounded_rows(x, q)
     elif not fast_cpu(x, q):
         return F.linear(x, dequantize(q, x.dtype), b)
     else:
@@ -263,12 +273,11 @@ def grouped_linear(h: Tensor, q: QWeight, ends: Tensor, b: Tensor | None = None,
     kernels.grouped_linear)."""
     if q.acts and q.packed is not None and fast_cpu(h, q):
         return _grouped_w8a8(h, q, ends, b, expert)
-    if q.qdata.dtype == fp8.FP8:  # no sync: one grouped fp8 GEMM, or the same rounding on the dequantized stack
-        y = fp8.grouped_linear(h, q.qdata, q.scale, ends)
-        return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
-    if not fast_cpu(h, q):  # no sync: one grouped GEMM over the dequantized stack
-        h = round_rows(h) if q.acts else h
-        y = _grouped_mm(h, dequantize(q, h.dtype).transpose(-2, -1), offs=ends)  # [R, out]
+    fp8_kernel = q.qdata.dtype == fp8.FP8 and fp8.takes(h, q.qdata, grouped=True)
+    if fp8_kernel or not fast_cpu(h, q):  # no sync: one grouped GEMM (fp8's, or over the dequantized stack)
+        h = h if fp8_kernel or not q.acts else round_rows(h, like=q.qdata)
+        y = fp8.grouped_linear(h, q.qdata, q.scale, ends) if fp8_kernel else \
+            _grouped_mm(h, dequantize(q, h.dtype).transpose(-2, -1), offs=ends)  # [R, out]
         return y if b is None else y.add_(b.index_select(0, expert))  # type: ignore[arg-type]
     out = h.new_empty(h.shape[0], q.qdata.shape[1])  # [R, out]
     start = 0
@@ -300,9 +309,9 @@ class QLinear(nn.Module):
 
     def __init__(self, lin: nn.Linear, weights: str = "int8") -> None:
         super().__init__()
-        pad = (lambda n: -n % fp8.ALIGN) if weights == "fp8" else (lambda n: 0)
-        self.pad_in = pad(lin.in_features)
-        w = F.pad(lin.weight.detach(), (0, self.pad_in, 0, pad(lin.out_features)))  # [out', in']
+        align = fp8.ALIGN if weights == "fp8" else 1
+        self.pad_in = -lin.in_features % align
+        w = F.pad(lin.weight.detach(), (0, self.pad_in, 0, -lin.out_features % align))  # [out', in']
         q = quantize(w, weights)
         q = with_acts(q) if weights in ACTIVATION_FORMATS else q
         self.in_features, self.out_features, self.weights = lin.in_features, lin.out_features, weights
