@@ -68,6 +68,26 @@ def test_short_window_is_flagged_and_energy_counts():
     assert len(res.latency_ms) >= 10
 
 
+class SlowEndMeter(ConstantPowerMeter):
+    """Reads its counter, then spends time closing the window, as a real meter does (the trace thread joined, the
+    device's state read): that time is no part of the energy window."""
+
+    def end(self) -> Measurement:
+        m = super().end()
+        time.sleep(0.05)
+        return m
+
+
+def test_throughput_and_power_come_from_the_same_seconds():
+    # inferences/J must equal inferences/s / W, and dynamic W must equal W - idle W: one window, one clock
+    res = measure(nn.Linear(8, 2), torch.zeros(16, 8), 0.1, SlowEndMeter(50.0), 32, warmup=0,
+                  idle=IdlePower(1.0, "counter", {"gpu:0": 10.0}))
+    met = window_record(res)
+    assert met["window_s"] == res.energy.seconds
+    assert met["inferences_per_second"] / met["average_power_w"] == pytest.approx(met["inferences_per_joule"])
+    assert met["dynamic_average_power_w"] == pytest.approx(met["average_power_w"] - 10.0)
+
+
 def test_null_meter_window_reports_not_measured():
     res = measure(nn.Linear(8, 2), torch.zeros(4, 8), 0.05, NullMeter(), 32, warmup=0)
     met = window_record(res)
