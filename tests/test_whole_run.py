@@ -9,7 +9,7 @@ import pytest
 from conftest import one_line_error
 
 from moe_energy.cli import main
-from moe_energy.models.whole import models
+from moe_energy.models.whole import forward_flops, models, tiny
 
 QUICK = ["--duration", "0.2", "--warmup", "0", "--repeats", "1", "--cooldown", "0", "--idle-seconds", "0",
          "--device", "cpu", "--meter", "none"]
@@ -42,6 +42,12 @@ def test_prefill_and_decode_of_the_moe_and_its_siblings_per_token(tmp_path, caps
         assert (m["ttft_ms"] is None) == (m["phase"] == "decode") and (m["itl_p90_ms"] is None) == \
             (m["phase"] == "prefill")
         assert m["whole_model_extrapolated"] is None  # every layer built
+        # FLOPs per token are the call's matrix work (forward_flops: no FLOPs for the embedding's lookup, the LM head
+        # at the B kept positions only) over its tokens, not 2 x active params (embeddings and a head per token)
+        tm = tiny(m["model"].removesuffix("-tiny"))
+        want = forward_flops(tm, 2, m["phase"], m["batch"], 8) / m["tokens_per_call"]
+        assert m["flops_per_inference"] == m["windows"][0]["flops_per_inference"] == pytest.approx(want, abs=1)
+        assert m["flops_per_inference"] < 2 * m["active_params"]
     assert "olmoe-1b-7b-tiny / olmo-2-7b-tiny J per token" not in text  # no meter: no energy, no ratio
     assert "prefill" in text and "decode" in text and "results written to" in text
 

@@ -94,11 +94,19 @@ def phase_figures(phase: str, rec: Mapping[str, Any], steps: int = 1) -> dict[st
 
 
 def whole_plan(m: WholeModel, layers: int) -> ModelPlan:
-    """The plan of ``m``'s first ``layers`` layers: its parameters and FLOPs per token (2 x its active parameters:
-    the matrix products a token passes through; attention's context-dependent products are not counted)."""
+    """The plan of ``m``'s first ``layers`` layers: its parameters and FLOPs per decoded token (``forward_flops``: the
+    matrix products a token passes through, the LM head's included, the embedding's lookup not; attention's
+    context-dependent products are not counted). A point's own figure is ``flops_per_token``."""
     total, active = param_counts(m, layers)
     return ModelPlan(m.name, "moe" if m.moe_arch is not None else "dense", None, m.d_model, total, active,
-                     2 * active, m)  # type: ignore[arg-type]
+                     round(forward_flops(m, layers, "decode", 1, 1)), m)  # type: ignore[arg-type]
+
+
+def flops_per_token(m: WholeModel, layers: int, point: Point) -> float:
+    """The matrix FLOPs per token of ``point``'s call (``forward_flops`` over the tokens it counts: B x L in a
+    prefill, whose LM head runs at B positions only; B per decode step)."""
+    phase, b, c = point.head["phase"], point.head["batch"], point.head["context"]
+    return forward_flops(m, layers, phase, b, c) / (b * c if phase == "prefill" else b)
 
 
 def inputs_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]) -> int:
@@ -305,9 +313,10 @@ class Whole:
         b, c, prefill = point.head["batch"], point.head["context"], point.head["phase"] == "prefill"
         prefill_fn, decode_fn = (vllm_prefill, vllm_decode) if self.vllm else (prefill_step, decode_step)
         step, rows = (prefill_fn if prefill else decode_fn)(built.model, b, c, r.opts.seed)  # type: ignore
-        need = memory_bytes(self._model(built.plan), self.chosen[built.name], r.opts.dtype, b, c)["activations"]
-        return Variant(label, step, None, (), built.plan.flops_per_inference, need, parked=False, head=dict(point.head),
-                       rows=rows, ready=True, after_window=getattr(step, "facts", None)), None
+        m, n = self._model(built.plan), self.chosen[built.name]
+        need = memory_bytes(m, n, r.opts.dtype, b, c)["activations"]
+        return Variant(label, step, None, (), round(flops_per_token(m, n, point)), need, parked=False,
+                       head=dict(point.head), rows=rows, ready=True, after_window=getattr(step, "facts", None)), None
 
     def record(self, r: Run, plan: ModelPlan, point: Point, rec: dict[str, Any]) -> dict[str, Any]:
         """The per-token figures of this (model, phase, batch, context), and the whole model's, extrapolated from
@@ -355,7 +364,8 @@ class Whole:
         return {"family": self.family, **self.identity()[0]}
 
     def work_flops(self, opts: RunOptions) -> float:
-        return float(sum(p.flops_per_inference * q.rows for p in self.plans(()) for q in self.points()))
+        return float(sum(flops_per_token(self._model(p), self.chosen.get(p.name, self._model(p).layers), q) * q.rows
+                         for p in self.plans(()) for q in self.points()))
 
     def seconds_floor(self, opts: RunOptions, roof: Any) -> float | None:
         return None
