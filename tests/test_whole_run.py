@@ -76,6 +76,11 @@ def test_models_lists_every_preset_with_its_counts(capsys):
     for name in models():
         assert name in text
     assert "30.532 B" in text and "3.353 B" in text  # qwen3-30b-a3b's total and active, counted
+    # beside a publisher's active figure without the input embedding, the count made the same way: gpt-oss-20b's
+    # 4.187 B less its 201,088 x 2,880 embedding is the 3.6B published, DeepSeek-V2-Lite's 2.661 B less 102,400 x 2,048
+    # the 2.4B
+    flat = " ".join(text.split())
+    assert "4.187 B" in flat and "3.608 B" in flat and "2.661 B" in flat and "2.451 B" in flat
 
 
 def test_plan_shows_the_layers_each_model_builds_and_whether_it_fits(capsys):

@@ -59,8 +59,8 @@ def models_table() -> Table:
     """One row per whole-model preset: its shape, exact parameter counts (meta device) beside the published ones."""
     t = Table(title="moe-energy models: whole LLMs (transformers' own classes, seeded random weights; nothing "
                     "downloaded), exact counts beside the publisher's",
-              caption="active: the total less the routed experts a token does not use (embeddings included; some "
-                      "publishers leave the input embedding out)")
+              caption="active: the total less the routed experts a token does not use (embeddings included); *: the "
+                      "publisher's active figure leaves the input embedding out; below it, ours counted so")
     for col in ("model", "kind", "layers", "d", "heads (KV)", "vocab", "max positions", "MoE layer", "params",
                 "active", "published", "compare with"):
         t.add_column(col, justify="left" if col in ("model", "kind", "MoE layer", "published", "compare with")
@@ -71,6 +71,8 @@ def models_table() -> Table:
         moe = f"{a.name}: E {a.experts}, k {a.top_k}" + (f", {len(m.dense_layers)} dense" if m.dense_layers else "") \
             if a else "-"
         pub = f"{m.published.total} / {m.published.active}" if m.published else "-"
+        if m.published and m.published.active_counts == "output":  # theirs leaves the input embedding out: ours too
+            pub += f"\nours {(active - m.vocab * m.d_model) / 1e9:.3f} B*"
         t.add_row(escape(m.name), "MoE" if a else "dense", str(m.layers), f"{m.d_model:,}",
                   f"{m.heads} ({m.kv_heads})", f"{m.vocab:,}", f"{m.max_positions:,}", escape(moe),
                   f"{total / 1e9:.3f} B", f"{active / 1e9:.3f} B", escape(pub), escape(", ".join(m.siblings) or "-"))
