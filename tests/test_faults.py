@@ -139,7 +139,7 @@ def test_diverged_training_is_flagged_and_still_measured(tmp_path, tiny_spec):
 
     con = Console(width=250, record=True)
     con.print(results_table(doc))
-    assert "(diverged: meaningless)" in con.export_text()
+    assert "(diverged: meaningless)" in con.export_text() and m["train"]["failure"] == "diverged"
 
 
 # -- meter failures --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from moe_energy.report import LAYER_PLOTS, PLOTS, build
 from moe_energy.report.analysis import Frame, load
+from moe_energy.report.html import points_table
 from moe_energy.storage.store import Store
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -284,3 +285,24 @@ def test_by_x_sorts_every_column_by_x_and_keeps_ties_in_order():
     assert _by_x([3, 1, 2, 1], ["a", "b", "c", "d"], [30, 10, 20, 11]) == ([1, 1, 2, 3], ["b", "d", "c", "a"],
                                                                            [10, 11, 20, 30])
     assert _by_x([]) == ([],)
+
+
+def test_a_model_that_did_not_learn_is_not_said_to_have_diverged(tmp_path):
+    db = tmp_path / "d.db"
+    ms = [model("moe[grouped]", 10**6, 50.0), model("dense_total", 10**6 + 10, 40.0),
+          model("dense_active", 10**5, 90.0)]
+    ms[0].update(diverged=True, train={"failure": "did not learn", "diverged_reason": "held-out accuracy 0.10 is at "
+                                       "chance (0.11)"})
+    ms[1].update(diverged=True, train={"diverged_reason": "loss is nan in epoch 1"})  # a record from before 'failure'
+    with Store(db) as s:
+        s.new_run("r1", {"grid": "custom"}, {"device_name": "Test GPU", "torch": "2.x"},
+                  {"name": "nvidia", "method": "counter"}, grid_name="custom")
+        s.add_point("r1", "k", {"label": "s0", "spec": {"experts": 8, "hidden": 64, "layers": 2, "top_k": 2},
+                                "options": {"batch_size": 128, "dtype": "float32"}, "total_params": 10**6},
+                    "done", document={"models": ms})
+    with Store(db, create=False) as s:
+        frame = load(s)
+    _title, head, rows = points_table(frame)
+    acc = {r[head.index("model")]: r[head.index("held-out acc")] for r in rows}
+    assert acc == {"moe[grouped]": "90.0% (did not learn: accuracy meaningless)",
+                   "dense_total": "90.0% (diverged: accuracy meaningless)", "dense_active": "90.0%"}

@@ -1,8 +1,11 @@
 """Training reaches well above chance on held-out data; divergence is flagged."""
 
+import math
+
 import torch
 
 from moe_energy.data import make_dataset
+from moe_energy.measure.records import training_failure
 from moe_energy.models import DenseMLP, MoE
 from moe_energy.train import train
 
@@ -25,6 +28,22 @@ def test_non_finite_loss_is_flagged_diverged():
     res = train(model, data, epochs=3, lr=1e30, batch_size=32, device=torch.device("cpu"))
     assert res.diverged
     assert "loss is nan" in res.diverged_reason or "at chance" in res.diverged_reason
+    assert res.failure == ("diverged" if "loss is" in res.diverged_reason else "did not learn")
+
+
+def test_training_that_stays_at_chance_did_not_learn_and_is_not_called_diverged():
+    # labels drawn apart from the inputs: nothing to learn, so held-out accuracy stays at chance with a finite loss
+    data = make_dataset(400, 20, 4, seed=1, test_fraction=0.25)
+    g = torch.Generator().manual_seed(0)
+    data.y_train = torch.randint(0, 4, data.y_train.shape, generator=g)
+    data.y_test = torch.randint(0, 4, data.y_test.shape, generator=g)
+    res = train(DenseMLP(20, 8, 1, 4), data, epochs=1, lr=1e-3, batch_size=32, device=torch.device("cpu"))
+    assert all(map(math.isfinite, res.epoch_loss))
+    assert res.diverged and res.failure == "did not learn" and "at chance" in res.diverged_reason
+    rec = {"diverged": True, "train": res.as_dict()}
+    assert training_failure(rec) == "did not learn"
+    assert training_failure({"diverged": True, "train": {"diverged_reason": "loss is nan"}}) == "diverged"  # older
+    assert training_failure({"diverged": False}) is None
 
 
 def test_untrained_model_is_not_called_diverged():

@@ -23,8 +23,9 @@ class TrainResult:
     epoch_train_accuracy: list[float] = field(default_factory=list)
     test_accuracy: float | None = None
     chance_accuracy: float | None = None
-    diverged: bool = False
+    diverged: bool = False  # training failed (the stored field's name): the loss went non-finite, or nothing learned
     diverged_reason: str | None = None
+    failure: str | None = None  # which, in words: "diverged" or "did not learn"
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -81,10 +82,12 @@ def train(
         res.epoch_train_accuracy.append(float(correct) / len(x))
         if not math.isfinite(mean_loss):
             res.diverged, res.diverged_reason = True, f"loss is {mean_loss} in epoch {epoch + 1}"
+            res.failure = "diverged"
             break
     res.test_accuracy = evaluate(model, data.x_test, data.y_test, batch_size, device)
     if epochs > 0 and not res.diverged and res.test_accuracy <= data.chance_accuracy + CHANCE_MARGIN:
         res.diverged, res.diverged_reason = True, (f"held-out accuracy {res.test_accuracy:.3f} is at chance "
                                                    f"({data.chance_accuracy:.3f})")
+        res.failure = "did not learn"  # too few epochs or samples, or a bad learning rate: not a divergence
     res.seconds = time.perf_counter() - t0
     return res

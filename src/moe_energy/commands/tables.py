@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from rich.markup import escape
 from rich.table import Table
 
+from ..measure.records import training_failure
 from ..models.quant import describe
 from ..power.carbon import unit
 from ..runner.layer import ERROR_ROWS
@@ -85,7 +86,8 @@ def _all_to_all_mb(m: dict) -> str:
 
 
 def _acc(m: dict) -> str:
-    return fmt(m["accuracy"], ".1%") + (" (diverged: meaningless)" if m["diverged"] else "")
+    failure = training_failure(m)
+    return fmt(m["accuracy"], ".1%") + (f" ({failure}: meaningless)" if failure else "")
 
 
 NAME = Column("model", lambda m: escape(m["name"].split("@T=")[0]))
@@ -264,8 +266,8 @@ def energy_summary(doc: dict) -> list[str]:
             lines.append(f"{m['name']}: {not_measured(m).replace('skipped: ', 'skipped, ', 1)}")
         elif m.get("diverged"):
             reason = (m.get("train") or {}).get("diverged_reason")
-            lines.append(f"{m['name']}: training diverged ({reason}); its accuracy is meaningless, its speed and "
-                         "energy are valid")
+            lines.append(f"{m['name']}: training {training_failure(m)} ({reason}); its accuracy is meaningless, its "
+                         "speed and energy are valid")
     return head + lines
 
 

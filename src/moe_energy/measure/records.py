@@ -341,6 +341,15 @@ def measured_record(name: str, fields: dict[str, Any], strategy: str | None, dty
     rec.update(limits)  # type: ignore[typeddict-item]
     rec["flags"] = rec["flags"] + limit_flags
     if train is not None and train.diverged:
-        rec["flags"] = [f"training diverged ({train.diverged_reason}): accuracy is meaningless; speed "
+        rec["flags"] = [f"training {training_failure(rec)} ({train.diverged_reason}): accuracy is meaningless; speed "
                         "and energy are valid"] + rec["flags"]
     return rec
+
+
+def training_failure(m: Any) -> str | None:
+    """How a model record's training failed, in words ("diverged": a non-finite loss; "did not learn": held-out
+    accuracy at chance, as after too few epochs), or None. The stored field for both is ``diverged``; a record
+    written before the two were told apart says "diverged"."""
+    if not m.get("diverged"):
+        return None
+    return (m.get("train") or {}).get("failure") or "diverged"

@@ -358,7 +358,7 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
         if c.energy == "estimate":
             notes.append("energy is an estimate (not measured): read the crossover as a rough guide")
     if metric == "correct_per_joule" and any(p.moe.get("diverged") or p.dense.get("diverged") for p in usable):
-        notes.append("a model diverged at some point: its accuracy says little")
+        notes.append("a model's training failed at some point (diverged or did not learn): its accuracy says little")
     c.notes = notes
     if not usable:
         return c

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..measure.records import training_failure
 from ..power.carbon import ESTIMATED
 from ..storage.fileio import now_utc, replace_atomic
 from .analysis import (
@@ -109,6 +110,11 @@ def _num(v: float | None, spec: str = ",.1f") -> str:
     return "not measured" if v is None else f"{v:{spec}}"
 
 
+def _accuracy(m: dict) -> str:
+    failure = training_failure(m)
+    return _num(value(m, "accuracy"), ".1%") + (f" ({failure}: accuracy meaningless)" if failure else "")
+
+
 def _spread(m: dict, metric: str, spec: str) -> str:
     v = value(m, metric)
     if v is None:
@@ -173,7 +179,7 @@ def points_table(frame: Frame) -> Table:
     for m in sorted(frame.models, key=lambda m: (m["total_params"] or 0, m["batch_size"] or 0, str(m["dtype"]),
                                                   m["point_id"], m.get("ordinal", 0))):
         p = pts.get(m["point_id"], {})
-        acc = _num(value(m, "accuracy"), ".1%") + (" (diverged: accuracy meaningless)" if m.get("diverged") else "")
+        acc = _accuracy(m)
         cpj = value(m, "correct_per_joule")
         rows.append([
             str(m["label"]), f"{p.get('experts')}/{p.get('hidden')}/{p.get('layers')}/{p.get('top_k')}",
@@ -219,8 +225,7 @@ def comparison_table(frame: Frame) -> Table:
                 _spread(m, "inferences_per_second", ",.0f"), _spread(d, "inferences_per_second", ",.0f"),
                 f"{ips_m / ips_d:.3f}" if ips_m and ips_d else "not measured",
                 _energy(m, "average_power_w", ",.1f"), _energy(d, "average_power_w", ",.1f"),
-                _num(value(m, "accuracy"), ".1%") + (" (diverged: accuracy meaningless)" if m.get("diverged") else ""),
-                _num(value(d, "accuracy"), ".1%") + (" (diverged: accuracy meaningless)" if d.get("diverged") else ""),
+                _accuracy(m), _accuracy(d),
             ])
     return "MoE vs the dense model of the same total size, at each point (ratio above 1: MoE better)", head, rows
 
