@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from rich.markup import escape
 from rich.table import Table
 
+from ..energy.meter import faults
 from ..measure.records import training_failure
 from ..models.quant import describe
 from ..power.carbon import unit
@@ -248,12 +249,14 @@ def energy_summary(doc: dict) -> list[str]:
     if idle and idle.get("power_w") is not None:
         lines.append(f"idle power: {idle['power_w']:.2f} W ({meter.get('method')}) over {idle['seconds']:.1f} s "
                      "(dynamic = raw minus idle power x window seconds)")
+        lines += [f"idle power warning: {f}" for f in idle.get("flags") or []]
     else:
         lines.append(f"idle power: not measured (dynamic {unit(doc)}/J needs --idle-seconds > 0)")
     windows = [w for m in doc["models"] for w in m.get("windows", [])]
-    flagged = sum(1 for w in windows if w.get("flags"))
+    flagged = [fs for w in windows if (fs := faults(w.get("flags") or []))]
     if flagged:
-        lines.append(f"{flagged} of {len(windows)} windows carry warnings (see 'flags' in the JSON)")
+        lines.append(f"{len(flagged)} of {len(windows)} windows carry warnings (all under 'flags' in the JSON); the "
+                     f"first: {flagged[0][0]}")
     failed = [w["failed"] for w in windows if w.get("failed")]
     if failed:
         lines.append(f"{len(failed)} of {len(windows)} windows FAILED and were left out of the figures: {failed[0]}")

@@ -243,7 +243,9 @@ def fixed_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], No
 
     t0 = time.perf_counter()
     try:
-        _, seconds, energy, flags = counted_window(counted, meter, sync, 0.0, batches=n, on_tick=on_tick)
+        # the other ranks on this host are the job's own work, not contention
+        _, seconds, energy, flags = counted_window(counted, meter, sync, 0.0, batches=n, on_tick=on_tick,
+                                                   others=False)
         return seconds, energy, flags, None
     except MeterFailed as e:
         for _ in range(n - ran[0]):

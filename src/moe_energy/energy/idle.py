@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..measure.contention import CpuShare
 from .meter import Measurement, Meter, window
 
 
@@ -33,14 +34,19 @@ def measure_idle(meter: Meter, seconds: float, sync: Callable[[], None] | None =
     """Read ``meter`` over ``seconds`` of sleep; None when skipped (``seconds`` <= 0)."""
     if seconds <= 0:
         return None
+    cpu = CpuShare()
     with window(meter, "idle", sync) as w:
+        cpu.begin()
         sleep(seconds)
+        use = cpu.end()
     m = w.result
     assert m is not None
     power = None
     if m.joules_by_device is not None and m.seconds > 0:
         power = {d: j / m.seconds for d, j in m.joules_by_device.items()}
-    return IdlePower(seconds=m.seconds, method=m.method, power_by_device_w=power, flags=list(m.flags))
+    crowded = use.flag("the idle reading") if use is not None else None
+    return IdlePower(seconds=m.seconds, method=m.method, power_by_device_w=power,
+                     flags=list(m.flags) + ([crowded] if crowded else []))
 
 
 def dynamic_joules(m: Measurement, idle: IdlePower | None) -> dict[str, float] | None:

@@ -19,7 +19,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -57,6 +57,15 @@ def impossible(joules: dict[str, float], seconds: float, ceilings: Ceilings, sta
             cap, source = ceilings[dev]
             out.append(f"{dev}: {j:.4g} J in {seconds:.3g} s is {w:.4g} W, above its {cap:g} W ceiling ({source})")
     return out
+
+
+LABELS = ("estimate:",)  # flags a meter puts on every window to name its method (``_labels``): not faults
+
+
+def faults(flags: Iterable[object]) -> list[str]:
+    """The flags that say something went wrong, without the labels that only name a method (an estimate is
+    labelled and compared only with estimates, never kept out for being one)."""
+    return [f for f in flags if isinstance(f, str) and not f.startswith(LABELS)]
 
 
 def weakest(methods: list[str]) -> str:

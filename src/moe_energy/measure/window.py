@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..device import device_sync
 from ..energy.idle import IdlePower
 from ..energy.meter import Measurement, Meter, window
+from .contention import CpuShare
 
 # Windows shorter than this are flagged: energy counters update too coarsely to trust them.
 MIN_TRUSTED_SECONDS = 1.0
@@ -132,13 +133,16 @@ def warm_up_for(warmup: float, last_call_s: float | None) -> float | None:
 
 
 def counted_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], None], duration: float,
-                   batches: int | None = None, on_tick: Callable[[float], None] | None = None
-                   ) -> tuple[int, float, Measurement, list[str]]:
+                   batches: int | None = None, on_tick: Callable[[float], None] | None = None,
+                   others: bool = True) -> tuple[int, float, Measurement, list[str]]:
     """(batches, seconds, measurement, flags) of one energy window: ``duration`` seconds of forwards, or
-    exactly ``batches`` of them (expert parallelism: every rank must run as many collectives)."""
+    exactly ``batches`` of them (expert parallelism: every rank must run as many collectives). ``others``: flag
+    the window when other processes kept the CPUs busy (``contention``; off where they are the job's own ranks)."""
     n = 0
     last_tick = 0.0
+    cpu = CpuShare()
     with window(meter, "bench", sync) as w:
+        cpu.begin()
         start = time.perf_counter()
         while True:
             forward()
@@ -150,6 +154,8 @@ def counted_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], 
                 on_tick(elapsed)
                 last_tick = elapsed
         # the window's context manager syncs before reading the meter, so queued batches count
+        sync()
+        use = cpu.end()
     assert w.result is not None
     # the meter's own seconds, from its counter's first reading to its last: the span its joules cover, so that
     # inferences/s / W is inferences/J and dynamic W is W - idle W. A clock read here would add what closing the
@@ -160,6 +166,8 @@ def counted_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], 
         flags.append(f"window of {seconds:.2f} s is shorter than {MIN_TRUSTED_SECONDS:g} s: energy unreliable")
     if w.result.joules is not None and w.result.joules <= 0:
         flags.append("zero-joule reading: inferences_per_joule withheld")
+    if others and use is not None and (crowded := use.flag()):
+        flags.append(crowded)
     return n, seconds, w.result, flags
 
 

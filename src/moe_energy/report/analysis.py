@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..energy.meter import faults
 from ..storage.store import JSON_COLUMNS, LAYER_FAMILY, WHOLE_FAMILY, Store, stored_json, stored_key
 
 MEASURED = ("counter", "sampled")
@@ -587,7 +588,6 @@ def best_caps(frame: Frame) -> list[BestCap]:
 # -- whole models (issue 23): an MoE LLM against its dense siblings, per phase, batch and context ---------------
 PHASES = ("prefill", "decode")  # runner.model.PHASES, in the order the report reads them
 ITL_DEADLINES_MS = (100.0, 250.0)  # ML.ENERGY's inter-token deadlines: the report's --itl-deadline-ms default
-LABELS = ("estimate:",)  # window flags that name a method, not a fault: an estimate is labelled, never unstable
 
 
 def whole_sets(frame: Frame) -> dict[str, list[dict]]:
@@ -632,8 +632,7 @@ def unstable(m: dict) -> str | None:
     failed = next((w["failed"] for w in windows if w.get("failed")), None)
     if failed:
         return f"window failed: {failed}"
-    flags = [f for f in [*(m.get("flags") or []), *(f for w in windows for f in w.get("flags") or [])]
-             if isinstance(f, str) and not f.startswith(LABELS)]
+    flags = faults([*(m.get("flags") or []), *(f for w in windows for f in w.get("flags") or [])])
     return flags[0] if flags else None
 
 
