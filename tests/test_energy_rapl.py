@@ -101,6 +101,21 @@ def test_wraparound_inside_the_window(fake_rapl):
     assert m.joules > 0
 
 
+@pytest.mark.slow
+def test_two_wraps_inside_one_window(fake_rapl):
+    # A 40 J range at 40 W wraps every second: a 2.5 s window holds two wraps or three. Read at its edges only, the
+    # counter shows one at most (AMD's 65 kJ range wraps like this every 4 min at 280 W); every read counts.
+    max_uj = 40_000_000
+    f = fake_rapl("--watts", "40", "--max-range-uj", str(max_uj), "--start-uj", str(max_uj - 5_000_000),
+                  "--max-power-w", "50")  # a 100 W ceiling: a wrap hides only between reads 0.4 s apart
+    meter = RaplMeter(f.root)
+    meter.begin()
+    time.sleep(2.5)
+    m = meter.end()
+    assert m.joules == pytest.approx(40.0 * m.seconds, rel=0.10)
+    assert not any("undercounted" in x for x in m.flags), m.flags
+
+
 def test_unwrapper_adds_one_range_per_wrap(tmp_path):
     d = write_zone(tmp_path, "intel-rapl:0", "package-0", 999_000, max_uj=1_000_000)
     [zone] = discover(tmp_path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 
 from ..errors import Unavailable
 from .meter import Ceilings, CounterMeter, impossible
-from .trace import DEFAULT_PERIOD_S, PowerTrace
+from .trace import DEFAULT_PERIOD_S
 
 ENV_ROOT = "MOE_ENERGY_POWERCAP_ROOT"
 DEFAULT_ROOT = "/sys/class/powercap"
@@ -188,26 +189,42 @@ class Unwrapper:
     A step back is a wrap only if the energy a wrap implies fits the zone's ceiling over the time since the
     last read; otherwise the counter was reset (or lies about its range): counting goes on from the old
     value and the step is kept in ``jumps`` (device, reason) for the window to fail on.
+
+    Two reads can tell one wrap only, so every read of a window goes through one unwrapper: its edges' and its
+    sampler's (a thread; a lock keeps each read and its step together). ``longest_gap_s`` is the most time
+    between two reads since ``restart()``: a zone's range over its ceiling is the least time another wrap takes.
     """
 
     def __init__(self, zones: list[Zone], root: Path, clock: Callable[[], float] = time.perf_counter) -> None:
         self.zones, self.root, self.clock = zones, root, clock
         self._last: dict[str, tuple[int, float]] = {}
         self._offset: dict[str, int] = {}
+        self._lock = threading.Lock()
         self.wraps = 0
         self.jumps: list[tuple[str, str]] = []
+        self.longest_gap_s = 0.0
+
+    def restart(self) -> None:
+        """A new window: the next read is its baseline, whatever the counters did since the last one."""
+        with self._lock:
+            self._last.clear()
+            self.jumps.clear()
+            self.longest_gap_s = 0.0
 
     def __call__(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        for z in self.zones:
-            raw = _read_int(z.path / "energy_uj", self.root)
-            self._step(z, raw, self.clock())
-            out[z.device] = (raw + self._offset.get(z.device, 0)) / 1e6
+        with self._lock:
+            for z in self.zones:
+                raw = _read_int(z.path / "energy_uj", self.root)
+                self._step(z, raw, self.clock())
+                out[z.device] = (raw + self._offset.get(z.device, 0)) / 1e6
         return out
 
     def _step(self, z: Zone, raw: int, now: float) -> None:
         prev = self._last.get(z.device)
         self._last[z.device] = (raw, now)
+        if prev is not None:
+            self.longest_gap_s = max(self.longest_gap_s, now - prev[1])
         if raw > z.max_range_uj:
             self.jumps.append((z.device, f"{z.device}: energy_uj reads {raw}, above its range {z.max_range_uj} uJ"))
             return
@@ -248,20 +265,14 @@ class RaplMeter(CounterMeter):
         self.root = Path(root) if root is not None else powercap_root()
         self.zones = discover(self.root)
         self.devices = [z.device for z in self.zones]
-        self._edge = Unwrapper(self.zones, self.root)
-        self._sampled: Unwrapper | None = None
+        self._unwrap = Unwrapper(self.zones, self.root)
 
     def _read(self) -> dict[str, float]:
-        return self._edge()  # a wrap inside the window is corrected by the unwrapper
-
-    def _sampler(self) -> PowerTrace:
-        """The sampler's thread gets its own unwrapper: one shared across threads could count a wrap twice."""
-        self._sampled = Unwrapper(self.zones, self.root)
-        return PowerTrace(energy=self._sampled, period_s=self.trace_period_s)
+        return self._unwrap()  # the edges and the sampler (the default trace) read through the one unwrapper
 
     def begin(self) -> None:
+        self._unwrap.restart()  # a step back between windows is no part of this one
         super().begin()
-        self._edge.jumps.clear()  # a step back between windows is no part of this one
 
     def _ceilings(self, state_end: dict[str, dict[str, Any]]) -> Ceilings:
         return {z.device: (z.ceiling_w, z.ceiling_source) for z in self.zones}
@@ -269,16 +280,17 @@ class RaplMeter(CounterMeter):
     def _problems(self, joules: dict[str, float], seconds: float,
                   state_end: dict[str, dict[str, Any]]) -> list[str]:
         """A step back no wrap explains, seen at the edges or by the sampler, then impossible powers."""
-        jumps = _first_per_device(self._edge.jumps + (self._sampled.jumps if self._sampled else []))
+        jumps = _first_per_device(self._unwrap.jumps)
         rest = {d: j for d, j in joules.items() if d not in jumps}
         return list(jumps.values()) + impossible(rest, seconds, self._ceilings(state_end), self.stale_s)
 
     def _flags(self, joules: dict[str, float], seconds: float) -> list[str]:
         flags: list[str] = []
+        gap = self._unwrap.longest_gap_s
         for z in self.zones:
-            if seconds > z.max_range_uj / 1e6 / z.ceiling_w:
-                flags.append(f"{z.device}: window of {seconds:.0f} s may exceed one RAPL counter range; "
-                             "energy could be undercounted")
+            if gap > z.max_range_uj / 1e6 / z.ceiling_w:
+                flags.append(f"{z.device}: reads {gap:.3g} s apart may hide a wrap of its {z.max_range_uj / 1e6:g} J "
+                             f"RAPL counter range (at its {z.ceiling_w:g} W ceiling); energy could be undercounted")
             if joules[z.device] <= 0:
                 flags.append(f"{z.device}: RAPL counter did not advance (zero-joule reading)")
         return flags
