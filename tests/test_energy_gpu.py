@@ -154,6 +154,28 @@ def test_pre_volta_gpu_integrates_sampled_power(monkeypatch):
     assert m.joules == pytest.approx(100.0 * m.seconds, rel=0.02)
 
 
+def test_sampled_energy_from_averaged_power_says_so(monkeypatch):
+    # A driver that refuses instant power leaves NVML's average (over ~1 s on Ampere and newer): integrated over a
+    # window it lags the window by about half a second, so a GPU without a counter must say which power it summed.
+    fake = FakeNVML(arch=pynvml.NVML_DEVICE_ARCH_PASCAL)
+    fake.install(monkeypatch)
+    fake.counter_mj = [0]
+
+    def average_only(handle, fields):
+        fake.log.append("power")
+        return [SimpleNamespace(nvmlReturn=pynvml.NVML_ERROR_NOT_SUPPORTED if f == pynvml.NVML_FI_DEV_POWER_INSTANT
+                                else pynvml.NVML_SUCCESS, value=SimpleNamespace(uiVal=fake.power_mw))
+                for f, _ in fields]
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetFieldValues", average_only)
+    meter = GpuMeter("nvidia", 0, trace_period_s=0.05)
+    meter.begin()
+    time.sleep(0.2)
+    m = meter.end()
+    assert m.method == "sampled" and m.joules == pytest.approx(300.0 * m.seconds, rel=0.05)
+    assert any(f.startswith("gpu:0: sampled energy integrates the driver's averaged power") for f in m.flags), m.flags
+
+
 def test_make_meter_and_auto_on_a_gpu_run(nvml, monkeypatch, tmp_path):
     nvml.counter_mj = [0, 1000]
     monkeypatch.setenv(ENV_ROOT, str(tmp_path / "no-rapl"))

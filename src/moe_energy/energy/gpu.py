@@ -112,10 +112,15 @@ class GpuMeter(CounterMeter):
         return PowerTrace(power=self._power, period_s=self.trace_period_s)
 
     def _flags(self, joules: dict[str, float], seconds: float) -> list[str]:
-        if joules[self.device] > 0:
-            return []
-        return [f"{self.device}: energy {'counter did not advance' if self.has_counter else 'trace is empty'}"
-                " (zero-joule reading)"]
+        flags: list[str] = []
+        if not self.has_counter and not self._instant:  # with a counter the trace is only evidence
+            flags.append(f"{self.device}: sampled energy integrates the driver's averaged power (instant power "
+                         "refused), which trails the real draw by up to its ~1 s averaging: the window's energy "
+                         "is shifted late")
+        if joules[self.device] <= 0:
+            flags.append(f"{self.device}: energy {'counter did not advance' if self.has_counter else 'trace is empty'}"
+                         " (zero-joule reading)")
+        return flags
 
     def _ceilings(self, state_end: dict[str, dict[str, Any]]) -> Ceilings:
         """POWER_LIMIT_MARGIN x the larger power limit of the window's edges, else GPU_MAX_W."""
