@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from moe_energy.commands.tables import energy_summary
+from moe_energy.energy.contention import OTHERS_FLAG_CPUS, CpuShare, CpuUse, busy_seconds
 from moe_energy.energy.estimate import EstimateMeter
 from moe_energy.energy.idle import measure_idle
-from moe_energy.measure.contention import OTHERS_FLAG_CPUS, CpuShare, CpuUse, busy_seconds
 from moe_energy.measure.window import measure
 
 HZ = os.sysconf("SC_CLK_TCK")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..measure.contention import CpuShare
+from .contention import CpuShare
 from .meter import Measurement, Meter, window
 
 

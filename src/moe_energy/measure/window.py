@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ..device import device_sync
+from ..energy.contention import CpuShare
 from ..energy.idle import IdlePower
 from ..energy.meter import Measurement, Meter, window
-from .contention import CpuShare
 
 # Windows shorter than this are flagged: energy counters update too coarsely to trust them.
 MIN_TRUSTED_SECONDS = 1.0
