@@ -98,6 +98,9 @@ def test_plan_shows_the_layers_each_model_builds_and_whether_it_fits(capsys):
     (["--model", "olmoe-1b-7b", "--layers", "0"], "--layers 0: give a whole number >= 1"),
     (["--model", "olmoe-1b-7b", "--tokens", "1"], "--tokens: no meaning with --model"),
     (["--model", "olmoe-1b-7b", "--models", "moe"], "--models: no meaning with --model"),
+    # --arch and the seed's/custom layer's --experts/--top-k were silently dropped here (sweep refused them)
+    (["--model", "olmoe-1b-7b", "--arch", "mixtral-8x7b"], "--arch: no meaning with --model"),
+    (["--model", "olmoe-1b-7b", "--experts", "3", "--top-k", "1"], "--experts, --top-k: no meaning with --model"),
     (["--model", "olmoe-1b-7b", "--moe-impl", "fast"], "--moe-impl 'fast' is unknown"),
     (["--batch", "1"], "--batch: only with --model (a whole LLM); add --model or drop them"),
     (["--model", "olmoe-1b-7b", "--parallel", "expert"], "--parallel expert does not run whole models yet"),

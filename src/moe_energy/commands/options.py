@@ -237,8 +237,10 @@ def refuse_others(args: argparse.Namespace, family: str) -> None:
     """One line for flags of another workload than ``family`` (config.WORKLOAD_KEYS), never silently ignored."""
     mine = WORKLOAD_KEYS[family]
     for other, keys in WORKLOAD_KEYS.items():
-        stray = [flag(k) for k in keys if other != family and k not in mine and k not in ("arch", "model")
-                 and getattr(args, k, None) is not None]
+        # --experts/--top-k are in neither row (the seed's shape and a custom layer's alike) but a whole model's
+        # shape is its preset's: refused there as `sweep --model` refuses them (runner.sweep.MODEL_REFUSED)
+        keys = (*keys, "experts", "top_k") if family == "whole_model" and other == "seed" else keys
+        stray = [flag(k) for k in keys if other != family and k not in mine and getattr(args, k, None) is not None]
         if not stray:
             continue
         if family == "seed":
