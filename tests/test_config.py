@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from moe_energy.config import PRESETS, ConfigError, ModelSpec, RunOptions, load_toml, resolve_spec
+from moe_energy.config import PRESETS, ConfigError, ModelSpec, RunOptions, load_toml, resolve_config, resolve_spec
+from moe_energy.models.strategies import STRATEGIES
 
 
 def test_presets_are_the_seeds():
@@ -52,6 +53,14 @@ def test_bad_run_options(field, value):
     with pytest.raises(ConfigError) as e:
         RunOptions(**{field: value}).validate()
     assert "\n" not in str(e.value)
+
+
+def test_a_model_or_strategy_named_twice_is_run_once():
+    """As --tokens and --batch: each once, order kept (before, `--models moe,moe` trained and measured the MoE twice
+    and saved two rows of one name)."""
+    _, opts = resolve_config({"models": "moe,dense_total,moe", "strategies": ("grouped", "padded", "grouped")})
+    assert opts.models == ("moe", "dense_total") and opts.strategies == ("grouped", "padded")
+    assert resolve_config({"strategies": "all,all"})[1].strategies == tuple(STRATEGIES)
 
 
 def test_toml_config_roundtrip_and_unknown_keys(tmp_path):

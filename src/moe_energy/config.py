@@ -269,6 +269,8 @@ def resolve_config(cfg: dict[str, Any]) -> tuple[ModelSpec, RunOptions]:
     for k in ("strategies", "models"):
         if isinstance(given.get(k), str):
             given[k] = split_list(given[k])
+        if isinstance(given.get(k), tuple):  # each once, order kept (as --tokens, --batch): a model named twice
+            given[k] = tuple(dict.fromkeys(given[k]))  # would be trained and measured twice, two rows of one name
     if given.get("strategies") == ("all",):
         given["strategies"] = tuple(STRATEGIES)
     for k in ("data", "out"):
