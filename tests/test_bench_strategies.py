@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import one_line_error
 
 from moe_energy.bench.strategies import bench_strategies
 from moe_energy.cli import main
@@ -82,7 +83,11 @@ def test_cli_prints_table_and_writes_json(tmp_path, cached_roof, capsys):
 
 
 @pytest.mark.parametrize(("args", "msg"), [(["--moe-strategy", "fastest"], "fastest"),
-                                           (["--seconds", "0"], "--seconds"), (["--dtype", "int8"], "dtype")])
+                                           (["--seconds", "0"], "--seconds"), (["--dtype", "int8"], "dtype"),
+                                           # an empty list was every strategy, timed for minutes
+                                           (["--moe-strategy", ","], "--moe-strategy ',': give at least one of"),
+                                           # 1e12 is positive: the message said it must be
+                                           (["--seconds", "1e12"], "must be a number of seconds > 0 and < 1e+06")])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, cached_roof, capsys, args, msg):
     assert main(["bench-strategies", *TINY, *args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -93,6 +98,20 @@ def test_calibrate_uses_the_cache_unless_forced(cached_roof, capsys):
     assert main(["calibrate", "--device", "cpu"]) == 0
     assert "cached" in capsys.readouterr().out
     assert main(["calibrate", "--device", "cpu", "--dtype", "int4"]) == 2
+
+
+@pytest.mark.parametrize(("args", "msg"), [(["--dtype", ","], "--dtype ',': give at least one of float32"),
+                                           (["--seconds", "1e12"], "must be a number of seconds > 0 and < 10000")])
+def test_calibrate_bad_input_is_one_line_and_exit_2_before_measuring(monkeypatch, capsys, args, msg):
+    """An empty --dtype list was every dtype, measured; nothing is calibrated on the way to the error."""
+    monkeypatch.setattr(roofline, "calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    one_line_error(main(["calibrate", "--device", "cpu", "--force", *args]), capsys.readouterr().err, msg)
+
+
+def test_a_strategy_named_twice_is_timed_once(tmp_path, cached_roof, capsys):
+    assert main(["bench-strategies", *TINY, "--moe-strategy", "padded,padded", "--out", str(tmp_path)]) == 0
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["name"] for r in doc["rows"] if r["name"].startswith("moe")] == ["moe[padded]"]
 
 
 def test_time_rounds_records_per_batch_ms_and_iterations_per_variant():

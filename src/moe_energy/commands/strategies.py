@@ -41,14 +41,17 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _names(flag: str, text: str | None, choices: Collection[str], seconds: float, most_s: float) -> tuple[str, ...]:
-    """``flag``'s comma list (default every choice), checked with ``--seconds`` before any work: one-line errors
-    for a name that is not a choice, or ``--seconds`` not in (0, ``most_s``) (NaN included)."""
-    given = split_list(text) or tuple(choices)
+    """``flag``'s comma list (default every choice; each once, order kept), checked with ``--seconds`` before any
+    work: one-line errors for an empty list, a name that is not a choice, or ``--seconds`` not in (0, ``most_s``)
+    (NaN included)."""
+    given = tuple(dict.fromkeys(split_list(text) or ())) if text is not None else tuple(choices)
+    if not given:
+        raise ConfigError(f"{flag} {text!r}: give at least one of {', '.join(choices)} (or drop {flag} for all)")
     unknown = [g for g in given if g not in choices]
     if unknown:
         raise ConfigError(f"{flag} {','.join(unknown)} is unknown; choose from {', '.join(choices)}")
     if not 0 < seconds < most_s:
-        raise ConfigError(f"--seconds {seconds} must be a positive number of seconds")
+        raise ConfigError(f"--seconds {seconds} must be a number of seconds > 0 and < {most_s:g}")
     return given
 
 
