@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_SHAPE, TINY_TASK
+from conftest import TINY_SHAPE, TINY_TASK, one_line_error
 
+from moe_energy import cli
 from moe_energy.config import ConfigError
 from moe_energy.distributed.group import check_agreement, check_divisible, config_hash
 from moe_energy.distributed.job import job_energy, job_idle, job_record, median_of
@@ -192,6 +193,23 @@ def test_cli_exits_3_on_a_lost_peer_with_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["error: rank 0 of 2: could not join the job (connection refused); "
                                         "check MASTER_ADDR"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    # 1e300 overflowed torch's timedelta: a traceback
+    (["--parallel", "expert", "--collective-timeout", "1e300"], "--collective-timeout 1e+300 must be a number of "
+                                                                "seconds > 0 and <= 86400"),
+    (["--parallel", "expert", "--collective-timeout", "nan"], "--collective-timeout nan must be"),
+    # without --parallel expert a bad (or any) timeout was silently ignored
+    (["--collective-timeout", "-1"], "--collective-timeout: only with --parallel expert"),
+])
+def test_a_bad_collective_timeout_is_one_line_before_any_work(monkeypatch, tmp_path, capsys, flags, needle):
+    from moe_energy.commands import run as parallel
+
+    monkeypatch.setattr(parallel, "init_group", lambda *a, **k: pytest.fail("joined a job"))
+    code = cli.main(["run", *flags, *TINY, "--duration", "0.3", "--out", str(tmp_path)])
+    one_line_error(code, capsys.readouterr().err, needle)
+    assert not list(tmp_path.glob("run-*.json"))
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from ..config import (
     split_list,
 )
 from ..device import llm_default_dtype, resolve_device
-from ..distributed.group import DEFAULT_TIMEOUT_S
+from ..distributed.group import DEFAULT_TIMEOUT_S, check_timeout
 from ..errors import ConfigError, check_choice
 from ..models.archs import PRESETS as ARCH_PRESETS
 from ..models.archs import ROUTER_KINDS, Arch, RouterSpec, custom_arch, get_arch
@@ -219,9 +219,21 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel", choices=("none", "expert"), default="none",
                    help="expert: shard the experts over torchrun's ranks (all-to-all), dense baselines "
                         "data-parallel on the same ranks")
-    g.add_argument("--collective-timeout", type=float, dest="collective_timeout", default=DEFAULT_TIMEOUT_S,
-                   metavar="SECONDS", help="a rank waiting longer than this on another (dead or hung) exits "
-                                           "with a message and status 3")
+    g.add_argument("--collective-timeout", type=float, dest="collective_timeout", metavar="SECONDS",
+                   help="a rank waiting longer than this on another (dead or hung) exits with a message and status 3 "
+                        f"(--parallel expert; default {DEFAULT_TIMEOUT_S:.0f})")
+
+
+def collective_timeout(args: argparse.Namespace) -> float:
+    """--collective-timeout, checked (``check_timeout``) before any work; given without --parallel expert it would
+    mean nothing: refused, never silently ignored."""
+    given = getattr(args, "collective_timeout", None)
+    if given is None:
+        return DEFAULT_TIMEOUT_S
+    if getattr(args, "parallel", None) != "expert":
+        raise ConfigError("--collective-timeout: only with --parallel expert (a torchrun job); add it or drop the "
+                          "flag")
+    return check_timeout(given)
 
 
 SHAPE_FLAGS = (("d_model", "--d-model"), ("ffn_dim", "--ffn-dim"), ("experts", "--experts"), ("top_k", "--top-k"),

@@ -37,6 +37,7 @@ from .options import (
     add_power_arguments,
     add_run_arguments,
     add_shape_arguments,
+    collective_timeout,
     meter_from_args,
     resolve_power,
     resolve_workload,
@@ -66,9 +67,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     w, opts = resolve_workload(args)
     caps, carbon = resolve_power(args)
+    timeout_s = collective_timeout(args)
     if args.parallel == "expert":
         refuse_for_parallel(caps)
-        done = measured(_job(args, w, opts, carbon), print_results)
+        done = measured(_job(args, w, opts, carbon, timeout_s), print_results)
         return done if isinstance(done, int) else _exit_status(done[0], w, parallel=True)
     check_writable(opts.out)
     device = resolve_device(opts.device)
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     return restore_status(plan) or _exit_status(done[0], w, parallel=False)
 
 
-def _job(args: argparse.Namespace, w: Workload, opts: RunOptions, carbon: object):  # noqa: ANN202
+def _job(args: argparse.Namespace, w: Workload, opts: RunOptions, carbon: object, timeout_s: float):  # noqa: ANN202
     """Every rank: the flags' checks before any rendezvous (each rank alike), then the job; rank 0 prices and
     saves its document, every other rank returns (None, None). A lost peer raises PeerLost (exit 3)."""
     check_options(opts)  # --compile, --moe-strategy: refused alike on every rank, before any rendezvous
@@ -100,7 +102,7 @@ def _job(args: argparse.Namespace, w: Workload, opts: RunOptions, carbon: object
     check_writable(opts.out)  # rank 0 saves after pricing: checked here, on every rank
 
     def job() -> tuple[dict | None, Path | None]:
-        g = init_group(opts.device, args.collective_timeout)
+        g = init_group(opts.device, timeout_s)
 
         def meters(dev: torch.device) -> Meter:
             """This rank's meter over its own devices; --meter / --cpu-tdp-watts apply where run has them."""

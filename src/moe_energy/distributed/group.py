@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import __version__
-from ..config import RunOptions
+from ..config import MAX_SECONDS, RunOptions
 from ..device import resolve_device
 from ..errors import ConfigError, PeerLost, one_line
 
@@ -103,10 +103,17 @@ def rank_device(device_opt: str, local_rank: int) -> torch.device:
     return device
 
 
+def check_timeout(timeout_s: float) -> float:
+    """The one rule for --collective-timeout: a finite number of seconds > 0 and at most MAX_SECONDS (a day; more
+    overflows the timedelta torch.distributed takes)."""
+    if not math.isfinite(timeout_s) or not 0 < timeout_s <= MAX_SECONDS:
+        raise ConfigError(f"--collective-timeout {timeout_s} must be a number of seconds > 0 and <= {MAX_SECONDS:.0f}")
+    return timeout_s
+
+
 def init_group(device_opt: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
     """Join the job torchrun started (env://) with a timeout on every collective; pick the device and backend."""
-    if not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise ConfigError(f"--collective-timeout {timeout_s} must be a finite number of seconds > 0")
+    check_timeout(timeout_s)
     rank, world, local_rank = launch_env()
     device = rank_device(device_opt, local_rank)
     backend = backend_for(device)
