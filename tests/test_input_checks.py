@@ -111,6 +111,15 @@ def test_a_cpu_tdp_that_is_not_a_finite_positive_wattage_is_refused(capsys, tmp_
     assert not list(tmp_path.glob("*.json"))
 
 
+def test_a_cpu_tdp_above_any_cpus_power_is_refused(capsys, tmp_path):
+    """1e12 W was accepted: every estimate in terawatts, labelled as a figure."""
+    for cmd in (["meters", "--device", "cpu"], ["run", *TINY, "--meter", "estimate", "--out", str(tmp_path)],
+                ["run", *TINY, "--out", str(tmp_path)]):  # auto's estimate checks it by the same rule
+        assert main([*cmd, "--cpu-tdp-watts", "1e12"]) == 2
+        assert "--cpu-tdp-watts 1000000000000.0 W is above any CPU's power (5000 W)" in _one_error_line(capsys)
+    assert not list(tmp_path.glob("*.json"))
+
+
 LONG = "/tmp/" + "a" * 300
 
 

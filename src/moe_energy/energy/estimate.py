@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+from ..config import MAX_POWER_LIMIT_W
 from ..errors import ConfigError
 from .meter import CounterMeter
 from .trace import DEFAULT_PERIOD_S
@@ -26,9 +27,13 @@ DEVICE = "cpu:estimate"
 
 def check_tdp_watts(v: object) -> None:
     """The one rule for --cpu-tdp-watts: a finite number of watts > 0 (inf would make every window's reading
-    non-finite, and the run fail window after window)."""
+    non-finite, and the run fail window after window), and no more than any device draws (config's
+    MAX_POWER_LIMIT_W, the power caps' bound: 1e12 would be an estimate in terawatts, labelled as a figure)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ConfigError(f"--cpu-tdp-watts {v!r} must be a finite number of watts > 0, e.g. 65")
+    if v > MAX_POWER_LIMIT_W:
+        raise ConfigError(f"--cpu-tdp-watts {v!r} W is above any CPU's power ({MAX_POWER_LIMIT_W:g} W); give the "
+                          "package's TDP in watts, e.g. 65")
 
 
 class EstimateMeter(CounterMeter):
