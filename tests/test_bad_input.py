@@ -58,6 +58,7 @@ SWEEP_ONLY = [
     (["--experts", "2,4", "--top-k", "5"], "top_k=5 exceeds experts=2"),  # no valid point at all
     (["--grid", "scale", "--per-decade", "0"], "--per-decade 0 must be a whole number between 1 and 100"),
     (["--grid", "scale", "--per-decade", "1000000000"], "--per-decade 1000000000 must be a whole number between"),
+    (["--grid", "seed", "--per-decade", "8"], "--per-decade: only with --grid scale (sizes per decade"),
     (["--max-params", "nan"], "--max-params nan must be a positive number such as 5e7"),
     (["--max-params", "-1"], "--max-params -1.0 must be a positive number"),
     (["--shard", "3/2"], "--shard 3/2: I must be between 1 and N"),
@@ -130,7 +131,8 @@ GRID_CONFIGS = [
     ("grid = 5", "--grid 5 is unknown; choose seed, scale or llm"),
     ('grid = "seed"\nhidden = [16]', "--grid seed fixes the shapes"),
     ('max_params = "lots"', "--max-params 'lots' is not a number"),
-    ("per_decade = 1000", "--per-decade 1000 must be a whole number between 1 and 100"),
+    ('grid = "scale"\nper_decade = 1000', "--per-decade 1000 must be a whole number between 1 and 100"),
+    ("per_decade = 8", "--per-decade: only with --grid scale"),  # was silently ignored by the other grids
     ("dtype = [5]", "dtype='5' is unknown"),
     ("sweep = 5", "unknown key(s) ['sweep']"),
     ("[sweep]\nbogus = 1", "unknown key(s) ['bogus']"),

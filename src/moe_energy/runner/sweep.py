@@ -350,6 +350,9 @@ def build_grid(cfg: dict[str, Any]) -> Grid:
         if stray:
             raise ConfigError(f"{', '.join(flag(k) for k in stray)}: {what} with them, or drop them")
     name = cfg.pop("grid", None)
+    if "per_decade" in cfg and name != "scale":  # the scale ladder's density: any other grid would ignore it
+        raise ConfigError("--per-decade: only with --grid scale (sizes per decade of its ladder); add --grid scale "
+                          "or drop it")
     max_params, per_decade = _limits(cfg)
     presets = cfg.pop("presets", None) or cfg.pop("preset", None)
     cfg.pop("preset", None)
