@@ -389,6 +389,30 @@ def test_a_path_the_os_refuses_is_one_line(cmd, where, tmp_path, capsys):
     assert digest(db) == before and not (tmp_path / "m.db").exists()
 
 
+@pytest.mark.parametrize("cmd, needle", [
+    # an unset variable (--out "$DIR"): report wrote into the current folder, export to standard output, merge said
+    # "--out . already exists", selfcheck saved in the current folder, --db fell back to the default store
+    (["report", "--db", "{db}", "--out", ""], "--out '' is an empty path; give one such as results/report"),
+    (["export", "--db", "{db}", "--out", " "], "--out ' ' is an empty path"),
+    (["merge", "{db}", "--out", ""], "--out '' is an empty path"),
+    (["merge", "{db}", "", "--out", "{tmp}/m.db"], "--db '' is an empty path"),
+    (["report", "--db", "", "--out", "{tmp}/rep"], "--db '' is an empty path; give one such as results/moe-energy.db"),
+    (["export", "--db", ""], "--db '' is an empty path"),
+    (["sweep", "--db", "", "--dry-run", "--meter", "none"], "--db '' is an empty path"),
+    (["selfcheck", "--device", "cpu", "--out", ""], "--out '' is an empty path"),
+    # --table picks the csv's table; json nests them all: it was silently ignored
+    (["export", "--db", "{db}", "--format", "json", "--table", "windows"], "--table windows: only with --format csv"),
+])
+def test_an_empty_path_or_a_flag_of_the_other_format_is_one_line(cmd, needle, tmp_path, monkeypatch, capsys):
+    db = make_store(tmp_path / "r.db")
+    cwd = tmp_path / "cwd"  # where '' would have written
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = digest(db)
+    one_line_error(main([a.format(db=db, tmp=tmp_path) for a in cmd]), capsys.readouterr().err, needle)
+    assert digest(db) == before and not (tmp_path / "m.db").exists() and not list(cwd.iterdir())
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads and writes whatever the mode bits say")
 def test_an_unreadable_database_is_one_line(tmp_path, capsys):
     db = make_store(tmp_path / "r.db")

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..config import CAP_KEYS, CARBON_KEYS, ConfigError, resolve_caps, resolve_carbon
-from ..storage.fileio import check_new_file, create_atomic, os_reason, path_exists
+from ..storage.fileio import check_named, check_new_file, create_atomic, os_reason, path_exists
 from ..storage.store import DEFAULT_DB, Store, damaged
 from . import command, console, err_console, interruptible, record_saved
 from .options import (
@@ -54,6 +54,7 @@ def db_path(args: argparse.Namespace) -> Path:
     """The one answer to "which database": ``--db``, else (a sweep's) under ``--out``, else the default; a name
     the OS cannot use is refused in one line now. (report's --out is the report's folder, not the store's.)"""
     out = getattr(args, "out", None) if args.command == "sweep" else None
+    check_named(getattr(args, "db", None), "--db", DEFAULT_DB)
     db = Path(args.db) if getattr(args, "db", None) else Path(out) / "moe-energy.db" if out else Path(DEFAULT_DB)
     path_exists(db, f"--db {db}")  # only to refuse a name the OS cannot use, now
     return db
@@ -502,6 +503,7 @@ def report(args: argparse.Namespace) -> int:
     from ..report.html import answer_tables
 
     db = db_path(args)
+    check_named(args.out, "--out", "results/report")
     itl = deadlines(args.itl_deadline_ms)  # a typo is told before the store is read
     with Store(db, create=False) as store:
         frame = load(store)
@@ -533,7 +535,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help=f"SQLite results database (default {DEFAULT_DB})")
     p.add_argument("--format", choices=("csv", "json"), default="csv",
                    help="csv: one table, flat (pandas.read_csv); json: everything nested, traces included")
-    p.add_argument("--table", choices=("models", "windows", "points"), default="models", help="csv: which table")
+    p.add_argument("--table", choices=("models", "windows", "points"),
+                   help="csv: which table (default models; json holds them all)")
     p.add_argument("--out", help="file to write (default: standard output); an existing file is not replaced")
 
 
@@ -543,7 +546,7 @@ def _export_text(args: argparse.Namespace, db: Path) -> str:
 
     damaged: Counter[str] = Counter()
     with Store(db, create=False) as store:
-        text = store.export_csv(args.table) if args.format == "csv" else \
+        text = store.export_csv(args.table or "models") if args.format == "csv" else \
             json.dumps(store.export_document(damaged), indent=1, allow_nan=False)
     if damaged:
         by_table = ", ".join(f"{k} {v}" for k, v in sorted(damaged.items()))
@@ -573,6 +576,9 @@ def _write_new(out: Path, data: bytes) -> Path:
 @_interruptible
 def export(args: argparse.Namespace) -> int:
     db = db_path(args)
+    if args.table is not None and args.format != "csv":  # json nests every table: one would be silently ignored
+        raise ConfigError(f"--table {args.table}: only with --format csv (json holds every table); drop it")
+    check_named(args.out, "--out", "export.csv (or - for standard output)")
     to_stdout = not args.out or args.out == "-"
     if not to_stdout:
         check_new_file(Path(args.out), f"--out {args.out}", "choose a new file name")

@@ -31,6 +31,13 @@ def os_reason(e: OSError) -> str:
     return why
 
 
+def check_named(text: str | Path | None, label: str, example: str) -> None:
+    """A path given empty or blank (an unset shell variable: ``--out "$DIR"``) is a one-line ConfigError, never read
+    as the current folder (``Path("")`` is ``.``) or as the flag's default; None (not given) passes."""
+    if text is not None and not str(text).strip():
+        raise ConfigError(f"{label} {str(text)!r} is an empty path; give one such as {example}")
+
+
 def path_exists(path: Path, label: str) -> bool:
     """Whether ``path`` exists; a name the OS refuses (too long, under a file) is a one-line ConfigError."""
     try:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
-from .fileio import create_atomic, json_safe, now_utc, os_reason
+from .fileio import check_named, create_atomic, json_safe, now_utc, os_reason
 
 SCHEMA = "moe-energy/run"
 SCHEMA_VERSION = 1
@@ -58,6 +58,7 @@ def _fix(e: OSError) -> str:
 
 def check_writable(out_dir: str | Path) -> Path:
     """Fail before any work if results could not be saved (read-only dir, not a directory, full disk)."""
+    check_named(out_dir, "--out", "results")
     d = Path(out_dir)
     try:
         probe_write(d, f"--out {d}")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, one_line
-from .fileio import check_new_file, json_safe, link_new, now_utc, os_reason
+from .fileio import check_named, check_new_file, json_safe, link_new, now_utc, os_reason
 
 DEFAULT_DB = "results/moe-energy.db"
 EXPORT_SCHEMA = "moe-energy/export"
@@ -810,6 +810,7 @@ def merge(inputs: list[str | Path], out: str | Path) -> dict[str, int]:
     The inputs are only read. ``out`` is built as a temp file beside it and linked into place when complete;
     any way out (an error, Ctrl-C, or SIGTERM/SIGHUP under ``interrupts.signals_raise``) removes the temp file
     and its -wal and -shm, so a failed merge leaves nothing behind."""
+    check_named(out, "--out", "results/merged.db")  # before Path(): '' would be '.', "already exists"
     out = Path(out)
     label = f"--out {out}"
     _check_merge_paths(inputs, out, label)
@@ -834,7 +835,9 @@ def merge(inputs: list[str | Path], out: str | Path) -> dict[str, int]:
 
 
 def _check_merge_paths(inputs: list[str | Path], out: Path, label: str) -> None:
-    """``out`` must be a new file the OS accepts the name of, and none of the inputs."""
+    """``out`` must be a new file the OS accepts the name of, and none of the inputs; no path empty."""
+    for p in inputs:
+        check_named(p, "--db", "results/moe-energy.db")
     check_new_file(out, label, "merge writes a new file, choose another name")
     for p in inputs:
         if Path(p).resolve() == out.resolve():
