@@ -95,6 +95,8 @@ def test_plan_shows_the_layers_each_model_builds_and_whether_it_fits(capsys):
     (["--model", "olmoe-1b-7b", "--vs", "mixtral-8x7b"], "--vs mixtral-8x7b: an MoE model"),
     (["--model", "olmoe-1b-7b", "--context", "5000"], "context=5000 must be a whole number from 1 to 4095"),
     (["--model", "olmoe-1b-7b", "--batch", "0"], "--batch '0': '0' is not a whole number >= 1"),
+    # was accepted, then every row skipped for memory: exit 1 after the meter was chosen, not 2
+    (["--model", "olmoe-1b-7b", "--tiny", "--batch", "99999999999"], "batch=99999999999 is too large; give at most"),
     (["--model", "olmoe-1b-7b", "--layers", "0"], "--layers 0: give a whole number >= 1"),
     (["--model", "olmoe-1b-7b", "--tokens", "1"], "--tokens: no meaning with --model"),
     (["--model", "olmoe-1b-7b", "--models", "moe"], "--models: no meaning with --model"),

@@ -29,6 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 MAX_PARAMS = 10**13
 # Longest duration, warm-up, rest or idle reading we accept, in seconds: a day (a typo like 3e10 is not a plan).
 MAX_SECONDS = 86_400.0
+# Largest batch we accept (--batch-size, a whole model's --batch): a typo like 1e11 is not a batch.
+MAX_BATCH = 10**7
 
 
 def _positive(name: str, v: Any, integer: bool) -> None:
@@ -146,7 +148,7 @@ class RunOptions:
         _positive("lr", self.lr, False)
         _positive("batch_size", self.batch_size, True)
         _positive("samples", self.samples, True)
-        for name, most in (("samples", 10**8), ("batch_size", 10**7), ("epochs", 10**6)):
+        for name, most in (("samples", 10**8), ("batch_size", MAX_BATCH), ("epochs", 10**6)):
             if getattr(self, name) > most:
                 raise ConfigError(f"{name}={getattr(self, name)} is too large; give at most {most:.0e}")
         if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) \

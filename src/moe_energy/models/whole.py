@@ -217,8 +217,14 @@ def check_layers(m: WholeModel, layers: int | None) -> int:
 
 
 def check_context(m: WholeModel, batch: int, context: int) -> None:
-    """The decoded token sits at position ``context``: it must be a position the model has."""
+    """The decoded token sits at position ``context``: it must be a position the model has; ``batch`` at most
+    config.MAX_BATCH sequences (the bound of --batch-size)."""
+    from ..config import MAX_BATCH  # config imports the models package: here, not at the top
+
     whole(f"model {m.name!r}", "batch", batch)
+    if batch > MAX_BATCH:
+        raise ConfigError(f"model {m.name!r}: batch={batch} is too large; give at most {MAX_BATCH:.0e} sequences per "
+                          "step")
     if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context < m.max_positions:
         raise ConfigError(f"model {m.name!r}: context={context!r} must be a whole number from 1 to "
                           f"{m.max_positions - 1} (max_position_embeddings {m.max_positions}, one left to decode)")
