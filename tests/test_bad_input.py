@@ -31,6 +31,7 @@ COMMON = [
     (["--warmup", "-1"], "warmup=-1.0 must be a finite number >= 0"),
     (["--lr", "nan"], "lr=nan must be a finite number > 0"),
     (["--lr=-inf"], "lr=-inf must be a finite number > 0"),
+    (["--lr", "1e300"], "lr=1e+300 is too large; give at most 1e+30"),  # was a traceback from Adam's step
     (["--seed", "-1"], "seed=-1 must be a whole number between 0 and 4294967295"),
     (["--epochs", "-1"], "epochs=-1 must be a whole number >= 0"),
     (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),

@@ -29,6 +29,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 MAX_PARAMS = 10**13
 # Longest duration, warm-up, rest or idle reading we accept, in seconds: a day (a typo like 3e10 is not a plan).
 MAX_SECONDS = 86_400.0
+# Largest Adam learning rate we accept: its first step, lr / (1 - beta1) = 10 x lr, must fit a float32 (3.4e38) or
+# torch raises mid-training; up to here a silly rate still trains, diverges and is flagged so (train.py).
+MAX_LR = 1e30
 # Largest batch we accept (--batch-size, a whole model's --batch): a typo like 1e11 is not a batch.
 MAX_BATCH = 10**7
 
@@ -146,6 +149,9 @@ class RunOptions:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs!r} must be a whole number >= 0")
         _positive("lr", self.lr, False)
+        if self.lr > MAX_LR:
+            raise ConfigError(f"lr={self.lr!r} is too large; give at most {MAX_LR:.0e} (Adam's first step, 10 x lr, "
+                              "must fit a float32; typical rates are 1e-4 to 1e-2)")
         _positive("batch_size", self.batch_size, True)
         _positive("samples", self.samples, True)
         for name, most in (("samples", 10**8), ("batch_size", MAX_BATCH), ("epochs", 10**6)):
