@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, TINY_SHAPE, TINY_TASK
+from conftest import QUICK, TINY_SHAPE, TINY_TASK, one_line_error
 
 from moe_energy.cli import main
 from moe_energy.config import CarbonPrice
@@ -119,3 +119,18 @@ def test_bad_values_exit_2_with_one_line_before_anything_runs(tmp_path, monkeypa
     lines = [ln for ln in err.err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err.err
     assert "train" not in err.out and not list(tmp_path.glob("run-*.json"))
+
+
+@pytest.mark.parametrize("toml, env, needle", [
+    ("carbon_intensity = -5\n", {}, "carbon_intensity=-5 must be a finite number >= 0"),
+    ('power_limit = "abc"\n', {}, "power_limit='abc': 'abc' is not a number of watts"),
+    ("", {"MOE_ENERGY_PRICE_PER_KWH": "-1"}, "MOE_ENERGY_PRICE_PER_KWH=-1.0 must be a finite number >= 0"),
+])
+def test_plan_refuses_the_carbon_price_and_caps_run_would_refuse(tmp_path, monkeypatch, capsys, toml, env, needle):
+    """plan checks a run's options: a --config (or environment) that `run` refuses was planned as fine."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(toml)
+    one_line_error(main(["plan", *TINY_SHAPE, *TINY_TASK, "--device", "cpu", "--config", str(cfg)]),
+                   capsys.readouterr().err, needle)

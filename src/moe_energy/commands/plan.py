@@ -33,6 +33,7 @@ from .options import (
     add_model_arguments,
     add_run_arguments,
     add_shape_arguments,
+    resolve_power,
     resolve_workload,
 )
 
@@ -50,6 +51,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 def plan(args: argparse.Namespace) -> int:
     """Every check `run` makes before any work, then the tables."""
     w, opts = resolve_workload(args)
+    resolve_power(args)  # --config's caps, carbon and price (and the environment's) as numbers, as run checks them
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies if w.trains else ())  # in run's order: the first refusal is run's
     w.check(opts, device, opts.strategies)
