@@ -160,12 +160,16 @@ def test_real_clock_gives_positive_samples():
 # -- the window's warm-up and latency pass: how many forwards, by the fake clock ----------------------------
 @pytest.fixture
 def window_clock(monkeypatch):
+    import time
     from types import SimpleNamespace
 
+    from moe_energy.energy import meter
     from moe_energy.measure import window
 
     clock = FakeClock()
     monkeypatch.setattr(window, "time", SimpleNamespace(perf_counter=clock))
+    # the window's seconds are its meter's (one window, one clock): the meter reads the same fake clock
+    monkeypatch.setattr(meter, "time", SimpleNamespace(**{**vars(time), "perf_counter": clock}))
     return clock
 
 

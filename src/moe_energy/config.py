@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .device import check_device_name
 from .errors import ConfigError, one_line
+from .models.archs import MAX_BATCH
 from .models.counting import moe_params
 from .models.quant import FP8_WHY, IN_DTYPE, WEIGHT_FORMATS
 from .models.strategies import STRATEGIES
@@ -32,8 +33,6 @@ MAX_SECONDS = 86_400.0
 # Largest Adam learning rate we accept: its first step, lr / (1 - beta1) = 10 x lr, must fit a float32 (3.4e38) or
 # torch raises mid-training; up to here a silly rate still trains, diverges and is flagged so (train.py).
 MAX_LR = 1e30
-# Largest batch we accept (--batch-size, a whole model's --batch): a typo like 1e11 is not a batch.
-MAX_BATCH = 10**7
 
 
 def _positive(name: str, v: Any, integer: bool) -> None:

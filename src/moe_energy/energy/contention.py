@@ -54,23 +54,22 @@ class CpuUse:
 
 
 class CpuShare:
-    """Begin/end around a window: the host's busy time (``stat``) and this process's CPU time at each edge."""
+    """Begin/end around a window: the host's busy time (``stat``) and this process's CPU time at each edge. The
+    window's length is its meter's (``end(seconds)``): one window, one clock."""
 
     def __init__(self, stat: Path = STAT) -> None:
         self.stat = stat
-        self._begin: tuple[float, float, float] | None = None
+        self._begin: tuple[float, float] | None = None
 
     def begin(self) -> None:
         host = busy_seconds(self.stat)
-        self._begin = None if host is None else (host, time.process_time(), time.perf_counter())
+        self._begin = None if host is None else (host, time.process_time())
 
-    def end(self) -> CpuUse | None:
-        """The window's use, or None when /proc/stat was unreadable at either edge or the window took no time."""
+    def end(self, seconds: float) -> CpuUse | None:
+        """The use over a window of ``seconds``, or None when /proc/stat was unreadable at either edge or the
+        window took no time."""
         host = busy_seconds(self.stat)
-        if self._begin is None or host is None:
+        if self._begin is None or host is None or not seconds > 0:
             return None
-        host0, own0, t0 = self._begin
-        seconds = time.perf_counter() - t0
-        if seconds <= 0:
-            return None
+        host0, own0 = self._begin
         return CpuUse(seconds, (host - host0) / seconds, (time.process_time() - own0) / seconds)

@@ -35,12 +35,12 @@ def measure_idle(meter: Meter, seconds: float, sync: Callable[[], None] | None =
     if seconds <= 0:
         return None
     cpu = CpuShare()
+    cpu.begin()
     with window(meter, "idle", sync) as w:
-        cpu.begin()
         sleep(seconds)
-        use = cpu.end()
     m = w.result
     assert m is not None
+    use = cpu.end(m.seconds)
     power = None
     if m.joules_by_device is not None and m.seconds > 0:
         power = {d: j / m.seconds for d, j in m.joules_by_device.items()}

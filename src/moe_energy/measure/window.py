@@ -141,8 +141,8 @@ def counted_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], 
     n = 0
     last_tick = 0.0
     cpu = CpuShare()
+    cpu.begin()
     with window(meter, "bench", sync) as w:
-        cpu.begin()
         start = time.perf_counter()
         while True:
             forward()
@@ -154,13 +154,12 @@ def counted_window(forward: Callable[[], Any], meter: Meter, sync: Callable[[], 
                 on_tick(elapsed)
                 last_tick = elapsed
         # the window's context manager syncs before reading the meter, so queued batches count
-        sync()
-        use = cpu.end()
     assert w.result is not None
     # the meter's own seconds, from its counter's first reading to its last: the span its joules cover, so that
     # inferences/s / W is inferences/J and dynamic W is W - idle W. A clock read here would add what closing the
     # window costs after the last reading (a power trace's thread joined, the devices' state read) to the work.
     seconds = w.result.seconds
+    use = cpu.end(seconds)
     flags: list[str] = []
     if seconds < MIN_TRUSTED_SECONDS:
         flags.append(f"window of {seconds:.2f} s is shorter than {MIN_TRUSTED_SECONDS:g} s: energy unreliable")

@@ -28,6 +28,10 @@ MAX_LAYER_PARAMS = 10**12
 EXPERT_ACTS = ("silu", "gpt_oss")
 
 
+# Largest batch we accept (--batch-size, a whole model's --batch): a typo like 1e11 is not a batch.
+MAX_BATCH = 10**7
+
+
 def whole(where: str, name: str, v: Any, least: int = 1) -> int:
     """``v`` as an int >= ``least``, or a one-line ConfigError (a bool or 1.5 is a slip, not a size)."""
     if isinstance(v, bool) or not isinstance(v, int) or v < least:

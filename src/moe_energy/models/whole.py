@@ -23,7 +23,7 @@ from torch import nn
 
 from ..dtypes import dtype_of
 from ..errors import ConfigError, check_choice, kind_of
-from .archs import Arch, get_arch, whole
+from .archs import MAX_BATCH, Arch, get_arch, whole
 from .families import FAMILIES
 from .llm import building
 
@@ -218,9 +218,7 @@ def check_layers(m: WholeModel, layers: int | None) -> int:
 
 def check_context(m: WholeModel, batch: int, context: int) -> None:
     """The decoded token sits at position ``context``: it must be a position the model has; ``batch`` at most
-    config.MAX_BATCH sequences (the bound of --batch-size)."""
-    from ..config import MAX_BATCH  # config imports the models package: here, not at the top
-
+    MAX_BATCH sequences (the bound of --batch-size)."""
     whole(f"model {m.name!r}", "batch", batch)
     if batch > MAX_BATCH:
         raise ConfigError(f"model {m.name!r}: batch={batch} is too large; give at most {MAX_BATCH:.0e} sequences per "
