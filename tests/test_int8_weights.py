@@ -108,8 +108,10 @@ def test_cli_weights_int8_runs_and_says_so_under_the_table(tmp_path):
 def test_unknown_or_unbuilt_weight_formats_are_one_line_errors(argv, needle, capsys):
     from moe_energy.cli import main
     assert main(["run", *TINY_LAYER, *argv, *QUICK[QUICK.index("--duration"):]]) == 2
-    line = error_line(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    line = error_line(err)
     assert needle in line
+    assert err.strip() == line  # refused before the meter is chosen: no notice of it comes first
 
 
 def test_weights_are_refused_for_the_seed_and_whole_models(capsys):

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(opts.out)
     device = resolve_device(opts.device)
     check_dtype(device, opts.dtype, opts.strategies if w.trains else ())
+    w.check(opts, device, opts.strategies)  # before the meter's notice: a refusal is one line, as plan's is
     meter = meter_from_args(args, device, notice=notice)
     plan = check_power(caps, meter, device)  # before any work: a cap the hardware refuses is exit 2 now
     meter = plan.wrap(meter)
