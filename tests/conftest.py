@@ -36,6 +36,7 @@ TINY_SHAPE = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2
 TINY_TASK = ["--input-dim", "40", "--classes", "4"]
 QUICK = ["--samples", "300", "--epochs", "1", "--duration", "0.3", "--warmup", "0", "--repeats", "1", "--cooldown",
          "0", "--idle-seconds", "0", "--device", "cpu"]
+QUICK_FILE = QUICK[2:]  # QUICK for a --data run: a file brings its own rows, and --samples beside it is refused
 TINY_LAYER = ["--arch", "custom", "--d-model", "32", "--ffn-dim", "16", "--experts", "8", "--top-k", "2"]
 
 

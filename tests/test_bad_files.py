@@ -9,7 +9,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from conftest import QUICK, TINY_SHAPE, one_line_error
+from conftest import QUICK, QUICK_FILE, TINY_SHAPE, one_line_error
 
 from moe_energy.cli import main
 from moe_energy.config import ConfigError
@@ -18,6 +18,7 @@ from moe_energy.storage.results import SCHEMA_VERSION, read
 from moe_energy.storage.store import MIGRATIONS, Store
 
 TINY = [*TINY_SHAPE, *QUICK, "--meter", "none"]
+TINY_FILE = [*TINY_SHAPE, *QUICK_FILE, "--meter", "none"]  # with --data
 
 
 def digest(path) -> str:
@@ -91,7 +92,7 @@ DATA_KINDS = ["npy", "truncated", "corrupt-compressed", "pickled", "empty-archiv
 def test_bad_data_file_exits_2_in_one_line(kind, tmp_path, capsys):
     p, extra, needle = _bad_data(tmp_path, kind)
     out = tmp_path / "out"
-    code = main(["run", *TINY, *extra, "--data", str(p), "--out", str(out)])
+    code = main(["run", *TINY_FILE, *extra, "--data", str(p), "--out", str(out)])
     err_text = capsys.readouterr().err
     one_line_error(code, err_text, needle)
     assert err_text.startswith(f"error: --data {p}: ")
@@ -101,7 +102,7 @@ def test_bad_data_file_exits_2_in_one_line(kind, tmp_path, capsys):
 def test_bad_data_stops_a_sweep_before_its_first_point(tmp_path, capsys):
     p, _, needle = _bad_data(tmp_path, "nan")
     db = tmp_path / "s.db"
-    one_line_error(main(["sweep", *TINY, "--data", str(p), "--db", str(db)]), capsys.readouterr().err, needle)
+    one_line_error(main(["sweep", *TINY_FILE, "--data", str(p), "--db", str(db)]), capsys.readouterr().err, needle)
     assert not db.exists()
 
 

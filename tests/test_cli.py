@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import QUICK, TINY_SHAPE, TINY_TASK
+from conftest import QUICK, QUICK_FILE, TINY_SHAPE, TINY_TASK
 
 from moe_energy.cli import main
 
@@ -94,9 +94,10 @@ def test_bad_files_exit_2(tmp_path, capsys):
     assert "unknown key(s) ['whatever']" in capsys.readouterr().err
     bad = tmp_path / "d.npz"
     np.savez(bad, features=np.zeros((3, 2)))
-    assert main(["run", *TINY, "--data", str(bad), "--out", str(tmp_path)]) == 2
+    assert main(["run", *TINY_SHAPE, *TINY_TASK, *QUICK_FILE, "--data", str(bad), "--out", str(tmp_path)]) == 2
     assert "needs arrays 'x' and 'y'" in capsys.readouterr().err
-    assert main(["run", *TINY, "--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 2
+    assert main(["run", *TINY_SHAPE, *TINY_TASK, *QUICK_FILE, "--data", str(tmp_path / "missing.npz"), "--out",
+                 str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
 
 

@@ -215,16 +215,17 @@ def _npz(path: Path, features: int = 7, classes: int = 3) -> Path:
     ["--data", "{bad}"],
     ["--input-dim", "5", "--classes", "10"],
     ["--samples", "1"],
+    ["--data", "{good}", "--samples", "50"],  # the file's own 50 rows: still refused, never silently ignored
     ["--device", "tpu"],
     ["--device", "cuda:x"],
-], ids=["missing", "features", "labels", "not-npz", "input-dim", "samples", "tpu", "cuda-x"])
+], ids=["missing", "features", "labels", "not-npz", "input-dim", "samples", "samples-with-data", "tpu", "cuda-x"])
 def test_plan_refuses_what_run_refuses_in_the_same_words(tmp_path, capsys, extra):
     good = _npz(tmp_path / "good.npz")
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip")
     extra = [a.format(good=good, bad=bad) for a in extra]
     shape = ["--experts", "4", "--hidden", "16", "--layers", "2", "--top-k", "2"]
-    assert main(["run", *TINY[:8], *TINY[12:], *extra, "--out", str(tmp_path / "r")]) == 2
+    assert main(["run", *TINY[:8], *TINY[14:], *extra, "--out", str(tmp_path / "r")]) == 2
     run_err = one_line_error(None, capsys.readouterr().err)
     assert main(["plan", *shape, *extra]) == 2
     assert one_line_error(None, capsys.readouterr().err) == run_err

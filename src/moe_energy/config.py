@@ -283,6 +283,9 @@ def resolve_config(cfg: dict[str, Any]) -> tuple[ModelSpec, RunOptions]:
     for k in ("data", "out"):
         if k in given:
             given[k] = _path(k, given[k])
+    if given.get("data") and given.get("samples") is not None:  # else ignored, and the record's samples untrue
+        raise ConfigError(f"--samples {given['samples']} sizes the synthetic task, but --data {given['data']} brings "
+                          "its own rows: drop --samples (or --data)")
     if given.get("weights") == IN_DTYPE:  # the default spelled out (a sweep's --weights dtype,int8): keyed as unset
         del given["weights"]
     extra = {"preset": None if custom else (cfg.get("preset") or "small")}

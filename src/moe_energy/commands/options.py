@@ -60,7 +60,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help="training epochs (default 15)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--batch-size", type=int, dest="batch_size", help="batch, training and inference (128)")
-    g.add_argument("--samples", type=int, help="synthetic samples (default 10000)")
+    g.add_argument("--samples", type=int, help="synthetic samples (default 10000; not with --data)")
     g.add_argument("--duration", type=float, help="seconds per measurement window (default 30)")
     g.add_argument("--warmup", type=float, help="untimed warm-up seconds before each window (default 2)")
     g.add_argument("--seed", type=int, help="seed for data and weights (default 0)")
