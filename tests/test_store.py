@@ -128,6 +128,23 @@ def test_missing_or_garbage_database_is_a_config_error(tmp_path):
         Store(tmp_path)
 
 
+@pytest.mark.parametrize("table, column", [("models", "inferences_per_joule"), ("windows", "model_name"),
+                                           ("points", "point_key")])
+def test_an_empty_table_exports_its_header(db, table, column, tmp_path, capsys):
+    """Not a lone 'id': a CSV reader gets the columns a filled table has (and the command says it is empty)."""
+    header = db.export_csv(table).splitlines()
+    assert len(header) == 1 and column in header[0].split(",")
+    db.add_point("run1", "k1", CONFIG, "done", document=doc(model_record(), model_record("dense_total", "dense")))
+    assert header[0] == db.export_csv(table).splitlines()[0]
+    assert "record_json" not in header[0] and "config_json" not in header[0]
+    from moe_energy.cli import main
+    empty = tmp_path / "empty.db"
+    Store(empty).close()
+    assert main(["export", "--db", str(empty), "--table", table]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == header and err.startswith(f"warning: --db {empty} holds no sweep points yet")
+
+
 def test_export_csv_and_json(db):
     db.add_point("run1", "k1", CONFIG, "done", document=doc(model_record(), model_record("dense_total", "dense")))
     rows = list(csv.DictReader(io.StringIO(db.export_csv("models"))))

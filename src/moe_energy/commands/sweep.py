@@ -546,6 +546,8 @@ def _export_text(args: argparse.Namespace, db: Path) -> str:
 
     damaged: Counter[str] = Counter()
     with Store(db, create=False) as store:
+        if not store.point_count():  # not an error (a script may export what is there), but never a silent blank
+            print(f"warning: --db {db} holds no sweep points yet: the export is empty", file=sys.stderr)
         text = store.export_csv(args.table or "models") if args.format == "csv" else \
             json.dumps(store.export_document(damaged), indent=1, allow_nan=False)
     if damaged:

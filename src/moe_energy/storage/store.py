@@ -314,6 +314,16 @@ def point_columns(config: dict) -> dict[str, Any]:
     return out
 
 
+_POINT_COLS = ", ".join(f"p.{c} AS point_{c}"
+                        for c in ("label", "experts", "hidden", "layers", "top_k", "total_params"))
+MODEL_ROWS = (f"SELECT m.*, p.run_id, p.point_key, p.status AS point_status, {_POINT_COLS}, "
+              "p.batch_size AS point_batch_size, p.dtype AS point_dtype, p.family AS point_family, p.finished_utc "
+              "FROM models m JOIN points p ON p.id = m.point_id ORDER BY p.id, m.ordinal")
+WINDOW_ROWS = ("SELECT w.*, m.point_id, m.name AS model_name, m.kind AS model_kind, m.strategy AS model_strategy, "
+               "(SELECT COUNT(*) FROM traces t WHERE t.window_id = w.id) AS trace_devices "
+               "FROM windows w JOIN models m ON m.id = w.model_id ORDER BY w.model_id, w.ordinal")
+
+
 class Store:
     """An open results database.
 
@@ -633,20 +643,15 @@ class Store:
     def points(self) -> list[dict]:
         return [dict(r) for r in self.con.execute("SELECT * FROM points ORDER BY id")]
 
+    def point_count(self) -> int:
+        return int(self.con.execute("SELECT COUNT(*) FROM points").fetchone()[0])
+
     def model_rows(self) -> list[dict]:
         """One row per measured model, with its point's shape and options (the table pandas users want)."""
-        pcols = ", ".join(f"p.{c} AS point_{c}" for c in ("label", "experts", "hidden", "layers", "top_k",
-                                                           "total_params"))
-        q = (f"SELECT m.*, p.run_id, p.point_key, p.status AS point_status, {pcols}, "
-             "p.batch_size AS point_batch_size, p.dtype AS point_dtype, p.family AS point_family, p.finished_utc "
-             "FROM models m JOIN points p ON p.id = m.point_id ORDER BY p.id, m.ordinal")
-        return [dict(r) for r in self.con.execute(q)]
+        return [dict(r) for r in self.con.execute(MODEL_ROWS)]
 
     def window_rows(self) -> list[dict]:
-        q = ("SELECT w.*, m.point_id, m.name AS model_name, m.kind AS model_kind, m.strategy AS model_strategy, "
-             "(SELECT COUNT(*) FROM traces t WHERE t.window_id = w.id) AS trace_devices "
-             "FROM windows w JOIN models m ON m.id = w.model_id ORDER BY w.model_id, w.ordinal")
-        return [dict(r) for r in self.con.execute(q)]
+        return [dict(r) for r in self.con.execute(WINDOW_ROWS)]
 
     def traces(self, damaged: Counter[str] | None = None) -> dict[int, list[tuple[str, list[float], list[float]]]]:
         """{window id: [(device, t_s [N], power_w [N]), ...]}; a damaged row is skipped and counted in
@@ -674,10 +679,16 @@ class Store:
             return [{k: v for k, v in r.items() if k not in ("config_json", "document_json")} for r in self.points()]
         raise ConfigError(f"--table {table!r} is unknown; choose models, windows or points")
 
+    def export_columns(self, table: str) -> list[str]:
+        """``export_rows(table)``'s columns, read from the query itself: an empty table's CSV keeps its header."""
+        sql = {"models": MODEL_ROWS, "windows": WINDOW_ROWS, "points": "SELECT * FROM points"}[table]
+        dropped = {"models": ("record_json",), "points": ("config_json", "document_json")}.get(table, ())
+        return [d[0] for d in self.con.execute(f"SELECT * FROM ({sql}) LIMIT 0").description if d[0] not in dropped]
+
     def export_csv(self, table: str = "models") -> str:
         rows = self.export_rows(table)
         buf = io.StringIO()
-        fields = list(rows[0]) if rows else ["id"]
+        fields = list(rows[0]) if rows else self.export_columns(table)
         w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
