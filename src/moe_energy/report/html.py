@@ -18,11 +18,12 @@ import html
 import io
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..errors import ConfigError
 from ..measure.records import training_failure
 from ..power.carbon import ESTIMATED
 from ..storage.fileio import now_utc, replace_atomic
@@ -104,6 +105,8 @@ class ReportFiles:
     html: Path
     markdown: Path
     images: list[Path]
+    replaced: bool = False  # an earlier moe-energy report was in the directory: replaced, said so
+    stale: list[Path] = field(default_factory=list)  # its plots this report does not draw: removed
 
 
 def _num(v: float | None, spec: str = ",.1f") -> str:
@@ -612,6 +615,31 @@ def _warnings(frame: Frame) -> tuple[list[str], str]:
 
 
 TITLE = "moe-energy report: when does a Mixture of Experts use less energy per inference?"
+HTML_HEAD = "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>moe-energy report</title>"
+PLOT_LINK = re.compile(r"\]\(plots/([A-Za-z0-9._-]+\.png)\)")
+
+
+def earlier_report(out_dir: str | Path) -> list[str] | None:
+    """The plots (file names) an earlier moe-energy report in ``out_dir`` links, or None when there is none; a
+    report.html or report.md there that moe-energy did not write is a one-line ConfigError: never replaced."""
+    out = Path(out_dir)
+    found = None
+    for name, head in (("report.html", HTML_HEAD), ("report.md", f"# {TITLE}\n")):
+        p = out / name
+        if not p.exists():
+            continue
+        try:
+            with p.open("rb") as fh:  # the page's head says whose it is; the summary's links name its plots
+                text = (fh.read() if name == "report.md" else fh.read(len(HTML_HEAD))).decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        if not text.startswith(head):
+            raise ConfigError(f"--out {out}: {p} is not a moe-energy report, and is not replaced; choose another "
+                              "directory")
+        found = found or []
+        if name == "report.md":
+            found += PLOT_LINK.findall(text)
+    return found
 
 
 def write_report(frame: Frame, out_dir: str | Path, db: str | Path,
@@ -619,12 +647,12 @@ def write_report(frame: Frame, out_dir: str | Path, db: str | Path,
     """Draw every plot, then write report.html (self-contained) and report.md with plots/*.png; ``deadlines`` are
     the inter-token deadlines (ms) of the whole models' selection."""
     out = Path(out_dir)
+    earlier = earlier_report(out)  # a foreign report.html / report.md is refused before anything is drawn
     (out / "plots").mkdir(parents=True, exist_ok=True)
     created = now_utc()
     blocks, images = _draw(frame, deadlines)
     warn, headline = _warnings(frame)
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>moe-energy report</title>"
-             f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(TITLE)}</h1>",
+    parts = [f"{HTML_HEAD}<style>{CSS}</style></head><body>", f"<h1>{html.escape(TITLE)}</h1>",
              f"<p>Generated {html.escape(created)} from <code>{html.escape(str(db))}</code>. "
              f"{html.escape(headline)}</p>"]
     parts += [f"<p class='note'>{html.escape(w)}</p>" for w in warn]
@@ -641,4 +669,8 @@ def write_report(frame: Frame, out_dir: str | Path, db: str | Path,
     html_path, md_path = out / "report.html", out / "report.md"
     replace_atomic(html_path, "".join(parts).encode("utf-8"))
     replace_atomic(md_path, "\n".join(md).encode("utf-8"))
-    return ReportFiles(html_path, md_path, paths)
+    drawn = {p.name for p in paths}
+    stale = [out / "plots" / n for n in dict.fromkeys(earlier or []) if n not in drawn]
+    for p in stale:  # the earlier report's own plots, of figures this one does not hold: never left beside it
+        p.unlink(missing_ok=True)
+    return ReportFiles(html_path, md_path, paths, earlier is not None, stale)

@@ -1,0 +1,41 @@
+"""What a report says against what its store holds (an audit of real sweeps' reports): a report never replaces a
+file it did not write, says when it replaces its own and leaves none of an earlier report's plots beside it, ..."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import in_process, one_line_error
+from test_llm_report import fill_layers
+from test_report import fill
+
+
+def test_a_report_replaces_only_its_own_and_says_so(tmp_path: Path) -> None:
+    seed, llm, out = tmp_path / "seed.db", tmp_path / "llm.db", tmp_path / "rep"
+    fill(seed)
+    fill_layers(llm)
+    first = in_process("report", "--db", str(seed), "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "replaced" not in first.stdout
+    seed_plots = {p.name for p in (out / "plots").iterdir()}
+    assert "inferences_per_joule.png" in seed_plots
+    second = in_process("report", "--db", str(llm), "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    assert f"replaced the earlier report in {out}; {len(seed_plots)} of its plot(s)" in second.stdout
+    md = (out / "report.md").read_text()
+    linked = {line.split("](plots/")[1].rstrip(")") for line in md.splitlines() if "](plots/" in line}
+    assert {p.name for p in (out / "plots").iterdir()} == linked  # no plot of the seed's store left beside it
+    assert not linked & seed_plots
+
+
+def test_a_report_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
+    db, out = tmp_path / "seed.db", tmp_path / "rep"
+    fill(db)
+    out.mkdir()
+    for name in ("report.md", "report.html"):
+        (out / name).write_text("my own notes\n")
+        r = in_process("report", "--db", str(db), "--out", str(out))
+        one_line_error(r.returncode, r.stderr, f"{out / name} is not a moe-energy report")
+        assert (out / name).read_text() == "my own notes\n"
+        assert not (out / "plots").exists()
+        (out / name).unlink()
