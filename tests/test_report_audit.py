@@ -39,3 +39,38 @@ def test_a_report_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None
         assert (out / name).read_text() == "my own notes\n"
         assert not (out / "plots").exists()
         (out / name).unlink()
+
+
+def _flag_windows(db: Path, flags: dict[int, list[str]]) -> None:
+    """Give the stored windows of the models whose ordinal is a key ``flags`` (as the meter writes them)."""
+    import json
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    for mid, ordinal, rec in con.execute("select id, ordinal, record_json from models").fetchall():
+        if ordinal not in flags:
+            continue
+        r = json.loads(rec)
+        for w in r["windows"]:
+            w["flags"] = list(flags[ordinal])
+        con.execute("update models set record_json=? where id=?", (json.dumps(r), mid))
+    con.commit()
+    con.close()
+
+
+def test_flagged_windows_are_said_at_the_top_of_the_report_and_on_the_terminal(tmp_path: Path) -> None:
+    db, out = tmp_path / "seed.db", tmp_path / "rep"
+    fill(db)  # 8 points x 3 models x 2 windows
+    short = "window of 0.51 s is shorter than 1 s: energy unreliable"
+    _flag_windows(db, {0: [short, "estimate: 10 W TDP x process CPU utilisation, not a measurement"],
+                       1: ["estimate: 10 W TDP x process CPU utilisation, not a measurement"]})
+    r = in_process("report", "--db", str(db), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    said = f"16 of 48 measurement windows carry warnings (16x '{short}' and the like)"  # the estimate's label is none
+    assert said in (out / "report.md").read_text()
+    assert said in (out / "report.html").read_text().replace("&#x27;", "'")
+    assert said in r.stderr and "Traceback" not in r.stderr
+    fill(tmp_path / "clean.db")  # no window flagged: nothing said
+    clean = in_process("report", "--db", str(tmp_path / "clean.db"), "--out", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+    assert "measurement windows carry warnings" not in (tmp_path / "clean" / "report.md").read_text() + clean.stderr

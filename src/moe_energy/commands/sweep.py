@@ -500,7 +500,7 @@ def deadlines(text: str) -> tuple[float, ...]:
 def report(args: argparse.Namespace) -> int:
     from ..report import write_report
     from ..report.analysis import load
-    from ..report.html import answer_tables, earlier_report
+    from ..report.html import answer_tables, earlier_report, window_warnings
 
     db = db_path(args)
     check_named(args.out, "--out", "results/report")
@@ -513,6 +513,9 @@ def report(args: argparse.Namespace) -> int:
     note = frame.damage_note()
     if note:
         print(f"warning: --db {db}: {note}; the report is drawn from the rest", file=sys.stderr)
+    flagged = window_warnings(frame)
+    if flagged:  # the report's files say it at their top; the terminal, where the answer is read first, says it too
+        print(f"warning: --db {db}: {flagged}", file=sys.stderr)
     try:
         files = write_report(frame, args.out, db, itl)  # each file written whole (fileio.replace_atomic) or not at all
     except OSError as e:

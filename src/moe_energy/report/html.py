@@ -23,6 +23,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..energy.meter import faults
 from ..errors import ConfigError
 from ..measure.records import training_failure
 from ..power.carbon import ESTIMATED
@@ -601,6 +602,34 @@ def _md(block: Block) -> str:
     return f"![{block[2]}](plots/{block[1]}.png)\n"
 
 
+def window_warnings(frame: Frame) -> str | None:
+    """How many of the measured records' windows the meter or the clock flagged (too short, other processes busy, a
+    trace far from its counter, ...) or that failed, each kind of flag once with its count; None when none was.
+    The seed's and the LLM layers' figures include flagged windows (a failed one is left out of every figure);
+    the whole models' answers keep a record with any out."""
+    windows = [w for m in (*frame.models, *frame.layers, *frame.wholes) for w in m.get("windows") or []
+               if isinstance(w, dict)]
+    kinds: dict[str, list] = {}  # the flag with its numbers blanked -> [its first wording, windows carrying it]
+    flagged = failed = 0
+    for w in windows:
+        failed += bool(w.get("failed"))
+        found = faults(w.get("flags") or [])
+        flagged += bool(found)
+        for f in dict.fromkeys(found):
+            kinds.setdefault(re.sub(r"\d+(\.\d+)?", "#", f), [f, 0])[1] += 1
+    if not (flagged or failed):
+        return None
+    text = f"{flagged} of {len(windows)} measurement windows carry warnings"
+    if kinds:
+        text += " (" + "; ".join(f"{n}x '{f}'" + (" and the like" if n > 1 else "")
+                                 for f, n in sorted(kinds.values(), key=lambda fn: -fn[1])) + ")"
+    text += (": the size and token tables, crossovers and plots include those windows; the whole models' answers keep "
+             "a record with any out. Read such figures with care, or measure again (longer --duration, an idle host)")
+    if failed:
+        text += f". {failed} window(s) FAILED and were left out of every figure"
+    return text + "."
+
+
 def _warnings(frame: Frame) -> tuple[list[str], str]:
     methods = sorted(frame.methods())
     warn = []
@@ -609,6 +638,9 @@ def _warnings(frame: Frame) -> tuple[list[str], str]:
                     "and '(estimate)' mark them; they are never compared with measured ones.")
     if "none" in methods:
         warn.append("Some models have no energy figure (meter: none); only their speed is compared.")
+    flagged = window_warnings(frame)
+    if flagged:
+        warn.append(flagged)
     headline = f"{len(frame.points)} point(s) measured, {len(frame.skipped)} skipped or failed; energy methods: " \
                f"{', '.join(methods) or 'none'}."
     return warn, headline
