@@ -74,3 +74,33 @@ def test_flagged_windows_are_said_at_the_top_of_the_report_and_on_the_terminal(t
     clean = in_process("report", "--db", str(tmp_path / "clean.db"), "--out", str(tmp_path / "clean"))
     assert clean.returncode == 0, clean.stderr
     assert "measurement windows carry warnings" not in (tmp_path / "clean" / "report.md").read_text() + clean.stderr
+
+
+def test_correct_per_joule_of_a_model_that_did_not_learn_is_not_comparable_rather_than_not_measured(tmp_path):
+    """A 1-epoch sweep: every model 'did not learn'. Its inferences/J and accuracy are stored, so the report must
+    not say 'not measured'; it says why the figure is left out."""
+    import json
+    import sqlite3
+
+    from moe_energy.report.analysis import crossovers, load
+    from moe_energy.report.html import points_table
+    from moe_energy.storage.store import Store
+
+    db = tmp_path / "seed.db"
+    fill(db, batches=(128,))
+    con = sqlite3.connect(db)
+    for mid, rec in con.execute("select id, record_json from models").fetchall():
+        r = json.loads(rec)
+        r.update(diverged=True, train={"failure": "did not learn"})
+        con.execute("update models set record_json=?, diverged=1 where id=?", (json.dumps(r), mid))
+    con.commit()
+    con.close()
+    with Store(db, create=False) as s:
+        frame = load(s)
+    (c,) = [c for c in crossovers(frame) if c.metric == "correct_per_joule"]
+    assert c.answer() == "not comparable: training failed at every point"
+    assert any(n.startswith("4 point(s) left out: the MoE's or the dense model's training failed") for n in c.notes)
+    _title, head, rows = points_table(frame)
+    assert {r[head.index("correct inferences/J")] for r in rows} == {"not comparable (did not learn)"}
+    (ipj,) = [c for c in crossovers(frame) if c.metric == "inferences_per_joule"]
+    assert ipj.status == "crossed"  # speed and energy stay valid

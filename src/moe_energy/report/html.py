@@ -191,11 +191,20 @@ def points_table(frame: Frame) -> Table:
             f"{m['params']:,}", f"{m['active_params']:,}", acc,
             _spread(m, "inferences_per_second", ",.0f"), _energy(m, "average_power_w", ",.1f"),
             _energy(m, "inferences_per_joule", ",.1f"),
-            "not measured" if cpj is None or energy_kind(m) == "none" else
-            f"{cpj:,.1f}" + (" (estimate)" if energy_kind(m) == "estimate" else ""),
+            _correct_per_joule(m, cpj),
             str(m.get("energy_method")), *[_carbon_cell(m, k) for _, k in carbon],
         ])
     return "Every point measured (median of the repeats, spread in brackets)", head, rows
+
+
+def _correct_per_joule(m: dict, cpj: float | None) -> str:
+    """Correct inferences/J, '(estimate)' when it is one; a model whose training failed has none that means
+    anything, which is not the same as none measured."""
+    if energy_kind(m) != "none" and value(m, "inferences_per_joule") is not None and training_failure(m):
+        return f"not comparable ({training_failure(m)})"
+    if cpj is None or energy_kind(m) == "none":
+        return "not measured"
+    return f"{cpj:,.1f}" + (" (estimate)" if energy_kind(m) == "estimate" else "")
 
 
 def _cap_read(m: dict) -> str:
