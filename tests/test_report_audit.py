@@ -104,3 +104,25 @@ def test_correct_per_joule_of_a_model_that_did_not_learn_is_not_comparable_rathe
     assert {r[head.index("correct inferences/J")] for r in rows} == {"not comparable (did not learn)"}
     (ipj,) = [c for c in crossovers(frame) if c.metric == "inferences_per_joule"]
     assert ipj.status == "crossed"  # speed and energy stay valid
+
+
+def test_the_llm_table_says_how_its_j_per_1k_tokens_is_made_and_never_rounds_a_bound_fraction_to_zero(tmp_path):
+    """Two repeats at 38.5 and 998.8 tokens/J: the store's J/1k is 1,000 / their median (1.93), not the median of
+    their J/1k (13.5), and the title says so; a CPU forward at 0.0216 % of its bound is not shown as '0%'."""
+    from moe_energy.report.analysis import load
+    from moe_energy.report.html import layer_tokens_table
+    from moe_energy.storage.store import Store
+
+    db = tmp_path / "llm.db"
+    fill_layers(db, archs=("olmoe-1b-7b",))
+    with Store(db, create=False) as s:
+        frame = load(s)
+    for m in frame.layers:
+        m.update(inferences_per_joule=518.6, inferences_per_joule_min=38.48, inferences_per_joule_max=998.8,
+                 fraction_of_roofline=0.000216 if m["kind"] == "moe" else 0.0197)
+    title, head, rows = layer_tokens_table(frame)
+    assert "1,000 / the median tokens/J of the repeats" in title
+    row = dict(zip(head, rows[0]))
+    assert row["MoE J/1k tokens"] == "1.928 (1.001-25.99)"
+    assert row["MoE bound (of it)"].endswith("(0.022%)")
+    assert row["dense (total) bound (of it)"].endswith("(2%)")

@@ -286,7 +286,12 @@ def _bound(m: dict) -> str:
     frac = value(m, "fraction_of_roofline")
     if not m.get("bound") or frac is None:
         return "not calibrated" if m.get("status") == "measured" else "-"
-    return f"{m['bound']} ({frac:.0%})"
+    return f"{m['bound']} ({_percent(frac)})"
+
+
+def _percent(frac: float) -> str:
+    """A fraction as a percentage, whole from 10 % up, else two significant digits: 0.0216 % is not '0%'."""
+    return f"{frac:.0%}" if frac >= 0.1 else f"{frac * 100:.2g}%"
 
 
 def layer_tokens_table(frame: Frame) -> Table:
@@ -320,8 +325,8 @@ def layer_tokens_table(frame: Frame) -> Table:
                          _bound(total) if total else "-",
                          *([" / ".join(_output_error(r) for r in (moe, total, active))] if int8 else []),
                          *[" / ".join(_carbon_cell(r, k) for r in (moe, total, active)) for _, k in carbon]])
-    return "LLM layers: J per 1,000 tokens per arch and token count (median of the repeats, spread in brackets)", \
-        head, rows
+    return ("LLM layers: J per 1,000 tokens per arch and token count (1,000 / the median tokens/J of the repeats, "
+            "their spread in brackets)"), head, rows
 
 
 ERROR_HEAD = "weights output error vs the dtype's"
