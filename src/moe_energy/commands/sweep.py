@@ -500,11 +500,12 @@ def deadlines(text: str) -> tuple[float, ...]:
 def report(args: argparse.Namespace) -> int:
     from ..report import write_report
     from ..report.analysis import load
-    from ..report.html import answer_tables
+    from ..report.html import answer_tables, earlier_report, window_warnings
 
     db = db_path(args)
     check_named(args.out, "--out", "results/report")
     itl = deadlines(args.itl_deadline_ms)  # a typo is told before the store is read
+    earlier_report(args.out)  # and a report.html / report.md there that is not one of ours: never replaced
     with Store(db, create=False) as store:
         frame = load(store)
     if not frame.points and not frame.skipped:
@@ -512,6 +513,9 @@ def report(args: argparse.Namespace) -> int:
     note = frame.damage_note()
     if note:
         print(f"warning: --db {db}: {note}; the report is drawn from the rest", file=sys.stderr)
+    flagged = window_warnings(frame)
+    if flagged:  # the report's files say it at their top; the terminal, where the answer is read first, says it too
+        print(f"warning: --db {db}: {flagged}", file=sys.stderr)
     try:
         files = write_report(frame, args.out, db, itl)  # each file written whole (fileio.replace_atomic) or not at all
     except OSError as e:
@@ -527,6 +531,9 @@ def report(args: argparse.Namespace) -> int:
             t.add_row(*(escape(c) for c in r))
         console.print(t)
     _say(f"report: {files.html} (self-contained) and {files.markdown} with {len(files.images)} plot(s)")
+    if files.replaced:
+        stale = f"; {len(files.stale)} of its plot(s) this report does not draw removed" if files.stale else ""
+        _say(f"replaced the earlier report in {args.out}{stale}")
     return 0
 
 

@@ -293,6 +293,7 @@ class Crossover:
     vs: str | None = None  # the other axis's value it holds ("context 512" along batch)
     phase: str | None = None
     fixed: str | None = None
+    why: str | None = None  # why a 'not_measured' one has no figure when its figures were measured
 
     @property
     def unit(self) -> str:
@@ -302,7 +303,7 @@ class Crossover:
         """The crossover in words, with its interval and range."""
         u, n = AXIS_UNITS[self.axis], _number
         if self.status == "not_measured":
-            return "not measured"
+            return self.why or "not measured"
         if self.status == "below_grid":
             u = ONE_UNIT.get(self.axis, u) if self.min_params == 1 else u  # "1 token per forward"
             return f"at or below {n(self.min_params)} {u} (MoE already ahead at the smallest point)"
@@ -333,7 +334,7 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
     notes: list[str] = []
     usable: list[Pair] = []
     kinds: set[str] = set()
-    mixed = unmeasured = 0
+    mixed = unmeasured = untrained = 0
     for p in ps:
         if metric in ENERGY_METRICS:
             km, kd = energy_kind(p.moe), energy_kind(p.dense)
@@ -345,6 +346,9 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
                 continue
             kinds.add(km)
         vm, vd = value(p.moe, metric), value(p.dense, metric)
+        if metric == "correct_per_joule" and (p.moe.get("diverged") or p.dense.get("diverged")):
+            untrained += 1  # measured, but weighted by an accuracy that means nothing
+            continue
         if vm is None or vd is None or vm <= 0 or vd <= 0:  # a ratio needs two positive figures
             unmeasured += 1
             continue
@@ -353,14 +357,17 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
         notes.append(f"{mixed} point(s) left out: an estimated energy figure is not compared with a measured one")
     if unmeasured and usable:
         notes.append(f"{unmeasured} point(s) without this figure left out")
+    if untrained:
+        notes.append(f"{untrained} point(s) left out: the MoE's or the dense model's training failed (diverged or did "
+                     "not learn), so its accuracy, and correct inferences/J, mean nothing")
     c = Crossover(b, dt, s, ek, metric, "not_measured", n_points=len(usable), axis=axis, power_limit_w=cap)
     if metric in ENERGY_METRICS and kinds:
         c.energy = "estimate" if kinds == {"estimate"} else "measured"
         if c.energy == "estimate":
             notes.append("energy is an estimate (not measured): read the crossover as a rough guide")
-    if metric == "correct_per_joule" and any(p.moe.get("diverged") or p.dense.get("diverged") for p in usable):
-        notes.append("a model's training failed at some point (diverged or did not learn): its accuracy says little")
     c.notes = notes
+    if untrained and not usable:
+        c.why = "not comparable: training failed at every point"
     if not usable:
         return c
     xs, d, best, worst = _curves(usable, metric)

@@ -18,11 +18,13 @@ import html
 import io
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..energy.meter import faults
+from ..errors import ConfigError
 from ..measure.records import training_failure
 from ..power.carbon import ESTIMATED
 from ..storage.fileio import now_utc, replace_atomic
@@ -104,6 +106,8 @@ class ReportFiles:
     html: Path
     markdown: Path
     images: list[Path]
+    replaced: bool = False  # an earlier moe-energy report was in the directory: replaced, said so
+    stale: list[Path] = field(default_factory=list)  # its plots this report does not draw: removed
 
 
 def _num(v: float | None, spec: str = ",.1f") -> str:
@@ -187,11 +191,20 @@ def points_table(frame: Frame) -> Table:
             f"{m['params']:,}", f"{m['active_params']:,}", acc,
             _spread(m, "inferences_per_second", ",.0f"), _energy(m, "average_power_w", ",.1f"),
             _energy(m, "inferences_per_joule", ",.1f"),
-            "not measured" if cpj is None or energy_kind(m) == "none" else
-            f"{cpj:,.1f}" + (" (estimate)" if energy_kind(m) == "estimate" else ""),
+            _correct_per_joule(m, cpj),
             str(m.get("energy_method")), *[_carbon_cell(m, k) for _, k in carbon],
         ])
     return "Every point measured (median of the repeats, spread in brackets)", head, rows
+
+
+def _correct_per_joule(m: dict, cpj: float | None) -> str:
+    """Correct inferences/J, '(estimate)' when it is one; a model whose training failed has none that means
+    anything, which is not the same as none measured."""
+    if energy_kind(m) != "none" and value(m, "inferences_per_joule") is not None and training_failure(m):
+        return f"not comparable ({training_failure(m)})"
+    if cpj is None or energy_kind(m) == "none":
+        return "not measured"
+    return f"{cpj:,.1f}" + (" (estimate)" if energy_kind(m) == "estimate" else "")
 
 
 def _cap_read(m: dict) -> str:
@@ -273,7 +286,12 @@ def _bound(m: dict) -> str:
     frac = value(m, "fraction_of_roofline")
     if not m.get("bound") or frac is None:
         return "not calibrated" if m.get("status") == "measured" else "-"
-    return f"{m['bound']} ({frac:.0%})"
+    return f"{m['bound']} ({_percent(frac)})"
+
+
+def _percent(frac: float) -> str:
+    """A fraction as a percentage, whole from 10 % up, else two significant digits: 0.0216 % is not '0%'."""
+    return f"{frac:.0%}" if frac >= 0.1 else f"{frac * 100:.2g}%"
 
 
 def layer_tokens_table(frame: Frame) -> Table:
@@ -307,8 +325,8 @@ def layer_tokens_table(frame: Frame) -> Table:
                          _bound(total) if total else "-",
                          *([" / ".join(_output_error(r) for r in (moe, total, active))] if int8 else []),
                          *[" / ".join(_carbon_cell(r, k) for r in (moe, total, active)) for _, k in carbon]])
-    return "LLM layers: J per 1,000 tokens per arch and token count (median of the repeats, spread in brackets)", \
-        head, rows
+    return ("LLM layers: J per 1,000 tokens per arch and token count (1,000 / the median tokens/J of the repeats, "
+            "their spread in brackets)"), head, rows
 
 
 ERROR_HEAD = "weights output error vs the dtype's"
@@ -598,6 +616,34 @@ def _md(block: Block) -> str:
     return f"![{block[2]}](plots/{block[1]}.png)\n"
 
 
+def window_warnings(frame: Frame) -> str | None:
+    """How many of the measured records' windows the meter or the clock flagged (too short, other processes busy, a
+    trace far from its counter, ...) or that failed, each kind of flag once with its count; None when none was.
+    The seed's and the LLM layers' figures include flagged windows (a failed one is left out of every figure);
+    the whole models' answers keep a record with any out."""
+    windows = [w for m in (*frame.models, *frame.layers, *frame.wholes) for w in m.get("windows") or []
+               if isinstance(w, dict)]
+    kinds: dict[str, list] = {}  # the flag with its numbers blanked -> [its first wording, windows carrying it]
+    flagged = failed = 0
+    for w in windows:
+        failed += bool(w.get("failed"))
+        found = faults(w.get("flags") or [])
+        flagged += bool(found)
+        for f in dict.fromkeys(found):
+            kinds.setdefault(re.sub(r"\d+(\.\d+)?", "#", f), [f, 0])[1] += 1
+    if not (flagged or failed):
+        return None
+    text = f"{flagged} of {len(windows)} measurement windows carry warnings"
+    if kinds:
+        text += " (" + "; ".join(f"{n}x '{f}'" + (" and the like" if n > 1 else "")
+                                 for f, n in sorted(kinds.values(), key=lambda fn: -fn[1])) + ")"
+    text += (": the size and token tables, crossovers and plots include those windows; the whole models' answers keep "
+             "a record with any out. Read such figures with care, or measure again (longer --duration, an idle host)")
+    if failed:
+        text += f". {failed} window(s) FAILED and were left out of every figure"
+    return text + "."
+
+
 def _warnings(frame: Frame) -> tuple[list[str], str]:
     methods = sorted(frame.methods())
     warn = []
@@ -606,12 +652,40 @@ def _warnings(frame: Frame) -> tuple[list[str], str]:
                     "and '(estimate)' mark them; they are never compared with measured ones.")
     if "none" in methods:
         warn.append("Some models have no energy figure (meter: none); only their speed is compared.")
+    flagged = window_warnings(frame)
+    if flagged:
+        warn.append(flagged)
     headline = f"{len(frame.points)} point(s) measured, {len(frame.skipped)} skipped or failed; energy methods: " \
                f"{', '.join(methods) or 'none'}."
     return warn, headline
 
 
 TITLE = "moe-energy report: when does a Mixture of Experts use less energy per inference?"
+HTML_HEAD = "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>moe-energy report</title>"
+PLOT_LINK = re.compile(r"\]\(plots/([A-Za-z0-9._-]+\.png)\)")
+
+
+def earlier_report(out_dir: str | Path) -> list[str] | None:
+    """The plots (file names) an earlier moe-energy report in ``out_dir`` links, or None when there is none; a
+    report.html or report.md there that moe-energy did not write is a one-line ConfigError: never replaced."""
+    out = Path(out_dir)
+    found = None
+    for name, head in (("report.html", HTML_HEAD), ("report.md", f"# {TITLE}\n")):
+        p = out / name
+        if not p.exists():
+            continue
+        try:
+            with p.open("rb") as fh:  # the page's head says whose it is; the summary's links name its plots
+                text = (fh.read() if name == "report.md" else fh.read(len(HTML_HEAD))).decode("utf-8", "replace")
+        except OSError:
+            text = ""
+        if not text.startswith(head):
+            raise ConfigError(f"--out {out}: {p} is not a moe-energy report, and is not replaced; choose another "
+                              "directory")
+        found = found or []
+        if name == "report.md":
+            found += PLOT_LINK.findall(text)
+    return found
 
 
 def write_report(frame: Frame, out_dir: str | Path, db: str | Path,
@@ -619,12 +693,12 @@ def write_report(frame: Frame, out_dir: str | Path, db: str | Path,
     """Draw every plot, then write report.html (self-contained) and report.md with plots/*.png; ``deadlines`` are
     the inter-token deadlines (ms) of the whole models' selection."""
     out = Path(out_dir)
+    earlier = earlier_report(out)  # a foreign report.html / report.md is refused before anything is drawn
     (out / "plots").mkdir(parents=True, exist_ok=True)
     created = now_utc()
     blocks, images = _draw(frame, deadlines)
     warn, headline = _warnings(frame)
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>moe-energy report</title>"
-             f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(TITLE)}</h1>",
+    parts = [f"{HTML_HEAD}<style>{CSS}</style></head><body>", f"<h1>{html.escape(TITLE)}</h1>",
              f"<p>Generated {html.escape(created)} from <code>{html.escape(str(db))}</code>. "
              f"{html.escape(headline)}</p>"]
     parts += [f"<p class='note'>{html.escape(w)}</p>" for w in warn]
@@ -641,4 +715,8 @@ def write_report(frame: Frame, out_dir: str | Path, db: str | Path,
     html_path, md_path = out / "report.html", out / "report.md"
     replace_atomic(html_path, "".join(parts).encode("utf-8"))
     replace_atomic(md_path, "\n".join(md).encode("utf-8"))
-    return ReportFiles(html_path, md_path, paths)
+    drawn = {p.name for p in paths}
+    stale = [out / "plots" / n for n in dict.fromkeys(earlier or []) if n not in drawn]
+    for p in stale:  # the earlier report's own plots, of figures this one does not hold: never left beside it
+        p.unlink(missing_ok=True)
+    return ReportFiles(html_path, md_path, paths, earlier is not None, stale)
