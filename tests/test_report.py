@@ -306,3 +306,27 @@ def test_a_model_that_did_not_learn_is_not_said_to_have_diverged(tmp_path):
     acc = {r[head.index("model")]: r[head.index("held-out acc")] for r in rows}
     assert acc == {"moe[grouped]": "90.0% (did not learn: accuracy meaningless)",
                    "dense_total": "90.0% (diverged: accuracy meaningless)", "dense_active": "90.0%"}
+
+
+def test_series_of_two_sparsities_are_told_apart_in_the_legend(tmp_path):
+    """One model at E/k 4 and E/k 2 shares its colour: each E/k gets its own marker and line style."""
+    with Store(tmp_path / "ek.db") as s:
+        s.new_run("r1", {"grid": "custom"}, {"device_name": "Test GPU"}, {"name": "nvidia", "method": "counter"},
+                  grid_name="custom")
+        for i, (p, k) in enumerate([(10**6, 2), (10**7, 2), (10**6, 4), (10**7, 4)]):
+            ms = [model("moe[grouped]", p, 100.0 / (i + 1)), model("dense_total", p + 10, 80.0 / (i + 1))]
+            cfg = {"label": f"s{i}", "spec": {"experts": 8, "hidden": 64, "layers": 2, "top_k": k},
+                   "options": {"batch_size": 128, "dtype": "float32"}, "total_params": p}
+            s.add_point("r1", f"k{i}", cfg, "done", document={"models": ms})
+    with Store(tmp_path / "ek.db", create=False) as s:
+        frame = load(s)
+    ax = dict((slug, fn) for slug, _t, fn in PLOTS)["inferences_per_joule"](frame).axes[0]
+    marks = {c.get_label(): (c.get_paths()[0].vertices.round(3).tobytes(), tuple(c.get_edgecolor()[0]))
+             for c in ax.collections if c.get_label().startswith(("moe", "dense"))}
+    assert sorted(marks) == ["dense (total-matched) E/k=2", "dense (total-matched) E/k=4", "moe[grouped] E/k=2",
+                             "moe[grouped] E/k=4"]
+    assert len(set(marks.values())) == 4  # no two legend entries look alike
+    lines: dict[str, set[str]] = {"#d62728": set(), "#222222": set()}  # the MoE's and the dense model's colours
+    for ln in ax.get_lines():
+        lines.get(ln.get_color(), set()).add(str(ln.get_linestyle()))
+    assert lines == {"#d62728": {"-", "--"}, "#222222": {"-", "--"}}

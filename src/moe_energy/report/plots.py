@@ -47,6 +47,7 @@ from .analysis import (  # noqa: E402
 DENSE_STYLE = {"dense_total": ("#222222", "s"), "dense_active": ("#8c8c8c", "D")}
 MOE_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#e377c2", "#bcbd22"]
 MAX_PANELS = 12
+EK_STYLES = [("o", "-"), ("^", "--"), ("v", ":"), ("P", "-."), ("X", (0, (5, 1))), ("*", (0, (1, 3)))]  # marker, line
 
 
 def _loglog(ax: Any, legend_size: int) -> None:
@@ -136,7 +137,10 @@ def _series_plot(frame: Frame, metric: str, ylabel: str, title: str) -> Figure:
             if not pts:
                 continue
             colour, marker = _style(name, order)
-            drawn += _draw_series(ax, [m["params"] for m, _ in pts], pts, metric, colour, marker, series)
+            line = "-"
+            if len(eks) > 1:  # one model's E/k series share its colour: each its own marker and line, told apart
+                marker, line = EK_STYLES[eks.index(ek) % len(EK_STYLES)]
+            drawn += _draw_series(ax, [m["params"] for m, _ in pts], pts, metric, colour, marker, series, line)
         if not drawn:
             why = "energy not measured for these points (meter: none)" if metric in ENERGY_METRICS else "no data"
             _empty(ax, why)
@@ -150,12 +154,12 @@ def _series_plot(frame: Frame, metric: str, ylabel: str, title: str) -> Figure:
 
 
 def _draw_series(ax: Axes, xs: list[float], pts: list[tuple[dict, float]], metric: str, colour: str, marker: str,
-                 series: str) -> int:
+                 series: str, line: str | tuple = "-") -> int:
     """One model's line through its (record, figure) points in x order, its repeats' spread as error bars, and
     markers filled for measured energy, hollow for estimates; returns how many marker sets it drew."""
     xs, pts = _by_x(xs, pts)
     ys = [v for _, v in pts]
-    ax.plot(xs, ys, "-", color=colour, alpha=0.6, lw=1.2)
+    ax.plot(xs, ys, linestyle=line, color=colour, alpha=0.6, lw=1.2)
     lo = [max(v - (value(m, metric, "min") or v), 0) for m, v in pts]
     hi = [max((value(m, metric, "max") or v) - v, 0) for m, v in pts]
     if any(lo) or any(hi):
