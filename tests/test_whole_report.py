@@ -263,6 +263,7 @@ def test_report_command_takes_the_deadlines_and_prints_the_selection(whole_repor
     assert "ML.ENERGY's selection" in " ".join(out.split()) and "250" in out and "60" in out
     md = (tmp_path / "r" / "report.md").read_text()
     assert f"| {MOE} | {MOE} | decode | 512 | 60 | 1 |" in md and f"| {MOE} | {MOE} | decode | 512 | 100 |" not in md
+    assert "| qwen3-30b-a3b | qwen3-32b | decode | 512 | 60 | none meets it |" in md  # 2 stable, both too slow
     for bad, needle in (("x", "'x' is not a number of milliseconds"), ("0", "must be a finite number of "
                                                                              "milliseconds > 0")):
         code = main(["report", "--db", str(db), "--out", str(tmp_path / "bad"), "--itl-deadline-ms", bad])
@@ -285,7 +286,9 @@ def test_a_tiny_whole_model_sweep_reports_and_its_plots_render_in_chromium(tmp_p
     md = (tmp_path / "r" / "report.md").read_text()
     # 0.1 s windows are flagged as too short: every configuration is drawn, none is an answer, and the report says so
     assert "8 configuration(s): 0 stable with energy, 8 flagged and kept out of the answers" in md
-    assert "| olmoe-1b-7b-tiny | olmoe-1b-7b-tiny | decode | 4 | 100 | none meets it |" in md
+    assert "| olmoe-1b-7b-tiny | olmoe-1b-7b-tiny | decode | 4 | 100 | no stable record |" in md
+    assert "| olmoe-1b-7b-tiny | olmoe-1b-7b-tiny | prefill | 4 | none (prefill) | no stable record |" in md
+    assert "none meets it" not in md  # nothing was there to meet a deadline
     if CHROMIUM is None and not os.environ.get("CI"):
         pytest.skip("chromium not installed (runs in CI)")
     ids = _tiled_page((tmp_path / "r" / "report.html").read_text(), "whole_", tmp_path / "tiles.html")

@@ -382,8 +382,9 @@ def selection_table(choices: list[Choice]) -> Table:
     rows = []
     for c in choices:
         m = c.record
-        pick = ["none meets it", "-", "-"] if m is None else [str(m.get("batch")), str(m.get("dtype")),
-                                                               str(m.get("impl") if m.get("kind") == "moe" else "-")]
+        none = "none meets it" if c.candidates else "no stable record"  # a prefill has no deadline to miss
+        pick = [none, "-", "-"] if m is None else [str(m.get("batch")), str(m.get("dtype")),
+                                                   str(m.get("impl") if m.get("kind") == "moe" else "-")]
         est = (" (estimate)" if m is not None and c.energy == "estimate" else "") + \
             (" (EXTRAPOLATED)" if m is not None and m.get("extrapolated") else "")
         rows.append([c.set, c.model, c.phase, str(c.context), "none (prefill)" if c.deadline_ms is None else
