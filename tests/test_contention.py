@@ -81,3 +81,20 @@ def test_a_real_process_burning_a_cpu_flags_the_idle_reading_and_the_window(tmp_
     assert any(line.startswith("idle power warning: other processes kept") for line in lines), lines
     # an estimate's label names the method, it is no warning
     assert any(line.startswith("1 of 3 windows carry warnings") and "the first: " in line for line in lines), lines
+
+
+def test_the_idle_readings_estimate_label_is_no_idle_power_warning():
+    """The estimate's label names the method (as in a window's flags, it is no warning): the run's summary prints
+    an 'idle power warning' line only for a real fault of the idle reading, such as a crowded one."""
+    label = "estimate: 10 W TDP (default 5 W x 2 logical CPUs) x process CPU utilisation, not a measurement"
+    crowded = "other processes kept 1.06 CPUs busy during the idle reading (this one 0.01)"
+    idle = {"seconds": 5.0, "method": "estimate", "power_w": 0.01, "flags": [label]}
+    doc = {"energy_meter": {"name": "estimate", "method": "estimate"}, "idle": idle,
+           "models": [{"windows": [{"flags": [label]}]}]}
+    lines = energy_summary(doc)
+    assert any(line.startswith("idle power: 0.01 W (estimate) over 5.0 s") for line in lines), lines
+    assert not any(line.startswith("idle power warning") for line in lines), lines
+    assert not any("windows carry warnings" in line for line in lines), lines
+    idle["flags"] = [crowded, label]
+    assert [line for line in energy_summary(doc) if line.startswith("idle power warning")] == [
+        f"idle power warning: {crowded}"]

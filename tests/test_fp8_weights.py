@@ -139,3 +139,16 @@ def test_fp8_plans_read_and_hold_a_byte_a_weight_and_bound_at_the_fp8_rate():
     assert moe.weight_bytes("bfloat16") == moe8.weight_bytes("bfloat16")  # no packed copy, unlike w8a8
     assert moe.weight_bytes_read("bfloat16", 3) == moe8.weight_bytes_read("bfloat16", 3)
     assert moe.rate_key("bfloat16") == "fp8" and quant.describe("fp8").startswith("fp8 e4m3 weights")
+
+
+@pytest.mark.parametrize("cmd", ["run", "sweep", "bench-strategies"])
+def test_every_weights_format_is_named_in_the_help(cmd):
+    """README documents --weights fp8 beside int8 and w8a8; --help must name every format the flag takes."""
+    import argparse
+
+    from moe_energy.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[cmd]
+    helptext = next(a.help for a in sub._actions if "--weights" in a.option_strings)
+    for name in quant.WEIGHT_FORMATS:
+        assert f"{name}:" in helptext or f"{name} (" in helptext, (name, helptext)

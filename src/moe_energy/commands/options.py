@@ -177,7 +177,8 @@ def add_llm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help="int8: every model's weights stored int8 weight-only (per-channel fp32 "
                                      "scales; the MoE's router kept in the dtype), the activations in --dtype; "
                                      "w8a8: the same weights, and each row of activations rounded to int8 before "
-                                     "each projection (fbgemm's int8 GEMM on a CPU); default: the weights in --dtype")
+                                     "each projection (fbgemm's int8 GEMM on a CPU); fp8: e4m3 weights and rows "
+                                     "(a CUDA GPU of compute capability 8.9+ only); default: the weights in --dtype")
     have = set(p._option_string_actions)  # the seed's shape group may hold them already
     if "--experts" not in have:
         g.add_argument("--experts", type=int, help="routed experts E")

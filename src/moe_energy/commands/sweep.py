@@ -130,7 +130,8 @@ def _layer_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", help=f"comma list of {ROUTING_HELP} (default random)")
     g.add_argument("--weights", help="comma list of dtype (the weights in the point's dtype: the default), int8 "
                    "(every model's weights int8 weight-only, per-channel fp32 scales) and w8a8 (int8 weights and "
-                   "int8 activations, per row): one point each")
+                   "int8 activations, per row) and fp8 (e4m3 weights and rows; CUDA GPUs of compute capability "
+                   "8.9+ only): one point each")
     g.add_argument("--max-forward-s", type=float, dest="max_forward_s", metavar="S",
                    help="skip a (model, token count) whose one forward takes longer than S seconds at this host's "
                         "roofline bound, with the reason (default: none; --grid llm: --duration)")

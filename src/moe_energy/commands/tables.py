@@ -249,7 +249,7 @@ def energy_summary(doc: dict) -> list[str]:
     if idle and idle.get("power_w") is not None:
         lines.append(f"idle power: {idle['power_w']:.2f} W ({meter.get('method')}) over {idle['seconds']:.1f} s "
                      "(dynamic = raw minus idle power x window seconds)")
-        lines += [f"idle power warning: {f}" for f in idle.get("flags") or []]
+        lines += [f"idle power warning: {f}" for f in faults(idle.get("flags") or [])]
     else:
         lines.append(f"idle power: not measured (dynamic {unit(doc)}/J needs --idle-seconds > 0)")
     windows = [w for m in doc["models"] for w in m.get("windows", [])]
