@@ -29,10 +29,11 @@ from .errors import kind_of
 from .measure.records import summarize, window_record
 from .measure.window import batch_tensors, caller, infer_batch_size, measure, warm_up_for
 from .models import whole
-from .models.counting import dense_flops
-from .models.dense import DenseMLP
+from .models.counting import dense_flops, layer_flops, swiglu_params
+from .models.dense import DenseMLP, DenseSwiGLU
 from .models.generate import decode_step, prefill_step
-from .models.moe import MoE
+from .models.llm import MoELayer
+from .models.moe import MoE, StrategyHost
 from .models.plan import ModelPlan
 from .models.whole import WholeModel
 from .power.carbon import ESTIMATED, carbon_fields
@@ -183,10 +184,11 @@ class BenchmarkResult:
 
 def count_flops(model: Callable[..., Any], batch: Any, batch_size: int,
                 given: int | None = None) -> tuple[int | None, str]:
-    """FLOPs per inference and how they were got: given; the CLI's arithmetic for this package's models;
-    else torch's FlopCounterMode over one forward of a module (matrix products it can see; fused kernels it
-    cannot). A plain callable's are not counted: it may do anything besides tensor work, so a count would
-    be a guess."""
+    """FLOPs per inference and how they were got: given; the CLI's arithmetic for this package's models (``MoE``,
+    ``DenseMLP``, an LLM ``MoELayer`` and its matched ``DenseSwiGLU``: per token); else torch's FlopCounterMode over
+    one forward of a module (matrix products it can see; fused kernels it cannot), but not of a module holding an
+    MoE layer (it cannot see grouped GEMMs, and auto's probe would add every candidate's). A plain callable's are
+    not counted: it may do anything besides tensor work, so a count would be a guess."""
     if given is not None:
         return given, "given (flops_per_inference=)"
     if not isinstance(model, nn.Module):
@@ -197,6 +199,18 @@ def count_flops(model: Callable[..., Any], batch: Any, batch_size: int,
     if isinstance(model, DenseMLP):
         return (dense_flops(model.input_dim, model.width, model.layers, model.classes),
                 "arithmetic: the MLP's matrix products (as the CLI)")
+    if isinstance(model, MoELayer):  # FlopCounterMode would count what the strategy runs, not the layer's work
+        dims = model.dims()
+        if dims.top_k < 1:
+            return None, "not known: the layer's router has no top_k; pass flops_per_inference="
+        return layer_flops(dims), "arithmetic: router + top_k experts + shared experts' matrix products (as the CLI)"
+    if isinstance(model, DenseSwiGLU):
+        return (2 * swiglu_params(model.d_model, model.width),
+                "arithmetic: the dense SwiGLU FFN's matrix products (as the CLI)")
+    if any(isinstance(m, StrategyHost) for m in model.modules()):
+        return None, ("not known: the model holds an MoE layer, whose expert products FlopCounterMode counts wrong "
+                      "(grouped kernels are invisible to it, strategy auto's probe runs every candidate); "
+                      "pass flops_per_inference=")
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
