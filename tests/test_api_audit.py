@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import moe_energy as me
+from moe_energy.config import ConfigError
 from moe_energy.models.archs import custom_arch
 
 ARCH = custom_arch(64, 96, 8, 2, name="audit")
@@ -51,3 +52,55 @@ def test_a_module_holding_an_moe_layer_has_no_flop_count_rather_than_a_wrong_one
     res = _bench(wrapped, torch.randn(8, ARCH.d_model))
     assert res.summary["flops_per_inference"] is None and res.summary["achieved_gflops"] is None
     assert "MoE layer" in res.flops_method and "flops_per_inference=" in res.flops_method
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("first", ["int8", "w8a8"])
+@pytest.mark.parametrize("again", ["int8", "w8a8"])
+def test_quantizing_twice_is_refused_not_rounded_again(first, again):
+    layer = me.MoELayer.from_arch(SHARED, strategy="grouped")
+    x = torch.randn(8, SHARED.d_model, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = layer(x)
+        me.quantize_weights(layer, first)
+        once = layer(x)
+    # the int8 stack quantized again lost its scales: outputs 6e8 x too large; a dense FFN silently stayed int8
+    with pytest.raises(ConfigError, match=f"already {first}; quantize a fresh float copy"):
+        me.quantize_weights(layer, again)
+    dense = me.quantize_weights(me.matched_dense(layer, match="active"), first)
+    with pytest.raises(ConfigError, match=f"already {first}"):
+        me.quantize_weights(dense, again)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), once) and _rel(once, ref) < 0.06
+
+
+def test_quantizing_what_holds_no_linear_or_no_module_is_refused():
+    with pytest.raises(TypeError, match="quantize_weights: model is a str; give an nn.Module"):
+        me.quantize_weights("layer", "int8")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ReLU holds no nn.Linear and no MoELayer"):
+        me.quantize_weights(nn.ReLU(), "int8")
+    moe = me.MoE(experts=4, hidden=8, layers=1, top_k=2)  # only its gate is a Linear: experts would stay fp32
+    with pytest.raises(ConfigError, match="experts are no Linears"):
+        me.quantize_weights(moe, "int8")
+    assert isinstance(moe.gate, nn.Linear)
+
+
+def test_a_layer_inside_a_module_is_quantized_as_a_layer_router_kept():
+    wrapped = nn.Sequential(me.MoELayer.from_arch(ARCH), nn.Linear(ARCH.d_model, 4))
+    me.quantize_weights(wrapped, "int8")
+    layer = wrapped[0]
+    assert layer.experts.gate_up_proj.dtype == torch.int8 and isinstance(layer.router.weight, nn.Parameter)
+    assert layer.router.weight.dtype == torch.float32 and type(wrapped[1]).__name__ == "QLinear"
+
+
+@pytest.mark.parametrize("fmt, most", [("int8", 0.01), ("w8a8", 0.06)])
+def test_quantized_outputs_stay_close_to_the_float_ones(fmt, most):
+    layer = me.MoELayer.from_arch(custom_arch(256, 512, 8, 2, name="q"), strategy="grouped")
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = layer(x)
+        y = me.quantize_weights(layer, fmt)(x)
+    assert 0 < _rel(y, ref) < most  # measured: int8 0.0069, w8a8 0.041 (7-bit rows on a CPU without VNNI)
