@@ -104,3 +104,20 @@ def test_quantized_outputs_stay_close_to_the_float_ones(fmt, most):
         ref = layer(x)
         y = me.quantize_weights(layer, fmt)(x)
     assert 0 < _rel(y, ref) < most  # measured: int8 0.0069, w8a8 0.041 (7-bit rows on a CPU without VNNI)
+
+
+@pytest.mark.parametrize("name", ["none", "estimate"])
+def test_a_second_window_on_an_open_meter_is_refused_and_leaves_no_thread(name):
+    import threading
+
+    meter = me.make_meter(name)
+    threads = threading.active_count()
+    with pytest.raises(ConfigError, match="a window is already open on it"), meter.window("outer") as outer:
+        with meter.window("inner"):  # used to restart the clock under the outer window, whose end() then failed
+            pass
+    assert outer.result is None and threading.active_count() == threads  # the outer sampler stopped too
+    with pytest.raises(ConfigError, match="a window is already open on it"), meter.window("outer"):
+        me.benchmark(nn.Linear(4, 2), torch.randn(2, 4), duration=0.05, repeats=1, warmup=0, meter=meter)
+    with meter.window("after") as w:  # the meter is usable again
+        pass
+    assert w.result is not None and w.result.seconds >= 0
