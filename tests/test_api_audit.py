@@ -121,3 +121,19 @@ def test_a_second_window_on_an_open_meter_is_refused_and_leaves_no_thread(name):
     with meter.window("after") as w:  # the meter is usable again
         pass
     assert w.result is not None and w.result.seconds >= 0
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 1)])
+def test_a_gpu_this_host_lacks_is_a_config_error_before_anything_is_built(device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # torch's own AssertionError came from here
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible to PyTorch here; use device='cpu'"):
+        me.MoELayer.from_arch(ARCH, device=device)
+    with pytest.raises(ConfigError, match="build_model: device=.*no CUDA GPU is visible"):
+        me.build_model("qwen3-30b-a3b", tiny=True, device=device)
+
+
+def test_a_gpu_index_past_the_last_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="PyTorch sees 1 GPU"):
+        me.MoELayer.from_arch(ARCH, device="cuda:3")

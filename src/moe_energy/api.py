@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import ConfigError, resolve_carbon
 from .device import device_sync
-from .dtypes import device_arg
+from .dtypes import device_arg, device_here
 from .energy import select
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
@@ -388,8 +388,11 @@ def build_model(name: str | WholeModel, layers: int | None = None, dtype: str | 
     ``benchmark_generate``."""
     if not isinstance(tiny, bool):
         raise TypeError(f"build_model: tiny={tiny!r} is {kind_of(tiny)}; give True or False")
+    dev = device_here("build_model", device)
+    if dev is None:
+        raise TypeError("build_model: device=None; give a torch.device or a name such as 'cpu' or 'cuda:0'")
     m = whole.tiny(name) if tiny else whole.get_model(name)
-    return whole.build_model(m, layers, dtype, device, seed)
+    return whole.build_model(m, layers, dtype, dev, seed)
 
 
 @dataclass(frozen=True)

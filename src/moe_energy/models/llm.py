@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dtypes import device_arg, dtype_of
+from ..dtypes import device_here, dtype_of
 from ..errors import ConfigError, kind_of
 from .archs import PRESETS, Arch, get_arch
 from .counting import LayerShape
@@ -177,7 +177,7 @@ class MoELayer(StrategyHost, nn.Module):
         """
         a = _arch_of("MoELayer.from_arch", arch)
         dt = torch.float32 if dtype is None else dtype_of(dtype)
-        dev = device_arg("MoELayer.from_arch", device) or torch.device("cpu")
+        dev = device_here("MoELayer.from_arch", device) or torch.device("cpu")
         whole_number("MoELayer.from_arch", "seed", seed, least=0)
         with building(dev, dt, seed):
             layer = cls(a.d_model, a.ffn_dim, a.experts, build_router(a),
