@@ -137,3 +137,12 @@ def test_a_gpu_index_past_the_last_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="PyTorch sees 1 GPU"):
         me.MoELayer.from_arch(ARCH, device="cuda:3")
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_fp8_weights_off_an_fp8_gpu_are_refused_as_run_refuses_them(dense):
+    layer = me.MoELayer.from_arch(ARCH)
+    model = me.quantize_weights(me.matched_dense(layer) if dense else layer, "fp8")  # numerics on a CPU: allowed
+    with pytest.raises(ConfigError, match="the model holds fp8 weights, and fp8 weights run on CUDA GPUs.*"
+                                          "quantize it as 'int8' or 'w8a8' instead"):
+        _bench(model, torch.randn(4, ARCH.d_model))  # it timed the emulation: rounded rows, dequantized weights

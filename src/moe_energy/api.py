@@ -28,7 +28,7 @@ from .energy.meter import Meter, MeterBase, meter_info
 from .errors import kind_of
 from .measure.records import summarize, window_record
 from .measure.window import batch_tensors, caller, infer_batch_size, measure, warm_up_for
-from .models import whole
+from .models import fp8, whole
 from .models.counting import dense_flops, layer_flops, swiglu_params
 from .models.dense import DenseMLP, DenseSwiGLU
 from .models.generate import decode_step, prefill_step
@@ -279,6 +279,16 @@ def _checked_batch(batch: Any) -> Any:
     return batch
 
 
+def _fp8_problem(model: nn.Module, device: torch.device) -> str | None:
+    """Why fp8 weights (``quantize_weights(m, "fp8")``) cannot be measured on ``device``, as `run --weights fp8`
+    refuses them: off an fp8 GPU they run an emulation (rounded, then dequantized), whose time and energy answer
+    nothing about fp8. None when the model holds none, or the device runs them."""
+    if not any(b.dtype == fp8.FP8 for b in model.buffers()):
+        return None
+    widths = [w for m in model.modules() if isinstance(m, MoELayer) for w in (m.hidden, m.intermediate)]
+    return fp8.problem(device, *widths, fix="quantize it as 'int8' or 'w8a8' instead")
+
+
 def _model_name(model: Callable[..., Any]) -> str:
     """A module's class name (as the CLI records it); a function's own name (``<lambda>`` for a lambda)."""
     if isinstance(model, nn.Module):
@@ -327,6 +337,8 @@ def benchmark(
     sync = sync if sync is not None else device_sync(device)
 
     if isinstance(model, nn.Module):
+        if (why := _fp8_problem(model, device)) is not None:
+            raise ConfigError(f"benchmark: the model holds fp8 weights, and {why}")
         model.eval()
     flops, flops_method = count_flops(model, example_batch, batch_size, flops_per_inference)
     idle = measure_idle(meter, idle_seconds, sync)
