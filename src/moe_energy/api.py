@@ -21,18 +21,19 @@ from torch import nn
 
 from .config import ConfigError, resolve_carbon
 from .device import device_sync
-from .dtypes import device_arg
+from .dtypes import device_arg, device_here
 from .energy import select
 from .energy.idle import IdlePower, measure_idle
 from .energy.meter import Meter, MeterBase, meter_info
 from .errors import kind_of
 from .measure.records import summarize, window_record
 from .measure.window import batch_tensors, caller, infer_batch_size, measure, warm_up_for
-from .models import whole
-from .models.counting import dense_flops
-from .models.dense import DenseMLP
+from .models import fp8, whole
+from .models.counting import dense_flops, layer_flops, swiglu_params
+from .models.dense import DenseMLP, DenseSwiGLU
 from .models.generate import decode_step, prefill_step
-from .models.moe import MoE
+from .models.llm import MoELayer
+from .models.moe import MoE, StrategyHost
 from .models.plan import ModelPlan
 from .models.whole import WholeModel
 from .power.carbon import ESTIMATED, carbon_fields
@@ -183,10 +184,11 @@ class BenchmarkResult:
 
 def count_flops(model: Callable[..., Any], batch: Any, batch_size: int,
                 given: int | None = None) -> tuple[int | None, str]:
-    """FLOPs per inference and how they were got: given; the CLI's arithmetic for this package's models;
-    else torch's FlopCounterMode over one forward of a module (matrix products it can see; fused kernels it
-    cannot). A plain callable's are not counted: it may do anything besides tensor work, so a count would
-    be a guess."""
+    """FLOPs per inference and how they were got: given; the CLI's arithmetic for this package's models (``MoE``,
+    ``DenseMLP``, an LLM ``MoELayer`` and its matched ``DenseSwiGLU``: per token); else torch's FlopCounterMode over
+    one forward of a module (matrix products it can see; fused kernels it cannot), but not of a module holding an
+    MoE layer (it cannot see grouped GEMMs, and auto's probe would add every candidate's). A plain callable's are
+    not counted: it may do anything besides tensor work, so a count would be a guess."""
     if given is not None:
         return given, "given (flops_per_inference=)"
     if not isinstance(model, nn.Module):
@@ -197,6 +199,18 @@ def count_flops(model: Callable[..., Any], batch: Any, batch_size: int,
     if isinstance(model, DenseMLP):
         return (dense_flops(model.input_dim, model.width, model.layers, model.classes),
                 "arithmetic: the MLP's matrix products (as the CLI)")
+    if isinstance(model, MoELayer):  # FlopCounterMode would count what the strategy runs, not the layer's work
+        dims = model.dims()
+        if dims.top_k < 1:
+            return None, "not known: the layer's router has no top_k; pass flops_per_inference="
+        return layer_flops(dims), "arithmetic: router + top_k experts + shared experts' matrix products (as the CLI)"
+    if isinstance(model, DenseSwiGLU):
+        return (2 * swiglu_params(model.d_model, model.width),
+                "arithmetic: the dense SwiGLU FFN's matrix products (as the CLI)")
+    if any(isinstance(m, StrategyHost) for m in model.modules()):
+        return None, ("not known: the model holds an MoE layer, whose expert products FlopCounterMode counts wrong "
+                      "(grouped kernels are invisible to it, strategy auto's probe runs every candidate); "
+                      "pass flops_per_inference=")
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
@@ -265,6 +279,16 @@ def _checked_batch(batch: Any) -> Any:
     return batch
 
 
+def _fp8_problem(model: nn.Module, device: torch.device) -> str | None:
+    """Why fp8 weights (``quantize_weights(m, "fp8")``) cannot be measured on ``device``, as `run --weights fp8`
+    refuses them: off an fp8 GPU they run an emulation (rounded, then dequantized), whose time and energy answer
+    nothing about fp8. None when the model holds none, or the device runs them."""
+    if not any(b.dtype == fp8.FP8 for b in model.buffers()):
+        return None
+    widths = [w for m in model.modules() if isinstance(m, MoELayer) for w in (m.hidden, m.intermediate)]
+    return fp8.problem(device, *widths, fix="quantize it as 'int8' or 'w8a8' instead")
+
+
 def _model_name(model: Callable[..., Any]) -> str:
     """A module's class name (as the CLI records it); a function's own name (``<lambda>`` for a lambda)."""
     if isinstance(model, nn.Module):
@@ -313,6 +337,8 @@ def benchmark(
     sync = sync if sync is not None else device_sync(device)
 
     if isinstance(model, nn.Module):
+        if (why := _fp8_problem(model, device)) is not None:
+            raise ConfigError(f"benchmark: the model holds fp8 weights, and {why}")
         model.eval()
     flops, flops_method = count_flops(model, example_batch, batch_size, flops_per_inference)
     idle = measure_idle(meter, idle_seconds, sync)
@@ -374,8 +400,11 @@ def build_model(name: str | WholeModel, layers: int | None = None, dtype: str | 
     ``benchmark_generate``."""
     if not isinstance(tiny, bool):
         raise TypeError(f"build_model: tiny={tiny!r} is {kind_of(tiny)}; give True or False")
+    dev = device_here("build_model", device)
+    if dev is None:
+        raise TypeError("build_model: device=None; give a torch.device or a name such as 'cpu' or 'cuda:0'")
     m = whole.tiny(name) if tiny else whole.get_model(name)
-    return whole.build_model(m, layers, dtype, device, seed)
+    return whole.build_model(m, layers, dtype, dev, seed)
 
 
 @dataclass(frozen=True)

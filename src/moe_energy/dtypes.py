@@ -40,6 +40,22 @@ def device_arg(where: str, device: Any) -> torch.device | None:
             from None
 
 
+def device_here(where: str, device: Any) -> torch.device | None:
+    """``device_arg`` for an argument that allocates: also a one-line ConfigError when this host has no such device
+    (torch would fail on the first tensor with "Torch not compiled with CUDA enabled", an AssertionError)."""
+    dev = device_arg(where, device)
+    if dev is None:
+        return None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{where}: device={device!r}: no CUDA GPU is visible to PyTorch here; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{where}: device={device!r}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered "
+                          "from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{where}: device={device!r}: Apple MPS is not available here; use device='cpu'")
+    return dev
+
+
 def onednn_bf16() -> bool:
     """Whether oneDNN runs bf16 on this CPU (it needs avx512_core at least; bf16 instructions decide its fast
     paths): where it does not, its bf16 linear has no kernel at all ("could not create a primitive descriptor")."""

@@ -24,6 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import ConfigError
 from .trace import DEFAULT_PERIOD_S, PowerTrace
 
 METHODS = ("counter", "sampled", "estimate", "none")
@@ -179,6 +180,13 @@ class MeterBase:
 
     _t0: float | None = None
 
+    def _refuse_open(self) -> None:
+        """A ConfigError when a window of this meter is open: a second ``begin()`` would restart its clock and
+        counter under it (and leave its power-trace thread running), so the outer window could never end."""
+        if self._t0 is not None:
+            raise ConfigError(f"meter {self.name!r}: a window is already open on it (windows of one meter do not "
+                              "nest or overlap); end that window first, or measure with another meter")
+
     def _start_clock(self) -> None:
         self._t0 = time.perf_counter()
 
@@ -235,6 +243,7 @@ class CounterMeter(MeterBase):
         return [f"{d}: {self.name} counter did not advance (zero-joule reading)" for d, j in joules.items() if j <= 0]
 
     def begin(self) -> None:
+        self._refuse_open()
         self._state0 = self._state()
         self._trace = self._sampler()
         self._trace.start()
@@ -329,6 +338,7 @@ class NullMeter(MeterBase):
         self.reason = reason
 
     def begin(self) -> None:
+        self._refuse_open()
         self._start_clock()
 
     def end(self) -> Measurement:
@@ -354,6 +364,7 @@ class CompositeMeter(MeterBase):
         self.devices = [d for m in meters for d in getattr(m, "devices", [])]
 
     def begin(self) -> None:
+        self._refuse_open()
         for m in self.meters:
             m.begin()
         self._start_clock()

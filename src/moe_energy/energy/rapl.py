@@ -271,6 +271,7 @@ class RaplMeter(CounterMeter):
         return self._unwrap()  # the edges and the sampler (the default trace) read through the one unwrapper
 
     def begin(self) -> None:
+        self._refuse_open()  # before the restart: an open window's unwrapper is still counting
         self._unwrap.restart()  # a step back between windows is no part of this one
         super().begin()
 

@@ -88,9 +88,8 @@ def grouped_linear(h: Tensor, qdata: Tensor, scale: Tensor, ends: Tensor) -> Ten
     return y.to(h.dtype)  # [R, out]
 
 
-def problem(device: torch.device, *widths: int) -> str | None:
-    """Why ``--weights fp8`` is refused on ``device`` for a layer of these widths, or None."""
-    fix = "use --weights int8 or w8a8 here"
+def problem(device: torch.device, *widths: int, fix: str = "use --weights int8 or w8a8 here") -> str | None:
+    """Why ``--weights fp8`` is refused on ``device`` for a layer of these widths, or None; ``fix`` ends it."""
     if device.type != "cuda":
         return (f"fp8 weights run on CUDA GPUs with fp8 arithmetic (compute capability 8.9+: Ada, Hopper); "
                 f"{device.type} has no fast fp8 kernel, and an emulation's speed and energy would answer nothing; "

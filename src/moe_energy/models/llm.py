@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..dtypes import device_arg, dtype_of
+from ..dtypes import device_here, dtype_of
 from ..errors import ConfigError, kind_of
 from .archs import PRESETS, Arch, get_arch
 from .counting import LayerShape
 from .experts import ACTIVATIONS, SwiGLUExperts
+from .fp8 import FP8
 from .kernels import FastLinear
 from .moe import StrategyHost, check_shape, whole_number
-from .quant import ACTIVATION_FORMATS, WEIGHT_FORMATS, quantize, quantize_linears_, with_acts
+from .quant import ACTIVATION_FORMATS, WEIGHT_FORMATS, QLinear, quantize, quantize_linears_, with_acts
 from .routers import build_router
 from .strategies import AUTO_CANDIDATES, AutoChoice
 
@@ -176,7 +177,7 @@ class MoELayer(StrategyHost, nn.Module):
         """
         a = _arch_of("MoELayer.from_arch", arch)
         dt = torch.float32 if dtype is None else dtype_of(dtype)
-        dev = device_arg("MoELayer.from_arch", device) or torch.device("cpu")
+        dev = device_here("MoELayer.from_arch", device) or torch.device("cpu")
         whole_number("MoELayer.from_arch", "seed", seed, least=0)
         with building(dev, dt, seed):
             layer = cls(a.d_model, a.ffn_dim, a.experts, build_router(a),
@@ -236,12 +237,47 @@ def quantize_weights(model: nn.Module, weights: str = "int8") -> nn.Module:
     """``model``'s weights stored as ``weights`` (int8 with per-channel scales), in place: an MoELayer's routed and
     shared experts (its router keeps the dtype: it decides the routing), or every Linear of a dense FFN, so no
     comparison credits one side with a cheaper format. The activations keep the dtype (int8), or are rounded per
-    row before each projection (w8a8 to int8, fp8 to e4m3: models.fp8)."""
+    row before each projection (w8a8 to int8, fp8 to e4m3: models.fp8). A model already quantized, one with no
+    Linear, or the seed's ``MoE`` (its experts are no Linears) is refused: each would leave weights unquantized or
+    round int8 ones again."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_weights: model is {kind_of(model)}; give an nn.Module (an MoELayer or a dense FFN)")
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"weights={weights!r} is unknown; choose from {', '.join(WEIGHT_FORMATS)}")
-    if isinstance(model, MoELayer):
-        model.experts.quantize_(weights)
-        quantize_linears_(model, skip=("router", "experts"), weights=weights)
-    else:
-        quantize_linears_(model, weights=weights)
+    held = _quantized_as(model)
+    if held is not None:
+        raise ConfigError(f"quantize_weights: {type(model).__name__}'s weights are already {held}; quantize a "
+                          "fresh float copy (MoELayer.from_arch, matched_dense) instead")
+    if any(isinstance(m, StrategyHost) and not isinstance(m, MoELayer) for m in model.modules()):
+        raise ConfigError("quantize_weights: an MoE classifier's experts are no Linears, so only its gate would be "
+                          "quantized; int8 weights are built for LLM layers (MoELayer) and their dense FFNs")
+    if _quantize_(model, weights) == 0:
+        raise ConfigError(f"quantize_weights: {type(model).__name__} holds no nn.Linear and no MoELayer, so nothing "
+                          "would be quantized; give an MoELayer or a dense FFN")
     return model
+
+
+def _quantized_as(model: nn.Module) -> str | None:
+    """The format of weights ``model`` already holds quantized (a QLinear's, or experts no longer float); else None."""
+    for m in model.modules():
+        if isinstance(m, QLinear):
+            return m.weights
+        if isinstance(m, StackedSwiGLU) and m.gate_up_proj.dtype in (torch.int8, FP8):
+            return "fp8" if m.gate_up_proj.dtype == FP8 else ("w8a8" if getattr(m, "acts", False) else "int8")
+    return None
+
+
+def _quantize_(module: nn.Module, weights: str) -> int:
+    """Every MoELayer inside ``module`` (itself included) with its experts quantized and its router kept, every other
+    Linear replaced by a QLinear; the count of Linears and expert stacks quantized."""
+    if isinstance(module, MoELayer):
+        module.experts.quantize_(weights)
+        return 1 + quantize_linears_(module, skip=("router", "experts"), weights=weights)
+    n = 0
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, QLinear(child, weights))
+            n += 1
+        else:
+            n += _quantize_(child, weights)
+    return n
