@@ -270,14 +270,7 @@ def _quantized_as(model: nn.Module) -> str | None:
 def _quantize_(module: nn.Module, weights: str) -> int:
     """Every MoELayer inside ``module`` (itself included) with its experts quantized and its router kept, every other
     Linear replaced by a QLinear; the count of Linears and expert stacks quantized."""
-    if isinstance(module, MoELayer):
-        module.experts.quantize_(weights)
-        return 1 + quantize_linears_(module, skip=("router", "experts"), weights=weights)
-    n = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(module, name, QLinear(child, weights))
-            n += 1
-        else:
-            n += _quantize_(child, weights)
-    return n
+    layers = [m for m in module.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        layer.experts.quantize_(weights)
+    return len(layers) + quantize_linears_(module, skip=("router", "experts") if layers else (), weights=weights)
