@@ -465,3 +465,28 @@ def test_experts_not_divisible_fails_before_rendezvous(tmp_path):
     assert r.returncode == 2
     assert "error: experts=4 cannot be split evenly over 3 ranks" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad_rank", [0, 1])
+def test_only_rank_0s_out_must_be_writable_and_all_ranks_agree_on_it(tmp_path, bad_rank):
+    # --out is rank 0's alone (it writes the results): another rank's machine may lack the path. A check on every
+    # rank before the rendezvous made rank 1 exit 2 alone on an --out it never writes, while rank 0 waited out
+    # the collective timeout at the rendezvous and exited 3 ("could not join the job")
+    port, bad, good = free_port(), "/proc/self/no-such-dir", tmp_path / "results"
+    base = [*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--duration", "0.3", "--repeats", "1",
+            "--models", "moe", "--idle-seconds", "0", "--cooldown", "0", "--collective-timeout", "30"]
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    procs = [start_rank(r, 2, port, [*base, "--out", bad if r == bad_rank else str(good)], logs[r]) for r in (0, 1)]
+    rcs = [p.wait(timeout=120) for p in procs]
+    texts = [log.read_text() for log in logs]
+    if bad_rank == 1:  # rank 1 never writes: the job runs and rank 0 saves
+        assert rcs == [0, 0], texts
+        assert len(list(good.glob("run-*-ep2.json"))) == 1
+        return
+    for rc, text in zip(rcs, texts):  # rank 0 cannot save: every rank refuses alike, before any work
+        assert rc == 2, text[-2000:]
+        errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+        assert errors == [f"error: rank 0 of 2: --out {bad}: cannot write results there (No such file or directory); "
+                          "choose a writable directory"], text[-2000:]
+    assert not good.exists()

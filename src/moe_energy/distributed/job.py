@@ -408,8 +408,9 @@ class Ranks(core.Team):
     parks, bounds = False, False
 
     def __init__(self, g: Group, meter_factory: Callable[[torch.device], Meter] | None = None,
-                 log: Callable[[str], None] | None = None, save: bool = True) -> None:
-        self.g, self.factory, self.log, self.save = g, meter_factory or rank_meter, log or (lambda s: None), save
+                 log: Callable[[str], None] | None = None, check_out: bool = True) -> None:
+        self.g, self.factory, self.log = g, meter_factory or rank_meter, log or (lambda s: None)
+        self.check_out = check_out  # rank 0 checks --out in the agreement: it saves, here or in its caller
         self.rank, self.world, self.is_main = g.rank, g.world_size, g.is_main
         self._meter: Meter = NullMeter("start-up failed")
 
@@ -427,7 +428,7 @@ class Ranks(core.Team):
             self._meter = self.factory(self.g.device)
             checks()
             identity = w.identity()
-            if self.is_main and self.save:
+            if self.is_main and self.check_out:
                 check_writable(opts.out)
         except ConfigError as e:
             err = str(e)
@@ -485,9 +486,11 @@ class Ranks(core.Team):
 
 def run_job(w: Workload, opts: RunOptions, g: Group, meter_factory: Callable[[torch.device], Meter] | None = None,
             ui: core.UI | None = None, log: Callable[[str], None] | None = None, save: bool = True,
-            sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any] | None, Path | None]:
+            sleep: Callable[[float], None] = time.sleep, check_out: bool | None = None
+            ) -> tuple[dict[str, Any] | None, Path | None]:
     """Every rank calls this; rank 0 returns the job's document (and its path when saved), others (None, None).
 
-    ``meter_factory(device)`` gives this rank's meter over its own devices (default: ``rank_meter``)."""
-    team = Ranks(g, meter_factory, log, save)
+    ``meter_factory(device)`` gives this rank's meter over its own devices (default: ``rank_meter``). Rank 0 checks
+    --out in the start-up agreement when it saves, or with ``check_out`` (its caller saves the document)."""
+    team = Ranks(g, meter_factory, log, save if check_out is None else check_out)
     return core.run(w, opts, team, ui if g.is_main else None, save, sleep)
