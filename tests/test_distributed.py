@@ -131,6 +131,31 @@ def test_job_record_aggregates_every_rank():
     assert job_record(ranks, 100)["failed"] == "rank 1: meter m could not read the window: gone"
 
 
+def test_job_record_keeps_each_ranks_trace_under_its_own_energy_key():
+    # two ranks on one host, each its own per-process estimate: joules were kept apart (host:cpu:estimate and
+    # ...@rank1) but the traces were keyed host:device alone, so rank 1's trace overwrote rank 0's and the job's
+    # trace_energy_j under rank 0's key was rank 1's energy
+    def traced(rank: int, joules: dict, method: str, watts: float) -> dict:
+        r = _rank(rank, "h", joules, method)
+        r["seconds"] = 2.0
+        r["energy"]["trace"] = {d: [[0.0, watts], [2.0, watts]] for d in joules}
+        r["energy"]["trace_period_s"] = 0.1
+        r["energy"]["state_begin"] = {d: {"rank": rank} for d in joules}
+        return r
+
+    rec = job_record([traced(0, {"cpu:estimate": 2.0}, "estimate", 1.0),
+                      traced(1, {"cpu:estimate": 8.0}, "estimate", 4.0)], 100)
+    assert rec["energy_by_device_j"] == {"h:cpu:estimate": 2.0, "h:cpu:estimate@rank1": 8.0}
+    assert rec["trace_energy_j"] == pytest.approx({"h:cpu:estimate": 2.0, "h:cpu:estimate@rank1": 8.0})
+    assert rec["state_begin"] == {"h:cpu:estimate": {"rank": 0}, "h:cpu:estimate@rank1": {"rank": 1}}
+    # one package counter read by both: counted once, with the trace of the rank whose joules count
+    rec = job_record([traced(0, {"cpu:package-0": 2.0}, "counter", 1.0),
+                      traced(1, {"cpu:package-0": 2.2}, "counter", 1.1)], 100)
+    assert rec["energy_by_device_j"] == {"h:cpu:package-0": 2.0}
+    assert rec["trace_energy_j"] == pytest.approx({"h:cpu:package-0": 2.0})
+    assert rec["state_begin"] == {"h:cpu:package-0": {"rank": 0}}
+
+
 def test_job_idle_sums_distinct_devices_and_job_record_subtracts_it():
     def reading(rank: int, watts: dict) -> dict:
         return {"rank": rank, "hostname": "h",
