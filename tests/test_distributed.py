@@ -131,6 +131,31 @@ def test_job_record_aggregates_every_rank():
     assert job_record(ranks, 100)["failed"] == "rank 1: meter m could not read the window: gone"
 
 
+def test_job_record_keeps_each_ranks_trace_under_its_own_energy_key():
+    # two ranks on one host, each its own per-process estimate: joules were kept apart (host:cpu:estimate and
+    # ...@rank1) but the traces were keyed host:device alone, so rank 1's trace overwrote rank 0's and the job's
+    # trace_energy_j under rank 0's key was rank 1's energy
+    def traced(rank: int, joules: dict, method: str, watts: float) -> dict:
+        r = _rank(rank, "h", joules, method)
+        r["seconds"] = 2.0
+        r["energy"]["trace"] = {d: [[0.0, watts], [2.0, watts]] for d in joules}
+        r["energy"]["trace_period_s"] = 0.1
+        r["energy"]["state_begin"] = {d: {"rank": rank} for d in joules}
+        return r
+
+    rec = job_record([traced(0, {"cpu:estimate": 2.0}, "estimate", 1.0),
+                      traced(1, {"cpu:estimate": 8.0}, "estimate", 4.0)], 100)
+    assert rec["energy_by_device_j"] == {"h:cpu:estimate": 2.0, "h:cpu:estimate@rank1": 8.0}
+    assert rec["trace_energy_j"] == pytest.approx({"h:cpu:estimate": 2.0, "h:cpu:estimate@rank1": 8.0})
+    assert rec["state_begin"] == {"h:cpu:estimate": {"rank": 0}, "h:cpu:estimate@rank1": {"rank": 1}}
+    # one package counter read by both: counted once, with the trace of the rank whose joules count
+    rec = job_record([traced(0, {"cpu:package-0": 2.0}, "counter", 1.0),
+                      traced(1, {"cpu:package-0": 2.2}, "counter", 1.1)], 100)
+    assert rec["energy_by_device_j"] == {"h:cpu:package-0": 2.0}
+    assert rec["trace_energy_j"] == pytest.approx({"h:cpu:package-0": 2.0})
+    assert rec["state_begin"] == {"h:cpu:package-0": {"rank": 0}}
+
+
 def test_job_idle_sums_distinct_devices_and_job_record_subtracts_it():
     def reading(rank: int, watts: dict) -> dict:
         return {"rank": rank, "hostname": "h",
@@ -465,3 +490,28 @@ def test_experts_not_divisible_fails_before_rendezvous(tmp_path):
     assert r.returncode == 2
     assert "error: experts=4 cannot be split evenly over 3 ranks" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad_rank", [0, 1])
+def test_only_rank_0s_out_must_be_writable_and_all_ranks_agree_on_it(tmp_path, bad_rank):
+    # --out is rank 0's alone (it writes the results): another rank's machine may lack the path. A check on every
+    # rank before the rendezvous made rank 1 exit 2 alone on an --out it never writes, while rank 0 waited out
+    # the collective timeout at the rendezvous and exited 3 ("could not join the job")
+    port, bad, good = free_port(), "/proc/self/no-such-dir", tmp_path / "results"
+    base = [*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--duration", "0.3", "--repeats", "1",
+            "--models", "moe", "--idle-seconds", "0", "--cooldown", "0", "--collective-timeout", "30"]
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    procs = [start_rank(r, 2, port, [*base, "--out", bad if r == bad_rank else str(good)], logs[r]) for r in (0, 1)]
+    rcs = [p.wait(timeout=120) for p in procs]
+    texts = [log.read_text() for log in logs]
+    if bad_rank == 1:  # rank 1 never writes: the job runs and rank 0 saves
+        assert rcs == [0, 0], texts
+        assert len(list(good.glob("run-*-ep2.json"))) == 1
+        return
+    for rc, text in zip(rcs, texts):  # rank 0 cannot save: every rank refuses alike, before any work
+        assert rc == 2, text[-2000:]
+        errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+        assert errors == [f"error: rank 0 of 2: --out {bad}: cannot write results there (No such file or directory); "
+                          "choose a writable directory"], text[-2000:]
+    assert not good.exists()

@@ -74,6 +74,29 @@ def test_only_moe_modules_are_sharded():
         parts_of(DenseSwiGLU(D, FFN))
 
 
+def test_a_jobs_bytes_read_count_every_ranks_copy_of_what_it_holds_whole():
+    # the job's forward (W*T tokens) reads each routed expert once, on its rank, but every rank reads its own
+    # router, shared experts and (data-parallel) dense FFN: counted once, a 2-rank job's MoE read 19,456 B per
+    # forward instead of 20,480 (d 32, I 16, 3 of 8 experts touched: the router's 1,024 B twice) and its dense
+    # FFN one rank's copy
+    from types import SimpleNamespace
+
+    from moe_energy.models.counting import llm_expert_params, router_params, shared_params
+    from moe_energy.runner.layer import Layer
+
+    arch = custom_arch(D, FFN, E, K, shared_experts=1, shared_width=24)
+    layer = Layer.of(arch, [4], "random")
+    point = layer.points()[0]
+    plans = {p.name: p for p in layer.plans(["moe", "dense_total"])}
+    replicated, expert = router_params(arch) + shared_params(arch), llm_expert_params(arch)
+    for world in (1, 2, 4):
+        r = SimpleNamespace(team=SimpleNamespace(world=world), opts=SimpleNamespace(dtype="float32"))
+        moe = layer.record(r, plans["moe"], point, {"status": "measured", "windows": [{"experts_touched": 3}]})
+        assert moe["weight_bytes_read_per_forward"] == (world * replicated + 3 * expert) * 4
+        dense = layer.record(r, plans["dense_total"], point, {"status": "measured", "windows": []})
+        assert dense["weight_bytes_read_per_forward"] == world * plans["dense_total"].params * 4
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Two ranks: the expert-parallel layer computes what the single-process MoELayer computes
 
@@ -191,11 +214,14 @@ def test_two_rank_layer_run_records_every_token_count(tmp_path, live_rapl):
         assert m["strategy"] == "grouped" and m["experts_touched"] == touched
         assert m["expert_load_max_over_mean"] == pytest.approx(1.0)  # 2TK is a multiple of E at T = 1 and 8
         assert m["experts_touched_if_uniform"] == pytest.approx(expected_experts_touched(E, K, 2 * T))
-        assert m["weight_bytes_read_per_forward"] == pytest.approx(layer_weight_bytes(arch, touched, 4))
+        router = layer_weight_bytes(arch, 0, 4)  # every rank reads its own router
+        assert m["weight_bytes_read_per_forward"] == pytest.approx(layer_weight_bytes(arch, touched, 4) + router)
+        assert [w["weight_bytes_read_per_forward"] for w in m["windows"]] == [m["weight_bytes_read_per_forward"]]
         assert p["all_to_all_calls"] == 3 * sum(x["batches"] for x in p["per_rank"])
         assert 0 < p["all_to_all_bytes"] and all(s > 0 for s in p["all_to_all_seconds_by_rank"])
     for m in doc["models"][1::3] + doc["models"][2::3]:
         assert m["experts_touched"] is None and "all_to_all_seconds" not in m["parallel"]  # data-parallel
+        assert m["weight_bytes_read_per_forward"] == 2 * m["params"] * 4  # each rank its own copy
     assert "moe[expert_parallel]" in r.stdout and "all-to-all" in r.stdout and "results written to" in r.stdout
     assert "CO2e" in r.stdout and "(est.)" in r.stdout  # the table's columns (their headers fold)
     assert "carbon and cost per million tokens: ESTIMATES" in r.stdout

@@ -96,11 +96,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _job(args: argparse.Namespace, w: Workload, opts: RunOptions, carbon: object, timeout_s: float):  # noqa: ANN202
     """Every rank: the flags' checks before any rendezvous (each rank alike), then the job; rank 0 prices and
-    saves its document, every other rank returns (None, None). A lost peer raises PeerLost (exit 3)."""
+    saves its document, every other rank returns (None, None). A lost peer raises PeerLost (exit 3).
+
+    --out is rank 0's alone: it is checked on rank 0 in the start-up agreement (every rank then refuses alike),
+    not here, where another rank's machine (which may lack the path) would fail alone and leave its peers
+    waiting at the rendezvous."""
     check_options(opts)  # --compile, --moe-strategy: refused alike on every rank, before any rendezvous
     _, world, _ = launch_env()
     check_divisible(w.experts, world)  # before any rendezvous: every rank fails alike, none waits
-    check_writable(opts.out)  # rank 0 saves after pricing: checked here, on every rank
 
     def job() -> tuple[dict | None, Path | None]:
         g = init_group(opts.device, timeout_s)
@@ -110,7 +113,8 @@ def _job(args: argparse.Namespace, w: Workload, opts: RunOptions, carbon: object
             return meter_from_args(args, dev, notice=_log if g.is_main else None)
 
         try:
-            doc, _ = run_job(w, opts, g, meters, ui=RichUI(console) if g.is_main else None, log=_log, save=False)
+            doc, _ = run_job(w, opts, g, meters, ui=RichUI(console) if g.is_main else None, log=_log, save=False,
+                             check_out=True)
         finally:
             shutdown()
         if doc is None:

@@ -119,24 +119,30 @@ def place_model(model: nn.Module, kind: str, g: Group) -> nn.Module:
 # Idle power: every rank at once, summed over the job's distinct devices
 
 
-def per_device(parts: list[tuple[int, str, dict[str, float], dict[str, str], str]]
+def per_device(parts: list[tuple[int, str, dict[str, float], dict[str, str], str]],
+               keys: dict[tuple[int, str], str | None] | None = None
                ) -> tuple[dict[str, float], dict[str, str], list[str]]:
     """(value by ``host:device``, method by ``host:device``, flags) from each rank's (rank, host, values by
     device, method by device, method). A device two ranks on one host both read with a counter (the CPU
-    package under RAPL) counts once; a per-process estimate is each rank's own, so both are kept."""
+    package under RAPL) counts once; a per-process estimate is each rank's own, so both are kept (the later
+    rank's as ``host:device@rankN``). ``keys``, when given, gets each (rank, device)'s key (None: counted once
+    under the first rank's), so that what else a rank says of its devices lands under the same key."""
     values: dict[str, float] = {}
     methods: dict[str, str] = {}
     seen: dict[str, int] = {}
     flags: list[str] = []
+    keys = {} if keys is None else keys
     for rank, host, by_device, method_by_device, method in parts:
         for dev, v in by_device.items():
             how = method_by_device.get(dev, method)
             key = f"{host}:{dev}"
             if key in seen and how in SHARED_METHODS:
                 flags.append(f"{dev} on {host} read by ranks {seen[key]} and {rank}: counted once")
+                keys[(rank, dev)] = None
                 continue
             key = f"{key}@rank{rank}" if key in seen else key
             seen[key], values[key], methods[key] = rank, v, how
+            keys[(rank, dev)] = key
     return values, methods, flags
 
 
@@ -285,17 +291,28 @@ def measure_ranks(model: nn.Module, batch: Tensor, duration: float, warmup: floa
 # The job's window: every rank's figures in one record
 
 
-def _by_host(ranks: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Each rank's per-device ``energy[key]`` keyed ``host:device``."""
-    return {f"{r['hostname']}:{d}": v for r in ranks for d, v in (r["energy"].get(key) or {}).items()}
+def _by_host(ranks: list[dict[str, Any]], key: str, keys: dict[tuple[int, str], str | None]) -> dict[str, Any]:
+    """Each rank's per-device ``energy[key]`` (trace, device state) under its device's key in the job's energy
+    (``per_device``'s ``keys``): two ranks' readings of one device never overwrite each other, and a device
+    counted once keeps the reading of the rank whose joules count."""
+    out: dict[str, Any] = {}
+    for r in ranks:
+        for d, v in (r["energy"].get(key) or {}).items():
+            k = keys.get((r["rank"], d), f"{r['hostname']}:{d}")
+            if k is None:
+                continue
+            out[f"{k}@rank{r['rank']}" if k in out else k] = v
+    return out
 
 
 def job_measurement(ranks: list[dict[str, Any]]) -> Measurement:
     """The job's window as one Measurement over its distinct devices (``host:device``): the longest rank's
     seconds, the weakest method; no joules at all if any rank measured nothing (never a partial sum)."""
     es = [r["energy"] for r in ranks]
+    keys: dict[tuple[int, str], str | None] = {}
     joules, methods, flags = per_device([(r["rank"], r["hostname"], e["joules_by_device"] or {},
-                                          e.get("method_by_device") or {}, e["method"]) for r, e in zip(ranks, es)])
+                                          e.get("method_by_device") or {}, e["method"]) for r, e in zip(ranks, es)],
+                                        keys)
     missing = [r["rank"] for r, e in zip(ranks, es) if e["joules_by_device"] is None]
     if missing:
         flags = [f"energy not measured on rank(s) {missing}: job total withheld"]
@@ -303,9 +320,9 @@ def job_measurement(ranks: list[dict[str, Any]]) -> Measurement:
         seconds=max(r["seconds"] for r in ranks), method=weakest([e["method"] for e in es]),
         meter="+".join(sorted({e["meter"] for e in es})), joules_by_device=None if missing else joules,
         devices_covered=sorted({f"{r['hostname']}:{d}" for r, e in zip(ranks, es) for d in e["devices_covered"]}),
-        flags=flags + sorted({f for e in es for f in e["flags"]}), trace=_by_host(ranks, "trace") or None,
+        flags=flags + sorted({f for e in es for f in e["flags"]}), trace=_by_host(ranks, "trace", keys) or None,
         trace_period_s=es[0].get("trace_period_s"), method_by_device=methods,
-        state_begin=_by_host(ranks, "state_begin"), state_end=_by_host(ranks, "state_end"))
+        state_begin=_by_host(ranks, "state_begin", keys), state_end=_by_host(ranks, "state_end", keys))
 
 
 def job_energy(ranks: list[dict[str, Any]]) -> tuple[float | None, str, list[str]]:
@@ -408,8 +425,9 @@ class Ranks(core.Team):
     parks, bounds = False, False
 
     def __init__(self, g: Group, meter_factory: Callable[[torch.device], Meter] | None = None,
-                 log: Callable[[str], None] | None = None, save: bool = True) -> None:
-        self.g, self.factory, self.log, self.save = g, meter_factory or rank_meter, log or (lambda s: None), save
+                 log: Callable[[str], None] | None = None, check_out: bool = True) -> None:
+        self.g, self.factory, self.log = g, meter_factory or rank_meter, log or (lambda s: None)
+        self.check_out = check_out  # rank 0 checks --out in the agreement: it saves, here or in its caller
         self.rank, self.world, self.is_main = g.rank, g.world_size, g.is_main
         self._meter: Meter = NullMeter("start-up failed")
 
@@ -427,7 +445,7 @@ class Ranks(core.Team):
             self._meter = self.factory(self.g.device)
             checks()
             identity = w.identity()
-            if self.is_main and self.save:
+            if self.is_main and self.check_out:
                 check_writable(opts.out)
         except ConfigError as e:
             err = str(e)
@@ -485,9 +503,11 @@ class Ranks(core.Team):
 
 def run_job(w: Workload, opts: RunOptions, g: Group, meter_factory: Callable[[torch.device], Meter] | None = None,
             ui: core.UI | None = None, log: Callable[[str], None] | None = None, save: bool = True,
-            sleep: Callable[[float], None] = time.sleep) -> tuple[dict[str, Any] | None, Path | None]:
+            sleep: Callable[[float], None] = time.sleep, check_out: bool | None = None
+            ) -> tuple[dict[str, Any] | None, Path | None]:
     """Every rank calls this; rank 0 returns the job's document (and its path when saved), others (None, None).
 
-    ``meter_factory(device)`` gives this rank's meter over its own devices (default: ``rank_meter``)."""
-    team = Ranks(g, meter_factory, log, save)
+    ``meter_factory(device)`` gives this rank's meter over its own devices (default: ``rank_meter``). Rank 0 checks
+    --out in the start-up agreement when it saves, or with ``check_out`` (its caller saves the document)."""
+    team = Ranks(g, meter_factory, log, save if check_out is None else check_out)
     return core.run(w, opts, team, ui if g.is_main else None, save, sleep)

@@ -180,6 +180,18 @@ def bench_router(model: nn.Module) -> BenchRouter | None:
     return router if isinstance(router, BenchRouter) else None
 
 
+def job_bytes_read(plan: ModelPlan, dtype: str, touched: float | None, world: int) -> float | None:
+    """Weight bytes one forward of the job reads (``ModelPlan.weight_bytes_read`` in one process): on W ranks each
+    reads its own copy of what it holds whole (a dense FFN; the MoE's router and shared experts), each routed
+    expert is read once, by the rank that owns it. None where the one-process figure is None."""
+    one = plan.weight_bytes_read(dtype, touched)
+    if one is None or world == 1:
+        return one
+    whole = one if plan.kind == "dense" else plan.weight_bytes_read(dtype, 0)  # router + shared experts
+    assert whole is not None
+    return one + (world - 1) * whole
+
+
 def load_fields(router: BenchRouter, plan: ModelPlan, dtype: str, tokens: int, team: Team) -> dict[str, Any]:
     """The window's routing load, counted on the device (one sync: read it after the window; every rank's pairs
     summed on a job's), and the weight bytes each of its forwards read: the fixed inputs route every forward of
@@ -188,7 +200,8 @@ def load_fields(router: BenchRouter, plan: ModelPlan, dtype: str, tokens: int, t
     load = read_load(router, tokens)
     if load is None:
         return {"experts_touched": None, "weight_bytes_read_per_forward": None}
-    return {**load.as_dict(), "weight_bytes_read_per_forward": plan.weight_bytes_read(dtype, load.experts_touched)}
+    return {**load.as_dict(),
+            "weight_bytes_read_per_forward": job_bytes_read(plan, dtype, load.experts_touched, team.world)}
 
 
 def _median_of(windows: list[WindowRecord], key: str) -> float | None:
@@ -322,7 +335,7 @@ class Layer:
             "tokens_per_joule": tpj, "joules_per_1k_tokens": 1000 / tpj if tpj else None, "experts_touched": touched,
             "experts_touched_if_uniform": expected_experts_touched(a.experts, a.top_k, tokens) if moe else None,
             "expert_load_max_over_mean": _median_of(windows, "expert_load_max_over_mean") if moe else None,
-            "weight_bytes_read_per_forward": plan.weight_bytes_read(r.opts.dtype, touched)
+            "weight_bytes_read_per_forward": job_bytes_read(plan, r.opts.dtype, touched, W)
             if rec["status"] == "measured" else None,
             "weights": plan.weights, "weights_output_error": self.output_error.get(plan.name),
             "model_extrapolated": None,
