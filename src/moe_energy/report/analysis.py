@@ -324,13 +324,9 @@ def _number(v: float | None) -> str:
     return f"{v:,.0f}" if v >= 10 else f"{v:.2g}"
 
 
-def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, None, None),  # type: ignore[assignment]
-              axis: str = "params") -> Crossover:
-    """The crossover of ``metric`` along one group's pairs (``axis``: where each pair sits, ``Pair.at``); see
-    the module docstring for the method."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
-    b, dt, s, ek, cap = group
+def _comparable(ps: list[Pair], metric: str) -> tuple[list[Pair], set[str], list[str], int]:
+    """(the pairs a crossover of ``metric`` can use, their energy kinds, notes on those left out, how many were
+    left out because a model's training failed)."""
     notes: list[str] = []
     usable: list[Pair] = []
     kinds: set[str] = set()
@@ -360,6 +356,17 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
     if untrained:
         notes.append(f"{untrained} point(s) left out: the MoE's or the dense model's training failed (diverged or did "
                      "not learn), so its accuracy, and correct inferences/J, mean nothing")
+    return usable, kinds, notes, untrained
+
+
+def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, None, None),  # type: ignore[assignment]
+              axis: str = "params") -> Crossover:
+    """The crossover of ``metric`` along one group's pairs (``axis``: where each pair sits, ``Pair.at``); see
+    the module docstring for the method."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
+    b, dt, s, ek, cap = group
+    usable, kinds, notes, untrained = _comparable(ps, metric)
     c = Crossover(b, dt, s, ek, metric, "not_measured", n_points=len(usable), axis=axis, power_limit_w=cap)
     if metric in ENERGY_METRICS and kinds:
         c.energy = "estimate" if kinds == {"estimate"} else "measured"
