@@ -180,6 +180,23 @@ def test_job_idle_sums_distinct_devices_and_job_record_subtracts_it():
     assert job_idle(idle_ranks).power_w is None
 
 
+def test_each_rank_is_judged_over_its_own_window_seconds():
+    """The job's window is its slowest rank's; a faster rank's idle share and trace integral are over its own
+    seconds (over the job's, its idle was subtracted, and its trace held flat, for time it did not measure)."""
+    idle = job_idle([{"rank": r, "hostname": h, "idle": {"seconds": 1.0, "method": "counter", "flags": [],
+                                                         "power_by_device_w": {"gpu:0": 30.0}}}
+                     for r, h in ((0, "a"), (1, "b"))])
+    ranks = [_rank(0, "a", {"gpu:0": 100.0}, "counter"), _rank(1, "b", {"gpu:0": 300.0}, "counter")]
+    for r, secs, watts in zip(ranks, (1.0, 3.0), (100.0, 100.0)):
+        r["seconds"] = secs
+        r["energy"]["trace"] = {"gpu:0": [[0.0, watts], [secs, watts]]}
+    rec = job_record(ranks, 100, idle)
+    assert rec["window_s"] == 3.0
+    assert rec["dynamic_energy_by_device_j"] == pytest.approx({"a:gpu:0": 100.0 - 30.0 * 1.0,
+                                                               "b:gpu:0": 300.0 - 30.0 * 3.0})
+    assert rec["trace_energy_j"] == pytest.approx({"a:gpu:0": 100.0, "b:gpu:0": 300.0})
+
+
 def test_parallel_block_is_the_median_of_the_windows():
     a = {"per_rank": [{"rank": 0, "hostname": "h", "batches": 5, "energy_j": 1.0}], "all_to_all_seconds": 0.2}
     b = {"per_rank": [{"rank": 0, "hostname": "h", "batches": 5, "energy_j": 3.0}], "all_to_all_seconds": 0.4}

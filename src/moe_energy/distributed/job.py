@@ -307,7 +307,8 @@ def _by_host(ranks: list[dict[str, Any]], key: str, keys: dict[tuple[int, str], 
 
 def job_measurement(ranks: list[dict[str, Any]]) -> Measurement:
     """The job's window as one Measurement over its distinct devices (``host:device``): the longest rank's
-    seconds, the weakest method; no joules at all if any rank measured nothing (never a partial sum)."""
+    seconds (each device keeps its rank's own, for its idle share and its trace), the weakest method; no joules at
+    all if any rank measured nothing (never a partial sum)."""
     es = [r["energy"] for r in ranks]
     keys: dict[tuple[int, str], str | None] = {}
     joules, methods, flags = per_device([(r["rank"], r["hostname"], e["joules_by_device"] or {},
@@ -316,13 +317,15 @@ def job_measurement(ranks: list[dict[str, Any]]) -> Measurement:
     missing = [r["rank"] for r, e in zip(ranks, es) if e["joules_by_device"] is None]
     if missing:
         flags = [f"energy not measured on rank(s) {missing}: job total withheld"]
+    seconds = {r["rank"]: r["seconds"] for r in ranks}
     return Measurement(
         seconds=max(r["seconds"] for r in ranks), method=weakest([e["method"] for e in es]),
         meter="+".join(sorted({e["meter"] for e in es})), joules_by_device=None if missing else joules,
         devices_covered=sorted({f"{r['hostname']}:{d}" for r, e in zip(ranks, es) for d in e["devices_covered"]}),
         flags=flags + sorted({f for e in es for f in e["flags"]}), trace=_by_host(ranks, "trace", keys) or None,
         trace_period_s=es[0].get("trace_period_s"), method_by_device=methods,
-        state_begin=_by_host(ranks, "state_begin", keys), state_end=_by_host(ranks, "state_end", keys))
+        state_begin=_by_host(ranks, "state_begin", keys), state_end=_by_host(ranks, "state_end", keys),
+        seconds_by_device={k: seconds[rank] for (rank, _d), k in keys.items() if k is not None})
 
 
 def job_energy(ranks: list[dict[str, Any]]) -> tuple[float | None, str, list[str]]:

@@ -50,7 +50,7 @@ def measure_idle(meter: Meter, seconds: float, sync: Callable[[], None] | None =
 
 
 def dynamic_joules(m: Measurement, idle: IdlePower | None) -> dict[str, float] | None:
-    """Per device: raw joules minus idle power x window seconds; None without an idle reading."""
+    """Per device: raw joules minus idle power x the seconds it measured; None without an idle reading."""
     if idle is None or idle.power_by_device_w is None or m.joules_by_device is None:
         return None
-    return {d: j - idle.power_by_device_w.get(d, 0.0) * m.seconds for d, j in m.joules_by_device.items()}
+    return {d: j - idle.power_by_device_w.get(d, 0.0) * m.seconds_of(d) for d, j in m.joules_by_device.items()}

@@ -92,6 +92,12 @@ class Measurement:
     # device -> {temperature_c, sm_clock_mhz, power_limit_w} at the window's edges, where available
     state_begin: dict[str, dict[str, Any]] = field(default_factory=dict)
     state_end: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # device -> the seconds its own window lasted, where that is not ``seconds`` (a job's ranks each measure their
+    # own window; the job's is the longest): its idle share and its trace's integral are over its own seconds
+    seconds_by_device: dict[str, float] = field(default_factory=dict)
+
+    def seconds_of(self, device: str) -> float:
+        return self.seconds_by_device.get(device, self.seconds)
 
     @property
     def joules(self) -> float | None:
@@ -111,7 +117,7 @@ class Measurement:
         """Each device's trace integrated over the window (ends held flat to the window's edges)."""
         if not self.trace:
             return None
-        return {dev: integrate(pts, self.seconds) for dev, pts in self.trace.items() if pts}
+        return {dev: integrate(pts, self.seconds_of(dev)) for dev, pts in self.trace.items() if pts}
 
     def cross_check(self) -> None:
         """Flag each device whose trace integral is more than 5 % from its counter's joules."""
