@@ -14,6 +14,7 @@ each cell saying which.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
@@ -673,13 +674,13 @@ def earlier_report(out_dir: str | Path) -> list[str] | None:
     found = None
     for name, head in (("report.html", HTML_HEAD), ("report.md", f"# {TITLE}\n")):
         p = out / name
-        if not p.exists():
-            continue
         try:
             with p.open("rb") as fh:  # the page's head says whose it is; the summary's links name its plots
                 text = (fh.read() if name == "report.md" else fh.read(len(HTML_HEAD))).decode("utf-8", "replace")
-        except OSError:
-            text = ""
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):  # none there (writing says why not)
+                continue
+            text = ""  # there, but not readable as ours (a directory, no permission): never replaced
         if not text.startswith(head):
             raise ConfigError(f"--out {out}: {p} is not a moe-energy report, and is not replaced; choose another "
                               "directory")
