@@ -9,8 +9,10 @@ project's 2-core AMD EPYC (fp32), qwen3-30b-a3b's experts at 1 / 2 / 8 / 32 rows
 through MKL and 24 / 21 / 15 / 9 GB/s through oneDNN; a plain copy moves about 34 GB/s there.
 
 The third column turns the GEMM feature-major for oneDNN (the weight as its input, the rows as its weight:
-y^T [out, n] = W x^T). Here its median rounds put it ahead at 2 rows (qwen3-30b-a3b, 128 experts: 24.9
-against 21.7 GB/s) and a little behind from 16 (11.7 against 12.6). Inside a layer's forward it lost at every
+y^T [out, n] = W x^T), calling oneDNN's linear directly: kernels.linear would hand it to MKL, since its "weight"
+(the n rows) is under kernels.ONEDNN_MIN_WEIGHT elements. Until 2026-12 it went through kernels.linear, so the
+figures first quoted for it (qwen3-30b-a3b, 128 experts: 24.9 against 21.7 GB/s at 2 rows, 11.7 against 12.6
+from 16) were MKL's feature-major GEMM, not oneDNN's. Inside a layer's forward feature-major lost at every
 threshold tried (qwen3-30b-a3b, fp32: 109 against 98 ms a forward at 32 tokens with groups of 2 rows or more
 feature-major, 358 against 333 ms at 512 tokens with groups of 8 or more): each output must be copied back
 transposed. kernels.py keeps the token-major call.
@@ -43,8 +45,9 @@ def expert_gemms(gate_up: torch.Tensor, down: torch.Tensor, n: int,
 
 
 def feature_major(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """oneDNN's linear with the roles swapped: w [out, in] as the input, x [n, in] as the weight -> [out, n]."""
-    return linear(w, x)
+    """oneDNN's linear with the roles swapped: w [out, in] as the input, x [n, in] as the weight -> [out, n].
+    Straight to the op: through kernels.linear a "weight" of n rows (under ONEDNN_MIN_WEIGHT) would go to MKL."""
+    return torch.ops.mkldnn._linear_pointwise(w, x, None, "none", [], "")
 
 
 def main() -> None:

@@ -5,7 +5,8 @@
 For each row count n, every expert of the preset runs its L+1 layers on n rows, once as the seed and
 ``grouped`` do (token-major, h [n, in] @ W^T) and once as ``grouped_fm`` does (feature-major,
 W [out, in] @ h [in, n]). Experts are visited in turn, so each chain reads its weights from memory as in a
-real batch. Both orientations are timed round by round, interleaved, and the median is reported. On the
+real batch. Both orientations are timed round by round, interleaved, the order alternating (measure.timing), and
+the median is reported; the last column is feature-major's time per row of one expert's chain (ms / (n x E)). On the
 project's 2-core EPYC (MKL, AVX2), feature-major was ~1.3x faster at 16-64 rows, its cost stepped with
 16-row tiles (34 rows cost like 48), and at 8 rows or fewer it was ~1.4x slower than token-major (and
 slower than itself at 16): hence grouped_fm's padding of each expert's group to GROUP_ALIGN = 16.
@@ -14,12 +15,11 @@ slower than itself at 16): hence grouped_fm's padding of each expert's group to 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from moe_energy.config import PRESETS
+from moe_energy.measure.timing import time_interleaved
 
 
 def chains(weights: list[torch.Tensor], biases: list[torch.Tensor], n: int, d: int) -> dict:
@@ -63,17 +63,9 @@ def main() -> None:
     print(f"{'rows':>5s} {'token-major ms':>15s} {'feature-major ms':>17s} {'fm speed-up':>12s} {'fm us/row':>10s}")
     with torch.inference_mode():
         for n in rows:
-            fns = chains(weights, biases, n, spec.input_dim)
-            ms: dict[str, list[float]] = {k: [] for k in fns}
-            for fn in fns.values():
-                fn()  # warm-up
-            t_end = time.perf_counter() + a.seconds
-            while time.perf_counter() < t_end or len(ms["token_major"]) < 3:
-                for k, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    ms[k].append((time.perf_counter() - t0) * 1e3)
-            tm, fm = (statistics.median(ms[k]) for k in ("token_major", "feature_major"))
+            # rotated rounds: token-major no longer always runs first, right after feature-major's last call
+            t = time_interleaved(chains(weights, biases, n, spec.input_dim), min_rounds=3, budget_s=a.seconds)
+            tm, fm = (t[k].median_ms for k in ("token_major", "feature_major"))
             print(f"{n:5d} {tm:15.2f} {fm:17.2f} {tm / fm:11.2f}x {fm * 1e3 / (n * spec.experts):10.1f}")
 
 

@@ -3,12 +3,14 @@ and the strategy tables (eager and compiled) for the small and xl presets in bf1
 
     PYTHONPATH=src python benchmarks/gpu_strategies.py OUT_DIR [--dry-run]
 
---dry-run runs the same steps on the CPU with a tiny shape (to check the script before spending GPU time).
-Every step is independent: a failure is printed and the next step runs. Each table is saved as JSON.
+--dry-run runs the same steps on the CPU with a tiny shape (to check the script before spending GPU time);
+without it, a host with no CUDA device is refused (exit 2). Every step is independent: a failure is printed and
+the next step runs. Each table is saved as JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -35,9 +37,17 @@ def step(name, fn) -> None:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    p = argparse.ArgumentParser(description="One GPU session's checks for the fast strategies (a CUDA device, or "
+                                            "--dry-run on the CPU).")
+    p.add_argument("out", metavar="OUT_DIR", help="where the tables (JSON) and the compile cache go")
+    p.add_argument("--dry-run", action="store_true", help="the same steps on the CPU, tiny shapes")
+    a = p.parse_args()
+    dry = a.dry_run
+    if not dry and not torch.cuda.is_available():
+        p.exit(2, f"gpu_strategies: no CUDA device here (torch {torch.__version__}); --dry-run runs the steps on "
+                  "the CPU\n")
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    dry = "--dry-run" in sys.argv
     os.environ.setdefault("MOE_ENERGY_CACHE_DIR", str(out / "cache"))
     from rich.console import Console
 
@@ -112,7 +122,12 @@ def main() -> None:
         console.print(strategies_table(doc))
         rows = {r["name"] + (" compiled" if r.get("compile") else ""): r for r in doc["rows"]}
         dense = {k: v for k, v in rows.items() if v["kind"] == "dense"}
-        exact = [v for v in rows.values() if v["kind"] == "moe" and v.get("strategy") != "padded_capacity"]
+        # a strategy that could not run here is a row with no figures (its note says why): not a candidate
+        exact = [v for v in rows.values() if v["kind"] == "moe" and v.get("strategy") != "padded_capacity"
+                 and v["inferences_per_second"] is not None]
+        if not exact:
+            log(f"{tag}: no exact MoE strategy ran")
+            return
         best = max(exact, key=lambda v: v["inferences_per_second"])
         for k, v in dense.items():
             ratio = best["inferences_per_second"] / v["inferences_per_second"]

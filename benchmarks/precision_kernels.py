@@ -12,10 +12,11 @@ large copy, so a kernel that only reads can pass 1.0) or the FLOPs at the measur
 
 Layer (``--layer-tokens``): the whole MoELayer.from_arch in ``--dtype`` (router, sort, gather, combine and all) at
 each token count: strategy ``grouped`` as kernels.py runs it, the same with ``kernels.prepack``, ``active_loop``,
-and ``grouped`` on the same layer with its weights stored in each --weights format (int8, w8a8: quantize_weights,
-as a run holds them), in ms and the speed-up.
+and ``grouped`` on the same layer with its weights stored in each --weights format (quant.WEIGHT_FORMATS: int8,
+w8a8, fp8; quantize_weights, as a run holds them), in ms and the speed-up.
 
-Candidates are timed round by round, interleaved, each round starting one further along the list. On a shared
+Candidates are timed round by round, interleaved, each round starting one further along the list; one with no
+kernel on this CPU (bf16 through oneDNN without avx512_core, say) is left out with a line saying why. On a shared
 host each call first waits (up to 4 s) for the CPUs to be idle for 0.25 s (/proc/stat), so that rounds run
 between other jobs' bursts; ``--no-wait-idle`` times straight through (measure.timing's way).
 
@@ -47,6 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from moe_energy.errors import ConfigError, described
 from moe_energy.measure.roofline import host_busy, measure_bandwidth, measure_gemm
 from moe_energy.models import kernels, quant
 from moe_energy.models.archs import Arch, get_arch
@@ -77,11 +79,19 @@ def wait_idle(window: float = 0.25, busy_max: float = 0.08, timeout: float = 4.0
 def timed(fns: dict[str, Callable[[], object]], seconds: float, gate: bool,
           min_rounds: int = 5) -> tuple[dict[str, list[float]], str]:
     """Seconds of each call, interleaved round by round (rotated); the second value says how many calls found
-    the host idle."""
-    names = list(fns)
-    for fn in fns.values():
-        fn()  # warm-up: allocator, oneDNN primitive caches
+    the host idle. A candidate whose warm-up call raises (no kernel for it on this CPU) is left out, with a line
+    saying why."""
+    names = []
+    for n, fn in fns.items():
+        try:
+            fn()  # warm-up: allocator, oneDNN primitive caches
+        except Exception as e:  # noqa: BLE001 - any failure: this candidate cannot run here
+            print(f"     {n}: not run ({described(e, 100)})")
+        else:
+            names.append(n)
     got: dict[str, list[float]] = {n: [] for n in names}
+    if not names:
+        return got, "no candidate ran"
     quiet = calls = rnd = 0
     start = time.perf_counter()
     while rnd < min_rounds or time.perf_counter() - start < seconds:
@@ -128,9 +138,13 @@ def candidates(stacks: tuple[torch.Tensor, torch.Tensor], qs: list[quant.QWeight
     if want("bf16_onednn"):
         add("bf16_onednn", lambda x, e, p: _onednn(x, stacks[p][e]), 2)
     if want("bf16_packed"):
-        packed = [[torch.ops.mkldnn._reorder_linear_weight(s[e], kernels.PACK_ROWS) for e in range(E)]
-                  for s in stacks]
-        add("bf16_packed", lambda x, e, p: _onednn(x, packed[p][e]), 2)
+        try:
+            packed = [[torch.ops.mkldnn._reorder_linear_weight(s[e], kernels.PACK_ROWS) for e in range(E)]
+                      for s in stacks]
+        except RuntimeError as e:  # no bf16 packing on this CPU (it wants avx512 or avx_ne_convert)
+            print(f"     bf16_packed: not run ({described(e, 100)})")
+        else:
+            add("bf16_packed", lambda x, e, p: _onednn(x, packed[p][e]), 2)
     if want("bf16_aten"):
         add("bf16_aten", lambda x, e, p: F.linear(x, stacks[p][e]), 2)
     if want("int8_pack"):
@@ -148,7 +162,7 @@ def candidates(stacks: tuple[torch.Tensor, torch.Tensor], qs: list[quant.QWeight
     if want("int8_torchao"):
         ao = [_torchao([s[e] for e in range(E)]) for s in stacks]
         if isinstance(ao[0], str):
-            print(f"int8_torchao: not run ({ao[0]})")
+            print(f"     int8_torchao: not run ({ao[0]})")
         else:
             add("int8_torchao", lambda x, e, p: F.linear(x, ao[p][e]), 1)
     if want("int8_quant"):
@@ -198,8 +212,9 @@ def gemms(a: argparse.Namespace, stacks: tuple[torch.Tensor, torch.Tensor], qs: 
             bound_s = max(nbytes / bw, flops / peak)
             best, med = min(v), statistics.median(v)
             rel = f"{base / best:13.2f}x" if base else ""
-            print(f"{n:4d} {k:15s} {nbytes / best / 1e9:6.1f} {nbytes / med / 1e9:8.1f} {flops / best / 1e9:8.1f} "
-                  f"{bound_s / best:8.2f} {rel:>14s}", flush=True)
+            # 3 significant digits: a tiny shape's rate still reads as a number, not 0.0
+            print(f"{n:4d} {k:15s} {nbytes / best / 1e9:6.3g} {nbytes / med / 1e9:8.3g} {flops / best / 1e9:8.3g} "
+                  f"{bound_s / best:8.3g} {rel:>14s}", flush=True)
         print(f"     ({how})")
         del cands
 
@@ -252,13 +267,17 @@ def main() -> None:
                    help="the whole layer's weights and activations (the GEMM table runs bf16 rows)")
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row count (at least 5 rounds)")
     p.add_argument("--only", default="", help="comma list of GEMM candidates (default: all but fp8)")
+    p.add_argument("--gemm-n", type=int, default=1536,
+                   help="size of the square GEMM the --dtype rate (the bound's) is measured on (smaller: quicker)")
     p.add_argument("--no-wait-idle", dest="wait_idle", action="store_false",
                    help="time straight through, without waiting for other jobs' bursts to pass")
     a = p.parse_args()
     a.wait_idle = a.wait_idle and _STAT.exists()
-    arch = get_arch(a.arch)
     shape = {"experts": a.experts, "d_model": a.d_model, "ffn_dim": a.ffn_dim}
-    arch = dataclasses.replace(arch, **{k: v for k, v in shape.items() if v})
+    try:
+        arch = dataclasses.replace(get_arch(a.arch), **{k: v for k, v in shape.items() if v})
+    except ConfigError as e:  # an unknown arch, fewer experts than its top_k
+        p.error(str(e))
     cpu = torch.device("cpu")
     layer = MoELayer.from_arch(arch, dtype=a.dtype, device="cpu", strategy="grouped", seed=0).eval()
     ex = layer.experts
@@ -267,9 +286,9 @@ def main() -> None:
     if a.wait_idle:
         wait_idle()
     bw = measure_bandwidth(cpu, 256 * 2**20, 1.0)
-    peak = measure_gemm(cpu, getattr(torch, a.dtype), 1536, 1.0)  # the dtype's rate (bf16's emulated one is slow)
+    peak = measure_gemm(cpu, getattr(torch, a.dtype), a.gemm_n, 1.0)  # the dtype's rate (bf16's emulated one is slow)
     print(f"{a.arch}: {arch.experts} experts, d={arch.d_model}, I={arch.ffn_dim}, {torch.get_num_threads()} threads; "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s, {a.dtype} GEMM {peak / 1e9:.0f} GFLOP/s (n=1536); "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s, {a.dtype} GEMM {peak / 1e9:.0f} GFLOP/s (n={a.gemm_n}); "
           f"host: {host_busy(cpu) or 'idle'}")
     with torch.inference_mode():
         if a.rows:

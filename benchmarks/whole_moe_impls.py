@@ -5,18 +5,21 @@ on a CPU, >= 1.2x on a GPU).
     PYTHONPATH=src python benchmarks/whole_moe_impls.py --model olmoe-1b-7b --layers 2 --batch 1,16 --seconds 20
         [--phases decode,prefill] [--dtype bfloat16] [--device cuda]
 
-Two copies of the model's first N layers from one seed (the same weights): one keeps transformers' MoE blocks and
-switches their experts implementation (eager, batched_mm, grouped_mm) before each call, the other runs
-moe-energy's MoELayer on its tensors (``--moe-impl moe-energy``, strategy auto). Each phase's calls are those
-``run --model`` measures (models.generate); every candidate is timed round by round, interleaved (one round per
-candidate in turn, the order rotating), so the host's drift falls on all alike. Printed per batch: the median and
-best ms per call and each implementation's speed relative to moe-energy's (median over median; the best-over-best
-ratio beside it bounds the noise).
+Two copies of the model's first N layers from one seed (the same weights): one keeps transformers' MoE blocks, in
+three shells that share its weights, each set once to one experts implementation (eager, batched_mm, grouped_mm:
+switching one model's before each call would time transformers' switch, ~0.1 ms of host work, with its step); the
+other runs moe-energy's MoELayer on its tensors (``--moe-impl moe-energy``, strategy auto). Each phase's calls are
+those ``run --model`` measures (models.generate); every candidate is timed round by round, interleaved (one round
+per candidate in turn, the order rotating), so the host's drift falls on all alike. Printed per batch: the median
+and best ms per call of each, and moe-energy's speed relative to transformers' fastest (its median ms over
+moe-energy's: above 1.0x moe-energy is faster; the best-over-best ratio beside it bounds the noise).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -24,6 +27,7 @@ import torch
 import moe_energy.runner.prepare  # noqa: F401  (installs auto's timing probe, as run does)
 from moe_energy.device import sync
 from moe_energy.dtypes import dtype_of
+from moe_energy.errors import ConfigError
 from moe_energy.measure.timing import time_interleaved
 from moe_energy.models.generate import decode_step, prefill_step
 from moe_energy.models.swap import swap_moe_blocks
@@ -32,20 +36,21 @@ from moe_energy.models.whole import build_model, get_model, tiny
 TRANSFORMERS = ("eager", "batched_mm", "grouped_mm")
 
 
-def candidates(hf: torch.nn.Module, ours: torch.nn.Module, phase: str, batch: int, context: int
+def with_impl(model: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """A shell of ``model`` sharing its parameters and buffers (no second copy of the weights), with its own config
+    set to the experts implementation ``impl`` once, outside any timed call."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    shell = copy.deepcopy(model, memo=shared)
+    shell.set_experts_implementation(impl)
+    return shell
+
+
+def candidates(hf: dict[str, torch.nn.Module], ours: torch.nn.Module, phase: str, batch: int, context: int
                ) -> dict[str, Callable[[], object]]:
-    """Each transformers implementation's call (switched in first) and moe-energy's, on the same inputs."""
+    """Each transformers implementation's call (its own shell) and moe-energy's, on the same inputs."""
     make = decode_step if phase == "decode" else prefill_step
-    theirs, _ = make(hf, batch, context, 0)
-    mine, _ = make(ours, batch, context, 0)
-
-    def switched(impl: str) -> Callable[[], object]:
-        def call() -> object:
-            hf.set_experts_implementation(impl)
-            return theirs()
-        return call
-
-    return {**{impl: switched(impl) for impl in TRANSFORMERS}, "moe-energy": mine}
+    return {**{impl: make(model, batch, context, 0)[0] for impl, model in hf.items()},
+            "moe-energy": make(ours, batch, context, 0)[0]}
 
 
 def main() -> None:
@@ -60,10 +65,16 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tiny", action="store_true", help="the model's few-KB copy: tries the script in seconds")
     a = p.parse_args()
-    m = tiny(a.model) if a.tiny else get_model(a.model)
-    dt = dtype_of(a.dtype)
-    dev = torch.device(a.device)
-    hf = build_model(m, a.layers, dt, dev, 0)
+    try:
+        m = tiny(a.model) if a.tiny else get_model(a.model)
+        dt = dtype_of(a.dtype)
+        dev = torch.device(a.device)
+    except (ConfigError, RuntimeError) as e:  # an unknown model, dtype or device string
+        p.error(str(e))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA device here (torch {torch.__version__})")
+    base = build_model(m, a.layers, dt, dev, 0)
+    hf = {impl: with_impl(base, impl) for impl in TRANSFORMERS}
     ours = build_model(m, a.layers, dt, dev, 0)
     swapped = swap_moe_blocks(ours, "moe-energy", "auto")
     print(f"{m.name}: first {a.layers} of {m.layers} layers ({swapped} MoE blocks swapped), {a.dtype}, context "
