@@ -92,15 +92,18 @@ export MOE_ENERGY_CACHE_DIR="${MOE_ENERGY_CACHE_DIR:-/tmp/moe-energy-cache}"
 
 # GPU_CHECK_DRY: what each step appends on the CPU (tiny shapes, short windows: later flags override earlier ones),
 # and the refusal that is a pass there (a GPU-only feature, refused on a CPU for the right reason).
-LAYER_TINY="--tokens 1 --d-model 64 --ffn-dim 32 --experts 8 --duration 0.2 --warmup 0 --idle-seconds 0"
-BENCH_TINY="--seconds 0.05 --batch-size 8 --experts 4 --top-k 2 --layers 1 --input-dim 32"
+# float32: a CPU without native bf16 emulates it, and its first bf16 roofline calibration alone takes ~35 s
+F32="--dtype float32"
+LAYER_TINY="--tokens 1 --d-model 64 --ffn-dim 32 --experts 8 --duration 0.2 --warmup 0 --idle-seconds 0 $F32"
+BENCH_TINY="--seconds 0.05 --batch-size 8 --experts 4 --top-k 2 --layers 1 --input-dim 32 $F32"
 declare -A TINY=(
   [install]="--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64"
   [selfcheck]="--seconds 1 --idle-seconds 0"
   [small]="$BENCH_TINY --hidden 32" [xl]="$BENCH_TINY --hidden 32" [odd]="$BENCH_TINY"
   [llm]="$LAYER_TINY" [int8]="$LAYER_TINY" [w8a8]="$LAYER_TINY" [fp8]="$LAYER_TINY" [llmcaps]="$LAYER_TINY"
-  [ep]="$LAYER_TINY" [peers]="--tokens 1 --d-model 64 --ffn-dim 32 --experts 8 --seconds 0.05"
-  [whole]="--tiny --batch 1 --duration 0.2 --warmup 0 --idle-seconds 0" [wholeimpls]="--tiny --batch 1 --seconds 0.2"
+  [ep]="$LAYER_TINY" [peers]="--tokens 1 --d-model 64 --ffn-dim 32 --experts 8 --seconds 0.05 $F32"
+  [whole]="--tiny --batch 1 --duration 0.2 --warmup 0 --idle-seconds 0 $F32"
+  [wholeimpls]="--tiny --batch 1 --seconds 0.2 $F32"
   [caps]="--samples 256 --hidden 32 --duration 0.2 --warmup 0 --idle-seconds 0"
 )
 declare -A CPU_REFUSAL=(
