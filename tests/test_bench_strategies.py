@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import one_line_error
 
 from moe_energy.bench.strategies import bench_strategies
@@ -361,3 +362,20 @@ def test_cli_arch_weights_int8_labels_the_formats_and_states_the_error(tmp_path,
     text = " ".join(capsys.readouterr().out.split())
     assert "weights: int8 weight-only" in text and f"moe {doc['weights_output_error']['moe']:.2%}" in text
     assert "transformers' blocks hold the weights in float32" in text
+
+
+@pytest.mark.parametrize("kind", ["moe", "transformers"])
+def test_layer_rows_read_deepseeks_router_at_its_fp32_bytes(kind):
+    """A bf16 DeepSeek layer keeps its router fp32 (as transformers does): 4 bytes a router weight, as `plan` and
+    `run` count them, not the dtype's 2 (a V3 row at 1 token read 0.46% too few bytes)."""
+    from moe_energy.bench.peers import Peers
+    from moe_energy.bench.strategies import Variant, _Layer, _layer_row
+    from moe_energy.models.archs import RouterSpec, custom_arch
+
+    arch = custom_arch(64, 32, 16, 4, shared_experts=1, router=RouterSpec("sigmoid_group", normalize=True,
+                                                                             n_group=4, topk_group=2))
+    v = Variant(f"{kind}[grouped]", kind, lambda x: x)
+    v.ms = [1.0]
+    row = _layer_row(_Layer(arch, None, {}, Peers(), torch.bfloat16, []), v, 8, 5, None, {})
+    # router 16 x 64 fp32, 5 routed experts and 1 shared expert of 3 x 64 x 32 in bf16
+    assert row["weight_bytes_per_batch"] == 16 * 64 * 4 + (5 + 1) * 3 * 64 * 32 * 2

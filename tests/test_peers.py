@@ -125,3 +125,52 @@ def test_missing_transformers_is_a_reason_not_an_import_error(monkeypatch):
     assert peers.peers == [] and peers.available == []
     assert "transformers is not installed" in peers.reason and "\n" not in peers.reason
     assert peers.as_dict()["unavailable"] == peers.reason
+
+
+def _edge(name: str, experts: int = E, top_k: int = K, **kw) -> Arch:
+    """A tiny arch named after a preset, so family_for gives that preset's block."""
+    if name.startswith("gpt-oss"):
+        return dataclasses.replace(get_arch("gpt-oss-20b"), name=name, d_model=D, ffn_dim=INTER, experts=experts,
+                                   top_k=top_k)
+    return Arch(name, D, INTER, experts, top_k, **kw)
+
+
+_V2 = dict(shared_experts=2, shared_width=INTER)
+_V3 = dict(shared_experts=1, shared_width=INTER)
+EDGES = {  # the router options and shapes where a layer could part from transformers' block
+    "qwen3_moe": _edge("qwen3-norm", router=RouterSpec("softmax_topk", normalize=True)),
+    "olmoe": _edge("olmoe-norm", router=RouterSpec("softmax_topk", normalize=True)),
+    "qwen2_moe": _edge("qwen1.5-norm", shared_experts=1, shared_width=48, shared_gate=True,
+                       router=RouterSpec("softmax_topk", normalize=True)),
+    "mixtral": _edge("mixtral-top1", top_k=1, router=RouterSpec("softmax_topk", normalize=True)),
+    "deepseek_v2": _edge("deepseek-v2-all", 16, 16, **_V2,
+                         router=RouterSpec("deepseek_v2", scaling=16.0, n_group=4, topk_group=4)),
+    "deepseek_v3": _edge("deepseek-v3-plain", 16, 4, **_V3,
+                         router=RouterSpec("sigmoid_group", scaling=2.5, n_group=4, topk_group=2)),
+    "gpt_oss": _edge("gpt-oss-all", top_k=E),
+}
+
+
+@pytest.mark.parametrize("family", list(EDGES))
+def test_every_strategy_computes_the_block_at_the_router_edges(family):
+    """norm_topk_prob on where the class default is off (and off for DeepSeek-V3), top-1, top_k = E, a trained
+    selection bias: every strategy gives transformers' output at 1, 3 and 64 tokens."""
+    pytest.importorskip("transformers", reason="transformers not installed: the peers need it")
+    from moe_energy.models.strategies import STRATEGIES
+    from moe_energy.runner import prepare  # noqa: F401 - installs strategy auto's timing probe
+
+    m = layer_of(EDGES[family])
+    m.capacity_factor = 1e6  # padded_capacity drops nothing
+    if family == "deepseek_v3":
+        with torch.no_grad():
+            m.router.e_score_correction_bias.normal_(std=0.3)
+    peers = build_peers(m, only=["eager"])
+    assert peers.family == family
+    for tokens in (1, 3, 64):
+        x = 4 * torch.randn(tokens, D, generator=torch.Generator().manual_seed(tokens))
+        with torch.inference_mode():
+            want = peers.available[0](x)
+            for s in STRATEGIES:
+                m.strategy = s
+                torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()),
+                                           msg=lambda e, s=s, t=tokens: f"{s} at {t} tokens: {e}")

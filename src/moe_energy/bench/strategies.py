@@ -28,7 +28,7 @@ from ..measure.roofline import Roofline
 from ..measure.timing import time_interleaved, time_one
 from ..memory import BYTES, fit_problem
 from ..models.archs import Arch, get_arch
-from ..models.counting import layer_flops, layer_weight_bytes, swiglu_params
+from ..models.counting import layer_flops, swiglu_params
 from ..models.dense import MATCHES, matched_dense
 from ..models.llm import MoELayer, building
 from ..models.moe import LAYOUTS, MoE, StrategyHost
@@ -436,8 +436,8 @@ def _layer_row(b: _Layer, v: Variant, tokens: int, touched: int, roof: Roofline 
     if v.kind == "dense":
         params = swiglu_params(b.arch.d_model, v.info["width"])
         flops, nbytes = tokens * 2 * params, params * bpp
-    else:
-        flops, nbytes = tokens * layer_flops(b.arch), layer_weight_bytes(b.arch, touched, bpp)
+    else:  # the plan's bytes: DeepSeek's router stays fp32 in a bf16 layer (and in transformers' block)
+        flops, nbytes = tokens * layer_flops(b.arch), ModelPlan.of("moe", b.arch).weight_bytes_read(dname, touched)
     if b.weights is not None and v.kind != "transformers":  # the stored format's bytes, as a run counts them
         plan = ModelPlan.of("moe" if v.kind == "moe" else v.name, b.arch).quantized(b.weights)
         nbytes, rate = plan.weight_bytes_read(dname, touched) or nbytes, plan.rate_key(dname)
