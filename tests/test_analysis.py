@@ -118,3 +118,19 @@ def test_pareto_front_and_sparsity():
     pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 4.0), (4.0, 1.0), (0.5, 9.0)]
     assert pareto_front(pts) == [4, 0, 1, 3]
     assert sparsity(8, 2) == "4" and sparsity(8, 3) == "2.67" and sparsity(None, 2) == "?"
+
+
+def test_a_curve_never_runs_from_estimated_points_to_measured_ones():
+    # a store holding an estimated pair at 1e6 (MoE 1 vs dense 2) and a measured one at 1e8 (4 vs 2): each pair is
+    # alike, but a crossover interpolated between them (1e7, labelled measured) set an estimate against a measurement
+    ps = [Pair(10**6, rec(1.0, method="estimate"), rec(2.0, method="estimate")),
+          Pair(10**7, rec(1.0), rec(2.0)), Pair(10**8, rec(4.0), rec(2.0))]
+    c = crossover(ps, "inferences_per_joule")
+    assert c.energy == "measured" and c.n_points == 2 and c.min_params == 10**7
+    assert math.isclose(c.params, 10**7.5, rel_tol=1e-12)  # half way between the two measured points
+    assert any("1 estimated point(s) left out" in n for n in c.notes)
+    # only one measured pair left beside the estimate: MoE ahead there, nothing interpolated across kinds
+    c2 = crossover([ps[0], ps[2]], "inferences_per_joule")
+    assert (c2.status, c2.n_points, c2.params) == ("below_grid", 1, 10**8)
+    # speed is not an energy figure: all three count
+    assert crossover(ps, "inferences_per_second").n_points == 3

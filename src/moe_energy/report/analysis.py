@@ -349,6 +349,13 @@ def _comparable(ps: list[Pair], metric: str) -> tuple[list[Pair], set[str], list
             unmeasured += 1
             continue
         usable.append(p)
+    if metric in ENERGY_METRICS and len({energy_kind(p.moe) for p in usable}) > 1:
+        # each pair alike, but a curve through both kinds would still set an estimate against a measurement:
+        # measured figures win, as in best_caps and selections
+        estimated = sum(energy_kind(p.moe) == "estimate" for p in usable)
+        usable, kinds = [p for p in usable if energy_kind(p.moe) == "measured"], {"measured"}
+        notes.append(f"{estimated} estimated point(s) left out: the others are measured, and an estimate is not "
+                     "compared with a measured figure")
     if mixed:
         notes.append(f"{mixed} point(s) left out: an estimated energy figure is not compared with a measured one")
     if unmeasured and usable:
