@@ -241,6 +241,17 @@ def test_an_axis_value_given_twice_is_one_point():
     assert len({p.key("none") for p in g.points}) == len(g.points) == 2
 
 
+def test_presets_the_axes_override_alike_are_one_point():
+    # --preset small,large with every shape field given made two points of one key: the sweep measured the shape,
+    # measured it again, then stopped with exit 2 calling the database damaged (UNIQUE constraint failed)
+    g = sw.build_grid({**TINY_SHAPE, "hidden": "16", "top_k": "1", "preset": "small,large"})
+    assert len(g.points) == 1 and g.points[0].label == "E4-H16-L2-k1"
+    # presets the axes leave different stay two shapes
+    g2 = sw.build_grid({"experts": "4", "top_k": "1", "input_dim": 40, "classes": 4, "preset": "small,large"})
+    assert sorted((p.spec.hidden, p.spec.layers) for p in g2.points) == [(256, 3), (1024, 4)]
+    assert len({p.key("none") for p in g2.points}) == 2
+
+
 @pytest.mark.slow
 def test_resume_sees_a_point_whether_its_numbers_came_from_flags_or_a_toml(tmp_path):
     """``--warmup 0`` on the command line is 0.0, ``warmup = 0`` in a TOML is 0: the same point, not a new one."""

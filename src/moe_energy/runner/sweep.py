@@ -301,10 +301,15 @@ def _axis_shapes(cfg: dict, shape_axes: dict, presets: Any) -> tuple[list[ModelS
     for pn in preset_names:
         for combo in itertools.product(*(shape_axes[k] for k in keys)):
             s = replace(PRESETS[pn], **dict(zip(keys, combo)))
+            why = None
             try:
                 s = _resolve(cfg, {**asdict(s), **task})[0]
             except ConfigError as e:
-                errors[len(shapes)] = str(e)
+                why = str(e)
+            if s in shapes:  # two presets the axes override alike: one shape, one point (one key), measured once
+                continue
+            if why is not None:
+                errors[len(shapes)] = why
             shapes.append(s)
     return shapes, errors
 
