@@ -30,6 +30,7 @@ from moe_energy.report.analysis import (
     whole_crossovers,
     whole_sets,
 )
+from moe_energy.report.html import whole_crossover_table
 from moe_energy.runner.model import PHASES as RUNNER_PHASES
 from moe_energy.storage.store import WHOLE_FAMILY, Store
 
@@ -301,3 +302,22 @@ def test_a_tiny_whole_model_sweep_reports_and_its_plots_render_in_chromium(tmp_p
         tile = img[:TILE_H, k * TILE_W:(k + 1) * TILE_W].reshape(-1, 3)
         white = float((tile.min(axis=1) > 245).mean())
         assert len(np.unique(tile, axis=0)) > 40 and 0.3 < white < 0.995, (name, white)
+
+
+def test_a_whole_crossover_never_sets_a_capped_record_against_an_uncapped_one():
+    # uncapped, the MoE's decode tokens/J 0.5, 2 at batch 1, 4 against qwen3-32b's 1: crossed at exactly 2; at a
+    # 200 W cap 5, 6 against 10: not reached. Grouped without the cap, the capped MoE (the last record of each batch)
+    # was paired with both dense figures and the store answered "at or below 1 sequence per batch" from 4 pairs
+    def at(model: str, b: int, tpj: float, cap: float | None = None) -> dict:
+        m = {**record(model, "decode", b, 512, tpj), "set": MOE, "impl": "transformers"}
+        return {**m, "power_limit_requested_w": cap} if cap else m
+
+    frame = Frame(wholes=[at(MOE, 1, 0.5), at(MOE, 4, 2.0), at(BIG, 1, 1.0), at(BIG, 4, 1.0), at(MOE, 1, 5.0, 200.0),
+                          at(MOE, 4, 6.0, 200.0), at(BIG, 1, 10.0, 200.0), at(BIG, 4, 10.0, 200.0)])
+    free, capped = whole_crossovers(frame, "batch")
+    assert (free.power_limit_w, free.status, free.n_points, free.fixed) == (None, "crossed", 2, "context 512")
+    assert math.isclose(free.params, 2.0, rel_tol=1e-12)
+    assert (capped.power_limit_w, capped.status, capped.n_points) == (200.0, "not_reached", 2)
+    assert capped.fixed == "context 512"
+    _title, head, rows = whole_crossover_table([free, capped])
+    assert [r[head.index("power cap W")] for r in rows] == ["-", "200"]

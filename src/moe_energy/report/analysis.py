@@ -670,25 +670,25 @@ def stable(records: Iterable[dict]) -> tuple[list[dict], int]:
 
 
 def whole_crossovers(frame: Frame, axis: str = "batch") -> list[Crossover]:
-    """Where each MoE passes each dense sibling in tokens/J, along batch (per phase, context, dtype, impl) or along
-    context (per phase, batch, dtype, impl), from stable records only, found as the size crossover is; on whole-model
-    figures (``as_whole``: extrapolated where fewer layers were built, said in the notes)."""
+    """Where each MoE passes each dense sibling in tokens/J, along batch (per phase, context, dtype, impl, cap) or
+    along context (per phase, batch, dtype, impl, cap), from stable records only, found as the size crossover is; on
+    whole-model figures (``as_whole``: extrapolated where fewer layers were built, said in the notes)."""
     other = "context" if axis == "batch" else "batch"
     out = []
     for name, recs in whole_sets(frame).items():
         ok, _ = stable(as_whole(m) for m in recs)
         groups: dict[tuple, dict[str, list[dict]]] = {}
         for m in ok:
-            g = (str(m.get("phase")), m.get(other), str(m.get("dtype")), str(m.get("impl")))
+            g = (str(m.get("phase")), m.get(other), str(m.get("dtype")), str(m.get("impl")), cap_of(m))
             groups.setdefault(g, {}).setdefault(str(m.get("model")), []).append(m)
-        for (phase, at, dtype, impl), by_model in sorted(groups.items(), key=lambda kv: (PHASES.index(kv[0][0]),
-                                                                                          *kv[0][1:])):
+        for (phase, at, dtype, impl, cap), by_model in sorted(groups.items(), key=lambda kv: (
+                PHASES.index(kv[0][0]), *kv[0][1:4], kv[0][4] or 0.0)):
             moe = {m[axis]: m for m in by_model.get(name, [])}
             for sib in sorted(n for n in by_model if n != name):
                 ps = [Pair(int(moe[d[axis]]["params"]), moe[d[axis]], d, name, float(d[axis]))
                       for d in by_model[sib] if d[axis] in moe]
                 c = crossover(sorted(ps, key=lambda p: p.at), "inferences_per_joule",
-                              (None, dtype, impl, None, None), axis=axis)  # type: ignore[arg-type]
+                              (None, dtype, impl, None, cap), axis=axis)  # type: ignore[arg-type]
                 c.model, c.vs, c.phase, c.fixed = name, sib, phase, f"{other} {at}"
                 c.notes += sorted({f"{m['model']}: {m['extrapolated']}" for p in ps for m in (p.moe, p.dense)
                                    if m.get("extrapolated")})

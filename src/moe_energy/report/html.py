@@ -363,10 +363,12 @@ WHOLE_NOTE = (
 
 def whole_crossover_table(xos: list[Crossover]) -> Table:
     """Each MoE against each sibling, per phase, along batch and along context."""
-    head = ["MoE", "vs", "phase", "along", "at", "dtype", "MoE blocks", "crossover (MoE's tokens/J passes)",
-            "energy", "points", "notes"]
-    rows = [[str(c.model), str(c.vs), str(c.phase), c.axis, str(c.fixed), str(c.dtype), str(c.strategy), c.answer(),
-             c.energy or "not measured", str(c.n_points), "; ".join(c.notes)] for c in xos]
+    capped = any(c.power_limit_w is not None for c in xos)
+    head = ["MoE", "vs", "phase", "along", "at", "dtype", "MoE blocks", *(["power cap W"] if capped else []),
+            "crossover (MoE's tokens/J passes)", "energy", "points", "notes"]
+    rows = [[str(c.model), str(c.vs), str(c.phase), c.axis, str(c.fixed), str(c.dtype), str(c.strategy),
+             *([_cap(c.power_limit_w)] if capped else []), c.answer(), c.energy or "not measured", str(c.n_points),
+             "; ".join(c.notes)] for c in xos]
     return "Whole models: where the MoE uses less energy per token than each dense sibling (stable records)", head, \
         rows
 

@@ -688,8 +688,9 @@ def _per_batch(frame: Frame, phase: str, title: str) -> Figure:
         ax.set_yscale("log")
         bs = sorted({m["batch"] for m in mine})
         ax.set_xticks(bs, [str(b) for b in bs])
-        notes = [f"MoE passes {c.vs}: {c.answer()}" for c in xos if (c.fixed, c.dtype, c.strategy) ==
-                 (f"context {context}", dtype, impl)]
+        notes = [f"MoE passes {c.vs}" + (f" at {c.power_limit_w:g} W" if c.power_limit_w is not None else "")
+                 + f": {c.answer()}" for c in xos
+                 if (c.fixed, c.dtype, c.strategy) == (f"context {context}", dtype, impl)]
         ax.text(0.02, 0.02, "\n".join(notes) or "no stable records here: no crossover", transform=ax.transAxes,
                 fontsize=7, va="bottom", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
         ax.grid(True, which="both", alpha=0.25)
