@@ -321,3 +321,19 @@ def test_a_whole_crossover_never_sets_a_capped_record_against_an_uncapped_one():
     assert capped.fixed == "context 512"
     _title, head, rows = whole_crossover_table([free, capped])
     assert [r[head.index("power cap W")] for r in rows] == ["-", "200"]
+
+
+def test_a_whole_crossover_pairs_each_sibling_with_the_moe_of_its_own_point():
+    # the set measured (point 1: MoE 0.5, 2 vs qwen3-32b's 1 at batch 1, 4: crossed at exactly 2) and estimated
+    # (point 2: MoE 5, 6 vs 1: ahead from batch 1). Keyed by batch alone, the MoE's later (estimated) record met
+    # both dense ones: the measured pairs were dropped as mixed and the answer was the estimate's "at or below 1"
+    def at(model: str, b: int, tpj: float, point: int, method: str) -> dict:
+        return {**record(model, "decode", b, 512, tpj, method), "set": MOE, "impl": "transformers", "point_id": point}
+
+    frame = Frame(wholes=[at(MOE, 1, 0.5, 1, "counter"), at(MOE, 4, 2.0, 1, "counter"), at(BIG, 1, 1.0, 1, "counter"),
+                          at(BIG, 4, 1.0, 1, "counter"), at(MOE, 1, 5.0, 2, "estimate"), at(MOE, 4, 6.0, 2, "estimate"),
+                          at(BIG, 1, 1.0, 2, "estimate"), at(BIG, 4, 1.0, 2, "estimate")])
+    [c] = whole_crossovers(frame, "batch")
+    assert (c.status, c.energy, c.n_points) == ("crossed", "measured", 2)
+    assert math.isclose(c.params, 2.0, rel_tol=1e-12)
+    assert not any("not compared with a measured one" in n for n in c.notes)  # no pair across the two points

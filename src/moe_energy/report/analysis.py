@@ -683,10 +683,12 @@ def whole_crossovers(frame: Frame, axis: str = "batch") -> list[Crossover]:
             groups.setdefault(g, {}).setdefault(str(m.get("model")), []).append(m)
         for (phase, at, dtype, impl, cap), by_model in sorted(groups.items(), key=lambda kv: (
                 PHASES.index(kv[0][0]), *kv[0][1:4], kv[0][4] or 0.0)):
-            moe = {m[axis]: m for m in by_model.get(name, [])}
+            # each sibling's record against the MoE's of its own point: one run, meter and repeats (a store may
+            # hold the set twice at one batch, measured and estimated)
+            moe = {(m.get("point_id"), m[axis]): m for m in by_model.get(name, [])}
             for sib in sorted(n for n in by_model if n != name):
-                ps = [Pair(int(moe[d[axis]]["params"]), moe[d[axis]], d, name, float(d[axis]))
-                      for d in by_model[sib] if d[axis] in moe]
+                ps = [Pair(int(moe[k]["params"]), moe[k], d, name, float(d[axis]))
+                      for d in by_model[sib] if (k := (d.get("point_id"), d[axis])) in moe]
                 c = crossover(sorted(ps, key=lambda p: p.at), "inferences_per_joule",
                               (None, dtype, impl, None, cap), axis=axis)  # type: ignore[arg-type]
                 c.model, c.vs, c.phase, c.fixed = name, sib, phase, f"{other} {at}"
