@@ -1,6 +1,7 @@
 """Crossover math on constructed data with known answers; estimate vs measured never compared silently."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -104,6 +105,10 @@ def test_notes_when_moe_falls_behind_again_and_equal_sizes_are_averaged():
     c2 = crossover(ps, "inferences_per_joule")
     assert math.isclose(c2.params, 1e7, rel_tol=1e-12)
     assert any("averaged" in n for n in c2.notes)
+    # the note names the crossover's own axis: along batch it said "share a token count"
+    at_batch = [replace(p, x=float(p.params // 10**6)) for p in ps]
+    assert "1 point(s) share their sequences per batch with another" in \
+        crossover(at_batch, "inferences_per_joule", axis="batch").notes[0]
 
 
 def test_crossover_sits_where_the_log_log_curves_cross():

@@ -386,8 +386,8 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
         return c
     xs, d, best, worst = _curves(usable, metric)
     if len(xs) < len(usable):
-        c.notes.append(f"{len(usable) - len(xs)} point(s) share a {'total size' if axis == 'params' else 'token count'}"
-                       " with another: their differences averaged")
+        c.notes.append(f"{len(usable) - len(xs)} point(s) share their {AXIS_UNITS[axis]} with another: their "
+                       "differences averaged")
     c.min_params, c.max_params = xs[0], xs[-1]
     c.status, c.params = crossing(xs, d)
     c.low_status, c.low = crossing(xs, best)
