@@ -139,3 +139,19 @@ def test_a_curve_never_runs_from_estimated_points_to_measured_ones():
     assert (c2.status, c2.n_points, c2.params) == ("below_grid", 1, 10**8)
     # speed is not an energy figure: all three count
     assert crossover(ps, "inferences_per_second").n_points == 3
+
+
+def test_a_best_case_ahead_at_the_smallest_point_is_said_so_when_the_median_never_leads():
+    # median MoE/dense 1/2 and 1/4: not reached; best case 3/2 at the first point, ahead there already. The note said
+    # "could lead from ~1,000,000 params", as if interpolated there, and "~1 tokens per forward" on a layer's axis
+    ps = [Pair(10**6, rec(1.0, 0.5, 3.0), rec(2.0)), Pair(10**8, rec(1.0), rec(4.0))]
+    c = crossover(ps, "inferences_per_joule")
+    assert c.status == "not_reached" and c.low_status == "below_grid"
+    assert "within the repeats' spread MoE could lead at or below 1,000,000 params" in c.notes
+    tokens = [replace(p, x=x) for p, x in zip(ps, (1.0, 16.0))]
+    assert "within the repeats' spread MoE could lead at or below 1 token per forward" in \
+        crossover(tokens, "inferences_per_joule", axis="tokens").notes
+    # a best case that crosses between points keeps its interpolated "~"
+    c2 = crossover([Pair(10**6, rec(1.0, 0.5, 1.0), rec(2.0)), Pair(10**8, rec(1.0, 0.5, 8.0), rec(4.0))],
+                   "inferences_per_joule")
+    assert "within the repeats' spread MoE could lead from ~10,000,000 params" in c2.notes

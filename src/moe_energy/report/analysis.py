@@ -396,8 +396,10 @@ def crossover(ps: list[Pair], metric: str, group: Group = (None, None, None, Non
         c.low = min(c.low, c.params)
     if c.high is not None and c.params is not None:
         c.high = max(c.high, c.params)
-    if c.status == "not_reached" and c.low is not None:
-        c.notes.append(f"within the repeats' spread MoE could lead from ~{_number(c.low)} {AXIS_UNITS[axis]}")
+    if c.status == "not_reached" and c.low is not None:  # the best case already ahead at the smallest point: no "~"
+        where = f"at or below {_number(c.low)}" if c.low_status == "below_grid" else f"from ~{_number(c.low)}"
+        unit = ONE_UNIT.get(axis, AXIS_UNITS[axis]) if c.low == 1 else AXIS_UNITS[axis]
+        c.notes.append(f"within the repeats' spread MoE could lead {where} {unit}")
     if c.status in ("crossed", "below_grid"):
         c.notes += _later_turns(xs, d, c.params or 0, AXIS_UNITS[axis], c.status == "crossed")
     return c
