@@ -146,7 +146,9 @@ def test_the_default_layers_keep_the_longest_call_within_the_time_limit(tmp_path
     lines = _plan_lines(capsys, "--max-forward-s", "86400")
     assert all(line.endswith("2 of 2 layers: all fit in free memory") for line in lines.values())
     lines = _plan_lines(capsys, "--duration", f"{max(one) / 2:.6g}")  # under even one layer: 1, the least
-    assert all("1 of 2 layers" in line and "under" in line for line in lines.values())
+    # not "1 keep the longest call under": one layer's call is over the limit (olmo-2-7b: 15.4 s against 10 s)
+    assert all("1 of 2 layers" in line and "1, the least: its longest call takes" in line and "keep" not in line
+               for line in lines.values())
     lines = _plan_lines(capsys, "--layers", "2", "--max-forward-s", "0.001")
     assert all(line.endswith("2 of 2 layers: --layers") for line in lines.values())
 
