@@ -227,6 +227,19 @@ def test_time_energy_front_is_pareto_over_stable_configurations(whole_report):
     assert [m["batch"] for m, _, _ in pts] == [1, 16]  # batch 4 flagged
 
 
+def test_a_flagged_configuration_built_in_part_is_drawn_at_its_whole_model_figures():
+    """The grey crosses of the time-energy plot sit beside the fronts, which are whole-model figures: a flagged record
+    of 12 of 48 layers (ITL p90 50 ms, 3 tokens/J, x 3) is drawn at 150 ms and 1 J/token, not at 50 ms and 1/3."""
+    from moe_energy.report.plots import whole_time_energy_front
+
+    m = partial(MOE, 1, 3.0, 3.0)
+    m["flags"] = [SHORT]
+    fig = whole_time_energy_front(Frame(wholes=[m]))
+    [ax] = [ax for ax in fig.axes if ax.get_title() == "decode, context 512"]
+    [crosses] = [c for c in ax.collections if c.get_label() == "flagged: kept out (1)"]
+    np.testing.assert_allclose(crosses.get_offsets(), [[150.0, 1.0]])
+
+
 # -- the report's files -----------------------------------------------------------------------------------------
 def test_the_report_has_a_whole_model_section_with_plots_per_set(whole_report):
     _db, _frame, files = whole_report

@@ -106,6 +106,13 @@ def test_plan_shows_the_layers_each_model_builds_and_whether_it_fits(capsys):
     (["--model", "olmoe-1b-7b", "--moe-impl", "fast"], "--moe-impl 'fast' is unknown"),
     (["--batch", "1"], "--batch: only with --model (a whole LLM); add --model or drop them"),
     (["--model", "olmoe-1b-7b", "--parallel", "expert"], "--parallel expert does not run whole models yet"),
+    # one row per model and point: a second strategy never ran, and only moe-energy's blocks read one
+    (["--model", "olmoe-1b-7b", "--moe-impl", "moe-energy", "--moe-strategy", "grouped,active_loop"],
+     "--moe-strategy grouped,active_loop: whole models run one strategy"),
+    (["--model", "olmoe-1b-7b", "--moe-strategy", "grouped"],
+     "--moe-strategy: no meaning with --moe-impl transformers"),
+    (["--model", "olmoe-1b-7b", "--moe-impl", "grouped_mm", "--moe-strategy", "grouped"],
+     "--moe-strategy: no meaning with --moe-impl grouped_mm"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_any_model_is_built(tmp_path, capsys, args, needle):
     code = main(["run", *args, "--device", "cpu", "--out", str(tmp_path / "out")])
@@ -146,7 +153,9 @@ def test_the_default_layers_keep_the_longest_call_within_the_time_limit(tmp_path
     lines = _plan_lines(capsys, "--max-forward-s", "86400")
     assert all(line.endswith("2 of 2 layers: all fit in free memory") for line in lines.values())
     lines = _plan_lines(capsys, "--duration", f"{max(one) / 2:.6g}")  # under even one layer: 1, the least
-    assert all("1 of 2 layers" in line and "under" in line for line in lines.values())
+    # not "1 keep the longest call under": one layer's call is over the limit (olmo-2-7b: 15.4 s against 10 s)
+    assert all("1 of 2 layers" in line and "1, the least: its longest call takes" in line and "keep" not in line
+               for line in lines.values())
     lines = _plan_lines(capsys, "--layers", "2", "--max-forward-s", "0.001")
     assert all(line.endswith("2 of 2 layers: --layers") for line in lines.values())
 

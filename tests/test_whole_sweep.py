@@ -119,11 +119,20 @@ def test_a_point_builds_the_largest_layer_count_that_fits_and_is_skipped_only_wh
     ({"model": "olmoe-1b-7b", "grid": "seed"}, "--grid: no meaning with --model"),
     ({"batch": "1", "context": "8"}, "--batch, --context: whole-model settings; give --model"),
     ({"model": "olmoe-1b-7b", "dtype": "float64"}, "dtype='float64' is unknown"),
+    ({"model": "olmoe-1b-7b", "moe_impl": "moe-energy", "strategies": "grouped,active_loop"},
+     "--moe-strategy grouped,active_loop: whole models run one strategy"),
+    ({"model": "olmoe-1b-7b", "strategies": "grouped"}, "--moe-strategy: no meaning with --moe-impl transformers"),
 ])
 def test_model_grid_mistakes_are_one_line_config_errors(cfg, needle):
     with pytest.raises(ConfigError) as e:
         sw.build_grid(cfg)
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_one_moe_strategy_for_the_moe_energy_points_of_a_model_grid():
+    grid = sw.build_grid({"model": "olmoe-1b-7b", "moe_impl": "transformers,moe-energy", "strategies": "grouped"})
+    assert [(p.moe_impl, p.opts.strategies) for p in grid.points] == [("transformers", ("grouped",)),
+                                                                      ("moe-energy", ("grouped",))]
 
 
 def test_bad_input_to_the_sweep_command_is_one_line_and_exit_2_before_anything_runs(tmp_path, capsys):

@@ -33,7 +33,7 @@ from ..models.strategies import STRATEGIES
 from ..models.vllm_engine import INSTALL
 from ..runner.core import Workload
 from ..runner.layer import DEFAULT_TOKENS, Layer, check_tokens
-from ..runner.model import ENGINES, MOE_IMPLS, Whole, check_vllm, model_set
+from ..runner.model import ENGINES, MOE_IMPLS, Whole, check_strategies, check_vllm, model_set
 from ..runner.seed import Seed
 
 if TYPE_CHECKING:
@@ -371,6 +371,7 @@ def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:
     if w.layers is not None and w.layers < 1:
         raise ConfigError(f"--layers {w.layers}: give a whole number >= 1 (each model builds min(N, its layers))")
     w.check_inputs()  # every context a position each model has: refused before anything is asked of the host
+    check_strategies(opts.strategies, [impl], "strategies" in given)
     if w.vllm:
         check_vllm_flags(args, opts)
     return w, opts

@@ -424,7 +424,9 @@ def memory_bytes(model: str | WholeModel, layers: int | None, dtype: str | torch
     ``activations`` is an allowance, not a measurement: the prefill's B x L tokens through one layer at a time
     (inference keeps no graph), each holding 6 residual-width vectors, its queries, keys and values, and the
     widest FFN intermediate (dense gate/up/act, or top_k gathered inputs and gate/up/act plus the shared
-    experts), plus fp32 logits of the last position. It assumes a fused attention kernel (flash / memory
+    experts), plus fp32 logits of the last position, plus the prefill's own cache (exact): it writes every built
+    layer's keys and values for its B x L tokens (``use_cache``, as serving does), all held until the forward
+    ends (a sliding layer keeps a view of them all). It assumes a fused attention kernel (flash / memory
     efficient, as on a GPU); SDPA's math fallback (a CPU) adds B x heads x L x L scores. Keep a margin for the
     allocator.
     """
@@ -438,7 +440,8 @@ def memory_bytes(model: str | WholeModel, layers: int | None, dtype: str | torch
     a = m.arch
     moe_width = a.top_k * (a.d_model + 3 * a.ffn_dim) + 3 * a.shared_experts * a.shared_width if a else 0
     per_token = 6 * m.d_model + (m.heads + 2 * m.kv_heads) * m.head_dim + max(3 * m.ffn_dim, moe_width)
-    activations = batch * context * per_token * dt.itemsize + batch * m.vocab * 4
+    prefill_cache = batch * context * n * kv_bytes_per_token(m, dt)
+    activations = batch * context * per_token * dt.itemsize + prefill_cache + batch * m.vocab * 4
     return {"weights": weights, "kv_cache": kv, "activations": activations, "total": weights + kv + activations}
 
 

@@ -723,8 +723,8 @@ def whole_time_energy_front(frame: Frame) -> Figure:
         here = [m for m in frame.wholes if m.get("phase") == phase and m.get("context") == context]
         drawn = sum(_front(ax, *time_energy([m for m in here if m.get("model") == name], phase), name,
                            *_model_style(name, order)) for name in order)
-        flagged = [(t, j) for m in here if unstable(m) is not None and (t := m.get(key)) and
-                   (j := value(m, "joules_per_token"))]
+        flagged = [(t, j) for m in map(as_whole, here) if unstable(m) is not None and (t := m.get(key)) and
+                   (j := value(m, "joules_per_token"))]  # whole-model figures, as the fronts beside them
         if flagged:
             ax.scatter(*zip(*flagged), marker="x", color="#999999", s=30, zorder=2,
                        label=f"flagged: kept out ({len(flagged)})")

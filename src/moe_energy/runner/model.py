@@ -117,6 +117,18 @@ def inputs_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]
     return needs[0]["weights"] + caches + max(n["activations"] for n in needs) + memory.OVERHEAD_BYTES
 
 
+def check_strategies(strategies: Sequence[str], impls: Sequence[str], given: bool) -> None:
+    """--moe-strategy with whole models (`run` and `sweep` alike): one strategy, since a set measures one row per
+    model and point (``Whole.row_strategies``; a second one would never run), and only where some --moe-impl is
+    moe-energy, the one implementation that reads it."""
+    if len(strategies) > 1:
+        raise ConfigError(f"--moe-strategy {','.join(strategies)}: whole models run one strategy (one row per model "
+                          "and point); give one (a run or sweep for each)")
+    if given and "moe-energy" not in impls:
+        raise ConfigError(f"--moe-strategy: no meaning with --moe-impl {','.join(impls)} (only moe-energy's blocks "
+                          "run a strategy); add --moe-impl moe-energy or drop it")
+
+
 def check_vllm(given: Sequence[str], device: str) -> None:
     """--engine vllm's refusals, in one line each before anything is built (`run` and `sweep` alike): the
     ``VLLM_REFUSED`` keys given, vLLM not installed, no CUDA GPU (vLLM runs here on CUDA only)."""
@@ -216,9 +228,12 @@ class Whole:
         while n > 1 and bound(n) > limit:
             n -= 1
         why = f"{fits} fit in free memory" if fits < m.layers else "all fit in free memory"
-        if n < fits:
+        if n < fits and bound(n) <= limit:
             why += (f"; {n} keep the longest call under {limit:g} s (--max-forward-s, default --duration) at this "
                     f"host's roofline bound ({bound(n):.3g} s)")
+        elif bound(n) > limit:  # even one layer is over the limit: 1, the least, is built anyway
+            why += (f"; 1, the least: its longest call takes {bound(n):.3g} s at this host's roofline bound, over "
+                    f"{limit:g} s (--max-forward-s, default --duration)")
         return n, why
 
     def load(self, opts: RunOptions, device: torch.device, dtype: torch.dtype, rank: int) -> None:

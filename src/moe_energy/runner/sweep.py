@@ -63,7 +63,7 @@ from ..storage.store import LAYER_FAMILY, WHOLE_FAMILY, Store, point_key
 from . import core
 from .core import Workload
 from .layer import Layer, check_tokens
-from .model import ENGINES, MOE_IMPLS, PHASES, Whole, check_vllm, model_set
+from .model import ENGINES, MOE_IMPLS, PHASES, Whole, check_strategies, check_vllm, model_set
 from .seed import Seed
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
@@ -507,6 +507,7 @@ def build_model_grid(cfg: dict[str, Any]) -> Grid:
                     siblings=tuple(ms[1:]), batches=batches, contexts=contexts, layers=layers, moe_impl=impl,
                     engine=engine)
               for ms in sets for engine in engines for impl in impls for extra in combos]
+    check_strategies(points[0].opts.strategies, impls, "strategies" in cfg)
     source = {"grid": "models", "family": WHOLE_FAMILY, "models": [[m.name for m in ms] for ms in sets],
               "batches": list(batches), "contexts": list(contexts), "layers": layers, "moe_impl": impls,
               **({"engine": engines} if engines != ["transformers"] else {}), "axes": option_axes, "options": cfg}
