@@ -20,8 +20,10 @@ from moe_energy.report.analysis import (
     PHASES,
     Frame,
     as_whole,
+    caps,
     load,
     pareto_front,
+    reference_cap,
     selections,
     stable,
     time_energy,
@@ -30,7 +32,7 @@ from moe_energy.report.analysis import (
     whole_crossovers,
     whole_sets,
 )
-from moe_energy.report.html import whole_crossover_table
+from moe_energy.report.html import selection_table, whole_crossover_table, whole_tokens_table
 from moe_energy.runner.model import PHASES as RUNNER_PHASES
 from moe_energy.storage.store import WHOLE_FAMILY, Store
 
@@ -350,3 +352,38 @@ def test_a_whole_crossover_pairs_each_sibling_with_the_moe_of_its_own_point():
     assert (c.status, c.energy, c.n_points) == ("crossed", "measured", 2)
     assert math.isclose(c.params, 2.0, rel_tol=1e-12)
     assert not any("not compared with a measured one" in n for n in c.notes)  # no pair across the two points
+
+
+def test_a_store_of_whole_models_at_two_caps_draws_one_cap_and_says_which_cap_each_answer_chose(tmp_path):
+    # decode at context 512: uncapped the MoE's tokens/J 0.5, 2 at batch 1, 4; at 200 W 5, 6 (qwen3-32b's 1 and
+    # 10). caps() read the seed's and the layers' records only, so the plots mixed both caps and the selection's
+    # pick (200 W, batch 4: 1/6 J/token) sat in a table with no cap column beside uncapped rows of the same batch
+    def at(model: str, b: int, tpj: float, cap: float | None = None) -> dict:
+        m = {**record(model, "decode", b, 512, tpj), "set": MOE}
+        return {**m, "power_limit_requested_w": cap} if cap else m
+
+    recs = [at(MOE, 1, 0.5), at(MOE, 4, 2.0), at(BIG, 1, 1.0), at(BIG, 4, 1.0), at(MOE, 1, 5.0, 200.0),
+            at(MOE, 4, 6.0, 200.0), at(BIG, 1, 10.0, 200.0), at(BIG, 4, 10.0, 200.0)]
+    db = tmp_path / "w.db"
+    with Store(db) as s:
+        s.new_run("w", {"grid": "models"}, {"device_name": "Test GPU", "torch": "2.x"}, {"name": "nvidia",
+                                                                                        "method": "counter"})
+        cfg = {"label": f"{MOE} transformers", "family": WHOLE_FAMILY, "spec": {"name": MOE},
+               "moe_impl": "transformers", "options": {"dtype": "bfloat16"}, "total_params": 30_532_000_000}
+        s.add_point("w", "k", cfg, "done", document={"family": WHOLE_FAMILY, "models": recs})
+    frame = frame_of(db)
+    assert caps(frame) == [None, 200.0] and reference_cap(frame) is None
+    _title, head, rows = selection_table(selections(frame, (250.0,)))
+    pick = {(r[head.index("model")], r[head.index("ITL p90 deadline ms")]): r for r in rows}
+    moe = pick[(MOE, "250")]
+    assert (moe[head.index("batch")], moe[head.index("power cap W")]) == ("4", "200")
+    assert moe[head.index("J/token")] == f"{1 / 6.0:.4g}"
+    _title, head, rows = whole_tokens_table(recs)
+    assert sorted(r[head.index("power cap W")] for r in rows) == ["-"] * 4 + ["200"] * 4
+    build(db, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "drawn from the uncapped points" in md
+    assert "The tables hold every power cap; the plots of each set are drawn from the uncapped points." in md
+    assert "Power caps: the cap that maximises" not in md  # no seed or layer setting at two caps: no empty section
+    table = md.split("## qwen3-30b-a3b against qwen3-32b", 1)[1]
+    assert table.count("| decode | 512 |") == 8  # the set's table keeps both caps, its plots are of one

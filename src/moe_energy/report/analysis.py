@@ -529,7 +529,7 @@ def group_order(kv: tuple[Group, Any]) -> tuple:
 
 def caps(frame: Frame) -> list[float | None]:
     """Every cap the store's records ran under, ascending (None first: records measured uncapped)."""
-    found = {cap_of(m) for m in (*frame.models, *frame.layers)}
+    found = {cap_of(m) for m in (*frame.models, *frame.layers, *frame.wholes)}
     return sorted(found, key=lambda c: -1.0 if c is None else c)
 
 

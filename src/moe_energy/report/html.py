@@ -39,6 +39,7 @@ from .analysis import (
     at_cap,
     best_caps,
     cap_of,
+    cap_series,
     caps,
     crossovers,
     energy_kind,
@@ -379,15 +380,17 @@ def _ms(v: object) -> str:
 
 def selection_table(choices: list[Choice]) -> Table:
     """ML.ENERGY's answer: each model's lowest-J/token configuration meeting each ITL deadline."""
+    capped = any(c.record is not None and cap_of(c.record) is not None for c in choices)  # the cap is a setting too
     head = ["MoE set", "model", "phase", "context", "ITL p90 deadline ms", "batch", "dtype", "MoE blocks",
-            "J/token", "tokens/s", "ITL p90 ms", "TTFT ms", "meeting / stable configurations", "flagged (kept out)",
-            "energy"]
+            *(["power cap W"] if capped else []), "J/token", "tokens/s", "ITL p90 ms", "TTFT ms",
+            "meeting / stable configurations", "flagged (kept out)", "energy"]
     rows = []
     for c in choices:
         m = c.record
         none = "none meets it" if c.candidates else "no stable record"  # a prefill has no deadline to miss
         pick = [none, "-", "-"] if m is None else [str(m.get("batch")), str(m.get("dtype")),
                                                    str(m.get("impl") if m.get("kind") == "moe" else "-")]
+        pick += ["-" if m is None else _cap(cap_of(m))] if capped else []
         est = (" (estimate)" if m is not None and c.energy == "estimate" else "") + \
             (" (EXTRAPOLATED)" if m is not None and m.get("extrapolated") else "")
         rows.append([c.set, c.model, c.phase, str(c.context), "none (prefill)" if c.deadline_ms is None else
@@ -401,17 +404,21 @@ def selection_table(choices: list[Choice]) -> Table:
 
 def whole_tokens_table(recs: list[dict]) -> Table:
     """Every record of a set: its per-token figures, its layers, and whether it was kept out."""
-    head = ["phase", "context", "batch", "dtype", "MoE blocks", "model", "layers", "J/token", "tokens/s", "TTFT ms",
-            "ITL p50 ms", "ITL p90 ms", "whole model J/token (extrapolated)", "kept out because"]
+    capped = any(cap_of(m) is not None for m in recs)
+    head = ["phase", "context", "batch", "dtype", "MoE blocks", *(["power cap W"] if capped else []), "model", "layers",
+            "J/token", "tokens/s", "TTFT ms", "ITL p50 ms", "ITL p90 ms", "whole model J/token (extrapolated)",
+            "kept out because"]
     rows = []
     order = {"prefill": 0, "decode": 1}
     for m in sorted(recs, key=lambda m: (order.get(str(m.get("phase")), 2), m.get("context") or 0,
                                          m.get("batch") or 0, str(m.get("dtype")), str(m.get("impl")),
+                                         -1.0 if cap_of(m) is None else cap_of(m),
                                          m.get("model") != m.get("set"), str(m.get("model")))):
         x = m.get("whole_model_extrapolated")
         j = value(m, "joules_per_token")
         rows.append([str(m.get("phase")), str(m.get("context")), str(m.get("batch")), str(m.get("dtype")),
-                     str(m.get("impl")), str(m.get("model")), f"{m.get('layers_measured')} of {m.get('layers_total')}",
+                     str(m.get("impl")), *([_cap(cap_of(m))] if capped else []), str(m.get("model")),
+                     f"{m.get('layers_measured')} of {m.get('layers_total')}",
                      "not measured" if j is None or energy_kind(m) == "none" else
                      f"{j:.4g}" + (" (estimate)" if energy_kind(m) == "estimate" else ""),
                      _num(value(m, "inferences_per_second"), ",.1f"), _ms(m.get("ttft_ms")),
@@ -479,7 +486,7 @@ def answer_tables(frame: Frame, deadlines: tuple[float, ...] = ITL_DEADLINES_MS)
     """What `moe-energy report` prints: each section's crossover, the LLM layers' per-token table, the whole models'
     crossovers and deadline selection, and with several power caps the best cap per model."""
     return seed_tables(frame)[:1] + layer_tables(frame) + whole_tables(frame, deadlines) + \
-        ([best_cap_table(best_caps(frame))] if len(caps(frame)) > 1 else [])
+        ([best_cap_table(best_caps(frame))] if cap_series(frame) else [])
 
 
 def png(fig: Figure, dpi: int = 110) -> bytes:
@@ -525,18 +532,24 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-def _whole_blocks(frame: Frame, drawn: Frame, images: dict[str, bytes], deadlines: tuple[float, ...]) -> list[Block]:
+def _whole_blocks(frame: Frame, drawn: Frame, at: str, images: dict[str, bytes],
+                  deadlines: tuple[float, ...]) -> list[Block]:
     """The whole models' section: the answers over every set, then per set (an MoE and its siblings) its records'
-    table and each of WHOLE_PLOTS."""
+    table (every cap) and each of WHOLE_PLOTS (``drawn``: one cap, said in ``at``, when there are several)."""
     blocks: list[Block] = [("h2", "Whole models: energy per token, the MoE against its dense siblings"),
                            ("note", WHOLE_NOTE)]
     blocks += [("table", t) for t in whole_tables(frame, deadlines)]
-    for name, recs in whole_sets(drawn).items():
+    if at:
+        blocks.append(("note", f"The tables hold every power cap; the plots of each set are {at}."))
+    plotted = whole_sets(drawn)
+    for name, recs in whole_sets(frame).items():
         ok, flagged = stable(recs)
         blocks += [("h3", f"{name} against {', '.join(sorted({str(m['model']) for m in recs} - {name}))}"),
                    ("note", f"{len(recs)} configuration(s): {len(ok)} stable with energy, {flagged} flagged and kept "
                             "out of the answers"), ("table", whole_tokens_table(recs))]
-        sub = replace(drawn, wholes=recs)
+        if name not in plotted:
+            continue
+        sub = replace(drawn, wholes=plotted[name])
         for slug, title, fn in WHOLE_PLOTS:
             key = f"{slug}-{_slug(name)}"
             images[key] = png(fn(sub))
@@ -578,8 +591,8 @@ def _draw(frame: Frame, deadlines: tuple[float, ...] = ITL_DEADLINES_MS) -> tupl
                 images[name] = png(fn(sub))
                 blocks.append(("image", name, f"{arch}: {title}"))
     if frame.wholes:
-        blocks += _whole_blocks(frame, drawn, images, deadlines)
-    if several:
+        blocks += _whole_blocks(frame, drawn, at, images, deadlines)
+    if cap_series(frame):  # the seed's or the layers' settings measured at more than one cap
         blocks += _cap_blocks(frame, images)
     blocks += [("table", skipped_table(frame)), ("table", environment_table(frame))]
     return blocks, images
