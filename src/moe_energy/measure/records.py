@@ -136,6 +136,7 @@ class ModelRecord(TypedDict, total=False):
     # the roofline (None until `moe-energy calibrate` ran for this device and dtype)
     flops_per_batch: float
     weight_bytes_per_batch: float
+    experts_touched: float | None  # MoE: distinct experts one forward reached (weight_bytes_per_batch reads them)
     roofline_bound_ms: float | None
     memory_bound_ms: float | None
     compute_bound_ms: float | None
@@ -165,7 +166,6 @@ class LayerRecord(ModelRecord, total=False):
     tokens_per_second: float | None
     tokens_per_joule: float | None
     joules_per_1k_tokens: float | None
-    experts_touched: float | None
     experts_touched_if_uniform: float | None
     expert_load_max_over_mean: float | None
     weight_bytes_read_per_forward: float | None

@@ -73,6 +73,14 @@ def bench_batch(data: Dataset, batch_size: int, rank: int, device: torch.device,
     return x[idx].to(device=device, dtype=dtype).contiguous()
 
 
+@torch.inference_mode()
+def experts_reached(model: MoE, batch: Tensor | None) -> int:
+    """How many distinct experts ``model``'s gate routes ``batch`` [B, in] to (one sync; outside any window)."""
+    assert batch is not None
+    idx, _ = model.route(batch.to(device=next(model.parameters()).device))
+    return int(idx.unique().numel())
+
+
 def prepare_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """THE point where a trained model becomes the thing the windows measure (no gradients, its dtype)."""
     for p in model.parameters():
@@ -99,6 +107,7 @@ class Seed:
     trains = True
     data: Dataset | None = field(default=None, repr=False)
     batch: Tensor | None = field(default=None, repr=False)  # [B, in] on the device, in the bench dtype
+    touched: dict[str, int] = field(default_factory=dict, repr=False)  # experts the MoE routes the bench batch to
 
     @property
     def experts(self) -> int:
@@ -175,6 +184,8 @@ class Seed:
         with r.ui.training(plan.name, steps) as step:
             tr = train(model, data, o.epochs, o.lr, o.batch_size, r.device, o.seed, step)
         model = prepare_for_inference(model, r.dtype)
+        if isinstance(model, MoE):
+            self.touched[plan.name] = experts_reached(model, self.batch)
         acc = tr.test_accuracy
         if r.dtype != torch.float32:
             acc = evaluate(model, data.x_test, data.y_test, o.batch_size, r.device, r.dtype)
@@ -192,7 +203,7 @@ class Seed:
                        parked=r.team.parks), None
 
     def record(self, r: Run, plan: ModelPlan, point: Point, rec: dict[str, Any]) -> dict[str, Any]:
-        return {}
+        return {"experts_touched": self.touched[plan.name]} if plan.name in self.touched else {}
 
     # -- what a sweep reads of a point of this workload, before it runs --------------------------------------
     sweep_oom = "raise"  # a model out of memory skips the whole point: its crossover needs every model
@@ -228,7 +239,9 @@ class Seed:
                    for m in self.plans(opts.models))
 
     def bytes_read(self, plan: ModelPlan, point: Point, rec: dict[str, Any], dtype: str) -> float:
-        return plan.weight_bytes_read(dtype) or 0.0  # every expert reached: a batch of the seed's size
+        """The weights the bench batch reads: the MoE's gate and the experts its trained gate routes that batch to
+        (a batch of 1 reaches top_k of them, a collapsed gate fewer than all); every expert if not counted."""
+        return plan.weight_bytes_read(dtype, rec.get("experts_touched")) or 0.0
 
     def stem(self) -> str | None:
         return self.preset
