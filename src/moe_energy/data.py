@@ -29,6 +29,7 @@ class Dataset:
     y_test: Tensor  # [N_test]
     source: str
     num_classes: int | None = None  # declared by the user (--classes); else the largest label + 1
+    ceiling_accuracy: float | None = None  # synthetic: the noise-free labels' held-out accuracy (the most a model gets)
 
     @property
     def input_dim(self) -> int:
@@ -56,6 +57,14 @@ class Dataset:
 
 def synthetic(samples: int, input_dim: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The seed's task: x ~ N(0, 1) [N, d]; y [N] in [0, classes)."""
+    x, y, _ = synthetic_with_clean(samples, input_dim, classes, seed)
+    return x, y
+
+
+def synthetic_with_clean(samples: int, input_dim: int, classes: int, seed: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``synthetic``'s x and y, and the labels without the N(0, 0.2) score noise: the best any model can do is
+    predict those (the noise is independent of x), so their agreement with y is the task's accuracy ceiling."""
     if input_dim < classes:
         raise ConfigError(f"input_dim={input_dim} must be >= classes={classes} for the synthetic task")
     rng = np.random.default_rng(seed)
@@ -67,8 +76,9 @@ def synthetic(samples: int, input_dim: int, classes: int, seed: int) -> tuple[np
         w = rng.standard_normal(block).astype(np.float32) / np.sqrt(block)
         scores[:, c] = np.tanh(x[:, c * block : (c + 1) * block] @ w)
     scores += 0.5 / (1.0 + np.exp(-(x @ mix)))
+    clean = scores.argmax(axis=1).astype(np.int64)
     scores += rng.normal(0.0, 0.2, size=scores.shape).astype(np.float32)
-    return x, scores.argmax(axis=1).astype(np.int64)
+    return x, scores.argmax(axis=1).astype(np.int64), clean
 
 
 # More classes than this is a mistake in the labels (ids, hashes), not a classification task.
@@ -163,11 +173,12 @@ def make_dataset(
     With a file, ``declared`` holds the ``classes``/``input_dim`` the user also gave: the file must agree.
     """
     declared = declared or {}
+    clean = None
     if path:
         x, y = load_npz(path, declared.get("classes"), declared.get("input_dim"))
         source = f"npz:{path}"
     else:
-        x, y = synthetic(samples, input_dim, classes, seed)
+        x, y, clean = synthetic_with_clean(samples, input_dim, classes, seed)
         source = f"synthetic(seed={seed})"
     order = np.random.default_rng(seed + 1).permutation(len(x))
     n_test = max(1, int(round(len(x) * test_fraction)))
@@ -175,5 +186,6 @@ def make_dataset(
         raise ConfigError(f"test_fraction={test_fraction} leaves no training data for {len(x)} samples")
     test, train = order[:n_test], order[n_test:]
     t = torch.from_numpy
+    ceiling = None if clean is None else float((clean[test] == y[test]).mean())
     return Dataset(t(x[train]), t(y[train]), t(x[test]), t(y[test]), source,
-                   declared.get("classes") if path else None)
+                   declared.get("classes") if path else None, ceiling)

@@ -235,6 +235,15 @@ def weights_lines(doc: dict) -> list[str]:
             f"weights (||y_q - y|| / ||y|| on up to {ERROR_ROWS} inputs): {measured}"]
 
 
+def accuracy_lines(dataset: dict) -> list[str]:
+    """What held-out accuracy can reach on the synthetic task: its noise makes some labels unpredictable."""
+    top, chance = dataset.get("ceiling_accuracy"), dataset.get("chance_accuracy")
+    if top is None or chance is None:
+        return []
+    return [f"held-out accuracy: chance {chance:.1%}, ceiling {top:.1%} (the noise-free labels' agreement: the "
+            "task's N(0, 0.2) score noise makes the rest unpredictable; train accuracy above it is memorisation)"]
+
+
 def energy_summary(doc: dict) -> list[str]:
     """Lines under the table: which meter, the idle power, and how many windows carry warnings."""
     meter = doc.get("energy_meter") or {}
@@ -263,6 +272,7 @@ def energy_summary(doc: dict) -> list[str]:
     if isinstance(idle, dict) and idle.get("failed"):
         lines[1] = f"idle power: not measured ({idle['failed']})"
     lines += power_lines(doc)
+    lines += accuracy_lines(doc.get("dataset") or {})
     lines += [f"notice: {n}" for n in doc.get("notices", [])]
     for m in doc["models"]:
         if m.get("skipped"):

@@ -94,7 +94,8 @@ def prepare_for_inference(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def dataset_fields(data: Dataset) -> dict[str, Any]:
     """The results document's description of the data the models learned."""
     return {"source": data.source, "train_samples": len(data.x_train), "test_samples": len(data.x_test),
-            "input_dim": data.input_dim, "classes": data.classes, "chance_accuracy": data.chance_accuracy}
+            "input_dim": data.input_dim, "classes": data.classes, "chance_accuracy": data.chance_accuracy,
+            "ceiling_accuracy": data.ceiling_accuracy}
 
 
 @dataclass
