@@ -246,3 +246,19 @@ def test_sampled_power_above_the_limit_is_a_failed_window(monkeypatch):
     why = _failed_window(GpuMeter("nvidia", 0, trace_period_s=0.02), sleep_s=0.1)
     assert why.startswith("meter nvidia read an impossible figure: gpu:0: ")
     assert "ceiling (1.5 x its 700 W power limit)" in why
+
+
+def test_selfcheck_skips_trace_vs_counter_on_a_gpu_with_no_counter(monkeypatch):
+    # A pre-Volta GPU's energy is its power trace's integral, so the trace cannot check it: selfcheck said
+    # "trace vs counter ok, worst +0.0%" of a comparison of one number with itself.
+    from moe_energy.bench import selfcheck
+
+    fake = FakeNVML(arch=pynvml.NVML_DEVICE_ARCH_PASCAL)
+    fake.install(monkeypatch)
+    fake.counter_mj, fake.power_mw = [0], 100_000
+    res = measure(nn.Linear(4, 2), torch.zeros(8, 4), 0.2, GpuMeter("nvidia", 0, trace_period_s=0.05), 16, warmup=0)
+    rec = window_record(res)
+    assert rec["method_by_device"] == {"gpu:0": "sampled"}
+    assert rec["trace_energy_j"]["gpu:0"] == pytest.approx(rec["energy_by_device_j"]["gpu:0"])
+    check = selfcheck.check_trace([selfcheck.Check("energy", "w", "ok", "", {"windows": [rec]})])
+    assert check.status == "skip" and "no window has both a power trace and a counter reading" in check.detail
