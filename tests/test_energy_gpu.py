@@ -16,7 +16,7 @@ pytest.importorskip("zeus")
 
 from moe_energy.energy import auto_meter, make_meter  # noqa: E402
 from moe_energy.energy.gpu import GPU_MAX_W, POWER_LIMIT_MARGIN, GpuMeter  # noqa: E402
-from moe_energy.energy.meter import CompositeMeter  # noqa: E402
+from moe_energy.energy.meter import CompositeMeter, ImpossibleReading  # noqa: E402
 from moe_energy.energy.rapl import ENV_ROOT  # noqa: E402
 from moe_energy.measure.guard import GuardedMeter, MeterFailed  # noqa: E402
 from moe_energy.measure.window import measure  # noqa: E402
@@ -262,3 +262,27 @@ def test_selfcheck_skips_trace_vs_counter_on_a_gpu_with_no_counter(monkeypatch):
     assert rec["trace_energy_j"]["gpu:0"] == pytest.approx(rec["energy_by_device_j"]["gpu:0"])
     check = selfcheck.check_trace([selfcheck.Check("energy", "w", "ok", "", {"windows": [rec]})])
     assert check.status == "skip" and "no window has both a power trace and a counter reading" in check.detail
+
+
+def test_a_failed_gpu_reading_closes_the_whole_composite_window(nvml, monkeypatch, tmp_path):
+    # auto on a GPU host is nvidia+rapl. The GPU's counter went backwards (5 J -> 4 J): its end() raised, and the
+    # RAPL part was never ended, so its power-trace thread sampled on and the next window of the same meter (the
+    # API's next repeat, selfcheck's next check) was refused: "meter 'rapl': a window is already open on it".
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "name").write_text("package-0\n")
+    (zone / "energy_uj").write_text("0\n")
+    (zone / "max_energy_range_uj").write_text("1000000000\n")
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path))
+    m = auto_meter(torch.device("cuda", 0))
+    assert isinstance(m, CompositeMeter) and m.name == "nvidia+rapl"
+    nvml.counter_mj = [5_000, 4_000]
+    m.begin()
+    with pytest.raises(ImpossibleReading, match="counter went backwards"):
+        m.end()
+    assert all(part._trace is None and part._t0 is None for part in m.meters)  # every part closed
+    nvml.counter_mj = [4_000, 6_000]
+    m.begin()
+    (zone / "energy_uj").write_text("3000000\n")
+    r = m.end()
+    assert r.joules_by_device == {"gpu:0": pytest.approx(2.0), "cpu:package-0": pytest.approx(3.0)}

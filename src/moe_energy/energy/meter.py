@@ -371,13 +371,21 @@ class CompositeMeter(MeterBase):
 
     def begin(self) -> None:
         self._refuse_open()
-        for m in self.meters:
-            m.begin()
+        try:
+            for m in self.meters:
+                m.begin()
+        except BaseException:
+            abort(self)  # the parts begun before the failure: their traces stop, their windows close
+            raise
         self._start_clock()
 
     def end(self) -> Measurement:
         secs = self._stop_clock()
-        parts = [m.end() for m in self.meters]
+        try:
+            parts = [m.end() for m in self.meters]
+        except BaseException:
+            abort(self)  # one part's failure (an impossible reading) must not leave the others' windows open
+            raise
         out = Measurement(seconds=secs, method=weakest([p.method for p in parts]), meter=self.name)
         joules: dict[str, float] = {}
         trace: dict[str, list[list[float]]] = {}
