@@ -286,3 +286,30 @@ def test_a_failed_gpu_reading_closes_the_whole_composite_window(nvml, monkeypatc
     (zone / "energy_uj").write_text("3000000\n")
     r = m.end()
     assert r.joules_by_device == {"gpu:0": pytest.approx(2.0), "cpu:package-0": pytest.approx(3.0)}
+
+
+def test_a_counter_read_that_fails_at_an_edge_closes_the_window(nvml, monkeypatch):
+    # begin() started the power trace and the clock, then NVML refused the counter: the trace thread polled on
+    # and every later window of the meter (selfcheck's next checks) failed "a window is already open on it"
+    # instead of measuring or naming the GPU's error.
+    nvml.counter_mj = [1_000, 3_000]
+    meter = GpuMeter("nvidia", 0)
+    real = nvml.energy
+
+    def lost(handle):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", lost)
+    with pytest.raises(Exception, match="GPU is lost"):
+        meter.begin()
+    assert meter._trace is None and meter._t0 is None
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", real)
+    meter.begin()
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", lost)
+    with pytest.raises(Exception, match="GPU is lost"):
+        meter.end()
+    assert meter._trace is None and meter._t0 is None
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", real)
+    nvml.counter_mj = [3_000, 7_000]
+    meter.begin()
+    assert meter.end().joules_by_device == {"gpu:0": pytest.approx(4.0)}

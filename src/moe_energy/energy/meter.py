@@ -250,11 +250,15 @@ class CounterMeter(MeterBase):
 
     def begin(self) -> None:
         self._refuse_open()
-        self._state0 = self._state()
-        self._trace = self._sampler()
-        self._trace.start()
-        self._start_clock()  # the clock and the counter are read back to back, as in end()
-        self._e0 = self._read()
+        try:
+            self._state0 = self._state()
+            self._trace = self._sampler()
+            self._trace.start()
+            self._start_clock()  # the clock and the counter are read back to back, as in end()
+            self._e0 = self._read()
+        except BaseException:
+            abort(self)  # a failed read must not leave the trace sampling and the window open
+            raise
 
     def _ceilings(self, state_end: dict[str, dict[str, Any]]) -> Ceilings:
         """Each device's most plausible watts; none by default (only a negative reading is impossible)."""
@@ -269,7 +273,11 @@ class CounterMeter(MeterBase):
         """The window's Measurement; raises ImpossibleReading rather than return a figure no device drew."""
         if self._t0 is None or self._trace is None:
             raise RuntimeError("end() called before begin()")
-        e1 = self._read()  # right after the caller's sync
+        try:
+            e1 = self._read()  # right after the caller's sync
+        except BaseException:
+            abort(self)
+            raise
         secs = self._stop_clock()
         sampler, self._trace = self._trace, None
         trace = sampler.stop()
