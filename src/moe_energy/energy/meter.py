@@ -444,16 +444,17 @@ class WindowHandle:
 def window(meter: Meter, name: str = "window", sync: Callable[[], None] | None = None) -> Iterator[WindowHandle]:
     """Measure the block: sync, begin, run, sync, end. Syncs happen only at the edges.
 
-    If the block raises (an error, Ctrl-C, SIGTERM) the window is closed and its reading discarded."""
+    If the block or the closing sync raises (an error, Ctrl-C, SIGTERM) the window is closed and its reading
+    discarded."""
     handle = WindowHandle(name)
     if sync is not None:
         sync()
     meter.begin()
     try:
         yield handle
+        if sync is not None:
+            sync()  # an asynchronous device error (or Ctrl-C) may surface here, not in the block
     except BaseException:
         abort(meter)  # the block failed or was interrupted: close the window, discard its reading
         raise
-    if sync is not None:
-        sync()
     handle.result = meter.end()
