@@ -313,3 +313,19 @@ def test_a_counter_read_that_fails_at_an_edge_closes_the_window(nvml, monkeypatc
     nvml.counter_mj = [3_000, 7_000]
     meter.begin()
     assert meter.end().joules_by_device == {"gpu:0": pytest.approx(4.0)}
+
+
+def test_a_device_given_as_a_string_picks_its_gpu(nvml):
+    # 'cuda:0' as a str: getattr(device, "index") found str.index, a method, and GpuMeter failed
+    # "'<=' not supported between instances of 'int' and 'builtin_function_or_method'"; survey()'s own default
+    # device "cpu" crashed the same way on any host with an NVIDIA GPU.
+    from moe_energy.energy.select import survey
+    from moe_energy.errors import ConfigError
+
+    nvml.counter_mj = [0]
+    meter = make_meter("nvidia", "cuda:0")
+    assert (meter.index, meter.devices) == (0, ["gpu:0"])
+    with pytest.raises(ConfigError, match=r"GPU index 1 not visible \(1 GPU\(s\)\)"):
+        make_meter("nvidia", "cuda:1")
+    [gpu] = [s for s in survey() if s.name == "nvidia"]
+    assert (gpu.available, gpu.method, gpu.devices) == (True, "counter", ["gpu:0"])
