@@ -329,3 +329,21 @@ def test_a_device_given_as_a_string_picks_its_gpu(nvml):
         make_meter("nvidia", "cuda:1")
     [gpu] = [s for s in survey() if s.name == "nvidia"]
     assert (gpu.available, gpu.method, gpu.devices) == (True, "counter", ["gpu:0"])
+
+
+def test_a_gpu_the_driver_cannot_query_is_reported_not_a_crash(nvml, monkeypatch, tmp_path):
+    # NVML refused nvmlDeviceGetArchitecture (which decides counter or sampled): the raw ZeusGPUUnknownError
+    # escaped GpuMeter, so 'moe-energy meters', selfcheck and auto on a CUDA run crashed instead of saying why.
+    def unknown(handle):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetArchitecture", unknown)
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path / "no-rapl"))
+    from moe_energy.energy.select import survey
+
+    [gpu] = [s for s in survey(torch.device("cuda", 0)) if s.name == "nvidia"]
+    assert (gpu.available, gpu.kind) == (False, "unreadable")
+    assert gpu.reason == "nvidia: cannot ask GPU 0 for an energy counter (ZeusGPUUnknownError: Unknown Error)"
+    notes: list[str] = []
+    assert auto_meter(torch.device("cuda", 0), notice=notes.append).method == "estimate"
+    assert "nvidia: cannot ask GPU 0 for an energy counter" in notes[0]
