@@ -274,3 +274,22 @@ def test_a_sync_that_fails_at_the_windows_end_closes_the_window(tmp_path):
     with window(meter, "bench", lambda: None) as w:
         (d / "energy_uj").write_text("1005000\n")  # 5 mJ
     assert w.result.joules_by_device == {"cpu:package-0": pytest.approx(0.005)}
+
+
+def test_a_composite_whose_part_fails_to_begin_closes_the_parts_it_began(tmp_path):
+    # RAPL began (trace sampling), then the second part refused: RAPL's window was left open, and the meter's next
+    # window was refused "a window is already open on it".
+    from moe_energy.energy.meter import CompositeMeter
+
+    d = write_zone(tmp_path, "intel-rapl:0", "package-0", 1_000_000)
+    first, second = RaplMeter(tmp_path), RaplMeter(tmp_path)
+    second.begin()  # open elsewhere: the composite's begin() fails on it and must leave that window alone
+    both = CompositeMeter([first, second])
+    with pytest.raises(Exception, match="a window is already open on it"):
+        both.begin()
+    assert first._trace is None and first._t0 is None
+    assert second._trace is not None  # not the composite's window to close
+    second.abort()
+    both.begin()
+    (d / "energy_uj").write_text("1002000\n")  # 2 mJ
+    assert both.end().joules_by_device == {"cpu:package-0": pytest.approx(0.002)}

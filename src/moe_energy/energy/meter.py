@@ -379,11 +379,14 @@ class CompositeMeter(MeterBase):
 
     def begin(self) -> None:
         self._refuse_open()
+        begun: list[Meter] = []
         try:
             for m in self.meters:
                 m.begin()
+                begun.append(m)
         except BaseException:
-            abort(self)  # the parts begun before the failure: their traces stop, their windows close
+            for m in begun:  # the parts begun before the failure: their traces stop, their windows close
+                abort(m)
             raise
         self._start_clock()
 
