@@ -16,7 +16,7 @@ pytest.importorskip("zeus")
 
 from moe_energy.energy import auto_meter, make_meter  # noqa: E402
 from moe_energy.energy.gpu import GPU_MAX_W, POWER_LIMIT_MARGIN, GpuMeter  # noqa: E402
-from moe_energy.energy.meter import CompositeMeter  # noqa: E402
+from moe_energy.energy.meter import CompositeMeter, ImpossibleReading  # noqa: E402
 from moe_energy.energy.rapl import ENV_ROOT  # noqa: E402
 from moe_energy.measure.guard import GuardedMeter, MeterFailed  # noqa: E402
 from moe_energy.measure.window import measure  # noqa: E402
@@ -246,3 +246,104 @@ def test_sampled_power_above_the_limit_is_a_failed_window(monkeypatch):
     why = _failed_window(GpuMeter("nvidia", 0, trace_period_s=0.02), sleep_s=0.1)
     assert why.startswith("meter nvidia read an impossible figure: gpu:0: ")
     assert "ceiling (1.5 x its 700 W power limit)" in why
+
+
+def test_selfcheck_skips_trace_vs_counter_on_a_gpu_with_no_counter(monkeypatch):
+    # A pre-Volta GPU's energy is its power trace's integral, so the trace cannot check it: selfcheck said
+    # "trace vs counter ok, worst +0.0%" of a comparison of one number with itself.
+    from moe_energy.bench import selfcheck
+
+    fake = FakeNVML(arch=pynvml.NVML_DEVICE_ARCH_PASCAL)
+    fake.install(monkeypatch)
+    fake.counter_mj, fake.power_mw = [0], 100_000
+    res = measure(nn.Linear(4, 2), torch.zeros(8, 4), 0.2, GpuMeter("nvidia", 0, trace_period_s=0.05), 16, warmup=0)
+    rec = window_record(res)
+    assert rec["method_by_device"] == {"gpu:0": "sampled"}
+    assert rec["trace_energy_j"]["gpu:0"] == pytest.approx(rec["energy_by_device_j"]["gpu:0"])
+    check = selfcheck.check_trace([selfcheck.Check("energy", "w", "ok", "", {"windows": [rec]})])
+    assert check.status == "skip" and "no window has both a power trace and a counter reading" in check.detail
+
+
+def test_a_failed_gpu_reading_closes_the_whole_composite_window(nvml, monkeypatch, tmp_path):
+    # auto on a GPU host is nvidia+rapl. The GPU's counter went backwards (5 J -> 4 J): its end() raised, and the
+    # RAPL part was never ended, so its power-trace thread sampled on and the next window of the same meter (the
+    # API's next repeat, selfcheck's next check) was refused: "meter 'rapl': a window is already open on it".
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "name").write_text("package-0\n")
+    (zone / "energy_uj").write_text("0\n")
+    (zone / "max_energy_range_uj").write_text("1000000000\n")
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path))
+    m = auto_meter(torch.device("cuda", 0))
+    assert isinstance(m, CompositeMeter) and m.name == "nvidia+rapl"
+    nvml.counter_mj = [5_000, 4_000]
+    m.begin()
+    with pytest.raises(ImpossibleReading, match="counter went backwards"):
+        m.end()
+    assert all(part._trace is None and part._t0 is None for part in m.meters)  # every part closed
+    nvml.counter_mj = [4_000, 6_000]
+    m.begin()
+    (zone / "energy_uj").write_text("3000000\n")
+    r = m.end()
+    assert r.joules_by_device == {"gpu:0": pytest.approx(2.0), "cpu:package-0": pytest.approx(3.0)}
+
+
+def test_a_counter_read_that_fails_at_an_edge_closes_the_window(nvml, monkeypatch):
+    # begin() started the power trace and the clock, then NVML refused the counter: the trace thread polled on
+    # and every later window of the meter (selfcheck's next checks) failed "a window is already open on it"
+    # instead of measuring or naming the GPU's error.
+    nvml.counter_mj = [1_000, 3_000]
+    meter = GpuMeter("nvidia", 0)
+    real = nvml.energy
+
+    def lost(handle):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", lost)
+    with pytest.raises(Exception, match="GPU is lost"):
+        meter.begin()
+    assert meter._trace is None and meter._t0 is None
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", real)
+    meter.begin()
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", lost)
+    with pytest.raises(Exception, match="GPU is lost"):
+        meter.end()
+    assert meter._trace is None and meter._t0 is None
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", real)
+    nvml.counter_mj = [3_000, 7_000]
+    meter.begin()
+    assert meter.end().joules_by_device == {"gpu:0": pytest.approx(4.0)}
+
+
+def test_a_device_given_as_a_string_picks_its_gpu(nvml):
+    # 'cuda:0' as a str: getattr(device, "index") found str.index, a method, and GpuMeter failed
+    # "'<=' not supported between instances of 'int' and 'builtin_function_or_method'"; survey()'s own default
+    # device "cpu" crashed the same way on any host with an NVIDIA GPU.
+    from moe_energy.energy.select import survey
+    from moe_energy.errors import ConfigError
+
+    nvml.counter_mj = [0]
+    meter = make_meter("nvidia", "cuda:0")
+    assert (meter.index, meter.devices) == (0, ["gpu:0"])
+    with pytest.raises(ConfigError, match=r"GPU index 1 not visible \(1 GPU\(s\)\)"):
+        make_meter("nvidia", "cuda:1")
+    [gpu] = [s for s in survey() if s.name == "nvidia"]
+    assert (gpu.available, gpu.method, gpu.devices) == (True, "counter", ["gpu:0"])
+
+
+def test_a_gpu_the_driver_cannot_query_is_reported_not_a_crash(nvml, monkeypatch, tmp_path):
+    # NVML refused nvmlDeviceGetArchitecture (which decides counter or sampled): the raw ZeusGPUUnknownError
+    # escaped GpuMeter, so 'moe-energy meters', selfcheck and auto on a CUDA run crashed instead of saying why.
+    def unknown(handle):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_UNKNOWN)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetArchitecture", unknown)
+    monkeypatch.setenv(ENV_ROOT, str(tmp_path / "no-rapl"))
+    from moe_energy.energy.select import survey
+
+    [gpu] = [s for s in survey(torch.device("cuda", 0)) if s.name == "nvidia"]
+    assert (gpu.available, gpu.kind) == (False, "unreadable")
+    assert gpu.reason == "nvidia: cannot ask GPU 0 for an energy counter (ZeusGPUUnknownError: Unknown Error)"
+    notes: list[str] = []
+    assert auto_meter(torch.device("cuda", 0), notice=notes.append).method == "estimate"
+    assert "nvidia: cannot ask GPU 0 for an energy counter" in notes[0]

@@ -252,3 +252,44 @@ def test_permission_denied_says_how_to_grant_access():
         assert "energy_uj" in msg and "chmod a+r" in msg and "root" in msg
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_sync_that_fails_at_the_windows_end_closes_the_window(tmp_path):
+    # An asynchronous device error (or Ctrl-C) surfaces in the end edge's sync: the window was left open with its
+    # trace sampling, and the meter's next window was refused "a window is already open on it".
+    from moe_energy.energy.meter import window
+
+    d = write_zone(tmp_path, "intel-rapl:0", "package-0", 1_000_000)
+    meter = RaplMeter(tmp_path)
+    calls = []
+
+    def sync():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"), window(meter, "bench", sync):
+        pass
+    assert meter._trace is None and meter._t0 is None
+    with window(meter, "bench", lambda: None) as w:
+        (d / "energy_uj").write_text("1005000\n")  # 5 mJ
+    assert w.result.joules_by_device == {"cpu:package-0": pytest.approx(0.005)}
+
+
+def test_a_composite_whose_part_fails_to_begin_closes_the_parts_it_began(tmp_path):
+    # RAPL began (trace sampling), then the second part refused: RAPL's window was left open, and the meter's next
+    # window was refused "a window is already open on it".
+    from moe_energy.energy.meter import CompositeMeter
+
+    d = write_zone(tmp_path, "intel-rapl:0", "package-0", 1_000_000)
+    first, second = RaplMeter(tmp_path), RaplMeter(tmp_path)
+    second.begin()  # open elsewhere: the composite's begin() fails on it and must leave that window alone
+    both = CompositeMeter([first, second])
+    with pytest.raises(Exception, match="a window is already open on it"):
+        both.begin()
+    assert first._trace is None and first._t0 is None
+    assert second._trace is not None  # not the composite's window to close
+    second.abort()
+    both.begin()
+    (d / "energy_uj").write_text("1002000\n")  # 2 mJ
+    assert both.end().joules_by_device == {"cpu:package-0": pytest.approx(0.002)}

@@ -290,13 +290,14 @@ def check_trace(windows: list[Check]) -> Check:
         if not te or not ce:
             continue
         for dev, tj in te.items():
-            cj = ce.get(dev)
-            if cj is None or cj <= 0:
+            cj, method = ce.get(dev), w["method_by_device"].get(dev, w["energy_method"])
+            if cj is None or cj <= 0 or method == "sampled":  # sampled: the energy is the trace's own integral
                 continue
-            methods.add(w["method_by_device"].get(dev, w["energy_method"]))
+            methods.add(method)
             diffs[f"{c.name} {dev}"] = (tj - cj) / cj
     if not diffs:
-        return Check("energy", "trace vs counter", "skip", "no window has both a power trace and a counter reading")
+        return Check("energy", "trace vs counter", "skip", "no window has both a power trace and a counter reading "
+                     "(a GPU without an energy counter has only its sampled power)")
     worst = max(diffs, key=lambda k: abs(diffs[k]))
     detail = f"worst {worst} {diffs[worst]:+.1%} (tolerance {TRACE_AGREEMENT:.0%}) over {len(diffs)} device-window(s)"
     if methods == {"estimate"}:

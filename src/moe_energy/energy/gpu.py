@@ -88,7 +88,11 @@ class GpuMeter(CounterMeter):
         if not 0 <= index < len(self.gpus):
             raise GpuUnavailable(f"{vendor}: GPU index {index} not visible ({len(self.gpus)} GPU(s))",
                                  kind="absent")
-        self.has_counter = bool(self.gpus.supports_get_total_energy_consumption(index))
+        try:
+            self.has_counter = bool(self.gpus.supports_get_total_energy_consumption(index))
+        except Exception as e:  # the driver refused the query: reported, as open_gpus reports a failed init
+            raise GpuUnavailable(f"{vendor}: cannot ask GPU {index} for an energy counter ({type(e).__name__}: {e})",
+                                 kind="unreadable") from None
         self.method = "counter" if self.has_counter else "sampled"
         self.device = f"gpu:{index}"
         self.devices = [self.device]

@@ -250,11 +250,15 @@ class CounterMeter(MeterBase):
 
     def begin(self) -> None:
         self._refuse_open()
-        self._state0 = self._state()
-        self._trace = self._sampler()
-        self._trace.start()
-        self._start_clock()  # the clock and the counter are read back to back, as in end()
-        self._e0 = self._read()
+        try:
+            self._state0 = self._state()
+            self._trace = self._sampler()
+            self._trace.start()
+            self._start_clock()  # the clock and the counter are read back to back, as in end()
+            self._e0 = self._read()
+        except BaseException:
+            abort(self)  # a failed read must not leave the trace sampling and the window open
+            raise
 
     def _ceilings(self, state_end: dict[str, dict[str, Any]]) -> Ceilings:
         """Each device's most plausible watts; none by default (only a negative reading is impossible)."""
@@ -269,7 +273,11 @@ class CounterMeter(MeterBase):
         """The window's Measurement; raises ImpossibleReading rather than return a figure no device drew."""
         if self._t0 is None or self._trace is None:
             raise RuntimeError("end() called before begin()")
-        e1 = self._read()  # right after the caller's sync
+        try:
+            e1 = self._read()  # right after the caller's sync
+        except BaseException:
+            abort(self)
+            raise
         secs = self._stop_clock()
         sampler, self._trace = self._trace, None
         trace = sampler.stop()
@@ -371,13 +379,24 @@ class CompositeMeter(MeterBase):
 
     def begin(self) -> None:
         self._refuse_open()
-        for m in self.meters:
-            m.begin()
+        begun: list[Meter] = []
+        try:
+            for m in self.meters:
+                m.begin()
+                begun.append(m)
+        except BaseException:
+            for m in begun:  # the parts begun before the failure: their traces stop, their windows close
+                abort(m)
+            raise
         self._start_clock()
 
     def end(self) -> Measurement:
         secs = self._stop_clock()
-        parts = [m.end() for m in self.meters]
+        try:
+            parts = [m.end() for m in self.meters]
+        except BaseException:
+            abort(self)  # one part's failure (an impossible reading) must not leave the others' windows open
+            raise
         out = Measurement(seconds=secs, method=weakest([p.method for p in parts]), meter=self.name)
         joules: dict[str, float] = {}
         trace: dict[str, list[list[float]]] = {}
@@ -428,16 +447,17 @@ class WindowHandle:
 def window(meter: Meter, name: str = "window", sync: Callable[[], None] | None = None) -> Iterator[WindowHandle]:
     """Measure the block: sync, begin, run, sync, end. Syncs happen only at the edges.
 
-    If the block raises (an error, Ctrl-C, SIGTERM) the window is closed and its reading discarded."""
+    If the block or the closing sync raises (an error, Ctrl-C, SIGTERM) the window is closed and its reading
+    discarded."""
     handle = WindowHandle(name)
     if sync is not None:
         sync()
     meter.begin()
     try:
         yield handle
+        if sync is not None:
+            sync()  # an asynchronous device error (or Ctrl-C) may surface here, not in the block
     except BaseException:
         abort(meter)  # the block failed or was interrupted: close the window, discard its reading
         raise
-    if sync is not None:
-        sync()
     handle.result = meter.end()

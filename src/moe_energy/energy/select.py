@@ -33,7 +33,7 @@ def _device_type_index(device: Any) -> tuple[str, int | None]:
             return "mps", None
         return "cpu", None
     kind = getattr(device, "type", None) or str(device).split(":")[0]
-    index = getattr(device, "index", None)
+    index = None if isinstance(device, str) else getattr(device, "index", None)  # a str's .index is a method
     if index is None and ":" in str(device):
         index = int(str(device).split(":")[1])
     if kind == "cuda" and index is None:
