@@ -228,12 +228,13 @@ class Whole:
         while n > 1 and bound(n) > limit:
             n -= 1
         why = f"{fits} fit in free memory" if fits < m.layers else "all fit in free memory"
-        if n < fits and bound(n) <= limit:
-            why += (f"; {n} keep the longest call under {limit:g} s (--max-forward-s, default --duration) at this "
-                    f"host's roofline bound ({bound(n):.3g} s)")
-        elif bound(n) > limit:  # even one layer is over the limit: 1, the least, is built anyway
-            why += (f"; 1, the least: its longest call takes {bound(n):.3g} s at this host's roofline bound, over "
+        t = bound(n)  # computed once: every point's FLOPs and bytes
+        if t > limit:  # even one layer is over the limit: 1, the least, is built anyway
+            why += (f"; 1, the least: its longest call takes {t:.3g} s at this host's roofline bound, over "
                     f"{limit:g} s (--max-forward-s, default --duration)")
+        elif n < fits:
+            why += (f"; {n} keep the longest call under {limit:g} s (--max-forward-s, default --duration) at this "
+                    f"host's roofline bound ({t:.3g} s)")
         return n, why
 
     def load(self, opts: RunOptions, device: torch.device, dtype: torch.dtype, rank: int) -> None:
