@@ -76,3 +76,28 @@ def test_every_store_column_is_a_record_field():
     assert set(CARBON_MODEL_COLUMNS) <= set(MODEL_COLUMNS) and "power_limit_w" in WINDOW_COLUMNS
     assert {"power_limit_w", "cpu_power_limit_w", "carbon_intensity_g_per_kwh", "price_per_kwh", "co2e_g_per_million",
             "cost_per_million", "carbon_basis"} <= set(CARBON_MODEL_COLUMNS) <= model
+
+
+def test_a_window_with_dynamic_energy_at_or_below_zero_is_said_so_not_called_unmeasured():
+    # idle 1 W over 2 s windows: 20 and 10 J leave 18 and 8 J of dynamic energy; 1.5 and 2 J leave -0.5 and 0 J,
+    # measured, but the idle reading is at or above their draw, so they give no dynamic inferences/J
+    windows = [_window(j) for j in (20.0, 1.5, 2.0, 10.0)]
+    rec = measured_record("dense_total", {"kind": "dense"}, None, "float32", None, None, None, windows)
+    assert rec["dynamic_inferences_per_joule"] == pytest.approx((40 / 18 + 40 / 8) / 2)
+    assert rec["inferences_per_joule"] == pytest.approx((40 / 10 + 40 / 2) / 2)  # every raw figure measured
+    dyn = [f for f in rec["flags"] if f.startswith("dynamic_inferences_per_joule:")]
+    assert dyn == ["dynamic_inferences_per_joule: 2 of 4 windows had dynamic energy <= 0 (idle reading at or above "
+                   "the window's draw); the median of the other 2"]
+    assert not any("not measured" in f for f in rec["flags"]), rec["flags"]
+    assert [w["dynamic_energy_j"] <= 0 for w in windows] == [False, True, True, False]
+    for w in windows[1:3]:  # each such window says the same
+        assert "dynamic energy <= 0 (idle reading at or above the window's draw)" in w["flags"]
+
+
+def test_a_raw_zero_joule_window_and_an_unmeasured_one_are_told_apart():
+    windows = [_window(20.0), _window(0.0), _window(None)]  # a counter that did not advance; a meter that read nothing
+    rec = measured_record("dense_total", {"kind": "dense"}, None, "float32", None, None, None, windows)
+    assert rec["inferences_per_joule"] == pytest.approx(2.0)
+    raw = [f for f in rec["flags"] if f.startswith("inferences_per_joule:")]
+    assert raw == ["inferences_per_joule: 1 of 3 windows had energy <= 0 (the counter did not "
+                   "advance); 1 of 3 windows not measured; the median of the other 1"]

@@ -34,6 +34,15 @@ SPREAD_KEYS = ("inferences_per_second", "inferences_per_joule", "dynamic_inferen
                "average_power_w")
 
 
+# A per-joule figure's energy, and what a window whose energy came out at or below zero had: it WAS measured,
+# but gives no figure to divide by (``per_joule``), so the summary must not call it "not measured".
+AT_OR_BELOW_ZERO = {
+    "inferences_per_joule": ("energy_j", "energy <= 0 (the counter did not advance)"),
+    "dynamic_inferences_per_joule": ("dynamic_energy_j", "dynamic energy <= 0 (idle reading at or above the window's "
+                                                         "draw)"),
+}
+
+
 class WindowRecord(TypedDict, total=False):
     """One window, in the order the run measured it. ``failed`` (a reason) marks a window with no energy."""
 
@@ -207,7 +216,7 @@ def window_record(res: BenchResult) -> WindowRecord:
         dipj_reason = "idle power not measured (--idle-seconds 0)"
     flags, lat = res.flags + e.flags, res.latency_ms
     if dyn is not None and dyn <= 0:
-        flags = flags + ["dynamic energy <= 0: the window drew no more than idle power"]
+        flags = flags + [AT_OR_BELOW_ZERO["dynamic_inferences_per_joule"][1]]
     return WindowRecord(
         batch_size=res.batch_size, batches=res.batches, inferences=res.inferences, window_s=res.seconds,
         inferences_per_second=res.inferences_per_second, latency_p50_ms=percentile(lat, 50),
@@ -264,6 +273,18 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def _partial_note(k: str, windows: Sequence[WindowRecord], kept: int) -> str:
+    """Why ``k`` is the median of ``kept`` of the windows: those at or below zero energy, those not measured."""
+    n = len(windows)
+    energy, words = AT_OR_BELOW_ZERO.get(k, ("", ""))
+    lacking = [w for w in windows if w.get(k) is None]  # type: ignore[literal-required]
+    low = sum(isinstance(j := w.get(energy), (int, float)) and j <= 0 for w in lacking)  # type: ignore[literal-required]
+    parts = [f"{low} of {n} windows had {words}"] if low else []
+    if len(lacking) > low:
+        parts.append(f"{len(lacking) - low} of {n} windows not measured")
+    return f"{k}: {'; '.join(parts)}; the median of the other {kept}"
+
+
 def summarize(windows: Sequence[WindowRecord]) -> dict[str, Any]:
     """A model's figures over its repeated windows: medians (the flat fields), min/max, every window kept.
 
@@ -277,7 +298,7 @@ def summarize(windows: Sequence[WindowRecord]) -> dict[str, Any]:
         vals = [w[k] for w in windows if w.get(k) is not None]  # type: ignore[literal-required]
         out[k] = _median(vals)
         if vals and len(vals) < len(windows) and k in SPREAD_KEYS:
-            flags.append(f"{k}: median of {len(vals)} of {len(windows)} windows (the others not measured)")
+            flags.append(_partial_note(k, windows, len(vals)))
     for k in SPREAD_KEYS:
         vals = [w[k] for w in windows if w.get(k) is not None]  # type: ignore[literal-required]
         out[f"{k}_min"] = min(vals) if vals else None
