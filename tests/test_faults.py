@@ -142,6 +142,19 @@ def test_diverged_training_is_flagged_and_still_measured(tmp_path, tiny_spec):
     assert "(diverged: meaningless)" in con.export_text() and m["train"]["failure"] == "diverged"
 
 
+def test_an_untrained_run_is_flagged_untrained_in_the_table_the_lines_and_the_json(tmp_path):
+    # --epochs 0 is valid (speed and energy of the initial weights), but its accuracy must not pass as trained
+    r = in_process("run", *RUN, "--epochs", "0", "--models", "dense_active", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())  # the table may wrap a cell
+    m = json.loads(next(tmp_path.glob("run-*.json")).read_text())["models"][0]
+    assert m["diverged"] is True and m["accuracy_meaningful"] is False and m["train"]["failure"] == "untrained"
+    assert m["flags"][0].startswith("untrained (--epochs 0") and "accuracy is meaningless" in m["flags"][0]
+    assert m["status"] == "measured" and m["inferences_per_second"] > 0
+    assert "(untrained: meaningless)" in out or "(untrained:" in r.stdout
+    assert "dense_active: untrained (--epochs 0" in out and "its accuracy is meaningless" in out
+
+
 # -- meter failures --------------------------------------------------------------------------------------
 class LiveRapl:
     """A powercap tree of real files whose package counter a thread advances at 30 W (atomic renames)."""

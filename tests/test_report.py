@@ -294,6 +294,8 @@ def test_a_model_that_did_not_learn_is_not_said_to_have_diverged(tmp_path):
     ms[0].update(diverged=True, train={"failure": "did not learn", "diverged_reason": "held-out accuracy 0.10 is at "
                                        "chance (0.11)"})
     ms[1].update(diverged=True, train={"diverged_reason": "loss is nan in epoch 1"})  # a record from before 'failure'
+    ms[2].update(diverged=True, train={"failure": "untrained", "diverged_reason": "--epochs 0: the weights are their "
+                                       "random initialisation"})
     with Store(db) as s:
         s.new_run("r1", {"grid": "custom"}, {"device_name": "Test GPU", "torch": "2.x"},
                   {"name": "nvidia", "method": "counter"}, grid_name="custom")
@@ -305,7 +307,10 @@ def test_a_model_that_did_not_learn_is_not_said_to_have_diverged(tmp_path):
     _title, head, rows = points_table(frame)
     acc = {r[head.index("model")]: r[head.index("held-out acc")] for r in rows}
     assert acc == {"moe[grouped]": "90.0% (did not learn: accuracy meaningless)",
-                   "dense_total": "90.0% (diverged: accuracy meaningless)", "dense_active": "90.0%"}
+                   "dense_total": "90.0% (diverged: accuracy meaningless)",
+                   "dense_active": "90.0% (untrained: accuracy meaningless)"}
+    cpj = {r[head.index("model")]: r[head.index("correct inferences/J")] for r in rows}
+    assert cpj["dense_active"] == "not comparable (untrained)"
 
 
 def test_series_of_two_sparsities_are_told_apart_in_the_legend(tmp_path):

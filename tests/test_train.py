@@ -5,7 +5,7 @@ import math
 import torch
 
 from moe_energy.data import make_dataset
-from moe_energy.measure.records import training_failure
+from moe_energy.measure.records import training_failure, training_note
 from moe_energy.models import DenseMLP, MoE
 from moe_energy.train import train
 
@@ -46,7 +46,15 @@ def test_training_that_stays_at_chance_did_not_learn_and_is_not_called_diverged(
     assert training_failure({"diverged": False}) is None
 
 
-def test_untrained_model_is_not_called_diverged():
+def test_an_untrained_model_is_called_untrained_not_diverged():
+    # --epochs 0 measures the random initialisation: its accuracy is no trained result, whatever it happens to be
     data = make_dataset(200, 20, 3, seed=1, test_fraction=0.25)
     res = train(DenseMLP(20, 8, 1, 3), data, epochs=0, lr=1e-3, batch_size=32, device=torch.device("cpu"))
-    assert res.epoch_loss == [] and not res.diverged and res.test_accuracy is not None
+    assert res.epoch_loss == [] and res.test_accuracy is not None
+    assert res.diverged and res.failure == "untrained" and "--epochs 0" in res.diverged_reason
+    rec = {"diverged": res.diverged, "train": res.as_dict()}
+    assert training_failure(rec) == "untrained"
+    assert training_note(rec) == f"untrained ({res.diverged_reason})"
+    assert training_note({"diverged": True, "train": {"failure": "did not learn", "diverged_reason": "at chance"}}) \
+        == "training did not learn (at chance)"
+    assert training_note({"diverged": False}) is None

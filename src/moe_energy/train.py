@@ -23,9 +23,9 @@ class TrainResult:
     epoch_train_accuracy: list[float] = field(default_factory=list)
     test_accuracy: float | None = None
     chance_accuracy: float | None = None
-    diverged: bool = False  # training failed (the stored field's name): the loss went non-finite, or nothing learned
+    diverged: bool = False  # training failed (the stored field's name): non-finite loss, nothing learned, or none run
     diverged_reason: str | None = None
-    failure: str | None = None  # which, in words: "diverged" or "did not learn"
+    failure: str | None = None  # which, in words: "diverged", "did not learn" or "untrained" (--epochs 0)
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
@@ -85,7 +85,10 @@ def train(
             res.failure = "diverged"
             break
     res.test_accuracy = evaluate(model, data.x_test, data.y_test, batch_size, device)
-    if epochs > 0 and not res.diverged and res.test_accuracy <= data.chance_accuracy + CHANCE_MARGIN:
+    if epochs == 0:  # speed and energy of the initial weights are valid; their accuracy is no trained result
+        res.diverged, res.diverged_reason = True, "--epochs 0: the weights are their random initialisation"
+        res.failure = "untrained"
+    elif not res.diverged and res.test_accuracy <= data.chance_accuracy + CHANCE_MARGIN:
         res.diverged, res.diverged_reason = True, (f"held-out accuracy {res.test_accuracy:.3f} is at chance "
                                                    f"({data.chance_accuracy:.3f})")
         res.failure = "did not learn"  # too few epochs or samples, or a bad learning rate: not a divergence

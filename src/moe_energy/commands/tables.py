@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..energy.meter import faults
-from ..measure.records import training_failure
+from ..measure.records import training_failure, training_note
 from ..models.quant import describe
 from ..power.carbon import unit
 from ..runner.layer import ERROR_ROWS
@@ -278,9 +278,8 @@ def energy_summary(doc: dict) -> list[str]:
         if m.get("skipped"):
             lines.append(f"{m['name']}: {not_measured(m).replace('skipped: ', 'skipped, ', 1)}")
         elif m.get("diverged"):
-            reason = (m.get("train") or {}).get("diverged_reason")
-            lines.append(f"{m['name']}: training {training_failure(m)} ({reason}); its accuracy is meaningless, its "
-                         "speed and energy are valid")
+            lines.append(f"{m['name']}: {training_note(m)}; its accuracy is meaningless, its speed and energy are "
+                         "valid")
     return head + lines
 
 

@@ -362,15 +362,24 @@ def measured_record(name: str, fields: dict[str, Any], strategy: str | None, dty
     rec.update(limits)  # type: ignore[typeddict-item]
     rec["flags"] = rec["flags"] + limit_flags
     if train is not None and train.diverged:
-        rec["flags"] = [f"training {training_failure(rec)} ({train.diverged_reason}): accuracy is meaningless; speed "
-                        "and energy are valid"] + rec["flags"]
+        rec["flags"] = [f"{training_note(rec)}: accuracy is meaningless; speed and energy are valid"] + rec["flags"]
     return rec
 
 
 def training_failure(m: Any) -> str | None:
     """How a model record's training failed, in words ("diverged": a non-finite loss; "did not learn": held-out
-    accuracy at chance, as after too few epochs), or None. The stored field for both is ``diverged``; a record
-    written before the two were told apart says "diverged"."""
+    accuracy at chance, as after too few epochs; "untrained": --epochs 0), or None. The stored field for all three
+    is ``diverged``; a record written before they were told apart says "diverged"."""
     if not m.get("diverged"):
         return None
     return (m.get("train") or {}).get("failure") or "diverged"
+
+
+def training_note(m: Any) -> str | None:
+    """``training_failure`` as a phrase with its reason ("training diverged (loss is nan in epoch 2)", "untrained
+    (--epochs 0: ...)"): the one wording of the record's flag and of the line under the run's table."""
+    failure = training_failure(m)
+    if failure is None:
+        return None
+    reason = (m.get("train") or {}).get("diverged_reason")
+    return f"{failure if failure == 'untrained' else f'training {failure}'} ({reason})"

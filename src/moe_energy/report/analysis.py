@@ -361,8 +361,9 @@ def _comparable(ps: list[Pair], metric: str) -> tuple[list[Pair], set[str], list
     if unmeasured and usable:
         notes.append(f"{unmeasured} point(s) without this figure left out")
     if untrained:
-        notes.append(f"{untrained} point(s) left out: the MoE's or the dense model's training failed (diverged or did "
-                     "not learn), so its accuracy, and correct inferences/J, mean nothing")
+        notes.append(f"{untrained} point(s) left out: the MoE's or the dense model's training failed (diverged, did "
+                     "not learn, or --epochs 0 left it untrained), so its accuracy, and correct inferences/J, mean "
+                     "nothing")
     return usable, kinds, notes, untrained
 
 
