@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import QUICK, TINY_TASK, in_process
 
-from moe_energy.commands.tables import energy_summary, results_table
+from moe_energy.commands.tables import SEED_JOB, energy_summary, results_table
 from moe_energy.config import ModelSpec, RunOptions
 from moe_energy.energy.meter import window
 from moe_energy.energy.rapl import RaplMeter
@@ -144,15 +144,22 @@ def test_diverged_training_is_flagged_and_still_measured(tmp_path, tiny_spec):
 
 def test_an_untrained_run_is_flagged_untrained_in_the_table_the_lines_and_the_json(tmp_path):
     # --epochs 0 is valid (speed and energy of the initial weights), but its accuracy must not pass as trained
+    from rich.console import Console
+
     r = in_process("run", *RUN, "--epochs", "0", "--models", "dense_active", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    out = " ".join(r.stdout.split())  # the table may wrap a cell
-    m = json.loads(next(tmp_path.glob("run-*.json")).read_text())["models"][0]
+    doc = json.loads(next(tmp_path.glob("run-*.json")).read_text())
+    m = doc["models"][0]
     assert m["diverged"] is True and m["accuracy_meaningful"] is False and m["train"]["failure"] == "untrained"
     assert m["flags"][0].startswith("untrained (--epochs 0") and "accuracy is meaningless" in m["flags"][0]
     assert m["status"] == "measured" and m["inferences_per_second"] > 0
-    assert "(untrained: meaningless)" in out or "(untrained:" in r.stdout
-    assert "dense_active: untrained (--epochs 0" in out and "its accuracy is meaningless" in out
+    assert "dense_active: untrained (--epochs 0" in r.stdout and "its accuracy is meaningless" in r.stdout
+    con = Console(width=250, record=True)  # wide enough that no cell folds
+    con.print(results_table(doc))
+    row = next(ln for ln in con.export_text().splitlines() if "dense_active" in ln).split("│")
+    assert row[5].strip() == f"{m['accuracy']:.1%} (untrained: meaningless)"
+    job_acc = next(c for c in SEED_JOB if c.header == "held-out acc")  # an expert-parallel run's table says it too
+    assert job_acc.cell(m) == row[5].strip()
 
 
 # -- meter failures --------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ SEED = [
     Column("p50 ms/batch", lambda m: fmt(m["latency_p50_ms"], ".3f")),
 ]
 SEED_JOB = [
-    NAME, PARAMS, Column("held-out acc", lambda m: fmt(m["accuracy"], ".1%")),
+    NAME, PARAMS, Column("held-out acc", _acc),
     Column("inferences/s", lambda m: fmt(m["inferences_per_second"])),
     Column("inferences/J", lambda m: fmt(m["inferences_per_joule"], ",.1f")),
     Column("energy J (per rank)", _per_rank_energy), Column("energy method", lambda m: escape(m["energy_method"])),
