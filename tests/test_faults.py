@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import QUICK, TINY_TASK, in_process
 
-from moe_energy.commands.tables import SEED_JOB, energy_summary, results_table
+from moe_energy.commands.tables import SEED, SEED_JOB, energy_summary, results_table
 from moe_energy.config import ModelSpec, RunOptions
 from moe_energy.energy.meter import window
 from moe_energy.energy.rapl import RaplMeter
@@ -157,6 +157,10 @@ def test_an_untrained_run_is_flagged_untrained_in_the_table_the_lines_and_the_js
     con = Console(width=250, record=True)  # wide enough that no cell folds
     con.print(results_table(doc))
     row = next(ln for ln in con.export_text().splitlines() if "dense_active" in ln).split("│")
+    # train acc: the initial weights on the training set, measured (the run has no epoch's running figure)
+    assert m["train"]["epoch_train_accuracy"] == [] and row[4].strip() == f"{m['train']['train_accuracy']:.1%}"
+    train_acc = next(c for c in SEED if c.header == "train acc")  # a record from before the field: no running figure
+    assert train_acc.cell({**m, "train": {"epoch_train_accuracy": [0.5]}}) == "not measured"
     assert row[5].strip() == f"{m['accuracy']:.1%} (untrained: meaningless)"
     job_acc = next(c for c in SEED_JOB if c.header == "held-out acc")  # an expert-parallel run's table says it too
     assert job_acc.cell(m) == row[5].strip()

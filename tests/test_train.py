@@ -7,7 +7,7 @@ import torch
 from moe_energy.data import make_dataset
 from moe_energy.measure.records import training_failure, training_note
 from moe_energy.models import DenseMLP, MoE
-from moe_energy.train import train
+from moe_energy.train import evaluate, train
 
 
 def test_moe_and_dense_learn_the_synthetic_task():
@@ -58,3 +58,16 @@ def test_an_untrained_model_is_called_untrained_not_diverged():
     assert training_note({"diverged": True, "train": {"failure": "did not learn", "diverged_reason": "at chance"}}) \
         == "training did not learn (at chance)"
     assert training_note({"diverged": False}) is None
+
+
+def test_train_accuracy_is_the_final_weights_on_the_training_set_not_the_last_epochs_running_figure():
+    # lr 0.05 moves the weights a lot within the one epoch: the running figure (counted while they changed) is
+    # not what the trained model scores on its training data, which one more pass (evaluate) measures
+    data = make_dataset(600, 20, 4, seed=2, test_fraction=0.25)
+    torch.manual_seed(0)
+    model = DenseMLP(20, 32, 2, 4)
+    res = train(model, data, epochs=1, lr=0.05, batch_size=32, device=torch.device("cpu"))
+    final = evaluate(model, data.x_train, data.y_train, 32, torch.device("cpu"))
+    assert res.train_accuracy == final
+    assert abs(res.train_accuracy - res.epoch_train_accuracy[-1]) > 0.02  # the two figures differ here
+    assert "train_accuracy" in res.as_dict()

@@ -20,7 +20,9 @@ CHANCE_MARGIN = 0.02
 @dataclass
 class TrainResult:
     epoch_loss: list[float] = field(default_factory=list)
+    # running: counted during each epoch while the weights changed (not what the trained model scores)
     epoch_train_accuracy: list[float] = field(default_factory=list)
+    train_accuracy: float | None = None  # the final weights on the training set: one pass after training
     test_accuracy: float | None = None
     chance_accuracy: float | None = None
     diverged: bool = False  # training failed (the stored field's name): non-finite loss, nothing learned, or none run
@@ -54,7 +56,8 @@ def train(
     seed: int = 0,
     on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Train in fp32 and evaluate on held-out data. ``on_step(epoch, batch)`` drives progress bars."""
+    """Train in fp32, then evaluate the final weights on the training and the held-out data (before any energy
+    window: the runner measures after training). ``on_step(epoch, batch)`` drives progress bars."""
     res = TrainResult(chance_accuracy=data.chance_accuracy)
     t0 = time.perf_counter()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -84,6 +87,7 @@ def train(
             res.diverged, res.diverged_reason = True, f"loss is {mean_loss} in epoch {epoch + 1}"
             res.failure = "diverged"
             break
+    res.train_accuracy = evaluate(model, x, y, batch_size, device)
     res.test_accuracy = evaluate(model, data.x_test, data.y_test, batch_size, device)
     if epochs == 0:  # speed and energy of the initial weights are valid; their accuracy is no trained result
         res.diverged, res.diverged_reason = True, "--epochs 0: the weights are their random initialisation"

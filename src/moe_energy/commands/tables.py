@@ -96,7 +96,7 @@ PARAMS = Column("params", lambda m: f"{m['params']:,}")
 TOKENS = Column("T", lambda m: str(m["tokens_per_forward"]))
 SEED = [
     NAME, PARAMS, Column("active params", lambda m: f"{m['active_params']:,}"),
-    Column("train acc", lambda m: fmt((m["train"]["epoch_train_accuracy"] or [None])[-1], ".1%")),
+    Column("train acc", lambda m: fmt(m["train"].get("train_accuracy"), ".1%")),  # final weights, not the running
     Column("held-out acc", _acc),
     Column("inferences/s", lambda m: escape(spread(m, "inferences_per_second", ",.0f"))),
     Column("inferences/J", lambda m: estimated(m, escape(spread(m, "inferences_per_joule", ",.1f")),
