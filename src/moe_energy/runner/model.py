@@ -109,12 +109,20 @@ def flops_per_token(m: WholeModel, layers: int, point: Point) -> float:
     return forward_flops(m, layers, phase, b, c) / (b * c if phase == "prefill" else b)
 
 
+def held_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]) -> dict[str, int]:
+    """What ``m``'s rows hold on the device at once: its ``weights``, every decode point's KV cache (``kv_caches``:
+    each decode step keeps its cache from its build to the end of the model's windows) and the largest point's
+    own ``activations`` (a decode row's are a decode step's, not its context's prefill). `plan` shows these and
+    `run` checks them, so both choose the same N."""
+    needs = [memory_bytes(m, layers, dtype, p.head["batch"], p.head["context"], p.head["phase"]) for p in points]
+    return {"weights": needs[0]["weights"],
+            "kv_caches": sum(n["kv_cache"] for n, p in zip(needs, points) if p.head["phase"] == "decode"),
+            "activations": max(n["activations"] for n in needs)}
+
+
 def inputs_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]) -> int:
-    """Device memory ``m``'s rows need at once: its weights, every decode point's KV cache (each decode step keeps
-    its cache from its build to the end of the model's windows) and the largest point's activations."""
-    needs = [memory_bytes(m, layers, dtype, p.head["batch"], p.head["context"]) for p in points]
-    caches = sum(n["kv_cache"] for n, p in zip(needs, points) if p.head["phase"] == "decode")
-    return needs[0]["weights"] + caches + max(n["activations"] for n in needs) + memory.OVERHEAD_BYTES
+    """Device memory ``m``'s rows need at once (``held_bytes``) and the allocator's margin."""
+    return sum(held_bytes(m, layers, dtype, points).values()) + memory.OVERHEAD_BYTES
 
 
 def check_strategies(strategies: Sequence[str], impls: Sequence[str], given: bool) -> None:
@@ -330,7 +338,7 @@ class Whole:
         prefill_fn, decode_fn = (vllm_prefill, vllm_decode) if self.vllm else (prefill_step, decode_step)
         step, rows = (prefill_fn if prefill else decode_fn)(built.model, b, c, r.opts.seed)  # type: ignore
         m, n = self._model(built.plan), self.chosen[built.name]
-        need = memory_bytes(m, n, r.opts.dtype, b, c)["activations"]
+        need = memory_bytes(m, n, r.opts.dtype, b, c, point.head["phase"])["activations"]  # this phase's own
         return Variant(label, step, None, (), round(flops_per_token(m, n, point)), need, parked=False,
                        head=dict(point.head), rows=rows, ready=True, after_window=getattr(step, "facts", None)), None
 
