@@ -58,6 +58,12 @@ VLLM_REFUSED = {"moe_impl": ("--moe-impl", "vLLM runs the MoE blocks with its ow
                 "tiny": ("--tiny", "vLLM serves the published shapes on a GPU"),
                 "compile": ("--compile", "vLLM compiles and captures CUDA graphs itself"),
                 "parallel": ("--parallel expert", "vLLM shards a model itself; not offered here yet")}
+# Whole models' windows, in `run --model` and `sweep --model` alike, unless --duration, --repeats, --warmup or
+# --cooldown (flag or --config) say otherwise: a model set at every phase x batch x context is many rows, each call
+# of which can take seconds, so the LLM grids' repeats, warm-up and cool-down, in 10 s windows: `--model
+# olmoe-1b-7b --vs olmo-2-7b --batch 1,16` is 8 rows, 16 windows, 3 minutes of them instead of 12. The duration
+# is also the default --max-forward-s, which picks the layers built: one protocol, so run and sweep build one N.
+WHOLE_PROTOCOL = {"duration": 10.0, "repeats": 2, "warmup": 0.5, "cooldown": 0.0}
 EXTRAPOLATION = ("EXTRAPOLATED from the first {n} of {total} layers: the measured figure x {scale:.3g} (a token's "
                  "matrix work in all {total} layers and the LM head / in the {n} built and the LM head, the head's "
                  "share per prompt token 1/L in a prefill)")

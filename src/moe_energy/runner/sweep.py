@@ -63,7 +63,7 @@ from ..storage.store import LAYER_FAMILY, WHOLE_FAMILY, Store, point_key
 from . import core
 from .core import Workload
 from .layer import Layer, check_tokens
-from .model import ENGINES, MOE_IMPLS, PHASES, Whole, check_strategies, check_vllm, model_set
+from .model import ENGINES, MOE_IMPLS, PHASES, WHOLE_PROTOCOL, Whole, check_strategies, check_vllm, model_set
 from .seed import Seed
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
@@ -479,8 +479,8 @@ def _vllm_refusals(engines: list[str], cfg: dict, impls: list[str], layers: int 
 
 def build_model_grid(cfg: dict[str, Any]) -> Grid:
     """Whole-model points: each model set (--model and its --vs) x --engine x --moe-impl x dtype x repeats, every
-    point measuring all its batches x contexts (default 1,8 x 512); every input checked as `run --model` checks
-    it."""
+    point measuring all its batches x contexts (default 1,8 x 512), in `run --model`'s windows unless told
+    (``WHOLE_PROTOCOL``); every input checked as `run --model` checks it."""
     refused = [flag(k) for k in (*MODEL_REFUSED, *foreign(WHOLE_FAMILY)) if k in cfg]
     if refused:
         raise ConfigError(f"{', '.join(dict.fromkeys(refused))}: no meaning with --model (a whole LLM is built "
@@ -502,6 +502,7 @@ def build_model_grid(cfg: dict[str, Any]) -> Grid:
             Whole(ms, list(batches), list(contexts), engine=engine).check_inputs()
     _vllm_refusals(engines, cfg, impls, layers, shrink)
     option_axes = {k: as_list(k, cfg.pop(k), str if k in TEXT_AXES else int) for k in ("dtype", "repeats") if k in cfg}
+    cfg = {**WHOLE_PROTOCOL, **cfg}  # repeats given are an axis, which a point's own values override
     combos = [dict(zip(option_axes, c)) for c in itertools.product(*option_axes.values())]
     points = [Point(f"{ms[0].name} {impl if engine == 'transformers' else engine}", ms[0], _resolve(cfg, extra)[1],
                     siblings=tuple(ms[1:]), batches=batches, contexts=contexts, layers=layers, moe_impl=impl,
