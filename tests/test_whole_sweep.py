@@ -230,6 +230,9 @@ def test_a_whole_model_sweep_resumes_and_slurm_array_shards_merge_to_the_same_po
     db, _ = model_db
     again = cli("sweep", *GRID, "--db", str(db), "--resume")
     assert again.returncode == 0 and "measured 0" in again.stdout and "already complete 2" in again.stdout
+    # --max-forward-s picks N only when --layers does not (here it changes nothing): the same points, complete
+    again = cli("sweep", *GRID, "--max-forward-s", "99", "--db", str(db), "--resume")
+    assert again.returncode == 0 and "measured 0" in again.stdout and "already complete 2" in again.stdout
     parts = []
     for task in (7, 8):  # sbatch --array=7-8: tasks 7 and 8 of 2 are shards 1/2 and 2/2
         part = tmp_path / f"task-{task}.db"

@@ -94,9 +94,10 @@ GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets", *LAYER_AXE
 DEFAULT_PER_DECADE = 4
 MAX_PER_DECADE = 100  # sizes per decade: more is a typo, and would expand to a grid nobody could run
 ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and in bf16/fp16
-# Options that do not change a point's figures, so they are left out of its key.
+# Options that do not change a point's figures, so they are left out of its config (and key; the store's
+# NOT_IDENTITY_OPTIONS are kept in the config, what the sweep was told, and left out of the key only).
 NOT_IN_KEY = ("out", "extra")
-# options newer than stored keys: unset, a point's key is what it always was
+# options newer than stored configs: unset, a point's config (and key) is what it always was
 KEY_ONLY_IF_SET = ("max_forward_s", "weights")
 
 
