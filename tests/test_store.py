@@ -1,6 +1,7 @@
 """The SQLite store: schema and migrations, one transaction per point, traces, export and merge."""
 
 import csv
+import hashlib
 import io
 import json
 import sqlite3
@@ -318,6 +319,25 @@ def test_a_point_stored_under_an_older_key_is_still_complete_and_reported_once(d
     frame = load(db)
     assert len(frame.points) == 1 and frame.points[0]["point_key"] == store_mod.point_key(same)  # the latest wins
     assert [m["inferences_per_joule"] for m in frame.models] == [7.0]
+
+
+def test_max_forward_s_is_not_part_of_a_points_identity_in_old_stores_too(db):
+    """--max-forward-s decides which rows run (and a whole model's N), not what a measured row measures: a point
+    stored under a key that held it (every store before) is complete at any limit and reported once, the latest."""
+    from moe_energy.report.analysis import load
+
+    capped = {**CONFIG, "options": {**CONFIG["options"], "max_forward_s": 2.0}}
+    other = {**CONFIG, "options": {**CONFIG["options"], "max_forward_s": 60}}
+    assert store_mod.point_key(capped) == store_mod.point_key(other) == store_mod.point_key(CONFIG)
+    assert store_mod.point_key({**capped, "options": {**capped["options"], "duration": 99}}) != \
+        store_mod.point_key(capped)  # the other options still are
+    old_key = hashlib.sha256(store_mod.dumps({k: v for k, v in capped.items() if k != "label"}).encode()).hexdigest()
+    db.add_point("run1", old_key[:20], capped, "done", document=doc(model_record(ipj=5.0)))
+    assert db.completed_keys() == {store_mod.point_key(other)}
+    db.add_point("run1", store_mod.point_key(other), other, "done", document=doc(model_record(ipj=7.0)))
+    frame = load(db)
+    assert len(frame.points) == 1 and [m["inferences_per_joule"] for m in frame.models] == [7.0]
+    assert json.loads(frame.points[0]["config_json"])["options"]["max_forward_s"] == 60  # kept: what was asked
 
 
 def test_a_stored_config_that_no_longer_parses_keeps_its_stored_key(db):

@@ -229,6 +229,28 @@ def test_the_activations_hold_the_prefills_own_cache_of_every_layer_built(name):
     assert grows == held * 2 // 3  # two more layers' caches
 
 
+@pytest.mark.parametrize("name", ["olmo-2-7b", "qwen3-30b-a3b", "gpt-oss-20b"])
+def test_a_decode_steps_allowance_is_its_own_not_its_contexts_prefill(name):
+    """A decode step at (B, L) passes B tokens (its B x (L+1) cache is ``kv_cache``); before its windows, one prompt
+    of L tokens fills a one-row cache. The allowance was the B x L prefill's: olmo-2-7b's one layer at B 16, L 512
+    in fp32 said 2.39 GiB where the step and its fill need 0.15 GiB."""
+    B, L, n = 16, 512, 1
+    pre = memory_bytes(name, n, "float32", B, L, "prefill")["activations"]
+    dec = memory_bytes(name, n, "float32", B, L, "decode")
+    one_row = dec["kv_cache"] // B
+    # the fill: a one-prompt prefill whose cache has L + 1 slots (a sliding layer its window), not L
+    one_prompt = memory_bytes(name, n, "float32", 1, L, "prefill")["activations"]
+    assert dec["activations"] == one_prompt - L * n * kv_bytes_per_token(name, "float32") + one_row
+    assert dec["activations"] * 10 < pre
+    # past L sequences the step itself decides: each one more adds one token's activations and its fp32 logits
+    token = memory_bytes(name, n, "float32", 1, L + 1, "prefill")["activations"] - one_prompt \
+        - n * kv_bytes_per_token(name, "float32")
+    big = [memory_bytes(name, n, "float32", b, 8, "decode")["activations"] for b in (4096, 4097)]
+    assert big[1] - big[0] == token + get_model(name).vocab * 4
+    # unnamed, the phase is both: the larger allowance
+    assert memory_bytes(name, n, "float32", B, L)["activations"] == pre
+
+
 @pytest.mark.parametrize(("call", "needle"), [
     (lambda: get_model("qwen3"), "model 'qwen3' is unknown; choose from olmoe-1b-7b"),
     (lambda: config_for("qwen3-8b", 0), "layers=0 must be a whole number from 1 to 36"),
@@ -238,6 +260,7 @@ def test_the_activations_hold_the_prefills_own_cache_of_every_layer_built(name):
                                                                      "to 4095"),
     (lambda: memory_bytes("olmoe-1b-7b", None, "bfloat16", 0, 16), "batch=0"),
     (lambda: memory_bytes("olmoe-1b-7b", None, "fp8", 1, 16), "dtype='fp8' is unknown"),
+    (lambda: memory_bytes("olmoe-1b-7b", None, "float32", 1, 16, "train"), "phase 'train' is unknown"),
 ])
 def test_mistakes_are_one_line_config_errors(call, needle):
     with pytest.raises(ConfigError) as e:

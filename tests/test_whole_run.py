@@ -8,6 +8,7 @@ import json
 import pytest
 from conftest import one_line_error
 
+from moe_energy import memory
 from moe_energy.cli import main
 from moe_energy.models.whole import forward_flops, models, tiny
 
@@ -202,3 +203,31 @@ def test_a_roofline_calibrated_to_choose_the_layers_is_a_notice_in_the_document(
     notices = _doc(out)["notices"]
     assert notices[0].startswith("no float32 roofline cached for cpu") and "calibrating it" in notices[0]
     assert (tmp_path / "empty-cache" / roofline.CACHE_FILE).exists()
+
+
+def test_a_decode_rows_memory_is_the_decode_steps_own():
+    """A decode row's need (the out-of-memory reason's figure) was its context's B x L prefill allowance; it is
+    the decode step's. What a model's rows hold at once (``held_bytes``: `plan` shows it, `run` checks it, so
+    both pick one N) still takes the largest row's activations: the prefill's."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moe_energy.config import RunOptions
+    from moe_energy.models.whole import build_model, memory_bytes
+    from moe_energy.runner.core import Built
+    from moe_energy.runner.model import Whole, held_bytes, inputs_bytes
+
+    m = tiny("olmo-2-1b")
+    w = Whole([m], [4], [16])
+    w.chosen[m.name] = 2
+    [plan] = w.plans(())
+    r = SimpleNamespace(opts=RunOptions(device="cpu"), device=torch.device("cpu"))
+    built = Built(plan, build_model(m, 2, seed=0))
+    need = {p.head["phase"]: w.variant(r, built, p, "x", None)[0].need_bytes for p in w.points()}
+    assert need == {ph: memory_bytes(m, 2, "float32", 4, 16, ph)["activations"] for ph in ("prefill", "decode")}
+    assert need["decode"] < need["prefill"] / 3
+    held = held_bytes(m, 2, "float32", w.points())
+    assert held["activations"] == need["prefill"] and held["kv_caches"] == memory_bytes(m, 2, "float32", 4, 16)[
+        "kv_cache"]
+    assert inputs_bytes(m, 2, "float32", w.points()) == sum(held.values()) + memory.OVERHEAD_BYTES

@@ -230,6 +230,9 @@ def test_a_whole_model_sweep_resumes_and_slurm_array_shards_merge_to_the_same_po
     db, _ = model_db
     again = cli("sweep", *GRID, "--db", str(db), "--resume")
     assert again.returncode == 0 and "measured 0" in again.stdout and "already complete 2" in again.stdout
+    # --max-forward-s picks N only when --layers does not (here it changes nothing): the same points, complete
+    again = cli("sweep", *GRID, "--max-forward-s", "99", "--db", str(db), "--resume")
+    assert again.returncode == 0 and "measured 0" in again.stdout and "already complete 2" in again.stdout
     parts = []
     for task in (7, 8):  # sbatch --array=7-8: tasks 7 and 8 of 2 are shards 1/2 and 2/2
         part = tmp_path / f"task-{task}.db"
@@ -271,3 +274,26 @@ def test_export_carries_the_whole_model_columns(model_db):
 def test_tiny_shrinks_every_model_of_the_set():
     [p] = sw.build_grid(TINY).points
     assert p.spec == tiny("olmoe-1b-7b") and [s.name for s in p.siblings] == list(NAMES[1:])
+
+
+def test_a_sweep_measures_in_runs_protocol_unless_told(tmp_path):
+    """`sweep --model` took the seed's protocol (3 windows of 30 s, 2 s warm-ups and rests) where `run --model` took
+    2 of 10 s, 0.5 s warm-up, no rest: undocumented, 4.5x the window time per row, and, the duration being the
+    default --max-forward-s, possibly another N of layers than `run` builds. One protocol; flags still win."""
+    from moe_energy.cli import build_parser
+    from moe_energy.commands.options import resolve_whole
+    from moe_energy.commands.sweep import _grid
+    from moe_energy.runner.model import WHOLE_PROTOCOL
+
+    def protocol(o) -> tuple:
+        return o.duration, o.repeats, o.warmup, o.cooldown
+
+    flags = ["--model", "olmoe-1b-7b", "--tiny", "--device", "cpu"]
+    _w, run_opts = resolve_whole(build_parser().parse_args(["run", *flags]))
+    [p] = _grid(build_parser().parse_args(["sweep", *flags, "--db", str(tmp_path / "s.db")]))[0].points
+    assert protocol(p.opts) == protocol(run_opts) == tuple(WHOLE_PROTOCOL.values()) == (10.0, 2, 0.5, 0.0)
+    toml = tmp_path / "g.toml"
+    toml.write_text("warmup = 1.5\n")
+    told = _grid(build_parser().parse_args(["sweep", *flags, "--repeats", "1,3", "--duration", "4", "--config",
+                                            str(toml), "--db", str(tmp_path / "s.db")]))[0].points
+    assert [protocol(q.opts) for q in told] == [(4.0, 1, 1.5, 0.0), (4.0, 3, 1.5, 0.0)]

@@ -33,7 +33,7 @@ from ..models.strategies import STRATEGIES
 from ..models.vllm_engine import INSTALL
 from ..runner.core import Workload
 from ..runner.layer import DEFAULT_TOKENS, Layer, check_tokens
-from ..runner.model import ENGINES, MOE_IMPLS, Whole, check_strategies, check_vllm, model_set
+from ..runner.model import ENGINES, MOE_IMPLS, WHOLE_PROTOCOL, Whole, check_strategies, check_vllm, model_set
 from ..runner.seed import Seed
 
 if TYPE_CHECKING:
@@ -61,8 +61,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--batch-size", type=int, dest="batch_size", help="batch, training and inference (128)")
     g.add_argument("--samples", type=int, help="synthetic samples (default 10000; not with --data)")
-    g.add_argument("--duration", type=float, help="seconds per measurement window (default 30)")
-    g.add_argument("--warmup", type=float, help="untimed warm-up seconds before each window (default 2)")
+    g.add_argument("--duration", type=float, help="seconds per measurement window (default 30; "
+                   f"--model: {WHOLE_PROTOCOL['duration']:g})")
+    g.add_argument("--warmup", type=float, help="untimed warm-up seconds before each window "
+                   f"(default 2; --model: {WHOLE_PROTOCOL['warmup']:g})")
     g.add_argument("--seed", type=int, help="seed for data and weights (default 0)")
     g.add_argument("--device", help="auto|cpu|cuda|mps (default auto: cuda > mps > cpu)")
     g.add_argument("--dtype", help="float32|bfloat16|float16 for the benchmark (default float32)")
@@ -133,8 +135,10 @@ def add_energy_arguments(p: argparse.ArgumentParser) -> None:
                         "(GPU counter + RAPL), else a labelled estimate; see 'moe-energy meters'")
     g.add_argument("--idle-seconds", type=float, dest="idle_seconds",
                    help="seconds of idle power measured before the windows; 0 skips it (default 5)")
-    g.add_argument("--repeats", type=int, help="measurement windows per model, models interleaved (default 3)")
-    g.add_argument("--cooldown", type=float, help="seconds of rest between windows (default 2)")
+    g.add_argument("--repeats", type=int, help="measurement windows per model, models interleaved "
+                   f"(default 3; --model: {WHOLE_PROTOCOL['repeats']})")
+    g.add_argument("--cooldown", type=float, help="seconds of rest between windows (default 2; --model: "
+                   f"{WHOLE_PROTOCOL['cooldown']:g})")
     g.add_argument("--cpu-tdp-watts", type=float, dest="cpu_tdp_watts",
                    help="CPU TDP for --meter estimate (default 5 W per logical CPU)")
 
@@ -341,13 +345,6 @@ def _whole_numbers(flag_name: str, text: str | None, default: tuple[int, ...]) -
     if not vals:
         raise ConfigError(f"{flag_name} {text!r}: give at least one value, e.g. 1,8")
     return list(dict.fromkeys(vals))
-
-
-# `run --model`'s windows unless --duration, --repeats, --warmup or --cooldown (flag or --config) say otherwise: a
-# model set at every phase x batch x context is many rows, each call of which can take seconds, so the LLM
-# grids' repeats, warm-up and cool-down, in 10 s windows: `--model olmoe-1b-7b --vs olmo-2-7b --batch 1,16` is 8
-# rows, 16 windows, 3 minutes of them instead of 12. A sweep sets its own.
-WHOLE_PROTOCOL = {"duration": 10.0, "repeats": 2, "warmup": 0.5, "cooldown": 0.0}
 
 
 def resolve_whole(args: argparse.Namespace) -> tuple[Whole, RunOptions]:

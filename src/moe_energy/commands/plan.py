@@ -21,10 +21,9 @@ from ..models.archs import Arch
 from ..models.counting import expected_experts_touched
 from ..models.plan import ModelPlan
 from ..models.routing import RoutingMode, zipf_assignment
-from ..models.whole import memory_bytes
 from ..runner.core import Workload, check_dtype, unwrapped
 from ..runner.layer import Layer, extrapolation_note, named
-from ..runner.model import Whole
+from ..runner.model import Whole, held_bytes
 from ..runner.seed import Seed
 from . import command, console
 from .options import (
@@ -128,12 +127,11 @@ def _show_whole(w: Whole, opts: RunOptions, device: torch.device) -> None:
     points = w.points()
     for p in w.plans(opts.models):
         m, n = w._model(p), w.chosen[p.name]
-        needs = [memory_bytes(m, n, opts.dtype, q.head["batch"], q.head["context"]) for q in points]
-        caches = sum(x["kv_cache"] for x, q in zip(needs, points) if q.head["phase"] == "decode")
-        runtime = ("vLLM's", "vLLM's") if w.vllm else (f"{caches / GIB:.2f}",
-                                                       f"{max(x['activations'] for x in needs) / GIB:.2f}")
+        held = held_bytes(m, n, opts.dtype, points)
+        runtime = ("vLLM's", "vLLM's") if w.vllm else (f"{held['kv_caches'] / GIB:.2f}",
+                                                       f"{held['activations'] / GIB:.2f}")
         t.add_row(escape(m.name), f"{n} of {m.layers}", f"{p.params:,}", f"{p.active_params:,}",
-                  f"{needs[0]['weights'] / GIB:.2f}", *runtime, _fits(w, p, opts, device))
+                  f"{held['weights'] / GIB:.2f}", *runtime, _fits(w, p, opts, device))
     console.print(t)
     for m in w.models:
         console.print(escape(f"{m.name}: {w.chosen[m.name]} of {m.layers} layers: {w.why[m.name]}"), highlight=False)

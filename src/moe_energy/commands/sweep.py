@@ -72,6 +72,8 @@ def _interruptible(handler: Callable[[argparse.Namespace], int]) -> Callable[[ar
 
 # -- sweep -----------------------------------------------------------------------------------------------
 def _sweep_args(p: argparse.ArgumentParser) -> None:
+    from ..runner.model import WHOLE_PROTOCOL
+
     p.conflict_handler = "resolve"  # the grid flags below replace run's single-valued ones
     add_shape_arguments(p)
     add_run_arguments(p)
@@ -92,7 +94,8 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", dest="batch_size", help="comma list of batch sizes (training and inference)")
     g.add_argument("--dtype", help="comma list of float32, bfloat16, float16 (benchmark dtype; default float32, "
                    "LLM layers bfloat16 on a GPU with native support)")
-    g.add_argument("--repeats", help="comma list of measurement windows per model (default 3)")
+    g.add_argument("--repeats", help="comma list of measurement windows per model (default 3; --model: "
+                   f"{WHOLE_PROTOCOL['repeats']}; --grid llm: 2)")
     g.add_argument("--config", help="TOML with run options and any axis as a list (flags override it)")
     _layer_args(p)
     _model_args(p)

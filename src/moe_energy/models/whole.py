@@ -416,32 +416,41 @@ def _cache_slots(m: WholeModel, n: int, context: int) -> int:
 
 
 def memory_bytes(model: str | WholeModel, layers: int | None, dtype: str | torch.dtype, batch: int,
-                 context: int) -> dict[str, int]:
-    """Device memory a prefill + decode run at (batch, context) needs, so a caller can pick the largest
-    ``layers`` that fits: ``weights`` (exact, strict-fp32 parameters included), ``kv_cache`` (exact: the decode
-    step's StaticCache of context + 1 slots, sliding layers holding their window) and ``activations``.
+                 context: int, phase: str | None = None) -> dict[str, int]:
+    """Device memory a run of ``phase`` at (batch, context) needs (None: a prefill and a decode step, the larger
+    of the two allowances), so a caller can pick the largest ``layers`` that fits: ``weights`` (exact, strict-fp32
+    parameters included), ``kv_cache`` (exact: the decode step's StaticCache of context + 1 slots, sliding layers
+    holding their window) and ``activations``.
 
-    ``activations`` is an allowance, not a measurement: the prefill's B x L tokens through one layer at a time
-    (inference keeps no graph), each holding 6 residual-width vectors, its queries, keys and values, and the
-    widest FFN intermediate (dense gate/up/act, or top_k gathered inputs and gate/up/act plus the shared
-    experts), plus fp32 logits of the last position, plus the prefill's own cache (exact): it writes every built
-    layer's keys and values for its B x L tokens (``use_cache``, as serving does), all held until the forward
-    ends (a sliding layer keeps a view of them all). It assumes a fused attention kernel (flash / memory
-    efficient, as on a GPU); SDPA's math fallback (a CPU) adds B x heads x L x L scores. Keep a margin for the
-    allocator.
+    ``activations`` is an allowance, not a measurement, for the tokens one call passes through one layer at a
+    time (inference keeps no graph), each holding 6 residual-width vectors, its queries, keys and values, and the
+    widest FFN intermediate (dense gate/up/act, or top_k gathered inputs and gate/up/act plus the shared experts),
+    plus fp32 logits of the positions kept. A prefill passes B x L tokens and holds its own cache (exact): it
+    writes every built layer's keys and values for them (``use_cache``, as serving does), all held until the
+    forward ends (a sliding layer keeps a view of them all). A decode step passes B tokens; before its windows,
+    its cache is filled by one prompt of L tokens into a one-row StaticCache, held until it is copied to the B
+    rows (``generate.decode_step``), so its allowance is the larger of that fill and the step, never B x L tokens.
+    It assumes a fused attention kernel (flash / memory efficient, as on a GPU); SDPA's math fallback (a CPU)
+    adds B x heads x L x L scores to a prefill. Keep a margin for the allocator.
     """
+    if phase is not None:
+        check_choice("phase", phase, ("prefill", "decode"))
     m = get_model(model)
     n = check_layers(m, layers)
     check_context(m, batch, context)
     dt = dtype_of(dtype)
     c = _census(m, dt)
     weights = c.base_bytes + sum(c.layer_bytes[:n])
-    kv = batch * _cache_slots(m, n, context) * kv_bytes_per_token(m, dt)
+    one_row = _cache_slots(m, n, context) * kv_bytes_per_token(m, dt)  # one sequence's StaticCache
+    kv = batch * one_row
     a = m.arch
     moe_width = a.top_k * (a.d_model + 3 * a.ffn_dim) + 3 * a.shared_experts * a.shared_width if a else 0
-    per_token = 6 * m.d_model + (m.heads + 2 * m.kv_heads) * m.head_dim + max(3 * m.ffn_dim, moe_width)
-    prefill_cache = batch * context * n * kv_bytes_per_token(m, dt)
-    activations = batch * context * per_token * dt.itemsize + prefill_cache + batch * m.vocab * 4
+    per_token = (6 * m.d_model + (m.heads + 2 * m.kv_heads) * m.head_dim + max(3 * m.ffn_dim, moe_width)) \
+        * dt.itemsize
+    prefill = batch * context * (per_token + n * kv_bytes_per_token(m, dt)) + batch * m.vocab * 4
+    fill = context * per_token + m.vocab * 4 + one_row  # the one prompt's prefill into its one-row cache
+    decode = max(fill, batch * per_token + batch * m.vocab * 4)
+    activations = {"prefill": prefill, "decode": decode, None: max(prefill, decode)}[phase]
     return {"weights": weights, "kv_cache": kv, "activations": activations, "total": weights + kv + activations}
 
 

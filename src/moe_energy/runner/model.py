@@ -58,6 +58,12 @@ VLLM_REFUSED = {"moe_impl": ("--moe-impl", "vLLM runs the MoE blocks with its ow
                 "tiny": ("--tiny", "vLLM serves the published shapes on a GPU"),
                 "compile": ("--compile", "vLLM compiles and captures CUDA graphs itself"),
                 "parallel": ("--parallel expert", "vLLM shards a model itself; not offered here yet")}
+# Whole models' windows, in `run --model` and `sweep --model` alike, unless --duration, --repeats, --warmup or
+# --cooldown (flag or --config) say otherwise: a model set at every phase x batch x context is many rows, each call
+# of which can take seconds, so the LLM grids' repeats, warm-up and cool-down, in 10 s windows: `--model
+# olmoe-1b-7b --vs olmo-2-7b --batch 1,16` is 8 rows, 16 windows, 3 minutes of them instead of 12. The duration
+# is also the default --max-forward-s, which picks the layers built: one protocol, so run and sweep build one N.
+WHOLE_PROTOCOL = {"duration": 10.0, "repeats": 2, "warmup": 0.5, "cooldown": 0.0}
 EXTRAPOLATION = ("EXTRAPOLATED from the first {n} of {total} layers: the measured figure x {scale:.3g} (a token's "
                  "matrix work in all {total} layers and the LM head / in the {n} built and the LM head, the head's "
                  "share per prompt token 1/L in a prefill)")
@@ -109,12 +115,20 @@ def flops_per_token(m: WholeModel, layers: int, point: Point) -> float:
     return forward_flops(m, layers, phase, b, c) / (b * c if phase == "prefill" else b)
 
 
+def held_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]) -> dict[str, int]:
+    """What ``m``'s rows hold on the device at once: its ``weights``, every decode point's KV cache (``kv_caches``:
+    each decode step keeps its cache from its build to the end of the model's windows) and the largest point's
+    own ``activations`` (a decode row's are a decode step's, not its context's prefill). `plan` shows these and
+    `run` checks them, so both choose the same N."""
+    needs = [memory_bytes(m, layers, dtype, p.head["batch"], p.head["context"], p.head["phase"]) for p in points]
+    return {"weights": needs[0]["weights"],
+            "kv_caches": sum(n["kv_cache"] for n, p in zip(needs, points) if p.head["phase"] == "decode"),
+            "activations": max(n["activations"] for n in needs)}
+
+
 def inputs_bytes(m: WholeModel, layers: int, dtype: str, points: Sequence[Point]) -> int:
-    """Device memory ``m``'s rows need at once: its weights, every decode point's KV cache (each decode step keeps
-    its cache from its build to the end of the model's windows) and the largest point's activations."""
-    needs = [memory_bytes(m, layers, dtype, p.head["batch"], p.head["context"]) for p in points]
-    caches = sum(n["kv_cache"] for n, p in zip(needs, points) if p.head["phase"] == "decode")
-    return needs[0]["weights"] + caches + max(n["activations"] for n in needs) + memory.OVERHEAD_BYTES
+    """Device memory ``m``'s rows need at once (``held_bytes``) and the allocator's margin."""
+    return sum(held_bytes(m, layers, dtype, points).values()) + memory.OVERHEAD_BYTES
 
 
 def check_strategies(strategies: Sequence[str], impls: Sequence[str], given: bool) -> None:
@@ -330,7 +344,7 @@ class Whole:
         prefill_fn, decode_fn = (vllm_prefill, vllm_decode) if self.vllm else (prefill_step, decode_step)
         step, rows = (prefill_fn if prefill else decode_fn)(built.model, b, c, r.opts.seed)  # type: ignore
         m, n = self._model(built.plan), self.chosen[built.name]
-        need = memory_bytes(m, n, r.opts.dtype, b, c)["activations"]
+        need = memory_bytes(m, n, r.opts.dtype, b, c, point.head["phase"])["activations"]  # this phase's own
         return Variant(label, step, None, (), round(flops_per_token(m, n, point)), need, parked=False,
                        head=dict(point.head), rows=rows, ready=True, after_window=getattr(step, "facts", None)), None
 

@@ -63,7 +63,7 @@ from ..storage.store import LAYER_FAMILY, WHOLE_FAMILY, Store, point_key
 from . import core
 from .core import Workload
 from .layer import Layer, check_tokens
-from .model import ENGINES, MOE_IMPLS, PHASES, Whole, check_strategies, check_vllm, model_set
+from .model import ENGINES, MOE_IMPLS, PHASES, WHOLE_PROTOCOL, Whole, check_strategies, check_vllm, model_set
 from .seed import Seed
 
 SEED_PRESETS = ("small", "large", "xl", "xxl")
@@ -94,9 +94,10 @@ GRID_KEYS = {"grid", "max_params", "per_decade", "preset", "presets", *LAYER_AXE
 DEFAULT_PER_DECADE = 4
 MAX_PER_DECADE = 100  # sizes per decade: more is a typo, and would expand to a grid nobody could run
 ALIGN = 8  # scale-grid widths are multiples of this: 16-byte rows in fp32 and in bf16/fp16
-# Options that do not change a point's figures, so they are left out of its key.
+# Options that do not change a point's figures, so they are left out of its config (and key; the store's
+# NOT_IDENTITY_OPTIONS are kept in the config, what the sweep was told, and left out of the key only).
 NOT_IN_KEY = ("out", "extra")
-# options newer than stored keys: unset, a point's key is what it always was
+# options newer than stored configs: unset, a point's config (and key) is what it always was
 KEY_ONLY_IF_SET = ("max_forward_s", "weights")
 
 
@@ -479,8 +480,8 @@ def _vllm_refusals(engines: list[str], cfg: dict, impls: list[str], layers: int 
 
 def build_model_grid(cfg: dict[str, Any]) -> Grid:
     """Whole-model points: each model set (--model and its --vs) x --engine x --moe-impl x dtype x repeats, every
-    point measuring all its batches x contexts (default 1,8 x 512); every input checked as `run --model` checks
-    it."""
+    point measuring all its batches x contexts (default 1,8 x 512), in `run --model`'s windows unless told
+    (``WHOLE_PROTOCOL``); every input checked as `run --model` checks it."""
     refused = [flag(k) for k in (*MODEL_REFUSED, *foreign(WHOLE_FAMILY)) if k in cfg]
     if refused:
         raise ConfigError(f"{', '.join(dict.fromkeys(refused))}: no meaning with --model (a whole LLM is built "
@@ -502,6 +503,7 @@ def build_model_grid(cfg: dict[str, Any]) -> Grid:
             Whole(ms, list(batches), list(contexts), engine=engine).check_inputs()
     _vllm_refusals(engines, cfg, impls, layers, shrink)
     option_axes = {k: as_list(k, cfg.pop(k), str if k in TEXT_AXES else int) for k in ("dtype", "repeats") if k in cfg}
+    cfg = {**WHOLE_PROTOCOL, **cfg}  # repeats given are an axis, which a point's own values override
     combos = [dict(zip(option_axes, c)) for c in itertools.product(*option_axes.values())]
     points = [Point(f"{ms[0].name} {impl if engine == 'transformers' else engine}", ms[0], _resolve(cfg, extra)[1],
                     siblings=tuple(ms[1:]), batches=batches, contexts=contexts, layers=layers, moe_impl=impl,

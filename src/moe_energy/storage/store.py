@@ -211,10 +211,20 @@ def _by_value(v: Any) -> Any:
     return v
 
 
+# Options a config holds (what the sweep was told) that do not change what a point measures, so not who it is:
+# --max-forward-s only decides which of a layer point's rows run (a measured row is the same at any limit) and,
+# without --layers, a whole model's N of layers, as free memory and the host's roofline do (N is in each record,
+# the figures extrapolated from it). Keyed, a sweep resumed or a store merged with another limit measured every
+# point again and the report counted both. Dropped when the key is made, so stored configs give the new key.
+NOT_IDENTITY_OPTIONS = ("max_forward_s",)
+
+
 def point_key(config: dict) -> str:
     """A point's identity: its config (as stored, so a stored one gives the same key) without its label (the
-    same shape reached from two grids is one point), numbers compared by value."""
+    same shape reached from two grids is one point) and ``NOT_IDENTITY_OPTIONS``, numbers compared by value."""
     c = json.loads(dumps({k: v for k, v in config.items() if k != "label"}))
+    if isinstance(c.get("options"), dict):
+        c["options"] = {k: v for k, v in c["options"].items() if k not in NOT_IDENTITY_OPTIONS}
     return hashlib.sha256(dumps(_by_value(c)).encode()).hexdigest()[:20]
 
 
