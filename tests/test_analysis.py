@@ -203,3 +203,17 @@ def test_a_store_merged_from_a_counter_shard_and_a_sampled_shard_gives_one_metho
     assert (c.status, c.n_points, c.min_params, c.max_params) == ("not_reached", 2, 10**6, 10**7)
     assert c.answer() == "not reached up to 10,000,000 params"
     assert [n[:36] for n in c.notes] == ["2 sampled point(s) left out: the oth"]
+
+
+def test_the_best_cap_is_chosen_within_the_most_exact_method():
+    from moe_energy.report.analysis import Frame, best_caps
+
+    def capped(cap, ipj, method):
+        return {**rec(ipj, method=method), "name": "moe[grouped]", "label": "s0", "batch_size": 128,
+                "dtype": "float32", "power_limit_requested_w": cap}
+
+    # 350 W was measured on sampled power (a merged shard): its 15 inferences/J is not set against the counter's
+    frame = Frame(models=[capped(250.0, 10.0, "counter"), capped(300.0, 12.0, "counter"),
+                          capped(350.0, 15.0, "sampled"), capped(400.0, 30.0, "estimate")])
+    [b] = best_caps(frame)
+    assert (b.cap, b.n_caps, b.energy, b.highest["power_limit_requested_w"]) == (300.0, 2, "measured", 300.0)

@@ -94,6 +94,14 @@ def energy_method(rec: dict) -> str:
     return str(rec.get("energy_method")) if kind == "measured" else kind
 
 
+def most_exact(recs: Iterable[dict]) -> list[dict]:
+    """The measured or estimated records of the most exact method among them (a counter over sampled power over an
+    estimate): a choice among figures is made within one method, never across two."""
+    rated = [m for m in recs if energy_kind(m) != "none"]
+    best = min((energy_method(m) for m in rated), key=METHODS.index, default=None)
+    return [m for m in rated if energy_method(m) == best]
+
+
 # What a curve that keeps only its most exact method says of the points of each less exact method it left out.
 LEFT_OUT = {
     "sampled": "{n} sampled point(s) left out: the others are read from an energy counter, and sampled power "
@@ -615,19 +623,16 @@ class BestCap:
 
 
 def best_caps(frame: Frame) -> list[BestCap]:
-    """Per setting and model, the cap that maximises inferences/J (tokens/J); estimates and measured figures
-    are not compared (measured ones win the choice when both exist)."""
+    """Per setting and model, the cap that maximises inferences/J (tokens/J), chosen among the records of the most
+    exact energy method (``most_exact``: a counter's over sampled power's over an estimate's, never across two)."""
     out = []
     for s, models in sorted(cap_series(frame).items()):
         for name, recs in sorted(models.items(), key=lambda kv: (not kv[0].startswith("moe"), kv[0])):
-            rated = [m for m in recs if energy_kind(m) != "none" and (value(m, "inferences_per_joule") or 0) > 0]
-            kinds = {energy_kind(m) for m in rated}
-            kind = "measured" if "measured" in kinds else "estimate"
-            rated = [m for m in rated if energy_kind(m) == kind]
+            rated = most_exact(m for m in recs if (value(m, "inferences_per_joule") or 0) > 0)
             if len(rated) < 2:
                 continue
             best = max(rated, key=lambda m: value(m, "inferences_per_joule") or 0.0)
-            out.append(BestCap(s, name, cap_of(best) or 0.0, best, rated[-1], len(rated), kind))
+            out.append(BestCap(s, name, cap_of(best) or 0.0, best, rated[-1], len(rated), energy_kind(best)))
     return out
 
 
@@ -749,8 +754,9 @@ def _pick(rows: list[dict], deadline: float | None) -> list[dict]:
 
 def selections(frame: Frame, deadlines: Iterable[float] = ITL_DEADLINES_MS) -> list[Choice]:
     """For every model of every set, phase and context: the lowest J/token configuration (batch, dtype, impl)
-    among the stable ones whose decode ITL p90 meets each deadline, on whole-model figures (``as_whole``); measured
-    energy wins over estimates when a store holds both (they are never compared)."""
+    among the stable ones whose decode ITL p90 meets each deadline, on whole-model figures (``as_whole``), among the
+    records of the most exact energy method (``most_exact``: never a counter's figure against sampled power's or an
+    estimate)."""
     out = []
     for name, recs in whole_sets(frame).items():
         cells: dict[tuple, list[dict]] = {}
@@ -759,9 +765,8 @@ def selections(frame: Frame, deadlines: Iterable[float] = ITL_DEADLINES_MS) -> l
         for (model, phase, context), rows in sorted(cells.items(), key=lambda kv: (
                 kv[0][0] != name, kv[0][0], PHASES.index(kv[0][1]), kv[0][2] or 0)):
             ok, flagged = stable(as_whole(m) for m in rows)
-            kinds = {energy_kind(m) for m in ok}
-            kind = "measured" if "measured" in kinds else "estimate" if kinds else "-"
-            ok = [m for m in ok if energy_kind(m) == kind]
+            ok = most_exact(ok)
+            kind = energy_kind(ok[0]) if ok else "-"
             for deadline in (list(deadlines) if phase == "decode" else [None]):
                 meet = _pick(ok, deadline)
                 best = min(meet, key=lambda m: value(m, "joules_per_token") or math.inf) if meet else None
