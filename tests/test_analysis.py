@@ -155,3 +155,65 @@ def test_a_best_case_ahead_at_the_smallest_point_is_said_so_when_the_median_neve
     c2 = crossover([Pair(10**6, rec(1.0, 0.5, 1.0), rec(2.0)), Pair(10**8, rec(1.0, 0.5, 8.0), rec(4.0))],
                    "inferences_per_joule")
     assert "within the repeats' spread MoE could lead from ~10,000,000 params" in c2.notes
+
+
+def test_a_curve_keeps_its_most_exact_method_and_names_the_points_left_out():
+    # counter pairs at 1e6 and 1e7 (MoE behind), sampled pairs at 1e8 and 1e9 (MoE ahead), an estimate at 1e10: one
+    # curve through them all crossed at ~3.16e7, exactly where the method changes; the counter's curve never crosses
+    ps = [Pair(10**6, rec(1.0), rec(4.0)), Pair(10**7, rec(2.0), rec(4.0)),
+          Pair(10**8, rec(8.0, method="sampled"), rec(4.0, method="sampled")),
+          Pair(10**9, rec(16.0, method="sampled"), rec(4.0, method="sampled")),
+          Pair(10**10, rec(32.0, method="estimate"), rec(4.0, method="estimate"))]
+    c = crossover(ps, "inferences_per_joule")
+    assert (c.status, c.n_points, c.max_params, c.energy) == ("not_reached", 2, 10**7, "measured")
+    assert c.notes == ["2 sampled point(s) left out: the others are read from an energy counter, and sampled power "
+                       "integrated is less exact (a curve through both could cross only where the method changes)",
+                       "1 estimated point(s) left out: the others are measured, and an estimate is not compared with "
+                       "a measured figure"]
+    # without the counter's points, sampled is the most exact left: it keeps its curve, the estimate still left out
+    c2 = crossover(ps[2:], "inferences_per_joule")
+    assert (c2.status, c2.n_points, c2.energy) == ("below_grid", 2, "measured") and len(c2.notes) == 1
+    # a pair is only as exact as its weaker figure: a sampled dense beside a counter MoE is a sampled pair
+    c3 = crossover([ps[0], ps[1], Pair(10**8, rec(8.0), rec(4.0, method="sampled"))], "inferences_per_joule")
+    assert c3.n_points == 2 and c3.notes[0].startswith("1 sampled point(s) left out")
+    assert crossover(ps, "inferences_per_second").n_points == 5  # speed is no energy figure: every point counts
+
+
+def test_a_store_merged_from_a_counter_shard_and_a_sampled_shard_gives_one_method_per_curve(tmp_path):
+    from test_report import model
+
+    from moe_energy.report.analysis import crossovers, load
+    from moe_energy.storage.store import Store, merge
+
+    def shard(db, method, points):
+        with Store(db) as s:
+            s.new_run(method, {"grid": "custom"}, {"device_name": "GPU"}, {"name": "nvidia", "method": method},
+                      grid_name="custom")
+            for p, m, d in points:
+                cfg = {"label": f"s{p}", "spec": {"experts": 8, "hidden": 64, "layers": 2, "top_k": 2},
+                       "options": {"batch_size": 128, "dtype": "float32"}, "total_params": p}
+                s.add_point(method, f"k{p}", cfg, "done", document={"models": [
+                    model("moe[grouped]", p, m, method), model("dense_total", p + 10, d, method)]})
+
+    shard(tmp_path / "volta.db", "counter", [(10**6, 1.0, 4.0), (10**7, 2.0, 4.0)])
+    shard(tmp_path / "pascal.db", "sampled", [(10**8, 8.0, 4.0), (10**9, 16.0, 4.0)])
+    merge([tmp_path / "volta.db", tmp_path / "pascal.db"], tmp_path / "all.db")
+    with Store(tmp_path / "all.db", create=False) as s:
+        [c] = crossovers(load(s), ["inferences_per_joule"])
+    assert (c.status, c.n_points, c.min_params, c.max_params) == ("not_reached", 2, 10**6, 10**7)
+    assert c.answer() == "not reached up to 10,000,000 params"
+    assert [n[:36] for n in c.notes] == ["2 sampled point(s) left out: the oth"]
+
+
+def test_the_best_cap_is_chosen_within_the_most_exact_method():
+    from moe_energy.report.analysis import Frame, best_caps
+
+    def capped(cap, ipj, method):
+        return {**rec(ipj, method=method), "name": "moe[grouped]", "label": "s0", "batch_size": 128,
+                "dtype": "float32", "power_limit_requested_w": cap}
+
+    # 350 W was measured on sampled power (a merged shard): its 15 inferences/J is not set against the counter's
+    frame = Frame(models=[capped(250.0, 10.0, "counter"), capped(300.0, 12.0, "counter"),
+                          capped(350.0, 15.0, "sampled"), capped(400.0, 30.0, "estimate")])
+    [b] = best_caps(frame)
+    assert (b.cap, b.n_caps, b.energy, b.highest["power_limit_requested_w"]) == (300.0, 2, "measured", 300.0)

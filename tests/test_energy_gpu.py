@@ -16,7 +16,7 @@ pytest.importorskip("zeus")
 
 from moe_energy.energy import auto_meter, make_meter  # noqa: E402
 from moe_energy.energy.gpu import GPU_MAX_W, POWER_LIMIT_MARGIN, GpuMeter  # noqa: E402
-from moe_energy.energy.meter import CompositeMeter, ImpossibleReading  # noqa: E402
+from moe_energy.energy.meter import CompositeMeter, ImpossibleReading, counter_traced  # noqa: E402
 from moe_energy.energy.rapl import ENV_ROOT  # noqa: E402
 from moe_energy.measure.guard import GuardedMeter, MeterFailed  # noqa: E402
 from moe_energy.measure.window import measure  # noqa: E402
@@ -180,6 +180,7 @@ def test_make_meter_and_auto_on_a_gpu_run(nvml, monkeypatch, tmp_path):
     nvml.counter_mj = [0, 1000]
     monkeypatch.setenv(ENV_ROOT, str(tmp_path / "no-rapl"))
     assert make_meter("nvidia", torch.device("cuda", 0)).name == "nvidia"
+    assert counter_traced(make_meter("nvidia", torch.device("cuda", 0))) == []  # a power sensor, not the counter
     notes: list[str] = []
     m = auto_meter(torch.device("cuda", 0), notice=notes.append)
     assert m.name == "nvidia" and m.method == "counter"
@@ -195,6 +196,7 @@ def test_make_meter_and_auto_on_a_gpu_run(nvml, monkeypatch, tmp_path):
     nvml.counter_mj = [0, 2000]
     m = auto_meter(torch.device("cuda", 0))
     assert isinstance(m, CompositeMeter) and m.name == "nvidia+rapl"
+    assert counter_traced(m) == ["cpu:package-0"]  # RAPL has no power sensor: its trace is its counter's reads
     m.begin()
     (zone / "energy_uj").write_text("3000000\n")  # 3 J on the CPU package
     r = m.end()
@@ -276,6 +278,7 @@ def test_a_failed_gpu_reading_closes_the_whole_composite_window(nvml, monkeypatc
     monkeypatch.setenv(ENV_ROOT, str(tmp_path))
     m = auto_meter(torch.device("cuda", 0))
     assert isinstance(m, CompositeMeter) and m.name == "nvidia+rapl"
+    assert counter_traced(m) == ["cpu:package-0"]  # RAPL has no power sensor: its trace is its counter's reads
     nvml.counter_mj = [5_000, 4_000]
     m.begin()
     with pytest.raises(ImpossibleReading, match="counter went backwards"):

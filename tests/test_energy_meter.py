@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +233,36 @@ def test_every_meter_unavailable_is_the_one_base():
         e = cls("why", kind="no permission")
         assert str(e) == "why" and e.kind == "no permission" and cls("x").kind == "absent"
     assert select.Unavailable is Unavailable
+
+
+class FakeGpus:
+    """Zeus's ``GPUs`` object for one GPU, with or without an energy counter (all GpuMeter asks at start)."""
+
+    def __init__(self, counter: bool) -> None:
+        self.counter = counter
+
+    def __len__(self) -> int:
+        return 1
+
+    def supports_get_total_energy_consumption(self, index: int) -> bool:
+        return self.counter
+
+
+def readme_meter_methods() -> dict[str, set[str]]:
+    """The README's 'How energy is measured' table: meter -> the methods its last column names."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("## How energy is measured", 1)[1].split("\n\n", 2)[1]
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    return {name.strip().strip("`"): set(re.findall(r"`(\w+)`", method)) for name, _, method in rows}
+
+
+def test_the_readme_table_of_meters_names_every_method_each_meter_can_report(monkeypatch, tmp_path):
+    from moe_energy.energy.apple import AppleMeter
+    from moe_energy.energy.gpu import GpuMeter
+    from moe_energy.energy.rapl import RaplMeter
+
+    reported = {v: {GpuMeter(v, 0, gpus=FakeGpus(c)).method for c in (True, False)} for v in ("nvidia", "amd")}
+    reported |= {"rapl": {RaplMeter.method}, "apple": {AppleMeter.method}, "estimate": {EstimateMeter.method},
+                 "none": {NullMeter.method}}
+    assert set(reported) == set(select.METER_NAMES) - {"auto"}
+    assert readme_meter_methods() == reported

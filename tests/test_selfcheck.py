@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,8 @@ def test_passes_with_the_estimate_meter_and_says_so(tmp_path, monkeypatch, capsy
         assert win["window_s"] >= 0.5 and win["energy_j"] > 0 and win["batch_size"] == selfcheck.WINDOW_BATCH
     assert checks["idle window"]["status"] == "ok" and checks["idle window"]["data"]["seconds"] >= 0.3
     assert checks["trace vs counter"]["status"] == "ok"
+    assert "; ESTIMATE: cpu:estimate: no power sensor, the trace is the counter's own reads" in \
+        checks["trace vs counter"]["detail"]
     assert checks["meter estimate"]["status"] == "info"
 
 
@@ -67,6 +71,7 @@ def test_passes_on_a_live_fake_rapl_tree(live_rapl, tmp_path, capsys):
         assert win["energy_by_device_j"]["cpu:package-0"] == pytest.approx(40.0 * win["window_s"], rel=0.10)
     diffs = checks["trace vs counter"]["data"]["relative_difference"]
     assert len(diffs) == 2 and all(abs(d) <= selfcheck.TRACE_AGREEMENT for d in diffs.values())
+    assert checks["trace vs counter"]["data"]["counter_traced"] == ["cpu:package-0"]  # no power sensor: said so
 
 
 def _wrong(x, expert_idx, gate_w, ex):  # a strategy that forgets the gate weights
@@ -167,3 +172,55 @@ def test_energy_windows_run_the_models_their_plans_build(monkeypatch):
     assert dense.width == ModelPlan.of("dense_total", small).width and moe.strategy == "auto"
     for name, model in (("dense_total", dense), ("moe", moe)):
         assert sum(p.numel() for p in model.parameters()) == ModelPlan.of(name, small).params
+
+
+def _rapl_window(zone: Path, meter, gap: tuple[float, float] | None = None, burst_j: float = 0.0) -> selfcheck.Check:
+    """One 1 s window of a real RaplMeter over a fake tree whose package counter this thread advances at 40 W.
+
+    ``gap``: from its first to its second second energy_uj is gone (every read of it fails) and the counter
+    takes ``burst_j`` more than its 40 W: the sampler loses its reads exactly while power changes."""
+    def write(uj: float) -> None:
+        tmp = zone / ".energy_uj.tmp"
+        tmp.write_text(f"{int(uj)}\n")
+        os.replace(tmp, zone / "energy_uj")
+
+    start = int((zone / "energy_uj").read_text())
+    t0 = time.perf_counter()
+    with meter.window(sync=lambda: None) as w:
+        while (t := time.perf_counter() - t0) < 1.0:
+            if gap and gap[0] <= t < gap[1]:
+                (zone / "energy_uj").unlink(missing_ok=True)
+            else:
+                write(start + 40e6 * t + (burst_j * 1e6 if gap and t >= gap[1] else 0))
+            time.sleep(0.005)
+    m = w.result
+    assert m is not None
+    win = {"energy_by_device_j": m.joules_by_device, "trace_energy_j": m.trace_energy_j(),
+           "method_by_device": m.method_by_device, "energy_method": m.method, "flags": m.flags}
+    return selfcheck.Check("energy", "window", "ok", "", {"windows": [win]})
+
+
+def test_trace_vs_counter_on_rapl_says_it_checks_the_sampler_and_fails_when_the_sampler_lost_reads(tmp_path):
+    # RAPL has no power sensor: its trace is the counter's own reads, so their integral meets the edges' difference
+    # by construction. The check said 'ok' as if a trace had confirmed the counter (as a GPU's power sensor does);
+    # what it can catch is a sampler that lost reads while the power changed, and it must say which it is.
+    from test_energy_rapl import write_zone
+
+    from moe_energy.energy.meter import counter_traced
+    from moe_energy.energy.rapl import RaplMeter
+
+    zone = write_zone(tmp_path, "intel-rapl:0", "package-0", 10**9)
+    meter = RaplMeter(tmp_path, trace_period_s=0.05)
+    assert counter_traced(meter) == ["cpu:package-0"]
+    good = selfcheck.check_trace([_rapl_window(zone, meter)], counter_traced(meter))
+    assert good.status == "ok"
+    assert abs(good.data["relative_difference"]["window cpu:package-0"]) <= 0.05
+    assert good.detail.endswith("; cpu:package-0: no power sensor, the trace is the counter's own reads: this checks "
+                                "the sampler's reads against the window's edges, not the counter")
+    lost = _rapl_window(zone, meter, gap=(0.3, 0.8), burst_j=40.0)  # 80 J counted; the trace sees ~60
+    [win] = lost.data["windows"]
+    assert win["energy_by_device_j"]["cpu:package-0"] == pytest.approx(80.0, rel=0.05)
+    assert any(f.startswith("power trace sample failed: RAPL: cannot read") for f in win["flags"])
+    bad = selfcheck.check_trace([lost], counter_traced(meter))
+    assert bad.status == "FAIL" and bad.data["relative_difference"]["window cpu:package-0"] < -0.15
+    assert "not the counter" in bad.detail

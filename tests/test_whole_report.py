@@ -387,3 +387,12 @@ def test_a_store_of_whole_models_at_two_caps_draws_one_cap_and_says_which_cap_ea
     assert "Power caps: the cap that maximises" not in md  # no seed or layer setting at two caps: no empty section
     table = md.split("## qwen3-30b-a3b against qwen3-32b", 1)[1]
     assert table.count("| decode | 512 |") == 8  # the set's table keeps both caps, its plots are of one
+
+
+def test_the_selection_is_made_within_the_most_exact_energy_method():
+    # a merged store: batch 16 measured on sampled power (J/token 0.125) beside counter records at batches 1 and 4:
+    # the lowest J/token is chosen among the counter's, never a sampled figure against a counter's
+    frame = Frame(wholes=[{**record(MOE, "decode", b, 512, tpj, method), "set": MOE, "impl": "transformers"}
+                          for b, tpj, method in ((1, 1.0, "counter"), (4, 2.0, "counter"), (16, 8.0, "sampled"))])
+    [c] = selections(frame, (400.0,))
+    assert (c.record["batch"], c.meeting, c.candidates, c.energy) == (4, 2, 2, "measured")

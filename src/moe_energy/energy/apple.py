@@ -10,7 +10,7 @@ import platform
 import sys
 from typing import Any
 
-from ..errors import Unavailable
+from ..errors import Unavailable, described
 from .meter import CounterMeter
 from .trace import DEFAULT_PERIOD_S
 
@@ -19,10 +19,17 @@ FIELDS = {"cpu_total_mj": "cpu:soc", "gpu_mj": "gpu:soc", "dram_mj": "dram:soc",
 
 
 class AppleUnavailable(Unavailable):
-    """Apple's SoC counters cannot be read here (not an Apple silicon Mac, or zeus-apple-silicon missing)."""
+    """Apple's SoC counters cannot be read here: not an Apple silicon Mac, zeus-apple-silicon missing, or its
+    monitor fails to start or to read (kind "absent", "zeus missing", "no permission", "unreadable")."""
 
 
 def open_soc() -> Any:
+    """Zeus's Apple SoC monitor, or AppleUnavailable labelled with the cause.
+
+    zeus-apple-silicon needs no root: IOReport's "Energy Model" channels are open to every user, so a monitor
+    that fails to start (zeus wraps the extension's RuntimeError, e.g. "Failed to create IOReport subscription",
+    in ZeusSoCInitError; a macOS VM or a sandbox has no such channels) is "unreadable", not "no permission";
+    only an OS permission error is that."""
     if sys.platform != "darwin" or platform.machine() != "arm64":
         raise AppleUnavailable("apple: not an Apple silicon Mac", kind="absent")
     try:
@@ -35,8 +42,12 @@ def open_soc() -> Any:
                                kind="zeus missing")
     try:
         return AppleSilicon()
-    except Exception as e:
-        raise AppleUnavailable(f"apple: cannot open the energy monitor ({e})", kind="no permission") from None
+    except PermissionError as e:
+        raise AppleUnavailable(f"apple: no permission to open the energy monitor ({e})",
+                               kind="no permission") from None
+    except Exception as e:  # ZeusSoCInitError and anything else the monitor raises while starting
+        raise AppleUnavailable(f"apple: cannot open the energy monitor ({described(e, 200)})",
+                               kind="unreadable") from None
 
 
 class AppleMeter(CounterMeter):
@@ -48,7 +59,15 @@ class AppleMeter(CounterMeter):
     def __init__(self, trace_period_s: float = DEFAULT_PERIOD_S, soc: Any | None = None) -> None:
         super().__init__(trace_period_s)
         self.soc = soc if soc is not None else open_soc()
-        self.devices = sorted(self._read())
+        try:  # one reading proves the monitor works, so that auto falls back now rather than fail a window
+            first = self._read()
+        except Exception as e:  # e.g. a zeus-apple-silicon whose metrics lack a field zeus's SoC layer reads
+            raise AppleUnavailable(f"apple: the energy monitor started but cannot be read ({described(e, 200)})",
+                                   kind="unreadable") from None
+        if not first:
+            raise AppleUnavailable("apple: the energy monitor reads no SoC energy channel (IOReport's sample "
+                                   "held none of CPU, GPU, DRAM, ANE)", kind="unreadable")
+        self.devices = sorted(first)
 
     def _read(self) -> dict[str, float]:
         """Cumulative J per subsystem the chip reports."""

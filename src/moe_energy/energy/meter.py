@@ -426,6 +426,17 @@ class CompositeMeter(MeterBase):
                 "parts": parts}
 
 
+def counter_traced(meter: Meter) -> list[str]:
+    """The devices whose power trace is their counter's own reads (``CounterMeter``'s default sampler: RAPL, Apple's
+    SoC, the estimate have no power sensor): there a trace agrees with its counter by construction unless the sampler
+    lost reads or ran unevenly, so comparing them checks the sampler, not the counter."""
+    out: list[str] = []
+    for part in getattr(meter, "meters", None) or [meter]:
+        if isinstance(part, CounterMeter) and part._sampler().energy is not None:
+            out += part.devices
+    return out
+
+
 def meter_info(meter: Meter) -> dict[str, Any]:
     """Metadata for the results document: name, method, devices covered, driver and library versions."""
     info = getattr(meter, "info", None)

@@ -10,7 +10,8 @@ the marked crossover sits exactly where the drawn curves cross, and the answer d
 model is the numerator. The interval comes from the repeats' spread (best case: MoE's max vs dense's min;
 worst case: MoE's min vs dense's max).
 Energy figures of different kinds are never silently compared: an estimate against a measured figure is
-left out and said so.
+left out and said so, and one curve keeps one method, its most exact (a counter over sampled power over an
+estimate), naming the points it left out.
 
 LLM layers (issue 14) get the same crossover along another axis: tokens per forward, from a decoding step to a
 prefill chunk, per (arch, routing, dtype, weights format, strategy): the same pairs (MoE, total-matched dense FFN),
@@ -31,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..energy.meter import faults
+from ..energy.meter import METHODS, faults, weakest
 from ..storage.store import JSON_COLUMNS, LAYER_FAMILY, WHOLE_FAMILY, Store, stored_json, stored_key
 
 MEASURED = ("counter", "sampled")
@@ -85,6 +86,29 @@ def energy_kind(rec: dict) -> str:
     if m in MEASURED:
         return "measured"
     return "estimate" if m == "estimate" else "none"
+
+
+def energy_method(rec: dict) -> str:
+    """The record's method, one of METHODS (most exact first): an estimate is 'estimate' however it is stored."""
+    kind = energy_kind(rec)
+    return str(rec.get("energy_method")) if kind == "measured" else kind
+
+
+def most_exact(recs: Iterable[dict]) -> list[dict]:
+    """The measured or estimated records of the most exact method among them (a counter over sampled power over an
+    estimate): a choice among figures is made within one method, never across two."""
+    rated = [m for m in recs if energy_kind(m) != "none"]
+    best = min((energy_method(m) for m in rated), key=METHODS.index, default=None)
+    return [m for m in rated if energy_method(m) == best]
+
+
+# What a curve that keeps only its most exact method says of the points of each less exact method it left out.
+LEFT_OUT = {
+    "sampled": "{n} sampled point(s) left out: the others are read from an energy counter, and sampled power "
+               "integrated is less exact (a curve through both could cross only where the method changes)",
+    "estimate": "{n} estimated point(s) left out: the others are measured, and an estimate is not compared with a "
+                "measured figure",
+}
 
 
 # -- the data the report draws ---------------------------------------------------------------------------
@@ -324,6 +348,11 @@ def _number(v: float | None) -> str:
     return f"{v:,.0f}" if v >= 10 else f"{v:.2g}"
 
 
+def _pair_method(p: Pair) -> str:
+    """A pair's energy method: its less exact model's (a ratio is only as exact as its weaker figure)."""
+    return weakest([energy_method(p.moe), energy_method(p.dense)])
+
+
 def _comparable(ps: list[Pair], metric: str) -> tuple[list[Pair], set[str], list[str], int]:
     """(the pairs a crossover of ``metric`` can use, their energy kinds, notes on those left out, how many were
     left out because a model's training failed)."""
@@ -349,13 +378,15 @@ def _comparable(ps: list[Pair], metric: str) -> tuple[list[Pair], set[str], list
             unmeasured += 1
             continue
         usable.append(p)
-    if metric in ENERGY_METRICS and len({energy_kind(p.moe) for p in usable}) > 1:
-        # each pair alike, but a curve through both kinds would still set an estimate against a measurement:
-        # measured figures win, as in best_caps and selections
-        estimated = sum(energy_kind(p.moe) == "estimate" for p in usable)
-        usable, kinds = [p for p in usable if energy_kind(p.moe) == "measured"], {"measured"}
-        notes.append(f"{estimated} estimated point(s) left out: the others are measured, and an estimate is not "
-                     "compared with a measured figure")
+    methods = Counter(_pair_method(p) for p in usable) if metric in ENERGY_METRICS else Counter()
+    if len(methods) > 1:
+        # each pair alike, but one curve through two methods would set the less exact figure against the more exact
+        # one where the method changes (a merged store: shards run on different meters): the most exact wins
+        best = min(methods, key=METHODS.index)
+        usable = [p for p in usable if _pair_method(p) == best]
+        kinds = {energy_kind(p.moe) for p in usable}
+        notes += [LEFT_OUT[m].format(n=n) for m, n in sorted(methods.items(), key=lambda mn: METHODS.index(mn[0]))
+                  if m != best]
     if mixed:
         notes.append(f"{mixed} point(s) left out: an estimated energy figure is not compared with a measured one")
     if unmeasured and usable:
@@ -593,19 +624,16 @@ class BestCap:
 
 
 def best_caps(frame: Frame) -> list[BestCap]:
-    """Per setting and model, the cap that maximises inferences/J (tokens/J); estimates and measured figures
-    are not compared (measured ones win the choice when both exist)."""
+    """Per setting and model, the cap that maximises inferences/J (tokens/J), chosen among the records of the most
+    exact energy method (``most_exact``: a counter's over sampled power's over an estimate's, never across two)."""
     out = []
     for s, models in sorted(cap_series(frame).items()):
         for name, recs in sorted(models.items(), key=lambda kv: (not kv[0].startswith("moe"), kv[0])):
-            rated = [m for m in recs if energy_kind(m) != "none" and (value(m, "inferences_per_joule") or 0) > 0]
-            kinds = {energy_kind(m) for m in rated}
-            kind = "measured" if "measured" in kinds else "estimate"
-            rated = [m for m in rated if energy_kind(m) == kind]
+            rated = most_exact(m for m in recs if (value(m, "inferences_per_joule") or 0) > 0)
             if len(rated) < 2:
                 continue
             best = max(rated, key=lambda m: value(m, "inferences_per_joule") or 0.0)
-            out.append(BestCap(s, name, cap_of(best) or 0.0, best, rated[-1], len(rated), kind))
+            out.append(BestCap(s, name, cap_of(best) or 0.0, best, rated[-1], len(rated), energy_kind(best)))
     return out
 
 
@@ -727,8 +755,9 @@ def _pick(rows: list[dict], deadline: float | None) -> list[dict]:
 
 def selections(frame: Frame, deadlines: Iterable[float] = ITL_DEADLINES_MS) -> list[Choice]:
     """For every model of every set, phase and context: the lowest J/token configuration (batch, dtype, impl)
-    among the stable ones whose decode ITL p90 meets each deadline, on whole-model figures (``as_whole``); measured
-    energy wins over estimates when a store holds both (they are never compared)."""
+    among the stable ones whose decode ITL p90 meets each deadline, on whole-model figures (``as_whole``), among the
+    records of the most exact energy method (``most_exact``: never a counter's figure against sampled power's or an
+    estimate)."""
     out = []
     for name, recs in whole_sets(frame).items():
         cells: dict[tuple, list[dict]] = {}
@@ -737,9 +766,8 @@ def selections(frame: Frame, deadlines: Iterable[float] = ITL_DEADLINES_MS) -> l
         for (model, phase, context), rows in sorted(cells.items(), key=lambda kv: (
                 kv[0][0] != name, kv[0][0], PHASES.index(kv[0][1]), kv[0][2] or 0)):
             ok, flagged = stable(as_whole(m) for m in rows)
-            kinds = {energy_kind(m) for m in ok}
-            kind = "measured" if "measured" in kinds else "estimate" if kinds else "-"
-            ok = [m for m in ok if energy_kind(m) == kind]
+            ok = most_exact(ok)
+            kind = energy_kind(ok[0]) if ok else "-"
             for deadline in (list(deadlines) if phase == "decode" else [None]):
                 meet = _pick(ok, deadline)
                 best = min(meet, key=lambda m: value(m, "joules_per_token") or math.inf) if meet else None
