@@ -350,3 +350,67 @@ def test_sweep_weights_axis_end_to_end_into_the_store_and_export(tmp_path, capsy
         ("int8", True)] * 3
     assert main([*args, "--resume"]) == 0
     assert "already complete 2" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_point_with_rows_skipped_under_max_forward_s_is_complete_only_up_to_that_limit(tmp_path, monkeypatch):
+    """--max-forward-s is not in a point's key, but the rows it skipped say 'raise --max-forward-s to measure it':
+    a sweep with a higher limit measures that point again, one with the same or a lower limit skips it, and once
+    measured in full the point is complete at any limit."""
+    from moe_energy.measure import roofline
+
+    # 1 GFLOP/s: the total-matched FFN's T=8 forward (~0.2 MFLOP) takes >= 0.2 ms, over a 0.1 ms limit
+    roof = roofline.Roofline("cpu:test", {"float32": 1e9}, 1e9, 64, 2**20, "2026-01-01T00:00:00+00:00")
+    monkeypatch.setattr(roofline, "load", lambda device, notice=None: roof)
+    meter = make_meter("none", CPU)
+
+    def point(limit):
+        return sw.build_grid({**TINY, "tokens": "1,8", **FAST_CFG, "repeats": 1, "max_forward_s": limit}).points[0]
+
+    low, same, high = point(1e-4), point(1e-4), point(10.0)
+    assert low.key(meter.name) == high.key(meter.name)
+    with Store(tmp_path / "s.db") as st:
+        run_id = st.new_run("r", {"grid": "custom"}, {"device": "cpu"}, {"name": meter.name})
+        assert sw.run_points([low], st, run_id, meter, CPU, run=None, ui=SilentUI()).done == 1  # type: ignore[arg-type]
+        skipped = [m["name"] for m in st.model_rows() if json.loads(m["record_json"]).get("skipped")]
+        assert skipped == ["dense_total@T=8"]
+        assert st.time_limited() == {low.key(meter.name): 1e-4}
+        assert sw.complete_keys([same], st, meter.name) == {low.key(meter.name)}
+        assert sw.complete_keys([point(5e-5)], st, meter.name) == {low.key(meter.name)}
+        assert sw.complete_keys([high], st, meter.name) == set()  # a higher limit: measured again
+        again = st.new_run("r2", {"grid": "custom"}, {"device": "cpu"}, {"name": meter.name})  # as _open_run does
+        out = sw.run_points([high], st, again, meter, CPU, run=None, ui=SilentUI(), resume=True,  # type: ignore[arg-type]
+                            skip_keys=sw.complete_keys([high], st, meter.name))
+        assert (out.done, out.already) == (1, 0)
+        assert st.time_limited() == {}  # the latest measurement of the key skipped nothing
+        assert sw.complete_keys([high], st, meter.name) == sw.complete_keys([low], st, meter.name) \
+            == {high.key(meter.name)}
+
+
+@pytest.mark.slow
+def test_sweep_resumed_with_a_higher_max_forward_s_measures_the_rows_a_lower_one_skipped(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """End to end: the skip's reason asks to raise --max-forward-s; doing so with --resume measures that point again
+    (as a new run: a run holds a key once) and the report shows the full point once; the same limit again skips it."""
+    from moe_energy.cli import main
+    from moe_energy.measure import roofline
+    from moe_energy.report.analysis import load
+
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "cache"))  # 1 GFLOP/s cached: T=8's dense_total is over
+    roofline._store(Roofline(roofline.device_name(CPU), {"float32": 1e9}, 1e9, 64, 2**20, "2026-01-01T00:00:00"))
+    db = tmp_path / "l.db"
+    args = ["sweep", *TINY_FLAGS, "--tokens", "1,8", *FAST, "--db", str(db), "--max-forward-s"]
+    assert main([*args, "1e-4"]) == 0
+    capsys.readouterr()
+    assert rows(db, "SELECT name FROM models WHERE tokens_per_second IS NULL") == [("dense_total@T=8",)]
+    assert main([*args, "1e-4", "--resume"]) == 0
+    assert "already complete 1" in capsys.readouterr().out
+    assert main([*args, "10", "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert "measured 1" in out and "1 of these points skipped rows under a lower --max-forward-s" in err
+    assert rows(db, "SELECT COUNT(DISTINCT run_id), COUNT(*) FROM points WHERE status = 'done'") == [(2, 2)]
+    with Store(db, create=False) as st:
+        frame = load(st)
+    assert len(frame.points) == 1 and len(frame.layers) == 6  # the full point, once
+    assert {m["point_id"] for m in frame.layers} == {frame.points[0]["id"]} == {2}
+    assert main([*args, "10", "--resume"]) == 0 and "already complete 1" in capsys.readouterr().out

@@ -364,10 +364,17 @@ def _open_run(args: argparse.Namespace, store: Store, grid: Any, points: list, m
     """(run id, keys to skip): the run to continue with --resume, or a new one."""
     from ..energy.meter import meter_info
     from ..measure.environment import describe
+    from ..runner import sweep as sw
 
     grid_hash = grid.hash(meter.name) + (f"-{shard_text}" if shard_text else "")
-    already = {p.key(meter.name) for p in points} & store.completed_keys()
-    run_id = store.latest_run(grid_hash) if args.resume else None
+    already = sw.complete_keys(points, store, meter.name)
+    # finished, but with rows skipped under a lower --max-forward-s: measured again, in a new run (a run holds a key
+    # once)
+    again = {p.key(meter.name) for p in points} & store.completed_keys() - already
+    run_id = store.latest_run(grid_hash) if args.resume and not again else None
+    if again and args.resume:
+        err_console.print(f"[yellow]{len(again)} of these points skipped rows under a lower --max-forward-s than "
+                          "this sweep's; measuring them again, as a new run in the store[/yellow]")
     if already and not args.resume:
         err_console.print(f"[yellow]{len(already)} of these points are already complete in "
                           f"{escape(str(store.path))}; measuring them again (pass --resume to skip them)[/yellow]")
@@ -442,7 +449,7 @@ def sweep(args: argparse.Namespace) -> int:
         done: set[str] = set()
         if db.exists():
             with Store(db, create=False) as st:
-                done = st.completed_keys()
+                done = sw.complete_keys(points, st, meter.name)
         console.print(_points_table(points, meter.name, done, device))
         return 0
     if not points:

@@ -43,6 +43,7 @@ from ..models.llm import MoELayer, quantize_weights
 from ..models.plan import ModelPlan, plans
 from ..models.routing import BenchRouter, RoutingMode, parse_routing, read_load
 from ..models.strategies import AUTO_CANDIDATES
+from ..storage.store import TIME_LIMIT_MARK
 from .core import (
     STRATEGY_PROBE_BYTES,
     UI,
@@ -155,7 +156,7 @@ def forward_too_long(roof: roofline.Roofline | None, plan: ModelPlan, tokens: in
     bound = forward_bound_s(roof, plan, tokens, opts.dtype) if limit is not None else None
     if limit is None or bound is None or bound <= limit:
         return None
-    return (f"one forward takes at least {bound:.3g} s here (roofline bound), over --max-forward-s {limit:g}; "
+    return (f"one forward takes at least {bound:.3g} s here (roofline bound), {TIME_LIMIT_MARK} {limit:g}; "
             "raise --max-forward-s to measure it")
 
 

@@ -743,6 +743,15 @@ def measure_point(p: Point, meter: Any, device: Any, run: Callable[..., tuple[di
     return status, reason or oom_reason(p, device, tried), None  # free memory read after freeing
 
 
+def complete_keys(points: Iterable[Point], store: Store, meter_name: str) -> set[str]:
+    """The keys of ``points`` that ``store`` holds finished. A point whose latest measurement skipped rows under a
+    lower --max-forward-s than its own is not: the limit is not in the key, and the skip's reason asks the user to
+    raise it, so a sweep resumed with a higher one measures those rows."""
+    done, limited = store.completed_keys(), store.time_limited()
+    keys = {p.key(meter_name): p.opts.max_forward_s for p in points}
+    return {k for k, limit in keys.items() if k in done and (limit or math.inf) <= limited.get(k, math.inf)}
+
+
 def run_points(points: list[Point], store: Store, run_id: str, meter: Any, device: Any,
                run: Callable[..., tuple[dict | None, Any]] | None, ui: Any,
                on_point: Callable[[int, Point, float | None], None] | None = None,
@@ -765,7 +774,7 @@ def run_points(points: list[Point], store: Store, run_id: str, meter: Any, devic
             if not mine:
                 out.busy += 1
                 continue
-            if resume and key in store.completed_keys():  # completed by another sweep since this one started
+            if resume and key in complete_keys([p], store, meter.name):  # completed by another sweep since
                 out.already += 1
                 continue
             reason = p.error or p.workload.point_problem(p.opts, device)

@@ -217,6 +217,9 @@ def _by_value(v: Any) -> Any:
 # the figures extrapolated from it). Keyed, a sweep resumed or a store merged with another limit measured every
 # point again and the report counted both. Dropped when the key is made, so stored configs give the new key.
 NOT_IDENTITY_OPTIONS = ("max_forward_s",)
+# The words of a row skipped under --max-forward-s (runner/layer.py writes them): such a point is complete only for
+# a sweep whose limit is no higher than the one it was measured under (Store.time_limited).
+TIME_LIMIT_MARK = "over --max-forward-s"
 
 
 def point_key(config: dict) -> str:
@@ -226,6 +229,15 @@ def point_key(config: dict) -> str:
     if isinstance(c.get("options"), dict):
         c["options"] = {k: v for k, v in c["options"].items() if k not in NOT_IDENTITY_OPTIONS}
     return hashlib.sha256(dumps(_by_value(c)).encode()).hexdigest()[:20]
+
+
+def _options(config_json: str | None) -> dict:
+    """A stored config's options, or {} where the config no longer parses."""
+    try:
+        options = json.loads(config_json or "").get("options")
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    return options if isinstance(options, dict) else {}
 
 
 def stored_key(row: Any) -> str:
@@ -649,6 +661,21 @@ class Store:
                                   "WHERE status IN ('done', 'skipped') AND id > ?", (seen,)):
             self._identities[r["id"]] = stored_key(r)
         return set(self._identities.values())
+
+    def time_limited(self) -> dict[str, float]:
+        """{key: --max-forward-s} of the points whose latest finished measurement skipped a row under that limit.
+        The limit is not in the key, so without this a sweep resumed with a higher one (what the skip's reason
+        asks for) would call such a point complete and never measure the rows it skipped."""
+        out: dict[str, float] = {}
+        for r in self.con.execute("SELECT p.id, p.point_key, p.config_json, EXISTS (SELECT 1 FROM models m WHERE "
+                                  "m.point_id = p.id AND instr(m.record_json, ?) > 0) AS limited FROM points p "
+                                  "WHERE p.status IN ('done', 'skipped') ORDER BY p.id", (TIME_LIMIT_MARK,)):
+            key = self._identities.get(r["id"]) or stored_key(r)
+            out.pop(key, None)  # the latest measurement of a key decides
+            limit = _options(r["config_json"]).get("max_forward_s")
+            if r["limited"] and isinstance(limit, (int, float)):
+                out[key] = float(limit)
+        return out
 
     def points(self) -> list[dict]:
         return [dict(r) for r in self.con.execute("SELECT * FROM points ORDER BY id")]
