@@ -353,7 +353,14 @@ def test_a_signal_mid_command_unwinds_it_like_ctrl_c(tmp_path, sig, code, word):
     proc = subprocess.Popen([sys.executable, "-m", "moe_energy", "selfcheck", "--device", "cpu", "--seconds", "60",
                              "--idle-seconds", "0", "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # past the imports, into the checks (a later signal only shortens the wait)
+    # Past the imports, into the command: its handlers are installed before --out is probed (created), and the
+    # 60 s checks are still running. A fixed sleep is no proof: the imports alone took 25 s on a loaded 2-core host,
+    # and a SIGTERM before the handler kills the process outright (-15, no line).
+    deadline = time.monotonic() + 240
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None and out.exists(), "selfcheck never reached its checks"
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code

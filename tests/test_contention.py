@@ -61,14 +61,17 @@ def test_a_window_that_others_kept_busy_is_flagged_and_a_quiet_one_is_not(tmp_pa
 
 @pytest.mark.skipif(not REAL_STAT.exists(), reason="no /proc/stat on this platform")
 def test_a_real_process_burning_a_cpu_flags_the_idle_reading_and_the_window(tmp_path):
-    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nprint('spinning', flush=True)\n"
+                               "while time.time() - t < 30: pass"], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)  # the child's interpreter started and spinning
+        # spinning before the idle reading starts: a fixed sleep was no proof where the interpreter starts slowly
+        assert burner.stdout.readline() == "spinning\n"  # type: ignore[union-attr]
         idle = measure_idle(EstimateMeter(10.0), 0.8)
         res = measure(nn.Linear(8, 2), torch.zeros(4, 8), 0.8, EstimateMeter(10.0), 32, warmup=0)
     finally:
         burner.kill()
         burner.wait()
+        burner.stdout.close()  # type: ignore[union-attr]
     assert idle is not None and any(f.startswith("other processes kept") and "during the idle reading" in f
                                     for f in idle.flags), idle.flags
     crowded = [f for f in res.flags if f.startswith("other processes kept")]

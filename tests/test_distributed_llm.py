@@ -181,7 +181,7 @@ def test_two_rank_layer_run_records_every_token_count(tmp_path, live_rapl):
     # balanced routing: the job's 2T tokens dealt round-robin as one run_llm forward of 2T, so exact counts
     out = tmp_path / "results"
     r = torchrun([*moe_energy_cmd(tmp_path), "run", "--parallel", "expert", *TINY, "--tokens", "1,8", "--routing",
-                  "balanced", "--duration", "0.3", "--repeats", "1", "--idle-seconds", "0.5", "--cooldown", "0",
+                  "balanced", "--duration", "0.3", "--repeats", "1", "--idle-seconds", "1", "--cooldown", "0",
                   "--carbon-intensity", "400", "--price-per-kwh", "0.15", "--out", str(out)])
     assert r.returncode == 0, r.stdout + r.stderr
     files = list(out.glob("run-*-custom-ep2.json"))
@@ -189,6 +189,7 @@ def test_two_rank_layer_run_records_every_token_count(tmp_path, live_rapl):
     doc = json.loads(files[0].read_text())
     assert doc["family"] == "llm_layer" and doc["tokens"] == [1, 8] and doc["routing"]["mode"] == "balanced"
     assert doc["parallel"]["world_size"] == 2 and doc["parallel"]["backend"] == "gloo"
+    # a 1 s idle reading (0.5 s left 75 ms): the fake's writer can lag a loaded 2-core host by tens of ms an edge
     assert doc["idle"]["power_w"] == pytest.approx(40.0, rel=0.15)  # one package, read by both, counted once
     names = [m["name"] for m in doc["models"]]
     assert names == [f"{n}@T={t}" for t in (1, 8) for n in ("moe[expert_parallel]", "dense_total", "dense_active")]

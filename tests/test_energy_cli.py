@@ -36,7 +36,9 @@ def only_json(out: Path) -> dict:
 @pytest.mark.slow
 def test_run_with_live_fake_rapl_records_measured_joules(live_rapl, tmp_path):
     out = tmp_path / "out"
-    r = cli("run", *TINY, "--duration", "0.6", "--repeats", "2", "--idle-seconds", "0.5", "--out", str(out),
+    # 1 s windows and idle reading, as test_api's: the fake's writer (a process of its own) can lag a loaded 2-core
+    # host by tens of ms at either edge, which a 0.4 s window read as over 10 % once in CI; 0.6 s left only 60 ms
+    r = cli("run", *TINY, "--duration", "1", "--repeats", "2", "--idle-seconds", "1", "--out", str(out),
             env={ENV_ROOT: str(live_rapl)})
     assert r.returncode == 0, r.stderr
     doc = only_json(out)
@@ -59,7 +61,7 @@ def test_run_with_live_fake_rapl_records_measured_joules(live_rapl, tmp_path):
             # single 0.1 s samples jitter with the fake writer's scheduling on a busy host; their median does not
             assert len(pts) >= 3 and statistics.median(p[1] for p in pts) == pytest.approx(40.0, rel=0.25)
             assert w["trace_energy_j"]["cpu:package-0"] == pytest.approx(w["energy_j"], rel=0.10)
-            assert any("shorter than 1 s" in f for f in w["flags"])
+            assert not any("shorter than" in f for f in w["flags"])  # 1 s is long enough to trust
     assert "rapl (counter)" in r.stdout and "(estimate)" not in r.stdout
     assert "idle power: " in r.stdout and " W (counter) over " in r.stdout  # idle power names its method too
 
@@ -77,6 +79,7 @@ def test_run_with_estimate_labels_every_figure(tmp_path):
         assert m["energy_devices"] == ["cpu:estimate"]
         assert m["inferences_per_joule"] is not None
         assert all(w["energy_method"] == "estimate" for w in m["windows"])
+        assert all(any("shorter than 1 s" in f for f in w["flags"]) for w in m["windows"])  # 0.3 s: flagged
     assert r.stdout.count("(estimate)") >= 2 * len(doc["models"])  # inferences/J and W of every row
     assert "ESTIMATE, not a measurement" in r.stdout
 
