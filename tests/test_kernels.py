@@ -135,3 +135,31 @@ def test_grouped_mm_ready_reads_torch_s_own_stride_rule():
     assert not kernels.grouped_mm_ready(torch.randn(2, 8, 6).transpose(1, 2))  # column-major, 24-byte columns
     assert not kernels.grouped_mm_ready(torch.randn(3, 9)[:, 1:])  # data 4 bytes off 16
     assert kernels.grouped_mm_ready(torch.randn(3, 8, dtype=torch.bfloat16))  # 16-byte rows in bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_takes_the_matrix_vector_product_and_gives_the_gemm_s_answer(dtype, bias, monkeypatch):
+    """A decoding row (one row an expert) reads a row-major weight through torch.mv; more rows, or a transposed
+    weight (gpt-oss's in_out view), keep oneDNN. Either way the answer is the float64 product's, to the dtype."""
+    if not (dtype == torch.float32 or torch.bfloat16 in kernels.ONEDNN_DTYPES):
+        pytest.skip("no native bf16 oneDNN kernel on this CPU")
+    calls: list[tuple[int, ...]] = []
+    mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda w, x: calls.append(tuple(w.shape)) or mv(w, x))
+    w, b = torch.randn(48, 64).to(dtype), torch.randn(48).to(dtype) if bias else None
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with torch.inference_mode():
+        for x, wt, n_mv in ((torch.randn(1, 64).to(dtype), w, 1), (torch.randn(3, 64).to(dtype), w, 0),
+                            (torch.randn(1, 64).to(dtype), w.t().contiguous().t(), 0)):
+            calls.clear()
+            y = linear(x, wt, b)
+            ref = F.linear(x.double(), wt.double(), None if b is None else b.double())
+            assert y.shape == (x.shape[0], 48) and y.dtype == dtype and len(calls) == n_mv
+            assert float((y.double() - ref).norm() / ref.norm()) < tol
+        stack = torch.randn(4, 48, 64).to(dtype)  # a grouped layer's decode: groups of 1 row, 0 rows, 2 rows
+        calls.clear()
+        h = torch.randn(3, 64).to(dtype)
+        y = grouped_linear(h, stack, torch.tensor([1, 1, 3, 3], dtype=torch.int32))
+        assert len(calls) == 1 and torch.allclose(y.double(), _reference(h, stack, [1, 1, 3, 3], None), rtol=tol,
+                                                  atol=tol * 10)
