@@ -23,7 +23,6 @@ from moe_energy.config import RunOptions
 from moe_energy.device import llm_default_dtype
 from moe_energy.energy.select import make_meter
 from moe_energy.errors import ConfigError
-from moe_energy.models import kernels
 from moe_energy.models.archs import ROUTER_KINDS, RouterSpec, custom_arch
 from moe_energy.models.counting import layer_params, layer_weight_bytes, swiglu_params
 from moe_energy.models.dense import DenseMLP, DenseSwiGLU, matched_dense
@@ -449,18 +448,3 @@ def test_plan_llm_command_skips_what_cannot_fit(capsys, monkeypatch):
     assert 11.2e9 < moe.params < 11.4e9
     assert fit_alone(moe, o, tokens, CPU).startswith("out of memory (building moe")
     assert fit_alone(active, o, tokens, CPU) is None
-
-
-@pytest.mark.skipif(torch.bfloat16 not in kernels.ONEDNN_DTYPES, reason="oneDNN runs no bf16 on this CPU: nothing "
-                    "is packed")
-def test_a_bf16_run_packs_each_model_it_builds_and_an_fp32_run_none(tmp_path, monkeypatch):
-    packed: list[str] = []
-    real = kernels.pack
-    monkeypatch.setattr(kernels, "pack", lambda m: packed.append(type(m).__name__) or real(m))
-    doc, _ = run(tmp_path, tokens=(1, 8), repeats=1, dtype="bfloat16")
-    assert sorted(packed) == ["DenseSwiGLU", "DenseSwiGLU", "MoELayer"]
-    assert len(doc["models"]) == 6
-    assert all(m["status"] == "measured" and m["dtype"] == "bfloat16" for m in doc["models"])
-    packed.clear()
-    run(tmp_path, tokens=(1,), repeats=1, dtype="float32")
-    assert packed == []

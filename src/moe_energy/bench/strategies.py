@@ -27,7 +27,6 @@ from ..measure.environment import describe
 from ..measure.roofline import Roofline
 from ..measure.timing import time_interleaved, time_one
 from ..memory import BYTES, fit_problem
-from ..models import kernels
 from ..models.archs import Arch, get_arch
 from ..models.counting import layer_flops, swiglu_params
 from ..models.dense import MATCHES, matched_dense
@@ -404,9 +403,6 @@ def _build_layer(arch: Arch, device: torch.device, dt: torch.dtype, seed: int, s
         x = torch.randn(ERROR_ROWS, arch.d_model, generator=gen).to(device=device, dtype=dt)
         for name, model in (("moe", layer), *dense.items()):
             b.output_error[name] = quantize_measured(model, weights, x)
-    elif kernels.packable(device, dt):
-        for model in (layer, *dense.values()):  # as a run packs them (runner.layer.packs); the peers stay plain
-            kernels.pack(model)
     return b
 
 

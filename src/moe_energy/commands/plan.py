@@ -22,7 +22,7 @@ from ..models.counting import expected_experts_touched
 from ..models.plan import ModelPlan
 from ..models.routing import RoutingMode, zipf_assignment
 from ..runner.core import Workload, check_dtype, unwrapped
-from ..runner.layer import Layer, extrapolation_note, named, packed_bytes
+from ..runner.layer import Layer, extrapolation_note, named
 from ..runner.model import Whole, held_bytes
 from ..runner.seed import Seed
 from . import command, console
@@ -100,15 +100,11 @@ def _show_layer(w: Layer, opts: RunOptions, device: torch.device) -> None:
                 f"GiB at T={max(tokens)}", "fits"):
         t.add_column(col, justify="left" if col in ("model", "fits") else "right", overflow="fold")
     for p in plans:
-        at_max = p.memory_bytes(max(tokens), opts.dtype, strategies=named(opts.strategies) if p.kind == "moe" else ()) \
-            + packed_bytes(p, opts.dtype, device)
+        at_max = p.memory_bytes(max(tokens), opts.dtype, strategies=named(opts.strategies) if p.kind == "moe" else ())
         t.add_row(escape(p.name), f"{p.width:,}", f"{p.params:,}", f"{p.active_params:,}",
                   f"{p.flops_per_inference / 1e9:.4f}", f"{p.weight_bytes(opts.dtype) / GIB:.2f}",
                   f"{at_max / GIB:.2f}", _fits(w, p, opts, device))
     console.print(t)
-    if any(packed_bytes(p, opts.dtype, device) for p in plans):
-        console.print(f"GiB at T={max(tokens)} counts a copy of each bf16 weight packed for oneDNN (AMX/avx512_bf16 "
-                      "kernels), made on its first use by more than one row", highlight=False)
     fits = [p for p in plans if w.fit_problem(p, opts, device) is None]
     if len(fits) > 1:
         problem = w.together_problem(fits, opts, device)

@@ -50,11 +50,8 @@ def use_onednn(x: Tensor, w: Tensor) -> bool:
 # (AMX; benchmarks/precision_kernels.py, interleaved, best rounds, runs on a shared host): one expert's GEMMs at
 # 1 / 8 / 32 rows read 1.15-1.35x / 1.24-1.28x / 1.04-1.32x faster; whole bf16 layers (olmoe-1b-7b,
 # qwen3-30b-a3b, strategy grouped) ran 1.06-1.35x faster at 1 token, 1.11-1.28x at 32, 1.20-1.25x at 512.
-# The copy doubles those weights' memory: an LLM-layer run or bench packs its layer and dense FFNs (pack(), where
-# bf16 runs on oneDNN) and its memory checks count the copies (runner.layer.packed_bytes); whole models are not
-# packed. Remeasured side by side (interleaved, 20 rounds, bf16 grouped, median): 1.13-1.42x at 512 tokens
-# (olmoe-1b-7b, qwen3-30b-a3b), 1.02x at 32; one row goes through torch.mv and is never packed. fp32 gains
-# nothing (its kernels read the plain layout: 21.7 / 10.4 GB/s plain, 21.2 / 10.3 packed at 1 / 32 rows).
+# Opt-in: the copy doubles those weights' memory, which memory.py's estimates do not count. fp32 gains nothing
+# (its kernels read the plain layout: 21.7 / 10.4 GB/s plain, 21.2 / 10.3 packed at 1 / 32 rows).
 PREPACK = False
 PACK_ROWS = 32  # the row count oneDNN is told to pack for; the packed weight serves every row count
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight's root tensor -> {"version": v, view key: packed}
@@ -68,35 +65,16 @@ def prepack(enabled: bool = True) -> None:
         _PACKED.clear()
 
 
-def packable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``pack`` pays here: bf16 weights on a CPU whose oneDNN runs bf16 natively."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and dtype in ONEDNN_DTYPES
-
-
-def pack(module: nn.Module) -> int:
-    """Pack ``module``'s bf16 weights for oneDNN on their first use by more than one row, whatever PREPACK says
-    (the copies live as long as the weights). Returns the bytes those copies can take, for a memory check: a
-    weight only ever read by one row at a time (``torch.mv``) is never packed."""
-    nbytes = 0
-    for p in module.parameters():
-        if p.dtype == torch.bfloat16 and p.dim() >= 2 and p not in _PACKED and not p.is_inference():
-            _PACKED[p] = {"version": p._version}
-            nbytes += p.numel() * p.element_size()
-    return nbytes
-
-
 def _packed(w: Tensor) -> Tensor:
     """w's packed copy (made once per weight version), or w itself when not packing or w cannot be tracked."""
-    if w.dtype != torch.bfloat16:
+    if not PREPACK or w.dtype != torch.bfloat16:
         return w
     root = w if w._base is None else w._base  # an expert's slice or a transposed view: keyed under the stack
-    table = _PACKED.get(root)
-    if table is None and not PREPACK:  # neither every weight (PREPACK) nor this one (pack) is packed
-        return w
     try:
         version = root._version  # bumped by every in-place write (load_state_dict, copy_)
     except RuntimeError:  # an inference tensor tracks no version: a packed copy could go stale unseen
         return w
+    table = _PACKED.get(root)
     if table is None or table["version"] != version:
         table = _PACKED[root] = {"version": version}
     key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))

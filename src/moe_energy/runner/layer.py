@@ -36,7 +36,7 @@ from ..measure import roofline
 from ..measure.records import WindowRecord
 from ..measure.window import latency_budget
 from ..memory import OutOfMemory
-from ..models import fp8, kernels
+from ..models import fp8
 from ..models.archs import Arch, RouterSpec
 from ..models.counting import expected_experts_touched
 from ..models.llm import MoELayer, quantize_weights
@@ -131,20 +131,9 @@ def params_text(n: int) -> str:
     return f"{n:,} params"
 
 
-def packs(plan: ModelPlan, dtype: str, device: torch.device) -> bool:
-    """Whether a run packs ``plan``'s weights for oneDNN (kernels.pack): bf16 weights where bf16 runs on it."""
-    return plan.weights is None and kernels.packable(device, DTYPES[dtype])
-
-
-def packed_bytes(plan: ModelPlan, dtype: str, device: torch.device) -> int:
-    """The packed copies' bytes a run of ``plan`` may hold beside its weights (all of them: a generous bound)."""
-    return plan.weight_bytes(dtype) if packs(plan, dtype, device) else 0
-
-
 def fit_alone(plan: ModelPlan, opts: RunOptions, tokens: list[int], device: torch.device) -> str | None:
     """Why ``plan`` cannot be built here even alone (at the smallest token count), or None."""
-    need = plan.memory_bytes(min(tokens), opts.dtype, strategies=named(opts.strategies) if plan.kind == "moe" else ()) \
-        + packed_bytes(plan, opts.dtype, device)
+    need = plan.memory_bytes(min(tokens), opts.dtype, strategies=named(opts.strategies) if plan.kind == "moe" else ())
     return memory.fit_problem(need, device, f"building {plan.name} of {params_text(plan.params)}")
 
 
@@ -280,8 +269,7 @@ class Layer:
         """Why ``plans`` cannot all be held at once (weights of all, activations of the largest), or None."""
         if len(plans) < 2:
             return None
-        need = sum(p.weight_bytes(opts.dtype) + packed_bytes(p, opts.dtype, device) for p in plans) \
-            + memory.OVERHEAD_BYTES \
+        need = sum(p.weight_bytes(opts.dtype) for p in plans) + memory.OVERHEAD_BYTES \
             + max(p.activation_bytes(max(self.tokens), named(opts.strategies)) for p in plans)
         return memory.fit_problem(need, device, f"holding {', '.join(p.name for p in plans)} together")
 
@@ -298,8 +286,6 @@ class Layer:
             if plan.weights is not None:
                 assert self.inputs is not None
                 self.output_error[plan.name] = quantize_measured(model, plan.weights, self.inputs[:ERROR_ROWS])
-            elif packs(plan, r.opts.dtype, r.device):
-                kernels.pack(model)
             if isinstance(model, MoELayer):
                 model.router = BenchRouter(model.router, self.arch.experts, self.arch.top_k, self.routing,
                                            r.opts.seed, r.team.rank, r.team.world).to(r.device)
@@ -310,7 +296,7 @@ class Layer:
             failure = one_line(e, 120)
         model = None  # outside the except block: the traceback's tensors are gone
         free(r.device)
-        need = plan.memory_bytes(min(self.tokens), r.opts.dtype) + packed_bytes(plan, r.opts.dtype, r.device)
+        need = plan.memory_bytes(min(self.tokens), r.opts.dtype)
         raise OutOfMemory(f"{memory.describe_need(need, r.device, f'building {plan.name}')}: {failure}")
 
     def variant(self, r: Run, built: Built, point: Point, label: str, strategy: str | None
