@@ -50,8 +50,11 @@ def use_onednn(x: Tensor, w: Tensor) -> bool:
 # (AMX; benchmarks/precision_kernels.py, interleaved, best rounds, runs on a shared host): one expert's GEMMs at
 # 1 / 8 / 32 rows read 1.15-1.35x / 1.24-1.28x / 1.04-1.32x faster; whole bf16 layers (olmoe-1b-7b,
 # qwen3-30b-a3b, strategy grouped) ran 1.06-1.35x faster at 1 token, 1.11-1.28x at 32, 1.20-1.25x at 512.
-# Opt-in: the copy doubles those weights' memory, which memory.py's estimates do not count. fp32 gains nothing
-# (its kernels read the plain layout: 21.7 / 10.4 GB/s plain, 21.2 / 10.3 packed at 1 / 32 rows).
+# Opt-in: the copy doubles those weights' memory, which memory.py's estimates do not count, and with torch 2.13 it
+# no longer pays. Remeasured on the same class of Xeon (2026-12-07; whole bf16 layers, grouped, interleaved, 40
+# rounds, two runs): packed / plain median 0.98-1.07x at 512 tokens and 0.96-1.03x at 32 (olmoe-1b-7b,
+# qwen3-30b-a3b); a 20-round run that read 1.13-1.42x was this VM's noise. fp32 gains nothing (its kernels read
+# the plain layout: 21.7 / 10.4 GB/s plain, 21.2 / 10.3 packed at 1 / 32 rows).
 PREPACK = False
 PACK_ROWS = 32  # the row count oneDNN is told to pack for; the packed weight serves every row count
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight's root tensor -> {"version": v, view key: packed}
