@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -379,3 +380,29 @@ def test_layer_rows_read_deepseeks_router_at_its_fp32_bytes(kind):
     row = _layer_row(_Layer(arch, None, {}, Peers(), torch.bfloat16, []), v, 8, 5, None, {})
     # router 16 x 64 fp32, 5 routed experts and 1 shared expert of 3 x 64 x 32 in bf16
     assert row["weight_bytes_per_batch"] == 16 * 64 * 4 + (5 + 1) * 3 * 64 * 32 * 2
+
+
+@pytest.mark.slow
+def test_fractions_from_a_busy_or_too_slow_calibration_are_called_so(tmp_path, monkeypatch, capsys):
+    """A calibration taken while other work shared the CPUs judges every later run: under the layer table a line
+    says so, and a row faster than its bound (1 MFLOP/s and 1 MB/s here: every row) says the calibration is wrong."""
+    import torch
+
+    monkeypatch.setenv(roofline.CACHE_ENV, str(tmp_path / "cache"))
+    slow = Roofline(roofline.device_name(torch.device("cpu")), {"float32": 1e6}, 1e6, 64, 2**20,
+                    "2026-01-01T00:00:00+00:00", busy="1-minute load 3.5 on 2 CPUs")
+    roofline._store(slow)
+    assert main(["bench-strategies", *LAYER_ARGS, "--tokens", "1", "--moe-strategy", "grouped",
+                 "--out", str(tmp_path / "res")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    doc = json.loads(next((tmp_path / "res").glob("*.json")).read_text())
+    timed = [r for r in doc["rows"] if r.get("fraction_of_roofline")]
+    assert len(timed) >= 3 and all(r["fraction_of_roofline"] > 1.05 for r in timed)
+    from rich.console import Console
+
+    from moe_energy.commands.strategies import layer_table
+    wide = Console(width=400, record=True, file=io.StringIO())
+    wide.print(layer_table(doc))
+    assert wide.export_text().count("above roofline: run calibrate --force when the host is idle") == len(timed)
+    assert ("roofline: calibrated while busy (1-minute load 3.5 on 2 CPUs, 2026-01-01T00:00:00+00:00): its bounds "
+            "may be short and every fraction high; run `moe-energy calibrate --force` when the host is idle") in text

@@ -75,8 +75,8 @@ def strategies_table(doc: dict) -> Table:
             note = f"drops {r['dropped_pairs_per_batch']}/{r['routed_pairs_per_batch']} pairs"
         if r.get("compile_s") is not None:
             note += f"{'; ' if note else ''}compile {r['compile_s']:.1f} s"
-        if (r["fraction_of_roofline"] or 0) > 1.05:  # the calibration ran slower than this model: redo it
-            note += f"{'; ' if note else ''}above roofline: run calibrate --force when the host is idle"
+        if above_roofline(r):
+            note += f"{'; ' if note else ''}{ABOVE_ROOFLINE}"
         t.add_row(escape(r["name"]), escape(r.get("weight_layout") or ""), fmt(r["ms_per_batch"], ".3f"),
                   fmt(r["inferences_per_second"]), fmt(r["speedup_vs_active_loop"], ".2f", "x"),
                   fmt(r["efficiency_vs_ideal"], ".2f") if r["kind"] == "moe" else "(dense)",
@@ -113,7 +113,13 @@ def bench_strategies(args: argparse.Namespace) -> int:
     doc["options"]["preset"] = opts.extra.get("preset")
     tag = opts.extra.get("preset") or "custom"
     stem = f"strategies-{tag}-{opts.dtype}-b{opts.batch_size}-{stamp(doc)}"
-    return save_then_show(doc, opts.out, stem, lambda: console.print(strategies_table(doc)))
+    return save_then_show(doc, opts.out, stem, lambda: show_seed(doc))
+
+
+def show_seed(doc: dict) -> None:
+    console.print(strategies_table(doc))
+    if (line := busy_roofline_line(doc)) is not None:
+        console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def bench_layer_command(args: argparse.Namespace) -> int:
@@ -144,12 +150,34 @@ def bench_layer_command(args: argparse.Namespace) -> int:
     return save_then_show(doc, opts.out, stem, lambda: show_layer(doc))
 
 
+ABOVE_ROOFLINE = "above roofline: run calibrate --force when the host is idle"
+
+
+def above_roofline(r: dict) -> bool:
+    """A row faster than its bound allows (beyond a read-only kernel's edge over the copy bandwidth): the
+    calibration ran slower than this model did, so it, not the model, is wrong."""
+    return (r.get("fraction_of_roofline") or 0) > 1.05
+
+
+def busy_roofline_line(doc: dict) -> str | None:
+    """The line under a table whose fractions come from a calibration taken while other work shared the CPUs:
+    its figures are low, so every fraction is high, and it judges every later run until measured again."""
+    roof = doc.get("roofline") or {}
+    if not roof.get("busy"):
+        return None
+    return (f"roofline: calibrated while busy ({roof['busy']}, {roof.get('measured_utc')}): its bounds may be "
+            "short and every fraction high; run `moe-energy calibrate --force` when the host is idle")
+
+
 def _layer_note(r: dict) -> str:
+    notes = []
     if r.get("resolved_strategy") not in (None, r.get("strategy")):
-        return f"auto chose {r['resolved_strategy']}"
-    if r.get("dropped_pairs") is not None:
-        return f"drops {r['dropped_pairs']}/{r['routed_pairs']} pairs"
-    return ""
+        notes.append(f"auto chose {r['resolved_strategy']}")
+    elif r.get("dropped_pairs") is not None:
+        notes.append(f"drops {r['dropped_pairs']}/{r['routed_pairs']} pairs")
+    if above_roofline(r):
+        notes.append(ABOVE_ROOFLINE)
+    return "; ".join(notes)
 
 
 def layer_table(doc: dict) -> Table:
@@ -192,6 +220,7 @@ def layer_lines(doc: dict) -> list[str]:
                      + (f" (dense_active, the same FLOPs in one dense FFN: {dense:.0%})" if dense is not None else ""))
     if doc["roofline_note"]:
         lines.append(f"roofline: {doc['roofline_note']}")
+    lines += [line for line in (busy_roofline_line(doc),) if line]
     errs = doc.get("weights_output_error") or {}
     lines += weights_lines({"options": doc["options"], "models": [{"name": n, "weights_output_error": e}
                                                                  for n, e in errs.items()]})
