@@ -406,3 +406,18 @@ def test_fractions_from_a_busy_or_too_slow_calibration_are_called_so(tmp_path, m
     assert wide.export_text().count("above roofline: run calibrate --force when the host is idle") == len(timed)
     assert ("roofline: calibrated while busy (1-minute load 3.5 on 2 CPUs, 2026-01-01T00:00:00+00:00): its bounds "
             "may be short and every fraction high; run `moe-energy calibrate --force` when the host is idle") in text
+
+
+def test_a_run_says_under_its_table_when_its_roofline_was_calibrated_busy():
+    """run's table shows no fractions, but its JSON and the report do: the lines under it say when the calibration
+    judging them was taken on a busy host, and say nothing when it was idle."""
+    from moe_energy.commands.tables import energy_summary
+
+    doc = {"energy_meter": {"name": "estimate", "method": "estimate"}, "idle": None, "models": [],
+           "roofline": {"busy": "1-minute load 1.5 on 2 CPUs", "measured_utc": "2026-12-07T18:01:48+00:00"}}
+    busy = [line for line in energy_summary(doc) if line.startswith("roofline:")]
+    assert busy == ["roofline: calibrated while busy (1-minute load 1.5 on 2 CPUs, 2026-12-07T18:01:48+00:00): its "
+                    "bounds may be short and every fraction high; run `moe-energy calibrate --force` when the host "
+                    "is idle"]
+    doc["roofline"]["busy"] = None
+    assert not [line for line in energy_summary(doc) if line.startswith("roofline:")]

@@ -21,7 +21,7 @@ from ..runner.layer import check_layer_inputs
 from ..storage.results import check_writable, stamp
 from . import command, console, fmt, notice, save_then_show
 from .options import add_llm_arguments, add_shape_arguments, device_of, refuse_others, resolve, resolve_layer
-from .tables import weights_lines
+from .tables import busy_roofline_line, weights_lines
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -157,16 +157,6 @@ def above_roofline(r: dict) -> bool:
     """A row faster than its bound allows (beyond a read-only kernel's edge over the copy bandwidth): the
     calibration ran slower than this model did, so it, not the model, is wrong."""
     return (r.get("fraction_of_roofline") or 0) > 1.05
-
-
-def busy_roofline_line(doc: dict) -> str | None:
-    """The line under a table whose fractions come from a calibration taken while other work shared the CPUs:
-    its figures are low, so every fraction is high, and it judges every later run until measured again."""
-    roof = doc.get("roofline") or {}
-    if not roof.get("busy"):
-        return None
-    return (f"roofline: calibrated while busy ({roof['busy']}, {roof.get('measured_utc')}): its bounds may be "
-            "short and every fraction high; run `moe-energy calibrate --force` when the host is idle")
 
 
 def _layer_note(r: dict) -> str:

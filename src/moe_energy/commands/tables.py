@@ -244,6 +244,16 @@ def accuracy_lines(dataset: dict) -> list[str]:
             "task's N(0, 0.2) score noise makes the rest unpredictable; train accuracy above it is memorisation)"]
 
 
+def busy_roofline_line(doc: dict) -> str | None:
+    """The line under a table whose fractions come from a calibration taken while other work shared the CPUs:
+    its figures are low, so every fraction is high, and it judges every later run until measured again."""
+    roof = doc.get("roofline") or {}
+    if not roof.get("busy"):
+        return None
+    return (f"roofline: calibrated while busy ({roof['busy']}, {roof.get('measured_utc')}): its bounds may be "
+            "short and every fraction high; run `moe-energy calibrate --force` when the host is idle")
+
+
 def energy_summary(doc: dict) -> list[str]:
     """Lines under the table: which meter, the idle power, and how many windows carry warnings."""
     meter = doc.get("energy_meter") or {}
@@ -272,6 +282,7 @@ def energy_summary(doc: dict) -> list[str]:
     if isinstance(idle, dict) and idle.get("failed"):
         lines[1] = f"idle power: not measured ({idle['failed']})"
     lines += power_lines(doc)
+    lines += [line for line in (busy_roofline_line(doc),) if line]  # the JSON's and report's fractions
     lines += accuracy_lines(doc.get("dataset") or {})
     lines += [f"notice: {n}" for n in doc.get("notices", [])]
     for m in doc["models"]:
