@@ -366,6 +366,8 @@ class Store:
         # those this store made
         self._made_sidecars = self.readonly and not self._sidecars_exist()
         self._identities: dict[int, str] = {}  # completed point id -> identity, read once (such rows never change)
+        self._limited: dict[str, float] = {}  # time_limited's answer over the finished rows up to _limited_seen
+        self._limited_seen = 0
         self._check_file()
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), one per point
@@ -665,17 +667,20 @@ class Store:
     def time_limited(self) -> dict[str, float]:
         """{key: --max-forward-s} of the points whose latest finished measurement skipped a row under that limit.
         The limit is not in the key, so without this a sweep resumed with a higher one (what the skip's reason
-        asks for) would call such a point complete and never measure the rows it skipped."""
-        out: dict[str, float] = {}
+        asks for) would call such a point complete and never measure the rows it skipped. Read on from the last
+        row it saw, as ``completed_keys``: a sweep asks before every point, and finished rows never change."""
+        out = self._limited
         for r in self.con.execute("SELECT p.id, p.point_key, p.config_json, EXISTS (SELECT 1 FROM models m WHERE "
                                   "m.point_id = p.id AND instr(m.record_json, ?) > 0) AS limited FROM points p "
-                                  "WHERE p.status IN ('done', 'skipped') ORDER BY p.id", (TIME_LIMIT_MARK,)):
+                                  "WHERE p.status IN ('done', 'skipped') AND p.id > ? ORDER BY p.id",
+                                  (TIME_LIMIT_MARK, self._limited_seen)):
             key = self._identities.get(r["id"]) or stored_key(r)
             out.pop(key, None)  # the latest measurement of a key decides
             limit = _options(r["config_json"]).get("max_forward_s")
             if r["limited"] and isinstance(limit, (int, float)):
                 out[key] = float(limit)
-        return out
+            self._limited_seen = r["id"]
+        return dict(out)
 
     def points(self) -> list[dict]:
         return [dict(r) for r in self.con.execute("SELECT * FROM points ORDER BY id")]
